@@ -1,0 +1,212 @@
+//! Hugging Face safetensors checkpoints: one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`, memory-mapped and indexed by tensor name.
+//!
+//! Every header is validated when the checkpoint is opened (header length, offsets inside the
+//! file, no gaps or overlaps, byte counts that match dtype x shape), so later reads cannot go
+//! out of bounds. Shape checks against the model config live with the weights (`model::weights`).
+
+use crate::error::{Error, Result};
+use crate::quant::DType;
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// Where one tensor lives and what it claims to be.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// The dtype as written in the header (e.g. "BF16", "I64").
+    pub dtype_name: String,
+    /// `None` when the dtype is one dsrun does not read.
+    pub dtype: Option<DType>,
+    pub shape: Vec<usize>,
+    shard: usize,
+    range: Range<usize>,
+}
+
+impl TensorInfo {
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn num_bytes(&self) -> usize {
+        self.range.len()
+    }
+}
+
+/// A tensor's bytes inside a memory-mapped shard; cheap to clone.
+#[derive(Clone)]
+pub struct TensorBytes {
+    map: Arc<Mmap>,
+    range: Range<usize>,
+}
+
+impl TensorBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+}
+
+impl std::fmt::Debug for TensorBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TensorBytes({} bytes)", self.range.len())
+    }
+}
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    shards: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let single_path = dir.join(SINGLE_FILE);
+        let (files, index) = if index_path.is_file() {
+            let index = read_index(&index_path)?;
+            let mut files: Vec<String> = index.values().cloned().collect();
+            files.sort();
+            files.dedup();
+            (files, Some(index))
+        } else if single_path.is_file() {
+            (vec![SINGLE_FILE.to_string()], None)
+        } else {
+            return Err(Error::Invalid(format!(
+                "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}",
+                dir.display()
+            )));
+        };
+
+        let mut shards = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for file in files {
+            let path = dir.join(&file);
+            let map = map_file(&path)?;
+            for (name, info) in read_header(&path, &map, shards.len())? {
+                if let Some(index) = &index {
+                    // The index is the authority on which shard holds a name.
+                    if index.get(&name) != Some(&file) {
+                        continue;
+                    }
+                }
+                tensors.insert(name, info);
+            }
+            shards.push((path, Arc::new(map)));
+        }
+        if let Some(index) = &index {
+            for (name, file) in index {
+                if !tensors.contains_key(name) {
+                    return Err(Error::MissingTensor {
+                        name: name.clone(),
+                        hint: format!(" ({INDEX_FILE} places it in {file}, which does not contain it)"),
+                    });
+                }
+            }
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors })
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &TensorInfo)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn bytes(&self, info: &TensorInfo) -> TensorBytes {
+        TensorBytes { map: self.shards[info.shard].1.clone(), range: info.range.clone() }
+    }
+
+    pub fn shard_paths(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|(p, _)| p.as_path())
+    }
+}
+
+fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Invalid(format!("{}: no `weight_map` object", path.display())))?;
+    map.iter()
+        .map(|(name, file)| {
+            let file = file
+                .as_str()
+                .filter(|f| !f.contains('/') && !f.contains('\\') && !f.starts_with('.'))
+                .ok_or_else(|| Error::Invalid(format!("{}: `{name}` maps to {file}, not a file name", path.display())))?;
+            Ok((name.clone(), file.to_string()))
+        })
+        .collect()
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len < 8 {
+        return Err(corrupt(path, format!("the file is {len} bytes, shorter than the 8-byte header length")));
+    }
+    // Safety: the file is opened read-only and dsrun never writes to checkpoint files; like every
+    // memory-mapped reader we rely on nobody truncating it while it is open.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+fn corrupt(path: &Path, reason: String) -> Error {
+    Error::CorruptCheckpoint { path: path.to_path_buf(), reason }
+}
+
+/// Parses and validates one shard's header; returns absolute byte ranges into the file.
+fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, TensorInfo)>> {
+    use safetensors::SafeTensorError as E;
+    let header_len = u64::from_le_bytes(map[..8].try_into().unwrap());
+    let (n, metadata) = safetensors::SafeTensors::read_metadata(map).map_err(|e| {
+        let reason = match e {
+            E::HeaderTooLarge | E::InvalidHeaderLength | E::HeaderTooSmall => format!(
+                "header length {header_len} runs past the end of the {}-byte file (truncated download?)",
+                map.len()
+            ),
+            E::InvalidHeader(_) | E::InvalidHeaderDeserialization(_) | E::InvalidHeaderStart => {
+                format!("header is not valid JSON metadata ({e})")
+            }
+            E::InvalidOffset(name) => {
+                format!("tensor `{name}` has data offsets that overlap or leave gaps between tensors")
+            }
+            E::MetadataIncompleteBuffer => {
+                "tensor data does not end where the file ends (truncated or padded file)".to_string()
+            }
+            E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".to_string(),
+            other => other.to_string(),
+        };
+        corrupt(path, reason)
+    })?;
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype_name = format!("{:?}", info.dtype);
+        let dtype = match info.dtype {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F8_E4M3 => Some(DType::F8E4M3),
+            _ => None,
+        };
+        let (start, end) = info.data_offsets;
+        out.push((
+            name,
+            TensorInfo { dtype_name, dtype, shape: info.shape.clone(), shard, range: data_start + start..data_start + end },
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,454 @@
+//! `config.json` of Hugging Face DeepSeek-V2/V3 checkpoints, parsed into one validated `ModelConfig`.
+//!
+//! Keys are read by hand from a JSON value (not serde-derived) so that every problem names the key
+//! and the value it found. Defaults follow transformers' `DeepseekV3Config` / `DeepseekV2Config`.
+
+use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V2,
+    V3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoringFunc {
+    Sigmoid,
+    Softmax,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopkMethod {
+    /// Top-k over all experts.
+    Greedy,
+    /// Groups ranked by their best score; top-k inside the best `topk_group` groups (DeepSeek-V2).
+    GroupLimitedGreedy,
+    /// Groups ranked by the sum of their two best bias-corrected scores (DeepSeek-V3).
+    NoauxTc,
+}
+
+/// YaRN context extension (`rope_scaling.type == "yarn"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: f64,
+    pub mscale_all_dim: f64,
+    /// An explicit `attention_factor` overrides the cos/sin scale derived from the mscales.
+    pub attention_factor: Option<f64>,
+}
+
+/// Block-quantised FP8 weights (`quantization_config.quant_method == "fp8"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Blocks {
+    pub block_rows: usize,
+    pub block_cols: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub moe_intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub first_k_dense_replace: usize,
+    pub moe_layer_freq: usize,
+    pub num_attention_heads: usize,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub n_routed_experts: usize,
+    pub n_shared_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    pub scoring_func: ScoringFunc,
+    pub topk_method: TopkMethod,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub yarn: Option<Yarn>,
+    pub max_position_embeddings: usize,
+    pub num_nextn_predict_layers: usize,
+    pub fp8: Option<Fp8Blocks>,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                " (is this a Hugging Face checkpoint directory? pass it with --model DIR)"
+            } else {
+                ""
+            };
+            Error::Config(format!("cannot read {}: {e}{hint}", path.display()))
+        })?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        Self::from_json(&value)
+    }
+
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let obj = value.as_object().ok_or_else(|| Error::Config("top level is not a JSON object".into()))?;
+        let keys = Keys(obj);
+
+        let model_type = keys.string("model_type")?.ok_or_else(|| Error::Config("missing key `model_type`".into()))?;
+        let family = match model_type.as_str() {
+            "deepseek_v3" | "kimi_k2" => Family::V3,
+            "deepseek_v2" => Family::V2,
+            other => {
+                return Err(Error::Config(format!(
+                    "unsupported model_type `{other}` (dsrun runs deepseek_v3 and deepseek_v2 architectures)"
+                )))
+            }
+        };
+        if let Some(act) = keys.string("hidden_act")? {
+            if act != "silu" {
+                return Err(Error::Config(format!("unsupported hidden_act `{act}` (only `silu`)")));
+            }
+        }
+
+        let (default_scoring, default_topk) = match family {
+            Family::V3 => ("sigmoid", "noaux_tc"),
+            Family::V2 => ("softmax", "greedy"),
+        };
+        let scoring_func = match keys.string("scoring_func")?.as_deref().unwrap_or(default_scoring) {
+            "sigmoid" => ScoringFunc::Sigmoid,
+            "softmax" => ScoringFunc::Softmax,
+            other => return Err(Error::Config(format!("unsupported scoring_func `{other}` (sigmoid or softmax)"))),
+        };
+        let topk_method = match keys.string("topk_method")?.as_deref().unwrap_or(default_topk) {
+            "greedy" => TopkMethod::Greedy,
+            "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
+            "noaux_tc" => TopkMethod::NoauxTc,
+            other => {
+                return Err(Error::Config(format!(
+                    "unsupported topk_method `{other}` (greedy, group_limited_greedy or noaux_tc)"
+                )))
+            }
+        };
+
+        let rope_theta_default = keys
+            .object("rope_parameters")?
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10000.0);
+        let config = ModelConfig {
+            family,
+            vocab_size: keys.required_usize("vocab_size")?,
+            hidden_size: keys.required_usize("hidden_size")?,
+            intermediate_size: keys.required_usize("intermediate_size")?,
+            moe_intermediate_size: keys.required_usize("moe_intermediate_size")?,
+            num_hidden_layers: keys.required_usize("num_hidden_layers")?,
+            first_k_dense_replace: keys.usize("first_k_dense_replace")?.unwrap_or(0),
+            moe_layer_freq: keys.usize("moe_layer_freq")?.unwrap_or(1),
+            num_attention_heads: keys.required_usize("num_attention_heads")?,
+            q_lora_rank: keys.usize("q_lora_rank")?,
+            kv_lora_rank: keys.required_usize("kv_lora_rank")?,
+            qk_nope_head_dim: keys.required_usize("qk_nope_head_dim")?,
+            qk_rope_head_dim: keys.required_usize("qk_rope_head_dim")?,
+            v_head_dim: keys.required_usize("v_head_dim")?,
+            n_routed_experts: keys.required_usize("n_routed_experts")?,
+            n_shared_experts: keys.usize("n_shared_experts")?.unwrap_or(0),
+            num_experts_per_tok: keys.required_usize("num_experts_per_tok")?,
+            n_group: keys.usize("n_group")?.unwrap_or(if family == Family::V3 { 8 } else { 1 }),
+            topk_group: keys.usize("topk_group")?.unwrap_or(if family == Family::V3 { 4 } else { 1 }),
+            scoring_func,
+            topk_method,
+            norm_topk_prob: keys.bool("norm_topk_prob")?.unwrap_or(family == Family::V3),
+            routed_scaling_factor: keys
+                .f64("routed_scaling_factor")?
+                .unwrap_or(if family == Family::V3 { 2.5 } else { 1.0 }),
+            rms_norm_eps: keys.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta: keys.f64("rope_theta")?.unwrap_or(rope_theta_default),
+            yarn: parse_rope_scaling(&keys)?,
+            max_position_embeddings: keys.usize("max_position_embeddings")?.unwrap_or(4096),
+            num_nextn_predict_layers: keys.usize("num_nextn_predict_layers")?.unwrap_or(0),
+            fp8: parse_quantization(&keys)?,
+            tie_word_embeddings: keys.bool("tie_word_embeddings")?.unwrap_or(false),
+            bos_token_id: keys.usize("bos_token_id")?.map(|v| v as u32),
+            eos_token_ids: parse_eos(obj.get("eos_token_id"))?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("moe_layer_freq", self.moe_layer_freq),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("`{key}` must be positive, found 0")));
+            }
+        }
+        if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
+            return Err(Error::Config(format!(
+                "`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}",
+                self.qk_rope_head_dim
+            )));
+        }
+        if self.q_lora_rank == Some(0) {
+            return Err(Error::Config("`q_lora_rank` must be positive or null, found 0".into()));
+        }
+        if self.has_moe_layers() {
+            if self.n_routed_experts == 0 || self.moe_intermediate_size == 0 {
+                return Err(Error::Config("`n_routed_experts` and `moe_intermediate_size` must be positive".into()));
+            }
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.n_routed_experts {
+                return Err(Error::Config(format!(
+                    "`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})",
+                    self.num_experts_per_tok, self.n_routed_experts
+                )));
+            }
+            if self.n_routed_experts % self.n_group != 0 {
+                return Err(Error::Config(format!(
+                    "`n_routed_experts` ({}) is not divisible by `n_group` ({})",
+                    self.n_routed_experts, self.n_group
+                )));
+            }
+            if self.topk_group > self.n_group {
+                return Err(Error::Config(format!(
+                    "`topk_group` ({}) exceeds `n_group` ({})",
+                    self.topk_group, self.n_group
+                )));
+            }
+            let group_limited = self.topk_method != TopkMethod::Greedy && self.n_group > 1;
+            let reachable = if group_limited {
+                self.topk_group * (self.n_routed_experts / self.n_group)
+            } else {
+                self.n_routed_experts
+            };
+            if self.num_experts_per_tok > reachable {
+                return Err(Error::Config(format!(
+                    "`num_experts_per_tok` ({}) exceeds the {} experts in the `topk_group` best groups",
+                    self.num_experts_per_tok, reachable
+                )));
+            }
+            if self.topk_method == TopkMethod::NoauxTc && self.n_group > 1 && self.n_routed_experts / self.n_group < 2 {
+                return Err(Error::Config("noaux_tc needs at least 2 experts per group".into()));
+            }
+        }
+        if self.has_dense_layers() && self.intermediate_size == 0 {
+            return Err(Error::Config("`intermediate_size` must be positive".into()));
+        }
+        if !(self.rms_norm_eps > 0.0) {
+            return Err(Error::Config(format!("`rms_norm_eps` must be positive, found {}", self.rms_norm_eps)));
+        }
+        if !(self.rope_theta > 1.0) {
+            return Err(Error::Config(format!("`rope_theta` must be > 1, found {}", self.rope_theta)));
+        }
+        if let Some(id) = self.bos_token_id {
+            if id as usize >= self.vocab_size {
+                return Err(Error::Config(format!("`bos_token_id` {id} is not below vocab_size {}", self.vocab_size)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Layers below `first_k_dense_replace` (and those skipped by `moe_layer_freq`) use a dense MLP.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.n_routed_experts > 0 && layer >= self.first_k_dense_replace && layer % self.moe_layer_freq == 0
+    }
+
+    fn has_moe_layers(&self) -> bool {
+        (0..self.num_hidden_layers).any(|l| self.is_moe_layer(l))
+    }
+
+    fn has_dense_layers(&self) -> bool {
+        (0..self.num_hidden_layers).any(|l| !self.is_moe_layer(l))
+    }
+
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values cached per token per layer by latent attention: `c_kv` then `k_pe`.
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// `qk_head_dim^-0.5`, times `m²` with YaRN (`m = 0.1 · mscale_all_dim · ln(factor) + 1`).
+    pub fn softmax_scale(&self) -> f64 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        match &self.yarn {
+            Some(y) if y.mscale_all_dim != 0.0 => {
+                let m = yarn_mscale(y.factor, y.mscale_all_dim);
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+}
+
+/// `0.1 · m · ln(s) + 1`, or 1 when the scale does not extend the context.
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+/// Typed access to config keys; `null` counts as absent.
+struct Keys<'a>(&'a Map<String, Value>);
+
+impl<'a> Keys<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, found {v}"))),
+        }
+    }
+
+    fn required_usize(&self, key: &str) -> Result<usize> {
+        self.usize(key)?.ok_or_else(|| Error::Config(format!("missing key `{key}`")))
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|x| x.is_finite())
+                .map(Some)
+                .ok_or_else(|| Error::Config(format!("`{key}` must be a number, found {v}"))),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be true or false, found {v}"))),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| Error::Config(format!("`{key}` must be a string, found {v}"))),
+        }
+    }
+
+    fn object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v.as_object().map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be an object, found {v}"))),
+        }
+    }
+}
+
+/// Reads `rope_scaling` (published checkpoints) or `rope_parameters` (transformers v5).
+fn parse_rope_scaling(keys: &Keys) -> Result<Option<Yarn>> {
+    let (key, params) = match (keys.object("rope_scaling")?, keys.object("rope_parameters")?) {
+        (Some(p), _) => ("rope_scaling", p),
+        (None, Some(p)) => ("rope_parameters", p),
+        (None, None) => return Ok(None),
+    };
+    let inner = Keys(params);
+    let kind = inner.string("rope_type")?.or(inner.string("type")?).unwrap_or_else(|| "default".into());
+    match kind.as_str() {
+        "default" => return Ok(None),
+        "yarn" => {}
+        other => return Err(Error::Config(format!("unsupported {key}.rope_type `{other}` (default or yarn)"))),
+    }
+    let field = |name: &str, default: Option<f64>| -> Result<f64> {
+        inner
+            .f64(name)
+            .map_err(|_| Error::Config(format!("`{key}.{name}` must be a number")))?
+            .or(default)
+            .ok_or_else(|| Error::Config(format!("missing key `{key}.{name}` (needed for yarn)")))
+    };
+    let factor = field("factor", None)?;
+    if !(factor >= 1.0) {
+        return Err(Error::Config(format!("`{key}.factor` must be >= 1, found {factor}")));
+    }
+    let original = inner
+        .usize("original_max_position_embeddings")
+        .map_err(|_| Error::Config(format!("`{key}.original_max_position_embeddings` must be an integer")))?
+        .ok_or_else(|| Error::Config(format!("missing key `{key}.original_max_position_embeddings` (needed for yarn)")))?;
+    if original == 0 {
+        return Err(Error::Config(format!("`{key}.original_max_position_embeddings` must be positive")));
+    }
+    Ok(Some(Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: field("beta_fast", Some(32.0))?,
+        beta_slow: field("beta_slow", Some(1.0))?,
+        mscale: field("mscale", Some(1.0))?,
+        mscale_all_dim: field("mscale_all_dim", Some(0.0))?,
+        attention_factor: inner.f64("attention_factor")?,
+    }))
+}
+
+fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
+    let Some(q) = keys.object("quantization_config")? else { return Ok(None) };
+    let inner = Keys(q);
+    let method = inner.string("quant_method")?.unwrap_or_default();
+    if method != "fp8" {
+        return Err(Error::Config(format!(
+            "unsupported quantization_config.quant_method `{method}` (dsrun reads fp8 block-quantised checkpoints)"
+        )));
+    }
+    if let Some(fmt) = inner.string("fmt")? {
+        if fmt != "e4m3" {
+            return Err(Error::Config(format!("unsupported quantization_config.fmt `{fmt}` (only e4m3)")));
+        }
+    }
+    let block = match inner.get("weight_block_size") {
+        None => vec![128, 128],
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
+            .filter(|b| b.len() == 2 && b.iter().all(|&n| n > 0))
+            .ok_or_else(|| Error::Config(format!("`quantization_config.weight_block_size` must be two positive integers, found {v}")))?,
+    };
+    Ok(Some(Fp8Blocks { block_rows: block[0], block_cols: block[1] }))
+}
+
+fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
+    match value {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|id| vec![id as u32])
+            .ok_or_else(|| Error::Config(format!("`eos_token_id` must be a token id, found {n}"))),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .map(|v| v.as_u64().map(|id| id as u32))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Config("`eos_token_id` must be a token id or a list of them".into())),
+        Some(other) => Err(Error::Config(format!("`eos_token_id` must be a token id or a list, found {other}"))),
+    }
+}

@@ -1,0 +1,11 @@
+//! dsrun: DeepSeek-V3-architecture Mixture-of-Experts models (Multi-head Latent Attention,
+//! DeepSeekMoE routing, FP8 block-quantised weights) from Hugging Face checkpoints.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod quant;
+
+pub use error::{Error, Result};

@@ -1,0 +1,147 @@
+//! The DeepSeek-V2/V3 forward pass (SPEC.md), over weights in their stored formats.
+
+mod attention;
+mod ffn;
+pub mod rope;
+pub mod router;
+pub mod weights;
+
+use crate::backend::cpu;
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use rope::Rope;
+use router::RouterParams;
+use std::path::Path;
+use weights::{FeedForward, Weights};
+
+/// How latent attention is evaluated. Both give the same logits (up to rounding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// Queries are mapped into the latent space; scores and values use `c_kv` directly (decode form).
+    #[default]
+    Absorbed,
+    /// Latents are expanded into per-head keys and values first (plain multi-head attention).
+    Naive,
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    All,
+    Last,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    /// Checkpoint tensors the forward pass does not use (e.g. the MTP layer).
+    pub ignored: Vec<String>,
+    pub attention_mode: AttentionMode,
+    rope: Rope,
+    router: RouterParams,
+}
+
+/// The latent KV cache: per layer, `kv_lora_rank + qk_rope_head_dim` values per token.
+pub struct KvCache {
+    layers: Vec<Vec<f32>>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// Tokens cached so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(Vec::clear);
+        self.len = 0;
+    }
+}
+
+impl Model {
+    /// Reads `config.json` and the safetensors in `dir` and checks every tensor the model needs.
+    pub fn load(dir: &Path) -> Result<Model> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let checkpoint = Checkpoint::open(dir)?;
+        Self::from_checkpoint(config, &checkpoint)
+    }
+
+    pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Model> {
+        let (weights, ignored) = Weights::load(&config, checkpoint)?;
+        Ok(Model {
+            rope: Rope::new(&config),
+            router: RouterParams::from_config(&config),
+            config,
+            weights,
+            ignored,
+            attention_mode: AttentionMode::default(),
+        })
+    }
+
+    /// An empty cache that holds up to `capacity` tokens (memory grows as tokens arrive).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache { layers: vec![Vec::new(); self.config.num_hidden_layers], len: 0, capacity }
+    }
+
+    /// Runs `tokens` at positions `cache.len()..` (a whole prompt at once, or one token to decode),
+    /// appends them to the cache, and returns `[n, vocab]` logits (`Logits::All`) or `[vocab]`.
+    pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Invalid("no tokens to run".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!("token id {bad} is out of range: the vocabulary has {} tokens", c.vocab_size)));
+        }
+        if cache.len + n > cache.capacity {
+            return Err(Error::Invalid(format!(
+                "{} tokens do not fit in the context: {} already cached, room for {} (raise --ctx)",
+                n, cache.len, cache.capacity
+            )));
+        }
+        let start = cache.len;
+        let d = c.hidden_size;
+        let eps = c.rms_norm_eps;
+        let attention_ctx = attention::AttentionCtx {
+            config: c,
+            rope: &self.rope,
+            softmax_scale: c.softmax_scale() as f32,
+            mode: self.attention_mode,
+        };
+
+        let mut h = cpu::embed(&self.weights.embed, tokens);
+        for (layer, layer_cache) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
+            let mut x = h.clone();
+            cpu::rms_norm(&mut x, &layer.input_norm, eps);
+            cpu::add_in_place(&mut h, &attention::forward(&attention_ctx, &layer.attention, &x, n, start, layer_cache));
+
+            let mut x = h.clone();
+            cpu::rms_norm(&mut x, &layer.post_attention_norm, eps);
+            let y = match &layer.ffn {
+                FeedForward::Dense(mlp) => ffn::mlp(mlp, &x, n),
+                FeedForward::Moe(moe) => ffn::moe(moe, &self.router, &x, n),
+            };
+            cpu::add_in_place(&mut h, &y);
+        }
+        cache.len += n;
+
+        let (mut last, rows) = match which {
+            Logits::All => (h, n),
+            Logits::Last => (h[(n - 1) * d..].to_vec(), 1),
+        };
+        cpu::rms_norm(&mut last, &self.weights.final_norm, eps);
+        Ok(cpu::matmul(&self.weights.lm_head, &last, rows))
+    }
+}

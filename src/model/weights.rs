@@ -1,0 +1,254 @@
+//! The tensors of a DeepSeek-V2/V3 model, looked up by their published names and checked for
+//! presence, dtype and shape against the config before any compute.
+//!
+//! Matrices stay in the checkpoint's format (memory-mapped, not copied); a backend decodes them.
+//! Vectors (norm weights, router bias) are small and are decoded to f32 at load.
+
+use crate::checkpoint::{Checkpoint, TensorBytes, TensorInfo};
+use crate::config::{Fp8Blocks, ModelConfig, TopkMethod};
+use crate::error::{Error, Result};
+use crate::quant::{self, DType};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+
+/// Per-block multipliers of an FP8 matrix: a `[ceil(rows/br), ceil(cols/bc)]` grid.
+#[derive(Debug, Clone)]
+pub struct BlockScales {
+    pub block_rows: usize,
+    pub block_cols: usize,
+    pub grid_cols: usize,
+    pub values: Vec<f32>,
+}
+
+/// A `[rows, cols]` weight matrix in its stored format (row-major, as `nn.Linear` keeps it).
+#[derive(Debug, Clone)]
+pub struct Matrix {
+    pub name: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    pub data: TensorBytes,
+    /// Present exactly when `dtype` is FP8.
+    pub scales: Option<BlockScales>,
+}
+
+impl Matrix {
+    /// Decodes row `r` to f32 (FP8 rows come out with their block scales applied).
+    pub fn decode_row(&self, r: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.cols);
+        let width = self.cols * self.dtype.size_bytes();
+        let bytes = &self.data.as_slice()[r * width..(r + 1) * width];
+        quant::decode_into(self.dtype, bytes, out);
+        if let Some(s) = &self.scales {
+            let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
+            for (block, scale) in out.chunks_mut(s.block_cols).zip(grid_row) {
+                block.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+    }
+
+    /// Bytes this matrix occupies in its stored format, scales included.
+    pub fn stored_bytes(&self) -> usize {
+        self.data.as_slice().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)
+    }
+}
+
+/// A SwiGLU feed-forward block: `down · (silu(gate · x) ⊙ (up · x))`.
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate: Matrix,
+    pub up: Matrix,
+    pub down: Matrix,
+}
+
+#[derive(Debug)]
+pub enum QueryProjection {
+    /// `q_b_proj · RMSNorm(q_a_proj · x)` (V3, V2).
+    LowRank { a: Matrix, norm: Vec<f32>, b: Matrix },
+    /// `q_proj · x` (V2-Lite, Moonlight: `q_lora_rank` is null).
+    Direct(Matrix),
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q: QueryProjection,
+    pub kv_a: Matrix,
+    pub kv_norm: Vec<f32>,
+    /// `[H * (qk_nope + v), kv_lora]`: per head, `qk_nope` rows of W_UK then `v` rows of W_UV.
+    pub kv_b: Matrix,
+    pub o: Matrix,
+}
+
+#[derive(Debug)]
+pub struct Moe {
+    /// The router, `[n_routed_experts, hidden]`.
+    pub router: Matrix,
+    /// `e_score_correction_bias` (noaux_tc): shifts which experts are chosen, never their weights.
+    pub correction_bias: Option<Vec<f32>>,
+    pub experts: Vec<Mlp>,
+    pub shared: Option<Mlp>,
+}
+
+#[derive(Debug)]
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+#[derive(Debug)]
+pub struct Layer {
+    pub input_norm: Vec<f32>,
+    pub attention: Attention,
+    pub post_attention_norm: Vec<f32>,
+    pub ffn: FeedForward,
+}
+
+#[derive(Debug)]
+pub struct Weights {
+    pub embed: Matrix,
+    pub layers: Vec<Layer>,
+    pub final_norm: Vec<f32>,
+    pub lm_head: Matrix,
+}
+
+impl Weights {
+    /// Looks up and checks every tensor the model needs. Returns the weights and the names of
+    /// checkpoint tensors the model does not use (e.g. the MTP layer).
+    pub fn load(config: &ModelConfig, checkpoint: &Checkpoint) -> Result<(Weights, Vec<String>)> {
+        let loader = Loader { checkpoint, fp8: config.fp8, used: RefCell::new(BTreeSet::new()) };
+        let (d, v) = (config.hidden_size, config.vocab_size);
+        let embed = loader.matrix("model.embed_tokens.weight", v, d)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| load_layer(&loader, config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = loader.vector("model.norm.weight", d)?;
+        let lm_head = if config.tie_word_embeddings && checkpoint.info("lm_head.weight").is_none() {
+            embed.clone()
+        } else {
+            loader.matrix("lm_head.weight", v, d)?
+        };
+        let used = loader.used.into_inner();
+        let ignored = checkpoint.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
+        Ok((Weights { embed, layers, final_norm, lm_head }, ignored))
+    }
+}
+
+fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
+    let p = format!("model.layers.{i}");
+    let d = c.hidden_size;
+    let heads = c.num_attention_heads;
+    let q = match c.q_lora_rank {
+        Some(rank) => QueryProjection::LowRank {
+            a: loader.matrix(&format!("{p}.self_attn.q_a_proj.weight"), rank, d)?,
+            norm: loader.vector(&format!("{p}.self_attn.q_a_layernorm.weight"), rank)?,
+            b: loader.matrix(&format!("{p}.self_attn.q_b_proj.weight"), heads * c.qk_head_dim(), rank)?,
+        },
+        None => QueryProjection::Direct(loader.matrix(&format!("{p}.self_attn.q_proj.weight"), heads * c.qk_head_dim(), d)?),
+    };
+    let attention = Attention {
+        q,
+        kv_a: loader.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d)?,
+        kv_norm: loader.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), c.kv_lora_rank)?,
+        kv_b: loader.matrix(
+            &format!("{p}.self_attn.kv_b_proj.weight"),
+            heads * (c.qk_nope_head_dim + c.v_head_dim),
+            c.kv_lora_rank,
+        )?,
+        o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), d, heads * c.v_head_dim)?,
+    };
+    let ffn = if c.is_moe_layer(i) {
+        let experts = (0..c.n_routed_experts)
+            .map(|e| loader.mlp(&format!("{p}.mlp.experts.{e}"), d, c.moe_intermediate_size))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = match c.n_shared_experts {
+            0 => None,
+            n => Some(loader.mlp(&format!("{p}.mlp.shared_experts"), d, n * c.moe_intermediate_size)?),
+        };
+        let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
+        let correction_bias = if c.topk_method == TopkMethod::NoauxTc || loader.checkpoint.info(&bias_name).is_some() {
+            Some(loader.vector(&bias_name, c.n_routed_experts)?)
+        } else {
+            None
+        };
+        FeedForward::Moe(Moe {
+            router: loader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, d)?,
+            correction_bias,
+            experts,
+            shared,
+        })
+    } else {
+        FeedForward::Dense(loader.mlp(&format!("{p}.mlp"), d, c.intermediate_size)?)
+    };
+    Ok(Layer {
+        input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), d)?,
+        attention,
+        post_attention_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
+        ffn,
+    })
+}
+
+struct Loader<'a> {
+    checkpoint: &'a Checkpoint,
+    fp8: Option<Fp8Blocks>,
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl Loader<'_> {
+    fn find(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
+        let info = self.checkpoint.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            hint: format!(" in {}", self.checkpoint.dir.display()),
+        })?;
+        if info.shape != shape {
+            return Err(Error::WrongShape { name: name.into(), expected: shape.to_vec(), found: info.shape.clone() });
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(info)
+    }
+
+    fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        let info = self.find(name, &[rows, cols])?;
+        let wrong_dtype = |expected: &str| Error::WrongDtype {
+            name: name.into(),
+            expected: expected.into(),
+            found: info.dtype_name.clone(),
+        };
+        let dtype = info.dtype.ok_or_else(|| wrong_dtype("F32, F16, BF16 or F8_E4M3"))?;
+        let scales = if dtype == DType::F8E4M3 {
+            let blocks = self.fp8.unwrap_or(Fp8Blocks { block_rows: 128, block_cols: 128 });
+            let (grid_rows, grid_cols) = (rows.div_ceil(blocks.block_rows), cols.div_ceil(blocks.block_cols));
+            let scale_name = format!("{name}_scale_inv");
+            let values = self.float_tensor(&scale_name, &[grid_rows, grid_cols])?;
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!("tensor `{scale_name}` holds a non-finite scale ({bad})")));
+            }
+            Some(BlockScales { block_rows: blocks.block_rows, block_cols: blocks.block_cols, grid_cols, values })
+        } else {
+            None
+        };
+        Ok(Matrix { name: name.into(), rows, cols, dtype, data: self.checkpoint.bytes(info), scales })
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.float_tensor(name, &[len])
+    }
+
+    /// A small tensor in a float format, decoded to f32.
+    fn float_tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let info = self.find(name, shape)?;
+        match info.dtype {
+            Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => {
+                Ok(quant::decode_vec(dtype, self.checkpoint.bytes(info).as_slice()))
+            }
+            _ => Err(Error::WrongDtype { name: name.into(), expected: "F32, F16 or BF16".into(), found: info.dtype_name.clone() }),
+        }
+    }
+
+    fn mlp(&self, prefix: &str, hidden: usize, inter: usize) -> Result<Mlp> {
+        Ok(Mlp {
+            gate: self.matrix(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
+            up: self.matrix(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
+            down: self.matrix(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
+        })
+    }
+}
