@@ -452,3 +452,138 @@ fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
         Some(other) => Err(Error::Config(format!("`eos_token_id` must be a token id or a list, found {other}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn published(name: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    fn with(mut base: Value, key: &str, value: Value) -> Value {
+        base[key] = value;
+        base
+    }
+
+    fn err(value: Value) -> String {
+        ModelConfig::from_json(&value).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn deepseek_v3_published_config() {
+        let c = ModelConfig::from_json(&published("deepseek_v3_config.json")).unwrap();
+        assert_eq!(c.family, Family::V3);
+        assert_eq!((c.vocab_size, c.hidden_size, c.num_hidden_layers), (129280, 7168, 61));
+        assert_eq!(c.q_lora_rank, Some(1536));
+        assert_eq!(c.latent_dim(), 576);
+        assert_eq!((c.n_routed_experts, c.num_experts_per_tok, c.n_group, c.topk_group), (256, 8, 8, 4));
+        assert_eq!((c.scoring_func, c.topk_method), (ScoringFunc::Sigmoid, TopkMethod::NoauxTc));
+        assert!(c.norm_topk_prob);
+        assert_eq!(c.routed_scaling_factor, 2.5);
+        assert_eq!(c.fp8, Some(Fp8Blocks { block_rows: 128, block_cols: 128 }));
+        let y = c.yarn.as_ref().unwrap();
+        assert_eq!((y.factor, y.original_max_position_embeddings), (40.0, 4096));
+        assert!(!c.is_moe_layer(2) && c.is_moe_layer(3) && c.is_moe_layer(60));
+        assert_eq!(c.num_nextn_predict_layers, 1);
+        assert_eq!(c.eos_token_ids, vec![1]);
+        // SPEC.md: 192^-0.5 * (0.1 ln 40 + 1)^2; transformers gives 0.1352337788608801.
+        assert!((c.softmax_scale() - 0.1352337788608801).abs() < 1e-12);
+    }
+
+    #[test]
+    fn deepseek_v2_lite_published_config() {
+        let c = ModelConfig::from_json(&published("deepseek_v2_lite_config.json")).unwrap();
+        assert_eq!(c.family, Family::V2);
+        assert_eq!(c.q_lora_rank, None);
+        assert_eq!((c.scoring_func, c.topk_method), (ScoringFunc::Softmax, TopkMethod::Greedy));
+        assert_eq!((c.n_shared_experts, c.num_experts_per_tok), (2, 6));
+        assert!(!c.norm_topk_prob);
+        assert_eq!(c.fp8, None);
+        let m = yarn_mscale(40.0, 0.707);
+        assert!((c.softmax_scale() - 192f64.powf(-0.5) * m * m).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rope_parameters_of_transformers_v5_are_read() {
+        let mut v = published("deepseek_v3_config.json");
+        let scaling = v.as_object_mut().unwrap().remove("rope_scaling").unwrap();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let mut params = scaling.clone();
+        params.as_object_mut().unwrap().remove("type");
+        params["rope_type"] = json!("yarn");
+        params["rope_theta"] = json!(50000.0);
+        v["rope_parameters"] = params;
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!(c.rope_theta, 50000.0);
+        assert_eq!(c.yarn.unwrap().factor, 40.0);
+
+        let mut plain = published("deepseek_v3_config.json");
+        plain.as_object_mut().unwrap().remove("rope_scaling");
+        plain["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 20000.0});
+        plain.as_object_mut().unwrap().remove("rope_theta");
+        let c = ModelConfig::from_json(&plain).unwrap();
+        assert!(c.yarn.is_none());
+        assert_eq!(c.rope_theta, 20000.0);
+        assert!((c.softmax_scale() - 192f64.powf(-0.5)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn v3_defaults_apply_when_keys_are_omitted() {
+        // transformers' V3 config omits scoring_func / topk_method (hard-coded sigmoid / noaux_tc).
+        let mut v = published("deepseek_v3_config.json");
+        for key in ["scoring_func", "topk_method", "quantization_config"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!((c.scoring_func, c.topk_method, c.fp8), (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, None));
+    }
+
+    #[test]
+    fn unsupported_values_name_the_key_and_value() {
+        let v3 = published("deepseek_v3_config.json");
+        let e = err(with(v3.clone(), "hidden_act", json!("gelu")));
+        assert!(e.contains("hidden_act") && e.contains("gelu"), "{e}");
+        let e = err(with(v3.clone(), "topk_method", json!("magic")));
+        assert!(e.contains("topk_method") && e.contains("magic"), "{e}");
+        let e = err(with(v3.clone(), "scoring_func", json!("tanh")));
+        assert!(e.contains("scoring_func") && e.contains("tanh"), "{e}");
+        let e = err(with(v3.clone(), "model_type", json!("llama")));
+        assert!(e.contains("model_type") && e.contains("llama"), "{e}");
+        let e = err(with(v3.clone(), "hidden_size", json!("big")));
+        assert!(e.contains("hidden_size") && e.contains("big"), "{e}");
+        let e = err(with(v3.clone(), "quantization_config", json!({"quant_method": "gptq"})));
+        assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
+        let e = err(with(v3.clone(), "rope_scaling", json!({"type": "longrope", "factor": 2})));
+        assert!(e.contains("rope_type") && e.contains("longrope"), "{e}");
+        let e = err(with(v3.clone(), "qk_rope_head_dim", json!(63)));
+        assert!(e.contains("qk_rope_head_dim") && e.contains("63"), "{e}");
+        let e = err(with(v3.clone(), "num_experts_per_tok", json!(300)));
+        assert!(e.contains("num_experts_per_tok"), "{e}");
+        let e = err(with(v3.clone(), "n_group", json!(7)));
+        assert!(e.contains("n_group"), "{e}");
+        // 4 groups of 32 experts cannot supply 200 choices.
+        let e = err(with(v3.clone(), "num_experts_per_tok", json!(200)));
+        assert!(e.contains("topk_group"), "{e}");
+        let mut missing = v3.clone();
+        missing.as_object_mut().unwrap().remove("kv_lora_rank");
+        let e = err(missing);
+        assert!(e.contains("missing key `kv_lora_rank`"), "{e}");
+        assert!(err(json!([1, 2])).contains("not a JSON object"));
+    }
+
+    #[test]
+    fn malformed_file_is_a_json_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("dsrun-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(&path, "{\"model_type\": \"deepseek_v3\",").unwrap();
+        let e = ModelConfig::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("config.json") && e.contains("malformed JSON"), "{e}");
+        let e = ModelConfig::from_file(&dir.join("absent.json")).unwrap_err().to_string();
+        assert!(e.contains("absent.json") && e.contains("--model"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -9,3 +9,9 @@ pub mod model;
 pub mod quant;
 
 pub use error::{Error, Result};
+pub mod device;
+pub mod generate;
+pub mod inspect;
+pub mod npy;
+pub mod sample;
+pub mod tokenizer;

@@ -1,1 +1,192 @@
-fn main() {}
+//! The `dsrun` command line: argument parsing and printing; the work lives in the library.
+
+use clap::{Args, Parser, Subcommand};
+use dsrun::checkpoint::Checkpoint;
+use dsrun::config::ModelConfig;
+use dsrun::device::{self, Device, GpuChoice};
+use dsrun::error::{Error, Result};
+use dsrun::generate::{generate, StopReason};
+use dsrun::model::{Logits, Model};
+use dsrun::sample::{Sampler, SamplerConfig};
+use dsrun::tokenizer::Tokenizer;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Run DeepSeek-V3-architecture Mixture-of-Experts models (MLA + DeepSeekMoE, FP8 blocks).
+///
+/// With no subcommand, generates text from --prompt and streams it to stdout; timing goes to stderr.
+#[derive(Parser)]
+#[command(name = "dsrun", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    generate: GenerateArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the logits of every position of a token sequence to a .npy file ([n_tokens, vocab], f32).
+    Logits(LogitsArgs),
+    /// Describe a checkpoint: architecture, parameter counts, bytes by dtype, ignored tensors.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the bundled tiny model.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DeviceArgs {
+    /// Compute device.
+    #[arg(long, value_enum, default_value = "auto")]
+    gpu: GpuChoice,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Text to continue.
+    #[arg(long, short = 'p', default_value = "Once upon a time")]
+    prompt: String,
+    /// Number of tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64, value_name = "N")]
+    n: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    temperature: f32,
+    /// Sample from the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 40, value_name = "K")]
+    top_k: usize,
+    /// Sample from the smallest set of tokens whose probability reaches P (1: all).
+    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    top_p: f32,
+    /// Random seed for sampling (default: from the clock).
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+    /// Context length in tokens: prompt plus generated (default: min(4096, max_position_embeddings)).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    ctx: Option<u64>,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Comma-separated token ids, e.g. 0,5,17.
+    #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+    tokens: Vec<u32>,
+    /// Output file (.npy, little-endian f32, shape [n_tokens, vocab_size]).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_generate(cli.generate),
+        Some(Command::Logits(args)) => run_logits(args),
+        Some(Command::Inspect(args)) => run_inspect(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--model`, or the tiny model bundled in `weights/` (next to the working directory or the crate).
+fn model_dir(args: &ModelArgs) -> PathBuf {
+    if let Some(dir) = &args.model {
+        return dir.clone();
+    }
+    let local = Path::new("weights");
+    if local.join("config.json").is_file() {
+        local.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("weights")
+    }
+}
+
+fn load(dir: &Path, device: Device) -> Result<Model> {
+    let started = Instant::now();
+    let model = Model::load(dir)?;
+    log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), device.name());
+    Ok(model)
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let device = device::select(args.device.gpu)?;
+    let sampler_config = SamplerConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed.unwrap_or_else(clock_seed),
+    };
+    let mut sampler = Sampler::new(sampler_config)?;
+    let dir = model_dir(&args.model);
+
+    let started = Instant::now();
+    let model = load(&dir, device)?;
+    let tokenizer = Tokenizer::load(&dir, &model.config)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+
+    let ctx = args.ctx.map_or(model.config.max_position_embeddings.min(4096), |c| c as usize);
+    let prompt = tokenizer.encode(&args.prompt)?;
+    let mut cache = model.new_cache(ctx);
+
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{}", args.prompt).and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
+    let stats = generate(&model, &tokenizer, &mut cache, &prompt, &mut sampler, args.n, |text| {
+        write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))
+    })?;
+    writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
+    if stats.stop == StopReason::ContextFull {
+        eprintln!("note: stopped at the context limit of {ctx} tokens (raise --ctx)");
+    }
+    eprintln!("load {load_seconds:.2} s | {} | {}", stats.summary(), device.name());
+    Ok(())
+}
+
+fn run_logits(args: LogitsArgs) -> Result<()> {
+    let device = device::select(args.device.gpu)?;
+    let dir = model_dir(&args.model);
+    let model = load(&dir, device)?;
+    let mut cache = model.new_cache(args.tokens.len());
+    let logits = model.forward(&mut cache, &args.tokens, Logits::All)?;
+    dsrun::npy::write_f32(&args.out, &[args.tokens.len(), model.config.vocab_size], &logits)?;
+    eprintln!("wrote {} x {} logits to {}", args.tokens.len(), model.config.vocab_size, args.out.display());
+    Ok(())
+}
+
+fn run_inspect(args: InspectArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let (weights, ignored) = dsrun::model::weights::Weights::load(&config, &checkpoint)?;
+    print!("{}", dsrun::inspect::report(&config, &checkpoint, &weights, &ignored));
+    Ok(())
+}
+
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}

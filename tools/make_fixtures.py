@@ -116,6 +116,9 @@ def scaled_config(base, scale):
     for key in SCALED_KEYS:
         if cfg.get(key) is not None:
             cfg[key] = int(round(cfg[key] * scale))
+    # transformers' V2 config insists on this although MLA never splits the hidden size by heads.
+    heads = cfg["num_attention_heads"]
+    cfg["hidden_size"] = max(heads, cfg["hidden_size"] // heads * heads)
     cfg.setdefault("hidden_act", "silu")
     # Unused by MLA, but transformers divides heads by it.
     cfg["num_key_value_heads"] = cfg["num_attention_heads"]
@@ -270,6 +273,7 @@ def write_safetensors(path, tensors, shards):
 def reference_logits(path, cfg, reference, tokens):
     hf_config = transformers.AutoConfig.from_pretrained(path)
     hf_config._attn_implementation = "eager"
+    hf_config._experts_implementation = "eager"  # the plain per-expert loop, for any shape
     model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
     state = {}
     for key in model.state_dict():

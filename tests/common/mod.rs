@@ -5,8 +5,13 @@ use std::path::{Path, PathBuf};
 
 pub const FAMILIES: [&str; 5] = ["v3_noaux", "v3_yarn", "v3_fp8", "v2_lite", "v2_glg"];
 
+/// A fixture directory. `DSRUN_FIXTURES=DIR` points the tests at fixtures made elsewhere, e.g.
+/// `tools/make_fixtures.py --out DIR --seed 7 --scale 1.5`, to check nothing is tuned to these.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    match std::env::var_os("DSRUN_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join(name),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name),
+    }
 }
 
 /// transformers' float32 logits for a fixture: `(tokens, logits [n, vocab])`.

@@ -1,0 +1,177 @@
+//! `dsrun inspect`: what a checkpoint is, how big, and what dsrun will not use.
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{Family, ModelConfig};
+use crate::model::weights::{FeedForward, Matrix, Mlp, QueryProjection, Weights};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Parameter counts of the main model (the MTP layer excluded).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub total: u64,
+    /// Per token: everything but the routed experts, plus `num_experts_per_tok` of them per MoE layer.
+    pub active: u64,
+}
+
+pub fn count_params(config: &ModelConfig, w: &Weights) -> ParamCounts {
+    let m = |x: &Matrix| (x.rows * x.cols) as u64;
+    let mlp = |x: &Mlp| m(&x.gate) + m(&x.up) + m(&x.down);
+    let mut total = m(&w.embed) + w.final_norm.len() as u64;
+    if !std::ptr::eq(w.lm_head.data.as_slice().as_ptr(), w.embed.data.as_slice().as_ptr()) {
+        total += m(&w.lm_head);
+    }
+    let mut inactive = 0u64;
+    for layer in &w.layers {
+        let a = &layer.attention;
+        total += (layer.input_norm.len() + layer.post_attention_norm.len() + a.kv_norm.len()) as u64;
+        total += m(&a.kv_a) + m(&a.kv_b) + m(&a.o);
+        total += match &a.q {
+            QueryProjection::LowRank { a, norm, b } => m(a) + norm.len() as u64 + m(b),
+            QueryProjection::Direct(q) => m(q),
+        };
+        match &layer.ffn {
+            FeedForward::Dense(d) => total += mlp(d),
+            FeedForward::Moe(moe) => {
+                let per_expert = mlp(&moe.experts[0]);
+                total += m(&moe.router) + moe.correction_bias.as_ref().map_or(0, |b| b.len() as u64);
+                total += moe.shared.as_ref().map_or(0, mlp);
+                total += per_expert * moe.experts.len() as u64;
+                inactive += per_expert * (moe.experts.len() - config.num_experts_per_tok) as u64;
+            }
+        }
+    }
+    ParamCounts { total, active: total - inactive }
+}
+
+pub fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, ignored: &[String]) -> String {
+    let c = config;
+    let mut s = String::new();
+    let family = match c.family {
+        Family::V3 => "DeepSeek-V3 architecture (deepseek_v3)",
+        Family::V2 => "DeepSeek-V2 architecture (deepseek_v2)",
+    };
+    let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
+    let _ = writeln!(s, "model      {}", checkpoint.dir.display());
+    let _ = writeln!(s, "arch       {family}");
+    let _ = writeln!(
+        s,
+        "layers     {} ({} dense MLP, {} MoE), hidden {}, vocab {}",
+        c.num_hidden_layers,
+        c.num_hidden_layers - moe_layers,
+        moe_layers,
+        c.hidden_size,
+        c.vocab_size
+    );
+    let q = c.q_lora_rank.map_or("q_proj (no q LoRA)".to_string(), |r| format!("q_lora_rank {r}"));
+    let _ = writeln!(
+        s,
+        "attention  MLA, {} heads, {q}, kv_lora_rank {}, qk {}+{} (nope+rope), v {}; latent cache {} values/token/layer",
+        c.num_attention_heads,
+        c.kv_lora_rank,
+        c.qk_nope_head_dim,
+        c.qk_rope_head_dim,
+        c.v_head_dim,
+        c.latent_dim()
+    );
+    let _ = writeln!(
+        s,
+        "experts    {} routed + {} shared, {} per token, width {}; router {:?} / {:?}, {} groups keep {}, norm_topk_prob {}, scaling {}",
+        c.n_routed_experts,
+        c.n_shared_experts,
+        c.num_experts_per_tok,
+        c.moe_intermediate_size,
+        c.scoring_func,
+        c.topk_method,
+        c.n_group,
+        c.topk_group,
+        c.norm_topk_prob,
+        c.routed_scaling_factor
+    );
+    let rope = match &c.yarn {
+        Some(y) => format!(
+            "theta {}, YaRN factor {} from {} positions (beta {}/{}, mscale {}/{})",
+            c.rope_theta, y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+        ),
+        None => format!("theta {}", c.rope_theta),
+    };
+    let _ = writeln!(s, "rope       {rope}; max positions {}; softmax scale {:.6}", c.max_position_embeddings, c.softmax_scale());
+    let quant = match c.fp8 {
+        Some(b) => format!("FP8 e4m3 with {}x{} block scales", b.block_rows, b.block_cols),
+        None => "none (weights as stored)".to_string(),
+    };
+    let _ = writeln!(s, "quant      {quant}");
+
+    let params = count_params(c, weights);
+    let _ = writeln!(s, "params     {} total, {} active per token", human_count(params.total), human_count(params.active));
+
+    let mut by_dtype: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for (_, info) in checkpoint.tensors() {
+        let entry = by_dtype.entry(info.dtype_name.clone()).or_default();
+        entry.0 += 1;
+        entry.1 += info.num_bytes() as u64;
+    }
+    let _ = writeln!(s, "bytes      (whole checkpoint, by dtype)");
+    for (dtype, (count, bytes)) in &by_dtype {
+        let _ = writeln!(s, "           {dtype:<8} {:>10}  in {count} tensors", human_bytes(*bytes));
+    }
+
+    if ignored.is_empty() {
+        let _ = writeln!(s, "ignored    nothing");
+    } else {
+        let _ = writeln!(s, "ignored    (present in the checkpoint, not used by the forward pass)");
+        for line in summarize_ignored(c, checkpoint, ignored) {
+            let _ = writeln!(s, "           {line}");
+        }
+    }
+    s
+}
+
+/// One line per ignored layer (e.g. the MTP layer) and per other ignored tensor.
+fn summarize_ignored(c: &ModelConfig, checkpoint: &Checkpoint, ignored: &[String]) -> Vec<String> {
+    let mut layers: BTreeMap<usize, (usize, u64)> = BTreeMap::new();
+    let mut lines = Vec::new();
+    for name in ignored {
+        let bytes = checkpoint.info(name).map_or(0, |i| i.num_bytes() as u64);
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok())
+            .filter(|&i| i >= c.num_hidden_layers);
+        match layer {
+            Some(i) => {
+                let e = layers.entry(i).or_default();
+                e.0 += 1;
+                e.1 += bytes;
+            }
+            None => lines.push(format!("{name} ({})", human_bytes(bytes))),
+        }
+    }
+    let mut out: Vec<String> = layers
+        .into_iter()
+        .map(|(i, (count, bytes))| {
+            let what = if i < c.num_hidden_layers + c.num_nextn_predict_layers { "multi-token prediction layer" } else { "beyond num_hidden_layers" };
+            format!("model.layers.{i}.* ({count} tensors, {}): {what}, not loaded", human_bytes(bytes))
+        })
+        .collect();
+    out.extend(lines);
+    out
+}

@@ -1,0 +1,123 @@
+//! `tokenizer.json` through the `tokenizers` crate, BOS/EOS from `tokenizer_config.json` and
+//! config.json, and a streaming decoder that never splits a multi-byte character.
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: Option<u32>,
+    add_bos: bool,
+    eos: Vec<u32>,
+}
+
+impl Tokenizer {
+    pub fn load(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Err(Error::Tokenizer(format!(
+                "no tokenizer.json in {} (`dsrun logits --tokens ...` runs without one)",
+                dir.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let settings = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        let named = |key: &str| -> Option<u32> {
+            let token = settings.get(key)?;
+            let text = token.as_str().or_else(|| token.get("content")?.as_str())?;
+            inner.token_to_id(text)
+        };
+        let bos = named("bos_token").or(config.bos_token_id);
+        let add_bos = settings.get("add_bos_token").and_then(Value::as_bool).unwrap_or(bos.is_some());
+        let mut eos = config.eos_token_ids.clone();
+        eos.extend(named("eos_token"));
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Tokenizer { inner, bos, add_bos, eos })
+    }
+
+    /// Token ids of `text`, with the BOS token first when the model expects one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos.contains(&id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    if !path.is_file() {
+        return Ok(Default::default());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    match serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })? {
+        Value::Object(map) => Ok(map),
+        _ => Err(Error::Tokenizer(format!("{}: not a JSON object", path.display()))),
+    }
+}
+
+/// Turns generated ids into text pieces as soon as they form whole characters.
+///
+/// Byte-level tokenizers can split one UTF-8 character over several tokens; decoding each token
+/// alone would print replacement characters. Instead the decoder re-decodes a short window of
+/// recent ids and emits only the new, complete suffix.
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// Start of the window re-decoded for context (leading-space rules depend on it).
+    prefix: usize,
+    /// Ids before this have been emitted.
+    read: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        StreamDecoder { tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
+    }
+
+    /// Adds one id; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        match now.get(before.len()..) {
+            Some(piece) if now.starts_with(&before) => {
+                let piece = piece.to_string();
+                self.prefix = self.read;
+                self.read = self.ids.len();
+                Ok(Some(piece))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character at the end of generation).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).filter(|s| !s.is_empty()).map(str::to_string))
+    }
+}
