@@ -167,6 +167,25 @@ fn corrupt(path: &Path, reason: String) -> Error {
     Error::CorruptCheckpoint { path: path.to_path_buf(), reason }
 }
 
+/// Explains a header whose tensors do not end exactly at the end of the file.
+fn data_extent_mismatch(map: &[u8], header_len: u64) -> String {
+    let available = map.len().saturating_sub(8 + header_len as usize);
+    let header: serde_json::Value = serde_json::from_slice(&map[8..8 + header_len as usize]).unwrap_or_default();
+    let last = header
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(name, t)| Some((name, t.get("data_offsets")?.get(1)?.as_u64()? as usize)))
+        .max_by_key(|(_, end)| *end);
+    match last {
+        Some((name, end)) if end > available => format!(
+            "tensor `{name}` ends at data byte {end}, past the {available} data bytes in the file (truncated download?)"
+        ),
+        Some((_, end)) => format!("{} bytes follow the last tensor's data (padded or corrupt file)", available - end),
+        None => "tensor data does not end where the file ends".to_string(),
+    }
+}
+
 /// Parses and validates one shard's header; returns absolute byte ranges into the file.
 fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, TensorInfo)>> {
     use safetensors::SafeTensorError as E;
@@ -183,9 +202,7 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ten
             E::InvalidOffset(name) => {
                 format!("tensor `{name}` has data offsets that overlap or leave gaps between tensors")
             }
-            E::MetadataIncompleteBuffer => {
-                "tensor data does not end where the file ends (truncated or padded file)".to_string()
-            }
+            E::MetadataIncompleteBuffer => data_extent_mismatch(map, header_len),
             E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".to_string(),
             other => other.to_string(),
         };

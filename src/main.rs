@@ -55,19 +55,19 @@ struct GenerateArgs {
     #[command(flatten)]
     device: DeviceArgs,
     /// Text to continue.
-    #[arg(long, short = 'p', default_value = "Once upon a time")]
+    #[arg(long, short = 'p', default_value = "This module provides")]
     prompt: String,
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64, value_name = "N")]
     n: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8, value_name = "T")]
+    #[arg(long, default_value_t = 0.8, value_name = "T", allow_negative_numbers = true)]
     temperature: f32,
     /// Sample from the K most likely tokens only (0: all).
     #[arg(long, default_value_t = 40, value_name = "K")]
     top_k: usize,
     /// Sample from the smallest set of tokens whose probability reaches P (1: all).
-    #[arg(long, default_value_t = 0.95, value_name = "P")]
+    #[arg(long, default_value_t = 0.95, value_name = "P", allow_negative_numbers = true)]
     top_p: f32,
     /// Random seed for sampling (default: from the clock).
     #[arg(long, value_name = "S")]
@@ -107,6 +107,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`dsrun | head`) is the reader's choice, not an error worth a message.
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

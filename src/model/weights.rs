@@ -122,7 +122,9 @@ impl Weights {
             .map(|i| load_layer(&loader, config, i))
             .collect::<Result<Vec<_>>>()?;
         let final_norm = loader.vector("model.norm.weight", d)?;
-        let lm_head = if config.tie_word_embeddings && checkpoint.info("lm_head.weight").is_none() {
+        // Tied models project with the embedding, as transformers ties them, even if a stale
+        // `lm_head.weight` is also present.
+        let lm_head = if config.tie_word_embeddings {
             embed.clone()
         } else {
             loader.matrix("lm_head.weight", v, d)?
@@ -164,11 +166,10 @@ fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
             0 => None,
             n => Some(loader.mlp(&format!("{p}.mlp.shared_experts"), d, n * c.moe_intermediate_size)?),
         };
-        let bias_name = format!("{p}.mlp.gate.e_score_correction_bias");
-        let correction_bias = if c.topk_method == TopkMethod::NoauxTc || loader.checkpoint.info(&bias_name).is_some() {
-            Some(loader.vector(&bias_name, c.n_routed_experts)?)
-        } else {
-            None
+        // Only noaux_tc routing uses the correction bias (transformers' V2 router ignores one).
+        let correction_bias = match c.topk_method {
+            TopkMethod::NoauxTc => Some(loader.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), c.n_routed_experts)?),
+            _ => None,
         };
         FeedForward::Moe(Moe {
             router: loader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, d)?,

@@ -1,0 +1,104 @@
+//! The `dsrun` binary as a user runs it: output on stdout, stats on stderr, clear errors with a
+//! non-zero exit status and never a panic.
+
+mod common;
+use common::{assert_logits_match, fixture, golden};
+use std::process::{Command, Output};
+
+fn dsrun(args: &[&str]) -> Output {
+    // Run from an empty directory so the default model is found the way a user's would be.
+    let cwd = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts a clean failure: non-zero exit, a message containing `needle`, no panic.
+fn assert_fails(args: &[&str], needle: &str) {
+    let out = dsrun(args);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(stderr.contains(needle), "{args:?}: expected {needle:?} in stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
+}
+
+#[test]
+fn default_run_generates_from_the_bundled_model() {
+    let out = dsrun(&["-n", "16", "--seed", "3"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("This module provides"), "{stdout}");
+    assert!(stdout.trim_end().len() > "This module provides".len(), "nothing generated: {stdout:?}");
+    assert!(stderr.contains("load") && stderr.contains("prompt") && stderr.contains("tok/s"), "{stderr}");
+}
+
+#[test]
+fn greedy_generation_is_reproducible_and_seeds_are_honoured() {
+    let a = dsrun(&["-n", "12", "--temperature", "0", "--prompt", "The file"]);
+    let b = dsrun(&["-n", "12", "--temperature", "0", "--prompt", "The file"]);
+    assert!(a.status.success() && b.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    let c = dsrun(&["-n", "12", "--seed", "9", "--prompt", "The file"]);
+    let d = dsrun(&["-n", "12", "--seed", "9", "--prompt", "The file"]);
+    assert_eq!(c.stdout, d.stdout);
+}
+
+#[test]
+fn logits_subcommand_writes_npy_matching_transformers() {
+    let dir = fixture("v3_fp8");
+    let g = golden(&dir);
+    let tokens: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
+    let out_dir = tempfile::tempdir().unwrap();
+    let npy = out_dir.path().join("logits.npy");
+    let out = dsrun(&["logits", "--model", dir.to_str().unwrap(), "--tokens", &tokens.join(","), "--out", npy.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let bytes = std::fs::read(&npy).unwrap();
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(header.contains(&format!("'shape': ({}, {})", g.tokens.len(), g.vocab)), "{header}");
+    let logits: Vec<f32> =
+        bytes[10 + header_len..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_logits_match("dsrun logits", &logits, &g.logits, g.vocab, 1e-3);
+}
+
+#[test]
+fn inspect_describes_the_checkpoint() {
+    let out = dsrun(&["inspect", "--model", fixture("v3_noaux").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for needle in ["deepseek_v3", "MLA", "16 routed + 1 shared", "total", "active per token", "BF16", "model.layers.3.*", "multi-token prediction"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    let out = dsrun(&["inspect", "--model", fixture("v3_fp8").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("F8_E4M3") && stdout.contains("FP8 e4m3 with 128x128 block scales"), "{stdout}");
+}
+
+#[test]
+fn bad_requests_fail_cleanly() {
+    let v3 = fixture("v3_noaux");
+    let v3 = v3.to_str().unwrap();
+    assert_fails(&["--model", "/nonexistent/model"], "config.json");
+    assert_fails(&["logits", "--model", v3, "--tokens", "0,999", "--out", "/tmp/dsrun-never.npy"], "token id 999");
+    assert_fails(&["--ctx", "3", "--prompt", "a prompt that is much longer than three tokens"], "longer than the context");
+    assert_fails(&["--gpu", "vulkan"], "not built yet");
+    assert_fails(&["--gpu", "cuda"], "not built yet");
+    assert_fails(&["logits", "--gpu", "metal", "--model", v3, "--tokens", "1", "--out", "/tmp/dsrun-never.npy"], "not built yet");
+    assert_fails(&["--gpu", "tpu"], "invalid value 'tpu'");
+    assert_fails(&["--temperature", "-1"], "--temperature");
+    assert_fails(&["--top-p", "1.5"], "--top-p");
+    assert_fails(&["--ctx", "0"], "--ctx");
+    assert_fails(&["-n", "many"], "invalid value 'many'");
+    assert_fails(&["--model", v3], "no tokenizer.json");
+    assert_fails(&["logits", "--model", v3, "--tokens", "1", "--out", "/nonexistent-dir/x.npy"], "/nonexistent-dir/x.npy");
+}
+
+#[test]
+fn corrupt_checkpoint_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("v3_noaux").join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    assert_fails(&["inspect", "--model", dir.path().to_str().unwrap()], "corrupt safetensors");
+}
