@@ -10,6 +10,7 @@ pub mod quant;
 
 pub use error::{Error, Result};
 pub mod device;
+pub mod engine;
 pub mod generate;
 pub mod inspect;
 pub mod npy;

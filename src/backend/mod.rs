@@ -1,3 +1,4 @@
 //! Compute backends. `cpu` is the f32 reference every other backend is tested against.
 
 pub mod cpu;
+pub mod wgpu;

@@ -69,6 +69,25 @@ impl KvCache {
     }
 }
 
+/// Rejects a step that no backend can run: no tokens, an id outside the vocabulary, or more
+/// tokens than the context has room for.
+pub fn check_request(c: &ModelConfig, cached: usize, capacity: usize, tokens: &[u32]) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(Error::Invalid("no tokens to run".into()));
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(Error::Invalid(format!("token id {bad} is out of range: the vocabulary has {} tokens", c.vocab_size)));
+    }
+    if cached + tokens.len() > capacity {
+        return Err(Error::Invalid(format!(
+            "{} tokens do not fit in the context: {cached} already cached, room for {} (raise --ctx)",
+            tokens.len(),
+            capacity - cached
+        )));
+    }
+    Ok(())
+}
+
 impl Model {
     /// Reads `config.json` and the safetensors in `dir` and checks every tensor the model needs.
     pub fn load(dir: &Path) -> Result<Model> {
@@ -99,18 +118,7 @@ impl Model {
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
-        if n == 0 {
-            return Err(Error::Invalid("no tokens to run".into()));
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(Error::Invalid(format!("token id {bad} is out of range: the vocabulary has {} tokens", c.vocab_size)));
-        }
-        if cache.len + n > cache.capacity {
-            return Err(Error::Invalid(format!(
-                "{} tokens do not fit in the context: {} already cached, room for {} (raise --ctx)",
-                n, cache.len, cache.capacity
-            )));
-        }
+        check_request(c, cache.len, cache.capacity, tokens)?;
         let start = cache.len;
         let d = c.hidden_size;
         let eps = c.rms_norm_eps;

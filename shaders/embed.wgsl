@@ -1,0 +1,14 @@
+// out[t, c] = embedding[tokens[t], c]  (ids were checked against the vocabulary on the host)
+
+@group(0) @binding(3) var<uniform> step: Step;
+@group(0) @binding(4) var<storage, read> tokens: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    let t = gid.y;
+    if (c < wl.cols && t < step.n_tokens) {
+        out[t * wl.cols + c] = weight(0u, tokens[t], c);
+    }
+}

@@ -1,0 +1,57 @@
+// Stores one step's latents in the MLA cache: per token t at position start + t,
+//   cache[pos, :lora]  = RMSNorm(kv[t, :lora])        (c_kv)
+//   cache[pos, lora:]  = rope(kv[t, lora:], pos)       (k_pe, interleaved pairs)
+// One workgroup per token.
+
+const WG: u32 = 64u;
+
+struct Params {
+    lora: u32,
+    rope: u32,
+    eps: f32,
+    rope_scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<uniform> step: Step;
+@group(0) @binding(2) var<storage, read> kv: array<f32>;
+@group(0) @binding(3) var<storage, read> norm: array<f32>;
+@group(0) @binding(4) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(5) var<storage, read_write> cache: array<f32>;
+
+var<workgroup> sums: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+    let t = wid.x;
+    let latent = p.lora + p.rope;
+    let src = t * latent;
+    let pos = step.start + t;
+    let dst = pos * latent;
+    var acc = 0.0;
+    for (var c = lane; c < p.lora; c += WG) {
+        let v = kv[src + c];
+        acc += v * v;
+    }
+    sums[lane] = acc;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if (lane < stride) {
+            sums[lane] += sums[lane + stride];
+        }
+        workgroupBarrier();
+    }
+    let inv = inverseSqrt(sums[0] / f32(p.lora) + p.eps);
+    for (var c = lane; c < p.lora; c += WG) {
+        cache[dst + c] = norm[c] * (kv[src + c] * inv);
+    }
+    for (var j = lane; j < p.rope / 2u; j += WG) {
+        let angle = f32(pos) * inv_freq[j];
+        let cs = cos(angle) * p.rope_scale;
+        let sn = sin(angle) * p.rope_scale;
+        let a = kv[src + p.lora + 2u * j];
+        let b = kv[src + p.lora + 2u * j + 1u];
+        cache[dst + p.lora + 2u * j] = a * cs - b * sn;
+        cache[dst + p.lora + 2u * j + 1u] = a * sn + b * cs;
+    }
+}

@@ -1,0 +1,58 @@
+// Weight decoding shared by every kernel that reads a weight matrix (prepended by the loader).
+//
+// A matrix is `rows x cols` elements, row-major, packed little-endian into u32 words; stacked
+// experts follow each other `expert_stride` elements apart. FORMAT picks the element type:
+//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scales[block]).
+// FP8 scales form a `[ceil(rows/block_rows), grid_cols]` grid per expert, `scale_expert_stride` apart.
+
+override FORMAT: u32 = 0u;
+
+struct WeightLayout {
+    rows: u32,
+    cols: u32,
+    expert_stride: u32,
+    scale_expert_stride: u32,
+    grid_cols: u32,
+    block_rows: u32,
+    block_cols: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> wl: WeightLayout;
+@group(0) @binding(1) var<storage, read> weights: array<u32>;
+@group(0) @binding(2) var<storage, read> scales: array<f32>;
+
+// Exact value of an e4m3fn code: bias 7, subnormals below exponent 1, 0x7f/0xff are NaN.
+fn fp8_e4m3(code: u32) -> f32 {
+    let e = (code >> 3u) & 0xfu;
+    let m = code & 7u;
+    if (e == 15u && m == 7u) {
+        return bitcast<f32>(0x7fc00000u);
+    }
+    if (e == 0u) {
+        let magnitude = f32(m) * 0.001953125; // m * 2^-9
+        return select(magnitude, -magnitude, (code & 0x80u) != 0u);
+    }
+    return bitcast<f32>(((code & 0x80u) << 24u) | ((e + 120u) << 23u) | (m << 20u));
+}
+
+fn weight(e: u32, r: u32, c: u32) -> f32 {
+    let i = e * wl.expert_stride + r * wl.cols + c;
+    switch FORMAT {
+        case 1u: {
+            let word = weights[i >> 1u];
+            return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
+        }
+        case 2u: {
+            return unpack2x16float(weights[i >> 1u])[i & 1u];
+        }
+        case 3u: {
+            let code = (weights[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
+            let s = e * wl.scale_expert_stride + (r / wl.block_rows) * wl.grid_cols + c / wl.block_cols;
+            return fp8_e4m3(code) * scales[s];
+        }
+        default: {
+            return bitcast<f32>(weights[i]);
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Adapter choice and the device/queue every wgpu op runs on.
+
+use crate::device::GpuChoice;
+use crate::error::{Error, Result};
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+}
+
+fn backends_for(choice: GpuChoice) -> wgpu::Backends {
+    match choice {
+        GpuChoice::Vulkan => wgpu::Backends::VULKAN,
+        GpuChoice::Metal => wgpu::Backends::METAL,
+        GpuChoice::Dx12 => wgpu::Backends::DX12,
+        GpuChoice::Gl => wgpu::Backends::GL,
+        _ => wgpu::Backends::all(),
+    }
+}
+
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+/// Every adapter wgpu can see for `choice`'s backends.
+pub fn adapters(choice: GpuChoice) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance(backends_for(choice)).enumerate_adapters(backends_for(choice)))
+}
+
+/// Preference for `auto`: discrete, then integrated, then virtual, then software (CPU) adapters.
+fn rank(info: &wgpu::AdapterInfo) -> u8 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// Picks an adapter for `choice` (honouring `WGPU_ADAPTER_NAME`) and opens a device with the
+/// adapter's own limits, not wgpu's conservative defaults.
+pub fn open(choice: GpuChoice) -> Result<GpuContext> {
+    let mut candidates = adapters(choice);
+    if candidates.is_empty() {
+        return Err(Error::Invalid(format!(
+            "--gpu {}: no GPU adapter found (install a Vulkan/Metal/DX12/GL driver; on Debian, \
+             `apt-get install mesa-vulkan-drivers` gives the software adapter lavapipe), or use --gpu cpu",
+            choice_name(choice)
+        )));
+    }
+    if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
+        let wanted = wanted.to_lowercase();
+        candidates.retain(|a| a.get_info().name.to_lowercase().contains(&wanted));
+        if candidates.is_empty() {
+            return Err(Error::Invalid(format!(
+                "WGPU_ADAPTER_NAME={wanted}: no adapter's name contains it (`dsrun devices` lists them)"
+            )));
+        }
+    }
+    candidates.sort_by_key(|a| rank(&a.get_info()));
+    let adapter = candidates.swap_remove(0);
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("dsrun"),
+        required_features: wgpu::Features::empty(),
+        required_limits: limits.clone(),
+        ..Default::default()
+    }))
+    .map_err(|e| Error::Invalid(format!("{}: cannot open the device: {e}", info.name)))?;
+    log::info!("GPU: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    Ok(GpuContext { device, queue, info, limits })
+}
+
+fn choice_name(choice: GpuChoice) -> String {
+    clap::ValueEnum::to_possible_value(&choice).map(|v| v.get_name().to_string()).unwrap_or_default()
+}
+
+impl GpuContext {
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// The largest storage buffer one binding may cover.
+    pub fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+}
+
+/// One line per adapter for `dsrun devices`.
+pub fn describe_adapters() -> Vec<String> {
+    adapters(GpuChoice::Auto)
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            let l = a.limits();
+            let f = a.features();
+            let has = |flag: wgpu::Features, name: &str| if f.contains(flag) { name.to_string() } else { format!("no {name}") };
+            format!(
+                "{} | {:?} {:?} | driver {} {} | max binding {} MiB, max buffer {} MiB, workgroup storage {} KiB | {}, {}, {}",
+                i.name,
+                i.backend,
+                i.device_type,
+                i.driver,
+                i.driver_info,
+                l.max_storage_buffer_binding_size as u64 >> 20,
+                l.max_buffer_size >> 20,
+                l.max_compute_workgroup_storage_size >> 10,
+                has(wgpu::Features::SHADER_F16, "f16"),
+                has(wgpu::Features::SUBGROUP, "subgroups"),
+                has(wgpu::Features::TIMESTAMP_QUERY, "timestamps"),
+            )
+        })
+        .collect()
+}

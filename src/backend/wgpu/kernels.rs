@@ -1,0 +1,99 @@
+//! WGSL kernels and their compiled pipelines, cached by (kernel, weight format).
+//!
+//! Each kernel family lives in one file under `shaders/`; the weight format is an `override`
+//! constant, so variants are pipelines of one module, never copies of the source.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+const STEP: &str = include_str!("../../../shaders/step.wgsl");
+const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Matmul,
+    Embed,
+    RmsNorm,
+    LatentStore,
+    RopeQ,
+    QAbsorb,
+    VUp,
+    Attention,
+    Router,
+    SiluMul,
+    MoeCombine,
+    Argmax,
+}
+
+impl Kernel {
+    /// (source, entry point, whether it reads a weight matrix)
+    fn source(self) -> (&'static str, &'static str, bool) {
+        match self {
+            Kernel::Matmul => (include_str!("../../../shaders/matmul.wgsl"), "main", true),
+            Kernel::Embed => (include_str!("../../../shaders/embed.wgsl"), "main", true),
+            Kernel::RmsNorm => (include_str!("../../../shaders/rmsnorm.wgsl"), "main", false),
+            Kernel::LatentStore => (include_str!("../../../shaders/latent.wgsl"), "main", false),
+            Kernel::RopeQ => (include_str!("../../../shaders/rope.wgsl"), "main", false),
+            Kernel::QAbsorb => (include_str!("../../../shaders/mla_absorb.wgsl"), "q_absorb", true),
+            Kernel::VUp => (include_str!("../../../shaders/mla_absorb.wgsl"), "v_up", true),
+            Kernel::Attention => (include_str!("../../../shaders/attention.wgsl"), "main", false),
+            Kernel::Router => (include_str!("../../../shaders/router.wgsl"), "main", false),
+            Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),
+            Kernel::MoeCombine => (include_str!("../../../shaders/moe_combine.wgsl"), "main", false),
+            Kernel::Argmax => (include_str!("../../../shaders/argmax.wgsl"), "main", false),
+        }
+    }
+}
+
+/// How a weight matrix is stored on the GPU (the shader's FORMAT constant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32 = 0,
+    Bf16 = 1,
+    F16 = 2,
+    /// e4m3 codes, 4 per word, with an f32 block-scale grid.
+    Fp8 = 3,
+}
+
+pub struct Pipelines {
+    device: wgpu::Device,
+    modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
+    cache: RefCell<HashMap<(Kernel, Option<WeightFormat>), wgpu::ComputePipeline>>,
+}
+
+impl Pipelines {
+    pub fn new(device: &wgpu::Device) -> Self {
+        Pipelines { device: device.clone(), modules: Default::default(), cache: Default::default() }
+    }
+
+    pub fn get(&self, kernel: Kernel, format: Option<WeightFormat>) -> wgpu::ComputePipeline {
+        if let Some(p) = self.cache.borrow().get(&(kernel, format)) {
+            return p.clone();
+        }
+        let (source, entry, uses_weights) = kernel.source();
+        debug_assert_eq!(uses_weights, format.is_some(), "{kernel:?} weight format");
+        let module = self
+            .modules
+            .borrow_mut()
+            .entry(source)
+            .or_insert_with(|| {
+                let full = if uses_weights { format!("{STEP}\n{WEIGHTS}\n{source}") } else { format!("{STEP}\n{source}") };
+                self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(entry),
+                    source: wgpu::ShaderSource::Wgsl(full.into()),
+                })
+            })
+            .clone();
+        let constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f as u32 as f64)]).unwrap_or_default();
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&format!("{kernel:?}/{format:?}")),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+            cache: None,
+        });
+        self.cache.borrow_mut().insert((kernel, format), pipeline.clone());
+        pipeline
+    }
+}

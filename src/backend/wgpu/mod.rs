@@ -1,0 +1,9 @@
+//! The wgpu backend: WGSL kernels on Vulkan, Metal, DX12 or GL (and software adapters in CI).
+
+pub mod context;
+pub mod kernels;
+pub mod model;
+pub mod tensors;
+
+pub use context::GpuContext;
+pub use model::GpuModel;

@@ -1,0 +1,580 @@
+//! The forward pass lowered to wgpu: every dispatch's pipeline and bind group is made once at
+//! load; a step writes the step uniform and token ids, records the whole layer stack into one
+//! command encoder, submits once, and reads back only the logits or the greedy token id.
+
+use super::context::GpuContext;
+use super::kernels::{Kernel, Pipelines, WeightFormat};
+use super::tensors::{storage, storage_init, uniform, GpuMatrix};
+use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::rope::Rope;
+use crate::model::weights::{FeedForward, Mlp, QueryProjection};
+use crate::model::{check_request, Logits, Model};
+
+/// Mirrors `Step` in shaders/step.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct StepUniform {
+    n_tokens: u32,
+    start: u32,
+    logits_row0: u32,
+    _pad: u32,
+}
+
+/// Workgroup counts of a dispatch as a function of the step's token count.
+type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
+
+struct Dispatch {
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    grid: Grid,
+}
+
+/// Counters for `--verbose` stats.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct GpuCounters {
+    pub steps: u64,
+    pub submits: u64,
+    pub dispatches: u64,
+    pub readback_bytes: u64,
+}
+
+pub struct GpuModel {
+    ctx: GpuContext,
+    config: ModelConfig,
+    /// Embedding and the layer stack: run for every token.
+    body: Vec<Dispatch>,
+    /// Final norm + lm_head for the last position, or for every position of the chunk.
+    head_last: Vec<Dispatch>,
+    head_all: Vec<Dispatch>,
+    argmax: Dispatch,
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    argmax_ids: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    /// Most tokens one submit processes; longer prompts run in chunks.
+    max_chunk: usize,
+    capacity: usize,
+    len: usize,
+    weight_bytes: u64,
+    pub counters: GpuCounters,
+}
+
+/// Matmul kernel parameters (mirrors `Params` in shaders/matmul.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MatmulParams {
+    slots_per_token: u32,
+    x_div: u32,
+    use_ids: u32,
+    accumulate: u32,
+}
+
+const TILE: u32 = 8;
+const MAX_DISPATCH: u32 = 65535;
+
+fn matmul_grid(rows: usize, slots_per_token: u32, fixed_slots: Option<u32>) -> Grid {
+    let rows = rows as u32;
+    Box::new(move |n| {
+        let slots = fixed_slots.unwrap_or(n * slots_per_token);
+        [rows.min(MAX_DISPATCH), rows.div_ceil(MAX_DISPATCH), slots.div_ceil(TILE)]
+    })
+}
+
+struct Builder<'a> {
+    ctx: &'a GpuContext,
+    pipelines: Pipelines,
+    step: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+}
+
+impl Builder<'_> {
+    fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
+        let pipeline = self.pipelines.get(kernel, format);
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&format!("{kernel:?}")),
+            layout: &layout,
+            entries: &entries,
+        });
+        Dispatch { pipeline, bind_group, grid }
+    }
+
+    fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        uniform(self.ctx, label, bytemuck::bytes_of(value))
+    }
+
+    /// `y = W x` over the step's tokens (`accumulate`: `y += W x`).
+    fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Dispatch {
+        let p = self.params("matmul", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: accumulate as u32 });
+        let grid = matmul_grid(w.rows, 1, None);
+        self.dispatch(Kernel::Matmul, Some(w.format), &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, &self.dummy], grid)
+    }
+
+    /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
+    /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
+    fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("expert matmul", &MatmulParams { slots_per_token: k, x_div, use_ids: 1, accumulate: 0 });
+        let grid = matmul_grid(w.rows, k, None);
+        self.dispatch(Kernel::Matmul, Some(w.format), &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids], grid)
+    }
+
+    fn rmsnorm(&self, dim: usize, eps: f64, src: &wgpu::Buffer, weight: &wgpu::Buffer, dst: &wgpu::Buffer, last_row: bool) -> Dispatch {
+        #[repr(C)]
+        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        struct P {
+            dim: u32,
+            eps: f32,
+            from_logits_row: u32,
+            _pad: u32,
+        }
+        let p = self.params("rmsnorm", &P { dim: dim as u32, eps: eps as f32, from_logits_row: last_row as u32, _pad: 0 });
+        let grid: Grid = if last_row { Box::new(|_| [1, 1, 1]) } else { Box::new(|n| [n, 1, 1]) };
+        self.dispatch(Kernel::RmsNorm, None, &[&p, &self.step, src, weight, dst], grid)
+    }
+
+    fn silu_mul(&self, per_token: usize, gate: &wgpu::Buffer, up: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("silu_mul", &[per_token as u32, 0, 0, 0]);
+        let per_token = per_token as u32;
+        let grid: Grid = Box::new(move |n| {
+            let groups = (n * per_token).div_ceil(64);
+            [groups.min(MAX_DISPATCH), groups.div_ceil(MAX_DISPATCH), 1]
+        });
+        self.dispatch(Kernel::SiluMul, None, &[&p, &self.step, gate, up], grid)
+    }
+
+    fn vector(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
+        storage_init(self.ctx, label, bytemuck::cast_slice(values))
+    }
+}
+
+/// Activation buffers, sized for `chunk` tokens.
+struct Activations {
+    h: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    qa: wgpu::Buffer,
+    qa_norm: wgpu::Buffer,
+    q: wgpu::Buffer,
+    kv: wgpu::Buffer,
+    q_lat: wgpu::Buffer,
+    o_lat: wgpu::Buffer,
+    o: wgpu::Buffer,
+    scores: wgpu::Buffer,
+    router_logits: wgpu::Buffer,
+    ids: wgpu::Buffer,
+    route_weights: wgpu::Buffer,
+    ffn_a: wgpu::Buffer,
+    ffn_b: wgpu::Buffer,
+    expert_out: wgpu::Buffer,
+    shared_out: wgpu::Buffer,
+}
+
+impl GpuModel {
+    /// Uploads `model`'s weights in their checkpoint formats and lowers the forward pass.
+    pub fn new(ctx: GpuContext, model: &Model, capacity: usize) -> Result<GpuModel> {
+        let c = model.config.clone();
+        let w = &model.weights;
+        let (d, heads) = (c.hidden_size, c.num_attention_heads);
+        let (qk, lora, latent, v_dim) = (c.qk_head_dim(), c.kv_lora_rank, c.latent_dim(), c.v_head_dim);
+        let k = c.num_experts_per_tok;
+        if c.n_routed_experts > 1024 || c.n_group > 64 {
+            return Err(Error::Invalid("the GPU router handles at most 1024 experts in 64 groups".into()));
+        }
+
+        // The attention scratch holds one row of `capacity` scores per (token, head).
+        let per_token_scores = heads * capacity * 4;
+        let max_chunk = ((ctx.max_binding() as usize / per_token_scores.max(1)).min(64)).max(1);
+        if per_token_scores as u64 > ctx.max_binding() {
+            return Err(Error::Invalid(format!("--ctx {capacity} is too long for this adapter's buffers")));
+        }
+        let step = uniform(&ctx, "step", &[0u8; 16]);
+        let b = Builder { ctx: &ctx, pipelines: Pipelines::new(&ctx.device), step: step.clone(), dummy: storage(&ctx, "dummy", 4)? };
+
+        let ffn_width = [
+            c.intermediate_size,
+            k * c.moe_intermediate_size,
+            c.n_shared_experts * c.moe_intermediate_size,
+        ]
+        .into_iter()
+        .max()
+        .unwrap();
+        let n = max_chunk;
+        let a = Activations {
+            h: storage(&ctx, "h", n * d)?,
+            xn: storage(&ctx, "xn", n * d)?,
+            qa: storage(&ctx, "qa", n * c.q_lora_rank.unwrap_or(1))?,
+            qa_norm: storage(&ctx, "qa_norm", n * c.q_lora_rank.unwrap_or(1))?,
+            q: storage(&ctx, "q", n * heads * qk)?,
+            kv: storage(&ctx, "kv", n * latent)?,
+            q_lat: storage(&ctx, "q_lat", n * heads * lora)?,
+            o_lat: storage(&ctx, "o_lat", n * heads * lora)?,
+            o: storage(&ctx, "o", n * heads * v_dim)?,
+            scores: storage(&ctx, "attention scores", n * heads * capacity)?,
+            router_logits: storage(&ctx, "router logits", n * c.n_routed_experts)?,
+            ids: storage(&ctx, "expert ids", n * k)?,
+            route_weights: storage(&ctx, "expert weights", n * k)?,
+            ffn_a: storage(&ctx, "ffn gate", n * ffn_width)?,
+            ffn_b: storage(&ctx, "ffn up", n * ffn_width)?,
+            expert_out: storage(&ctx, "expert out", n * k * d)?,
+            shared_out: storage(&ctx, "shared expert out", n * d)?,
+        };
+        let tokens = storage(&ctx, "tokens", n)?;
+        let logits = storage(&ctx, "logits", n * c.vocab_size)?;
+        let argmax_ids = storage(&ctx, "argmax", n)?;
+        let readback = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: (n * c.vocab_size * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+
+        let rope = Rope::new(&c);
+        let inv_freq = b.vector("inv_freq", &rope.inv_freq);
+        let weight_bytes = std::cell::Cell::new(0u64);
+        let up = |stack: &[&crate::model::weights::Matrix]| -> Result<GpuMatrix> {
+            let m = GpuMatrix::upload(&ctx, stack)?;
+            weight_bytes.set(weight_bytes.get() + m.bytes);
+            Ok(m)
+        };
+
+        let embed = up(&[&w.embed])?;
+        let mut body = vec![{
+            let dd = d as u32;
+            b.dispatch(
+                Kernel::Embed,
+                Some(embed.format),
+                &[&embed.layout, &embed.weights, &embed.scales, &step, &tokens, &a.h],
+                Box::new(move |n| [dd.div_ceil(64), n, 1]),
+            )
+        }];
+
+        let eps = c.rms_norm_eps;
+        let latent_eps = 1e-6; // transformers hard-codes it for q_a_layernorm / kv_a_layernorm
+        for (i, layer) in w.layers.iter().enumerate() {
+            let at = &layer.attention;
+            body.push(b.rmsnorm(d, eps, &a.h, &b.vector("input_norm", &layer.input_norm), &a.xn, false));
+            match &at.q {
+                QueryProjection::LowRank { a: qa, norm, b: qb } => {
+                    let (qa, qb) = (up(&[qa])?, up(&[qb])?);
+                    body.push(b.matmul(&qa, &a.xn, &a.qa, false));
+                    body.push(b.rmsnorm(norm.len(), latent_eps, &a.qa, &b.vector("q_a_norm", norm), &a.qa_norm, false));
+                    body.push(b.matmul(&qb, &a.qa_norm, &a.q, false));
+                }
+                QueryProjection::Direct(q) => body.push(b.matmul(&up(&[q])?, &a.xn, &a.q, false)),
+            }
+            body.push(b.matmul(&up(&[&at.kv_a])?, &a.xn, &a.kv, false));
+
+            #[repr(C)]
+            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+            struct LatentP {
+                lora: u32,
+                rope: u32,
+                eps: f32,
+                rope_scale: f32,
+            }
+            let cache = storage(&ctx, &format!("latent cache {i}"), capacity * latent)?;
+            let lp = b.params("latent", &LatentP { lora: lora as u32, rope: c.qk_rope_head_dim as u32, eps: latent_eps as f32, rope_scale: rope.scale });
+            body.push(b.dispatch(Kernel::LatentStore, None, &[&lp, &step, &a.kv, &b.vector("kv_norm", &at.kv_norm), &inv_freq, &cache], Box::new(|n| [n, 1, 1])));
+
+            #[repr(C)]
+            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+            struct RopeP {
+                heads: u32,
+                qk: u32,
+                nope: u32,
+                rope_scale: f32,
+            }
+            let rp = b.params("rope", &RopeP { heads: heads as u32, qk: qk as u32, nope: c.qk_nope_head_dim as u32, rope_scale: rope.scale });
+            let rot = (heads * c.qk_rope_head_dim / 2) as u32;
+            body.push(b.dispatch(Kernel::RopeQ, None, &[&rp, &step, &inv_freq, &a.q], Box::new(move |n| [(n * rot).div_ceil(64), 1, 1])));
+
+            let kv_b = up(&[&at.kv_b])?;
+            let ap = b.params("absorb", &[heads as u32, c.qk_nope_head_dim as u32, v_dim as u32, qk as u32]);
+            let (l32, h32, v32) = (lora as u32, heads as u32, v_dim as u32);
+            body.push(b.dispatch(
+                Kernel::QAbsorb,
+                Some(kv_b.format),
+                &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &step, &a.q, &a.q_lat],
+                Box::new(move |n| [l32.div_ceil(64), n * h32, 1]),
+            ));
+
+            #[repr(C)]
+            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+            struct AttnP {
+                heads: u32,
+                lora: u32,
+                rope: u32,
+                qk: u32,
+                nope: u32,
+                ctx: u32,
+                scale: f32,
+                _pad: u32,
+            }
+            let attn = b.params(
+                "attention",
+                &AttnP {
+                    heads: heads as u32,
+                    lora: lora as u32,
+                    rope: c.qk_rope_head_dim as u32,
+                    qk: qk as u32,
+                    nope: c.qk_nope_head_dim as u32,
+                    ctx: capacity as u32,
+                    scale: c.softmax_scale() as f32,
+                    _pad: 0,
+                },
+            );
+            body.push(b.dispatch(
+                Kernel::Attention,
+                None,
+                &[&attn, &step, &a.q, &a.q_lat, &cache, &a.scores, &a.o_lat],
+                Box::new(move |n| [h32, n, 1]),
+            ));
+            body.push(b.dispatch(
+                Kernel::VUp,
+                Some(kv_b.format),
+                &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &step, &a.o_lat, &a.o],
+                Box::new(move |n| [v32.div_ceil(64), n * h32, 1]),
+            ));
+            body.push(b.matmul(&up(&[&at.o])?, &a.o, &a.h, true));
+
+            body.push(b.rmsnorm(d, eps, &a.h, &b.vector("post_attention_norm", &layer.post_attention_norm), &a.xn, false));
+            let mlp = |m: &Mlp, out: &wgpu::Buffer, accumulate: bool, body: &mut Vec<Dispatch>| -> Result<()> {
+                let (gate, upm, down) = (up(&[&m.gate])?, up(&[&m.up])?, up(&[&m.down])?);
+                body.push(b.matmul(&gate, &a.xn, &a.ffn_a, false));
+                body.push(b.matmul(&upm, &a.xn, &a.ffn_b, false));
+                body.push(b.silu_mul(gate.rows, &a.ffn_a, &a.ffn_b));
+                body.push(b.matmul(&down, &a.ffn_a, out, accumulate));
+                Ok(())
+            };
+            match &layer.ffn {
+                FeedForward::Dense(m) => mlp(m, &a.h, true, &mut body)?,
+                FeedForward::Moe(moe) => {
+                    let router = up(&[&moe.router])?;
+                    body.push(b.matmul(&router, &a.xn, &a.router_logits, false));
+                    #[repr(C)]
+                    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+                    struct RouterP {
+                        experts: u32,
+                        top_k: u32,
+                        n_group: u32,
+                        topk_group: u32,
+                        softmax: u32,
+                        method: u32,
+                        normalize: u32,
+                        has_bias: u32,
+                        scaling: f32,
+                        _pad: [u32; 3],
+                    }
+                    let rp = b.params(
+                        "router",
+                        &RouterP {
+                            experts: c.n_routed_experts as u32,
+                            top_k: k as u32,
+                            n_group: c.n_group as u32,
+                            topk_group: c.topk_group as u32,
+                            softmax: (c.scoring_func == ScoringFunc::Softmax) as u32,
+                            method: match c.topk_method {
+                                TopkMethod::Greedy => 0,
+                                TopkMethod::GroupLimitedGreedy => 1,
+                                TopkMethod::NoauxTc => 2,
+                            },
+                            normalize: c.norm_topk_prob as u32,
+                            has_bias: moe.correction_bias.is_some() as u32,
+                            scaling: c.routed_scaling_factor as f32,
+                            _pad: [0; 3],
+                        },
+                    );
+                    let bias = match &moe.correction_bias {
+                        Some(v) => b.vector("correction bias", v),
+                        None => b.dummy.clone(),
+                    };
+                    body.push(b.dispatch(
+                        Kernel::Router,
+                        None,
+                        &[&rp, &step, &a.router_logits, &bias, &a.ids, &a.route_weights],
+                        Box::new(|n| [n, 1, 1]),
+                    ));
+                    let stack = |f: fn(&Mlp) -> &crate::model::weights::Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
+                    let gate = up(&stack(|m| &m.gate))?;
+                    let upm = up(&stack(|m| &m.up))?;
+                    let down = up(&stack(|m| &m.down))?;
+                    let k32 = k as u32;
+                    body.push(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids));
+                    body.push(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids));
+                    body.push(b.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b));
+                    body.push(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids));
+                    if let Some(shared) = &moe.shared {
+                        mlp(shared, &a.shared_out, false, &mut body)?;
+                    }
+                    let cp = b.params("combine", &[d as u32, k as u32, moe.shared.is_some() as u32, 0]);
+                    let dd = d as u32;
+                    body.push(b.dispatch(
+                        Kernel::MoeCombine,
+                        None,
+                        &[&cp, &step, &a.expert_out, &a.route_weights, &a.shared_out, &a.h],
+                        Box::new(move |n| [dd.div_ceil(64), n, 1]),
+                    ));
+                }
+            }
+        }
+
+        let final_norm = b.vector("final norm", &w.final_norm);
+        let lm_head = up(&[&w.lm_head])?;
+        let head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false), b.matmul(&lm_head, &a.xn, &logits, false)];
+        let lm_last = {
+            let p = b.params("lm_head", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: 0 });
+            b.dispatch(
+                Kernel::Matmul,
+                Some(lm_head.format),
+                &[&lm_head.layout, &lm_head.weights, &lm_head.scales, &p, &step, &a.xn, &logits, &b.dummy],
+                matmul_grid(lm_head.rows, 1, Some(1)),
+            )
+        };
+        let head_last = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true), lm_last];
+        let argmax = {
+            let p = b.params("argmax", &[c.vocab_size as u32, 0, 0, 0]);
+            b.dispatch(Kernel::Argmax, None, &[&p, &logits, &argmax_ids], Box::new(|n| [n, 1, 1]))
+        };
+
+        Ok(GpuModel {
+            ctx,
+            config: c,
+            body,
+            head_last,
+            head_all,
+            argmax,
+            step,
+            tokens,
+            logits,
+            argmax_ids,
+            readback,
+            max_chunk,
+            capacity,
+            len: 0,
+            weight_bytes: weight_bytes.get(),
+            counters: GpuCounters::default(),
+        })
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn max_chunk(&self) -> usize {
+        self.max_chunk
+    }
+
+    /// Runs one chunk (at most `max_chunk` tokens). `head`: which logits to compute, if any;
+    /// `greedy`: also take the argmax of each computed row. Returns the read-back bytes.
+    fn step(&mut self, tokens: &[u32], head: Option<Logits>, greedy: bool) -> Result<Vec<u8>> {
+        let n = tokens.len() as u32;
+        let step = StepUniform { n_tokens: n, start: self.len as u32, logits_row0: n - 1, _pad: 0 };
+        self.ctx.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&step));
+        self.ctx.queue.write_buffer(&self.tokens, 0, bytemuck::cast_slice(tokens));
+
+        let head_ops = match head {
+            None => &[][..],
+            Some(Logits::Last) => &self.head_last[..],
+            Some(Logits::All) => &self.head_all[..],
+        };
+        let rows = match head {
+            None => 0,
+            Some(Logits::Last) => 1,
+            Some(Logits::All) => n,
+        };
+        let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            let argmax = greedy.then_some(&self.argmax);
+            for d in self.body.iter().chain(head_ops).chain(argmax) {
+                // The argmax runs over the rows the head produced.
+                let [x, y, z] = if std::ptr::eq(d, &self.argmax) { [rows, 1, 1] } else { (d.grid)(n) };
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.dispatch_workgroups(x, y, z);
+                self.counters.dispatches += 1;
+            }
+        }
+        let bytes = if greedy { rows as u64 * 4 } else { rows as u64 * self.config.vocab_size as u64 * 4 };
+        if bytes > 0 {
+            let src = if greedy { &self.argmax_ids } else { &self.logits };
+            encoder.copy_buffer_to_buffer(src, 0, &self.readback, 0, bytes);
+        }
+        self.ctx.queue.submit([encoder.finish()]);
+        self.counters.submits += 1;
+        self.len += n as usize;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let slice = self.readback.slice(..bytes);
+        slice.map_async(wgpu::MapMode::Read, |_| {});
+        self.ctx
+            .device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Invalid(format!("GPU: waiting for the step failed: {e}")))?;
+        let out = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Invalid(format!("GPU: reading results back failed: {e}")))?
+            .to_vec();
+        self.readback.unmap();
+        self.counters.readback_bytes += bytes;
+        Ok(out)
+    }
+
+    /// Runs `tokens` in chunks; only the last chunk computes the head unless all logits are wanted.
+    fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool) -> Result<Vec<u8>> {
+        check_request(&self.config, self.len, self.capacity, tokens)?;
+        self.counters.steps += 1;
+        let chunks: Vec<&[u32]> = tokens.chunks(self.max_chunk).collect();
+        let mut out = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let head = match which {
+                Logits::All => Some(Logits::All),
+                Logits::Last if last => Some(Logits::Last),
+                Logits::Last => None,
+            };
+            out.extend(self.step(chunk, head, greedy)?);
+        }
+        Ok(out)
+    }
+}
+
+impl Engine for GpuModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let bytes = self.run(tokens, which, false)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        let bytes = self.run(tokens, Logits::Last, true)?;
+        Ok(u32::from_le_bytes(bytes[..4].try_into().unwrap()))
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn device_name(&self) -> String {
+        self.ctx.describe()
+    }
+}

@@ -1,0 +1,137 @@
+//! Weights and activations in GPU buffers.
+
+use super::context::GpuContext;
+use super::kernels::WeightFormat;
+use crate::error::{Error, Result};
+use crate::inspect::human_bytes;
+use crate::model::weights::Matrix;
+use crate::quant::DType;
+use wgpu::util::DeviceExt;
+
+/// Mirrors `WeightLayout` in shaders/weights.wgsl.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct WeightLayout {
+    rows: u32,
+    cols: u32,
+    expert_stride: u32,
+    scale_expert_stride: u32,
+    grid_cols: u32,
+    block_rows: u32,
+    block_cols: u32,
+    _pad: u32,
+}
+
+/// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format.
+pub struct GpuMatrix {
+    pub format: WeightFormat,
+    pub rows: usize,
+    pub cols: usize,
+    pub layout: wgpu::Buffer,
+    pub weights: wgpu::Buffer,
+    pub scales: wgpu::Buffer,
+    pub bytes: u64,
+}
+
+fn format_of(dtype: DType) -> WeightFormat {
+    match dtype {
+        DType::F32 => WeightFormat::F32,
+        DType::BF16 => WeightFormat::Bf16,
+        DType::F16 => WeightFormat::F16,
+        DType::F8E4M3 => WeightFormat::Fp8,
+    }
+}
+
+impl GpuMatrix {
+    /// Uploads `stack` (one matrix, or every expert of a layer) as one buffer: experts follow each
+    /// other so a kernel finds expert e at element `e * rows * cols`.
+    pub fn upload(ctx: &GpuContext, stack: &[&Matrix]) -> Result<GpuMatrix> {
+        let first = stack[0];
+        if let Some(odd) = stack.iter().find(|m| m.dtype != first.dtype || m.rows != first.rows || m.cols != first.cols) {
+            return Err(Error::Invalid(format!(
+                "`{}` ({:?}, {}x{}) differs from `{}` ({:?}, {}x{}): experts of a layer must share shape and dtype",
+                odd.name, odd.dtype, odd.rows, odd.cols, first.name, first.dtype, first.rows, first.cols
+            )));
+        }
+        let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
+        let mut scales: Vec<f32> = Vec::new();
+        for m in stack {
+            data.extend_from_slice(m.data.as_slice());
+            if let Some(s) = &m.scales {
+                scales.extend_from_slice(&s.values);
+            }
+        }
+        data.resize(data.len().next_multiple_of(4).max(4), 0);
+        let bytes = data.len() as u64;
+        if bytes > ctx.max_binding() {
+            return Err(Error::Invalid(format!(
+                "`{}`{} is {}, more than this adapter binds at once ({}); splitting large tensors \
+                 across buffers is not implemented yet",
+                first.name,
+                if stack.len() > 1 { format!(" and its {} sibling experts", stack.len() - 1) } else { String::new() },
+                human_bytes(bytes),
+                human_bytes(ctx.max_binding())
+            )));
+        }
+        let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
+            Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
+            None => (1, 1, 1, 0),
+        };
+        if scales.is_empty() {
+            scales.push(0.0);
+        }
+        let layout = WeightLayout {
+            rows: first.rows as u32,
+            cols: first.cols as u32,
+            expert_stride: (first.rows * first.cols) as u32,
+            scale_expert_stride: scale_stride as u32,
+            grid_cols: grid_cols as u32,
+            block_rows: block_rows as u32,
+            block_cols: block_cols as u32,
+            _pad: 0,
+        };
+        Ok(GpuMatrix {
+            format: format_of(first.dtype),
+            rows: first.rows,
+            cols: first.cols,
+            layout: uniform(ctx, &first.name, bytemuck::bytes_of(&layout)),
+            weights: storage_init(ctx, &first.name, &data),
+            scales: storage_init(ctx, &first.name, bytemuck::cast_slice(&scales)),
+            bytes: bytes + scales.len() as u64 * 4,
+        })
+    }
+}
+
+pub fn uniform(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buffer {
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    })
+}
+
+pub fn storage_init(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buffer {
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+    })
+}
+
+/// A zeroed f32/u32 storage buffer of `elements` values (at least one).
+pub fn storage(ctx: &GpuContext, label: &str, elements: usize) -> Result<wgpu::Buffer> {
+    let size = (elements.max(1) * 4) as u64;
+    if size > ctx.max_binding() {
+        return Err(Error::Invalid(format!(
+            "the `{label}` buffer needs {}, more than this adapter binds at once ({}): lower --ctx",
+            human_bytes(size),
+            human_bytes(ctx.max_binding())
+        )));
+    }
+    Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    }))
+}

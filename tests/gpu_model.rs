@@ -1,0 +1,57 @@
+//! The wgpu backend's whole-model logits against transformers on every fixture family (run on
+//! whatever adapter wgpu finds; CI installs Mesa's lavapipe). A missing adapter fails, not skips.
+
+mod common;
+use common::*;
+use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::device::GpuChoice;
+use dsrun::engine::{CpuEngine, Engine};
+use dsrun::model::{Logits, Model};
+
+fn gpu(model: &Model, capacity: usize) -> GpuModel {
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    GpuModel::new(ctx, model, capacity).unwrap()
+}
+
+#[test]
+fn gpu_prefill_matches_transformers_on_every_family() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let mut engine = gpu(&model, g.tokens.len());
+        let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+        eprintln!("{family}: GPU relative error {:e}", relative_error(&logits, &g.logits));
+        assert_logits_match(family, &logits, &g.logits, g.vocab, 1e-3);
+    }
+}
+
+#[test]
+fn gpu_decode_matches_cpu_token_by_token() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let mut engine = gpu(&model, g.tokens.len());
+        let mut decoded = engine.forward(&g.tokens[..3], Logits::All).unwrap();
+        for &t in &g.tokens[3..] {
+            decoded.extend(engine.forward(&[t], Logits::Last).unwrap());
+        }
+        assert_eq!(engine.len(), g.tokens.len());
+        assert_logits_match(&format!("{family} GPU decode"), &decoded, &g.logits, g.vocab, 1e-3);
+    }
+}
+
+#[test]
+fn gpu_greedy_reads_back_the_argmax() {
+    let dir = fixture("v3_noaux");
+    let g = golden(&dir);
+    let model = Model::load(&dir).unwrap();
+    let mut engine = gpu(&model, g.tokens.len());
+    let id = engine.forward_greedy(&g.tokens).unwrap();
+    let last = &g.logits[(g.tokens.len() - 1) * g.vocab..];
+    assert_eq!(id as usize, argmax(last));
+    assert_eq!(engine.counters.readback_bytes, 4, "greedy decode reads back only the token id");
+    let mut cpu = CpuEngine::new(model, g.tokens.len());
+    assert_eq!(cpu.forward_greedy(&g.tokens).unwrap(), id);
+}
