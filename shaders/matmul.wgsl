@@ -8,6 +8,8 @@
 
 const WG: u32 = 64u;
 const TILE: u32 = 8u;
+// The weight's column count as a pipeline constant: constant loop bounds compile much better.
+override COLS: u32;
 
 struct Params {
     slots_per_token: u32,
@@ -30,7 +32,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let r = wid.x + wid.y * groups.x;
     let slots = step.n_tokens * p.slots_per_token;
     let s0 = wid.z * TILE;
-    let cols = wl.cols;
+    let cols = COLS;
     var acc: array<f32, 8>;
     if (r < wl.rows) {
         for (var c = lane; c < cols; c += WG) {
@@ -55,19 +57,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     for (var i = 0u; i < TILE; i++) {
         partial[i * WG + lane] = acc[i];
     }
+    // One barrier, then a lane per slot sums the 64 partials: barriers are what software
+    // adapters pay most for, and 64 adds are nothing.
     workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if (lane < stride) {
-            for (var i = 0u; i < TILE; i++) {
-                partial[i * WG + lane] += partial[i * WG + lane + stride];
-            }
+    var total = 0.0;
+    if (lane < TILE) {
+        for (var j = 0u; j < WG; j++) {
+            total += partial[lane * WG + j];
         }
-        workgroupBarrier();
     }
     let s = s0 + lane;
     if (lane < TILE && r < wl.rows && s < slots) {
-        let v = partial[lane * WG];
         let o = s * wl.rows + r;
-        y[o] = select(v, y[o] + v, p.accumulate == 1u);
+        y[o] = select(total, y[o] + total, p.accumulate == 1u);
     }
 }

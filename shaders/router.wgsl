@@ -1,21 +1,31 @@
 // Expert selection per token (one workgroup per token), the same rules as the CPU reference:
-// sigmoid or softmax scores; optional correction bias for choosing only; group-limited top-k
-// (groups ranked by top-2 sum for noaux_tc, by max for group_limited_greedy); ties to the lower
-// index; weights = unbiased scores, optionally normalised, times the scaling factor.
-// Selection is sequential in lane 0: at most a few hundred experts and k <= 16 per token.
+// sigmoid or softmax scores; an optional correction bias that chooses but never weighs;
+// group-limited top-k (groups ranked by their top-2 sum for noaux_tc, by their max for
+// group_limited_greedy); ties to the lower index; weights = unbiased scores, optionally
+// normalised, times the scaling factor.
+//
+// Top-k is a parallel ranking: an expert's rank is the number of experts that beat it, so the
+// k experts of rank < k are the choice, in order. Loops are plain counted loops with selects:
+// data-dependent branches inside loops run very slowly on software adapters (llvmpipe).
 
+const WG: u32 = 64u;
 const MAX_EXPERTS: u32 = 1024u;
+const MAX_GROUPS: u32 = 64u;
+const MAX_TOP_K: u32 = 16u;
 const NEG_INF: f32 = -3.4028235e38;
 
+// The model's routing shape, fixed per model, as pipeline constants: loops with constant bounds
+// compile far better than loops bounded by buffer values (on llvmpipe by orders of magnitude).
+override EXPERTS: u32;
+override TOP_K: u32;
+override N_GROUP: u32;
+override TOPK_GROUP: u32;
+override SOFTMAX: u32;
+override METHOD: u32; // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+override NORMALIZE: u32;
+override HAS_BIAS: u32;
+
 struct Params {
-    experts: u32,
-    top_k: u32,
-    n_group: u32,
-    topk_group: u32,
-    softmax: u32,
-    method: u32, // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
-    normalize: u32,
-    has_bias: u32,
     scaling: f32,
     _pad0: u32,
     _pad1: u32,
@@ -29,90 +39,90 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> ids: array<u32>;
 @group(0) @binding(5) var<storage, read_write> weights_out: array<f32>;
 
-var<workgroup> scores: array<f32, 1024>;
-var<workgroup> choice: array<f32, 1024>;
-var<workgroup> taken: array<u32, 1024>;
+var<workgroup> scores: array<f32, MAX_EXPERTS>;
+var<workgroup> choice: array<f32, MAX_EXPERTS>;
+var<workgroup> group_score: array<f32, MAX_GROUPS>;
+var<workgroup> group_kept: array<u32, MAX_GROUPS>;
+var<workgroup> chosen: array<u32, MAX_TOP_K>;
 
-// Index of the best untaken choice among [first, first + count); ties to the lower index.
-fn best_untaken(first: u32, count: u32) -> u32 {
-    var best = first + count;
-    for (var e = first; e < first + count; e++) {
-        if (taken[e] == 0u && (best == first + count || choice[e] > choice[best])) {
-            best = e;
-        }
-    }
-    return best;
+// Does `a` (value, index) rank before `b`? Higher value first, then lower index.
+fn beats(va: f32, ia: u32, vb: f32, ib: u32) -> bool {
+    return va > vb || (va == vb && ia < ib);
 }
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let t = wid.x;
-    if (t >= step.n_tokens) {
-        return;
-    }
-    let n = p.experts;
-    for (var e = lane; e < n; e += 64u) {
-        let l = logits[t * n + e];
-        scores[e] = select(1.0 / (1.0 + exp(-l)), l, p.softmax == 1u);
-        taken[e] = 0u;
-    }
-    workgroupBarrier();
-    if (lane != 0u) {
-        return;
-    }
-    if (p.softmax == 1u) {
-        var m = NEG_INF;
-        for (var e = 0u; e < n; e++) { m = max(m, scores[e]); }
-        var total = 0.0;
-        for (var e = 0u; e < n; e++) { scores[e] = exp(scores[e] - m); total += scores[e]; }
-        for (var e = 0u; e < n; e++) { scores[e] = scores[e] / total; }
-    }
-    for (var e = 0u; e < n; e++) {
-        choice[e] = scores[e] + select(0.0, bias[e], p.has_bias == 1u);
-    }
+    let n = EXPERTS;
+    let base = t * n;
 
-    if (p.method != 0u && p.n_group > 1u) {
-        let size = n / p.n_group;
-        // Group scores go in `scores`' shadow: reuse `taken` as a kept-group flag per group.
-        var group_score: array<f32, 64>;
-        for (var g = 0u; g < p.n_group; g++) {
-            let first = g * size;
-            let a = best_untaken(first, size);
-            if (p.method == 2u) {
-                taken[a] = 1u;
-                let b = best_untaken(first, size);
-                taken[a] = 0u;
-                group_score[g] = choice[a] + choice[b];
-            } else {
-                group_score[g] = choice[a];
-            }
-        }
-        var kept: array<u32, 64>;
-        for (var i = 0u; i < p.topk_group; i++) {
-            var best = p.n_group;
-            for (var g = 0u; g < p.n_group; g++) {
-                if (kept[g] == 0u && (best == p.n_group || group_score[g] > group_score[best])) {
-                    best = g;
-                }
-            }
-            kept[best] = 1u;
+    // Softmax normaliser, computed redundantly by every lane (n is a few hundred at most).
+    var max_logit = NEG_INF;
+    var denom = 0.0;
+    if (SOFTMAX == 1u) {
+        for (var e = 0u; e < n; e++) {
+            max_logit = max(max_logit, logits[base + e]);
         }
         for (var e = 0u; e < n; e++) {
-            if (kept[e / size] == 0u) {
-                choice[e] = NEG_INF;
-            }
+            denom += exp(logits[base + e] - max_logit);
         }
     }
-
-    var total = 0.0;
-    for (var i = 0u; i < p.top_k; i++) {
-        let e = best_untaken(0u, n);
-        taken[e] = 1u;
-        ids[t * p.top_k + i] = e;
-        total += scores[e];
+    for (var e = lane; e < n; e += WG) {
+        let l = logits[base + e];
+        let s = select(1.0 / (1.0 + exp(-l)), exp(l - max_logit) / denom, SOFTMAX == 1u);
+        scores[e] = s;
+        choice[e] = s + select(0.0, bias[e], HAS_BIAS == 1u);
     }
-    let denom = select(1.0, total + 1e-20, p.normalize == 1u);
-    for (var i = 0u; i < p.top_k; i++) {
-        weights_out[t * p.top_k + i] = scores[ids[t * p.top_k + i]] / denom * p.scaling;
+    workgroupBarrier();
+
+    if (METHOD != 0u && N_GROUP > 1u) {
+        let size = n / N_GROUP;
+        for (var g = lane; g < N_GROUP; g += WG) {
+            var first = NEG_INF;
+            var second = NEG_INF;
+            for (var e = g * size; e < (g + 1u) * size; e++) {
+                let c = choice[e];
+                second = select(max(second, c), first, c > first);
+                first = max(first, c);
+            }
+            group_score[g] = select(first, first + second, METHOD == 2u);
+        }
+        workgroupBarrier();
+        for (var g = lane; g < N_GROUP; g += WG) {
+            var rank = 0u;
+            for (var h = 0u; h < N_GROUP; h++) {
+                rank += u32(beats(group_score[h], h, group_score[g], g));
+            }
+            group_kept[g] = u32(rank < TOPK_GROUP);
+        }
+        workgroupBarrier();
+        for (var e = lane; e < n; e += WG) {
+            choice[e] = select(NEG_INF, choice[e], group_kept[e / size] == 1u);
+        }
+        workgroupBarrier();
+    }
+
+    for (var e = lane; e < n; e += WG) {
+        var rank = 0u;
+        let c = choice[e];
+        for (var f = 0u; f < n; f++) {
+            rank += u32(beats(choice[f], f, c, e));
+        }
+        if (rank < TOP_K) {
+            chosen[rank] = e;
+        }
+    }
+    workgroupBarrier();
+
+    if (lane == 0u && t < step.n_tokens) {
+        var total = 0.0;
+        for (var i = 0u; i < TOP_K; i++) {
+            total += scores[chosen[i]];
+        }
+        let norm = select(1.0, total + 1e-20, NORMALIZE == 1u);
+        for (var i = 0u; i < TOP_K; i++) {
+            ids[t * TOP_K + i] = chosen[i];
+            weights_out[t * TOP_K + i] = scores[chosen[i]] / norm * p.scaling;
+        }
     }
 }

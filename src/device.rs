@@ -1,46 +1,41 @@
-//! Which compute device a command runs on (`--gpu`).
+//! Which compute device a command runs on (`--gpu`), and the engine that runs there.
 
+use crate::backend::wgpu::{context, GpuModel};
+use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
+use crate::model::Model;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuChoice {
-    /// The best available device (the CPU until the GPU backends land).
+    /// The best GPU adapter (discrete, then integrated, then software); the CPU if there is none.
     Auto,
+    /// The f32 CPU reference.
     Cpu,
     Vulkan,
     Metal,
     Dx12,
     Gl,
+    /// NVIDIA datacenter GPUs through the `cuda` cargo feature.
     Cuda,
 }
 
-/// A device a model can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-}
-
-impl Device {
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu (f32 reference)",
-        }
-    }
-}
-
-pub fn select(choice: GpuChoice) -> Result<Device> {
+/// Opens the engine for `choice` with room for `capacity` tokens of context.
+pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize) -> Result<Box<dyn Engine>> {
     match choice {
-        GpuChoice::Auto => {
-            log::info!("no GPU backend is built into this version yet; running on the CPU");
-            Ok(Device::Cpu)
-        }
-        GpuChoice::Cpu => Ok(Device::Cpu),
-        GpuChoice::Vulkan | GpuChoice::Metal | GpuChoice::Dx12 | GpuChoice::Gl => Err(Error::Invalid(format!(
-            "--gpu {}: the wgpu GPU backend is not built yet in this version of dsrun; use --gpu cpu (or auto)",
-            clap::ValueEnum::to_possible_value(&choice).unwrap().get_name()
-        ))),
+        GpuChoice::Cpu => Ok(Box::new(CpuEngine::new(model, capacity))),
         GpuChoice::Cuda => Err(Error::Invalid(
-            "--gpu cuda: the CUDA backend is not built yet in this version of dsrun; use --gpu cpu (or auto)".into(),
+            "--gpu cuda: this build has no CUDA backend yet; use --gpu auto (wgpu: Vulkan/Metal/DX12/GL) or --gpu cpu".into(),
         )),
+        GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
+            eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
+            Ok(Box::new(CpuEngine::new(model, capacity)))
+        }
+        _ => {
+            let ctx = context::open(choice)?;
+            if choice == GpuChoice::Auto {
+                log::info!("--gpu auto chose {}", ctx.describe());
+            }
+            Ok(Box::new(GpuModel::new(ctx, &model, capacity)?))
+        }
     }
 }

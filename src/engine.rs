@@ -20,6 +20,10 @@ pub trait Engine {
     fn reset(&mut self);
     /// What the engine runs on, for stats lines.
     fn device_name(&self) -> String;
+    /// Work counters for `--verbose` (dispatches, submits, bytes read back), if the engine keeps any.
+    fn counters(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The f32 CPU reference as an engine.

@@ -1,7 +1,8 @@
 //! The generation loop: prefill the prompt in one pass, then decode token by token, streaming text.
 
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::model::{KvCache, Logits, Model};
+use crate::model::Logits;
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::time::Instant;
@@ -37,12 +38,21 @@ impl Stats {
     }
 }
 
+/// One step's next token: the argmax straight from the engine when greedy (only the id comes
+/// back from a GPU), else sampled from the last position's logits.
+fn next_token(engine: &mut dyn Engine, sampler: &mut Sampler, tokens: &[u32]) -> Result<u32> {
+    if sampler.is_greedy() {
+        engine.forward_greedy(tokens)
+    } else {
+        Ok(sampler.sample(&engine.forward(tokens, Logits::Last)?))
+    }
+}
+
 /// Generates up to `max_new_tokens` after `prompt`, calling `emit` with each piece of text as soon
-/// as it is complete. The cache's capacity is the context limit.
+/// as it is complete. The engine's capacity is the context limit.
 pub fn generate(
-    model: &Model,
+    engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
-    cache: &mut KvCache,
     prompt: &[u32],
     sampler: &mut Sampler,
     max_new_tokens: usize,
@@ -51,23 +61,25 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty and the tokenizer adds no BOS token: give --prompt".into()));
     }
-    if cache.len() + prompt.len() > cache.capacity() {
+    let room = engine.capacity() - engine.len();
+    if prompt.len() > room {
         return Err(Error::Invalid(format!(
-            "the prompt is {} tokens, longer than the context of {} (raise --ctx)",
-            prompt.len(),
-            cache.capacity() - cache.len()
+            "the prompt is {} tokens, longer than the context of {room} (raise --ctx)",
+            prompt.len()
         )));
     }
     let mut stats = Stats { prompt_tokens: prompt.len(), ..Default::default() };
     let mut decoder = StreamDecoder::new(tokenizer);
+    if max_new_tokens == 0 {
+        return Ok(stats);
+    }
 
     let started = Instant::now();
-    let mut logits = model.forward(cache, prompt, Logits::Last)?;
+    let mut next = next_token(engine, sampler, prompt)?;
     stats.prompt_seconds = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    while stats.generated_tokens < max_new_tokens {
-        let next = sampler.sample(&logits);
+    loop {
         if tokenizer.is_eos(next) {
             stats.stop = StopReason::EndOfSequence;
             break;
@@ -79,11 +91,11 @@ pub fn generate(
         if stats.generated_tokens == max_new_tokens {
             break;
         }
-        if cache.len() == cache.capacity() {
+        if engine.len() == engine.capacity() {
             stats.stop = StopReason::ContextFull;
             break;
         }
-        logits = model.forward(cache, &[next], Logits::Last)?;
+        next = next_token(engine, sampler, &[next])?;
     }
     if let Some(text) = decoder.finish()? {
         emit(&text)?;

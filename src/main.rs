@@ -3,10 +3,11 @@
 use clap::{Args, Parser, Subcommand};
 use dsrun::checkpoint::Checkpoint;
 use dsrun::config::ModelConfig;
-use dsrun::device::{self, Device, GpuChoice};
+use dsrun::device::{open_engine, GpuChoice};
 use dsrun::error::{Error, Result};
 use dsrun::generate::{generate, StopReason};
 use dsrun::model::{Logits, Model};
+use dsrun::engine::Engine;
 use dsrun::sample::{Sampler, SamplerConfig};
 use dsrun::tokenizer::Tokenizer;
 use std::io::Write;
@@ -32,6 +33,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Describe a checkpoint: architecture, parameter counts, bytes by dtype, ignored tensors.
     Inspect(InspectArgs),
+    /// List the GPU adapters wgpu can use, with the limits and features that matter.
+    Devices,
 }
 
 #[derive(Args)]
@@ -75,6 +78,9 @@ struct GenerateArgs {
     /// Context length in tokens: prompt plus generated (default: min(4096, max_position_embeddings)).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     ctx: Option<u64>,
+    /// Also print work counters (dispatches, submits and bytes read back per step) to stderr.
+    #[arg(long, short = 'v')]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -104,6 +110,7 @@ fn main() -> ExitCode {
         None => run_generate(cli.generate),
         Some(Command::Logits(args)) => run_logits(args),
         Some(Command::Inspect(args)) => run_inspect(args),
+        Some(Command::Devices) => run_devices(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -129,15 +136,16 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
     }
 }
 
-fn load(dir: &Path, device: Device) -> Result<Model> {
+fn load(dir: &Path, gpu: GpuChoice, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
     let started = Instant::now();
     let model = Model::load(dir)?;
-    log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), device.name());
-    Ok(model)
+    let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
+    let engine = open_engine(gpu, model, capacity)?;
+    log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
+    Ok(engine)
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let device = device::select(args.device.gpu)?;
     let sampler_config = SamplerConfig {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -148,35 +156,37 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let dir = model_dir(&args.model);
 
     let started = Instant::now();
-    let model = load(&dir, device)?;
-    let tokenizer = Tokenizer::load(&dir, &model.config)?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = Tokenizer::load(&dir, &config)?;
+    let mut engine = load(&dir, args.device.gpu, args.ctx.map(|c| c as usize))?;
     let load_seconds = started.elapsed().as_secs_f64();
-
-    let ctx = args.ctx.map_or(model.config.max_position_embeddings.min(4096), |c| c as usize);
     let prompt = tokenizer.encode(&args.prompt)?;
-    let mut cache = model.new_cache(ctx);
 
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt).and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
-    let stats = generate(&model, &tokenizer, &mut cache, &prompt, &mut sampler, args.n, |text| {
+    let stats = generate(engine.as_mut(), &tokenizer, &prompt, &mut sampler, args.n, |text| {
         write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))
     })?;
     writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
     if stats.stop == StopReason::ContextFull {
-        eprintln!("note: stopped at the context limit of {ctx} tokens (raise --ctx)");
+        eprintln!("note: stopped at the context limit of {} tokens (raise --ctx)", engine.capacity());
     }
-    eprintln!("load {load_seconds:.2} s | {} | {}", stats.summary(), device.name());
+    eprintln!("load {load_seconds:.2} s | {} | {}", stats.summary(), engine.device_name());
+    if args.verbose {
+        if let Some(counters) = engine.counters() {
+            eprintln!("{counters}");
+        }
+    }
     Ok(())
 }
 
 fn run_logits(args: LogitsArgs) -> Result<()> {
-    let device = device::select(args.device.gpu)?;
     let dir = model_dir(&args.model);
-    let model = load(&dir, device)?;
-    let mut cache = model.new_cache(args.tokens.len());
-    let logits = model.forward(&mut cache, &args.tokens, Logits::All)?;
-    dsrun::npy::write_f32(&args.out, &[args.tokens.len(), model.config.vocab_size], &logits)?;
-    eprintln!("wrote {} x {} logits to {}", args.tokens.len(), model.config.vocab_size, args.out.display());
+    let mut engine = load(&dir, args.device.gpu, Some(args.tokens.len()))?;
+    let logits = engine.forward(&args.tokens, Logits::All)?;
+    let vocab = engine.config().vocab_size;
+    dsrun::npy::write_f32(&args.out, &[args.tokens.len(), vocab], &logits)?;
+    eprintln!("wrote {} x {vocab} logits to {} ({})", args.tokens.len(), args.out.display(), engine.device_name());
     Ok(())
 }
 
@@ -186,6 +196,17 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let checkpoint = Checkpoint::open(&dir)?;
     let (weights, ignored) = dsrun::model::weights::Weights::load(&config, &checkpoint)?;
     print!("{}", dsrun::inspect::report(&config, &checkpoint, &weights, &ignored));
+    Ok(())
+}
+
+fn run_devices() -> Result<()> {
+    let adapters = dsrun::backend::wgpu::context::describe_adapters();
+    if adapters.is_empty() {
+        println!("no GPU adapters found (dsrun runs on the CPU with --gpu cpu)");
+    }
+    for line in adapters {
+        println!("{line}");
+    }
     Ok(())
 }
 

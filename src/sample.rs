@@ -37,6 +37,11 @@ impl Sampler {
         Ok(Sampler { config, rng })
     }
 
+    /// Greedy decoding needs no logits on the host: engines can return the argmax directly.
+    pub fn is_greedy(&self) -> bool {
+        self.config.temperature == 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.config.temperature == 0.0 {
             return crate::backend::cpu::argmax(logits) as u32;

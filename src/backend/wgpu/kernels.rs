@@ -55,10 +55,13 @@ pub enum WeightFormat {
     Fp8 = 3,
 }
 
+/// (kernel, weight format, override constants as name=bits): one pipeline per distinct variant.
+type PipelineKey = (Kernel, Option<WeightFormat>, Vec<(&'static str, u64)>);
+
 pub struct Pipelines {
     device: wgpu::Device,
     modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
-    cache: RefCell<HashMap<(Kernel, Option<WeightFormat>), wgpu::ComputePipeline>>,
+    cache: RefCell<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
 impl Pipelines {
@@ -67,7 +70,13 @@ impl Pipelines {
     }
 
     pub fn get(&self, kernel: Kernel, format: Option<WeightFormat>) -> wgpu::ComputePipeline {
-        if let Some(p) = self.cache.borrow().get(&(kernel, format)) {
+        self.get_with(kernel, format, &[])
+    }
+
+    /// A variant with extra WGSL `override` constants.
+    pub fn get_with(&self, kernel: Kernel, format: Option<WeightFormat>, overrides: &[(&'static str, f64)]) -> wgpu::ComputePipeline {
+        let key: PipelineKey = (kernel, format, overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect());
+        if let Some(p) = self.cache.borrow().get(&key) {
             return p.clone();
         }
         let (source, entry, uses_weights) = kernel.source();
@@ -84,16 +93,19 @@ impl Pipelines {
                 })
             })
             .clone();
-        let constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f as u32 as f64)]).unwrap_or_default();
+        let mut constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f as u32 as f64)]).unwrap_or_default();
+        constants.extend_from_slice(overrides);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&format!("{kernel:?}/{format:?}")),
             layout: None,
             module: &module,
             entry_point: Some(entry),
-            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+            // Every kernel writes its workgroup memory before reading it, so wgpu's zero-fill (costly
+            // on software adapters) is skipped.
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
             cache: None,
         });
-        self.cache.borrow_mut().insert((kernel, format), pipeline.clone());
+        self.cache.borrow_mut().insert(key, pipeline.clone());
         pipeline
     }
 }

@@ -26,6 +26,7 @@ struct StepUniform {
 type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
 
 struct Dispatch {
+    kernel: Kernel,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     grid: Grid,
@@ -60,6 +61,8 @@ pub struct GpuModel {
     len: usize,
     weight_bytes: u64,
     pub counters: GpuCounters,
+    /// `DSRUN_PROFILE=1`: submit each dispatch alone and time it (slow; for finding hot kernels).
+    profile: Option<std::collections::BTreeMap<String, (u32, f64)>>,
 }
 
 /// Matmul kernel parameters (mirrors `Params` in shaders/matmul.wgsl).
@@ -92,7 +95,18 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
-        let pipeline = self.pipelines.get(kernel, format);
+        self.dispatch_with(kernel, format, &[], buffers, grid)
+    }
+
+    fn dispatch_with(
+        &self,
+        kernel: Kernel,
+        format: Option<WeightFormat>,
+        overrides: &[(&'static str, f64)],
+        buffers: &[&wgpu::Buffer],
+        grid: Grid,
+    ) -> Dispatch {
+        let pipeline = self.pipelines.get_with(kernel, format, overrides);
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
@@ -104,7 +118,7 @@ impl Builder<'_> {
             layout: &layout,
             entries: &entries,
         });
-        Dispatch { pipeline, bind_group, grid }
+        Dispatch { kernel, pipeline, bind_group, grid }
     }
 
     fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
@@ -115,7 +129,8 @@ impl Builder<'_> {
     fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Dispatch {
         let p = self.params("matmul", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: accumulate as u32 });
         let grid = matmul_grid(w.rows, 1, None);
-        self.dispatch(Kernel::Matmul, Some(w.format), &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, &self.dummy], grid)
+        let cols = [("COLS", w.cols as f64)];
+        self.dispatch_with(Kernel::Matmul, Some(w.format), &cols, &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, &self.dummy], grid)
     }
 
     /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
@@ -123,7 +138,8 @@ impl Builder<'_> {
     fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
         let p = self.params("expert matmul", &MatmulParams { slots_per_token: k, x_div, use_ids: 1, accumulate: 0 });
         let grid = matmul_grid(w.rows, k, None);
-        self.dispatch(Kernel::Matmul, Some(w.format), &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids], grid)
+        let cols = [("COLS", w.cols as f64)];
+        self.dispatch_with(Kernel::Matmul, Some(w.format), &cols, &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids], grid)
     }
 
     fn rmsnorm(&self, dim: usize, eps: f64, src: &wgpu::Buffer, weight: &wgpu::Buffer, dst: &wgpu::Buffer, last_row: bool) -> Dispatch {
@@ -179,13 +195,23 @@ struct Activations {
 impl GpuModel {
     /// Uploads `model`'s weights in their checkpoint formats and lowers the forward pass.
     pub fn new(ctx: GpuContext, model: &Model, capacity: usize) -> Result<GpuModel> {
+        // A shader or binding the adapter rejects becomes an error, not a panic.
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = Self::build(ctx, model, capacity)?;
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Invalid(format!("GPU: {} rejected the model's kernels: {e}", built.ctx.describe())));
+        }
+        Ok(built)
+    }
+
+    fn build(ctx: GpuContext, model: &Model, capacity: usize) -> Result<GpuModel> {
         let c = model.config.clone();
         let w = &model.weights;
         let (d, heads) = (c.hidden_size, c.num_attention_heads);
         let (qk, lora, latent, v_dim) = (c.qk_head_dim(), c.kv_lora_rank, c.latent_dim(), c.v_head_dim);
         let k = c.num_experts_per_tok;
-        if c.n_routed_experts > 1024 || c.n_group > 64 {
-            return Err(Error::Invalid("the GPU router handles at most 1024 experts in 64 groups".into()));
+        if c.n_routed_experts > 1024 || c.n_group > 64 || k > 16 {
+            return Err(Error::Invalid("the GPU router handles at most 1024 experts in 64 groups and 16 per token".into()));
         }
 
         // The attention scratch holds one row of `capacity` scores per (token, head).
@@ -358,46 +384,30 @@ impl GpuModel {
                 FeedForward::Moe(moe) => {
                     let router = up(&[&moe.router])?;
                     body.push(b.matmul(&router, &a.xn, &a.router_logits, false));
-                    #[repr(C)]
-                    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-                    struct RouterP {
-                        experts: u32,
-                        top_k: u32,
-                        n_group: u32,
-                        topk_group: u32,
-                        softmax: u32,
-                        method: u32,
-                        normalize: u32,
-                        has_bias: u32,
-                        scaling: f32,
-                        _pad: [u32; 3],
-                    }
-                    let rp = b.params(
-                        "router",
-                        &RouterP {
-                            experts: c.n_routed_experts as u32,
-                            top_k: k as u32,
-                            n_group: c.n_group as u32,
-                            topk_group: c.topk_group as u32,
-                            softmax: (c.scoring_func == ScoringFunc::Softmax) as u32,
-                            method: match c.topk_method {
-                                TopkMethod::Greedy => 0,
-                                TopkMethod::GroupLimitedGreedy => 1,
-                                TopkMethod::NoauxTc => 2,
-                            },
-                            normalize: c.norm_topk_prob as u32,
-                            has_bias: moe.correction_bias.is_some() as u32,
-                            scaling: c.routed_scaling_factor as f32,
-                            _pad: [0; 3],
-                        },
-                    );
+                    let rp = b.params("router", &[c.routed_scaling_factor as f32, 0.0, 0.0, 0.0]);
+                    let method = match c.topk_method {
+                        TopkMethod::Greedy => 0.0,
+                        TopkMethod::GroupLimitedGreedy => 1.0,
+                        TopkMethod::NoauxTc => 2.0,
+                    };
+                    let routing = [
+                        ("EXPERTS", c.n_routed_experts as f64),
+                        ("TOP_K", k as f64),
+                        ("N_GROUP", c.n_group as f64),
+                        ("TOPK_GROUP", c.topk_group as f64),
+                        ("SOFTMAX", (c.scoring_func == ScoringFunc::Softmax) as u32 as f64),
+                        ("METHOD", method),
+                        ("NORMALIZE", c.norm_topk_prob as u32 as f64),
+                        ("HAS_BIAS", moe.correction_bias.is_some() as u32 as f64),
+                    ];
                     let bias = match &moe.correction_bias {
                         Some(v) => b.vector("correction bias", v),
                         None => b.dummy.clone(),
                     };
-                    body.push(b.dispatch(
+                    body.push(b.dispatch_with(
                         Kernel::Router,
                         None,
+                        &routing,
                         &[&rp, &step, &a.router_logits, &bias, &a.ids, &a.route_weights],
                         Box::new(|n| [n, 1, 1]),
                     ));
@@ -430,9 +440,10 @@ impl GpuModel {
         let head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false), b.matmul(&lm_head, &a.xn, &logits, false)];
         let lm_last = {
             let p = b.params("lm_head", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: 0 });
-            b.dispatch(
+            b.dispatch_with(
                 Kernel::Matmul,
                 Some(lm_head.format),
+                &[("COLS", lm_head.cols as f64)],
                 &[&lm_head.layout, &lm_head.weights, &lm_head.scales, &p, &step, &a.xn, &logits, &b.dummy],
                 matmul_grid(lm_head.rows, 1, Some(1)),
             )
@@ -460,6 +471,7 @@ impl GpuModel {
             len: 0,
             weight_bytes: weight_bytes.get(),
             counters: GpuCounters::default(),
+            profile: std::env::var_os("DSRUN_PROFILE").map(|_| Default::default()),
         })
     }
 
@@ -496,6 +508,30 @@ impl GpuModel {
             for d in self.body.iter().chain(head_ops).chain(argmax) {
                 // The argmax runs over the rows the head produced.
                 let [x, y, z] = if std::ptr::eq(d, &self.argmax) { [rows, 1, 1] } else { (d.grid)(n) };
+                if let Some(profile) = &mut self.profile {
+                    drop(pass);
+                    self.ctx.queue.submit([encoder.finish()]);
+                    let _ = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+                    let mut started = std::time::Instant::now();
+                    for _ in 0..std::env::var("DSRUN_PROFILE").ok().and_then(|v| v.parse().ok()).unwrap_or(1) {
+                        started = std::time::Instant::now();
+                        let mut one = self.ctx.device.create_command_encoder(&Default::default());
+                        {
+                            let mut p = one.begin_compute_pass(&Default::default());
+                            p.set_pipeline(&d.pipeline);
+                            p.set_bind_group(0, &d.bind_group, &[]);
+                            p.dispatch_workgroups(x, y, z);
+                        }
+                        self.ctx.queue.submit([one.finish()]);
+                        let _ = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+                    }
+                    let entry = profile.entry(format!("{:?} {x}x{y}x{z}", d.kernel)).or_default();
+                    entry.0 += 1;
+                    entry.1 += started.elapsed().as_secs_f64();
+                    encoder = self.ctx.device.create_command_encoder(&Default::default());
+                    pass = encoder.begin_compute_pass(&Default::default());
+                    continue;
+                }
                 pass.set_pipeline(&d.pipeline);
                 pass.set_bind_group(0, &d.bind_group, &[]);
                 pass.dispatch_workgroups(x, y, z);
@@ -576,5 +612,25 @@ impl Engine for GpuModel {
 
     fn device_name(&self) -> String {
         self.ctx.describe()
+    }
+
+    fn counters(&self) -> Option<String> {
+        if let Some(profile) = &self.profile {
+            let mut rows: Vec<_> = profile.iter().collect();
+            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+            for (name, (count, seconds)) in rows.iter().take(15) {
+                eprintln!("{:>9.3} ms total {:>6} x  {name}", seconds * 1e3, count);
+            }
+        }
+        let c = self.counters;
+        let per = |x: u64| x as f64 / c.steps.max(1) as f64;
+        Some(format!(
+            "{} steps: {:.1} dispatches, {:.2} submits, {:.0} bytes read back per step; weights on GPU {}",
+            c.steps,
+            per(c.dispatches),
+            per(c.submits),
+            per(c.readback_bytes),
+            crate::inspect::human_bytes(self.weight_bytes)
+        ))
     }
 }
