@@ -2,6 +2,7 @@
 
 pub mod context;
 pub mod kernels;
+pub mod lower;
 pub mod model;
 pub mod tensors;
 

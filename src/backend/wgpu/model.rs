@@ -3,34 +3,15 @@
 //! command encoder, submits once, and reads back only the logits or the greedy token id.
 
 use super::context::GpuContext;
-use super::kernels::{Kernel, Pipelines, WeightFormat};
-use super::tensors::{storage, storage_init, uniform, GpuMatrix};
+use super::kernels::{Kernel, Pipelines};
+use super::lower::{Builder, Dispatch, MatmulShape, StepUniform};
+use super::tensors::{storage, uniform, GpuMatrix};
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
 use crate::model::weights::{FeedForward, Mlp, QueryProjection};
 use crate::model::{check_request, Logits, Model};
-
-/// Mirrors `Step` in shaders/step.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct StepUniform {
-    n_tokens: u32,
-    start: u32,
-    logits_row0: u32,
-    _pad: u32,
-}
-
-/// Workgroup counts of a dispatch as a function of the step's token count.
-type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
-
-struct Dispatch {
-    kernel: Kernel,
-    pipeline: wgpu::ComputePipeline,
-    bind_group: wgpu::BindGroup,
-    grid: Grid,
-}
 
 /// Counters for `--verbose` stats.
 #[derive(Debug, Default, Clone, Copy)]
@@ -63,112 +44,6 @@ pub struct GpuModel {
     pub counters: GpuCounters,
     /// `DSRUN_PROFILE=1`: submit each dispatch alone and time it (slow; for finding hot kernels).
     profile: Option<std::collections::BTreeMap<String, (u32, f64)>>,
-}
-
-/// Matmul kernel parameters (mirrors `Params` in shaders/matmul.wgsl).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct MatmulParams {
-    slots_per_token: u32,
-    x_div: u32,
-    use_ids: u32,
-    accumulate: u32,
-}
-
-const TILE: u32 = 8;
-const MAX_DISPATCH: u32 = 65535;
-
-fn matmul_grid(rows: usize, slots_per_token: u32, fixed_slots: Option<u32>) -> Grid {
-    let rows = rows as u32;
-    Box::new(move |n| {
-        let slots = fixed_slots.unwrap_or(n * slots_per_token);
-        [rows.min(MAX_DISPATCH), rows.div_ceil(MAX_DISPATCH), slots.div_ceil(TILE)]
-    })
-}
-
-struct Builder<'a> {
-    ctx: &'a GpuContext,
-    pipelines: Pipelines,
-    step: wgpu::Buffer,
-    dummy: wgpu::Buffer,
-}
-
-impl Builder<'_> {
-    fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
-        self.dispatch_with(kernel, format, &[], buffers, grid)
-    }
-
-    fn dispatch_with(
-        &self,
-        kernel: Kernel,
-        format: Option<WeightFormat>,
-        overrides: &[(&'static str, f64)],
-        buffers: &[&wgpu::Buffer],
-        grid: Grid,
-    ) -> Dispatch {
-        let pipeline = self.pipelines.get_with(kernel, format, overrides);
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-            .collect();
-        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&format!("{kernel:?}")),
-            layout: &layout,
-            entries: &entries,
-        });
-        Dispatch { kernel, pipeline, bind_group, grid }
-    }
-
-    fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
-        uniform(self.ctx, label, bytemuck::bytes_of(value))
-    }
-
-    /// `y = W x` over the step's tokens (`accumulate`: `y += W x`).
-    fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Dispatch {
-        let p = self.params("matmul", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: accumulate as u32 });
-        let grid = matmul_grid(w.rows, 1, None);
-        let cols = [("COLS", w.cols as f64)];
-        self.dispatch_with(Kernel::Matmul, Some(w.format), &cols, &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, &self.dummy], grid)
-    }
-
-    /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
-    /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
-    fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
-        let p = self.params("expert matmul", &MatmulParams { slots_per_token: k, x_div, use_ids: 1, accumulate: 0 });
-        let grid = matmul_grid(w.rows, k, None);
-        let cols = [("COLS", w.cols as f64)];
-        self.dispatch_with(Kernel::Matmul, Some(w.format), &cols, &[&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids], grid)
-    }
-
-    fn rmsnorm(&self, dim: usize, eps: f64, src: &wgpu::Buffer, weight: &wgpu::Buffer, dst: &wgpu::Buffer, last_row: bool) -> Dispatch {
-        #[repr(C)]
-        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-        struct P {
-            dim: u32,
-            eps: f32,
-            from_logits_row: u32,
-            _pad: u32,
-        }
-        let p = self.params("rmsnorm", &P { dim: dim as u32, eps: eps as f32, from_logits_row: last_row as u32, _pad: 0 });
-        let grid: Grid = if last_row { Box::new(|_| [1, 1, 1]) } else { Box::new(|n| [n, 1, 1]) };
-        self.dispatch(Kernel::RmsNorm, None, &[&p, &self.step, src, weight, dst], grid)
-    }
-
-    fn silu_mul(&self, per_token: usize, gate: &wgpu::Buffer, up: &wgpu::Buffer) -> Dispatch {
-        let p = self.params("silu_mul", &[per_token as u32, 0, 0, 0]);
-        let per_token = per_token as u32;
-        let grid: Grid = Box::new(move |n| {
-            let groups = (n * per_token).div_ceil(64);
-            [groups.min(MAX_DISPATCH), groups.div_ceil(MAX_DISPATCH), 1]
-        });
-        self.dispatch(Kernel::SiluMul, None, &[&p, &self.step, gate, up], grid)
-    }
-
-    fn vector(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
-        storage_init(self.ctx, label, bytemuck::cast_slice(values))
-    }
 }
 
 /// Activation buffers, sized for `chunk` tokens.
@@ -438,16 +313,8 @@ impl GpuModel {
         let final_norm = b.vector("final norm", &w.final_norm);
         let lm_head = up(&[&w.lm_head])?;
         let head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false), b.matmul(&lm_head, &a.xn, &logits, false)];
-        let lm_last = {
-            let p = b.params("lm_head", &MatmulParams { slots_per_token: 1, x_div: 1, use_ids: 0, accumulate: 0 });
-            b.dispatch_with(
-                Kernel::Matmul,
-                Some(lm_head.format),
-                &[("COLS", lm_head.cols as f64)],
-                &[&lm_head.layout, &lm_head.weights, &lm_head.scales, &p, &step, &a.xn, &logits, &b.dummy],
-                matmul_grid(lm_head.rows, 1, Some(1)),
-            )
-        };
+        let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+        let lm_last = b.matmul_shaped(&lm_head, last, &a.xn, &logits, None);
         let head_last = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true), lm_last];
         let argmax = {
             let p = b.params("argmax", &[c.vocab_size as u32, 0, 0, 0]);
@@ -507,7 +374,7 @@ impl GpuModel {
             let argmax = greedy.then_some(&self.argmax);
             for d in self.body.iter().chain(head_ops).chain(argmax) {
                 // The argmax runs over the rows the head produced.
-                let [x, y, z] = if std::ptr::eq(d, &self.argmax) { [rows, 1, 1] } else { (d.grid)(n) };
+                let (d, [x, y, z]) = if std::ptr::eq(d, &self.argmax) { (d, [rows, 1, 1]) } else { d.for_tokens(n) };
                 if let Some(profile) = &mut self.profile {
                     drop(pass);
                     self.ctx.queue.submit([encoder.finish()]);

@@ -1,0 +1,196 @@
+//! Building blocks for lowering the model to wgpu: a dispatch (pipeline + bind group + grid) made
+//! once, and a builder that creates them for each kernel with its parameters.
+
+use super::context::GpuContext;
+use super::kernels::{Kernel, Pipelines, WeightFormat};
+use super::tensors::{storage_init, uniform, GpuMatrix};
+
+/// Mirrors `Step` in shaders/step.wgsl: written once before each submit.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepUniform {
+    pub n_tokens: u32,
+    pub start: u32,
+    pub logits_row0: u32,
+    pub _pad: u32,
+}
+
+/// Workgroup counts of a dispatch as a function of the step's token count.
+pub type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
+
+pub struct Dispatch {
+    pub kernel: Kernel,
+    pub pipeline: wgpu::ComputePipeline,
+    pub bind_group: wgpu::BindGroup,
+    pub grid: Grid,
+    /// A variant specialised for single-token steps (decode), used instead when n == 1.
+    pub decode: Option<Box<Dispatch>>,
+}
+
+impl Dispatch {
+    /// The variant to run for a step of `n` tokens and its workgroup counts.
+    pub fn for_tokens(&self, n: u32) -> (&Dispatch, [u32; 3]) {
+        let d = match (&self.decode, n) {
+            (Some(decode), 1) => decode.as_ref(),
+            _ => self,
+        };
+        (d, (d.grid)(n))
+    }
+
+    pub fn record(&self, pass: &mut wgpu::ComputePass, n: u32) {
+        let (d, [x, y, z]) = self.for_tokens(n);
+        pass.set_pipeline(&d.pipeline);
+        pass.set_bind_group(0, &d.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, z);
+    }
+}
+
+/// Matmul kernel parameters (mirrors `Params` in shaders/matmul.wgsl).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MatmulParams {
+    slots_per_token: u32,
+    x_div: u32,
+    fixed_slots: u32,
+    accumulate: u32,
+}
+
+/// Output rows per matmul workgroup and slots per prefill tile (ROWS and TILE in matmul.wgsl).
+const MATMUL_ROWS: u32 = 4;
+const PREFILL_TILE: u32 = 8;
+const MAX_DISPATCH: u32 = 65535;
+
+fn split(groups: u32) -> [u32; 2] {
+    [groups.min(MAX_DISPATCH), groups.div_ceil(MAX_DISPATCH)]
+}
+
+pub struct Builder<'a> {
+    pub ctx: &'a GpuContext,
+    pub pipelines: Pipelines,
+    pub step: wgpu::Buffer,
+    pub dummy: wgpu::Buffer,
+}
+
+/// How a matmul picks its input rows and its weights.
+#[derive(Clone, Copy)]
+pub struct MatmulShape {
+    /// Output slots per token (top-k for routed experts, else 1).
+    pub slots_per_token: u32,
+    /// Slot s reads input row s / x_div.
+    pub x_div: u32,
+    /// Slot s multiplies by the stacked expert ids[s].
+    pub use_ids: bool,
+    /// Compute exactly this many slots whatever the step's size (the last position's logits).
+    pub fixed_slots: Option<u32>,
+    /// y += W x instead of y = W x (residual connections).
+    pub accumulate: bool,
+}
+
+impl MatmulShape {
+    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, accumulate: false };
+}
+
+impl Builder<'_> {
+    pub fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
+        self.dispatch_with(kernel, format, &[], buffers, grid)
+    }
+
+    pub fn dispatch_with(
+        &self,
+        kernel: Kernel,
+        format: Option<WeightFormat>,
+        overrides: &[(&'static str, f64)],
+        buffers: &[&wgpu::Buffer],
+        grid: Grid,
+    ) -> Dispatch {
+        let pipeline = self.pipelines.get_with(kernel, format, overrides);
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&format!("{kernel:?}")),
+            layout: &layout,
+            entries: &entries,
+        });
+        Dispatch { kernel, pipeline, bind_group, grid, decode: None }
+    }
+
+    pub fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        uniform(self.ctx, label, bytemuck::bytes_of(value))
+    }
+
+    /// `y[s] = W_e(s) x[s / x_div]` over the step's slots, with a single-slot variant for decode
+    /// (and for routed experts, whose slots each read a different expert).
+    pub fn matmul_shaped(&self, w: &GpuMatrix, shape: MatmulShape, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: Option<&wgpu::Buffer>) -> Dispatch {
+        let p = self.params(
+            "matmul",
+            &MatmulParams {
+                slots_per_token: shape.slots_per_token,
+                x_div: shape.x_div,
+                fixed_slots: shape.fixed_slots.unwrap_or(0),
+                accumulate: shape.accumulate as u32,
+            },
+        );
+        let ids = ids.unwrap_or(&self.dummy);
+        let buffers = [&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids];
+        let row_groups = (w.rows as u32).div_ceil(MATMUL_ROWS);
+        let variant = |tile: u32| {
+            let overrides = [("COLS", w.cols as f64), ("TILE", tile as f64), ("USE_IDS", shape.use_ids as u32 as f64)];
+            let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
+            let grid: Grid = Box::new(move |n| {
+                let slots = fixed.unwrap_or(n * per_token);
+                let [gx, gy] = split(row_groups);
+                [gx, gy, slots.div_ceil(tile)]
+            });
+            self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
+        };
+        if shape.use_ids || shape.fixed_slots.is_some() {
+            return variant(1);
+        }
+        let mut d = variant(PREFILL_TILE);
+        d.decode = Some(Box::new(variant(1)));
+        d
+    }
+
+    /// `y = W x` over the step's tokens (`accumulate`: `y += W x`).
+    pub fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Dispatch {
+        self.matmul_shaped(w, MatmulShape { accumulate, ..MatmulShape::PLAIN }, x, y, None)
+    }
+
+    /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
+    /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
+    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
+        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, accumulate: false };
+        self.matmul_shaped(w, shape, x, y, Some(ids))
+    }
+    pub fn rmsnorm(&self, dim: usize, eps: f64, src: &wgpu::Buffer, weight: &wgpu::Buffer, dst: &wgpu::Buffer, last_row: bool) -> Dispatch {
+        #[repr(C)]
+        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        struct P {
+            dim: u32,
+            eps: f32,
+            from_logits_row: u32,
+            _pad: u32,
+        }
+        let p = self.params("rmsnorm", &P { dim: dim as u32, eps: eps as f32, from_logits_row: last_row as u32, _pad: 0 });
+        let grid: Grid = if last_row { Box::new(|_| [1, 1, 1]) } else { Box::new(|n| [n, 1, 1]) };
+        self.dispatch(Kernel::RmsNorm, None, &[&p, &self.step, src, weight, dst], grid)
+    }
+
+    pub fn silu_mul(&self, per_token: usize, gate: &wgpu::Buffer, up: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("silu_mul", &[per_token as u32, 0, 0, 0]);
+        let per_token = per_token as u32;
+        let grid: Grid = Box::new(move |n| {
+            let groups = (n * per_token).div_ceil(64);
+            { let [x, y] = split(groups); [x, y, 1] }
+        });
+        self.dispatch(Kernel::SiluMul, None, &[&p, &self.step, gate, up], grid)
+    }
+
+    pub fn vector(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
+        storage_init(self.ctx, label, bytemuck::cast_slice(values))
+    }
+}
