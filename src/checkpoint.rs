@@ -39,16 +39,22 @@ impl TensorInfo {
     }
 }
 
-/// A tensor's bytes inside a memory-mapped shard; cheap to clone.
+/// A tensor's bytes: inside a memory-mapped shard, or owned (converted or synthetic weights).
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct TensorBytes {
-    map: Arc<Mmap>,
+    map: Arc<dyn AsRef<[u8]> + Send + Sync>,
     range: Range<usize>,
 }
 
 impl TensorBytes {
     pub fn as_slice(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+        &(*self.map).as_ref()[self.range.clone()]
+    }
+
+    pub fn from_vec(bytes: Vec<u8>) -> TensorBytes {
+        let range = 0..bytes.len();
+        TensorBytes { map: Arc::new(bytes), range }
     }
 }
 

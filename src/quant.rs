@@ -137,3 +137,93 @@ mod tests {
         assert_eq!(decode_vec(DType::F32, &2.5f32.to_le_bytes()), vec![2.5]);
     }
 }
+
+/// The e4m3fn code nearest to `x` (ties to the even code), saturating at ±448. NaN maps to 0x7f.
+pub fn f32_to_fp8_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let table = fp8_table();
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs();
+    // Positive codes 0x00..=0x7e increase monotonically: binary search for the neighbours.
+    let (mut lo, mut hi) = (0u8, 0x7eu8);
+    if a >= table[0x7e] {
+        return sign | 0x7e;
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if table[mid as usize] <= a {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (dl, dh) = (a - table[lo as usize], table[hi as usize] - a);
+    let code = if dl < dh || (dl == dh && lo % 2 == 0) { lo } else { hi };
+    sign | code
+}
+
+/// Encodes f32 values as `dtype` (FP8: raw codes, no scaling).
+pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+        DType::F8E4M3 => values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect(),
+    }
+}
+
+/// Block-quantises a `[rows, cols]` matrix to e4m3 codes with one scale per block (the block's
+/// largest magnitude maps to 448), as DeepSeek publishes its weights. Returns (codes, scale grid).
+pub fn quantize_fp8_blocks(values: &[f32], rows: usize, cols: usize, block: (usize, usize)) -> (Vec<u8>, Vec<f32>) {
+    let (grid_rows, grid_cols) = (rows.div_ceil(block.0), cols.div_ceil(block.1));
+    let mut scales = vec![0.0f32; grid_rows * grid_cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            let s = &mut scales[(r / block.0) * grid_cols + c / block.1];
+            *s = s.max(values[r * cols + c].abs());
+        }
+    }
+    scales.iter_mut().for_each(|s| *s = if *s > 0.0 { *s / 448.0 } else { 1.0 });
+    let codes = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            f32_to_fp8_e4m3(values[i] / scales[(r / block.0) * grid_cols + c / block.1])
+        })
+        .collect();
+    (codes, scales)
+}
+
+#[cfg(test)]
+mod encode_tests {
+    use super::*;
+
+    #[test]
+    fn fp8_encoding_round_trips_every_code_and_rounds_to_nearest() {
+        for code in 0..=255u8 {
+            if code & 0x7f == 0x7f {
+                continue;
+            }
+            let v = fp8_e4m3_to_f32(code);
+            let back = f32_to_fp8_e4m3(v);
+            assert_eq!(fp8_e4m3_to_f32(back).to_bits(), v.to_bits(), "code {code:#04x}");
+        }
+        assert_eq!(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1000.0)), 448.0, "saturates");
+        assert_eq!(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1.0625)), 1.0, "tie between 1.0 and 1.125 goes to the even code");
+        assert_eq!(fp8_e4m3_to_f32(f32_to_fp8_e4m3(1.07)), 1.125);
+    }
+
+    #[test]
+    fn block_quantisation_error_is_bounded() {
+        let (rows, cols) = (130, 257);
+        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+        let (codes, scales) = quantize_fp8_blocks(&values, rows, cols, (128, 128));
+        assert_eq!(scales.len(), 2 * 3);
+        for (i, (&v, &q)) in values.iter().zip(&codes).enumerate() {
+            let s = scales[(i / cols / 128) * 3 + (i % cols) / 128];
+            // e4m3 has 3 mantissa bits: relative error at most 2^-4 of the value (plus subnormal steps).
+            assert!((fp8_e4m3_to_f32(q) * s - v).abs() <= v.abs() / 16.0 + s * 2f32.powi(-9), "element {i}");
+        }
+    }
+}

@@ -47,6 +47,21 @@ impl Matrix {
         }
     }
 
+    /// A matrix from f32 values stored as `dtype` (FP8: block-quantised with `block` scales).
+    /// For synthetic weights in tests and benchmarks.
+    pub fn from_values(name: &str, rows: usize, cols: usize, dtype: DType, values: &[f32], block: (usize, usize)) -> Matrix {
+        assert_eq!(values.len(), rows * cols, "{name}: values for a {rows}x{cols} matrix");
+        let (bytes, scales) = match dtype {
+            DType::F8E4M3 => {
+                let (codes, grid) = quant::quantize_fp8_blocks(values, rows, cols, block);
+                let scales = BlockScales { block_rows: block.0, block_cols: block.1, grid_cols: cols.div_ceil(block.1), values: grid };
+                (codes, Some(scales))
+            }
+            _ => (quant::encode(dtype, values), None),
+        };
+        Matrix { name: name.into(), rows, cols, dtype, data: crate::checkpoint::TensorBytes::from_vec(bytes), scales }
+    }
+
     /// Bytes this matrix occupies in its stored format, scales included.
     pub fn stored_bytes(&self) -> usize {
         self.data.as_slice().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)

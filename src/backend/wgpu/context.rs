@@ -3,6 +3,7 @@
 use crate::device::GpuChoice;
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,

@@ -4,6 +4,8 @@
 use super::context::GpuContext;
 use super::kernels::{Kernel, Pipelines, WeightFormat};
 use super::tensors::{storage_init, uniform, GpuMatrix};
+use crate::config::{ScoringFunc, TopkMethod};
+use crate::model::router::RouterParams;
 
 /// Mirrors `Step` in shaders/step.wgsl: written once before each submit.
 #[repr(C)]
@@ -64,8 +66,8 @@ fn split(groups: u32) -> [u32; 2] {
     [groups.min(MAX_DISPATCH), groups.div_ceil(MAX_DISPATCH)]
 }
 
-pub struct Builder<'a> {
-    pub ctx: &'a GpuContext,
+pub struct Builder {
+    pub ctx: GpuContext,
     pub pipelines: Pipelines,
     pub step: wgpu::Buffer,
     pub dummy: wgpu::Buffer,
@@ -90,7 +92,7 @@ impl MatmulShape {
     pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, accumulate: false };
 }
 
-impl Builder<'_> {
+impl Builder {
     pub fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
         self.dispatch_with(kernel, format, &[], buffers, grid)
     }
@@ -119,7 +121,7 @@ impl Builder<'_> {
     }
 
     pub fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
-        uniform(self.ctx, label, bytemuck::bytes_of(value))
+        uniform(&self.ctx, label, bytemuck::bytes_of(value))
     }
 
     /// `y[s] = W_e(s) x[s / x_div]` over the step's slots, with a single-slot variant for decode
@@ -191,6 +193,37 @@ impl Builder<'_> {
     }
 
     pub fn vector(&self, label: &str, values: &[f32]) -> wgpu::Buffer {
-        storage_init(self.ctx, label, bytemuck::cast_slice(values))
+        storage_init(&self.ctx, label, bytemuck::cast_slice(values))
+    }
+
+    /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.
+    /// The routing shape is fixed per model, so it is compiled in as pipeline constants.
+    pub fn router(
+        &self,
+        r: &RouterParams,
+        experts: usize,
+        logits: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        ids: &wgpu::Buffer,
+        weights: &wgpu::Buffer,
+    ) -> Dispatch {
+        let p = self.params("router", &[r.scaling, 0.0, 0.0, 0.0]);
+        let method = match r.method {
+            TopkMethod::Greedy => 0.0,
+            TopkMethod::GroupLimitedGreedy => 1.0,
+            TopkMethod::NoauxTc => 2.0,
+        };
+        let overrides = [
+            ("EXPERTS", experts as f64),
+            ("TOP_K", r.top_k as f64),
+            ("N_GROUP", r.n_group as f64),
+            ("TOPK_GROUP", r.topk_group as f64),
+            ("SOFTMAX", (r.scoring == ScoringFunc::Softmax) as u32 as f64),
+            ("METHOD", method),
+            ("NORMALIZE", r.normalize as u32 as f64),
+            ("HAS_BIAS", bias.is_some() as u32 as f64),
+        ];
+        let bias = bias.unwrap_or(&self.dummy);
+        self.dispatch_with(Kernel::Router, None, &overrides, &[&p, &self.step, logits, bias, ids, weights], Box::new(|n| [n, 1, 1]))
     }
 }

@@ -4,6 +4,7 @@ pub mod context;
 pub mod kernels;
 pub mod lower;
 pub mod model;
+pub mod runner;
 pub mod tensors;
 
 pub use context::GpuContext;

@@ -6,7 +6,8 @@ use super::context::GpuContext;
 use super::kernels::{Kernel, Pipelines};
 use super::lower::{Builder, Dispatch, MatmulShape, StepUniform};
 use super::tensors::{storage, uniform, GpuMatrix};
-use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::config::ModelConfig;
+use crate::model::router::RouterParams;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -96,7 +97,7 @@ impl GpuModel {
             return Err(Error::Invalid(format!("--ctx {capacity} is too long for this adapter's buffers")));
         }
         let step = uniform(&ctx, "step", &[0u8; 16]);
-        let b = Builder { ctx: &ctx, pipelines: Pipelines::new(&ctx.device), step: step.clone(), dummy: storage(&ctx, "dummy", 4)? };
+        let b = Builder { ctx: ctx.clone(), pipelines: Pipelines::new(&ctx.device), step: step.clone(), dummy: storage(&ctx, "dummy", 4)? };
 
         let ffn_width = [
             c.intermediate_size,
@@ -259,33 +260,8 @@ impl GpuModel {
                 FeedForward::Moe(moe) => {
                     let router = up(&[&moe.router])?;
                     body.push(b.matmul(&router, &a.xn, &a.router_logits, false));
-                    let rp = b.params("router", &[c.routed_scaling_factor as f32, 0.0, 0.0, 0.0]);
-                    let method = match c.topk_method {
-                        TopkMethod::Greedy => 0.0,
-                        TopkMethod::GroupLimitedGreedy => 1.0,
-                        TopkMethod::NoauxTc => 2.0,
-                    };
-                    let routing = [
-                        ("EXPERTS", c.n_routed_experts as f64),
-                        ("TOP_K", k as f64),
-                        ("N_GROUP", c.n_group as f64),
-                        ("TOPK_GROUP", c.topk_group as f64),
-                        ("SOFTMAX", (c.scoring_func == ScoringFunc::Softmax) as u32 as f64),
-                        ("METHOD", method),
-                        ("NORMALIZE", c.norm_topk_prob as u32 as f64),
-                        ("HAS_BIAS", moe.correction_bias.is_some() as u32 as f64),
-                    ];
-                    let bias = match &moe.correction_bias {
-                        Some(v) => b.vector("correction bias", v),
-                        None => b.dummy.clone(),
-                    };
-                    body.push(b.dispatch_with(
-                        Kernel::Router,
-                        None,
-                        &routing,
-                        &[&rp, &step, &a.router_logits, &bias, &a.ids, &a.route_weights],
-                        Box::new(|n| [n, 1, 1]),
-                    ));
+                    let bias = moe.correction_bias.as_ref().map(|v| b.vector("correction bias", v));
+                    body.push(b.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights));
                     let stack = |f: fn(&Mlp) -> &crate::model::weights::Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let gate = up(&stack(|m| &m.gate))?;
                     let upm = up(&stack(|m| &m.up))?;

@@ -1,0 +1,165 @@
+//! Each GPU kernel against the CPU reference on seeded random inputs, for every weight format,
+//! with shapes that are not multiples of the workgroup (64), row block (4), token tile (8) or
+//! FP8 block (128). Runs on whatever adapter wgpu finds (CI: lavapipe); none is a failure.
+//!
+//! Tolerance: 1e-5 of the output's scale. Both sides decode weights exactly and sum in f32; only
+//! the summation order differs (~1e-7 relative per term over a few hundred terms).
+
+mod common;
+use dsrun::backend::cpu;
+use dsrun::backend::wgpu::lower::MatmulShape;
+use dsrun::backend::wgpu::runner::OpRunner;
+use dsrun::backend::wgpu::{context, tensors::GpuMatrix};
+use dsrun::config::{ScoringFunc, TopkMethod};
+use dsrun::device::GpuChoice;
+use dsrun::model::router::{route, RouterParams};
+use dsrun::model::weights::Matrix;
+use dsrun::quant::DType;
+
+const FORMATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3];
+
+fn runner() -> OpRunner {
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    OpRunner::new(ctx).unwrap()
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn random(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
+    Matrix::from_values(&format!("w{seed}"), rows, cols, dtype, &random(seed, rows * cols), (128, 128))
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    let err = common::relative_error(got, want);
+    assert!(err <= 1e-5, "{what}: relative error {err:e}");
+}
+
+#[test]
+fn matmul_every_format_and_token_count() {
+    let r = runner();
+    for dtype in FORMATS {
+        // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep.
+        let (rows, cols) = (37, 300);
+        let m = matrix(dtype, rows, cols, 1);
+        let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+        for n in [1usize, 3, 8, 13] {
+            let x = random(2 + n as u64, n * cols);
+            let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
+            let d = r.builder.matmul(&gm, &xb, &yb, false);
+            r.set_step(n as u32, 0);
+            r.run(&d, n as u32, 1).unwrap();
+            let got = r.read_f32(&yb, n * rows).unwrap();
+            assert_close(&format!("{dtype:?} n={n}"), &got, &cpu::matmul(&m, &x, n));
+        }
+    }
+}
+
+#[test]
+fn matmul_accumulates_and_computes_fixed_slots() {
+    let r = runner();
+    let (rows, cols, n) = (21, 70, 5);
+    let m = matrix(DType::BF16, rows, cols, 3);
+    let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+    let x = random(4, n * cols);
+    let base = random(5, n * rows);
+    let (xb, yb) = (r.f32_buffer(&x), r.f32_buffer(&base));
+    r.set_step(n as u32, 0);
+    r.run(&r.builder.matmul(&gm, &xb, &yb, true), n as u32, 1).unwrap();
+    let mut want = cpu::matmul(&m, &x, n);
+    cpu::add_in_place(&mut want, &base);
+    assert_close("accumulate", &r.read_f32(&yb, n * rows).unwrap(), &want);
+
+    // Only the first slot (the last position's logits are computed from a one-row input).
+    let yb = r.zeros(rows).unwrap();
+    let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+    r.run(&r.builder.matmul_shaped(&gm, last, &xb, &yb, None), n as u32, 1).unwrap();
+    assert_close("fixed slot", &r.read_f32(&yb, rows).unwrap(), &cpu::matmul(&m, &x[..cols], 1));
+}
+
+#[test]
+fn expert_matmul_reads_expert_ids_from_the_gpu() {
+    let r = runner();
+    for dtype in FORMATS {
+        let (experts, rows, cols, k, n) = (5, 19, 150, 3, 4);
+        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
+        let gm = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()).unwrap();
+        let ids: Vec<u32> = (0..n * k).map(|s| ((s * 3 + 1) % experts) as u32).collect();
+        let x = random(20, n * cols);
+        let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
+        // gate/up form: slot s reads its token's row s / k.
+        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
+        r.set_step(n as u32, 0);
+        r.run(&d, n as u32, 1).unwrap();
+        let got = r.read_f32(&yb, n * k * rows).unwrap();
+        let want: Vec<f32> = (0..n * k)
+            .flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1))
+            .collect();
+        assert_close(&format!("{dtype:?} experts"), &got, &want);
+    }
+}
+
+#[test]
+fn rmsnorm_and_silu_mul() {
+    let r = runner();
+    let (dim, n) = (203, 3);
+    let x = random(30, n * dim);
+    let w = random(31, dim);
+    let (xb, wb, yb) = (r.f32_buffer(&x), r.f32_buffer(&w), r.zeros(n * dim).unwrap());
+    r.set_step(n as u32, 0);
+    r.run(&r.builder.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false), n as u32, 1).unwrap();
+    let mut want = x.clone();
+    cpu::rms_norm(&mut want, &w, 1e-6);
+    assert_close("rmsnorm", &r.read_f32(&yb, n * dim).unwrap(), &want);
+
+    let up = random(32, n * dim);
+    let (gb, ub) = (r.f32_buffer(&x), r.f32_buffer(&up));
+    r.run(&r.builder.silu_mul(dim, &gb, &ub), n as u32, 1).unwrap();
+    let mut want = x.clone();
+    cpu::silu_mul(&mut want, &up);
+    assert_close("silu_mul", &r.read_f32(&gb, n * dim).unwrap(), &want);
+}
+
+#[test]
+fn router_matches_the_cpu_rules() {
+    let r = runner();
+    let configs = [
+        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5, 256),
+        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 4, true, 1.0, 20),
+        (ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0, 64),
+        (ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, 4, 2, 3, false, 16.0, 36),
+    ];
+    for (i, &(scoring, method, n_group, topk_group, top_k, normalize, scaling, experts)) in configs.iter().enumerate() {
+        let p = RouterParams { scoring, method, n_group, topk_group, top_k, normalize, scaling };
+        let n = 5;
+        let mut logits: Vec<f32> = random(40 + i as u64, n * experts).iter().map(|v| v * 4.0).collect();
+        // Token 4: all logits equal, so every choice is a tie broken by index.
+        logits[4 * experts..].iter_mut().for_each(|v| *v = 0.25);
+        let bias: Option<Vec<f32>> = (method == TopkMethod::NoauxTc).then(|| random(50 + i as u64, experts).iter().map(|v| v * 0.6).collect());
+        let lb = r.f32_buffer(&logits);
+        let bb = bias.as_ref().map(|b| r.f32_buffer(b));
+        let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
+        r.set_step(n as u32, 0);
+        r.run(&r.builder.router(&p, experts, &lb, bb.as_ref(), &ib, &wb), n as u32, 1).unwrap();
+        let ids = r.read_u32(&ib, n * top_k).unwrap();
+        let weights = r.read_f32(&wb, n * top_k).unwrap();
+        for t in 0..n {
+            let want = route(&logits[t * experts..][..experts], bias.as_deref(), &p);
+            let want_ids: Vec<u32> = want.iter().map(|w| w.0 as u32).collect();
+            assert_eq!(&ids[t * top_k..][..top_k], &want_ids[..], "config {i} token {t}: expert ids");
+            for (j, w) in want.iter().enumerate() {
+                assert!((weights[t * top_k + j] - w.1).abs() <= 1e-5 * w.1.abs().max(1.0), "config {i} token {t}: weight {j}");
+            }
+        }
+    }
+}
