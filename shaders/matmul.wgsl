@@ -36,16 +36,36 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let s0 = wid.z * TILE;
     let expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
     var acc: array<f32, 32>; // ROWS * TILE
-    for (var c = lane; c < COLS; c += WG) {
-        var xs: array<f32, 8>;
-        for (var t = 0u; t < TILE; t++) {
-            let s = min(s0 + t, slots - 1u);
-            xs[t] = x[(s / p.x_div) * COLS + c];
-        }
-        for (var rr = 0u; rr < ROWS; rr++) {
-            let w = weight(expert, min(r0 + rr, wl.rows - 1u), c);
+    if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
+        // Whole words per lane step: one load and decode give ELEMS weights.
+        for (var wi = lane; wi < COLS / ELEMS; wi += WG) {
+            var xs: array<vec4<f32>, 8>;
             for (var t = 0u; t < TILE; t++) {
-                acc[rr * TILE + t] += w * xs[t];
+                let base = (min(s0 + t, slots - 1u) / p.x_div) * COLS + wi * ELEMS;
+                var v = vec4<f32>(x[base], 0.0, 0.0, 0.0);
+                if (ELEMS >= 2u) { v.y = x[base + 1u]; }
+                if (ELEMS == 4u) { v.z = x[base + 2u]; v.w = x[base + 3u]; }
+                xs[t] = v;
+            }
+            for (var rr = 0u; rr < ROWS; rr++) {
+                let w = weight_word(expert, min(r0 + rr, wl.rows - 1u), wi);
+                for (var t = 0u; t < TILE; t++) {
+                    acc[rr * TILE + t] += dot(w, xs[t]);
+                }
+            }
+        }
+    } else {
+        for (var c = lane; c < COLS; c += WG) {
+            var xs: array<f32, 8>;
+            for (var t = 0u; t < TILE; t++) {
+                let s = min(s0 + t, slots - 1u);
+                xs[t] = x[(s / p.x_div) * COLS + c];
+            }
+            for (var rr = 0u; rr < ROWS; rr++) {
+                let w = weight(expert, min(r0 + rr, wl.rows - 1u), c);
+                for (var t = 0u; t < TILE; t++) {
+                    acc[rr * TILE + t] += w * xs[t];
+                }
             }
         }
     }

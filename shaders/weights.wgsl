@@ -36,6 +36,43 @@ fn fp8_e4m3(code: u32) -> f32 {
     return bitcast<f32>(((code & 0x80u) << 24u) | ((e + 120u) << 23u) | (m << 20u));
 }
 
+// Branch-free e4m3fn decoding of one code: (8 + m) * 2^(e - 10) for normals, m * 2^-9 for
+// subnormals, exact either way (no reliance on f32 denormals); 0x7f/0xff are NaN.
+fn fp8_fast(code: u32) -> f32 {
+    let e = (code >> 3u) & 0xfu;
+    let m = code & 7u;
+    let magnitude = ldexp(f32(m + select(0u, 8u, e != 0u)), i32(max(e, 1u)) - 10);
+    let v = select(magnitude, -magnitude, (code & 0x80u) != 0u);
+    return select(v, bitcast<f32>(0x7fc00000u), (code & 0x7fu) == 0x7fu);
+}
+
+// Elements per u32 word for this FORMAT.
+override ELEMS: u32 = select(select(2u, 4u, FORMAT == 3u), 1u, FORMAT == 0u);
+
+// The ELEMS elements of word `wi` of row r of expert e (unused lanes of the vec4 are 0).
+// Requires rows that start on a word boundary (cols % ELEMS == 0).
+fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
+    let first = e * wl.expert_stride + r * wl.cols + wi * ELEMS;
+    let word = weights[first / ELEMS];
+    switch FORMAT {
+        case 1u: {
+            return vec4<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), 0.0, 0.0);
+        }
+        case 2u: {
+            return vec4<f32>(unpack2x16float(word), 0.0, 0.0);
+        }
+        case 3u: {
+            let c = wi * 4u;
+            let s = scales[e * wl.scale_expert_stride + (r / wl.block_rows) * wl.grid_cols + c / wl.block_cols];
+            return vec4<f32>(fp8_fast(word & 0xffu), fp8_fast((word >> 8u) & 0xffu),
+                             fp8_fast((word >> 16u) & 0xffu), fp8_fast(word >> 24u)) * s;
+        }
+        default: {
+            return vec4<f32>(bitcast<f32>(word), 0.0, 0.0, 0.0);
+        }
+    }
+}
+
 fn weight(e: u32, r: u32, c: u32) -> f32 {
     let i = e * wl.expert_stride + r * wl.cols + c;
     switch FORMAT {

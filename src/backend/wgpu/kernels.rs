@@ -23,6 +23,8 @@ pub enum Kernel {
     SiluMul,
     MoeCombine,
     Argmax,
+    /// Benchmarks' bandwidth reference.
+    StreamRead,
 }
 
 impl Kernel {
@@ -41,6 +43,7 @@ impl Kernel {
             Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),
             Kernel::MoeCombine => (include_str!("../../../shaders/moe_combine.wgsl"), "main", false),
             Kernel::Argmax => (include_str!("../../../shaders/argmax.wgsl"), "main", false),
+            Kernel::StreamRead => (include_str!("../../../shaders/stream_read.wgsl"), "main", false),
         }
     }
 }

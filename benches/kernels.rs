@@ -1,0 +1,88 @@
+//! Kernel benchmarks on the default adapter (`cargo bench --bench kernels`; `WGPU_ADAPTER_NAME`
+//! picks another). Each figure is effective bandwidth (weight bytes read per second) and its
+//! fraction of a plain streaming-read kernel measured on the same adapter in the same run.
+
+use dsrun::backend::wgpu::kernels::Kernel;
+use dsrun::backend::wgpu::runner::OpRunner;
+use dsrun::backend::wgpu::{context, tensors::GpuMatrix};
+use dsrun::config::{ScoringFunc, TopkMethod};
+use dsrun::device::GpuChoice;
+use dsrun::model::router::RouterParams;
+use dsrun::model::weights::Matrix;
+use dsrun::quant::DType;
+
+fn values(n: usize) -> Vec<f32> {
+    let mut s = 0x2545F4914F6CDD1Du64;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let ctx = context::open(GpuChoice::Auto).expect("a GPU adapter");
+    println!("adapter: {}", ctx.describe());
+    let r = OpRunner::new(ctx).unwrap();
+    let reps = if quick { 3 } else { 10 };
+
+    // Bandwidth reference: stream 64 MiB.
+    let words = 16 << 20;
+    let src = r.u32_buffer(&vec![1u32; words]);
+    let lanes = 64 * 1024;
+    let sums = r.zeros(lanes).unwrap();
+    let p = r.builder.params("stream", &[words as u32, 0, 0, 0]);
+    let d = r.builder.dispatch(Kernel::StreamRead, None, &[&p, &src, &sums], Box::new(move |_| [1024, 1, 1]));
+    let seconds = r.time(&d, 1, reps).unwrap();
+    let stream = (words * 4) as f64 / seconds / 1e9;
+    println!("stream read 64 MiB: {stream:.2} GB/s (reference)");
+    println!("{:<34} {:>10} {:>9} {:>8}", "kernel", "time", "GB/s", "of ref");
+
+    let (rows, cols) = if quick { (1024, 2048) } else { (4096, 4096) };
+    let w = values(rows * cols);
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3] {
+        let m = Matrix::from_values("bench", rows, cols, dtype, &w, (128, 128));
+        let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+        for n in [1usize, 16] {
+            let x = r.f32_buffer(&values(n * cols));
+            let y = r.zeros(n * rows).unwrap();
+            let d = r.builder.matmul(&gm, &x, &y, false);
+            r.set_step(n as u32, 0);
+            let t = r.time(&d, n as u32, reps).unwrap();
+            let gbs = gm.bytes as f64 / t / 1e9;
+            let what = if n == 1 { "mat-vec (decode)" } else { "matmul 16 tokens" };
+            println!(
+                "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%   {:.2} GFLOP/s",
+                format!("{what} {dtype:?} {rows}x{cols}"),
+                t * 1e3,
+                gbs,
+                100.0 * gbs / stream,
+                2.0 * (rows * cols * n) as f64 / t / 1e9
+            );
+        }
+    }
+
+    // DeepSeek-V3's router: 256 experts in 8 groups, keep 4 groups, 8 experts per token.
+    let p = RouterParams {
+        scoring: ScoringFunc::Sigmoid,
+        method: TopkMethod::NoauxTc,
+        n_group: 8,
+        topk_group: 4,
+        top_k: 8,
+        normalize: true,
+        scaling: 2.5,
+    };
+    for n in [1usize, 64] {
+        let logits = r.f32_buffer(&values(n * 256));
+        let bias = r.f32_buffer(&values(256));
+        let (ids, wts) = (r.zeros(n * 8).unwrap(), r.zeros(n * 8).unwrap());
+        let d = r.builder.router(&p, 256, &logits, Some(&bias), &ids, &wts);
+        r.set_step(n as u32, 0);
+        let t = r.time(&d, n as u32, reps).unwrap();
+        println!("{:<34} {:>8.3}ms", format!("router V3 shape, {n} tokens"), t * 1e3);
+    }
+}
