@@ -48,20 +48,20 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
 #[test]
 fn matmul_every_format_and_token_count() {
     let r = runner();
+    // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
+    // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
+    let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
     for dtype in FORMATS {
-        // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
-        // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
-        for (rows, cols, n) in [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)] {
-        let m = matrix(dtype, rows, cols, 1);
-        let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
-        {
+        for (rows, cols, n) in cases {
+            let m = matrix(dtype, rows, cols, 1);
+            let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
             let x = random(2 + n as u64, n * cols);
             let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
             let d = r.builder.matmul(&gm, &xb, &yb, false);
             r.set_step(n as u32, 0);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
-            assert_close(&format!("{dtype:?} n={n}"), &got, &cpu::matmul(&m, &x, n));
+            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}"), &got, &cpu::matmul(&m, &x, n));
         }
     }
 }
