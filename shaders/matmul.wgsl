@@ -8,9 +8,11 @@
 // COLS, TILE and USE_IDS are pipeline constants: constant loop bounds compile far better.
 
 const WG: u32 = 64u;
-const ROWS: u32 = 4u;
 override COLS: u32;
 override TILE: u32 = 1u;
+// Output rows per workgroup: more for decode (fewer, fatter workgroups), fewer for prefill tiles
+// (ROWS * TILE accumulators per lane, at most 32).
+override ROWS: u32 = 4u;
 override USE_IDS: u32 = 0u;
 
 struct Params {

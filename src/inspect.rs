@@ -44,6 +44,29 @@ pub fn count_params(config: &ModelConfig, w: &Weights) -> ParamCounts {
     ParamCounts { total, active: total - inactive }
 }
 
+/// Weight bytes one decode step reads in the stored formats: every matrix but the embedding
+/// (one row) and the routed experts (`num_experts_per_tok` of them per MoE layer).
+pub fn active_weight_bytes(config: &ModelConfig, w: &Weights) -> u64 {
+    let m = |x: &Matrix| x.stored_bytes() as u64;
+    let mlp = |x: &Mlp| m(&x.gate) + m(&x.up) + m(&x.down);
+    let mut total = m(&w.lm_head) + (w.embed.stored_bytes() / w.embed.rows) as u64;
+    for layer in &w.layers {
+        let a = &layer.attention;
+        total += m(&a.kv_a) + m(&a.kv_b) + m(&a.o);
+        total += match &a.q {
+            QueryProjection::LowRank { a, b, .. } => m(a) + m(b),
+            QueryProjection::Direct(q) => m(q),
+        };
+        total += match &layer.ffn {
+            FeedForward::Dense(d) => mlp(d),
+            FeedForward::Moe(moe) => {
+                m(&moe.router) + moe.shared.as_ref().map_or(0, mlp) + mlp(&moe.experts[0]) * config.num_experts_per_tok as u64
+            }
+        };
+    }
+    total
+}
+
 pub fn human_count(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),

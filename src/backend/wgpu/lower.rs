@@ -57,9 +57,11 @@ struct MatmulParams {
     accumulate: u32,
 }
 
-/// Output rows per matmul workgroup and slots per prefill tile (ROWS and TILE in matmul.wgsl).
-const MATMUL_ROWS: u32 = 4;
-const PREFILL_TILE: u32 = 8;
+/// Matmul variants (ROWS x TILE in matmul.wgsl): output rows per workgroup x slots per workgroup.
+/// Single-slot work (decode, routed experts) takes many rows per workgroup: per-workgroup cost
+/// dominates small mat-vecs, most of all on software adapters.
+const DECODE_VARIANT: (u32, u32) = (16, 1);
+const PREFILL_VARIANT: (u32, u32) = (4, 8);
 const MAX_DISPATCH: u32 = 65535;
 
 fn split(groups: u32) -> [u32; 2] {
@@ -138,9 +140,14 @@ impl Builder {
         );
         let ids = ids.unwrap_or(&self.dummy);
         let buffers = [&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids];
-        let row_groups = (w.rows as u32).div_ceil(MATMUL_ROWS);
-        let variant = |tile: u32| {
-            let overrides = [("COLS", w.cols as f64), ("TILE", tile as f64), ("USE_IDS", shape.use_ids as u32 as f64)];
+        let variant = |(rows_per_group, tile): (u32, u32)| {
+            let row_groups = (w.rows as u32).div_ceil(rows_per_group);
+            let overrides = [
+                ("COLS", w.cols as f64),
+                ("ROWS", rows_per_group as f64),
+                ("TILE", tile as f64),
+                ("USE_IDS", shape.use_ids as u32 as f64),
+            ];
             let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
             let grid: Grid = Box::new(move |n| {
                 let slots = fixed.unwrap_or(n * per_token);
@@ -150,10 +157,10 @@ impl Builder {
             self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
         };
         if shape.use_ids || shape.fixed_slots.is_some() {
-            return variant(1);
+            return variant(DECODE_VARIANT);
         }
-        let mut d = variant(PREFILL_TILE);
-        d.decode = Some(Box::new(variant(1)));
+        let mut d = variant(PREFILL_VARIANT);
+        d.decode = Some(Box::new(variant(DECODE_VARIANT)));
         d
     }
 

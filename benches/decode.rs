@@ -1,0 +1,61 @@
+//! Decode and prefill speed of a checkpoint on one backend, fed token ids (no tokenizer needed):
+//!
+//!   cargo bench --bench decode -- MODEL_DIR [--gpu auto|cpu|vulkan|...] [-p 64] [-n 32]
+//!
+//! Reports tok/s and the bound that decode is held to: active weight bytes per token divided by
+//! the adapter's streaming-read bandwidth (`cargo bench --bench kernels` measures it).
+
+use clap::Parser;
+use dsrun::device::{open_engine, GpuChoice};
+use dsrun::inspect::{active_weight_bytes, human_bytes};
+use dsrun::model::{Logits, Model};
+use std::time::Instant;
+
+#[derive(Parser)]
+struct Args {
+    model: std::path::PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    gpu: GpuChoice,
+    #[arg(short = 'p', default_value_t = 64)]
+    prompt: usize,
+    #[arg(short = 'n', default_value_t = 32)]
+    n: usize,
+    /// cargo passes --bench to bench targets.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
+    let active = active_weight_bytes(&model.config, &model.weights);
+    let vocab = model.config.vocab_size as u32;
+    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1).unwrap();
+    println!("{} on {}", args.model.display(), engine.device_name());
+    let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
+
+    // Warm-up (first dispatches compile on lazy drivers), then measure.
+    engine.forward(&prompt[..4.min(prompt.len())], Logits::Last).unwrap();
+    engine.forward_greedy(&[1]).unwrap();
+    engine.reset();
+
+    let started = Instant::now();
+    let mut next = engine.forward_greedy(&prompt).unwrap();
+    let prefill = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    for _ in 0..args.n {
+        next = engine.forward_greedy(&[next]).unwrap();
+    }
+    let decode = started.elapsed().as_secs_f64() / args.n as f64;
+    println!("prefill {} tokens: {:.1} tok/s", args.prompt, args.prompt as f64 / prefill);
+    println!(
+        "decode: {:.2} tok/s ({:.1} ms/token); active weights {} per token -> {:.2} GB/s effective",
+        1.0 / decode,
+        decode * 1e3,
+        human_bytes(active),
+        active as f64 / decode / 1e9
+    );
+    if let Some(c) = engine.counters() {
+        println!("{c}");
+    }
+}
