@@ -16,6 +16,8 @@ struct Args {
     model: std::path::PathBuf,
     #[arg(long, value_enum, default_value = "auto")]
     gpu: GpuChoice,
+    #[arg(long, value_enum, default_value = "keep")]
+    quant: dsrun::quant::QuantTarget,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -30,7 +32,7 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights);
     let vocab = model.config.vocab_size as u32;
-    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1).unwrap();
+    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, args.quant).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
 

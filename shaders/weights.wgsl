@@ -2,8 +2,11 @@
 //
 // A matrix is `rows x cols` elements, row-major, packed little-endian into u32 words; stacked
 // experts follow each other `expert_stride` elements apart. FORMAT picks the element type:
-//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scales[block]).
-// FP8 scales form a `[ceil(rows/block_rows), grid_cols]` grid per expert, `scale_expert_stride` apart.
+//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scales[block]),
+//   4 = q8: int8 codes with a scale per 1x32 block (W = q * s),
+//   5 = q4: 4-bit codes, 8 per word low nibble first, with (scale, min) per 1x32 block (W = q * s + m).
+// Scales form a `[ceil(rows/block_rows), grid_cols]` grid per expert (q4: pairs), `scale_expert_stride`
+// values apart.
 
 override FORMAT: u32 = 0u;
 
@@ -46,15 +49,34 @@ fn fp8_fast(code: u32) -> f32 {
     return select(v, bitcast<f32>(0x7fc00000u), (code & 0x7fu) == 0x7fu);
 }
 
-// Elements per u32 word for this FORMAT.
-override ELEMS: u32 = select(select(2u, 4u, FORMAT == 3u), 1u, FORMAT == 0u);
+// Elements per lane step of the matmul: a word of f32/bf16/f16, four bytes of FP8/q8, four
+// nibbles (half a word) of q4.
+override ELEMS: u32 = select(select(2u, 4u, FORMAT >= 3u), 1u, FORMAT == 0u);
 
-// The ELEMS elements of word `wi` of row r of expert e (unused lanes of the vec4 are 0).
-// Requires rows that start on a word boundary (cols % ELEMS == 0).
+fn signed_byte(word: u32, shift: u32) -> f32 {
+    return f32(bitcast<i32>(word << (24u - shift)) >> 24u);
+}
+
+fn block_scale_index(e: u32, r: u32, c: u32) -> u32 {
+    return e * wl.scale_expert_stride + (r / wl.block_rows) * wl.grid_cols + c / wl.block_cols;
+}
+
+// The ELEMS elements from step `wi` of row r of expert e (unused lanes of the vec4 are 0).
+// Requires rows that start on a step boundary (cols % ELEMS == 0) and blocks of whole steps.
 fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
     let first = e * wl.expert_stride + r * wl.cols + wi * ELEMS;
+    if (FORMAT == 5u) {
+        let word = weights[first >> 3u] >> ((first & 7u) * 4u);
+        let q = vec4<f32>(f32(word & 0xfu), f32((word >> 4u) & 0xfu), f32((word >> 8u) & 0xfu), f32((word >> 12u) & 0xfu));
+        let g = e * wl.scale_expert_stride + 2u * ((r / wl.block_rows) * wl.grid_cols + (wi * 4u) / wl.block_cols);
+        return q * scales[g] + scales[g + 1u];
+    }
     let word = weights[first / ELEMS];
     switch FORMAT {
+        case 4u: {
+            let s = scales[block_scale_index(e, r, wi * 4u)];
+            return vec4<f32>(signed_byte(word, 0u), signed_byte(word, 8u), signed_byte(word, 16u), signed_byte(word, 24u)) * s;
+        }
         case 1u: {
             return vec4<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), 0.0, 0.0);
         }
@@ -62,8 +84,7 @@ fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
             return vec4<f32>(unpack2x16float(word), 0.0, 0.0);
         }
         case 3u: {
-            let c = wi * 4u;
-            let s = scales[e * wl.scale_expert_stride + (r / wl.block_rows) * wl.grid_cols + c / wl.block_cols];
+            let s = scales[block_scale_index(e, r, wi * 4u)];
             return vec4<f32>(fp8_fast(word & 0xffu), fp8_fast((word >> 8u) & 0xffu),
                              fp8_fast((word >> 16u) & 0xffu), fp8_fast(word >> 24u)) * s;
         }
@@ -85,8 +106,15 @@ fn weight(e: u32, r: u32, c: u32) -> f32 {
         }
         case 3u: {
             let code = (weights[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
-            let s = e * wl.scale_expert_stride + (r / wl.block_rows) * wl.grid_cols + c / wl.block_cols;
-            return fp8_e4m3(code) * scales[s];
+            return fp8_e4m3(code) * scales[block_scale_index(e, r, c)];
+        }
+        case 4u: {
+            return signed_byte(weights[i >> 2u], (i & 3u) * 8u) * scales[block_scale_index(e, r, c)];
+        }
+        case 5u: {
+            let q = f32((weights[i >> 3u] >> ((i & 7u) * 4u)) & 0xfu);
+            let g = e * wl.scale_expert_stride + 2u * ((r / wl.block_rows) * wl.grid_cols + c / wl.block_cols);
+            return q * scales[g] + scales[g + 1u];
         }
         default: {
             return bitcast<f32>(weights[i]);

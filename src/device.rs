@@ -4,6 +4,7 @@ use crate::backend::wgpu::{context, GpuModel};
 use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::quant::QuantTarget;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuChoice {
@@ -20,22 +21,29 @@ pub enum GpuChoice {
 }
 
 /// Opens the engine for `choice` with room for `capacity` tokens of context.
-pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize) -> Result<Box<dyn Engine>> {
+/// `quant` applies to GPU engines; the CPU reference always computes with the weights as stored.
+pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, quant: QuantTarget) -> Result<Box<dyn Engine>> {
+    let cpu = |model: Model| -> Result<Box<dyn Engine>> {
+        if quant != QuantTarget::Keep {
+            return Err(Error::Invalid("--quant applies to GPU backends; the CPU reference keeps the stored weights".into()));
+        }
+        Ok(Box::new(CpuEngine::new(model, capacity)))
+    };
     match choice {
-        GpuChoice::Cpu => Ok(Box::new(CpuEngine::new(model, capacity))),
+        GpuChoice::Cpu => cpu(model),
         GpuChoice::Cuda => Err(Error::Invalid(
             "--gpu cuda: this build has no CUDA backend yet; use --gpu auto (wgpu: Vulkan/Metal/DX12/GL) or --gpu cpu".into(),
         )),
         GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
             eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
-            Ok(Box::new(CpuEngine::new(model, capacity)))
+            cpu(model)
         }
         _ => {
             let ctx = context::open(choice)?;
             if choice == GpuChoice::Auto {
                 log::info!("--gpu auto chose {}", ctx.describe());
             }
-            Ok(Box::new(GpuModel::new(ctx, &model, capacity)?))
+            Ok(Box::new(GpuModel::new(ctx, &model, capacity, quant)?))
         }
     }
 }

@@ -8,6 +8,7 @@ use dsrun::error::{Error, Result};
 use dsrun::generate::{generate, StopReason};
 use dsrun::model::{Logits, Model};
 use dsrun::engine::Engine;
+use dsrun::quant::QuantTarget;
 use dsrun::sample::{Sampler, SamplerConfig};
 use dsrun::tokenizer::Tokenizer;
 use std::io::Write;
@@ -49,6 +50,10 @@ struct DeviceArgs {
     /// Compute device.
     #[arg(long, value_enum, default_value = "auto")]
     gpu: GpuChoice,
+    /// Weight format on the GPU: keep the checkpoint's (bf16, FP8 + block scales, ...), or convert
+    /// at load to f16, q8 (int8, a scale per 32) or q4 (4-bit, scale and min per 32).
+    #[arg(long, value_enum, default_value = "keep")]
+    quant: QuantTarget,
 }
 
 #[derive(Args)]
@@ -136,11 +141,11 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
     }
 }
 
-fn load(dir: &Path, gpu: GpuChoice, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
+fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
     let started = Instant::now();
     let model = Model::load(dir)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
-    let engine = open_engine(gpu, model, capacity)?;
+    let engine = open_engine(device.gpu, model, capacity, device.quant)?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
     Ok(engine)
 }
@@ -158,7 +163,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let started = Instant::now();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let tokenizer = Tokenizer::load(&dir, &config)?;
-    let mut engine = load(&dir, args.device.gpu, args.ctx.map(|c| c as usize))?;
+    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
     let load_seconds = started.elapsed().as_secs_f64();
     let prompt = tokenizer.encode(&args.prompt)?;
 
@@ -182,7 +187,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
 fn run_logits(args: LogitsArgs) -> Result<()> {
     let dir = model_dir(&args.model);
-    let mut engine = load(&dir, args.device.gpu, Some(args.tokens.len()))?;
+    let mut engine = load(&dir, &args.device, Some(args.tokens.len()))?;
     let logits = engine.forward(&args.tokens, Logits::All)?;
     let vocab = engine.config().vocab_size;
     dsrun::npy::write_f32(&args.out, &[args.tokens.len(), vocab], &logits)?;

@@ -6,21 +6,42 @@
 
 use std::sync::OnceLock;
 
-/// Element types a checkpoint tensor may have (the subset dsrun reads).
+/// Element types of weight matrices: the checkpoint formats dsrun reads, plus the two formats it
+/// quantises to at load (`--quant q8|q4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     F16,
     BF16,
     F8E4M3,
+    /// int8 codes, one byte each, with an f32 scale per group of 32 columns: `w = q * s`.
+    Q8,
+    /// 4-bit codes packed two per byte (element i in the low nibble when i is even), with an
+    /// interleaved f32 (scale, min) pair per group of 32 columns: `w = q * s + m`.
+    Q4,
+}
+
+/// Columns per quantisation group of the q8/q4 formats.
+pub const GROUP: usize = 32;
+
+/// What `--quant` makes of weight matrices when they are loaded onto a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum QuantTarget {
+    /// The checkpoint's own format (FP8 stays FP8 with its block scales).
+    #[default]
+    Keep,
+    F16,
+    Q8,
+    Q4,
 }
 
 impl DType {
+    /// Bytes per element of the float formats (q4 packs two elements per byte).
     pub fn size_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::F8E4M3 => 1,
+            DType::F8E4M3 | DType::Q8 | DType::Q4 => 1,
         }
     }
 
@@ -30,6 +51,8 @@ impl DType {
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::F8E4M3 => "F8_E4M3",
+            DType::Q8 => "Q8",
+            DType::Q4 => "Q4",
         }
     }
 }
@@ -82,6 +105,12 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
                 *o = table[b as usize];
             }
         }
+        DType::Q8 => {
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = b as i8 as f32;
+            }
+        }
+        DType::Q4 => unreachable!("q4 rows are decoded with their group scales (Matrix::decode_row)"),
     }
 }
 
@@ -171,7 +200,48 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
         DType::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F8E4M3 => values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect(),
+        DType::Q8 | DType::Q4 => unreachable!("q8/q4 need group scales: quantize_q8 / quantize_q4"),
     }
+}
+
+/// q8 of a `[rows, cols]` matrix: (codes, one scale per group of 32 columns of each row).
+pub fn quantize_q8(values: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let groups = cols.div_ceil(GROUP);
+    let mut codes = vec![0u8; rows * cols];
+    let mut scales = vec![0f32; rows * groups];
+    for r in 0..rows {
+        for g in 0..groups {
+            let span = r * cols + g * GROUP..r * cols + ((g + 1) * GROUP).min(cols);
+            let amax = values[span.clone()].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            scales[r * groups + g] = scale;
+            for i in span {
+                codes[i] = (values[i] / scale).round().clamp(-127.0, 127.0) as i8 as u8;
+            }
+        }
+    }
+    (codes, scales)
+}
+
+/// q4 of a `[rows, cols]` matrix: (packed codes, interleaved (scale, min) per group of 32 columns).
+pub fn quantize_q4(values: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let groups = cols.div_ceil(GROUP);
+    let mut codes = vec![0u8; (rows * cols).div_ceil(2)];
+    let mut params = vec![0f32; rows * groups * 2];
+    for r in 0..rows {
+        for g in 0..groups {
+            let span = r * cols + g * GROUP..r * cols + ((g + 1) * GROUP).min(cols);
+            let (lo, hi) = values[span.clone()].iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let scale = if hi > lo { (hi - lo) / 15.0 } else { 1.0 };
+            params[(r * groups + g) * 2] = scale;
+            params[(r * groups + g) * 2 + 1] = lo;
+            for i in span {
+                let q = ((values[i] - lo) / scale).round().clamp(0.0, 15.0) as u8;
+                codes[i / 2] |= q << ((i % 2) * 4);
+            }
+        }
+    }
+    (codes, params)
 }
 
 /// Block-quantises a `[rows, cols]` matrix to e4m3 codes with one scale per block (the block's

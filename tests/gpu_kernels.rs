@@ -16,7 +16,7 @@ use dsrun::model::router::{route, RouterParams};
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
 
-const FORMATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3];
+const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 
 fn runner() -> OpRunner {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");

@@ -10,7 +10,7 @@ use dsrun::model::{Logits, Model};
 
 fn gpu(model: &Model, capacity: usize) -> GpuModel {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-    GpuModel::new(ctx, model, capacity).unwrap()
+    GpuModel::new(ctx, model, capacity, dsrun::quant::QuantTarget::Keep).unwrap()
 }
 
 #[test]

@@ -28,17 +28,28 @@ pub struct Matrix {
     pub cols: usize,
     pub dtype: DType,
     pub data: TensorBytes,
-    /// Present exactly when `dtype` is FP8.
+    /// FP8: block scales; q8: a scale per group; q4: (scale, min) pairs per group.
     pub scales: Option<BlockScales>,
 }
 
 impl Matrix {
-    /// Decodes row `r` to f32 (FP8 rows come out with their block scales applied).
+    /// Decodes row `r` to f32 (FP8 rows come out with their block scales applied, q8/q4 rows
+    /// with their group scales).
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.cols);
+        let data = self.data.as_slice();
+        if self.dtype == DType::Q4 {
+            let s = self.scales.as_ref().expect("q4 carries group parameters");
+            for (c, o) in out.iter_mut().enumerate() {
+                let i = r * self.cols + c;
+                let q = (data[i / 2] >> ((i % 2) * 4)) & 0xf;
+                let g = (r * s.grid_cols + c / s.block_cols) * 2;
+                *o = q as f32 * s.values[g] + s.values[g + 1];
+            }
+            return;
+        }
         let width = self.cols * self.dtype.size_bytes();
-        let bytes = &self.data.as_slice()[r * width..(r + 1) * width];
-        quant::decode_into(self.dtype, bytes, out);
+        quant::decode_into(self.dtype, &data[r * width..(r + 1) * width], out);
         if let Some(s) = &self.scales {
             let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
             for (block, scale) in out.chunks_mut(s.block_cols).zip(grid_row) {
@@ -47,11 +58,40 @@ impl Matrix {
         }
     }
 
+    /// This matrix converted to `target` (exact decode to f32, then re-encoded); `Keep` and
+    /// same-format conversions return it unchanged.
+    pub fn quantized(&self, target: quant::QuantTarget) -> Matrix {
+        use quant::QuantTarget as Q;
+        let dtype = match target {
+            Q::Keep => return self.clone(),
+            Q::F16 => DType::F16,
+            Q::Q8 => DType::Q8,
+            Q::Q4 => DType::Q4,
+        };
+        if dtype == self.dtype {
+            return self.clone();
+        }
+        let mut values = vec![0f32; self.rows * self.cols];
+        for (r, row) in values.chunks_mut(self.cols).enumerate() {
+            self.decode_row(r, row);
+        }
+        Matrix::from_values(&self.name, self.rows, self.cols, dtype, &values, (128, 128))
+    }
+
     /// A matrix from f32 values stored as `dtype` (FP8: block-quantised with `block` scales).
     /// For synthetic weights in tests and benchmarks.
     pub fn from_values(name: &str, rows: usize, cols: usize, dtype: DType, values: &[f32], block: (usize, usize)) -> Matrix {
         assert_eq!(values.len(), rows * cols, "{name}: values for a {rows}x{cols} matrix");
+        let groups = |values: Vec<f32>| BlockScales { block_rows: 1, block_cols: quant::GROUP, grid_cols: cols.div_ceil(quant::GROUP), values };
         let (bytes, scales) = match dtype {
+            DType::Q8 => {
+                let (codes, scales) = quant::quantize_q8(values, rows, cols);
+                (codes, Some(groups(scales)))
+            }
+            DType::Q4 => {
+                let (codes, params) = quant::quantize_q4(values, rows, cols);
+                (codes, Some(groups(params)))
+            }
             DType::F8E4M3 => {
                 let (codes, grid) = quant::quantize_fp8_blocks(values, rows, cols, block);
                 let scales = BlockScales { block_rows: block.0, block_cols: block.1, grid_cols: cols.div_ceil(block.1), values: grid };

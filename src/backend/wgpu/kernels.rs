@@ -56,6 +56,10 @@ pub enum WeightFormat {
     F16 = 2,
     /// e4m3 codes, 4 per word, with an f32 block-scale grid.
     Fp8 = 3,
+    /// int8 codes, 4 per word, with an f32 scale per 32 columns.
+    Q8 = 4,
+    /// 4-bit codes, 8 per word, with an f32 (scale, min) pair per 32 columns.
+    Q4 = 5,
 }
 
 /// (kernel, weight format, override constants as name=bits): one pipeline per distinct variant.

@@ -11,7 +11,9 @@ use crate::model::router::RouterParams;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
-use crate::model::weights::{FeedForward, Mlp, QueryProjection};
+use crate::model::weights::{FeedForward, Matrix, Mlp, QueryProjection};
+use crate::quant::QuantTarget;
+use rayon::prelude::*;
 use crate::model::{check_request, Logits, Model};
 
 /// Counters for `--verbose` stats.
@@ -70,17 +72,19 @@ struct Activations {
 
 impl GpuModel {
     /// Uploads `model`'s weights in their checkpoint formats and lowers the forward pass.
-    pub fn new(ctx: GpuContext, model: &Model, capacity: usize) -> Result<GpuModel> {
+    /// `quant` converts weight matrices at load (the router stays as stored: it is small and
+    /// routing is sensitive to it).
+    pub fn new(ctx: GpuContext, model: &Model, capacity: usize, quant: QuantTarget) -> Result<GpuModel> {
         // A shader or binding the adapter rejects becomes an error, not a panic.
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let built = Self::build(ctx, model, capacity)?;
+        let built = Self::build(ctx, model, capacity, quant)?;
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Invalid(format!("GPU: {} rejected the model's kernels: {e}", built.ctx.describe())));
         }
         Ok(built)
     }
 
-    fn build(ctx: GpuContext, model: &Model, capacity: usize) -> Result<GpuModel> {
+    fn build(ctx: GpuContext, model: &Model, capacity: usize, quant: QuantTarget) -> Result<GpuModel> {
         let c = model.config.clone();
         let w = &model.weights;
         let (d, heads) = (c.hidden_size, c.num_attention_heads);
@@ -140,11 +144,19 @@ impl GpuModel {
         let rope = Rope::new(&c);
         let inv_freq = b.vector("inv_freq", &rope.inv_freq);
         let weight_bytes = std::cell::Cell::new(0u64);
-        let up = |stack: &[&crate::model::weights::Matrix]| -> Result<GpuMatrix> {
-            let m = GpuMatrix::upload(&ctx, stack)?;
+        let progress = quant_progress(model, quant);
+        let upload = |stack: &[&Matrix], quant: QuantTarget| -> Result<GpuMatrix> {
+            let m = if quant == QuantTarget::Keep {
+                GpuMatrix::upload(&ctx, stack)?
+            } else {
+                let converted: Vec<Matrix> = stack.par_iter().map(|m| m.quantized(quant)).collect();
+                progress.inc(converted.len() as u64);
+                GpuMatrix::upload(&ctx, &converted.iter().collect::<Vec<_>>())?
+            };
             weight_bytes.set(weight_bytes.get() + m.bytes);
             Ok(m)
         };
+        let up = |stack: &[&Matrix]| upload(stack, quant);
 
         let embed = up(&[&w.embed])?;
         let mut body = vec![{
@@ -258,11 +270,11 @@ impl GpuModel {
             match &layer.ffn {
                 FeedForward::Dense(m) => mlp(m, &a.h, true, &mut body)?,
                 FeedForward::Moe(moe) => {
-                    let router = up(&[&moe.router])?;
+                    let router = upload(&[&moe.router], QuantTarget::Keep)?;
                     body.push(b.matmul(&router, &a.xn, &a.router_logits, false));
                     let bias = moe.correction_bias.as_ref().map(|v| b.vector("correction bias", v));
                     body.push(b.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights));
-                    let stack = |f: fn(&Mlp) -> &crate::model::weights::Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
+                    let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let gate = up(&stack(|m| &m.gate))?;
                     let upm = up(&stack(|m| &m.up))?;
                     let down = up(&stack(|m| &m.down))?;
@@ -286,6 +298,7 @@ impl GpuModel {
             }
         }
 
+        progress.finish_and_clear();
         let final_norm = b.vector("final norm", &w.final_norm);
         let lm_head = up(&[&w.lm_head])?;
         let head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false), b.matmul(&lm_head, &a.xn, &logits, false)];
@@ -476,4 +489,23 @@ impl Engine for GpuModel {
             crate::inspect::human_bytes(self.weight_bytes)
         ))
     }
+}
+
+/// A progress bar over the matrices `quant` converts (hidden when there is nothing to convert or
+/// stderr is not a terminal).
+fn quant_progress(model: &Model, quant: QuantTarget) -> indicatif::ProgressBar {
+    if quant == QuantTarget::Keep {
+        return indicatif::ProgressBar::hidden();
+    }
+    let c = &model.config;
+    let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
+    let per_layer = 6 + 3; // attention matrices (at most) + an MLP
+    let total = 2 + c.num_hidden_layers * per_layer + moe_layers * (3 * c.n_routed_experts);
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("quantising to {msg} {bar:40} {pos}/{len} matrices")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{quant:?}").to_lowercase());
+    bar
 }

@@ -39,6 +39,8 @@ fn format_of(dtype: DType) -> WeightFormat {
         DType::BF16 => WeightFormat::Bf16,
         DType::F16 => WeightFormat::F16,
         DType::F8E4M3 => WeightFormat::Fp8,
+        DType::Q8 => WeightFormat::Q8,
+        DType::Q4 => WeightFormat::Q4,
     }
 }
 
@@ -52,6 +54,9 @@ impl GpuMatrix {
                 "`{}` ({:?}, {}x{}) differs from `{}` ({:?}, {}x{}): experts of a layer must share shape and dtype",
                 odd.name, odd.dtype, odd.rows, odd.cols, first.name, first.dtype, first.rows, first.cols
             )));
+        }
+        if first.dtype == DType::Q4 && stack.len() > 1 && (first.rows * first.cols) % 2 == 1 {
+            return Err(Error::Invalid(format!("`{}`: q4 experts need an even element count to stack", first.name)));
         }
         let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
         let mut scales: Vec<f32> = Vec::new();

@@ -1,0 +1,60 @@
+//! `--quant f16|q8|q4` against the f32 reference on the bundled (trained) model: top-1 agreement
+//! of next-token predictions and the perplexity of a held-out text, with floors stated below.
+//! Random-weight fixtures would say little here: quantisation error matters where a model has
+//! learned something.
+
+use dsrun::backend::cpu::{argmax, softmax};
+use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::config::ModelConfig;
+use dsrun::device::GpuChoice;
+use dsrun::engine::{CpuEngine, Engine};
+use dsrun::model::{Logits, Model};
+use dsrun::quant::QuantTarget;
+use dsrun::tokenizer::Tokenizer;
+use std::path::Path;
+
+const TEXT: &str = "Return the number of bytes in the buffer. If the file is closed, raise a ValueError. \
+    The default value is None, which means that the module will use the system encoding. This function \
+    is called by the parser when a new element is found; the attributes are passed as a dictionary. \
+    Create a new instance of the class with the given arguments. The object is returned unchanged if it \
+    is already a string. Raise an exception if the path does not exist or cannot be read.";
+
+/// (top-1 agreement with the reference, perplexity of TEXT) for one engine.
+fn measure(engine: &mut dyn Engine, tokens: &[u32], reference: Option<&[f32]>) -> (Vec<f32>, f64, f64) {
+    let vocab = engine.config().vocab_size;
+    let logits = engine.forward(tokens, Logits::All).unwrap();
+    let mut nll = 0.0;
+    let mut agree = 0;
+    for (t, row) in logits.chunks(vocab).enumerate().take(tokens.len() - 1) {
+        let mut p = row.to_vec();
+        softmax(&mut p);
+        nll -= (p[tokens[t + 1] as usize] as f64).ln();
+        if let Some(r) = reference {
+            agree += (argmax(row) == argmax(&r[t * vocab..][..vocab])) as usize;
+        }
+    }
+    let n = (tokens.len() - 1) as f64;
+    (logits, agree as f64 / n, (nll / n).exp())
+}
+
+#[test]
+fn quantised_weights_keep_predictions() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let mut cpu = CpuEngine::new(Model::load(&dir).unwrap(), tokens.len());
+    let (reference, _, ppl_ref) = measure(&mut cpu, &tokens, None);
+    eprintln!("reference: perplexity {ppl_ref:.3} over {} tokens", tokens.len() - 1);
+
+    // Floors: top-1 agreement with the f32 reference, and perplexity within a relative margin.
+    for (quant, min_agree, max_ppl_change) in [(QuantTarget::F16, 0.98, 0.005), (QuantTarget::Q8, 0.92, 0.03), (QuantTarget::Q4, 0.70, 0.15)] {
+        let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+        let mut gpu = GpuModel::new(ctx, &model, tokens.len(), quant).unwrap();
+        let (_, agree, ppl) = measure(&mut gpu, &tokens, Some(&reference));
+        let change = ppl / ppl_ref - 1.0;
+        eprintln!("{quant:?}: top-1 agreement {:.1}%, perplexity {ppl:.3} ({:+.2}%)", agree * 100.0, change * 100.0);
+        assert!(agree >= min_agree, "{quant:?}: top-1 agreement {agree:.3} below {min_agree}");
+        assert!(change.abs() <= max_ppl_change, "{quant:?}: perplexity changed by {change:+.4}");
+    }
+}
