@@ -37,7 +37,7 @@ fn main() {
     let sums = r.zeros(lanes).unwrap();
     let p = r.builder.params("stream", &[words as u32, 0, 0, 0]);
     let d = r.builder.dispatch(Kernel::StreamRead, None, &[&p, &src, &sums], Box::new(move |_| [1024, 1, 1]));
-    let seconds = r.time(&d, 1, reps).unwrap();
+    let seconds = r.time(&[d], 1, reps).unwrap();
     let stream = (words * 4) as f64 / seconds / 1e9;
     println!("stream read 64 MiB: {stream:.2} GB/s (reference)");
     println!("{:<34} {:>10} {:>9} {:>8}", "kernel", "time", "GB/s", "of ref");
@@ -82,7 +82,7 @@ fn main() {
         let (ids, wts) = (r.zeros(n * 8).unwrap(), r.zeros(n * 8).unwrap());
         let d = r.builder.router(&p, 256, &logits, Some(&bias), &ids, &wts);
         r.set_step(n as u32, 0);
-        let t = r.time(&d, n as u32, reps).unwrap();
+        let t = r.time(&[d], n as u32, reps).unwrap();
         println!("{:<34} {:>8.3}ms", format!("router V3 shape, {n} tokens"), t * 1e3);
     }
 }

@@ -5,6 +5,7 @@
 // read another expert, ids[s]; TILE = 8 for prefill chunks). Consecutive lanes read consecutive
 // columns. Partial sums meet in workgroup memory behind a single barrier.
 // Slots: n_tokens * slots_per_token, or fixed_slots when set (only the last position's logits).
+// A chunk of a split matrix writes its rows at their place in y (wl.row0).
 // COLS, TILE and USE_IDS are pipeline constants: constant loop bounds compile far better.
 
 const WG: u32 = 64u;
@@ -83,7 +84,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
         let r = r0 + lane / TILE;
         let s = s0 + lane % TILE;
         if (r < wl.rows && s < slots) {
-            let o = s * wl.rows + r;
+            let o = s * wl.total_rows + wl.row0 + r;
             y[o] = select(total, y[o] + total, p.accumulate == 1u);
         }
     }

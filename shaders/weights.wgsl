@@ -10,6 +10,8 @@
 
 override FORMAT: u32 = 0u;
 
+// A matrix larger than one binding is split into row chunks: this chunk holds rows
+// row0 .. row0 + rows of a matrix of total_rows rows (one chunk: row0 = 0, total_rows = rows).
 struct WeightLayout {
     rows: u32,
     cols: u32,
@@ -18,7 +20,11 @@ struct WeightLayout {
     grid_cols: u32,
     block_rows: u32,
     block_cols: u32,
-    _pad: u32,
+    row0: u32,
+    total_rows: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> wl: WeightLayout;

@@ -52,6 +52,12 @@ impl TensorBytes {
         &(*self.map).as_ref()[self.range.clone()]
     }
 
+    /// A sub-range (relative to this tensor's bytes).
+    pub fn slice(&self, range: Range<usize>) -> TensorBytes {
+        assert!(range.end <= self.range.len(), "slice past the tensor's end");
+        TensorBytes { map: self.map.clone(), range: self.range.start + range.start..self.range.start + range.end }
+    }
+
     pub fn from_vec(bytes: Vec<u8>) -> TensorBytes {
         let range = 0..bytes.len();
         TensorBytes { map: Arc::new(bytes), range }

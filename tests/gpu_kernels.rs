@@ -118,14 +118,14 @@ fn rmsnorm_and_silu_mul() {
     let w = random(31, dim);
     let (xb, wb, yb) = (r.f32_buffer(&x), r.f32_buffer(&w), r.zeros(n * dim).unwrap());
     r.set_step(n as u32, 0);
-    r.run(&r.builder.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false), n as u32, 1).unwrap();
+    r.run(&[r.builder.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
     let mut want = x.clone();
     cpu::rms_norm(&mut want, &w, 1e-6);
     assert_close("rmsnorm", &r.read_f32(&yb, n * dim).unwrap(), &want);
 
     let up = random(32, n * dim);
     let (gb, ub) = (r.f32_buffer(&x), r.f32_buffer(&up));
-    r.run(&r.builder.silu_mul(dim, &gb, &ub), n as u32, 1).unwrap();
+    r.run(&[r.builder.silu_mul(dim, &gb, &ub)], n as u32, 1).unwrap();
     let mut want = x.clone();
     cpu::silu_mul(&mut want, &up);
     assert_close("silu_mul", &r.read_f32(&gb, n * dim).unwrap(), &want);
@@ -151,7 +151,7 @@ fn router_matches_the_cpu_rules() {
         let bb = bias.as_ref().map(|b| r.f32_buffer(b));
         let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
         r.set_step(n as u32, 0);
-        r.run(&r.builder.router(&p, experts, &lb, bb.as_ref(), &ib, &wb), n as u32, 1).unwrap();
+        r.run(&[r.builder.router(&p, experts, &lb, bb.as_ref(), &ib, &wb)], n as u32, 1).unwrap();
         let ids = r.read_u32(&ib, n * top_k).unwrap();
         let weights = r.read_f32(&wb, n * top_k).unwrap();
         for t in 0..n {
@@ -162,5 +162,31 @@ fn router_matches_the_cpu_rules() {
                 assert!((weights[t * top_k + j] - w.1).abs() <= 1e-5 * w.1.abs().max(1.0), "config {i} token {t}: weight {j}");
             }
         }
+    }
+}
+
+#[test]
+fn matrices_split_into_row_chunks_give_the_same_result() {
+    let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    // Force chunks far below any real binding limit: every matrix here becomes several chunks.
+    ctx.chunk_bytes = Some(4096);
+    let r = OpRunner::new(ctx).unwrap();
+    for dtype in FORMATS {
+        let (rows, cols, n) = (300, 96, 3);
+        let m = matrix(dtype, rows, cols, 60);
+        let gm = GpuMatrix::upload_chunked(r.ctx(), &m).unwrap();
+        assert!(gm.chunks.len() >= 2, "{dtype:?}: expected several chunks, got {}", gm.chunks.len());
+        let x = random(61, n * cols);
+        let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
+        r.set_step(n as u32, 0);
+        r.run(&r.builder.matmul(&gm, &xb, &yb, false), n as u32, 1).unwrap();
+        assert_close(&format!("{dtype:?} chunked"), &r.read_f32(&yb, n * rows).unwrap(), &cpu::matmul(&m, &x, n));
+
+        // The embedding gather reads the same chunks by token id.
+        let tokens = [0u32, 299, 128, 17];
+        let (tb, ob) = (r.u32_buffer(&tokens), r.zeros(tokens.len() * cols).unwrap());
+        r.set_step(tokens.len() as u32, 0);
+        r.run(&r.builder.embed(&gm, &tb, &ob), tokens.len() as u32, 1).unwrap();
+        assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &cpu::embed(&m, &tokens));
     }
 }

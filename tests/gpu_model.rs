@@ -43,6 +43,21 @@ fn gpu_decode_matches_cpu_token_by_token() {
 }
 
 #[test]
+fn gpu_matches_with_every_matrix_split_into_chunks() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+        // Tiny chunks stand in for tensors beyond the binding limit (V3's 1.85 GB embedding).
+        ctx.chunk_bytes = Some(2048);
+        let mut engine = GpuModel::new(ctx, &model, g.tokens.len(), dsrun::quant::QuantTarget::Keep).unwrap();
+        let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+        assert_logits_match(&format!("{family} chunked"), &logits, &g.logits, g.vocab, 1e-3);
+    }
+}
+
+#[test]
 fn gpu_greedy_reads_back_the_argmax() {
     let dir = fixture("v3_noaux");
     let g = golden(&dir);

@@ -102,6 +102,19 @@ impl Matrix {
         Matrix { name: name.into(), rows, cols, dtype, data: crate::checkpoint::TensorBytes::from_vec(bytes), scales }
     }
 
+    /// Rows `row0 .. row0 + rows` as a matrix of their own (FP8: row0 on a scale-block boundary;
+    /// q4: an even element offset).
+    pub fn row_slice(&self, row0: usize, rows: usize) -> Matrix {
+        let bits = if self.dtype == DType::Q4 { 4 } else { self.dtype.size_bytes() * 8 };
+        let (start, end) = (row0 * self.cols * bits / 8, (row0 + rows) * self.cols * bits / 8);
+        let scales = self.scales.as_ref().map(|s| {
+            let per_row = if self.dtype == DType::Q4 { 2 * s.grid_cols } else { s.grid_cols };
+            let (g0, g1) = (row0 / s.block_rows, (row0 + rows).div_ceil(s.block_rows));
+            BlockScales { values: s.values[g0 * per_row..g1 * per_row].to_vec(), ..s.clone() }
+        });
+        Matrix { name: self.name.clone(), rows, cols: self.cols, dtype: self.dtype, data: self.data.slice(start..end), scales }
+    }
+
     /// Bytes this matrix occupies in its stored format, scales included.
     pub fn stored_bytes(&self) -> usize {
         self.data.as_slice().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)

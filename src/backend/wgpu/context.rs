@@ -9,6 +9,9 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Split weight matrices into chunks of at most this many bytes (default: the binding limit).
+    /// Lowered in tests to exercise chunking on small models.
+    pub chunk_bytes: Option<u64>,
 }
 
 fn backends_for(choice: GpuChoice) -> wgpu::Backends {
@@ -75,7 +78,7 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     }))
     .map_err(|e| Error::Invalid(format!("{}: cannot open the device: {e}", info.name)))?;
     log::info!("GPU: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-    Ok(GpuContext { device, queue, info, limits })
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None })
 }
 
 fn choice_name(choice: GpuChoice) -> String {
@@ -85,6 +88,11 @@ fn choice_name(choice: GpuChoice) -> String {
 impl GpuContext {
     pub fn describe(&self) -> String {
         format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// Largest row chunk of a split weight matrix.
+    pub fn chunk_limit(&self) -> u64 {
+        self.chunk_bytes.map_or(self.max_binding(), |c| c.min(self.max_binding()))
     }
 
     /// The largest storage buffer one binding may cover.

@@ -127,8 +127,9 @@ impl Builder {
     }
 
     /// `y[s] = W_e(s) x[s / x_div]` over the step's slots, with a single-slot variant for decode
-    /// (and for routed experts, whose slots each read a different expert).
-    pub fn matmul_shaped(&self, w: &GpuMatrix, shape: MatmulShape, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: Option<&wgpu::Buffer>) -> Dispatch {
+    /// (and for routed experts, whose slots each read a different expert). One dispatch per row
+    /// chunk of the matrix.
+    pub fn matmul_shaped(&self, w: &GpuMatrix, shape: MatmulShape, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: Option<&wgpu::Buffer>) -> Vec<Dispatch> {
         let p = self.params(
             "matmul",
             &MatmulParams {
@@ -139,42 +140,65 @@ impl Builder {
             },
         );
         let ids = ids.unwrap_or(&self.dummy);
-        let buffers = [&w.layout, &w.weights, &w.scales, &p, &self.step, x, y, ids];
-        let variant = |(rows_per_group, tile): (u32, u32)| {
-            let row_groups = (w.rows as u32).div_ceil(rows_per_group);
-            let overrides = [
-                ("COLS", w.cols as f64),
-                ("ROWS", rows_per_group as f64),
-                ("TILE", tile as f64),
-                ("USE_IDS", shape.use_ids as u32 as f64),
-            ];
-            let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
-            let grid: Grid = Box::new(move |n| {
-                let slots = fixed.unwrap_or(n * per_token);
-                let [gx, gy] = split(row_groups);
-                [gx, gy, slots.div_ceil(tile)]
-            });
-            self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
-        };
-        if shape.use_ids || shape.fixed_slots.is_some() {
-            return variant(DECODE_VARIANT);
-        }
-        let mut d = variant(PREFILL_VARIANT);
-        d.decode = Some(Box::new(variant(DECODE_VARIANT)));
-        d
+        w.chunks
+            .iter()
+            .map(|chunk| {
+                let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, ids];
+                let variant = |(rows_per_group, tile): (u32, u32)| {
+                    let row_groups = (chunk.rows as u32).div_ceil(rows_per_group);
+                    let overrides = [
+                        ("COLS", w.cols as f64),
+                        ("ROWS", rows_per_group as f64),
+                        ("TILE", tile as f64),
+                        ("USE_IDS", shape.use_ids as u32 as f64),
+                    ];
+                    let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
+                    let grid: Grid = Box::new(move |n| {
+                        let slots = fixed.unwrap_or(n * per_token);
+                        let [gx, gy] = split(row_groups);
+                        [gx, gy, slots.div_ceil(tile)]
+                    });
+                    self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
+                };
+                if shape.use_ids || shape.fixed_slots.is_some() {
+                    return variant(DECODE_VARIANT);
+                }
+                let mut d = variant(PREFILL_VARIANT);
+                d.decode = Some(Box::new(variant(DECODE_VARIANT)));
+                d
+            })
+            .collect()
     }
 
     /// `y = W x` over the step's tokens (`accumulate`: `y += W x`).
-    pub fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Dispatch {
+    pub fn matmul(&self, w: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, accumulate: bool) -> Vec<Dispatch> {
         self.matmul_shaped(w, MatmulShape { accumulate, ..MatmulShape::PLAIN }, x, y, None)
     }
 
     /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
     /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
-    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
+    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Vec<Dispatch> {
         let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, accumulate: false };
         self.matmul_shaped(w, shape, x, y, Some(ids))
     }
+
+    /// Embedding rows of the step's tokens into `out`, one dispatch per row chunk of the table.
+    pub fn embed(&self, table: &GpuMatrix, tokens: &wgpu::Buffer, out: &wgpu::Buffer) -> Vec<Dispatch> {
+        let cols = table.cols as u32;
+        table
+            .chunks
+            .iter()
+            .map(|c| {
+                self.dispatch(
+                    Kernel::Embed,
+                    Some(table.format),
+                    &[&c.layout, &c.weights, &c.scales, &self.step, tokens, out],
+                    Box::new(move |n| [cols.div_ceil(64), n, 1]),
+                )
+            })
+            .collect()
+    }
+
     pub fn rmsnorm(&self, dim: usize, eps: f64, src: &wgpu::Buffer, weight: &wgpu::Buffer, dst: &wgpu::Buffer, last_row: bool) -> Dispatch {
         #[repr(C)]
         #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -157,17 +157,17 @@ impl GpuModel {
             Ok(m)
         };
         let up = |stack: &[&Matrix]| upload(stack, quant);
+        // Matrices that only matmul/embedding read may be split into row chunks.
+        let up_chunked = |m: &Matrix| -> Result<GpuMatrix> {
+            let m = if quant == QuantTarget::Keep { m.clone() } else { m.quantized(quant) };
+            progress.inc(1);
+            let gm = GpuMatrix::upload_chunked(&ctx, &m)?;
+            weight_bytes.set(weight_bytes.get() + gm.bytes);
+            Ok(gm)
+        };
 
-        let embed = up(&[&w.embed])?;
-        let mut body = vec![{
-            let dd = d as u32;
-            b.dispatch(
-                Kernel::Embed,
-                Some(embed.format),
-                &[&embed.layout, &embed.weights, &embed.scales, &step, &tokens, &a.h],
-                Box::new(move |n| [dd.div_ceil(64), n, 1]),
-            )
-        }];
+        let embed = up_chunked(&w.embed)?;
+        let mut body = b.embed(&embed, &tokens, &a.h);
 
         let eps = c.rms_norm_eps;
         let latent_eps = 1e-6; // transformers hard-codes it for q_a_layernorm / kv_a_layernorm
@@ -176,14 +176,14 @@ impl GpuModel {
             body.push(b.rmsnorm(d, eps, &a.h, &b.vector("input_norm", &layer.input_norm), &a.xn, false));
             match &at.q {
                 QueryProjection::LowRank { a: qa, norm, b: qb } => {
-                    let (qa, qb) = (up(&[qa])?, up(&[qb])?);
-                    body.push(b.matmul(&qa, &a.xn, &a.qa, false));
+                    let (qa, qb) = (up_chunked(qa)?, up_chunked(qb)?);
+                    body.extend(b.matmul(&qa, &a.xn, &a.qa, false));
                     body.push(b.rmsnorm(norm.len(), latent_eps, &a.qa, &b.vector("q_a_norm", norm), &a.qa_norm, false));
-                    body.push(b.matmul(&qb, &a.qa_norm, &a.q, false));
+                    body.extend(b.matmul(&qb, &a.qa_norm, &a.q, false));
                 }
-                QueryProjection::Direct(q) => body.push(b.matmul(&up(&[q])?, &a.xn, &a.q, false)),
+                QueryProjection::Direct(q) => body.extend(b.matmul(&up_chunked(q)?, &a.xn, &a.q, false)),
             }
-            body.push(b.matmul(&up(&[&at.kv_a])?, &a.xn, &a.kv, false));
+            body.extend(b.matmul(&up_chunked(&at.kv_a)?, &a.xn, &a.kv, false));
 
             #[repr(C)]
             #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -215,7 +215,7 @@ impl GpuModel {
             body.push(b.dispatch(
                 Kernel::QAbsorb,
                 Some(kv_b.format),
-                &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &step, &a.q, &a.q_lat],
+                &[&kv_b.single().layout, &kv_b.single().weights, &kv_b.single().scales, &ap, &step, &a.q, &a.q_lat],
                 Box::new(move |n| [l32.div_ceil(64), n * h32, 1]),
             ));
 
@@ -253,25 +253,25 @@ impl GpuModel {
             body.push(b.dispatch(
                 Kernel::VUp,
                 Some(kv_b.format),
-                &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &step, &a.o_lat, &a.o],
+                &[&kv_b.single().layout, &kv_b.single().weights, &kv_b.single().scales, &ap, &step, &a.o_lat, &a.o],
                 Box::new(move |n| [v32.div_ceil(64), n * h32, 1]),
             ));
-            body.push(b.matmul(&up(&[&at.o])?, &a.o, &a.h, true));
+            body.extend(b.matmul(&up_chunked(&at.o)?, &a.o, &a.h, true));
 
             body.push(b.rmsnorm(d, eps, &a.h, &b.vector("post_attention_norm", &layer.post_attention_norm), &a.xn, false));
             let mlp = |m: &Mlp, out: &wgpu::Buffer, accumulate: bool, body: &mut Vec<Dispatch>| -> Result<()> {
-                let (gate, upm, down) = (up(&[&m.gate])?, up(&[&m.up])?, up(&[&m.down])?);
-                body.push(b.matmul(&gate, &a.xn, &a.ffn_a, false));
-                body.push(b.matmul(&upm, &a.xn, &a.ffn_b, false));
+                let (gate, upm, down) = (up_chunked(&m.gate)?, up_chunked(&m.up)?, up_chunked(&m.down)?);
+                body.extend(b.matmul(&gate, &a.xn, &a.ffn_a, false));
+                body.extend(b.matmul(&upm, &a.xn, &a.ffn_b, false));
                 body.push(b.silu_mul(gate.rows, &a.ffn_a, &a.ffn_b));
-                body.push(b.matmul(&down, &a.ffn_a, out, accumulate));
+                body.extend(b.matmul(&down, &a.ffn_a, out, accumulate));
                 Ok(())
             };
             match &layer.ffn {
                 FeedForward::Dense(m) => mlp(m, &a.h, true, &mut body)?,
                 FeedForward::Moe(moe) => {
                     let router = upload(&[&moe.router], QuantTarget::Keep)?;
-                    body.push(b.matmul(&router, &a.xn, &a.router_logits, false));
+                    body.extend(b.matmul(&router, &a.xn, &a.router_logits, false));
                     let bias = moe.correction_bias.as_ref().map(|v| b.vector("correction bias", v));
                     body.push(b.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights));
                     let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
@@ -279,10 +279,10 @@ impl GpuModel {
                     let upm = up(&stack(|m| &m.up))?;
                     let down = up(&stack(|m| &m.down))?;
                     let k32 = k as u32;
-                    body.push(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids));
-                    body.push(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids));
+                    body.extend(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids));
+                    body.extend(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids));
                     body.push(b.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b));
-                    body.push(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids));
+                    body.extend(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids));
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }
@@ -300,11 +300,13 @@ impl GpuModel {
 
         progress.finish_and_clear();
         let final_norm = b.vector("final norm", &w.final_norm);
-        let lm_head = up(&[&w.lm_head])?;
-        let head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false), b.matmul(&lm_head, &a.xn, &logits, false)];
+        let lm_head = up_chunked(&w.lm_head)?;
+        let mut head_all = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false)];
+        head_all.extend(b.matmul(&lm_head, &a.xn, &logits, false));
         let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
         let lm_last = b.matmul_shaped(&lm_head, last, &a.xn, &logits, None);
-        let head_last = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true), lm_last];
+        let mut head_last = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true)];
+        head_last.extend(lm_last);
         let argmax = {
             let p = b.params("argmax", &[c.vocab_size as u32, 0, 0, 0]);
             b.dispatch(Kernel::Argmax, None, &[&p, &logits, &argmax_ids], Box::new(|n| [n, 1, 1]))

@@ -41,13 +41,14 @@ impl OpRunner {
         self.ctx().queue.write_buffer(&self.builder.step, 0, bytemuck::bytes_of(&step));
     }
 
-    /// Records `reps` copies of the dispatch for an `n_tokens` step, submits once and waits.
-    pub fn run(&self, d: &Dispatch, n_tokens: u32, reps: usize) -> Result<()> {
+    /// Records `reps` copies of the dispatches (one op, possibly over several weight chunks) for an
+    /// `n_tokens` step, submits once and waits.
+    pub fn run(&self, ops: &[Dispatch], n_tokens: u32, reps: usize) -> Result<()> {
         let mut encoder = self.ctx().device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for _ in 0..reps {
-                d.record(&mut pass, n_tokens);
+                ops.iter().for_each(|d| d.record(&mut pass, n_tokens));
             }
         }
         self.ctx().queue.submit([encoder.finish()]);
@@ -63,10 +64,10 @@ impl OpRunner {
     }
 
     /// Seconds per dispatch: one warm-up run (compiles on lazy drivers), then `reps` in one submit.
-    pub fn time(&self, d: &Dispatch, n_tokens: u32, reps: usize) -> Result<f64> {
-        self.run(d, n_tokens, 1)?;
+    pub fn time(&self, ops: &[Dispatch], n_tokens: u32, reps: usize) -> Result<f64> {
+        self.run(ops, n_tokens, 1)?;
         let started = Instant::now();
-        self.run(d, n_tokens, reps)?;
+        self.run(ops, n_tokens, reps)?;
         Ok(started.elapsed().as_secs_f64() / reps as f64)
     }
 

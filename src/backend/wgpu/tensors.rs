@@ -19,18 +19,28 @@ struct WeightLayout {
     grid_cols: u32,
     block_rows: u32,
     block_cols: u32,
-    _pad: u32,
+    row0: u32,
+    total_rows: u32,
+    _pad: [u32; 3],
 }
 
-/// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format.
+/// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format; a single
+/// matrix larger than one binding is held as row chunks (`chunks`, in row order).
 pub struct GpuMatrix {
     pub format: WeightFormat,
     pub rows: usize,
     pub cols: usize,
+    pub chunks: Vec<GpuChunk>,
+    pub bytes: u64,
+}
+
+/// Rows `row0 .. row0 + rows` of a matrix in their own buffers.
+pub struct GpuChunk {
+    pub row0: usize,
+    pub rows: usize,
     pub layout: wgpu::Buffer,
     pub weights: wgpu::Buffer,
     pub scales: wgpu::Buffer,
-    pub bytes: u64,
 }
 
 fn format_of(dtype: DType) -> WeightFormat {
@@ -58,53 +68,91 @@ impl GpuMatrix {
         if first.dtype == DType::Q4 && stack.len() > 1 && (first.rows * first.cols) % 2 == 1 {
             return Err(Error::Invalid(format!("`{}`: q4 experts need an even element count to stack", first.name)));
         }
-        let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
-        let mut scales: Vec<f32> = Vec::new();
-        for m in stack {
-            data.extend_from_slice(m.data.as_slice());
-            if let Some(s) = &m.scales {
-                scales.extend_from_slice(&s.values);
-            }
-        }
-        data.resize(data.len().next_multiple_of(4).max(4), 0);
-        let bytes = data.len() as u64;
-        if bytes > ctx.max_binding() {
+        let bytes: usize = stack.iter().map(|m| m.data.as_slice().len()).sum();
+        if bytes as u64 > ctx.max_binding() {
             return Err(Error::Invalid(format!(
-                "`{}`{} is {}, more than this adapter binds at once ({}); splitting large tensors \
-                 across buffers is not implemented yet",
+                "`{}`{} is {}, more than this adapter binds at once ({}); streaming experts through a \
+                 smaller cache is not implemented yet",
                 first.name,
                 if stack.len() > 1 { format!(" and its {} sibling experts", stack.len() - 1) } else { String::new() },
-                human_bytes(bytes),
+                human_bytes(bytes as u64),
                 human_bytes(ctx.max_binding())
             )));
         }
-        let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
-            Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
-            None => (1, 1, 1, 0),
-        };
-        if scales.is_empty() {
-            scales.push(0.0);
-        }
-        let layout = WeightLayout {
-            rows: first.rows as u32,
-            cols: first.cols as u32,
-            expert_stride: (first.rows * first.cols) as u32,
-            scale_expert_stride: scale_stride as u32,
-            grid_cols: grid_cols as u32,
-            block_rows: block_rows as u32,
-            block_cols: block_cols as u32,
-            _pad: 0,
-        };
-        Ok(GpuMatrix {
-            format: format_of(first.dtype),
-            rows: first.rows,
-            cols: first.cols,
-            layout: uniform(ctx, &first.name, bytemuck::bytes_of(&layout)),
-            weights: storage_init(ctx, &first.name, &data),
-            scales: storage_init(ctx, &first.name, bytemuck::cast_slice(&scales)),
-            bytes: bytes + scales.len() as u64 * 4,
-        })
+        let chunk = upload_chunk(ctx, stack, 0, first.rows)?;
+        let bytes = chunk_bytes(stack);
+        Ok(GpuMatrix { format: format_of(first.dtype), rows: first.rows, cols: first.cols, chunks: vec![chunk], bytes })
     }
+
+    /// Uploads one matrix, split into row chunks of at most `ctx.chunk_limit()` bytes when it is
+    /// larger (for kernels that take chunks: matmul and embedding).
+    pub fn upload_chunked(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix> {
+        let row_bytes = m.data.as_slice().len() as f64 / m.rows as f64;
+        let limit = ctx.chunk_limit();
+        // Chunks start on whole FP8 scale blocks, and on whole bytes for q4's nibbles.
+        let align = match (&m.scales, m.dtype) {
+            (Some(s), _) => s.block_rows,
+            (None, DType::Q4) => 2,
+            _ => 1,
+        };
+        let rows_per_chunk = (((limit as f64 / row_bytes) as usize) / align * align).max(align);
+        let mut chunks = Vec::new();
+        for row0 in (0..m.rows).step_by(rows_per_chunk) {
+            let rows = rows_per_chunk.min(m.rows - row0);
+            let part = m.row_slice(row0, rows);
+            chunks.push(upload_chunk(ctx, &[&part], row0, m.rows)?);
+        }
+        Ok(GpuMatrix { format: format_of(m.dtype), rows: m.rows, cols: m.cols, chunks, bytes: chunk_bytes(&[m]) })
+    }
+
+    /// The whole matrix as one chunk, for kernels that do not take chunks.
+    pub fn single(&self) -> &GpuChunk {
+        assert_eq!(self.chunks.len(), 1, "uploaded with `upload`, which never splits");
+        &self.chunks[0]
+    }
+}
+
+fn chunk_bytes(stack: &[&Matrix]) -> u64 {
+    stack.iter().map(|m| m.stored_bytes() as u64).sum()
+}
+
+fn upload_chunk(ctx: &GpuContext, stack: &[&Matrix], row0: usize, total_rows: usize) -> Result<GpuChunk> {
+    let first = stack[0];
+    let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
+    let mut scales: Vec<f32> = Vec::new();
+    for m in stack {
+        data.extend_from_slice(m.data.as_slice());
+        if let Some(s) = &m.scales {
+            scales.extend_from_slice(&s.values);
+        }
+    }
+    data.resize(data.len().next_multiple_of(4).max(4), 0);
+    let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
+        Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
+        None => (1, 1, 1, 0),
+    };
+    if scales.is_empty() {
+        scales.push(0.0);
+    }
+    let layout = WeightLayout {
+        rows: first.rows as u32,
+        cols: first.cols as u32,
+        expert_stride: (first.rows * first.cols) as u32,
+        scale_expert_stride: scale_stride as u32,
+        grid_cols: grid_cols as u32,
+        block_rows: block_rows as u32,
+        block_cols: block_cols as u32,
+        row0: row0 as u32,
+        total_rows: total_rows as u32,
+        _pad: [0; 3],
+    };
+    Ok(GpuChunk {
+        row0,
+        rows: first.rows,
+        layout: uniform(ctx, &first.name, bytemuck::bytes_of(&layout)),
+        weights: storage_init(ctx, &first.name, &data),
+        scales: storage_init(ctx, &first.name, bytemuck::cast_slice(&scales)),
+    })
 }
 
 pub fn uniform(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buffer {
