@@ -70,3 +70,23 @@ fn gpu_greedy_reads_back_the_argmax() {
     let mut cpu = CpuEngine::new(model, g.tokens.len());
     assert_eq!(cpu.forward_greedy(&g.tokens).unwrap(), id);
 }
+
+#[test]
+fn gpu_long_context_and_chunked_prefill_match_cpu() {
+    // ~200 tokens: attention spans several sweeps of its 64 lanes, and the prompt runs as
+    // several prefill chunks; then decoding continues past them.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let model = Model::load(&dir).unwrap();
+    let tokens: Vec<u32> = (0..200u32).map(|i| 2 + (i * 37 + i * i) % 2000).collect();
+    let mut cpu = CpuEngine::new(Model::load(&dir).unwrap(), tokens.len() + 8);
+    let mut gpu = gpu(&model, tokens.len() + 8);
+    assert!(gpu.max_chunk() < tokens.len(), "the prompt must span several chunks");
+    let want = cpu.forward(&tokens, Logits::All).unwrap();
+    let got = gpu.forward(&tokens, Logits::All).unwrap();
+    assert_logits_match("long prefill", &got, &want, 2048, 1e-3);
+    for t in [5u32, 77, 1999] {
+        let want = cpu.forward(&[t], Logits::Last).unwrap();
+        let got = gpu.forward(&[t], Logits::Last).unwrap();
+        assert_logits_match("decode after long prefill", &got, &want, 2048, 1e-3);
+    }
+}
