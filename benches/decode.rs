@@ -30,7 +30,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
-    let active = active_weight_bytes(&model.config, &model.weights);
+    let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, args.quant).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());

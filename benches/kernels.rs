@@ -44,7 +44,7 @@ fn main() {
 
     let (rows, cols) = if quick { (1024, 2048) } else { (4096, 4096) };
     let w = values(rows * cols);
-    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3] {
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4] {
         let m = Matrix::from_values("bench", rows, cols, dtype, &w, (128, 128));
         let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
         for n in [1usize, 16] {

@@ -3,6 +3,7 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::{Family, ModelConfig};
 use crate::model::weights::{FeedForward, Matrix, Mlp, QueryProjection, Weights};
+use crate::quant::QuantTarget;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -44,12 +45,22 @@ pub fn count_params(config: &ModelConfig, w: &Weights) -> ParamCounts {
     ParamCounts { total, active: total - inactive }
 }
 
-/// Weight bytes one decode step reads in the stored formats: every matrix but the embedding
-/// (one row) and the routed experts (`num_experts_per_tok` of them per MoE layer).
-pub fn active_weight_bytes(config: &ModelConfig, w: &Weights) -> u64 {
-    let m = |x: &Matrix| x.stored_bytes() as u64;
+/// Weight bytes one decode step reads: every matrix but the embedding (one row) and the routed
+/// experts (`num_experts_per_tok` of them per MoE layer), in the format `quant` gives them on the
+/// GPU (the router always stays as stored).
+pub fn active_weight_bytes(config: &ModelConfig, w: &Weights, quant: QuantTarget) -> u64 {
+    let m = |x: &Matrix| -> u64 {
+        let elements = (x.rows * x.cols) as f64;
+        let groups = (x.rows * x.cols.div_ceil(crate::quant::GROUP)) as f64;
+        match quant {
+            QuantTarget::Keep => x.stored_bytes() as u64,
+            QuantTarget::F16 => (elements * 2.0) as u64,
+            QuantTarget::Q8 => (elements + groups * 4.0) as u64,
+            QuantTarget::Q4 => (elements / 2.0 + groups * 8.0) as u64,
+        }
+    };
     let mlp = |x: &Mlp| m(&x.gate) + m(&x.up) + m(&x.down);
-    let mut total = m(&w.lm_head) + (w.embed.stored_bytes() / w.embed.rows) as u64;
+    let mut total = m(&w.lm_head) + m(&w.embed) / w.embed.rows as u64;
     for layer in &w.layers {
         let a = &layer.attention;
         total += m(&a.kv_a) + m(&a.kv_b) + m(&a.o);
@@ -60,7 +71,7 @@ pub fn active_weight_bytes(config: &ModelConfig, w: &Weights) -> u64 {
         total += match &layer.ffn {
             FeedForward::Dense(d) => mlp(d),
             FeedForward::Moe(moe) => {
-                m(&moe.router) + moe.shared.as_ref().map_or(0, mlp) + mlp(&moe.experts[0]) * config.num_experts_per_tok as u64
+                moe.router.stored_bytes() as u64 + moe.shared.as_ref().map_or(0, mlp) + mlp(&moe.experts[0]) * config.num_experts_per_tok as u64
             }
         };
     }
