@@ -109,7 +109,7 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).format_timestamp(None).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,wgpu_hal=off")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match cli.command {
         None => run_generate(cli.generate),

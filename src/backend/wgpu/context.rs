@@ -30,9 +30,21 @@ fn instance(backends: wgpu::Backends) -> wgpu::Instance {
     wgpu::Instance::new(desc)
 }
 
-/// Every adapter wgpu can see for `choice`'s backends.
+/// Every adapter wgpu can see for `choice`'s backends. For `auto`, GL is looked at only when no
+/// Vulkan, Metal or DX12 adapter exists (probing GL/EGL is slow and noisy where it is unused).
 pub fn adapters(choice: GpuChoice) -> Vec<wgpu::Adapter> {
-    pollster::block_on(instance(backends_for(choice)).enumerate_adapters(backends_for(choice)))
+    let enumerate = |backends| pollster::block_on(instance(backends).enumerate_adapters(backends));
+    match choice {
+        GpuChoice::Auto => {
+            let primary = enumerate(wgpu::Backends::PRIMARY);
+            if primary.is_empty() {
+                enumerate(wgpu::Backends::SECONDARY)
+            } else {
+                primary
+            }
+        }
+        _ => enumerate(backends_for(choice)),
+    }
 }
 
 /// Preference for `auto`: discrete, then integrated, then virtual, then software (CPU) adapters.
@@ -103,7 +115,11 @@ impl GpuContext {
 
 /// One line per adapter for `dsrun devices`.
 pub fn describe_adapters() -> Vec<String> {
-    adapters(GpuChoice::Auto)
+    let mut all = adapters(GpuChoice::Auto);
+    if all.iter().all(|a| a.get_info().backend != wgpu::Backend::Gl) {
+        all.extend(adapters(GpuChoice::Gl));
+    }
+    all
         .iter()
         .map(|a| {
             let i = a.get_info();
