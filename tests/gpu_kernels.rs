@@ -190,3 +190,106 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
         assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &cpu::embed(&m, &tokens));
     }
 }
+
+/// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
+/// output projection) on the GPU against the CPU reference, over several steps so the cache
+/// offsets and positions advance: a 70-token prefill (more than the attention kernel's 64 lanes)
+/// and then single tokens and a short chunk.
+#[test]
+fn mla_attention_layer_matches_cpu() {
+    use dsrun::backend::wgpu::lower::{AttentionBuffers, GpuAttention, GpuQuery, MlaShape};
+    use dsrun::model::attention::{forward, AttentionCtx};
+    use dsrun::model::rope::Rope;
+    use dsrun::model::weights::QueryProjection;
+    use dsrun::model::{AttentionMode, Model};
+
+    let r = runner();
+    for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
+        let model = Model::load(&common::fixture(family)).unwrap();
+        let c = &model.config;
+        let w = &model.weights.layers[0].attention;
+        let (d, heads, capacity) = (c.hidden_size, c.num_attention_heads, 80);
+        let up = |m: &Matrix| GpuMatrix::upload_chunked(r.ctx(), m).unwrap();
+        let gpu_w = GpuAttention {
+            q: match &w.q {
+                QueryProjection::LowRank { a, norm, b } => GpuQuery::LowRank { a: up(a), norm: r.f32_buffer(norm), b: up(b) },
+                QueryProjection::Direct(q) => GpuQuery::Direct(up(q)),
+            },
+            kv_a: up(&w.kv_a),
+            kv_norm: r.f32_buffer(&w.kv_norm),
+            kv_b: GpuMatrix::upload(r.ctx(), &[&w.kv_b]).unwrap(),
+            o: up(&w.o),
+            cache: r.zeros(capacity * c.latent_dim()).unwrap(),
+        };
+        let rope = Rope::new(c);
+        let shape = MlaShape::new(c, capacity, &rope);
+        let max_n = 70;
+        let zeros = |n: usize| r.zeros(n).unwrap();
+        let (x, qa, qa_norm, q, kv) = (
+            zeros(max_n * d),
+            zeros(max_n * c.q_lora_rank.unwrap_or(1)),
+            zeros(max_n * c.q_lora_rank.unwrap_or(1)),
+            zeros(max_n * heads * c.qk_head_dim()),
+            zeros(max_n * c.latent_dim()),
+        );
+        let (q_lat, scores, o_lat, o, out) = (
+            zeros(max_n * heads * c.kv_lora_rank),
+            zeros(max_n * heads * capacity),
+            zeros(max_n * heads * c.kv_lora_rank),
+            zeros(max_n * heads * c.v_head_dim),
+            zeros(max_n * d),
+        );
+        let inv_freq = r.f32_buffer(&rope.inv_freq);
+        let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, scores: &scores, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
+        let ops = r.builder.attention(&shape, &gpu_w, &bufs);
+
+        let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
+        let mut cpu_cache = Vec::new();
+        let mut start = 0;
+        for (step, n) in [70usize, 1, 1, 5].into_iter().enumerate() {
+            let input = random(70 + step as u64, n * d);
+            r.ctx().queue.write_buffer(&x, 0, bytemuck::cast_slice(&input));
+            r.ctx().queue.write_buffer(&out, 0, bytemuck::cast_slice(&vec![0f32; n * d]));
+            r.set_step(n as u32, start as u32);
+            r.run(&ops, n as u32, 1).unwrap();
+            let got = r.read_f32(&out, n * d).unwrap();
+            let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
+            assert_close(&format!("{family} attention, step {step} at position {start}"), &got, &want);
+            start += n;
+        }
+    }
+}
+
+#[test]
+fn argmax_and_moe_combine() {
+    let r = runner();
+    let (rows, vocab) = (3, 1000);
+    let mut logits = random(80, rows * vocab);
+    // Row 2: the maximum appears twice; the first index wins, as on the CPU.
+    logits[2 * vocab + 10] = 5.0;
+    logits[2 * vocab + 700] = 5.0;
+    let (lb, ib) = (r.f32_buffer(&logits), r.zeros(rows).unwrap());
+    r.run(&[r.builder.argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
+    let want: Vec<u32> = logits.chunks(vocab).map(|row| cpu::argmax(row) as u32).collect();
+    assert_eq!(r.read_u32(&ib, rows).unwrap(), want);
+    assert_eq!(want[2], 10);
+
+    let (n, k, dim) = (3, 4, 77);
+    let (expert_out, weights, shared, h) = (random(81, n * k * dim), random(82, n * k), random(83, n * dim), random(84, n * dim));
+    for with_shared in [true, false] {
+        let hb = r.f32_buffer(&h);
+        let (eb, wb, sb) = (r.f32_buffer(&expert_out), r.f32_buffer(&weights), r.f32_buffer(&shared));
+        r.set_step(n as u32, 0);
+        r.run(&[r.builder.moe_combine(dim, k, &eb, &wb, with_shared.then_some(&sb), &hb)], n as u32, 1).unwrap();
+        let mut want = h.clone();
+        for t in 0..n {
+            for i in 0..k {
+                cpu::axpy(weights[t * k + i], &expert_out[(t * k + i) * dim..][..dim], &mut want[t * dim..][..dim]);
+            }
+            if with_shared {
+                cpu::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
+            }
+        }
+        assert_close(&format!("moe_combine shared={with_shared}"), &r.read_f32(&hb, n * dim).unwrap(), &want);
+    }
+}

@@ -1,6 +1,6 @@
 //! The DeepSeek-V2/V3 forward pass (SPEC.md), over weights in their stored formats.
 
-mod attention;
+pub mod attention;
 mod ffn;
 pub mod rope;
 pub mod router;

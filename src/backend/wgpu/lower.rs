@@ -257,4 +257,156 @@ impl Builder {
         let bias = bias.unwrap_or(&self.dummy);
         self.dispatch_with(Kernel::Router, None, &overrides, &[&p, &self.step, logits, bias, ids, weights], Box::new(|n| [n, 1, 1]))
     }
+
+    /// Multi-head latent attention for the step's tokens, the absorbed form, as SPEC.md gives it:
+    /// query projections, `kv_a`, the latent store (norm + RoPE into the cache), query RoPE,
+    /// `q_lat = W_UK^T q_nope`, causal attention over the cache, `W_UV` and `o_proj`, whose
+    /// result is added to `bufs.out` (the residual stream).
+    pub fn attention(&self, s: &MlaShape, w: &GpuAttention, bufs: &AttentionBuffers) -> Vec<Dispatch> {
+        let mut ops = Vec::new();
+        match &w.q {
+            GpuQuery::LowRank { a, norm, b } => {
+                ops.extend(self.matmul(a, bufs.x, bufs.qa, false));
+                ops.push(self.rmsnorm(a.rows, LATENT_NORM_EPS, bufs.qa, norm, bufs.qa_norm, false));
+                ops.extend(self.matmul(b, bufs.qa_norm, bufs.q, false));
+            }
+            GpuQuery::Direct(q) => ops.extend(self.matmul(q, bufs.x, bufs.q, false)),
+        }
+        ops.extend(self.matmul(&w.kv_a, bufs.x, bufs.kv, false));
+
+        let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
+        let lp = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
+        ops.push(self.dispatch(
+            Kernel::LatentStore,
+            None,
+            &[&lp, &self.step, bufs.kv, &w.kv_norm, bufs.inv_freq, &w.cache],
+            Box::new(|n| [n, 1, 1]),
+        ));
+        let rp = self.params("rope", &[heads, qk, s.nope as u32, s.rope_scale.to_bits()]);
+        let rotations = heads * s.rope as u32 / 2;
+        ops.push(self.dispatch(
+            Kernel::RopeQ,
+            None,
+            &[&rp, &self.step, bufs.inv_freq, bufs.q],
+            Box::new(move |n| [(n * rotations).div_ceil(64), 1, 1]),
+        ));
+
+        let kv_b = w.kv_b.single();
+        let ap = self.params("absorb", &[heads, s.nope as u32, s.v as u32, qk]);
+        let (lora, v) = (s.lora as u32, s.v as u32);
+        ops.push(self.dispatch(
+            Kernel::QAbsorb,
+            Some(w.kv_b.format),
+            &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &self.step, bufs.q, bufs.q_lat],
+            Box::new(move |n| [lora.div_ceil(64), n * heads, 1]),
+        ));
+        let attn = self.params(
+            "attention",
+            &[heads, lora, s.rope as u32, qk, s.nope as u32, s.ctx as u32, s.scale.to_bits(), 0],
+        );
+        ops.push(self.dispatch(
+            Kernel::Attention,
+            None,
+            &[&attn, &self.step, bufs.q, bufs.q_lat, &w.cache, bufs.scores, bufs.o_lat],
+            Box::new(move |n| [heads, n, 1]),
+        ));
+        ops.push(self.dispatch(
+            Kernel::VUp,
+            Some(w.kv_b.format),
+            &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &self.step, bufs.o_lat, bufs.o],
+            Box::new(move |n| [v.div_ceil(64), n * heads, 1]),
+        ));
+        ops.extend(self.matmul(&w.o, bufs.o, bufs.out, true));
+        ops
+    }
+
+    /// `h[t] += sum_i w[t, i] * expert_out[t * k + i] + shared[t]`.
+    pub fn moe_combine(
+        &self,
+        dim: usize,
+        k: usize,
+        expert_out: &wgpu::Buffer,
+        route_weights: &wgpu::Buffer,
+        shared_out: Option<&wgpu::Buffer>,
+        h: &wgpu::Buffer,
+    ) -> Dispatch {
+        let p = self.params("combine", &[dim as u32, k as u32, shared_out.is_some() as u32, 0]);
+        let d = dim as u32;
+        self.dispatch(
+            Kernel::MoeCombine,
+            None,
+            &[&p, &self.step, expert_out, route_weights, shared_out.unwrap_or(&self.dummy), h],
+            Box::new(move |n| [d.div_ceil(64), n, 1]),
+        )
+    }
+
+    /// The index of each logits row's largest value (run over the rows the head produced).
+    pub fn argmax(&self, vocab: usize, logits: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("argmax", &[vocab as u32, 0, 0, 0]);
+        self.dispatch(Kernel::Argmax, None, &[&p, logits, ids], Box::new(|n| [n, 1, 1]))
+    }
+}
+
+/// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
+pub const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// The dimensions MLA kernels need (SPEC.md's names).
+#[derive(Debug, Clone, Copy)]
+pub struct MlaShape {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub lora: usize,
+    /// Cache capacity in tokens (the attention scratch row length).
+    pub ctx: usize,
+    pub scale: f32,
+    pub rope_scale: f32,
+}
+
+impl MlaShape {
+    pub fn new(c: &crate::config::ModelConfig, ctx: usize, rope: &crate::model::rope::Rope) -> MlaShape {
+        MlaShape {
+            heads: c.num_attention_heads,
+            nope: c.qk_nope_head_dim,
+            rope: c.qk_rope_head_dim,
+            v: c.v_head_dim,
+            lora: c.kv_lora_rank,
+            ctx,
+            scale: c.softmax_scale() as f32,
+            rope_scale: rope.scale,
+        }
+    }
+}
+
+pub enum GpuQuery {
+    LowRank { a: GpuMatrix, norm: wgpu::Buffer, b: GpuMatrix },
+    Direct(GpuMatrix),
+}
+
+/// One layer's attention weights on the GPU, and its latent cache (`[ctx, lora + rope]`).
+pub struct GpuAttention {
+    pub q: GpuQuery,
+    pub kv_a: GpuMatrix,
+    pub kv_norm: wgpu::Buffer,
+    pub kv_b: GpuMatrix,
+    pub o: GpuMatrix,
+    pub cache: wgpu::Buffer,
+}
+
+/// Activations the attention reads and writes, sized for a step's tokens.
+pub struct AttentionBuffers<'a> {
+    /// The normalised hidden states `[n, hidden]`.
+    pub x: &'a wgpu::Buffer,
+    pub qa: &'a wgpu::Buffer,
+    pub qa_norm: &'a wgpu::Buffer,
+    pub q: &'a wgpu::Buffer,
+    pub kv: &'a wgpu::Buffer,
+    pub q_lat: &'a wgpu::Buffer,
+    pub scores: &'a wgpu::Buffer,
+    pub o_lat: &'a wgpu::Buffer,
+    pub o: &'a wgpu::Buffer,
+    /// The residual stream the output is added to.
+    pub out: &'a wgpu::Buffer,
+    pub inv_freq: &'a wgpu::Buffer,
 }

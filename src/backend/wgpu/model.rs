@@ -3,8 +3,8 @@
 //! command encoder, submits once, and reads back only the logits or the greedy token id.
 
 use super::context::GpuContext;
-use super::kernels::{Kernel, Pipelines};
-use super::lower::{Builder, Dispatch, MatmulShape, StepUniform};
+use super::kernels::Pipelines;
+use super::lower::{AttentionBuffers, Builder, Dispatch, GpuAttention, GpuQuery, MatmulShape, MlaShape, StepUniform};
 use super::tensors::{storage, uniform, GpuMatrix};
 use crate::config::ModelConfig;
 use crate::model::router::RouterParams;
@@ -170,93 +170,37 @@ impl GpuModel {
         let mut body = b.embed(&embed, &tokens, &a.h);
 
         let eps = c.rms_norm_eps;
-        let latent_eps = 1e-6; // transformers hard-codes it for q_a_layernorm / kv_a_layernorm
+        let mla = MlaShape::new(&c, capacity, &rope);
+        let attention_buffers = AttentionBuffers {
+            x: &a.xn,
+            qa: &a.qa,
+            qa_norm: &a.qa_norm,
+            q: &a.q,
+            kv: &a.kv,
+            q_lat: &a.q_lat,
+            scores: &a.scores,
+            o_lat: &a.o_lat,
+            o: &a.o,
+            out: &a.h,
+            inv_freq: &inv_freq,
+        };
         for (i, layer) in w.layers.iter().enumerate() {
             let at = &layer.attention;
             body.push(b.rmsnorm(d, eps, &a.h, &b.vector("input_norm", &layer.input_norm), &a.xn, false));
-            match &at.q {
-                QueryProjection::LowRank { a: qa, norm, b: qb } => {
-                    let (qa, qb) = (up_chunked(qa)?, up_chunked(qb)?);
-                    body.extend(b.matmul(&qa, &a.xn, &a.qa, false));
-                    body.push(b.rmsnorm(norm.len(), latent_eps, &a.qa, &b.vector("q_a_norm", norm), &a.qa_norm, false));
-                    body.extend(b.matmul(&qb, &a.qa_norm, &a.q, false));
-                }
-                QueryProjection::Direct(q) => body.extend(b.matmul(&up_chunked(q)?, &a.xn, &a.q, false)),
-            }
-            body.extend(b.matmul(&up_chunked(&at.kv_a)?, &a.xn, &a.kv, false));
-
-            #[repr(C)]
-            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-            struct LatentP {
-                lora: u32,
-                rope: u32,
-                eps: f32,
-                rope_scale: f32,
-            }
-            let cache = storage(&ctx, &format!("latent cache {i}"), capacity * latent)?;
-            let lp = b.params("latent", &LatentP { lora: lora as u32, rope: c.qk_rope_head_dim as u32, eps: latent_eps as f32, rope_scale: rope.scale });
-            body.push(b.dispatch(Kernel::LatentStore, None, &[&lp, &step, &a.kv, &b.vector("kv_norm", &at.kv_norm), &inv_freq, &cache], Box::new(|n| [n, 1, 1])));
-
-            #[repr(C)]
-            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-            struct RopeP {
-                heads: u32,
-                qk: u32,
-                nope: u32,
-                rope_scale: f32,
-            }
-            let rp = b.params("rope", &RopeP { heads: heads as u32, qk: qk as u32, nope: c.qk_nope_head_dim as u32, rope_scale: rope.scale });
-            let rot = (heads * c.qk_rope_head_dim / 2) as u32;
-            body.push(b.dispatch(Kernel::RopeQ, None, &[&rp, &step, &inv_freq, &a.q], Box::new(move |n| [(n * rot).div_ceil(64), 1, 1])));
-
-            let kv_b = up(&[&at.kv_b])?;
-            let ap = b.params("absorb", &[heads as u32, c.qk_nope_head_dim as u32, v_dim as u32, qk as u32]);
-            let (l32, h32, v32) = (lora as u32, heads as u32, v_dim as u32);
-            body.push(b.dispatch(
-                Kernel::QAbsorb,
-                Some(kv_b.format),
-                &[&kv_b.single().layout, &kv_b.single().weights, &kv_b.single().scales, &ap, &step, &a.q, &a.q_lat],
-                Box::new(move |n| [l32.div_ceil(64), n * h32, 1]),
-            ));
-
-            #[repr(C)]
-            #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-            struct AttnP {
-                heads: u32,
-                lora: u32,
-                rope: u32,
-                qk: u32,
-                nope: u32,
-                ctx: u32,
-                scale: f32,
-                _pad: u32,
-            }
-            let attn = b.params(
-                "attention",
-                &AttnP {
-                    heads: heads as u32,
-                    lora: lora as u32,
-                    rope: c.qk_rope_head_dim as u32,
-                    qk: qk as u32,
-                    nope: c.qk_nope_head_dim as u32,
-                    ctx: capacity as u32,
-                    scale: c.softmax_scale() as f32,
-                    _pad: 0,
+            let gpu_attention = GpuAttention {
+                q: match &at.q {
+                    QueryProjection::LowRank { a: qa, norm, b: qb } => {
+                        GpuQuery::LowRank { a: up_chunked(qa)?, norm: b.vector("q_a_norm", norm), b: up_chunked(qb)? }
+                    }
+                    QueryProjection::Direct(q) => GpuQuery::Direct(up_chunked(q)?),
                 },
-            );
-            body.push(b.dispatch(
-                Kernel::Attention,
-                None,
-                &[&attn, &step, &a.q, &a.q_lat, &cache, &a.scores, &a.o_lat],
-                Box::new(move |n| [h32, n, 1]),
-            ));
-            body.push(b.dispatch(
-                Kernel::VUp,
-                Some(kv_b.format),
-                &[&kv_b.single().layout, &kv_b.single().weights, &kv_b.single().scales, &ap, &step, &a.o_lat, &a.o],
-                Box::new(move |n| [v32.div_ceil(64), n * h32, 1]),
-            ));
-            body.extend(b.matmul(&up_chunked(&at.o)?, &a.o, &a.h, true));
+                kv_a: up_chunked(&at.kv_a)?,
+                kv_norm: b.vector("kv_norm", &at.kv_norm),
+                kv_b: up(&[&at.kv_b])?,
+                o: up_chunked(&at.o)?,
+                cache: storage(&ctx, &format!("latent cache {i}"), capacity * latent)?,
+            };
+            body.extend(b.attention(&mla, &gpu_attention, &attention_buffers));
 
             body.push(b.rmsnorm(d, eps, &a.h, &b.vector("post_attention_norm", &layer.post_attention_norm), &a.xn, false));
             let mlp = |m: &Mlp, out: &wgpu::Buffer, accumulate: bool, body: &mut Vec<Dispatch>| -> Result<()> {
@@ -286,14 +230,8 @@ impl GpuModel {
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }
-                    let cp = b.params("combine", &[d as u32, k as u32, moe.shared.is_some() as u32, 0]);
-                    let dd = d as u32;
-                    body.push(b.dispatch(
-                        Kernel::MoeCombine,
-                        None,
-                        &[&cp, &step, &a.expert_out, &a.route_weights, &a.shared_out, &a.h],
-                        Box::new(move |n| [dd.div_ceil(64), n, 1]),
-                    ));
+                    let shared_out = moe.shared.as_ref().map(|_| &a.shared_out);
+                    body.push(b.moe_combine(d, k, &a.expert_out, &a.route_weights, shared_out, &a.h));
                 }
             }
         }
@@ -307,10 +245,7 @@ impl GpuModel {
         let lm_last = b.matmul_shaped(&lm_head, last, &a.xn, &logits, None);
         let mut head_last = vec![b.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true)];
         head_last.extend(lm_last);
-        let argmax = {
-            let p = b.params("argmax", &[c.vocab_size as u32, 0, 0, 0]);
-            b.dispatch(Kernel::Argmax, None, &[&p, &logits, &argmax_ids], Box::new(|n| [n, 1, 1]))
-        };
+        let argmax = b.argmax(c.vocab_size, &logits, &argmax_ids);
 
         Ok(GpuModel {
             ctx,
