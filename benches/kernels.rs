@@ -26,7 +26,7 @@ fn values(n: usize) -> Vec<f32> {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let ctx = context::open(GpuChoice::Auto).expect("a GPU adapter");
-    println!("adapter: {}", ctx.describe());
+    println!("adapter: {} ({})", ctx.describe(), ctx.features_in_use());
     let r = OpRunner::new(ctx).unwrap();
     let reps = if quick { 3 } else { 10 };
 

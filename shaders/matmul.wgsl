@@ -3,12 +3,12 @@
 // A workgroup computes ROWS output rows for TILE slots: each weight element is decoded once and
 // used for every slot of the tile (TILE = 1 for decode and for routed experts, whose slots each
 // read another expert, ids[s]; TILE = 8 for prefill chunks). Consecutive lanes read consecutive
-// columns. Partial sums meet in workgroup memory behind a single barrier.
+// columns.
 // Slots: n_tokens * slots_per_token, or fixed_slots when set (only the last position's logits).
 // A chunk of a split matrix writes its rows at their place in y (wl.row0).
 // COLS, TILE and USE_IDS are pipeline constants: constant loop bounds compile far better.
 
-const WG: u32 = 64u;
+// WG (64) comes with the reduce snippet.
 override COLS: u32;
 override TILE: u32 = 1u;
 // Output rows per workgroup: more for decode (fewer, fatter workgroups), fewer for prefill tiles
@@ -29,11 +29,9 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> ids: array<u32>;
 
-var<workgroup> partial: array<f32, 2048>; // ROWS * TILE(max 8) * WG
-
 @compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
-        @builtin(local_invocation_index) lane: u32) {
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, ids_in: LaneIds) {
+    let lane = ids_in.lane;
     let r0 = (wid.x + wid.y * groups.x) * ROWS;
     let slots = select(step.n_tokens * p.slots_per_token, p.fixed_slots, p.fixed_slots != 0u);
     let s0 = wid.z * TILE;
@@ -72,15 +70,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
             }
         }
     }
-    for (var i = 0u; i < ROWS * TILE; i++) {
-        partial[i * WG + lane] = acc[i];
-    }
-    workgroupBarrier();
+    // Partial sums meet behind a single barrier (through subgroups where the adapter has them).
+    let total = sum_over_lanes(acc, ROWS * TILE, ids_in);
     if (lane < ROWS * TILE) {
-        var total = 0.0;
-        for (var j = 0u; j < WG; j++) {
-            total += partial[lane * WG + j];
-        }
         let r = r0 + lane / TILE;
         let s = s0 + lane % TILE;
         if (r < wl.rows && s < slots) {

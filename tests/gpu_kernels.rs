@@ -45,9 +45,23 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     assert!(err <= 1e-5, "{what}: relative error {err:e}");
 }
 
+/// The matmul with and without the optional subgroup reduction (the latter where the adapter has
+/// subgroups): both must give the CPU's result.
 #[test]
 fn matmul_every_format_and_token_count() {
-    let r = runner();
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    let mut variants = vec![false];
+    if ctx.subgroups {
+        variants.push(true);
+    }
+    for subgroups in variants {
+        let mut ctx = ctx.clone();
+        ctx.subgroups = subgroups;
+        matmul_every_format_with(&OpRunner::new(ctx).unwrap(), subgroups);
+    }
+}
+
+fn matmul_every_format_with(r: &OpRunner, subgroups: bool) {
     // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
     // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
     let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
@@ -61,7 +75,7 @@ fn matmul_every_format_and_token_count() {
             r.set_step(n as u32, 0);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
-            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}"), &got, &cpu::matmul(&m, &x, n));
+            assert_close(&format!("{dtype:?} {rows}x{cols} n={n} subgroups={subgroups}"), &got, &cpu::matmul(&m, &x, n));
         }
     }
 }

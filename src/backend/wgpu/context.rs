@@ -12,6 +12,9 @@ pub struct GpuContext {
     /// Split weight matrices into chunks of at most this many bytes (default: the binding limit).
     /// Lowered in tests to exercise chunking on small models.
     pub chunk_bytes: Option<u64>,
+    /// Kernels may use subgroup operations: the adapter has them and the device was opened with
+    /// them. Optional; every kernel has a workgroup-memory fallback (set false to force it).
+    pub subgroups: bool,
 }
 
 fn backends_for(choice: GpuChoice) -> wgpu::Backends {
@@ -82,15 +85,18 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let adapter = candidates.swap_remove(0);
     let info = adapter.get_info();
     let limits = adapter.limits();
+    // Optional speed-ups are requested only where the adapter offers them.
+    let optional = adapter.features() & wgpu::Features::SUBGROUP;
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("dsrun"),
-        required_features: wgpu::Features::empty(),
+        required_features: optional,
         required_limits: limits.clone(),
         ..Default::default()
     }))
     .map_err(|e| Error::Invalid(format!("{}: cannot open the device: {e}", info.name)))?;
-    log::info!("GPU: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None })
+    log::info!("GPU: {} ({:?}, {:?}), optional features: {:?}", info.name, info.backend, info.device_type, optional);
+    let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups })
 }
 
 fn choice_name(choice: GpuChoice) -> String {
@@ -100,6 +106,15 @@ fn choice_name(choice: GpuChoice) -> String {
 impl GpuContext {
     pub fn describe(&self) -> String {
         format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    /// Optional features in use, for logs and benchmark headers.
+    pub fn features_in_use(&self) -> &'static str {
+        if self.subgroups {
+            "subgroups"
+        } else {
+            "no optional features"
+        }
     }
 
     /// Largest row chunk of a split weight matrix.

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
+const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
+const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.wgsl");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
@@ -28,6 +30,11 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Whether the kernel sums across lanes with `sum_over_lanes` (from a reduce snippet).
+    fn reduces(self) -> bool {
+        matches!(self, Kernel::Matmul)
+    }
+
     /// (source, entry point, whether it reads a weight matrix)
     fn source(self) -> (&'static str, &'static str, bool) {
         match self {
@@ -67,13 +74,15 @@ type PipelineKey = (Kernel, Option<WeightFormat>, Vec<(&'static str, u64)>);
 
 pub struct Pipelines {
     device: wgpu::Device,
+    /// Use subgroup operations in reductions (the device was opened with `Features::SUBGROUP`).
+    subgroups: bool,
     modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
     cache: RefCell<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
 impl Pipelines {
-    pub fn new(device: &wgpu::Device) -> Self {
-        Pipelines { device: device.clone(), modules: Default::default(), cache: Default::default() }
+    pub fn new(device: &wgpu::Device, subgroups: bool) -> Self {
+        Pipelines { device: device.clone(), subgroups, modules: Default::default(), cache: Default::default() }
     }
 
     pub fn get(&self, kernel: Kernel, format: Option<WeightFormat>) -> wgpu::ComputePipeline {
@@ -93,7 +102,17 @@ impl Pipelines {
             .borrow_mut()
             .entry(source)
             .or_insert_with(|| {
-                let full = if uses_weights { format!("{STEP}\n{WEIGHTS}\n{source}") } else { format!("{STEP}\n{source}") };
+                // The tiny "#define pass": shared snippets, then the kernel. (naga 30 takes
+                // subgroup builtins without the standard's `enable subgroups;`, which it rejects.)
+                let mut full = String::from(STEP);
+                if uses_weights {
+                    full.push_str(WEIGHTS);
+                }
+                if kernel.reduces() {
+                    full.push_str("const WG: u32 = 64u;\n");
+                    full.push_str(if self.subgroups { REDUCE_SUBGROUPS } else { REDUCE_SHARED });
+                }
+                full.push_str(source);
                 self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(entry),
                     source: wgpu::ShaderSource::Wgsl(full.into()),

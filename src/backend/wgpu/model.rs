@@ -101,7 +101,7 @@ impl GpuModel {
             return Err(Error::Invalid(format!("--ctx {capacity} is too long for this adapter's buffers")));
         }
         let step = uniform(&ctx, "step", &[0u8; 16]);
-        let b = Builder { ctx: ctx.clone(), pipelines: Pipelines::new(&ctx.device), step: step.clone(), dummy: storage(&ctx, "dummy", 4)? };
+        let b = Builder { ctx: ctx.clone(), pipelines: Pipelines::new(&ctx.device, ctx.subgroups), step: step.clone(), dummy: storage(&ctx, "dummy", 4)? };
 
         let ffn_width = [
             c.intermediate_size,

@@ -16,7 +16,7 @@ impl OpRunner {
     pub fn new(ctx: GpuContext) -> Result<OpRunner> {
         let step = uniform(&ctx, "step", &[0u8; 16]);
         let dummy = storage(&ctx, "dummy", 4)?;
-        let pipelines = Pipelines::new(&ctx.device);
+        let pipelines = Pipelines::new(&ctx.device, ctx.subgroups);
         Ok(OpRunner { builder: Builder { ctx, pipelines, step, dummy } })
     }
 
