@@ -275,6 +275,8 @@ impl Builder {
         ops.extend(self.matmul(&w.kv_a, bufs.x, bufs.kv, false));
 
         let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
+        // Small parameter blocks are packed as u32 words in the order of each shader's `Params`
+        // struct (f32 fields as their bits): latent.wgsl, rope.wgsl, mla_absorb.wgsl, attention.wgsl.
         let lp = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
         ops.push(self.dispatch(
             Kernel::LatentStore,

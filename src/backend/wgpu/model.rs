@@ -45,8 +45,9 @@ pub struct GpuModel {
     len: usize,
     weight_bytes: u64,
     pub counters: GpuCounters,
-    /// `DSRUN_PROFILE=1`: submit each dispatch alone and time it (slow; for finding hot kernels).
-    profile: Option<std::collections::BTreeMap<String, (u32, f64)>>,
+    /// `DSRUN_PROFILE=N`: run each dispatch alone N times and time the last (slow; for finding
+    /// hot kernels). The step's own work is then done by the profiler's runs.
+    profile: Option<Profiler>,
 }
 
 /// Activation buffers, sized for `chunk` tokens.
@@ -264,7 +265,7 @@ impl GpuModel {
             len: 0,
             weight_bytes: weight_bytes.get(),
             counters: GpuCounters::default(),
-            profile: std::env::var_os("DSRUN_PROFILE").map(|_| Default::default()),
+            profile: Profiler::from_env(),
         })
     }
 
@@ -294,42 +295,22 @@ impl GpuModel {
             Some(Logits::Last) => 1,
             Some(Logits::All) => n,
         };
+        // Every dispatch of the step with its workgroup counts; the argmax covers the head's rows.
+        let argmax = greedy.then_some((&self.argmax, [rows, 1, 1]));
+        let ops: Vec<(&Dispatch, [u32; 3])> =
+            self.body.iter().chain(head_ops).map(|d| d.for_tokens(n)).chain(argmax).collect();
+        if let Some(profiler) = &mut self.profile {
+            profiler.time(&self.ctx, &ops);
+        }
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
-        {
+        if self.profile.is_none() {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            let argmax = greedy.then_some(&self.argmax);
-            for d in self.body.iter().chain(head_ops).chain(argmax) {
-                // The argmax runs over the rows the head produced.
-                let (d, [x, y, z]) = if std::ptr::eq(d, &self.argmax) { (d, [rows, 1, 1]) } else { d.for_tokens(n) };
-                if let Some(profile) = &mut self.profile {
-                    drop(pass);
-                    self.ctx.queue.submit([encoder.finish()]);
-                    let _ = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
-                    let mut started = std::time::Instant::now();
-                    for _ in 0..std::env::var("DSRUN_PROFILE").ok().and_then(|v| v.parse().ok()).unwrap_or(1) {
-                        started = std::time::Instant::now();
-                        let mut one = self.ctx.device.create_command_encoder(&Default::default());
-                        {
-                            let mut p = one.begin_compute_pass(&Default::default());
-                            p.set_pipeline(&d.pipeline);
-                            p.set_bind_group(0, &d.bind_group, &[]);
-                            p.dispatch_workgroups(x, y, z);
-                        }
-                        self.ctx.queue.submit([one.finish()]);
-                        let _ = self.ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
-                    }
-                    let entry = profile.entry(format!("{:?} {x}x{y}x{z}", d.kernel)).or_default();
-                    entry.0 += 1;
-                    entry.1 += started.elapsed().as_secs_f64();
-                    encoder = self.ctx.device.create_command_encoder(&Default::default());
-                    pass = encoder.begin_compute_pass(&Default::default());
-                    continue;
-                }
+            for (d, [x, y, z]) in &ops {
                 pass.set_pipeline(&d.pipeline);
                 pass.set_bind_group(0, &d.bind_group, &[]);
-                pass.dispatch_workgroups(x, y, z);
-                self.counters.dispatches += 1;
+                pass.dispatch_workgroups(*x, *y, *z);
             }
+            self.counters.dispatches += ops.len() as u64;
         }
         let bytes = if greedy { rows as u64 * 4 } else { rows as u64 * self.config.vocab_size as u64 * 4 };
         if bytes > 0 {
@@ -408,12 +389,8 @@ impl Engine for GpuModel {
     }
 
     fn counters(&self) -> Option<String> {
-        if let Some(profile) = &self.profile {
-            let mut rows: Vec<_> = profile.iter().collect();
-            rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-            for (name, (count, seconds)) in rows.iter().take(15) {
-                eprintln!("{:>9.3} ms total {:>6} x  {name}", seconds * 1e3, count);
-            }
+        if let Some(profiler) = &self.profile {
+            profiler.print();
         }
         let c = self.counters;
         let per = |x: u64| x as f64 / c.steps.max(1) as f64;
@@ -445,4 +422,49 @@ fn quant_progress(model: &Model, quant: QuantTarget) -> indicatif::ProgressBar {
     );
     bar.set_message(format!("{quant:?}").to_lowercase());
     bar
+}
+
+/// Per-kernel timing for `DSRUN_PROFILE`: each dispatch submitted alone and waited for.
+struct Profiler {
+    repeats: u32,
+    /// "kernel grid" -> (calls, seconds).
+    totals: std::collections::BTreeMap<String, (u32, f64)>,
+}
+
+impl Profiler {
+    fn from_env() -> Option<Profiler> {
+        let value = std::env::var("DSRUN_PROFILE").ok()?;
+        Some(Profiler { repeats: value.parse().unwrap_or(1).max(1), totals: Default::default() })
+    }
+
+    fn time(&mut self, ctx: &GpuContext, ops: &[(&Dispatch, [u32; 3])]) {
+        let wait = || ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        for (d, [x, y, z]) in ops {
+            let mut seconds = 0.0;
+            for _ in 0..self.repeats {
+                let started = std::time::Instant::now();
+                let mut encoder = ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&d.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(*x, *y, *z);
+                }
+                ctx.queue.submit([encoder.finish()]);
+                let _ = wait();
+                seconds = started.elapsed().as_secs_f64();
+            }
+            let entry = self.totals.entry(format!("{:?} {x}x{y}x{z}", d.kernel)).or_default();
+            entry.0 += 1;
+            entry.1 += seconds;
+        }
+    }
+
+    fn print(&self) {
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        for (name, (count, seconds)) in rows.iter().take(15) {
+            eprintln!("{:>9.3} ms total {:>6} x  {name}", seconds * 1e3, count);
+        }
+    }
 }
