@@ -15,6 +15,11 @@ override TILE: u32 = 1u;
 // (ROWS * TILE accumulators per lane, at most 32).
 override ROWS: u32 = 4u;
 override USE_IDS: u32 = 0u;
+// Expert-cache slot tables (expert streaming) mark the slots another pool serves, or a later
+// round, with NO_EXPERT; such workgroups return at once.
+override MAY_SKIP: u32 = 0u;
+const NO_EXPERT: u32 = 0xffffffffu;
+var<workgroup> shared_expert: u32;
 
 struct Params {
     slots_per_token: u32,
@@ -35,7 +40,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let r0 = (wid.x + wid.y * groups.x) * ROWS;
     let slots = select(step.n_tokens * p.slots_per_token, p.fixed_slots, p.fixed_slots != 0u);
     let s0 = wid.z * TILE;
-    let expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
+    var expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
+    if (MAY_SKIP == 1u) {
+        // The choice must be workgroup-uniform to return before the reduction's barrier.
+        if (lane == 0u) {
+            shared_expert = expert;
+        }
+        expert = workgroupUniformLoad(&shared_expert);
+        if (expert == NO_EXPERT) {
+            return;
+        }
+    }
     var acc: array<f32, 32>; // ROWS * TILE
     if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
         // Whole words per lane step: one load and decode give ELEMS weights.

@@ -49,25 +49,11 @@ pub fn count_params(config: &ModelConfig, w: &Weights) -> ParamCounts {
 /// experts (`num_experts_per_tok` of them per MoE layer), in the format `quant` gives them on the
 /// GPU (the router always stays as stored).
 pub fn active_weight_bytes(config: &ModelConfig, w: &Weights, quant: QuantTarget) -> u64 {
-    let m = |x: &Matrix| -> u64 {
-        let elements = (x.rows * x.cols) as f64;
-        let groups = (x.rows * x.cols.div_ceil(crate::quant::GROUP)) as f64;
-        match quant {
-            QuantTarget::Keep => x.stored_bytes() as u64,
-            QuantTarget::F16 => (elements * 2.0) as u64,
-            QuantTarget::Q8 => (elements + groups * 4.0) as u64,
-            QuantTarget::Q4 => (elements / 2.0 + groups * 8.0) as u64,
-        }
-    };
-    let mlp = |x: &Mlp| m(&x.gate) + m(&x.up) + m(&x.down);
+    let m = |x: &Matrix| x.device_bytes(quant);
+    let mlp = |x: &Mlp| x.matrices().iter().map(|x| m(x)).sum::<u64>();
     let mut total = m(&w.lm_head) + m(&w.embed) / w.embed.rows as u64;
     for layer in &w.layers {
-        let a = &layer.attention;
-        total += m(&a.kv_a) + m(&a.kv_b) + m(&a.o);
-        total += match &a.q {
-            QueryProjection::LowRank { a, b, .. } => m(a) + m(b),
-            QueryProjection::Direct(q) => m(q),
-        };
+        total += attention_bytes(&layer.attention, quant);
         total += match &layer.ffn {
             FeedForward::Dense(d) => mlp(d),
             FeedForward::Moe(moe) => {
@@ -76,6 +62,36 @@ pub fn active_weight_bytes(config: &ModelConfig, w: &Weights, quant: QuantTarget
         };
     }
     total
+}
+
+/// Bytes on the GPU of every weight but the routed experts (which expert streaming may keep
+/// off the GPU), in the format `quant` gives them; norms and biases as f32.
+pub fn resident_weight_bytes(w: &Weights, quant: QuantTarget) -> u64 {
+    let m = |x: &Matrix| x.device_bytes(quant);
+    let mlp = |x: &Mlp| x.matrices().iter().map(|x| m(x)).sum::<u64>();
+    let vector = |v: &[f32]| v.len() as u64 * 4;
+    let mut total = m(&w.lm_head) + m(&w.embed) + vector(&w.final_norm);
+    for layer in &w.layers {
+        total += attention_bytes(&layer.attention, quant) + vector(&layer.input_norm) + vector(&layer.post_attention_norm);
+        total += match &layer.ffn {
+            FeedForward::Dense(d) => mlp(d),
+            FeedForward::Moe(moe) => {
+                moe.router.stored_bytes() as u64
+                    + moe.correction_bias.as_deref().map_or(0, vector)
+                    + moe.shared.as_ref().map_or(0, mlp)
+            }
+        };
+    }
+    total
+}
+
+fn attention_bytes(a: &crate::model::weights::Attention, quant: QuantTarget) -> u64 {
+    let m = |x: &Matrix| x.device_bytes(quant);
+    let q = match &a.q {
+        QueryProjection::LowRank { a, norm, b } => m(a) + m(b) + norm.len() as u64 * 4,
+        QueryProjection::Direct(q) => m(q),
+    };
+    q + m(&a.kv_a) + m(&a.kv_b) + m(&a.o) + a.kv_norm.len() as u64 * 4
 }
 
 pub fn human_count(n: u64) -> String {

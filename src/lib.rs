@@ -2,6 +2,7 @@
 //! DeepSeekMoE routing, FP8 block-quantised weights) from Hugging Face checkpoints.
 
 pub mod backend;
+pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod quant;
 pub use error::{Error, Result};
 pub mod device;
 pub mod engine;
+pub mod expert_cache;
 pub mod generate;
 pub mod inspect;
 pub mod npy;

@@ -9,7 +9,7 @@ mod common;
 use dsrun::backend::cpu;
 use dsrun::backend::wgpu::lower::MatmulShape;
 use dsrun::backend::wgpu::runner::OpRunner;
-use dsrun::backend::wgpu::{context, tensors::GpuMatrix};
+use dsrun::backend::wgpu::{context, tensors::{GpuMatrix, SlotMatrix}};
 use dsrun::config::{ScoringFunc, TopkMethod};
 use dsrun::device::GpuChoice;
 use dsrun::model::router::{route, RouterParams};
@@ -113,7 +113,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         let x = random(20, n * cols);
         let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
         // gate/up form: slot s reads its token's row s / k.
-        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
+        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib, false);
         r.set_step(n as u32, 0);
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
@@ -121,6 +121,51 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
             .flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1))
             .collect();
         assert_close(&format!("{dtype:?} experts"), &got, &want);
+    }
+}
+
+#[test]
+fn expert_slots_compute_the_same_bits_as_the_stack_and_skip_unmarked_slots() {
+    let r = runner();
+    for dtype in FORMATS {
+        // Odd shapes so q4/FP8 slots need padding to whole words.
+        let (experts, rows, cols, k, n) = (4, 9, 37, 2, 3);
+        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 40 + e as u64)).collect();
+        let ids: Vec<u32> = vec![2, 0, 3, 2, 1, 3];
+        let x = random(41, n * cols);
+        let xb = r.f32_buffer(&x);
+        r.set_step(n as u32, 0);
+        let resident = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>());
+        let want = match resident {
+            Ok(gm) => {
+                let (yb, ib) = (r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
+                r.run(&r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib, false), n as u32, 1).unwrap();
+                r.read_f32(&yb, n * k * rows).unwrap()
+            }
+            // q4 stacks need even element counts; compare with the CPU then.
+            Err(_) => (0..n * k).flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect(),
+        };
+        // Expert e sits in slot 3 - e; slot s of the step is skipped when its table says so.
+        let pool = SlotMatrix::new(r.ctx(), &stack[0], experts).unwrap();
+        for (e, m) in stack.iter().enumerate() {
+            pool.write(&r.ctx().queue, experts - 1 - e, m);
+        }
+        let skip = [false, true, false, false, true, false];
+        let table: Vec<u32> = ids.iter().zip(skip).map(|(&e, s)| if s { u32::MAX } else { (experts - 1) as u32 - e }).collect();
+        let sentinel = vec![7.5f32; n * k * rows];
+        let (yb, tb) = (r.f32_buffer(&sentinel), r.u32_buffer(&table));
+        r.run(&r.builder.expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &tb, true), n as u32, 1).unwrap();
+        let got = r.read_f32(&yb, n * k * rows).unwrap();
+        for s in 0..n * k {
+            let (g, w) = (&got[s * rows..][..rows], &want[s * rows..][..rows]);
+            if skip[s] {
+                assert!(g.iter().all(|&v| v == 7.5), "{dtype:?}: skipped slot {s} was written");
+            } else if GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()).is_ok() {
+                assert_eq!(g, w, "{dtype:?}: slot {s} differs from the resident stack");
+            } else {
+                assert_close(&format!("{dtype:?} slot {s}"), g, w);
+            }
+        }
     }
 }
 

@@ -115,6 +115,18 @@ impl Matrix {
         Matrix { name: self.name.clone(), rows, cols: self.cols, dtype: self.dtype, data: self.data.slice(start..end), scales }
     }
 
+    /// Bytes this matrix takes on a GPU in the format `quant` gives it, scales included.
+    pub fn device_bytes(&self, quant: quant::QuantTarget) -> u64 {
+        let elements = (self.rows * self.cols) as u64;
+        let groups = (self.rows * self.cols.div_ceil(quant::GROUP)) as u64;
+        match quant {
+            quant::QuantTarget::Keep => self.stored_bytes() as u64,
+            quant::QuantTarget::F16 => elements * 2,
+            quant::QuantTarget::Q8 => elements + groups * 4,
+            quant::QuantTarget::Q4 => elements.div_ceil(2) + groups * 8,
+        }
+    }
+
     /// Bytes this matrix occupies in its stored format, scales included.
     pub fn stored_bytes(&self) -> usize {
         self.data.as_slice().len() + self.scales.as_ref().map_or(0, |s| s.values.len() * 4)
@@ -122,11 +134,25 @@ impl Matrix {
 }
 
 /// A SwiGLU feed-forward block: `down · (silu(gate · x) ⊙ (up · x))`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate: Matrix,
     pub up: Matrix,
     pub down: Matrix,
+}
+
+impl Mlp {
+    pub fn matrices(&self) -> [&Matrix; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+
+    /// The three matrices in the format `quant` gives them (cheap clones when kept as stored).
+    pub fn quantized(&self, quant: quant::QuantTarget) -> Mlp {
+        if quant == quant::QuantTarget::Keep {
+            return self.clone();
+        }
+        Mlp { gate: self.gate.quantized(quant), up: self.up.quantized(quant), down: self.down.quantized(quant) }
+    }
 }
 
 #[derive(Debug)]

@@ -15,6 +15,9 @@ pub struct GpuContext {
     /// Kernels may use subgroup operations: the adapter has them and the device was opened with
     /// them. Optional; every kernel has a workgroup-memory fallback (set false to force it).
     pub subgroups: bool,
+    /// Device-local memory the adapter reports, where the backend tells (Vulkan); what
+    /// `--gpu-mem auto` takes its share of.
+    pub memory: Option<u64>,
 }
 
 fn backends_for(choice: GpuChoice) -> wgpu::Backends {
@@ -96,7 +99,29 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     .map_err(|e| Error::Invalid(format!("{}: cannot open the device: {e}", info.name)))?;
     log::info!("GPU: {} ({:?}, {:?}), optional features: {:?}", info.name, info.backend, info.device_type, optional);
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
-    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups })
+    let memory = device_memory(&adapter);
+    log::info!("GPU: device-local memory {}", memory.map_or("unknown".into(), crate::inspect::human_bytes));
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, memory })
+}
+
+/// The largest device-local memory heap, read through the Vulkan API beneath wgpu (wgpu itself
+/// does not report memory sizes). None on other backends.
+fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "windows", target_os = "android", target_os = "freebsd"))]
+    {
+        // SAFETY: read-only queries on a live adapter; nothing is created or destroyed.
+        let vulkan = unsafe { adapter.as_hal::<wgpu::hal::api::Vulkan>() }?;
+        let instance = vulkan.shared_instance().raw_instance();
+        let props = unsafe { instance.get_physical_device_memory_properties(vulkan.raw_physical_device()) };
+        const DEVICE_LOCAL: u32 = 1; // VK_MEMORY_HEAP_DEVICE_LOCAL_BIT
+        let heaps = &props.memory_heaps[..props.memory_heap_count as usize];
+        heaps.iter().filter(|h| h.flags.as_raw() & DEVICE_LOCAL != 0).map(|h| h.size).max()
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "windows", target_os = "android", target_os = "freebsd")))]
+    {
+        let _ = adapter;
+        None
+    }
 }
 
 fn choice_name(choice: GpuChoice) -> String {

@@ -86,12 +86,14 @@ pub struct MatmulShape {
     pub use_ids: bool,
     /// Compute exactly this many slots whatever the step's size (the last position's logits).
     pub fixed_slots: Option<u32>,
+    /// ids may hold NO_EXPERT (u32::MAX): skip that slot (expert-cache slot tables).
+    pub may_skip: bool,
     /// y += W x instead of y = W x (residual connections).
     pub accumulate: bool,
 }
 
 impl MatmulShape {
-    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, accumulate: false };
+    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, may_skip: false, accumulate: false };
 }
 
 impl Builder {
@@ -151,6 +153,7 @@ impl Builder {
                         ("ROWS", rows_per_group as f64),
                         ("TILE", tile as f64),
                         ("USE_IDS", shape.use_ids as u32 as f64),
+                        ("MAY_SKIP", shape.may_skip as u32 as f64),
                     ];
                     let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
                     let grid: Grid = Box::new(move |n| {
@@ -177,8 +180,9 @@ impl Builder {
 
     /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
     /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
-    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Vec<Dispatch> {
-        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, accumulate: false };
+    /// With `may_skip`, ids is a slot table of one expert-cache pool: NO_EXPERT slots are left.
+    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, may_skip: bool) -> Vec<Dispatch> {
+        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, may_skip, accumulate: false };
         self.matmul_shaped(w, shape, x, y, Some(ids))
     }
 

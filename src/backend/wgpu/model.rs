@@ -224,10 +224,10 @@ impl GpuModel {
                     let upm = up(&stack(|m| &m.up))?;
                     let down = up(&stack(|m| &m.down))?;
                     let k32 = k as u32;
-                    body.extend(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids));
-                    body.extend(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids));
+                    body.extend(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids, false));
+                    body.extend(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids, false));
                     body.push(b.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b));
-                    body.extend(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids));
+                    body.extend(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids, false));
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }
