@@ -18,6 +18,13 @@ struct Args {
     gpu: GpuChoice,
     #[arg(long, value_enum, default_value = "keep")]
     quant: dsrun::quant::QuantTarget,
+    /// GPU memory budget (as dsrun's --gpu-mem: auto, bytes, or N% of routed experts).
+    #[arg(long, default_value = "auto")]
+    gpu_mem: dsrun::budget::GpuMem,
+    #[arg(long, value_enum, default_value = "lru")]
+    eviction: dsrun::expert_cache::Eviction,
+    #[arg(long)]
+    no_prefetch: bool,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -32,7 +39,8 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
-    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, args.quant).unwrap();
+    let options = dsrun::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: !args.no_prefetch };
+    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
 

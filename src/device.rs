@@ -4,6 +4,7 @@ use crate::backend::wgpu::{context, GpuModel};
 use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::budget::{GpuMem, GpuOptions};
 use crate::quant::QuantTarget;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -21,11 +22,14 @@ pub enum GpuChoice {
 }
 
 /// Opens the engine for `choice` with room for `capacity` tokens of context.
-/// `quant` applies to GPU engines; the CPU reference always computes with the weights as stored.
-pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, quant: QuantTarget) -> Result<Box<dyn Engine>> {
+/// `options` apply to GPU engines; the CPU reference always computes with the weights as stored.
+pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
     let cpu = |model: Model| -> Result<Box<dyn Engine>> {
-        if quant != QuantTarget::Keep {
+        if options.quant != QuantTarget::Keep {
             return Err(Error::Invalid("--quant applies to GPU backends; the CPU reference keeps the stored weights".into()));
+        }
+        if options.gpu_mem != GpuMem::Auto {
+            return Err(Error::Invalid("--gpu-mem applies to GPU backends; the CPU reference runs from host memory".into()));
         }
         Ok(Box::new(CpuEngine::new(model, capacity)))
     };
@@ -43,7 +47,7 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, quant: Quan
             if choice == GpuChoice::Auto {
                 log::info!("--gpu auto chose {}", ctx.describe());
             }
-            Ok(Box::new(GpuModel::new(ctx, &model, capacity, quant)?))
+            Ok(Box::new(GpuModel::with_options(ctx, &model, capacity, options)?))
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The `dsrun` command line: argument parsing and printing; the work lives in the library.
 
 use clap::{Args, Parser, Subcommand};
+use dsrun::budget::{GpuMem, GpuOptions};
 use dsrun::checkpoint::Checkpoint;
+use dsrun::expert_cache::Eviction;
 use dsrun::config::ModelConfig;
 use dsrun::device::{open_engine, GpuChoice};
 use dsrun::error::{Error, Result};
@@ -54,6 +56,23 @@ struct DeviceArgs {
     /// at load to f16, q8 (int8, a scale per 32) or q4 (4-bit, scale and min per 32).
     #[arg(long, value_enum, default_value = "keep")]
     quant: QuantTarget,
+    /// GPU memory dsrun may use: `auto` (80% of the adapter's device memory), a size (12G,
+    /// 512MiB, 3GB), or N% (that share of the routed experts, everything else resident).
+    /// Routed experts that do not fit are streamed from host memory through a slot cache.
+    #[arg(long, value_name = "BYTES|auto|N%", default_value = "auto")]
+    gpu_mem: GpuMem,
+    /// Which cached expert gives way when another must be uploaded (expert streaming).
+    #[arg(long, value_enum, default_value = "lru")]
+    expert_eviction: Eviction,
+    /// Do not guess and upload the next layer's experts ahead of need (expert streaming).
+    #[arg(long)]
+    no_prefetch: bool,
+}
+
+impl DeviceArgs {
+    fn options(&self) -> GpuOptions {
+        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: !self.no_prefetch }
+    }
 }
 
 #[derive(Args)]
@@ -145,7 +164,7 @@ fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<
     let started = Instant::now();
     let model = Model::load(dir)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
-    let engine = open_engine(device.gpu, model, capacity, device.quant)?;
+    let engine = open_engine(device.gpu, model, capacity, &device.options())?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
     Ok(engine)
 }

@@ -5,6 +5,7 @@ pub mod kernels;
 pub mod lower;
 pub mod model;
 pub mod runner;
+pub mod streaming;
 pub mod tensors;
 
 pub use context::GpuContext;

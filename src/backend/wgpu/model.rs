@@ -5,7 +5,9 @@
 use super::context::GpuContext;
 use super::kernels::Pipelines;
 use super::lower::{AttentionBuffers, Builder, Dispatch, GpuAttention, GpuQuery, MatmulShape, MlaShape, StepUniform};
-use super::tensors::{storage, uniform, GpuMatrix};
+use super::streaming::{StreamBuffers, StreamedLayer, Streaming};
+use super::tensors::{storage, uniform, GpuMatrix, SlotMatrix};
+use crate::budget::{GpuOptions, MemoryPlan};
 use crate::config::ModelConfig;
 use crate::model::router::RouterParams;
 use crate::engine::Engine;
@@ -23,6 +25,8 @@ pub struct GpuCounters {
     pub submits: u64,
     pub dispatches: u64,
     pub readback_bytes: u64,
+    pub tokens: u64,
+    pub step_seconds: f64,
 }
 
 pub struct GpuModel {
@@ -48,6 +52,9 @@ pub struct GpuModel {
     /// `DSRUN_PROFILE=N`: run each dispatch alone N times and time the last (slow; for finding
     /// hot kernels). The step's own work is then done by the profiler's runs.
     profile: Option<Profiler>,
+    /// Routed experts in a GPU slot cache, when they do not all fit the memory budget.
+    streaming: Option<Streaming>,
+    plan: MemoryPlan,
 }
 
 /// Activation buffers, sized for `chunk` tokens.
@@ -71,21 +78,47 @@ struct Activations {
     shared_out: wgpu::Buffer,
 }
 
+impl Activations {
+    fn bytes(&self) -> u64 {
+        [
+            &self.h, &self.xn, &self.qa, &self.qa_norm, &self.q, &self.kv, &self.q_lat, &self.o_lat, &self.o, &self.scores,
+            &self.router_logits, &self.ids, &self.route_weights, &self.ffn_a, &self.ffn_b, &self.expert_out, &self.shared_out,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum()
+    }
+}
+
+/// The next MoE layer's router run early on one token (expert prefetch under streaming).
+struct Guess {
+    xn: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    ids: wgpu::Buffer,
+    weights: wgpu::Buffer,
+}
+
 impl GpuModel {
     /// Uploads `model`'s weights in their checkpoint formats and lowers the forward pass.
     /// `quant` converts weight matrices at load (the router stays as stored: it is small and
     /// routing is sensitive to it).
     pub fn new(ctx: GpuContext, model: &Model, capacity: usize, quant: QuantTarget) -> Result<GpuModel> {
+        Self::with_options(ctx, model, capacity, &GpuOptions::with_quant(quant))
+    }
+
+    /// As `new`, with a memory budget (`--gpu-mem`) and expert-cache settings.
+    pub fn with_options(ctx: GpuContext, model: &Model, capacity: usize, options: &GpuOptions) -> Result<GpuModel> {
         // A shader or binding the adapter rejects becomes an error, not a panic.
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let built = Self::build(ctx, model, capacity, quant)?;
+        let built = Self::build(ctx, model, capacity, options)?;
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Invalid(format!("GPU: {} rejected the model's kernels: {e}", built.ctx.describe())));
         }
         Ok(built)
     }
 
-    fn build(ctx: GpuContext, model: &Model, capacity: usize, quant: QuantTarget) -> Result<GpuModel> {
+    fn build(ctx: GpuContext, model: &Model, capacity: usize, options: &GpuOptions) -> Result<GpuModel> {
+        let quant = options.quant;
         let c = model.config.clone();
         let w = &model.weights;
         let (d, heads) = (c.hidden_size, c.num_attention_heads);
@@ -142,10 +175,70 @@ impl GpuModel {
             mapped_at_creation: false,
         });
 
+        // What stays on the GPU whatever the budget, and what one routed expert takes there.
+        let moe_layers: Vec<usize> = (0..w.layers.len()).filter(|&i| matches!(w.layers[i].ffn, FeedForward::Moe(_))).collect();
+        let moe_of = |i: usize| match &w.layers[i].ffn {
+            FeedForward::Moe(moe) => moe,
+            FeedForward::Dense(_) => unreachable!("a MoE layer index"),
+        };
+        let kv_bytes = (c.num_hidden_layers * capacity * latent * 4) as u64;
+        let buffer_bytes = a.bytes() + tokens.size() + logits.size() + argmax_ids.size() + readback.size();
+        let expert_template = moe_layers.first().map(|&i| moe_of(i).experts[0].quantized(quant));
+        let plan = MemoryPlan {
+            resident: crate::inspect::resident_weight_bytes(w, quant) + kv_bytes + buffer_bytes,
+            expert_bytes: expert_template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotMatrix::slot_bytes(m)).sum()),
+            experts: moe_layers.iter().map(|&i| moe_of(i).experts.len() as u64).sum(),
+            top_k: k as u64,
+        };
+        let slots = plan.slots(plan.budget(options.gpu_mem, ctx.memory))?;
+        let guess_buffers = match slots {
+            Some(_) if options.prefetch => Some(Guess {
+                xn: storage(&ctx, "guess xn", d)?,
+                logits: storage(&ctx, "guess router logits", c.n_routed_experts)?,
+                ids: storage(&ctx, "guessed expert ids", k)?,
+                weights: storage(&ctx, "guessed expert weights", k)?,
+            }),
+            _ => None,
+        };
+        let progress = quant_progress(model, quant);
+        let mut streaming = match slots {
+            None => None,
+            Some(slots) => {
+                // Host copies of every routed expert in the GPU's format (views of the
+                // memory-mapped checkpoint when the format is kept).
+                let host: Vec<Vec<Mlp>> = moe_layers
+                    .iter()
+                    .map(|&i| {
+                        let experts = &moe_of(i).experts;
+                        progress.inc(3 * experts.len() as u64);
+                        experts.par_iter().map(|m| m.quantized(quant)).collect()
+                    })
+                    .collect();
+                let bufs = StreamBuffers {
+                    x: &a.xn,
+                    gate_out: &a.ffn_a,
+                    up_out: &a.ffn_b,
+                    expert_out: &a.expert_out,
+                    ids: &a.ids,
+                    pred_ids: guess_buffers.as_ref().map_or(&a.ids, |g| &g.ids),
+                };
+                let s = Streaming::new(&ctx, host, slots, k, max_chunk, options.eviction, options.prefetch, &bufs)?;
+                log::info!(
+                    "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
+                    s.slots(),
+                    crate::inspect::human_bytes(s.slot_bytes()),
+                    s.pools(),
+                    plan.experts,
+                    crate::inspect::human_bytes(plan.budget(options.gpu_mem, ctx.memory)),
+                    crate::inspect::human_bytes(plan.resident)
+                );
+                Some(s)
+            }
+        };
+
         let rope = Rope::new(&c);
         let inv_freq = b.vector("inv_freq", &rope.inv_freq);
         let weight_bytes = std::cell::Cell::new(0u64);
-        let progress = quant_progress(model, quant);
         let upload = |stack: &[&Matrix], quant: QuantTarget| -> Result<GpuMatrix> {
             let m = if quant == QuantTarget::Keep {
                 GpuMatrix::upload(&ctx, stack)?
@@ -219,6 +312,42 @@ impl GpuModel {
                     body.extend(b.matmul(&router, &a.xn, &a.router_logits, false));
                     let bias = moe.correction_bias.as_ref().map(|v| b.vector("correction bias", v));
                     body.push(b.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights));
+                    if let Some(streaming) = &mut streaming {
+                        let j = streaming.layers.len();
+                        let next = moe_layers.get(j + 1).copied();
+                        let mut predicts_next = false;
+                        if let (Some(g), Some(next)) = (&guess_buffers, next) {
+                            // The next MoE layer's router on this layer's hidden state (its last
+                            // token): a guess at the experts it will want, uploaded early.
+                            let next_moe = moe_of(next);
+                            let norm = b.vector("next post_attention_norm", &w.layers[next].post_attention_norm);
+                            body.push(b.rmsnorm(d, eps, &a.h, &norm, &g.xn, true));
+                            let router = upload(&[&next_moe.router], QuantTarget::Keep)?;
+                            let one = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+                            body.extend(b.matmul_shaped(&router, one, &g.xn, &g.logits, None));
+                            let bias = next_moe.correction_bias.as_ref().map(|v| b.vector("next correction bias", v));
+                            let mut guess = b.router(&RouterParams::from_config(&c), c.n_routed_experts, &g.logits, bias.as_ref(), &g.ids, &g.weights);
+                            guess.grid = Box::new(|_| [1, 1, 1]);
+                            body.push(guess);
+                            predicts_next = true;
+                        }
+                        let bufs = StreamBuffers {
+                            x: &a.xn,
+                            gate_out: &a.ffn_a,
+                            up_out: &a.ffn_b,
+                            expert_out: &a.expert_out,
+                            ids: &a.ids,
+                            pred_ids: &a.ids,
+                        };
+                        let dispatches = streaming.layer_dispatches(&b, &bufs, c.moe_intermediate_size);
+                        streaming.layers.push(StreamedLayer { body_index: body.len(), dispatches, predicts_next });
+                        if let Some(shared) = &moe.shared {
+                            mlp(shared, &a.shared_out, false, &mut body)?;
+                        }
+                        let shared_out = moe.shared.as_ref().map(|_| &a.shared_out);
+                        body.push(b.moe_combine(d, k, &a.expert_out, &a.route_weights, shared_out, &a.h));
+                        continue;
+                    }
                     let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let gate = up(&stack(|m| &m.gate))?;
                     let upm = up(&stack(|m| &m.up))?;
@@ -265,7 +394,9 @@ impl GpuModel {
             len: 0,
             weight_bytes: weight_bytes.get(),
             counters: GpuCounters::default(),
-            profile: Profiler::from_env(),
+            profile: if streaming.is_some() { None } else { Profiler::from_env() },
+            streaming,
+            plan,
         })
     }
 
@@ -275,6 +406,25 @@ impl GpuModel {
 
     pub fn max_chunk(&self) -> usize {
         self.max_chunk
+    }
+
+    /// What the model needs on the GPU: resident bytes and routed-expert bytes.
+    pub fn memory_plan(&self) -> MemoryPlan {
+        self.plan
+    }
+
+    /// Expert-cache slots, when routed experts are streamed.
+    pub fn expert_slots(&self) -> Option<usize> {
+        self.streaming.as_ref().map(|s| s.slots())
+    }
+
+    /// Expert-cache pools (each fits one binding), when routed experts are streamed.
+    pub fn expert_pools(&self) -> Option<usize> {
+        self.streaming.as_ref().map(|s| s.pools())
+    }
+
+    pub fn stream_counters(&self) -> Option<super::streaming::StreamCounters> {
+        self.streaming.as_ref().map(|s| s.counters)
     }
 
     /// Runs one chunk (at most `max_chunk` tokens). `head`: which logits to compute, if any;
@@ -303,13 +453,27 @@ impl GpuModel {
             profiler.time(&self.ctx, &ops);
         }
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
-        if self.profile.is_none() {
+        let record = |encoder: &mut wgpu::CommandEncoder, ops: &[(&Dispatch, [u32; 3])]| {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            for (d, [x, y, z]) in &ops {
+            for (d, [x, y, z]) in ops {
                 pass.set_pipeline(&d.pipeline);
                 pass.set_bind_group(0, &d.bind_group, &[]);
                 pass.dispatch_workgroups(*x, *y, *z);
             }
+        };
+        if self.profile.is_none() {
+            // Under expert streaming the step stops at each MoE layer's router for its choice.
+            let mut done = 0;
+            if let Some(streaming) = &mut self.streaming {
+                for layer in 0..streaming.layers.len() {
+                    let at = streaming.layers[layer].body_index;
+                    record(&mut encoder, &ops[done..at]);
+                    encoder = streaming.sync(&self.ctx, encoder, layer, n)?;
+                    self.counters.submits += 1;
+                    done = at;
+                }
+            }
+            record(&mut encoder, &ops[done..]);
             self.counters.dispatches += ops.len() as u64;
         }
         let bytes = if greedy { rows as u64 * 4 } else { rows as u64 * self.config.vocab_size as u64 * 4 };
@@ -341,7 +505,9 @@ impl GpuModel {
     /// Runs `tokens` in chunks; only the last chunk computes the head unless all logits are wanted.
     fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool) -> Result<Vec<u8>> {
         check_request(&self.config, self.len, self.capacity, tokens)?;
+        let started = std::time::Instant::now();
         self.counters.steps += 1;
+        self.counters.tokens += tokens.len() as u64;
         let chunks: Vec<&[u32]> = tokens.chunks(self.max_chunk).collect();
         let mut out = Vec::new();
         for (i, chunk) in chunks.iter().enumerate() {
@@ -353,6 +519,7 @@ impl GpuModel {
             };
             out.extend(self.step(chunk, head, greedy)?);
         }
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
         Ok(out)
     }
 }
@@ -394,14 +561,19 @@ impl Engine for GpuModel {
         }
         let c = self.counters;
         let per = |x: u64| x as f64 / c.steps.max(1) as f64;
-        Some(format!(
+        let mut lines = format!(
             "{} steps: {:.1} dispatches, {:.2} submits, {:.0} bytes read back per step; weights on GPU {}",
             c.steps,
             per(c.dispatches),
             per(c.submits),
             per(c.readback_bytes),
             crate::inspect::human_bytes(self.weight_bytes)
-        ))
+        );
+        if let Some(s) = &self.streaming {
+            lines += "\n";
+            lines += &s.summary(c.tokens, c.step_seconds);
+        }
+        Some(lines)
     }
 }
 

@@ -1,0 +1,352 @@
+//! Expert streaming: routed experts live in host memory (the memory-mapped checkpoint, or a
+//! converted copy when `--quant` changes their format) and are copied into a GPU cache of
+//! equal slots as the router asks for them.
+//!
+//! A step splits at each MoE layer: the segment up to the layer's router is submitted, the
+//! chosen ids come back (a few bytes), missing experts are copied into free or evicted slots,
+//! each pool's slot table is written, and the expert matmuls run over the slot pools. A chunk
+//! whose tokens want more distinct experts than there are slots runs in rounds, each expert
+//! uploaded at most once per chunk per layer. For decode steps the next MoE layer's router is
+//! also run early on the current hidden state; its guesses are uploaded while the GPU works
+//! through the rest of the layer, and counted against what the router then picks.
+
+use super::context::GpuContext;
+use super::lower::{Builder, Dispatch};
+use super::tensors::SlotMatrix;
+use crate::error::{Error, Result};
+use crate::expert_cache::{Eviction, ExpertCache, ExpertKey};
+use crate::model::weights::Mlp;
+use std::collections::HashSet;
+use std::time::Instant;
+
+/// Slot-table entry for slots that another pool, or a later round, serves.
+const NO_EXPERT: u32 = u32::MAX;
+
+/// Streaming counters for `--verbose` and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamCounters {
+    /// Expert uses found resident (including correct prefetches) and uses that had to upload.
+    pub hits: u64,
+    pub misses: u64,
+    /// Experts uploaded ahead of need, and how many of those were then used.
+    pub prefetched: u64,
+    pub prefetch_used: u64,
+    /// Router guesses made for the next layer, and how many the router then chose.
+    pub predicted: u64,
+    pub predicted_right: u64,
+    pub bytes_uploaded: u64,
+    /// Host time queuing uploads the step waited for (misses), and queuing prefetches while
+    /// the GPU worked.
+    pub upload_seconds: f64,
+    pub prefetch_seconds: f64,
+    /// Host time blocked on the GPU at MoE layers (reading back the router's choice).
+    pub sync_seconds: f64,
+    pub syncs: u64,
+    /// Expert rounds (more than one per layer when a chunk wants more experts than slots).
+    pub rounds: u64,
+}
+
+/// The GPU slots of one pool (each pool's buffers fit one binding).
+struct Pool {
+    gate: SlotMatrix,
+    up: SlotMatrix,
+    down: SlotMatrix,
+    /// Global index of this pool's first slot.
+    first: usize,
+    slots: usize,
+    table: wgpu::Buffer,
+}
+
+/// The expert part of one MoE layer: dispatched per round after the sync.
+pub struct StreamedLayer {
+    /// Index into the step's body before which the layer syncs (its router has run).
+    pub body_index: usize,
+    pub dispatches: Vec<Dispatch>,
+    /// This layer's sync also reads the next MoE layer's guessed experts.
+    pub predicts_next: bool,
+}
+
+pub struct Streaming {
+    cache: ExpertCache,
+    pools: Vec<Pool>,
+    /// [MoE layer][expert]: host copies in the GPU's format.
+    host: Vec<Vec<Mlp>>,
+    pub layers: Vec<StreamedLayer>,
+    k: usize,
+    ids: wgpu::Buffer,
+    pred_ids: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    prefetch: bool,
+    /// Guessed experts for a MoE layer, made at the previous layer's sync, uploaded at its own.
+    guess: Option<(usize, Vec<u32>)>,
+    /// Prefetched experts not used yet.
+    prefetched: HashSet<ExpertKey>,
+    pub counters: StreamCounters,
+}
+
+/// Buffers the streamed layers share with the rest of the step.
+pub struct StreamBuffers<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub gate_out: &'a wgpu::Buffer,
+    pub up_out: &'a wgpu::Buffer,
+    pub expert_out: &'a wgpu::Buffer,
+    pub ids: &'a wgpu::Buffer,
+    pub pred_ids: &'a wgpu::Buffer,
+}
+
+impl Streaming {
+    /// GPU room for `slots` experts shaped like `host[0][0]`, split into pools that each fit one
+    /// binding, and a slot table per pool for `max_chunk` tokens.
+    pub fn new(
+        ctx: &GpuContext,
+        host: Vec<Vec<Mlp>>,
+        slots: usize,
+        k: usize,
+        max_chunk: usize,
+        eviction: Eviction,
+        prefetch: bool,
+        bufs: &StreamBuffers,
+    ) -> Result<Streaming> {
+        let template = &host[0][0];
+        let largest = template.matrices().iter().map(|m| SlotMatrix::slot_bytes(m)).max().unwrap_or(1).max(1);
+        let per_pool = (ctx.chunk_limit() / largest) as usize;
+        if per_pool == 0 {
+            return Err(Error::Invalid(format!(
+                "one routed expert matrix takes {}, more than this adapter binds at once ({})",
+                crate::inspect::human_bytes(largest),
+                crate::inspect::human_bytes(ctx.chunk_limit())
+            )));
+        }
+        let mut pools = Vec::new();
+        let mut first = 0;
+        while first < slots {
+            let n = per_pool.min(slots - first);
+            pools.push(Pool {
+                gate: SlotMatrix::new(ctx, &template.gate, n)?,
+                up: SlotMatrix::new(ctx, &template.up, n)?,
+                down: SlotMatrix::new(ctx, &template.down, n)?,
+                first,
+                slots: n,
+                table: super::tensors::storage(ctx, "expert slot table", max_chunk * k)?,
+            });
+            first += n;
+        }
+        let readback = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("expert ids readback"),
+            size: ((max_chunk + 1) * k * 4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Streaming {
+            cache: ExpertCache::new(slots, eviction),
+            pools,
+            host,
+            layers: Vec::new(),
+            k,
+            ids: bufs.ids.clone(),
+            pred_ids: bufs.pred_ids.clone(),
+            readback,
+            prefetch,
+            guess: None,
+            prefetched: HashSet::new(),
+            counters: StreamCounters::default(),
+        })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.cache.slots()
+    }
+
+    pub fn pools(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn slot_bytes(&self) -> u64 {
+        self.pools.first().map_or(0, |p| [&p.gate, &p.up, &p.down].iter().map(|m| m.data_stride + m.scale_stride).sum())
+    }
+
+    /// The expert matmuls of one MoE layer over every pool: gate and up per pool, SwiGLU over
+    /// all slots, down per pool.
+    pub fn layer_dispatches(&self, b: &Builder, bufs: &StreamBuffers, intermediate: usize) -> Vec<Dispatch> {
+        let k = self.k as u32;
+        let mut ops = Vec::new();
+        for p in &self.pools {
+            ops.extend(b.expert_matmul(&p.gate.matrix, k, k, bufs.x, bufs.gate_out, &p.table, true));
+            ops.extend(b.expert_matmul(&p.up.matrix, k, k, bufs.x, bufs.up_out, &p.table, true));
+        }
+        ops.push(b.silu_mul(self.k * intermediate, bufs.gate_out, bufs.up_out));
+        for p in &self.pools {
+            ops.extend(b.expert_matmul(&p.down.matrix, k, 1, bufs.gate_out, bufs.expert_out, &p.table, true));
+        }
+        ops
+    }
+
+    /// The sync of MoE layer `layer` in a step of `n` tokens: submits `encoder` (the step so far,
+    /// ending with the layer's router), reads the chosen ids back, makes those experts resident
+    /// and records the expert rounds. Returns the encoder holding the last round, to which the
+    /// rest of the step is added.
+    pub fn sync(&mut self, ctx: &GpuContext, mut encoder: wgpu::CommandEncoder, layer: usize, n: u32) -> Result<wgpu::CommandEncoder> {
+        let count = n as usize * self.k;
+        let predicts = self.prefetch && n == 1 && self.layers[layer].predicts_next;
+        encoder.copy_buffer_to_buffer(&self.ids, 0, &self.readback, 0, (count * 4) as u64);
+        if predicts {
+            encoder.copy_buffer_to_buffer(&self.pred_ids, 0, &self.readback, (count * 4) as u64, (self.k * 4) as u64);
+        }
+        ctx.queue.submit([encoder.finish()]);
+
+        // While the GPU runs up to this router: upload the experts guessed for this layer.
+        if let Some((guessed_layer, guess)) = self.guess.take() {
+            if guessed_layer == layer {
+                self.prefetch_uploads(ctx, layer, &guess);
+                self.guess = Some((layer, guess));
+            }
+        }
+
+        let waited = Instant::now();
+        let words = count + if predicts { self.k } else { 0 };
+        let slice = self.readback.slice(..(words * 4) as u64);
+        slice.map_async(wgpu::MapMode::Read, |_| {});
+        ctx.device
+            .poll(wgpu::PollType::Wait { submission_index: None, timeout: None })
+            .map_err(|e| Error::Invalid(format!("GPU: waiting for the router failed: {e}")))?;
+        let read: Vec<u32> = {
+            let view = slice.get_mapped_range().map_err(|e| Error::Invalid(format!("GPU: reading expert ids failed: {e}")))?;
+            bytemuck::pod_collect_to_vec(&view)
+        };
+        self.readback.unmap();
+        self.counters.sync_seconds += waited.elapsed().as_secs_f64();
+        self.counters.syncs += 1;
+        let (ids, next_guess) = read.split_at(count);
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        let experts = self.host[layer].len();
+        if let Some(bad) = ids.iter().find(|&&e| e as usize >= experts) {
+            return Err(Error::Invalid(format!("GPU: the router chose expert {bad} of {experts} (non-finite activations?)")));
+        }
+
+        if let Some((_, guess)) = self.guess.take() {
+            self.counters.predicted += guess.len() as u64;
+            self.counters.predicted_right += guess.iter().filter(|g| ids.contains(g)).count() as u64;
+        }
+        if predicts {
+            self.guess = Some((layer + 1, next_guess.to_vec()));
+        }
+
+        // Distinct experts in order of first use, in rounds of at most `slots`.
+        let mut distinct: Vec<u32> = Vec::new();
+        for &e in ids {
+            if !distinct.contains(&e) {
+                distinct.push(e);
+            }
+        }
+        let rounds: Vec<&[u32]> = distinct.chunks(self.cache.slots()).collect();
+        for (r, round) in rounds.iter().enumerate() {
+            if r > 0 {
+                let previous = std::mem::replace(&mut encoder, ctx.device.create_command_encoder(&Default::default()));
+                ctx.queue.submit([previous.finish()]);
+            }
+            let keys: Vec<ExpertKey> = round.iter().map(|&e| ExpertKey { layer: layer as u32, expert: e }).collect();
+            let placements = self.cache.acquire(&keys);
+            let started = Instant::now();
+            for (key, p) in keys.iter().zip(&placements) {
+                if p.upload {
+                    self.counters.misses += 1;
+                    self.upload(ctx, *key, p.slot);
+                } else {
+                    self.counters.hits += 1;
+                    if self.prefetched.remove(key) {
+                        self.counters.prefetch_used += 1;
+                    }
+                }
+            }
+            // Uses beyond the first of an expert within the chunk are hits too.
+            let uses = ids.iter().filter(|e| round.contains(e)).count() - round.len();
+            self.counters.hits += uses as u64;
+            self.counters.upload_seconds += started.elapsed().as_secs_f64();
+            self.write_tables(ctx, ids, round, &keys, &placements);
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for d in &self.layers[layer].dispatches {
+                d.record(&mut pass, n);
+            }
+            drop(pass);
+            self.counters.rounds += 1;
+        }
+        Ok(encoder)
+    }
+
+    /// Each pool's slot table for one round: the pool-local slot of each (token, choice) whose
+    /// expert this round serves from that pool, NO_EXPERT elsewhere.
+    fn write_tables(&self, ctx: &GpuContext, ids: &[u32], round: &[u32], keys: &[ExpertKey], placements: &[crate::expert_cache::Placement]) {
+        for pool in &self.pools {
+            let table: Vec<u32> = ids
+                .iter()
+                .map(|e| match round.iter().position(|r| r == e) {
+                    Some(i) => {
+                        debug_assert_eq!(keys[i].expert, *e);
+                        let slot = placements[i].slot;
+                        if slot >= pool.first && slot < pool.first + pool.slots {
+                            (slot - pool.first) as u32
+                        } else {
+                            NO_EXPERT
+                        }
+                    }
+                    None => NO_EXPERT,
+                })
+                .collect();
+            ctx.queue.write_buffer(&pool.table, 0, bytemuck::cast_slice(&table));
+        }
+    }
+
+    /// Queues the copy of expert `key` into global slot `slot`.
+    fn upload(&mut self, ctx: &GpuContext, key: ExpertKey, slot: usize) {
+        let pool = self.pools.iter().find(|p| slot >= p.first && slot < p.first + p.slots).expect("slot within a pool");
+        let local = slot - pool.first;
+        let expert = &self.host[key.layer as usize][key.expert as usize];
+        let mut bytes = 0;
+        for (gpu, host) in [(&pool.gate, &expert.gate), (&pool.up, &expert.up), (&pool.down, &expert.down)] {
+            bytes += gpu.write(&ctx.queue, local, host);
+        }
+        self.counters.bytes_uploaded += bytes;
+    }
+
+    /// Uploads guessed experts of `layer` that are not resident, into slots nothing in flight
+    /// still needs for this step (the copies land after the work already submitted).
+    fn prefetch_uploads(&mut self, ctx: &GpuContext, layer: usize, guess: &[u32]) {
+        let started = Instant::now();
+        let keys: Vec<ExpertKey> = guess.iter().map(|&e| ExpertKey { layer: layer as u32, expert: e }).collect();
+        for (key, slot) in self.cache.prefetch(&keys) {
+            self.upload(ctx, key, slot);
+            self.prefetched.insert(key);
+            self.counters.prefetched += 1;
+        }
+        self.counters.prefetch_seconds += started.elapsed().as_secs_f64();
+    }
+
+    /// One line for `--verbose`, per generated or prompt token.
+    pub fn summary(&self, tokens: u64, step_seconds: f64) -> String {
+        let c = &self.counters;
+        let uses = (c.hits + c.misses).max(1) as f64;
+        let mut line = format!(
+            "expert cache: {} slots of {} in {} pool(s); hit rate {:.1}% ({} hits, {} misses), {} uploaded per token, \
+             {:.1}% of step time queuing needed uploads, {:.1}% waiting at MoE layers, {:.2} rounds per layer",
+            self.slots(),
+            crate::inspect::human_bytes(self.slot_bytes()),
+            self.pools(),
+            100.0 * c.hits as f64 / uses,
+            c.hits,
+            c.misses,
+            crate::inspect::human_bytes(c.bytes_uploaded / tokens.max(1)),
+            100.0 * c.upload_seconds / step_seconds.max(1e-9),
+            100.0 * c.sync_seconds / step_seconds.max(1e-9),
+            c.rounds as f64 / c.syncs.max(1) as f64,
+        );
+        if c.predicted > 0 {
+            line += &format!(
+                "; prefetch: {:.1}% of guesses right, {} prefetched, {:.1}% of those used",
+                100.0 * c.predicted_right as f64 / c.predicted as f64,
+                c.prefetched,
+                100.0 * c.prefetch_used as f64 / c.prefetched.max(1) as f64
+            );
+        }
+        line
+    }
+}

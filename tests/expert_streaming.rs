@@ -1,0 +1,118 @@
+//! Expert streaming (`--gpu-mem`): with routed experts in a GPU slot cache smaller than the
+//! model, logits must equal the all-resident path's bit for bit. The expert kernel is the same,
+//! reading the same weights from a slot instead of the stack, so every sum runs in the same
+//! order: no tolerance is needed, and any difference is a streaming bug (a stale slot, a wrong
+//! slot table, a lost round).
+
+mod common;
+use common::*;
+use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::budget::{GpuMem, GpuOptions};
+use dsrun::device::GpuChoice;
+use dsrun::engine::Engine;
+use dsrun::expert_cache::Eviction;
+use dsrun::model::{Logits, Model};
+
+fn ctx() -> dsrun::backend::wgpu::GpuContext {
+    context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)")
+}
+
+/// Prefill of the first half of the fixture's tokens, then decode of the rest one by one (and
+/// again, so the cache starts warm), all logits concatenated.
+fn run(engine: &mut GpuModel, tokens: &[u32]) -> Vec<f32> {
+    let half = tokens.len() / 2;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        engine.reset();
+        out.extend(engine.forward(&tokens[..half], Logits::All).unwrap());
+        for &t in &tokens[half..] {
+            out.extend(engine.forward(&[t], Logits::Last).unwrap());
+        }
+    }
+    out
+}
+
+fn assert_bitwise(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: logits count");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+        panic!("{what}: logit {i} is {} streamed, {} all-resident", got[i], want[i]);
+    }
+}
+
+#[test]
+fn streamed_logits_equal_all_resident_logits_on_every_family() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let mut resident = GpuModel::new(ctx(), &model, g.tokens.len(), Default::default()).unwrap();
+        assert_eq!(resident.expert_slots(), None, "{family}: auto budget keeps every expert resident");
+        let want = run(&mut resident, &g.tokens);
+        assert_logits_match(family, &want[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+
+        let plan = resident.memory_plan();
+        let budgets = [
+            ("50%", GpuMem::ExpertShare(0.5)),
+            ("25%", GpuMem::ExpertShare(0.25)),
+            ("minimum", GpuMem::Bytes(plan.minimum())),
+        ];
+        for (name, gpu_mem) in budgets {
+            for (eviction, prefetch) in [(Eviction::Lru, true), (Eviction::Lfu, false)] {
+                let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };
+                let mut streamed = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
+                let slots = streamed.expert_slots().expect("a budget below all-resident streams");
+                assert!(slots < plan.experts as usize);
+                let got = run(&mut streamed, &g.tokens);
+                let what = format!("{family} at {name} ({slots} slots, {eviction:?}, prefetch {prefetch})");
+                assert_bitwise(&what, &got, &want);
+                let c = streamed.stream_counters().unwrap();
+                assert!(c.misses > 0 && c.hits + c.misses > 0, "{what}: {c:?}");
+                if name == "minimum" {
+                    assert_eq!(slots as u64, plan.top_k);
+                    // A prefill chunk wants more distinct experts than k slots: several rounds.
+                    assert!(c.rounds > c.syncs, "{what}: prefill ran in one round per layer: {c:?}");
+                }
+                if prefetch {
+                    assert!(c.predicted > 0, "{what}: no guesses made: {c:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn streamed_logits_equal_all_resident_with_slots_split_over_many_pools() {
+    // Tiny bindings force every matrix into row chunks and the expert cache into pools of a
+    // few slots each, as V3's 44 MB FP8 experts are against a 128 MiB binding.
+    for family in ["v3_noaux", "v3_fp8", "v2_glg"] {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let small = || {
+            let mut c = ctx();
+            c.chunk_bytes = Some(64 * 1024);
+            c
+        };
+        let mut resident = GpuModel::new(small(), &model, g.tokens.len(), Default::default()).unwrap();
+        let want = run(&mut resident, &g.tokens);
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..Default::default() };
+        let mut streamed = GpuModel::with_options(small(), &model, g.tokens.len(), &options).unwrap();
+        let pools = streamed.expert_pools().unwrap();
+        assert!(pools >= 2, "{family}: {pools} pool(s)");
+        let got = run(&mut streamed, &g.tokens);
+        assert_bitwise(&format!("{family} in pools"), &got, &want);
+    }
+}
+
+#[test]
+fn a_budget_below_the_minimum_names_the_minimum() {
+    let dir = fixture("v3_noaux");
+    let model = Model::load(&dir).unwrap();
+    let resident = GpuModel::new(ctx(), &model, 16, Default::default()).unwrap();
+    let minimum = resident.memory_plan().minimum();
+    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum - 1), ..Default::default() };
+    let err = GpuModel::with_options(ctx(), &model, 16, &options).err().expect("refused").to_string();
+    assert!(err.contains(&format!("minimum of {minimum} bytes")), "{err}");
+    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum), ..Default::default() };
+    assert!(GpuModel::with_options(ctx(), &model, 16, &options).is_ok());
+}
