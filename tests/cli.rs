@@ -76,6 +76,18 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
 }
 
 #[test]
+fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
+    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v"];
+    let resident = dsrun(&args);
+    let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%"]].concat());
+    assert!(resident.status.success() && streamed.status.success(), "{}", text(&streamed.stderr));
+    assert_eq!(text(&resident.stdout), text(&streamed.stdout));
+    let stderr = text(&streamed.stderr);
+    assert!(stderr.contains("expert cache:") && stderr.contains("hit rate") && stderr.contains("uploaded per token"), "{stderr}");
+    assert!(stderr.contains("prefetch:") && stderr.contains("guesses right"), "{stderr}");
+}
+
+#[test]
 fn devices_lists_adapters() {
     let out = dsrun(&["devices"]);
     assert!(out.status.success());
@@ -109,6 +121,12 @@ fn bad_requests_fail_cleanly() {
         assert_fails(&["logits", "--gpu", "metal", "--model", v3, "--tokens", "1", "--out", "/tmp/dsrun-never.npy"], "no GPU adapter");
     }
     assert_fails(&["--gpu", "tpu"], "invalid value 'tpu'");
+    assert_fails(&["--gpu-mem", "lots"], "--gpu-mem");
+    assert_fails(&["--gpu-mem", "0"], "at least one byte");
+    assert_fails(&["--gpu-mem", "150%"], "(0, 100]%");
+    assert_fails(&["--gpu-mem", "1M"], "below this model's minimum of");
+    assert_fails(&["--gpu", "cpu", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
+    assert_fails(&["--expert-eviction", "random"], "invalid value 'random'");
     assert_fails(&["--temperature", "-1"], "--temperature");
     assert_fails(&["--top-p", "1.5"], "--top-p");
     assert_fails(&["--ctx", "0"], "--ctx");

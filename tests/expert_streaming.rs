@@ -88,9 +88,20 @@ fn streamed_logits_equal_all_resident_with_slots_split_over_many_pools() {
         let dir = fixture(family);
         let g = golden(&dir);
         let model = Model::load(&dir).unwrap();
+        let largest = model
+            .weights
+            .layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                dsrun::model::weights::FeedForward::Moe(moe) => Some(moe.experts[0].matrices().map(|m| m.stored_bytes()).into_iter().max().unwrap()),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        // Three slots per pool.
         let small = || {
             let mut c = ctx();
-            c.chunk_bytes = Some(64 * 1024);
+            c.chunk_bytes = Some((3 * largest.next_multiple_of(4) + 3) as u64);
             c
         };
         let mut resident = GpuModel::new(small(), &model, g.tokens.len(), Default::default()).unwrap();

@@ -37,8 +37,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=["bf16", "fp8"], default="fp8")
+    ap.add_argument("--layers", type=int, default=8, help="16 gives ~1.1B parameters")
     args = ap.parse_args()
-    c = config()
+    c = config(layers=args.layers)
     g = torch.Generator().manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     d, h = c["hidden_size"], c["num_attention_heads"]
