@@ -15,11 +15,9 @@ override TILE: u32 = 1u;
 // (ROWS * TILE accumulators per lane, at most 32).
 override ROWS: u32 = 4u;
 override USE_IDS: u32 = 0u;
-// Expert-cache slot tables (expert streaming) mark the slots another pool serves, or a later
-// round, with NO_EXPERT; such workgroups return at once.
-override MAY_SKIP: u32 = 0u;
-const NO_EXPERT: u32 = 0xffffffffu;
-var<workgroup> shared_expert: u32;
+// Expert streaming: `ids` lists (slot, expert) pairs, one per workgroup z, and the host sizes an
+// indirect dispatch to the list, so only the slots a pool of the expert cache serves are computed.
+override SLOT_LIST: u32 = 0u;
 
 struct Params {
     slots_per_token: u32,
@@ -39,17 +37,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let lane = ids_in.lane;
     let r0 = (wid.x + wid.y * groups.x) * ROWS;
     let slots = select(step.n_tokens * p.slots_per_token, p.fixed_slots, p.fixed_slots != 0u);
-    let s0 = wid.z * TILE;
+    var s0 = wid.z * TILE;
     var expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
-    if (MAY_SKIP == 1u) {
-        // The choice must be workgroup-uniform to return before the reduction's barrier.
-        if (lane == 0u) {
-            shared_expert = expert;
-        }
-        expert = workgroupUniformLoad(&shared_expert);
-        if (expert == NO_EXPERT) {
-            return;
-        }
+    if (SLOT_LIST == 1u) {
+        s0 = ids[2u * wid.z];
+        expert = ids[2u * wid.z + 1u];
     }
     var acc: array<f32, 32>; // ROWS * TILE
     if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {

@@ -7,7 +7,8 @@
 
 mod common;
 use dsrun::backend::cpu;
-use dsrun::backend::wgpu::lower::MatmulShape;
+use dsrun::backend::wgpu::lower::{listed_grid, MatmulShape};
+use wgpu::util::DeviceExt;
 use dsrun::backend::wgpu::runner::OpRunner;
 use dsrun::backend::wgpu::{context, tensors::{GpuMatrix, SlotMatrix}};
 use dsrun::config::{ScoringFunc, TopkMethod};
@@ -113,7 +114,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         let x = random(20, n * cols);
         let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
         // gate/up form: slot s reads its token's row s / k.
-        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib, false);
+        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
         r.set_step(n as u32, 0);
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
@@ -125,7 +126,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
 }
 
 #[test]
-fn expert_slots_compute_the_same_bits_as_the_stack_and_skip_unmarked_slots() {
+fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
     let r = runner();
     for dtype in FORMATS {
         // Odd shapes so q4/FP8 slots need padding to whole words.
@@ -139,22 +140,28 @@ fn expert_slots_compute_the_same_bits_as_the_stack_and_skip_unmarked_slots() {
         let want = match resident {
             Ok(gm) => {
                 let (yb, ib) = (r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
-                r.run(&r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib, false), n as u32, 1).unwrap();
+                r.run(&r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib), n as u32, 1).unwrap();
                 r.read_f32(&yb, n * k * rows).unwrap()
             }
             // q4 stacks need even element counts; compare with the CPU then.
             Err(_) => (0..n * k).flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect(),
         };
-        // Expert e sits in slot 3 - e; slot s of the step is skipped when its table says so.
+        // Expert e sits in slot 3 - e; the list names the step slots to compute (not 1 and 4).
         let pool = SlotMatrix::new(r.ctx(), &stack[0], experts).unwrap();
         for (e, m) in stack.iter().enumerate() {
             pool.write(&r.ctx().queue, experts - 1 - e, m);
         }
         let skip = [false, true, false, false, true, false];
-        let table: Vec<u32> = ids.iter().zip(skip).map(|(&e, s)| if s { u32::MAX } else { (experts - 1) as u32 - e }).collect();
+        let list: Vec<u32> = (0..n * k).filter(|&s| !skip[s]).flat_map(|s| [s as u32, (experts - 1) as u32 - ids[s]]).collect();
         let sentinel = vec![7.5f32; n * k * rows];
-        let (yb, tb) = (r.f32_buffer(&sentinel), r.u32_buffer(&table));
-        r.run(&r.builder.expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &tb, true), n as u32, 1).unwrap();
+        let (yb, lb) = (r.f32_buffer(&sentinel), r.u32_buffer(&list));
+        let args = r.ctx().device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&listed_grid(rows, (list.len() / 2) as u32)),
+            usage: wgpu::BufferUsages::INDIRECT,
+        });
+        let d = r.builder.listed_expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &lb, (&args, 0));
+        r.run(&[d], n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
         for s in 0..n * k {
             let (g, w) = (&got[s * rows..][..rows], &want[s * rows..][..rows]);

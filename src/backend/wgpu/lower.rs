@@ -27,6 +27,9 @@ pub struct Dispatch {
     pub grid: Grid,
     /// A variant specialised for single-token steps (decode), used instead when n == 1.
     pub decode: Option<Box<Dispatch>>,
+    /// Workgroup counts read from this buffer at this offset instead of `grid` (lists the host
+    /// sizes between submits: expert-cache pools).
+    pub indirect: Option<(wgpu::Buffer, u64)>,
 }
 
 impl Dispatch {
@@ -40,10 +43,18 @@ impl Dispatch {
     }
 
     pub fn record(&self, pass: &mut wgpu::ComputePass, n: u32) {
-        let (d, [x, y, z]) = self.for_tokens(n);
-        pass.set_pipeline(&d.pipeline);
-        pass.set_bind_group(0, &d.bind_group, &[]);
-        pass.dispatch_workgroups(x, y, z);
+        let (d, grid) = self.for_tokens(n);
+        d.encode(pass, grid);
+    }
+
+    /// Records this dispatch (already resolved with `for_tokens`) with workgroup counts `grid`.
+    pub fn encode(&self, pass: &mut wgpu::ComputePass, [x, y, z]: [u32; 3]) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        match &self.indirect {
+            Some((buffer, offset)) => pass.dispatch_workgroups_indirect(buffer, *offset),
+            None => pass.dispatch_workgroups(x, y, z),
+        }
     }
 }
 
@@ -68,6 +79,12 @@ fn split(groups: u32) -> [u32; 2] {
     [groups.min(MAX_DISPATCH), groups.div_ceil(MAX_DISPATCH)]
 }
 
+/// Workgroup counts of `listed_expert_matmul` over a matrix of `rows` rows for `pairs` listed slots.
+pub fn listed_grid(rows: usize, pairs: u32) -> [u32; 3] {
+    let [x, y] = split((rows as u32).div_ceil(DECODE_VARIANT.0));
+    [x, y, pairs]
+}
+
 pub struct Builder {
     pub ctx: GpuContext,
     pub pipelines: Pipelines,
@@ -86,14 +103,14 @@ pub struct MatmulShape {
     pub use_ids: bool,
     /// Compute exactly this many slots whatever the step's size (the last position's logits).
     pub fixed_slots: Option<u32>,
-    /// ids may hold NO_EXPERT (u32::MAX): skip that slot (expert-cache slot tables).
-    pub may_skip: bool,
+    /// ids lists (slot, expert) pairs, one per workgroup z (expert-cache pools).
+    pub slot_list: bool,
     /// y += W x instead of y = W x (residual connections).
     pub accumulate: bool,
 }
 
 impl MatmulShape {
-    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, may_skip: false, accumulate: false };
+    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, slot_list: false, accumulate: false };
 }
 
 impl Builder {
@@ -121,7 +138,7 @@ impl Builder {
             layout: &layout,
             entries: &entries,
         });
-        Dispatch { kernel, pipeline, bind_group, grid, decode: None }
+        Dispatch { kernel, pipeline, bind_group, grid, decode: None, indirect: None }
     }
 
     pub fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
@@ -153,7 +170,7 @@ impl Builder {
                         ("ROWS", rows_per_group as f64),
                         ("TILE", tile as f64),
                         ("USE_IDS", shape.use_ids as u32 as f64),
-                        ("MAY_SKIP", shape.may_skip as u32 as f64),
+                        ("SLOT_LIST", shape.slot_list as u32 as f64),
                     ];
                     let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
                     let grid: Grid = Box::new(move |n| {
@@ -180,10 +197,30 @@ impl Builder {
 
     /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]`; the input row is
     /// the token's (`x_div = k`) for gate/up, the slot's own (`x_div = 1`) for down.
-    /// With `may_skip`, ids is a slot table of one expert-cache pool: NO_EXPERT slots are left.
-    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, may_skip: bool) -> Vec<Dispatch> {
-        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, may_skip, accumulate: false };
+    pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Vec<Dispatch> {
+        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
         self.matmul_shaped(w, shape, x, y, Some(ids))
+    }
+
+    /// Routed experts from one expert-cache pool: only the slots `list` names, as (slot,
+    /// pool-local expert) pairs, with workgroup counts read from `args` at `offset` (the host
+    /// writes `listed_grid(w.rows, pairs)` there).
+    pub fn listed_expert_matmul(
+        &self,
+        w: &GpuMatrix,
+        k: u32,
+        x_div: u32,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        list: &wgpu::Buffer,
+        (args, offset): (&wgpu::Buffer, u64),
+    ) -> Dispatch {
+        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: true, accumulate: false };
+        let mut ops = self.matmul_shaped(w, shape, x, y, Some(list));
+        assert_eq!(ops.len(), 1, "expert slots are one binding");
+        let mut d = ops.remove(0);
+        d.indirect = Some((args.clone(), offset));
+        d
     }
 
     /// Embedding rows of the step's tokens into `out`, one dispatch per row chunk of the table.

@@ -353,10 +353,10 @@ impl GpuModel {
                     let upm = up(&stack(|m| &m.up))?;
                     let down = up(&stack(|m| &m.down))?;
                     let k32 = k as u32;
-                    body.extend(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids, false));
-                    body.extend(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids, false));
+                    body.extend(b.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids));
+                    body.extend(b.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids));
                     body.push(b.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b));
-                    body.extend(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids, false));
+                    body.extend(b.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids));
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }
@@ -455,10 +455,8 @@ impl GpuModel {
         let mut encoder = self.ctx.device.create_command_encoder(&Default::default());
         let record = |encoder: &mut wgpu::CommandEncoder, ops: &[(&Dispatch, [u32; 3])]| {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            for (d, [x, y, z]) in ops {
-                pass.set_pipeline(&d.pipeline);
-                pass.set_bind_group(0, &d.bind_group, &[]);
-                pass.dispatch_workgroups(*x, *y, *z);
+            for (d, grid) in ops {
+                d.encode(&mut pass, *grid);
             }
         };
         if self.profile.is_none() {
@@ -618,9 +616,7 @@ impl Profiler {
                 let mut encoder = ctx.device.create_command_encoder(&Default::default());
                 {
                     let mut pass = encoder.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&d.pipeline);
-                    pass.set_bind_group(0, &d.bind_group, &[]);
-                    pass.dispatch_workgroups(*x, *y, *z);
+                    d.encode(&mut pass, [*x, *y, *z]);
                 }
                 ctx.queue.submit([encoder.finish()]);
                 let _ = wait();

@@ -4,23 +4,20 @@
 //!
 //! A step splits at each MoE layer: the segment up to the layer's router is submitted, the
 //! chosen ids come back (a few bytes), missing experts are copied into free or evicted slots,
-//! each pool's slot table is written, and the expert matmuls run over the slot pools. A chunk
+//! each pool's list of slots to compute is written, and the expert matmuls run over the slot pools. A chunk
 //! whose tokens want more distinct experts than there are slots runs in rounds, each expert
 //! uploaded at most once per chunk per layer. For decode steps the next MoE layer's router is
 //! also run early on the current hidden state; its guesses are uploaded while the GPU works
 //! through the rest of the layer, and counted against what the router then picks.
 
 use super::context::GpuContext;
-use super::lower::{Builder, Dispatch};
+use super::lower::{listed_grid, Builder, Dispatch};
 use super::tensors::SlotMatrix;
 use crate::error::{Error, Result};
 use crate::expert_cache::{Eviction, ExpertCache, ExpertKey};
 use crate::model::weights::Mlp;
 use std::collections::HashSet;
 use std::time::Instant;
-
-/// Slot-table entry for slots that another pool, or a later round, serves.
-const NO_EXPERT: u32 = u32::MAX;
 
 /// Streaming counters for `--verbose` and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
@@ -54,7 +51,10 @@ struct Pool {
     /// Global index of this pool's first slot.
     first: usize,
     slots: usize,
-    table: wgpu::Buffer,
+    /// (step slot, pool-local expert slot) pairs this pool computes in the current round.
+    list: wgpu::Buffer,
+    /// Indirect workgroup counts for gate/up (offset 0) and down (offset 12), sized to the list.
+    args: wgpu::Buffer,
 }
 
 /// The expert part of one MoE layer: dispatched per round after the sync.
@@ -96,7 +96,7 @@ pub struct StreamBuffers<'a> {
 
 impl Streaming {
     /// GPU room for `slots` experts shaped like `host[0][0]`, split into pools that each fit one
-    /// binding, and a slot table per pool for `max_chunk` tokens.
+    /// binding, and a slot list per pool for `max_chunk` tokens.
     pub fn new(
         ctx: &GpuContext,
         host: Vec<Vec<Mlp>>,
@@ -127,7 +127,13 @@ impl Streaming {
                 down: SlotMatrix::new(ctx, &template.down, n)?,
                 first,
                 slots: n,
-                table: super::tensors::storage(ctx, "expert slot table", max_chunk * k)?,
+                list: super::tensors::storage(ctx, "expert slot list", 2 * max_chunk * k)?,
+                args: ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("expert slot dispatch sizes"),
+                    size: 24,
+                    usage: wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
             });
             first += n;
         }
@@ -166,17 +172,17 @@ impl Streaming {
     }
 
     /// The expert matmuls of one MoE layer over every pool: gate and up per pool, SwiGLU over
-    /// all slots, down per pool.
+    /// all slots, down per pool, each pool computing only the slots its list names.
     pub fn layer_dispatches(&self, b: &Builder, bufs: &StreamBuffers, intermediate: usize) -> Vec<Dispatch> {
         let k = self.k as u32;
         let mut ops = Vec::new();
         for p in &self.pools {
-            ops.extend(b.expert_matmul(&p.gate.matrix, k, k, bufs.x, bufs.gate_out, &p.table, true));
-            ops.extend(b.expert_matmul(&p.up.matrix, k, k, bufs.x, bufs.up_out, &p.table, true));
+            ops.push(b.listed_expert_matmul(&p.gate.matrix, k, k, bufs.x, bufs.gate_out, &p.list, (&p.args, 0)));
+            ops.push(b.listed_expert_matmul(&p.up.matrix, k, k, bufs.x, bufs.up_out, &p.list, (&p.args, 0)));
         }
         ops.push(b.silu_mul(self.k * intermediate, bufs.gate_out, bufs.up_out));
         for p in &self.pools {
-            ops.extend(b.expert_matmul(&p.down.matrix, k, 1, bufs.gate_out, bufs.expert_out, &p.table, true));
+            ops.push(b.listed_expert_matmul(&p.down.matrix, k, 1, bufs.gate_out, bufs.expert_out, &p.list, (&p.args, 12)));
         }
         ops
     }
@@ -262,7 +268,7 @@ impl Streaming {
             let uses = ids.iter().filter(|e| round.contains(e)).count() - round.len();
             self.counters.hits += uses as u64;
             self.counters.upload_seconds += started.elapsed().as_secs_f64();
-            self.write_tables(ctx, ids, round, &keys, &placements);
+            self.write_lists(ctx, ids, round, &placements);
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for d in &self.layers[layer].dispatches {
                 d.record(&mut pass, n);
@@ -273,26 +279,25 @@ impl Streaming {
         Ok(encoder)
     }
 
-    /// Each pool's slot table for one round: the pool-local slot of each (token, choice) whose
-    /// expert this round serves from that pool, NO_EXPERT elsewhere.
-    fn write_tables(&self, ctx: &GpuContext, ids: &[u32], round: &[u32], keys: &[ExpertKey], placements: &[crate::expert_cache::Placement]) {
-        for pool in &self.pools {
-            let table: Vec<u32> = ids
-                .iter()
-                .map(|e| match round.iter().position(|r| r == e) {
-                    Some(i) => {
-                        debug_assert_eq!(keys[i].expert, *e);
-                        let slot = placements[i].slot;
-                        if slot >= pool.first && slot < pool.first + pool.slots {
-                            (slot - pool.first) as u32
-                        } else {
-                            NO_EXPERT
-                        }
-                    }
-                    None => NO_EXPERT,
-                })
-                .collect();
-            ctx.queue.write_buffer(&pool.table, 0, bytemuck::cast_slice(&table));
+    /// Each pool's list for one round: (step slot, pool-local slot) for each (token, choice)
+    /// whose expert this round serves from that pool, and the dispatch sizes that cover it.
+    fn write_lists(&self, ctx: &GpuContext, ids: &[u32], round: &[u32], placements: &[crate::expert_cache::Placement]) {
+        let mut lists: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
+        for (s, e) in ids.iter().enumerate() {
+            if let Some(i) = round.iter().position(|r| r == e) {
+                let slot = placements[i].slot;
+                let p = self.pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("slot within a pool");
+                lists[p].extend([s as u32, (slot - self.pools[p].first) as u32]);
+            }
+        }
+        for (pool, list) in self.pools.iter().zip(&lists) {
+            let pairs = (list.len() / 2) as u32;
+            if pairs > 0 {
+                ctx.queue.write_buffer(&pool.list, 0, bytemuck::cast_slice(list));
+            }
+            let gate_up = listed_grid(pool.gate.matrix.rows, pairs);
+            let down = listed_grid(pool.down.matrix.rows, pairs);
+            ctx.queue.write_buffer(&pool.args, 0, bytemuck::cast_slice(&[gate_up, down]));
         }
     }
 
