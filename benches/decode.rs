@@ -23,8 +23,8 @@ struct Args {
     gpu_mem: dsrun::budget::GpuMem,
     #[arg(long, value_enum, default_value = "lru")]
     eviction: dsrun::expert_cache::Eviction,
-    #[arg(long)]
-    no_prefetch: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    prefetch: dsrun::budget::Prefetch,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -39,7 +39,7 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
-    let options = dsrun::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: !args.no_prefetch };
+    let options = dsrun::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch };
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
@@ -49,9 +49,14 @@ fn main() {
     engine.forward_greedy(&[1]).unwrap();
     engine.reset();
 
+    engine.reset_counters();
     let started = Instant::now();
     let mut next = engine.forward_greedy(&prompt).unwrap();
     let prefill = started.elapsed().as_secs_f64();
+    if let Some(c) = engine.counters() {
+        println!("prefill counters: {c}");
+    }
+    engine.reset_counters();
     let started = Instant::now();
     for _ in 0..args.n {
         next = engine.forward_greedy(&[next]).unwrap();
@@ -66,6 +71,6 @@ fn main() {
         active as f64 / decode / 1e9
     );
     if let Some(c) = engine.counters() {
-        println!("{c}");
+        println!("decode counters: {c}");
     }
 }

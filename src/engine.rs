@@ -24,6 +24,8 @@ pub trait Engine {
     fn counters(&self) -> Option<String> {
         None
     }
+    /// Zeroes the work counters (benchmarks report prefill and decode apart).
+    fn reset_counters(&mut self) {}
 }
 
 /// The f32 CPU reference as an engine.

@@ -1,7 +1,7 @@
 //! The `dsrun` command line: argument parsing and printing; the work lives in the library.
 
 use clap::{Args, Parser, Subcommand};
-use dsrun::budget::{GpuMem, GpuOptions};
+use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::checkpoint::Checkpoint;
 use dsrun::expert_cache::Eviction;
 use dsrun::config::ModelConfig;
@@ -64,14 +64,15 @@ struct DeviceArgs {
     /// Which cached expert gives way when another must be uploaded (expert streaming).
     #[arg(long, value_enum, default_value = "lru")]
     expert_eviction: Eviction,
-    /// Do not guess and upload the next layer's experts ahead of need (expert streaming).
-    #[arg(long)]
-    no_prefetch: bool,
+    /// Guess the next MoE layer's experts and upload them ahead of need (expert streaming);
+    /// auto: on, except on software adapters.
+    #[arg(long, value_enum, default_value = "auto")]
+    prefetch: Prefetch,
 }
 
 impl DeviceArgs {
     fn options(&self) -> GpuOptions {
-        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: !self.no_prefetch }
+        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch }
     }
 }
 

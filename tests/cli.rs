@@ -79,7 +79,7 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
 fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
     let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v"];
     let resident = dsrun(&args);
-    let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%"]].concat());
+    let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%", "--prefetch", "on"]].concat());
     assert!(resident.status.success() && streamed.status.success(), "{}", text(&streamed.stderr));
     assert_eq!(text(&resident.stdout), text(&streamed.stdout));
     let stderr = text(&streamed.stderr);

@@ -7,7 +7,7 @@
 mod common;
 use common::*;
 use dsrun::backend::wgpu::{context, GpuModel};
-use dsrun::budget::{GpuMem, GpuOptions};
+use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::device::GpuChoice;
 use dsrun::engine::Engine;
 use dsrun::expert_cache::Eviction;
@@ -57,13 +57,13 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
             ("minimum", GpuMem::Bytes(plan.minimum())),
         ];
         for (name, gpu_mem) in budgets {
-            for (eviction, prefetch) in [(Eviction::Lru, true), (Eviction::Lfu, false)] {
+            for (eviction, prefetch) in [(Eviction::Lru, Prefetch::On), (Eviction::Lfu, Prefetch::Off)] {
                 let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };
                 let mut streamed = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
                 let slots = streamed.expert_slots().expect("a budget below all-resident streams");
                 assert!(slots < plan.experts as usize);
                 let got = run(&mut streamed, &g.tokens);
-                let what = format!("{family} at {name} ({slots} slots, {eviction:?}, prefetch {prefetch})");
+                let what = format!("{family} at {name} ({slots} slots, {eviction:?}, prefetch {prefetch:?})");
                 assert_bitwise(&what, &got, &want);
                 let c = streamed.stream_counters().unwrap();
                 assert!(c.misses > 0 && c.hits + c.misses > 0, "{what}: {c:?}");
@@ -72,7 +72,7 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
                     // A prefill chunk wants more distinct experts than k slots: several rounds.
                     assert!(c.rounds > c.syncs, "{what}: prefill ran in one round per layer: {c:?}");
                 }
-                if prefetch {
+                if prefetch == Prefetch::On {
                     assert!(c.predicted > 0, "{what}: no guesses made: {c:?}");
                 }
             }

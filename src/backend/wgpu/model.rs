@@ -191,14 +191,23 @@ impl GpuModel {
             top_k: k as u64,
         };
         let slots = plan.slots(plan.budget(options.gpu_mem, ctx.memory))?;
+        let prefetch = options.prefetch.enabled(ctx.info.device_type);
         let guess_buffers = match slots {
-            Some(_) if options.prefetch => Some(Guess {
+            Some(_) if prefetch => Some(Guess {
                 xn: storage(&ctx, "guess xn", d)?,
                 logits: storage(&ctx, "guess router logits", c.n_routed_experts)?,
                 ids: storage(&ctx, "guessed expert ids", k)?,
                 weights: storage(&ctx, "guessed expert weights", k)?,
             }),
             _ => None,
+        };
+        let stream_bufs = StreamBuffers {
+            x: &a.xn,
+            gate_out: &a.ffn_a,
+            up_out: &a.ffn_b,
+            expert_out: &a.expert_out,
+            ids: &a.ids,
+            pred_ids: guess_buffers.as_ref().map_or(&a.ids, |g| &g.ids),
         };
         let progress = quant_progress(model, quant);
         let mut streaming = match slots {
@@ -214,15 +223,7 @@ impl GpuModel {
                         experts.par_iter().map(|m| m.quantized(quant)).collect()
                     })
                     .collect();
-                let bufs = StreamBuffers {
-                    x: &a.xn,
-                    gate_out: &a.ffn_a,
-                    up_out: &a.ffn_b,
-                    expert_out: &a.expert_out,
-                    ids: &a.ids,
-                    pred_ids: guess_buffers.as_ref().map_or(&a.ids, |g| &g.ids),
-                };
-                let s = Streaming::new(&ctx, host, slots, k, max_chunk, options.eviction, options.prefetch, &bufs)?;
+                let s = Streaming::new(&ctx, host, slots, k, max_chunk, options.eviction, prefetch, &stream_bufs)?;
                 log::info!(
                     "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
                     s.slots(),
@@ -331,15 +332,7 @@ impl GpuModel {
                             body.push(guess);
                             predicts_next = true;
                         }
-                        let bufs = StreamBuffers {
-                            x: &a.xn,
-                            gate_out: &a.ffn_a,
-                            up_out: &a.ffn_b,
-                            expert_out: &a.expert_out,
-                            ids: &a.ids,
-                            pred_ids: &a.ids,
-                        };
-                        let dispatches = streaming.layer_dispatches(&b, &bufs, c.moe_intermediate_size);
+                        let dispatches = streaming.layer_dispatches(&b, &stream_bufs, c.moe_intermediate_size);
                         streaming.layers.push(StreamedLayer { body_index: body.len(), dispatches, predicts_next });
                         if let Some(shared) = &moe.shared {
                             mlp(shared, &a.shared_out, false, &mut body)?;
@@ -551,6 +544,13 @@ impl Engine for GpuModel {
 
     fn device_name(&self) -> String {
         self.ctx.describe()
+    }
+
+    fn reset_counters(&mut self) {
+        self.counters = GpuCounters::default();
+        if let Some(s) = &mut self.streaming {
+            s.counters = Default::default();
+        }
     }
 
     fn counters(&self) -> Option<String> {

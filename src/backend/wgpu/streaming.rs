@@ -332,7 +332,7 @@ impl Streaming {
         let uses = (c.hits + c.misses).max(1) as f64;
         let mut line = format!(
             "expert cache: {} slots of {} in {} pool(s); hit rate {:.1}% ({} hits, {} misses), {} uploaded per token, \
-             {:.1}% of step time queuing needed uploads, {:.1}% waiting at MoE layers, {:.2} rounds per layer",
+             {:.1}% of step time queuing needed uploads, {:.1}% blocked on the GPU at MoE layers (its compute included), {:.2} rounds per layer",
             self.slots(),
             crate::inspect::human_bytes(self.slot_bytes()),
             self.pools(),
