@@ -2,6 +2,7 @@
 //! DeepSeekMoE routing, FP8 block-quantised weights) from Hugging Face checkpoints.
 
 pub mod backend;
+pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod generate;
 pub mod inspect;
 pub mod npy;
 pub mod sample;
+pub mod synth;
 pub mod tokenizer;

@@ -38,6 +38,56 @@ enum Command {
     Inspect(InspectArgs),
     /// List the GPU adapters wgpu can use, with the limits and features that matter.
     Devices,
+    /// Write a random-weight checkpoint of a DeepSeek shape (config, sharded safetensors, tokenizer).
+    Synth(SynthArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed in tokens per second.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// Directory to write (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Shape to start from.
+    #[arg(long, value_enum, default_value = "small")]
+    preset: dsrun::synth::Preset,
+    /// Number of layers (the leading dense layers are kept, at most layers - 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    layers: Option<u64>,
+    /// Routed experts per MoE layer (must divide into the preset's expert groups).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    experts: Option<u64>,
+    /// Hidden size.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    hidden: Option<u64>,
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: dsrun::synth::SynthDtype,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest shard file in GiB.
+    #[arg(long, default_value_t = 4.0, value_name = "GIB")]
+    shard_gib: f64,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Prompt tokens processed in one call (0 skips the test).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    prompt: usize,
+    /// Tokens generated one by one (0 skips the test).
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    generate: usize,
+    /// Repetitions of each test.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    repetitions: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -136,6 +186,8 @@ fn main() -> ExitCode {
         Some(Command::Logits(args)) => run_logits(args),
         Some(Command::Inspect(args)) => run_inspect(args),
         Some(Command::Devices) => run_devices(),
+        Some(Command::Synth(args)) => run_synth(args),
+        Some(Command::Bench(args)) => run_bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -222,6 +274,91 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let (weights, ignored) = dsrun::model::weights::Weights::load(&config, &checkpoint)?;
     print!("{}", dsrun::inspect::report(&config, &checkpoint, &weights, &ignored));
     Ok(())
+}
+
+fn run_synth(args: SynthArgs) -> Result<()> {
+    if !(args.shard_gib > 0.0) {
+        return Err(Error::Invalid(format!("--shard-gib {}: must be positive", args.shard_gib)));
+    }
+    let options = dsrun::synth::SynthOptions {
+        preset: args.preset,
+        layers: args.layers.map(|x| x as usize),
+        experts: args.experts.map(|x| x as usize),
+        hidden: args.hidden.map(|x| x as usize),
+        dtype: args.dtype,
+        seed: args.seed,
+        shard_bytes: (args.shard_gib * (1u64 << 30) as f64) as u64,
+    };
+    let (params, bytes) = dsrun::synth::size(&options)?;
+    eprintln!(
+        "writing {} parameters ({}) to {}",
+        dsrun::inspect::human_count(params),
+        dsrun::inspect::human_bytes(bytes),
+        args.out.display()
+    );
+    let bar = indicatif::ProgressBar::new(bytes);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let report = dsrun::synth::synth(&args.out, &options, &bar)?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} ({} parameters, {} in {} shard(s)) in {:.1} s",
+        args.out.display(),
+        dsrun::inspect::human_count(report.params),
+        dsrun::inspect::human_bytes(report.bytes),
+        report.shards,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let model = Model::load(&dir)?;
+    let params = dsrun::inspect::count_params(&model.config, &model.weights).total;
+    let weights = weight_dtypes(&model);
+    let capacity = args.prompt.max(args.generate).max(9);
+    let mut engine = open_engine(args.device.gpu, model, capacity, &args.device.options())?;
+    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize };
+    let results = dsrun::bench::run(engine.as_mut(), &plan)?;
+    let setup = dsrun::bench::BenchSetup {
+        model: dir.display().to_string(),
+        params,
+        weights,
+        device: engine.device_name(),
+        quant: format!("{:?}", args.device.quant).to_lowercase(),
+        gpu_mem: args.device.gpu_mem.to_string(),
+        counters: engine.counters(),
+    };
+    if args.json {
+        println!("{}", dsrun::bench::json(&setup, &results));
+    } else {
+        print!("{}", dsrun::bench::table(&setup, &results));
+    }
+    Ok(())
+}
+
+/// The checkpoint's weight dtypes, most bytes first ("F8_E4M3 + BF16").
+fn weight_dtypes(model: &Model) -> String {
+    let w = &model.weights;
+    let mut seen: Vec<String> = Vec::new();
+    let mut note = |m: &dsrun::model::weights::Matrix| {
+        let name = m.dtype.name().to_string();
+        if !seen.contains(&name) {
+            seen.push(name);
+        }
+    };
+    for layer in &w.layers {
+        if let dsrun::model::weights::FeedForward::Moe(moe) = &layer.ffn {
+            moe.experts[0].matrices().into_iter().for_each(&mut note);
+        }
+        note(&layer.attention.o);
+    }
+    note(&w.embed);
+    seen.join(" + ")
 }
 
 fn run_devices() -> Result<()> {

@@ -88,6 +88,29 @@ fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
 }
 
 #[test]
+fn synth_then_bench_reports_tokens_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("synth");
+    let out = out.to_str().unwrap();
+    let made = dsrun(&["synth", "--out", out, "--layers", "2", "--experts", "16", "--hidden", "128", "--dtype", "fp8"]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(text(&made.stdout).contains("wrote"), "{}", text(&made.stdout));
+    let bench = dsrun(&["bench", "--model", out, "-p", "8", "-n", "4", "-r", "2", "--json", "--gpu-mem", "50%"]);
+    assert!(bench.status.success(), "{}", text(&bench.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&bench.stdout).expect("bench --json prints JSON");
+    let tests = report["tests"].as_array().unwrap();
+    assert_eq!(tests.iter().map(|t| t["name"].as_str().unwrap()).collect::<Vec<_>>(), ["pp8", "tg4"]);
+    for t in tests {
+        assert_eq!(t["samples"].as_array().unwrap().len(), 2);
+        assert!(t["tok_per_s_mean"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["counters"].as_str().unwrap().contains("expert cache"), "{report}");
+    let table = dsrun(&["bench", "--model", out, "-p", "4", "-n", "0", "-r", "1"]);
+    let stdout = text(&table.stdout);
+    assert!(table.status.success() && stdout.contains("pp4") && stdout.contains("tok/s") && !stdout.contains("tg0"), "{stdout}");
+}
+
+#[test]
 fn devices_lists_adapters() {
     let out = dsrun(&["devices"]);
     assert!(out.status.success());
@@ -127,6 +150,11 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--gpu-mem", "1M"], "below this model's minimum of");
     assert_fails(&["--gpu", "cpu", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
     assert_fails(&["--expert-eviction", "random"], "invalid value 'random'");
+    assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--experts", "20"], "expert groups");
+    assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--layers", "0"], "--layers");
+    assert_fails(&["synth", "--out", "/proc/dsrun-never", "--layers", "1", "--hidden", "64"], "/proc/dsrun-never");
+    assert_fails(&["bench", "--model", "/nonexistent/model"], "config.json");
+    assert_fails(&["bench", "-r", "0"], "--repetitions");
     assert_fails(&["--temperature", "-1"], "--temperature");
     assert_fails(&["--top-p", "1.5"], "--top-p");
     assert_fails(&["--ctx", "0"], "--ctx");

@@ -1,0 +1,155 @@
+//! `dsrun bench`: prompt-processing and generation speed the way llama-bench reports it, as
+//! tokens per second, mean and standard deviation over repetitions, after a warm-up.
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::model::Logits;
+use serde_json::json;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BenchPlan {
+    /// Prompt tokens processed in one call (0: skip the test).
+    pub prompt: usize,
+    /// Tokens generated one at a time from an empty context (0: skip the test).
+    pub generate: usize,
+    pub repetitions: usize,
+}
+
+/// One test (`pp512`, `tg128`): tokens per second of each repetition.
+#[derive(Debug, Clone)]
+pub struct TestResult {
+    pub name: String,
+    pub tokens: usize,
+    pub samples: Vec<f64>,
+}
+
+impl TestResult {
+    pub fn mean(&self) -> f64 {
+        self.samples.iter().sum::<f64>() / self.samples.len().max(1) as f64
+    }
+
+    /// Sample standard deviation (0 for a single repetition).
+    pub fn std(&self) -> f64 {
+        let n = self.samples.len();
+        if n < 2 {
+            return 0.0;
+        }
+        let m = self.mean();
+        (self.samples.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    }
+}
+
+/// Token ids that cover the vocabulary without favouring any (no tokenizer needed).
+pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i as u64 * 7919 + 11) % vocab as u64) as u32).collect()
+}
+
+/// Runs the plan on `engine` (its capacity at least `max(prompt, generate, 9)` tokens); work
+/// counters are reset after the warm-up, so they describe the measured runs.
+pub fn run(engine: &mut dyn Engine, plan: &BenchPlan) -> Result<Vec<TestResult>> {
+    let vocab = engine.config().vocab_size;
+    let prompt = prompt_tokens(plan.prompt, vocab);
+    // Warm-up: the first dispatch of each pipeline compiles on lazy drivers, and an expert cache
+    // starts cold.
+    engine.reset();
+    engine.forward(&prompt_tokens(plan.prompt.clamp(2, 8), vocab), Logits::Last)?;
+    engine.forward_greedy(&[1 % vocab as u32])?;
+    engine.reset();
+    engine.reset_counters();
+
+    let mut results = Vec::new();
+    if plan.prompt > 0 {
+        let mut samples = Vec::new();
+        for _ in 0..plan.repetitions {
+            engine.reset();
+            let started = Instant::now();
+            engine.forward(&prompt, Logits::Last)?;
+            samples.push(plan.prompt as f64 / started.elapsed().as_secs_f64());
+        }
+        results.push(TestResult { name: format!("pp{}", plan.prompt), tokens: plan.prompt, samples });
+    }
+    if plan.generate > 0 {
+        let mut samples = Vec::new();
+        for _ in 0..plan.repetitions {
+            engine.reset();
+            let mut next = 1 % vocab as u32;
+            let started = Instant::now();
+            for _ in 0..plan.generate {
+                next = engine.forward_greedy(&[next])?;
+            }
+            samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
+        }
+        results.push(TestResult { name: format!("tg{}", plan.generate), tokens: plan.generate, samples });
+    }
+    Ok(results)
+}
+
+/// What was measured, for the report's header.
+pub struct BenchSetup {
+    pub model: String,
+    pub params: u64,
+    pub weights: String,
+    pub device: String,
+    pub quant: String,
+    pub gpu_mem: String,
+    pub counters: Option<String>,
+}
+
+pub fn table(setup: &BenchSetup, results: &[TestResult]) -> String {
+    let mut out = format!(
+        "model {} ({} params, {}) | {} | quant {} | gpu-mem {}\n",
+        setup.model,
+        crate::inspect::human_count(setup.params),
+        setup.weights,
+        setup.device,
+        setup.quant,
+        setup.gpu_mem
+    );
+    out += &format!("{:<8} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
+    for r in results {
+        out += &format!("{:<8} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
+    }
+    if let Some(c) = &setup.counters {
+        out += c;
+        out += "\n";
+    }
+    out
+}
+
+pub fn json(setup: &BenchSetup, results: &[TestResult]) -> serde_json::Value {
+    json!({
+        "model": setup.model,
+        "params": setup.params,
+        "weights": setup.weights,
+        "device": setup.device,
+        "quant": setup.quant,
+        "gpu_mem": setup.gpu_mem,
+        "tests": results.iter().map(|r| json!({
+            "name": r.name,
+            "tokens": r.tokens,
+            "tok_per_s_mean": r.mean(),
+            "tok_per_s_std": r.std(),
+            "samples": r.samples,
+        })).collect::<Vec<_>>(),
+        "counters": setup.counters,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let r = TestResult { name: "pp4".into(), tokens: 4, samples: vec![2.0, 4.0, 6.0] };
+        assert_eq!(r.mean(), 4.0);
+        assert_eq!(r.std(), 2.0);
+        assert_eq!(TestResult { samples: vec![5.0], ..r }.std(), 0.0);
+    }
+
+    #[test]
+    fn prompt_tokens_stay_in_the_vocabulary() {
+        assert!(prompt_tokens(1000, 37).iter().all(|&t| t < 37));
+    }
+}
