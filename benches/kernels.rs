@@ -3,6 +3,7 @@
 //! fraction of a plain streaming-read kernel measured on the same adapter in the same run.
 
 use dsrun::backend::wgpu::kernels::Kernel;
+use dsrun::backend::wgpu::lower::MlaShape;
 use dsrun::backend::wgpu::runner::OpRunner;
 use dsrun::backend::wgpu::{context, tensors::GpuMatrix};
 use dsrun::config::{ScoringFunc, TopkMethod};
@@ -84,5 +85,33 @@ fn main() {
         r.set_step(n as u32, 0);
         let t = r.time(&[d], n as u32, reps).unwrap();
         println!("{:<34} {:>8.3}ms", format!("router V3 shape, {n} tokens"), t * 1e3);
+    }
+
+    // MLA decode attention at DeepSeek-V3's shape (128 heads, latent 512 + rope 64) over a
+    // latent cache of L tokens: one token attends to all L. The bound is the cache read once
+    // (L x 576 f32); the kernel reads it once per head, so "of ref" shows what sharing the
+    // cache across heads would gain.
+    let (heads, lora, rope, nope) = (if quick { 16 } else { 128 }, 512usize, 64usize, 128usize);
+    let qk = nope + rope;
+    for len in if quick { vec![1024usize] } else { vec![1024, 8192, 32768] } {
+        let cache = r.f32_buffer(&values(len * (lora + rope)));
+        let q = r.f32_buffer(&values(heads * qk));
+        let q_lat = r.f32_buffer(&values(heads * lora));
+        let scores = r.zeros(heads * len).unwrap();
+        let o_lat = r.zeros(heads * lora).unwrap();
+        let scale = 1.0f32 / (qk as f32).sqrt();
+        let p = r.builder.params("attention", &[heads as u32, lora as u32, rope as u32, qk as u32, nope as u32, len as u32, scale.to_bits(), 0]);
+        let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0 };
+        let d = r.builder.mla_attention(&shape, &p, [&q, &q_lat, &cache, &scores, &o_lat]);
+        r.set_step(1, len as u32 - 1);
+        let t = r.time(&[d], 1, if len > 1024 { 1 } else { reps }).unwrap();
+        let gbs = (len * (lora + rope) * 4) as f64 / t / 1e9;
+        println!(
+            "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%",
+            format!("MLA decode, {heads} heads, {}k ctx", len / 1024),
+            t * 1e3,
+            gbs,
+            100.0 * gbs / stream
+        );
     }
 }

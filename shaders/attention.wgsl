@@ -4,6 +4,10 @@
 // Scores go through a scratch row of `ctx` floats per (token, head).
 
 const WG: u32 = 64u;
+// The latent widths, fixed per model, as pipeline constants: the score loops run inside a
+// data-dependent loop, where buffer-bounded loops compile very poorly on llvmpipe.
+override LORA: u32;
+override ROPE: u32;
 
 struct Params {
     heads: u32,
@@ -32,19 +36,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let t = wid.y;
     let head = t * p.heads + h;
     let visible = step.start + t + 1u;
-    let latent = p.lora + p.rope;
-    let lat = head * p.lora;
+    let latent = LORA + ROPE;
+    let lat = head * LORA;
     let pe = head * p.qk + p.nope;
     let row = head * p.ctx;
 
     var best = -3.4e38;
     for (var j = lane; j < visible; j += WG) {
         var s = 0.0;
-        for (var c = 0u; c < p.lora; c++) {
+        for (var c = 0u; c < LORA; c++) {
             s += q_lat[lat + c] * cache[j * latent + c];
         }
-        for (var c = 0u; c < p.rope; c++) {
-            s += q[pe + c] * cache[j * latent + p.lora + c];
+        for (var c = 0u; c < ROPE; c++) {
+            s += q[pe + c] * cache[j * latent + LORA + c];
         }
         s *= p.scale;
         scores[row + j] = s;
@@ -78,7 +82,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     }
     let norm = 1.0 / red[0];
 
-    for (var c = lane; c < p.lora; c += WG) {
+    for (var c = lane; c < LORA; c += WG) {
         var acc = 0.0;
         for (var j = 0u; j < visible; j++) {
             acc += scores[row + j] * cache[j * latent + c];

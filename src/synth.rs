@@ -247,26 +247,18 @@ pub fn size(o: &SynthOptions) -> Result<(u64, u64)> {
     Ok((params, plan.iter().map(TensorPlan::bytes).sum()))
 }
 
-/// A fast deterministic generator (splitmix64) for one row of one tensor.
-struct Rng(u64);
+/// The deterministic generator of one row of one tensor.
+struct Rng(crate::sample::SplitMix64);
 
 impl Rng {
     fn new(seed: u64, tensor: usize, row: usize) -> Rng {
-        Rng(seed ^ (tensor as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        let state = seed ^ (tensor as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        Rng(crate::sample::SplitMix64(state))
     }
 
     /// Uniform in [-sqrt(3), sqrt(3)): unit variance.
     fn unit(&mut self) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (u * 2.0 - 1.0) * 1.732_050_8
+        (self.0.next_f32() * 2.0 - 1.0) * 1.732_050_8
     }
 }
 

@@ -347,12 +347,7 @@ impl Builder {
             "attention",
             &[heads, lora, s.rope as u32, qk, s.nope as u32, s.ctx as u32, s.scale.to_bits(), 0],
         );
-        ops.push(self.dispatch(
-            Kernel::Attention,
-            None,
-            &[&attn, &self.step, bufs.q, bufs.q_lat, &w.cache, bufs.scores, bufs.o_lat],
-            Box::new(move |n| [heads, n, 1]),
-        ));
+        ops.push(self.mla_attention(s, &attn, [bufs.q, bufs.q_lat, &w.cache, bufs.scores, bufs.o_lat]));
         ops.push(self.dispatch(
             Kernel::VUp,
             Some(w.kv_b.format),
@@ -361,6 +356,15 @@ impl Builder {
         ));
         ops.extend(self.matmul(&w.o, bufs.o, bufs.out, true));
         ops
+    }
+
+    /// Causal attention of the step's queries over the latent cache (attention.wgsl); `params`
+    /// packs its `Params`, `bufs` are q, q_lat, cache, scores, o_lat.
+    pub fn mla_attention(&self, s: &MlaShape, params: &wgpu::Buffer, bufs: [&wgpu::Buffer; 5]) -> Dispatch {
+        let heads = s.heads as u32;
+        let [q, q_lat, cache, scores, o_lat] = bufs;
+        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64)];
+        self.dispatch_with(Kernel::Attention, None, &overrides, &[params, &self.step, q, q_lat, cache, scores, o_lat], Box::new(move |n| [heads, n, 1]))
     }
 
     /// `h[t] += sum_i w[t, i] * expert_out[t * k + i] + shared[t]`.
