@@ -35,9 +35,7 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
     };
     match choice {
         GpuChoice::Cpu => cpu(model),
-        GpuChoice::Cuda => Err(Error::Invalid(
-            "--gpu cuda: this build has no CUDA backend yet; use --gpu auto (wgpu: Vulkan/Metal/DX12/GL) or --gpu cpu".into(),
-        )),
+        GpuChoice::Cuda => cuda_engine(),
         GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
             eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
             cpu(model)
@@ -50,4 +48,24 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
             Ok(Box::new(GpuModel::with_options(ctx, &model, capacity, options)?))
         }
     }
+}
+
+/// `--gpu cuda`: the native backend's state in this build, as a clear error until it runs models.
+#[cfg(feature = "cuda")]
+fn cuda_engine() -> Result<Box<dyn Engine>> {
+    let device = crate::backend::cuda::open(0)?;
+    Err(Error::Invalid(format!(
+        "--gpu cuda: found {}, but dsrun's native CUDA kernels do not run whole models yet; \
+         run on this GPU through Vulkan with --gpu vulkan",
+        device.describe()
+    )))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine() -> Result<Box<dyn Engine>> {
+    Err(Error::Invalid(
+        "--gpu cuda: this dsrun was built without CUDA; rebuild with `cargo build --release --features cuda` \
+         (no CUDA toolkit needed), or use --gpu vulkan (NVIDIA GPUs run through Vulkan too) or --gpu cpu"
+            .into(),
+    ))
 }

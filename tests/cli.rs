@@ -138,7 +138,9 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--model", "/nonexistent/model"], "config.json");
     assert_fails(&["logits", "--model", v3, "--tokens", "0,999", "--out", "/tmp/dsrun-never.npy"], "token id 999");
     assert_fails(&["--ctx", "3", "--prompt", "a prompt that is much longer than three tokens"], "longer than the context");
-    assert_fails(&["--gpu", "cuda"], "no CUDA backend");
+    // Without the feature: how to rebuild; with it on a machine without NVIDIA's driver: no driver.
+    let cuda_reason = if cfg!(feature = "cuda") { "--gpu cuda:" } else { "built without CUDA" };
+    assert_fails(&["--gpu", "cuda"], cuda_reason);
     // Metal exists only on Apple systems; elsewhere asking for it is a clear error.
     if !cfg!(target_os = "macos") {
         assert_fails(&["logits", "--gpu", "metal", "--model", v3, "--tokens", "1", "--out", "/tmp/dsrun-never.npy"], "no GPU adapter");

@@ -1,4 +1,6 @@
 //! Compute backends. `cpu` is the f32 reference every other backend is tested against.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod wgpu;
