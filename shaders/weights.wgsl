@@ -45,14 +45,20 @@ fn fp8_e4m3(code: u32) -> f32 {
     return bitcast<f32>(((code & 0x80u) << 24u) | ((e + 120u) << 23u) | (m << 20u));
 }
 
-// Branch-free e4m3fn decoding of one code: (8 + m) * 2^(e - 10) for normals, m * 2^-9 for
-// subnormals, exact either way (no reliance on f32 denormals); 0x7f/0xff are NaN.
-fn fp8_fast(code: u32) -> f32 {
-    let e = (code >> 3u) & 0xfu;
-    let m = code & 7u;
-    let magnitude = ldexp(f32(m + select(0u, 8u, e != 0u)), i32(max(e, 1u)) - 10);
-    let v = select(magnitude, -magnitude, (code & 0x80u) != 0u);
-    return select(v, bitcast<f32>(0x7fc00000u), (code & 0x7fu) == 0x7fu);
+// Four e4m3fn codes (one word, little-endian) at once through f16: an e4m3 code's bits
+// s.eeee.mmm placed as f16 s.0eeee.mmm0000000 give the same number times 2^-8, subnormals
+// included (both formats' subnormals scale alike), so two integer shuffles and two
+// unpack2x16float calls decode four values exactly; codes 0x7f/0xff are NaN.
+fn fp8x4(word: u32) -> vec4<f32> {
+    let b02 = word & 0x00ff00ffu;        // bytes 0 and 2, each in the low half of a 16-bit lane
+    let b13 = (word >> 8u) & 0x00ff00ffu; // bytes 1 and 3
+    let h02 = ((b02 & 0x007f007fu) << 7u) | ((b02 & 0x00800080u) << 8u);
+    let h13 = ((b13 & 0x007f007fu) << 7u) | ((b13 & 0x00800080u) << 8u);
+    let v02 = unpack2x16float(h02) * 256.0;
+    let v13 = unpack2x16float(h13) * 256.0;
+    let v = vec4<f32>(v02.x, v13.x, v02.y, v13.y);
+    let nan = vec4<bool>((word & 0x7fu) == 0x7fu, ((word >> 8u) & 0x7fu) == 0x7fu, ((word >> 16u) & 0x7fu) == 0x7fu, (word >> 24u) == 0xffu || (word >> 24u) == 0x7fu);
+    return select(v, vec4<f32>(bitcast<f32>(0x7fc00000u)), nan);
 }
 
 // Elements per lane step of the matmul: a word of f32/bf16/f16, four bytes of FP8/q8, four
@@ -91,8 +97,7 @@ fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
         }
         case 3u: {
             let s = scales[block_scale_index(e, r, wi * 4u)];
-            return vec4<f32>(fp8_fast(word & 0xffu), fp8_fast((word >> 8u) & 0xffu),
-                             fp8_fast((word >> 16u) & 0xffu), fp8_fast(word >> 24u)) * s;
+            return fp8x4(word) * s;
         }
         default: {
             return vec4<f32>(bitcast<f32>(word), 0.0, 0.0, 0.0);

@@ -104,6 +104,39 @@ fn matmul_accumulates_and_computes_fixed_slots() {
 }
 
 #[test]
+fn fp8_matmul_decodes_every_code_exactly() {
+    // Row r holds code r in each of its four columns (subnormals, the largest values, both
+    // signs, NaN); with x = (1, 0, 0, 0) and (0, 0, 0, 1) the outputs are the decoded values,
+    // through the four-at-a-time word path (first and last byte of a word).
+    let r = runner();
+    let (rows, cols) = (256, 4);
+    let codes: Vec<u8> = (0..rows).flat_map(|c| [c as u8; 4]).collect();
+    let scales = dsrun::model::weights::BlockScales { block_rows: 128, block_cols: 128, grid_cols: 1, values: vec![1.0, 1.0] };
+    let m = Matrix {
+        name: "fp8 codes".into(),
+        rows,
+        cols,
+        dtype: DType::F8E4M3,
+        data: dsrun::checkpoint::TensorBytes::from_vec(codes),
+        scales: Some(scales),
+    };
+    let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+    for lane in [0usize, 3] {
+        let mut x = vec![0f32; cols];
+        x[lane] = 1.0;
+        let (xb, yb) = (r.f32_buffer(&x), r.zeros(rows).unwrap());
+        r.set_step(1, 0);
+        r.run(&r.builder.matmul(&gm, &xb, &yb, false), 1, 1).unwrap();
+        let got = r.read_f32(&yb, rows).unwrap();
+        for code in 0..rows {
+            let want = dsrun::quant::fp8_e4m3_to_f32(code as u8);
+            let g = got[code];
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()) || (g == 0.0 && want == 0.0), "code {code:#04x} in byte {lane}: {g} vs {want}");
+        }
+    }
+}
+
+#[test]
 fn expert_matmul_reads_expert_ids_from_the_gpu() {
     let r = runner();
     for dtype in FORMATS {
