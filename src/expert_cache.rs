@@ -75,20 +75,21 @@ impl ExpertCache {
             }
         }
         let mut out = Vec::with_capacity(wanted.len());
+        let mut counted = std::collections::HashSet::new();
         for &key in wanted {
-            if let Some(&slot) = self.slot_of.get(&key) {
-                if self.last_used[slot] == self.clock && out.iter().any(|p: &Placement| p.slot == slot) {
-                    // A repeat within this call: no new use counted.
+            let slot = match self.slot_of.get(&key) {
+                Some(&slot) => {
+                    // One use per expert per call, however often it is wanted.
+                    if counted.insert(key) {
+                        self.uses[slot] = self.uses[slot].saturating_add(1);
+                    }
                     out.push(Placement { slot, upload: false });
                     continue;
                 }
-                self.uses[slot] = self.uses[slot].saturating_add(1);
-                self.last_used[slot] = self.clock;
-                out.push(Placement { slot, upload: false });
-                continue;
-            }
-            let slot = self.victim();
+                None => self.victim(),
+            };
             self.load(slot, key);
+            counted.insert(key);
             out.push(Placement { slot, upload: true });
         }
         out

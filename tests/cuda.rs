@@ -3,22 +3,13 @@
 //! the backend reports the absence as a clear error; it never passes silently as if it ran.
 #![cfg(feature = "cuda")]
 
+mod common;
+use common::random;
+
 use dsrun::backend::cpu;
 use dsrun::backend::cuda::{self, compile, MATVEC_SOURCE};
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
-
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 #[test]
 fn opening_a_device_names_it_or_says_why_not() {
@@ -63,8 +54,8 @@ fn matvec_matches_the_cpu_reference_on_a_device() {
     for dtype in [DType::BF16, DType::F8E4M3] {
         for n in [1usize, 3, 8] {
             let (rows, cols) = (300, 512);
-            let m = Matrix::from_values("w", rows, cols, dtype, &values(1, rows * cols), (128, 128));
-            let x = values(2, n * cols);
+            let m = Matrix::from_values("w", rows, cols, dtype, &random(1, rows * cols), (128, 128));
+            let x = random(2, n * cols);
             let got = device.matvec(&m, &x, n).unwrap();
             let want = cpu::matmul(&m, &x, n);
             let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -6,6 +6,7 @@
 //! the summation order differs (~1e-7 relative per term over a few hundred terms).
 
 mod common;
+use common::random;
 use dsrun::backend::cpu;
 use dsrun::backend::wgpu::lower::{listed_grid, MatmulShape};
 use wgpu::util::DeviceExt;
@@ -22,19 +23,6 @@ const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3,
 fn runner() -> OpRunner {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
     OpRunner::new(ctx).unwrap()
-}
-
-/// Deterministic pseudo-random values in [-1, 1).
-fn random(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
 }
 
 fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {

@@ -52,3 +52,16 @@ pub fn assert_logits_match(what: &str, got: &[f32], reference: &[f32], vocab: us
         assert_eq!(argmax(g), argmax(r), "{what}: argmax differs at position {pos}");
     }
 }
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn random(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}

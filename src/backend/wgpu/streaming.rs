@@ -201,11 +201,10 @@ impl Streaming {
         ctx.queue.submit([encoder.finish()]);
 
         // While the GPU runs up to this router: upload the experts guessed for this layer.
-        if let Some((guessed_layer, guess)) = self.guess.take() {
-            if guessed_layer == layer {
-                self.prefetch_uploads(ctx, layer, &guess);
-                self.guess = Some((layer, guess));
-            }
+        // A guess for another layer (a step that ended early) is stale: drop it.
+        self.guess = self.guess.take().filter(|(guessed, _)| *guessed == layer);
+        if let Some((_, guess)) = self.guess.clone() {
+            self.prefetch_uploads(ctx, layer, &guess);
         }
 
         let waited = Instant::now();
