@@ -35,7 +35,7 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
     };
     match choice {
         GpuChoice::Cpu => cpu(model),
-        GpuChoice::Cuda => cuda_engine(),
+        GpuChoice::Cuda => cuda_engine(model, capacity, options),
         GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
             eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
             cpu(model)
@@ -50,19 +50,28 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
     }
 }
 
-/// `--gpu cuda`: the native backend's state in this build, as a clear error until it runs models.
+/// `--gpu cuda`: the native backend on CUDA device 0 (`DSRUN_CUDA_EMULATOR=1`: on the CPU
+/// emulator instead, for testing the path where there is no NVIDIA GPU; very slow).
 #[cfg(feature = "cuda")]
-fn cuda_engine() -> Result<Box<dyn Engine>> {
-    let device = crate::backend::cuda::open(0)?;
-    Err(Error::Invalid(format!(
-        "--gpu cuda: found {}, but dsrun's native CUDA kernels do not run whole models yet; \
-         run on this GPU through Vulkan with --gpu vulkan",
-        device.describe()
-    )))
+fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
+    use crate::backend::cuda::{CudaModel, Runtime};
+    if options.gpu_mem != GpuMem::Auto {
+        return Err(Error::Invalid(
+            "--gpu-mem: expert streaming is not implemented on the CUDA backend yet; the model must fit the GPU \
+             (or use --gpu vulkan --gpu-mem ...)"
+                .into(),
+        ));
+    }
+    let rt = match std::env::var("DSRUN_CUDA_EMULATOR") {
+        Ok(v) if v == "1" => Runtime::emulator()?,
+        _ => Runtime::driver(0)?,
+    };
+    log::info!("--gpu cuda: {}", rt.describe());
+    Ok(Box::new(CudaModel::new(rt, &model, capacity, options.quant)?))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_engine() -> Result<Box<dyn Engine>> {
+fn cuda_engine(_: Model, _: usize, _: &GpuOptions) -> Result<Box<dyn Engine>> {
     Err(Error::Invalid(
         "--gpu cuda: this dsrun was built without CUDA; rebuild with `cargo build --release --features cuda` \
          (no CUDA toolkit needed), or use --gpu vulkan (NVIDIA GPUs run through Vulkan too) or --gpu cpu"

@@ -172,3 +172,24 @@ fn corrupt_checkpoint_fails_cleanly() {
     std::fs::write(dir.path().join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
     assert_fails(&["inspect", "--model", dir.path().to_str().unwrap()], "corrupt safetensors");
 }
+
+/// `--gpu cuda` end to end on the CUDA emulator (the same kernels and host code as on a GPU):
+/// greedy text equals the CPU reference's, and the stats name the runtime.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_backend_generates_the_reference_text() {
+    let args = ["-n", "10", "--temperature", "0", "--prompt", "The file", "-v"];
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dsrun"))
+        .args(args)
+        .args(["--gpu", "cuda"])
+        .env("DSRUN_CUDA_EMULATOR", "1")
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("CUDA emulator") && stderr.contains("launches"), "{stderr}");
+    let cpu = dsrun(&[&args[..], &["--gpu", "cpu"]].concat());
+    assert_eq!(text(&out.stdout), text(&cpu.stdout));
+}

@@ -1,20 +1,85 @@
-//! The native CUDA backend (`--features cuda`). Where a piece cannot run on this machine (no
-//! NVIDIA driver or device, no NVRTC), the test says so on stderr with "NOT RUN" and checks that
-//! the backend reports the absence as a clear error; it never passes silently as if it ran.
+//! The native CUDA backend (`--features cuda`): every kernel against the CPU reference, and the
+//! whole model against transformers' logits, on each CUDA runtime this machine has: an NVIDIA
+//! device through the driver, and the CPU emulator of CUDA's execution model (needs a C++
+//! compiler), which runs the same kernel sources and host code. A runtime that is missing is
+//! reported on stderr with "NOT RUN"; the emulator's absence fails the suite (CI installs g++).
+//!
+//! Tolerances: kernels 1e-5 of the output's scale (exact weight decoding, f32 sums in another
+//! order); whole-model logits 1e-3 of the largest reference logit, as tests/fixtures.rs.
 #![cfg(feature = "cuda")]
 
 mod common;
 use common::random;
 
 use dsrun::backend::cpu;
-use dsrun::backend::cuda::{self, compile, MATVEC_SOURCE};
+use dsrun::backend::cuda::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, Ops};
+use dsrun::backend::cuda::{self, compile, sources, Buffer, CudaModel, Runtime};
+use dsrun::backend::layout::{MatmulShape, MlaShape};
+use dsrun::engine::Engine;
 use dsrun::model::weights::Matrix;
-use dsrun::quant::DType;
+use dsrun::model::{Logits, Model};
+use dsrun::quant::{DType, QuantTarget};
+
+const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
+
+/// The runtimes to test on, named; missing ones are reported.
+fn runtimes() -> Vec<Runtime> {
+    let mut found = vec![Runtime::emulator().expect("the CUDA emulator needs a C++ compiler (apt-get install g++)")];
+    match cuda::open(0) {
+        Ok(rt) => found.push(rt),
+        Err(e) => eprintln!("NOT RUN on an NVIDIA device: {e}"),
+    }
+    found
+}
+
+fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
+    Matrix::from_values(&format!("w{seed}"), rows, cols, dtype, &random(seed, rows * cols), (128, 128))
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    let err = common::relative_error(got, want);
+    assert!(err <= tolerance, "{what}: relative error {err:e}");
+}
+
+struct Harness<'a> {
+    ops: Ops<'a>,
+}
+
+impl<'a> Harness<'a> {
+    fn new(rt: &'a Runtime) -> Harness<'a> {
+        Harness { ops: Ops::new(rt).unwrap() }
+    }
+    fn rt(&self) -> &Runtime {
+        self.ops.rt
+    }
+    fn f32s(&self, values: &[f32]) -> Buffer {
+        self.rt().upload(values).unwrap()
+    }
+    fn zeros(&self, n: usize) -> Buffer {
+        self.rt().alloc(n * 4).unwrap()
+    }
+    fn set_step(&self, n: u32, start: u32) {
+        self.rt().write(&self.ops.step, 0, bytemuck::cast_slice(&[n, start, n - 1, 0])).unwrap();
+    }
+    fn run(&self, ops: &[dsrun::backend::cuda::ops::Op], n: u32) {
+        for op in ops {
+            self.rt().launch(&op.launch(n)).unwrap();
+        }
+    }
+    fn read(&self, b: &Buffer, n: usize) -> Vec<f32> {
+        self.rt().read_f32(b, n).unwrap()
+    }
+    fn read_u32(&self, b: &Buffer, n: usize) -> Vec<u32> {
+        let mut bytes = vec![0u8; n * 4];
+        self.rt().read(b, 0, &mut bytes).unwrap();
+        bytemuck::pod_collect_to_vec(&bytes)
+    }
+}
 
 #[test]
 fn opening_a_device_names_it_or_says_why_not() {
     match cuda::open(0) {
-        Ok(device) => eprintln!("CUDA device: {}", device.describe()),
+        Ok(rt) => eprintln!("CUDA device: {}", rt.describe()),
         Err(e) => {
             let message = e.to_string();
             eprintln!("NOT RUN on a device: {message}");
@@ -24,44 +89,245 @@ fn opening_a_device_names_it_or_says_why_not() {
 }
 
 #[test]
-fn kernels_compile_for_hopper_and_older_gpus() {
+fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
+    let common = dsrun::backend::cuda::runtime::COMMON_SOURCE;
     if !cuda::nvrtc_present() {
         eprintln!("NOT RUN: libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12; put its lib folder on LD_LIBRARY_PATH)");
-        let err = compile(MATVEC_SOURCE, &[], "compute_90").err().expect("compiling without NVRTC fails").to_string();
+        let err = compile(sources::MATMUL, &[], "compute_90").err().expect("compiling without NVRTC fails").to_string();
         assert!(err.contains("NVRTC"), "{err}");
         return;
     }
+    let router = [("EXPERTS", 256), ("TOP_K", 8), ("N_GROUP", 8), ("TOPK_GROUP", 4), ("SOFTMAX", 0), ("METHOD", 2), ("NORMALIZE", 1), ("HAS_BIAS", 1)];
     for arch in ["compute_80", "compute_90"] {
-        for format in [1u32, 3] {
-            let ptx = compile(MATVEC_SOURCE, &[("FORMAT", format), ("TOKENS", 8)], arch).unwrap().to_src();
-            assert!(ptx.contains(".entry matvec"), "{arch} format {format}: no matvec entry");
-            // FP8 uses the hardware converter on sm_89+ only.
-            let hardware = ptx.contains("cvt.rn.f16x2.e4m3x2");
-            assert_eq!(hardware, format == 3 && arch == "compute_90", "{arch} format {format}");
+        for (source, names) in sources::ALL {
+            for format in 0..6u32 {
+                let mut defines = vec![("FORMAT", format), ("TILE", 8), ("LORA", 512), ("ROPE", 64)];
+                defines.extend(router);
+                let ptx = compile(&format!("{common}\n{source}"), &defines, arch).unwrap_or_else(|e| panic!("{names:?} {arch} format {format}: {e}")).to_src();
+                for n in names {
+                    assert!(ptx.contains(&format!(".entry {n}")), "{arch}: no {n} entry");
+                }
+                if *names == ["matmul", "embed"] {
+                    // FP8 uses the hardware converter on sm_89+ only.
+                    assert_eq!(ptx.contains("cvt.rn.f16x2.e4m3x2"), format == 3 && arch == "compute_90", "{arch} format {format}");
+                }
+            }
         }
     }
 }
 
 #[test]
-fn matvec_matches_the_cpu_reference_on_a_device() {
-    let device = match cuda::open(0) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("NOT RUN: {e}");
-            return;
+fn matmul_every_format_and_token_count() {
+    // 37 rows: not a multiple of the 8 rows per block; 300 columns: partial FP8 blocks and a
+    // partial lane sweep (vector path); 129 columns: the element-at-a-time path.
+    let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
+    for rt in runtimes() {
+        let h = Harness::new(&rt);
+        for dtype in FORMATS {
+            for (rows, cols, n) in cases {
+                let m = matrix(dtype, rows, cols, 1);
+                let w = CudaMatrix::upload(&rt, &[&m]).unwrap();
+                let x = random(2, n * cols);
+                let (xb, yb) = (h.f32s(&x), h.zeros(n * rows));
+                h.set_step(n as u32, 0);
+                h.run(&[h.ops.matmul(&w, &xb, &yb, false).unwrap()], n as u32);
+                let what = format!("{}: {dtype:?} {rows}x{cols}, {n} tokens", rt.describe());
+                assert_close(&what, &h.read(&yb, n * rows), &cpu::matmul(&m, &x, n), 1e-5);
+
+                // Accumulating into y, and the last position only.
+                h.run(&[h.ops.matmul(&w, &xb, &yb, true).unwrap()], n as u32);
+                let twice: Vec<f32> = cpu::matmul(&m, &x, n).iter().map(|v| 2.0 * v).collect();
+                assert_close(&format!("{what}, accumulated"), &h.read(&yb, n * rows), &twice, 1e-5);
+                let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+                let (lx, ly) = (h.f32s(&x[(n - 1) * cols..]), h.zeros(rows));
+                h.run(&[h.ops.matmul_shaped(&w, last, &lx, &ly, None).unwrap()], n as u32);
+                assert_close(&format!("{what}, last row"), &h.read(&ly, rows), &cpu::matmul(&m, &x[(n - 1) * cols..], 1), 1e-5);
+            }
         }
-    };
-    for dtype in [DType::BF16, DType::F8E4M3] {
-        for n in [1usize, 3, 8] {
-            let (rows, cols) = (300, 512);
-            let m = Matrix::from_values("w", rows, cols, dtype, &random(1, rows * cols), (128, 128));
-            let x = random(2, n * cols);
-            let got = device.matvec(&m, &x, n).unwrap();
-            let want = cpu::matmul(&m, &x, n);
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let err = got.iter().zip(&want).fold(0f32, |a, (g, w)| a.max((g - w).abs())) / scale;
-            // f32 sums in another order than the CPU: ~1e-6 relative.
-            assert!(err < 1e-4, "{dtype:?} n={n}: relative error {err}");
+    }
+}
+
+#[test]
+fn expert_matmul_reads_expert_ids_on_the_device() {
+    for rt in runtimes() {
+        let h = Harness::new(&rt);
+        for dtype in FORMATS {
+            let (experts, rows, cols, k, n) = (5, 24, 256, 2, 3);
+            let ms: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
+            let w = CudaMatrix::upload(&rt, &ms.iter().collect::<Vec<_>>()).unwrap();
+            let ids = [4u32, 0, 2, 2, 1, 3];
+            let x = random(3, n * cols);
+            let (xb, yb, ib) = (h.f32s(&x), h.zeros(n * k * rows), rt.upload(&ids).unwrap());
+            h.set_step(n as u32, 0);
+            h.run(&[h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib).unwrap()], n as u32);
+            let got = h.read(&yb, n * k * rows);
+            for (s, &e) in ids.iter().enumerate() {
+                let want = cpu::matmul(&ms[e as usize], &x[(s / k) * cols..][..cols], 1);
+                assert_close(&format!("{}: {dtype:?} slot {s}", rt.describe()), &got[s * rows..][..rows], &want, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_elementwise_ops_and_embedding() {
+    for rt in runtimes() {
+        let h = Harness::new(&rt);
+        let (n, dim) = (3, 300);
+        let x = random(20, n * dim);
+        let w = random(21, dim);
+        let (xb, wb, yb) = (h.f32s(&x), h.f32s(&w), h.zeros(n * dim));
+        h.set_step(n as u32, 0);
+        h.run(&[h.ops.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false).unwrap()], n as u32);
+        let mut want = x.clone();
+        want.chunks_mut(dim).for_each(|row| cpu::rms_norm(row, &w, 1e-6));
+        assert_close("rmsnorm", &h.read(&yb, n * dim), &want, 1e-5);
+
+        let up = random(22, n * dim);
+        let ub = h.f32s(&up);
+        h.run(&[h.ops.silu_mul(dim, &xb, &ub).unwrap()], n as u32);
+        let mut want = x.clone();
+        cpu::silu_mul(&mut want, &up);
+        assert_close("silu_mul", &h.read(&xb, n * dim), &want, 1e-5);
+
+        for dtype in FORMATS {
+            let table = matrix(dtype, 50, 40, 23);
+            let t = CudaMatrix::upload(&rt, &[&table]).unwrap();
+            let tokens = [0u32, 49, 17];
+            let (tb, ob) = (rt.upload(&tokens).unwrap(), h.zeros(3 * 40));
+            h.run(&[h.ops.embed(&t, &tb, &ob).unwrap()], 3);
+            assert_close(&format!("{dtype:?} embed"), &h.read(&ob, 3 * 40), &cpu::embed(&table, &tokens), 1e-6);
+        }
+
+        // argmax over rows with ties (the first wins) and moe_combine with a shared expert.
+        let mut logits = random(24, 2 * 1000);
+        logits[1000 + 7] = 9.0;
+        logits[1000 + 900] = 9.0;
+        let (lb, ib) = (h.f32s(&logits), h.zeros(2));
+        h.run(&[h.ops.argmax(1000, &lb, &ib).unwrap()], 2);
+        assert_eq!(h.read_u32(&ib, 2), vec![common::argmax(&logits[..1000]) as u32, 7]);
+        let (k, d) = (2, 40);
+        let (eo, rw, sh, hh) = (random(25, n * k * d), random(26, n * k), random(27, n * d), random(28, n * d));
+        let hb = h.f32s(&hh);
+        h.run(&[h.ops.moe_combine(d, k, &h.f32s(&eo), &h.f32s(&rw), Some(&h.f32s(&sh)), &hb).unwrap()], n as u32);
+        let want: Vec<f32> = (0..n * d).map(|i| {
+            let (t, c) = (i / d, i % d);
+            hh[i] + (0..k).map(|j| rw[t * k + j] * eo[(t * k + j) * d + c]).sum::<f32>() + sh[i]
+        }).collect();
+        assert_close("moe_combine", &h.read(&hb, n * d), &want, 1e-6);
+    }
+}
+
+#[test]
+fn router_matches_the_cpu_rules() {
+    for rt in runtimes() {
+        let h = Harness::new(&rt);
+        for (i, case) in common::router_cases().iter().enumerate() {
+            let (n, top_k) = (case.tokens, case.params.top_k);
+            let lb = h.f32s(&case.logits);
+            let bb = case.bias.as_ref().map(|b| h.f32s(b));
+            let (ib, wb) = (h.zeros(n * top_k), h.zeros(n * top_k));
+            h.set_step(n as u32, 0);
+            h.run(&[h.ops.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb).unwrap()], n as u32);
+            case.check(&format!("{}: config {i}", rt.describe()), &h.read_u32(&ib, n * top_k), &h.read(&wb, n * top_k));
+        }
+    }
+}
+
+/// One MLA attention layer against the CPU reference over several steps (prefill, single
+/// tokens, a short chunk), with the cache split into 24-position chunks so several splits are
+/// live and merged.
+#[test]
+fn mla_attention_layer_matches_cpu_across_splits() {
+    use dsrun::model::attention::{forward, AttentionCtx};
+    use dsrun::model::rope::Rope;
+    use dsrun::model::weights::QueryProjection;
+    use dsrun::model::AttentionMode;
+
+    for rt in runtimes() {
+        let h = Harness::new(&rt);
+        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
+            let model = Model::load(&common::fixture(family)).unwrap();
+            let c = &model.config;
+            let w = &model.weights.layers[0].attention;
+            let (d, heads, capacity) = (c.hidden_size, c.num_attention_heads, 100);
+            let up = |m: &Matrix| CudaMatrix::upload(&rt, &[m]).unwrap();
+            let cw = CudaAttention {
+                q: match &w.q {
+                    QueryProjection::LowRank { a, norm, b } => CudaQuery::LowRank { a: up(a), norm: h.f32s(norm), b: up(b) },
+                    QueryProjection::Direct(q) => CudaQuery::Direct(up(q)),
+                },
+                kv_a: up(&w.kv_a),
+                kv_norm: h.f32s(&w.kv_norm),
+                kv_b: up(&w.kv_b),
+                o: up(&w.o),
+                cache: h.zeros(capacity * c.latent_dim()),
+            };
+            let rope = Rope::new(c);
+            let shape = MlaShape::new(c, capacity, &rope);
+            let max_n = 70;
+            let split = AttentionSplit { chunk: 24, splits: 5 };
+            let (x, qa, qa_norm, q, kv) = (
+                h.zeros(max_n * d),
+                h.zeros(max_n * c.q_lora_rank.unwrap_or(1)),
+                h.zeros(max_n * c.q_lora_rank.unwrap_or(1)),
+                h.zeros(max_n * heads * c.qk_head_dim()),
+                h.zeros(max_n * c.latent_dim()),
+            );
+            let (q_lat, partial, o_lat, o, out) = (
+                h.zeros(max_n * heads * c.kv_lora_rank),
+                h.zeros(split.partial_floats(max_n, heads, c.kv_lora_rank)),
+                h.zeros(max_n * heads * c.kv_lora_rank),
+                h.zeros(max_n * heads * c.v_head_dim),
+                h.zeros(max_n * d),
+            );
+            let inv_freq = h.f32s(&rope.inv_freq);
+            let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, partial: &partial, split, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
+            let ops = h.ops.attention(&shape, &cw, &bufs).unwrap();
+            let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
+            let mut cpu_cache = Vec::new();
+            let mut start = 0;
+            for (step, n) in [70usize, 1, 1, 20].into_iter().enumerate() {
+                let input = random(70 + step as u64, n * d);
+                rt.write(&x, 0, bytemuck::cast_slice(&input)).unwrap();
+                rt.write(&out, 0, bytemuck::cast_slice(&vec![0f32; n * d])).unwrap();
+                h.set_step(n as u32, start as u32);
+                h.run(&ops, n as u32);
+                let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
+                assert_close(&format!("{}: {family} attention, step {step} at position {start}", rt.describe()), &h.read(&out, n * d), &want, 1e-5);
+                start += n;
+            }
+        }
+    }
+}
+
+/// Every fixture family: prefill logits and token-by-token decode (a CUDA graph per step on a
+/// device) against transformers, and the greedy id against the logits' argmax.
+#[test]
+fn whole_model_matches_transformers_on_every_family() {
+    for rt_index in 0..runtimes().len() {
+        for family in common::FAMILIES {
+            let rt = runtimes().swap_remove(rt_index);
+            let name = rt.describe();
+            let dir = common::fixture(family);
+            let g = common::golden(&dir);
+            let model = Model::load(&dir).unwrap();
+            let mut engine = CudaModel::new(rt, &model, g.tokens.len() + 1, QuantTarget::Keep).unwrap();
+            let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+            eprintln!("{name}: {family}: relative error {:e}", common::relative_error(&logits, &g.logits));
+            common::assert_logits_match(&format!("{name} {family} prefill"), &logits, &g.logits, g.vocab, 1e-3);
+
+            engine.reset();
+            let mut decoded = engine.forward(&g.tokens[..5], Logits::All).unwrap();
+            for &t in &g.tokens[5..] {
+                decoded.extend(engine.forward(&[t], Logits::All).unwrap());
+            }
+            common::assert_logits_match(&format!("{name} {family} decode"), &decoded, &g.logits, g.vocab, 1e-3);
+
+            engine.reset();
+            let greedy = engine.forward_greedy(&g.tokens).unwrap();
+            let last = &g.logits[(g.tokens.len() - 1) * g.vocab..];
+            assert_eq!(greedy as usize, common::argmax(last), "{name} {family}: greedy id");
         }
     }
 }

@@ -12,9 +12,7 @@ use dsrun::backend::wgpu::lower::{listed_grid, MatmulShape};
 use wgpu::util::DeviceExt;
 use dsrun::backend::wgpu::runner::OpRunner;
 use dsrun::backend::wgpu::{context, tensors::{GpuMatrix, SlotMatrix}};
-use dsrun::config::{ScoringFunc, TopkMethod};
 use dsrun::device::GpuChoice;
-use dsrun::model::router::{route, RouterParams};
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
 
@@ -221,34 +219,14 @@ fn rmsnorm_and_silu_mul() {
 #[test]
 fn router_matches_the_cpu_rules() {
     let r = runner();
-    let configs = [
-        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5, 256),
-        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 4, true, 1.0, 20),
-        (ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0, 64),
-        (ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, 4, 2, 3, false, 16.0, 36),
-    ];
-    for (i, &(scoring, method, n_group, topk_group, top_k, normalize, scaling, experts)) in configs.iter().enumerate() {
-        let p = RouterParams { scoring, method, n_group, topk_group, top_k, normalize, scaling };
-        let n = 5;
-        let mut logits: Vec<f32> = random(40 + i as u64, n * experts).iter().map(|v| v * 4.0).collect();
-        // Token 4: all logits equal, so every choice is a tie broken by index.
-        logits[4 * experts..].iter_mut().for_each(|v| *v = 0.25);
-        let bias: Option<Vec<f32>> = (method == TopkMethod::NoauxTc).then(|| random(50 + i as u64, experts).iter().map(|v| v * 0.6).collect());
-        let lb = r.f32_buffer(&logits);
-        let bb = bias.as_ref().map(|b| r.f32_buffer(b));
+    for (i, case) in common::router_cases().iter().enumerate() {
+        let (n, top_k) = (case.tokens, case.params.top_k);
+        let lb = r.f32_buffer(&case.logits);
+        let bb = case.bias.as_ref().map(|b| r.f32_buffer(b));
         let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
         r.set_step(n as u32, 0);
-        r.run(&[r.builder.router(&p, experts, &lb, bb.as_ref(), &ib, &wb)], n as u32, 1).unwrap();
-        let ids = r.read_u32(&ib, n * top_k).unwrap();
-        let weights = r.read_f32(&wb, n * top_k).unwrap();
-        for t in 0..n {
-            let want = route(&logits[t * experts..][..experts], bias.as_deref(), &p);
-            let want_ids: Vec<u32> = want.iter().map(|w| w.0 as u32).collect();
-            assert_eq!(&ids[t * top_k..][..top_k], &want_ids[..], "config {i} token {t}: expert ids");
-            for (j, w) in want.iter().enumerate() {
-                assert!((weights[t * top_k + j] - w.1).abs() <= 1e-5 * w.1.abs().max(1.0), "config {i} token {t}: weight {j}");
-            }
-        }
+        r.run(&[r.builder.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb)], n as u32, 1).unwrap();
+        case.check(&format!("config {i}"), &r.read_u32(&ib, n * top_k).unwrap(), &r.read_f32(&wb, n * top_k).unwrap());
     }
 }
 

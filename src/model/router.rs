@@ -27,6 +27,15 @@ impl RouterParams {
             scaling: c.routed_scaling_factor as f32,
         }
     }
+
+    /// The GPU kernels' METHOD constant: 0 greedy, 1 group_limited_greedy, 2 noaux_tc.
+    pub fn method_code(&self) -> u32 {
+        match self.method {
+            TopkMethod::Greedy => 0,
+            TopkMethod::GroupLimitedGreedy => 1,
+            TopkMethod::NoauxTc => 2,
+        }
+    }
 }
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index.

@@ -65,3 +65,53 @@ pub fn random(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Router cases for GPU kernel tests: every scoring function and top-k method, with and without
+/// a correction bias, and a token whose logits all tie.
+pub struct RouterCase {
+    pub params: dsrun::model::router::RouterParams,
+    pub experts: usize,
+    pub tokens: usize,
+    pub logits: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+#[allow(dead_code)]
+pub fn router_cases() -> Vec<RouterCase> {
+    use dsrun::config::{ScoringFunc, TopkMethod};
+    use dsrun::model::router::RouterParams;
+    let configs = [
+        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 8, 4, 8, true, 2.5, 256),
+        (ScoringFunc::Sigmoid, TopkMethod::NoauxTc, 4, 2, 4, true, 1.0, 20),
+        (ScoringFunc::Softmax, TopkMethod::Greedy, 1, 1, 6, false, 1.0, 64),
+        (ScoringFunc::Softmax, TopkMethod::GroupLimitedGreedy, 4, 2, 3, false, 16.0, 36),
+    ];
+    configs
+        .iter()
+        .enumerate()
+        .map(|(i, &(scoring, method, n_group, topk_group, top_k, normalize, scaling, experts))| {
+            let tokens = 5;
+            let mut logits: Vec<f32> = random(40 + i as u64, tokens * experts).iter().map(|v| v * 4.0).collect();
+            // The last token: all logits equal, so every choice is a tie broken by index.
+            logits[4 * experts..].iter_mut().for_each(|v| *v = 0.25);
+            let bias = (method == TopkMethod::NoauxTc).then(|| random(50 + i as u64, experts).iter().map(|v| v * 0.6).collect());
+            RouterCase { params: RouterParams { scoring, method, n_group, topk_group, top_k, normalize, scaling }, experts, tokens, logits, bias }
+        })
+        .collect()
+}
+
+impl RouterCase {
+    /// Asserts a GPU's ids and weights (`[tokens, top_k]`) are the CPU reference's choice.
+    #[allow(dead_code)]
+    pub fn check(&self, what: &str, ids: &[u32], weights: &[f32]) {
+        let k = self.params.top_k;
+        for t in 0..self.tokens {
+            let want = dsrun::model::router::route(&self.logits[t * self.experts..][..self.experts], self.bias.as_deref(), &self.params);
+            let want_ids: Vec<u32> = want.iter().map(|w| w.0 as u32).collect();
+            assert_eq!(&ids[t * k..][..k], &want_ids[..], "{what} token {t}: expert ids");
+            for (j, w) in want.iter().enumerate() {
+                assert!((weights[t * k + j] - w.1).abs() <= 1e-5 * w.1.abs().max(1.0), "{what} token {t}: weight {j}");
+            }
+        }
+    }
+}

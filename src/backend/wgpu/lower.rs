@@ -4,8 +4,9 @@
 use super::context::GpuContext;
 use super::kernels::{Kernel, Pipelines, WeightFormat};
 use super::tensors::{storage_init, uniform, GpuMatrix};
-use crate::config::{ScoringFunc, TopkMethod};
+use crate::config::ScoringFunc;
 use crate::model::router::RouterParams;
+pub use crate::backend::layout::{MatmulShape, MlaShape, LATENT_NORM_EPS};
 
 /// Mirrors `Step` in shaders/step.wgsl: written once before each submit.
 #[repr(C)]
@@ -90,27 +91,6 @@ pub struct Builder {
     pub pipelines: Pipelines,
     pub step: wgpu::Buffer,
     pub dummy: wgpu::Buffer,
-}
-
-/// How a matmul picks its input rows and its weights.
-#[derive(Clone, Copy)]
-pub struct MatmulShape {
-    /// Output slots per token (top-k for routed experts, else 1).
-    pub slots_per_token: u32,
-    /// Slot s reads input row s / x_div.
-    pub x_div: u32,
-    /// Slot s multiplies by the stacked expert ids[s].
-    pub use_ids: bool,
-    /// Compute exactly this many slots whatever the step's size (the last position's logits).
-    pub fixed_slots: Option<u32>,
-    /// ids lists (slot, expert) pairs, one per workgroup z (expert-cache pools).
-    pub slot_list: bool,
-    /// y += W x instead of y = W x (residual connections).
-    pub accumulate: bool,
-}
-
-impl MatmulShape {
-    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, slot_list: false, accumulate: false };
 }
 
 impl Builder {
@@ -280,18 +260,13 @@ impl Builder {
         weights: &wgpu::Buffer,
     ) -> Dispatch {
         let p = self.params("router", &[r.scaling, 0.0, 0.0, 0.0]);
-        let method = match r.method {
-            TopkMethod::Greedy => 0.0,
-            TopkMethod::GroupLimitedGreedy => 1.0,
-            TopkMethod::NoauxTc => 2.0,
-        };
         let overrides = [
             ("EXPERTS", experts as f64),
             ("TOP_K", r.top_k as f64),
             ("N_GROUP", r.n_group as f64),
             ("TOPK_GROUP", r.topk_group as f64),
             ("SOFTMAX", (r.scoring == ScoringFunc::Softmax) as u32 as f64),
-            ("METHOD", method),
+            ("METHOD", r.method_code() as f64),
             ("NORMALIZE", r.normalize as u32 as f64),
             ("HAS_BIAS", bias.is_some() as u32 as f64),
         ];
@@ -391,38 +366,6 @@ impl Builder {
     pub fn argmax(&self, vocab: usize, logits: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
         let p = self.params("argmax", &[vocab as u32, 0, 0, 0]);
         self.dispatch(Kernel::Argmax, None, &[&p, logits, ids], Box::new(|n| [n, 1, 1]))
-    }
-}
-
-/// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
-pub const LATENT_NORM_EPS: f64 = 1e-6;
-
-/// The dimensions MLA kernels need (SPEC.md's names).
-#[derive(Debug, Clone, Copy)]
-pub struct MlaShape {
-    pub heads: usize,
-    pub nope: usize,
-    pub rope: usize,
-    pub v: usize,
-    pub lora: usize,
-    /// Cache capacity in tokens (the attention scratch row length).
-    pub ctx: usize,
-    pub scale: f32,
-    pub rope_scale: f32,
-}
-
-impl MlaShape {
-    pub fn new(c: &crate::config::ModelConfig, ctx: usize, rope: &crate::model::rope::Rope) -> MlaShape {
-        MlaShape {
-            heads: c.num_attention_heads,
-            nope: c.qk_nope_head_dim,
-            rope: c.qk_rope_head_dim,
-            v: c.v_head_dim,
-            lora: c.kv_lora_rank,
-            ctx,
-            scale: c.softmax_scale() as f32,
-            rope_scale: rope.scale,
-        }
     }
 }
 

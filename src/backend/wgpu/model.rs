@@ -499,17 +499,7 @@ impl GpuModel {
         let started = std::time::Instant::now();
         self.counters.steps += 1;
         self.counters.tokens += tokens.len() as u64;
-        let chunks: Vec<&[u32]> = tokens.chunks(self.max_chunk).collect();
-        let mut out = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let head = match which {
-                Logits::All => Some(Logits::All),
-                Logits::Last if last => Some(Logits::Last),
-                Logits::Last => None,
-            };
-            out.extend(self.step(chunk, head, greedy)?);
-        }
+        let out = crate::engine::run_in_chunks(tokens, self.max_chunk, which, |chunk, head| self.step(chunk, head, greedy))?;
         self.counters.step_seconds += started.elapsed().as_secs_f64();
         Ok(out)
     }

@@ -2,27 +2,12 @@
 
 use super::context::GpuContext;
 use super::kernels::WeightFormat;
+use crate::backend::layout::{PackedStack, WeightLayout};
 use crate::error::{Error, Result};
 use crate::inspect::human_bytes;
 use crate::model::weights::Matrix;
 use crate::quant::DType;
 use wgpu::util::DeviceExt;
-
-/// Mirrors `WeightLayout` in shaders/weights.wgsl.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct WeightLayout {
-    rows: u32,
-    cols: u32,
-    expert_stride: u32,
-    scale_expert_stride: u32,
-    grid_cols: u32,
-    block_rows: u32,
-    block_cols: u32,
-    row0: u32,
-    total_rows: u32,
-    _pad: [u32; 3],
-}
 
 /// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format; a single
 /// matrix larger than one binding is held as row chunks (`chunks`, in row order).
@@ -59,15 +44,7 @@ impl GpuMatrix {
     /// other so a kernel finds expert e at element `e * rows * cols`.
     pub fn upload(ctx: &GpuContext, stack: &[&Matrix]) -> Result<GpuMatrix> {
         let first = stack[0];
-        if let Some(odd) = stack.iter().find(|m| m.dtype != first.dtype || m.rows != first.rows || m.cols != first.cols) {
-            return Err(Error::Invalid(format!(
-                "`{}` ({:?}, {}x{}) differs from `{}` ({:?}, {}x{}): experts of a layer must share shape and dtype",
-                odd.name, odd.dtype, odd.rows, odd.cols, first.name, first.dtype, first.rows, first.cols
-            )));
-        }
-        if first.dtype == DType::Q4 && stack.len() > 1 && (first.rows * first.cols) % 2 == 1 {
-            return Err(Error::Invalid(format!("`{}`: q4 experts need an even element count to stack", first.name)));
-        }
+        PackedStack::check(stack)?;
         let bytes: usize = stack.iter().map(|m| m.data.as_slice().len()).sum();
         if bytes as u64 > ctx.max_binding() {
             return Err(Error::Invalid(format!(
@@ -161,7 +138,7 @@ impl SlotMatrix {
             block_cols: block_cols as u32,
             row0: 0,
             total_rows: template.rows as u32,
-            _pad: [0; 3],
+            pad: [0; 3],
         };
         let empty = |label: &str, bytes: u64| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -214,41 +191,14 @@ fn chunk_bytes(stack: &[&Matrix]) -> u64 {
 }
 
 fn upload_chunk(ctx: &GpuContext, stack: &[&Matrix], row0: usize, total_rows: usize) -> Result<GpuChunk> {
-    let first = stack[0];
-    let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
-    let mut scales: Vec<f32> = Vec::new();
-    for m in stack {
-        data.extend_from_slice(m.data.as_slice());
-        if let Some(s) = &m.scales {
-            scales.extend_from_slice(&s.values);
-        }
-    }
-    data.resize(data.len().next_multiple_of(4).max(4), 0);
-    let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
-        Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
-        None => (1, 1, 1, 0),
-    };
-    if scales.is_empty() {
-        scales.push(0.0);
-    }
-    let layout = WeightLayout {
-        rows: first.rows as u32,
-        cols: first.cols as u32,
-        expert_stride: (first.rows * first.cols) as u32,
-        scale_expert_stride: scale_stride as u32,
-        grid_cols: grid_cols as u32,
-        block_rows: block_rows as u32,
-        block_cols: block_cols as u32,
-        row0: row0 as u32,
-        total_rows: total_rows as u32,
-        _pad: [0; 3],
-    };
+    let name = &stack[0].name;
+    let packed = PackedStack::new(stack, row0, total_rows);
     Ok(GpuChunk {
         row0,
-        rows: first.rows,
-        layout: uniform(ctx, &first.name, bytemuck::bytes_of(&layout)),
-        weights: storage_init(ctx, &first.name, &data),
-        scales: storage_init(ctx, &first.name, bytemuck::cast_slice(&scales)),
+        rows: stack[0].rows,
+        layout: uniform(ctx, name, bytemuck::bytes_of(&packed.layout)),
+        weights: storage_init(ctx, name, &packed.data),
+        scales: storage_init(ctx, name, bytemuck::cast_slice(&packed.scales)),
     })
 }
 

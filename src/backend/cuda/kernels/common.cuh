@@ -1,0 +1,145 @@
+// Shared by every dsrun CUDA kernel (prepended to each source: NVRTC gets no include paths and
+// no toolkit headers, so number formats are decoded here).
+//
+// Weights: a matrix is rows x cols elements, row-major, packed little-endian into u32 words;
+// stacked experts follow each other `expert_stride` elements apart. FORMAT (a define) is the
+// element type, as in shaders/weights.wgsl:
+//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scale[block]),
+//   4 = q8: int8 with a scale per 1x32 block, 5 = q4: nibbles with (scale, min) per 1x32 block.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#ifndef FORMAT
+#define FORMAT 0
+#endif
+
+// Per-step values, written to device memory before each step, so a captured step (CUDA graph)
+// serves every position.
+struct Step {
+    u32 n_tokens;
+    u32 start;       // position of the step's first token
+    u32 logits_row0; // first row whose logits are wanted
+    u32 pad;
+};
+
+// Mirrors `WeightLayout` in the wgpu backend (tensors.rs): one matrix or expert stack.
+struct WeightLayout {
+    u32 rows, cols, expert_stride, scale_expert_stride, grid_cols, block_rows, block_cols, row0, total_rows, pad0, pad1, pad2;
+};
+
+#define NEG_INF (-3.4028235e38f)
+
+__device__ __forceinline__ float bf16_to_f32(u32 bits) { return __uint_as_float(bits << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u32 bits) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)bits));
+    return f;
+#else
+    return __half2float_bits((u16)bits);
+#endif
+}
+
+// Exact e4m3fn: (8 + m) * 2^(e - 10) for normals, m * 2^-9 for subnormals, 0x7f/0xff NaN.
+__device__ __forceinline__ float fp8_to_f32(u32 code) {
+    u32 e = (code >> 3) & 0xfu;
+    u32 m = code & 7u;
+    float magnitude = ldexpf((float)(m + (e != 0u ? 8u : 0u)), (int)(e > 1u ? e : 1u) - 10);
+    float v = (code & 0x80u) ? -magnitude : magnitude;
+    return ((code & 0x7fu) == 0x7fu) ? __int_as_float(0x7fc00000) : v;
+}
+
+// Four FP8 codes (one word) to floats: the hardware converter on sm_89 and later (Ada, Hopper),
+// arithmetic decoding elsewhere.
+__device__ __forceinline__ float4 fp8x4_to_f32(u32 word) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    u32 lo, hi;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"((u16)(word & 0xffffu)));
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"((u16)(word >> 16)));
+    return make_float4(f16_to_f32(lo & 0xffffu), f16_to_f32(lo >> 16), f16_to_f32(hi & 0xffffu), f16_to_f32(hi >> 16));
+#else
+    return make_float4(fp8_to_f32(word & 0xffu), fp8_to_f32((word >> 8) & 0xffu), fp8_to_f32((word >> 16) & 0xffu), fp8_to_f32(word >> 24));
+#endif
+}
+
+__device__ __forceinline__ float signed_byte(u32 word, u32 shift) { return (float)((int)(word << (24u - shift)) >> 24); }
+
+__device__ __forceinline__ u32 scale_index(const WeightLayout& l, u32 e, u32 r, u32 c) {
+    return e * l.scale_expert_stride + (r / l.block_rows) * l.grid_cols + c / l.block_cols;
+}
+
+// Weights of row r of expert e at columns c .. c + 3; needs c % 4 == 0, cols % 4 == 0 and
+// blocks of whole fours (the host checks and otherwise uses `weight1`).
+__device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
+    const u64 first = (u64)e * l.expert_stride + (u64)r * l.cols + c;
+#if FORMAT == 0
+    return *reinterpret_cast<const float4*>(w + first);
+#elif FORMAT == 1 || FORMAT == 2
+    const u32 a = w[first / 2], b = w[first / 2 + 1];
+#if FORMAT == 1
+    return make_float4(bf16_to_f32(a & 0xffffu), bf16_to_f32(a >> 16), bf16_to_f32(b & 0xffffu), bf16_to_f32(b >> 16));
+#else
+    return make_float4(f16_to_f32(a & 0xffffu), f16_to_f32(a >> 16), f16_to_f32(b & 0xffffu), f16_to_f32(b >> 16));
+#endif
+#elif FORMAT == 3
+    const float4 v = fp8x4_to_f32(w[first / 4]);
+    const float k = s[scale_index(l, e, r, c)];
+    return make_float4(v.x * k, v.y * k, v.z * k, v.w * k);
+#elif FORMAT == 4
+    const u32 word = w[first / 4];
+    const float k = s[scale_index(l, e, r, c)];
+    return make_float4(signed_byte(word, 0) * k, signed_byte(word, 8) * k, signed_byte(word, 16) * k, signed_byte(word, 24) * k);
+#else
+    const u32 word = w[first / 8] >> ((u32)(first & 7u) * 4u);
+    const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
+    const float k = s[g], m = s[g + 1];
+    return make_float4((float)(word & 0xfu) * k + m, (float)((word >> 4) & 0xfu) * k + m, (float)((word >> 8) & 0xfu) * k + m,
+                       (float)((word >> 12) & 0xfu) * k + m);
+#endif
+}
+
+// One weight of row r of expert e at column c (any shape).
+__device__ __forceinline__ float weight1(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
+    const u64 i = (u64)e * l.expert_stride + (u64)r * l.cols + c;
+#if FORMAT == 0
+    return __uint_as_float(w[i]);
+#elif FORMAT == 1
+    return bf16_to_f32((w[i / 2] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
+#elif FORMAT == 2
+    return f16_to_f32((w[i / 2] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
+#elif FORMAT == 3
+    return fp8_to_f32((w[i / 4] >> ((u32)(i & 3u) * 8u)) & 0xffu) * s[scale_index(l, e, r, c)];
+#elif FORMAT == 4
+    return signed_byte(w[i / 4], (u32)(i & 3u) * 8u) * s[scale_index(l, e, r, c)];
+#else
+    const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
+    return (float)((w[i / 8] >> ((u32)(i & 7u) * 4u)) & 0xfu) * s[g] + s[g + 1];
+#endif
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// The sum of every thread's v, returned to all (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    const u32 lane = threadIdx.x % 32u, warp = threadIdx.x / 32u, warps = blockDim.x / 32u;
+    v = warp_sum(v);
+    __syncthreads(); // earlier users of `partial` are done
+    if (lane == 0u) partial[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (u32 i = 0; i < warps; i++) total += partial[i];
+    return total;
+}

@@ -1,0 +1,73 @@
+// y[s, r] = sum_c W_e(s)[r, c] * x[s / x_div, c] over a step's slots s.
+//
+// One warp per output row, lanes over four consecutive columns per step, so each weight is
+// decoded once and used for the TILE slots of the block (TILE > 1 for prefill; 1 for decode and
+// routed experts, whose slots each read another expert). Grid: (ceil(rows / WARPS), slot tiles)
+// or (.., listed pairs). Slots are n_tokens * slots_per_token, or fixed_slots when set (only the
+// last position's logits). Flags: ACCUMULATE (y += W x), USE_IDS (slot s multiplies by expert
+// ids[s], read on the device), SLOT_LIST (ids lists (slot, expert) pairs, one per block row y).
+
+#ifndef TILE
+#define TILE 1
+#endif
+#define WARPS 8
+#define ACCUMULATE 1u
+#define USE_IDS 2u
+#define SLOT_LIST 4u
+
+extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const u32* __restrict__ w, const float* __restrict__ scales,
+                                  const Step* __restrict__ step, const float* __restrict__ x, float* __restrict__ y,
+                                  const u32* __restrict__ ids, u32 slots_per_token, u32 x_div, u32 fixed_slots, u32 flags) {
+    const WeightLayout l = *layout;
+    const u32 lane = threadIdx.x % 32u;
+    const u32 r = blockIdx.x * WARPS + threadIdx.x / 32u;
+    const u32 slots = fixed_slots != 0u ? fixed_slots : step->n_tokens * slots_per_token;
+    u32 s0 = blockIdx.y * TILE;
+    u32 expert = 0;
+    if (flags & SLOT_LIST) {
+        s0 = ids[2u * blockIdx.y];
+        expert = ids[2u * blockIdx.y + 1u];
+    } else if (flags & USE_IDS) {
+        expert = ids[s0 < slots ? s0 : slots - 1u];
+    }
+    if (r >= l.rows || s0 >= slots) return; // whole warps leave together
+    const float* xs[TILE];
+#pragma unroll
+    for (u32 t = 0; t < TILE; t++) xs[t] = x + (u64)((s0 + t < slots ? s0 + t : slots - 1u) / x_div) * l.cols;
+    float acc[TILE];
+#pragma unroll
+    for (u32 t = 0; t < TILE; t++) acc[t] = 0.0f;
+    if (l.cols % 4u == 0u && l.block_cols % 4u == 0u) {
+        for (u32 c = lane * 4u; c < l.cols; c += 128u) {
+            const float4 wv = weights4(l, w, scales, expert, r, c);
+#pragma unroll
+            for (u32 t = 0; t < TILE; t++) {
+                const float4 xv = *reinterpret_cast<const float4*>(xs[t] + c);
+                acc[t] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
+            }
+        }
+    } else {
+        for (u32 c = lane; c < l.cols; c += 32u) {
+            const float wv = weight1(l, w, scales, expert, r, c);
+#pragma unroll
+            for (u32 t = 0; t < TILE; t++) acc[t] += wv * xs[t][c];
+        }
+    }
+#pragma unroll
+    for (u32 t = 0; t < TILE; t++) {
+        const float total = warp_sum(acc[t]);
+        if (lane == 0u && s0 + t < slots) {
+            float* out = y + (u64)(s0 + t) * l.total_rows + l.row0 + r;
+            *out = (flags & ACCUMULATE) ? *out + total : total;
+        }
+    }
+}
+
+// out[t, c] = embedding[tokens[t], c] (ids were checked against the vocabulary on the host).
+// Grid: (ceil(cols / 256), n_tokens).
+extern "C" __global__ void embed(const WeightLayout* __restrict__ layout, const u32* __restrict__ w, const float* __restrict__ scales,
+                                 const Step* __restrict__ step, const u32* __restrict__ tokens, float* __restrict__ out) {
+    const WeightLayout l = *layout;
+    const u32 c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (c < l.cols && t < step->n_tokens) out[(u64)t * l.cols + c] = weight1(l, w, scales, 0, tokens[t], c);
+}

@@ -1,0 +1,51 @@
+// Elementwise MoE pieces and the greedy pick.
+
+// gate[i] = silu(gate[i]) * up[i] over the step's n_tokens * per_token elements.
+extern "C" __global__ void silu_mul(const Step* __restrict__ step, float* __restrict__ gate, const float* __restrict__ up, u32 per_token) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)step->n_tokens * per_token) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// h[t, d] += sum_i w[t, i] * expert_out[t * k + i, d] + shared[t, d]. Grid: (ceil(dim / 256), n).
+extern "C" __global__ void moe_combine(const Step* __restrict__ step, const float* __restrict__ expert_out, const float* __restrict__ route_weights,
+                                       const float* __restrict__ shared_out, float* __restrict__ h, u32 dim, u32 top_k, u32 has_shared) {
+    const u32 d = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (d >= dim || t >= step->n_tokens) return;
+    float acc = 0.0f;
+    for (u32 i = 0; i < top_k; i++) acc += route_weights[t * top_k + i] * expert_out[(u64)(t * top_k + i) * dim + d];
+    if (has_shared) acc += shared_out[(u64)t * dim + d];
+    h[(u64)t * dim + d] += acc;
+}
+
+// ids[row] = index of the row's largest logit (the first on ties); one block per row.
+extern "C" __global__ void argmax(const float* __restrict__ logits, u32* __restrict__ ids, u32 cols) {
+    __shared__ float best_value[1024];
+    __shared__ u32 best_index[1024];
+    const float* row = logits + (u64)blockIdx.x * cols;
+    float value = NEG_INF;
+    u32 index = cols;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+        if (index == cols || row[c] > value) {
+            value = row[c];
+            index = c;
+        }
+    }
+    best_value[threadIdx.x] = value;
+    best_index[threadIdx.x] = index;
+    __syncthreads();
+    for (u32 stride = blockDim.x / 2u; stride > 0u; stride >>= 1) {
+        if (threadIdx.x < stride) {
+            const float v = best_value[threadIdx.x + stride];
+            const u32 i = best_index[threadIdx.x + stride];
+            if (v > best_value[threadIdx.x] || (v == best_value[threadIdx.x] && i < best_index[threadIdx.x])) {
+                best_value[threadIdx.x] = v;
+                best_index[threadIdx.x] = i;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0u) ids[blockIdx.x] = best_index[0];
+}

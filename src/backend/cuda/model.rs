@@ -1,0 +1,342 @@
+//! The forward pass on CUDA: weights uploaded in their checkpoint formats (or `--quant`'s),
+//! every op made once at load (ops.rs), a step = write the step values and tokens, launch the
+//! ops, read back the logits or the greedy id. Single-token steps are captured as CUDA graphs on
+//! first use and replayed after, whatever the position (positions live in device memory).
+
+use super::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, Op, Ops};
+use super::runtime::{Buffer, Graph, Runtime};
+use crate::backend::layout::{MatmulShape, MlaShape};
+use crate::config::ModelConfig;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::rope::Rope;
+use crate::model::router::RouterParams;
+use crate::model::weights::{FeedForward, Matrix, Mlp, QueryProjection};
+use crate::model::{check_request, Logits, Model};
+use crate::quant::QuantTarget;
+use std::collections::HashMap;
+
+/// Most tokens one step processes; longer prompts run in chunks.
+const MAX_CHUNK: usize = 64;
+/// Device memory for the attention's per-split partial results.
+const PARTIAL_BYTES: usize = 64 << 20;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CudaCounters {
+    pub steps: u64,
+    pub launches: u64,
+    pub graph_replays: u64,
+    pub readback_bytes: u64,
+}
+
+pub struct CudaModel {
+    rt: Runtime,
+    config: ModelConfig,
+    body: Vec<Op>,
+    head_last: Vec<Op>,
+    head_all: Vec<Op>,
+    argmax: Op,
+    step: Buffer,
+    tokens: Buffer,
+    logits: Buffer,
+    argmax_ids: Buffer,
+    /// Captured single-token steps by (logits wanted, greedy).
+    graphs: HashMap<(bool, bool), Graph>,
+    use_graphs: bool,
+    capacity: usize,
+    len: usize,
+    weight_bytes: u64,
+    pub counters: CudaCounters,
+}
+
+/// Activation buffers, sized for MAX_CHUNK tokens.
+struct Activations {
+    h: Buffer,
+    xn: Buffer,
+    qa: Buffer,
+    qa_norm: Buffer,
+    q: Buffer,
+    kv: Buffer,
+    q_lat: Buffer,
+    partial: Buffer,
+    o_lat: Buffer,
+    o: Buffer,
+    router_logits: Buffer,
+    ids: Buffer,
+    route_weights: Buffer,
+    ffn_a: Buffer,
+    ffn_b: Buffer,
+    expert_out: Buffer,
+    shared_out: Buffer,
+}
+
+impl CudaModel {
+    /// Uploads `model` (converted to `quant` unless kept) and lowers the forward pass.
+    pub fn new(rt: Runtime, model: &Model, capacity: usize, quant: QuantTarget) -> Result<CudaModel> {
+        let c = model.config.clone();
+        let w = &model.weights;
+        let (d, heads) = (c.hidden_size, c.num_attention_heads);
+        let (qk, lora, latent, v_dim) = (c.qk_head_dim(), c.kv_lora_rank, c.latent_dim(), c.v_head_dim);
+        let k = c.num_experts_per_tok;
+        if c.n_routed_experts > 1024 || c.n_group > 64 || k > 16 {
+            return Err(Error::Invalid("the CUDA router handles at most 1024 experts in 64 groups and 16 per token".into()));
+        }
+        if latent > 768 {
+            return Err(Error::Invalid(format!("the CUDA attention kernel takes latents of at most 768 values (kv_lora_rank + qk_rope_head_dim); this model has {latent}")));
+        }
+        let ops = Ops::new(&rt)?;
+        let f32s = |n: usize| rt.alloc(n * 4);
+        let n = MAX_CHUNK;
+        let per_split = heads * (2 + lora) * 4;
+        let prefill_split = AttentionSplit::new(capacity, (PARTIAL_BYTES / (n * per_split)).max(1) as u32);
+        let decode_split = AttentionSplit::new(capacity, (PARTIAL_BYTES / per_split).max(1) as u32);
+        let partial_floats = prefill_split.partial_floats(n, heads, lora).max(decode_split.partial_floats(1, heads, lora));
+        let ffn_width = [c.intermediate_size, k * c.moe_intermediate_size, c.n_shared_experts * c.moe_intermediate_size].into_iter().max().unwrap();
+        let a = Activations {
+            h: f32s(n * d)?,
+            xn: f32s(n * d)?,
+            qa: f32s(n * c.q_lora_rank.unwrap_or(1))?,
+            qa_norm: f32s(n * c.q_lora_rank.unwrap_or(1))?,
+            q: f32s(n * heads * qk)?,
+            kv: f32s(n * latent)?,
+            q_lat: f32s(n * heads * lora)?,
+            partial: f32s(partial_floats)?,
+            o_lat: f32s(n * heads * lora)?,
+            o: f32s(n * heads * v_dim)?,
+            router_logits: f32s(n * c.n_routed_experts)?,
+            ids: f32s(n * k)?,
+            route_weights: f32s(n * k)?,
+            ffn_a: f32s(n * ffn_width)?,
+            ffn_b: f32s(n * ffn_width)?,
+            expert_out: f32s(n * k * d)?,
+            shared_out: f32s(n * d)?,
+        };
+        let tokens = f32s(n)?;
+        let logits = f32s(n * c.vocab_size)?;
+        let argmax_ids = f32s(n)?;
+
+        let weight_bytes = std::cell::Cell::new(0u64);
+        let up = |stack: &[&Matrix]| -> Result<CudaMatrix> {
+            let m = if quant == QuantTarget::Keep {
+                CudaMatrix::upload(&rt, stack)?
+            } else {
+                let converted: Vec<Matrix> = stack.iter().map(|m| m.quantized(quant)).collect();
+                CudaMatrix::upload(&rt, &converted.iter().collect::<Vec<_>>())?
+            };
+            weight_bytes.set(weight_bytes.get() + m.bytes);
+            Ok(m)
+        };
+        let rope = Rope::new(&c);
+        let inv_freq = ops.vector(&rope.inv_freq)?;
+        let embed = up(&[&w.embed])?;
+        let mut body = vec![ops.embed(&embed, &tokens, &a.h)?];
+        let eps = c.rms_norm_eps;
+        let mla = MlaShape::new(&c, capacity, &rope);
+        for layer in w.layers.iter() {
+            let at = &layer.attention;
+            body.push(ops.rmsnorm(d, eps, &a.h, &ops.vector(&layer.input_norm)?, &a.xn, false)?);
+            let attention = CudaAttention {
+                q: match &at.q {
+                    QueryProjection::LowRank { a: qa, norm, b } => CudaQuery::LowRank { a: up(&[qa])?, norm: ops.vector(norm)?, b: up(&[b])? },
+                    QueryProjection::Direct(q) => CudaQuery::Direct(up(&[q])?),
+                },
+                kv_a: up(&[&at.kv_a])?,
+                kv_norm: ops.vector(&at.kv_norm)?,
+                kv_b: up(&[&at.kv_b])?,
+                o: up(&[&at.o])?,
+                cache: f32s(capacity * latent)?,
+            };
+            for (split, tokens) in [(prefill_split, n), (decode_split, 1)] {
+                debug_assert!(split.partial_floats(tokens, heads, lora) <= partial_floats);
+            }
+            let bufs = AttentionBuffers {
+                x: &a.xn,
+                qa: &a.qa,
+                qa_norm: &a.qa_norm,
+                q: &a.q,
+                kv: &a.kv,
+                q_lat: &a.q_lat,
+                partial: &a.partial,
+                split: prefill_split,
+                o_lat: &a.o_lat,
+                o: &a.o,
+                out: &a.h,
+                inv_freq: &inv_freq,
+            };
+            let mut attention_ops = ops.attention(&mla, &attention, &bufs)?;
+            // Decode steps split the cache finer (one token leaves room for more splits).
+            let decode_ops = ops.attention(&mla, &attention, &AttentionBuffers { split: decode_split, ..bufs })?;
+            for (op, decode) in attention_ops.iter_mut().zip(decode_ops) {
+                if op.name.starts_with("mla_") {
+                    op.decode = Some(Box::new(decode));
+                }
+            }
+            body.extend(attention_ops);
+
+            body.push(ops.rmsnorm(d, eps, &a.h, &ops.vector(&layer.post_attention_norm)?, &a.xn, false)?);
+            let mlp = |m: &Mlp, out: &Buffer, accumulate: bool, body: &mut Vec<Op>| -> Result<()> {
+                let (gate, upm, down) = (up(&[&m.gate])?, up(&[&m.up])?, up(&[&m.down])?);
+                body.push(ops.matmul(&gate, &a.xn, &a.ffn_a, false)?);
+                body.push(ops.matmul(&upm, &a.xn, &a.ffn_b, false)?);
+                body.push(ops.silu_mul(gate.rows, &a.ffn_a, &a.ffn_b)?);
+                body.push(ops.matmul(&down, &a.ffn_a, out, accumulate)?);
+                Ok(())
+            };
+            match &layer.ffn {
+                FeedForward::Dense(m) => mlp(m, &a.h, true, &mut body)?,
+                FeedForward::Moe(moe) => {
+                    // The router stays as stored: small, and routing is sensitive to it.
+                    let router = CudaMatrix::upload(&rt, &[&moe.router])?;
+                    body.push(ops.matmul(&router, &a.xn, &a.router_logits, false)?);
+                    let bias = moe.correction_bias.as_ref().map(|v| ops.vector(v)).transpose()?;
+                    body.push(ops.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights)?);
+                    let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
+                    let (gate, upm, down) = (up(&stack(|m| &m.gate))?, up(&stack(|m| &m.up))?, up(&stack(|m| &m.down))?);
+                    let k32 = k as u32;
+                    body.push(ops.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids)?);
+                    body.push(ops.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids)?);
+                    body.push(ops.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b)?);
+                    body.push(ops.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids)?);
+                    if let Some(shared) = &moe.shared {
+                        mlp(shared, &a.shared_out, false, &mut body)?;
+                    }
+                    let shared_out = moe.shared.as_ref().map(|_| &a.shared_out);
+                    body.push(ops.moe_combine(d, k, &a.expert_out, &a.route_weights, shared_out, &a.h)?);
+                }
+            }
+        }
+        let final_norm = ops.vector(&w.final_norm)?;
+        let lm_head = up(&[&w.lm_head])?;
+        let head_all = vec![ops.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, false)?, ops.matmul(&lm_head, &a.xn, &logits, false)?];
+        let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+        let head_last = vec![ops.rmsnorm(d, eps, &a.h, &final_norm, &a.xn, true)?, ops.matmul_shaped(&lm_head, last, &a.xn, &logits, None)?];
+        let argmax = ops.argmax(c.vocab_size, &logits, &argmax_ids)?;
+        let step = ops.step;
+        drop(ops);
+        Ok(CudaModel {
+            use_graphs: !rt.is_emulated() && std::env::var_os("DSRUN_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+            rt,
+            config: c,
+            body,
+            head_last,
+            head_all,
+            argmax,
+            step,
+            tokens,
+            logits,
+            argmax_ids,
+            graphs: HashMap::new(),
+            capacity,
+            len: 0,
+            weight_bytes: weight_bytes.get(),
+            counters: CudaCounters::default(),
+        })
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
+    /// One chunk of at most MAX_CHUNK tokens; returns the read-back bytes.
+    fn step(&mut self, tokens: &[u32], head: Option<Logits>, greedy: bool) -> Result<Vec<u8>> {
+        let n = tokens.len() as u32;
+        let step = [n, self.len as u32, n - 1, 0];
+        self.rt.write(&self.step, 0, bytemuck::cast_slice(&step))?;
+        self.rt.write(&self.tokens, 0, bytemuck::cast_slice(tokens))?;
+        let (head_ops, rows) = match head {
+            None => (&[][..], 0),
+            Some(Logits::Last) => (&self.head_last[..], 1),
+            Some(Logits::All) => (&self.head_all[..], n),
+        };
+        let ops = self.body.iter().chain(head_ops);
+        let argmax = greedy.then(|| {
+            let mut l = self.argmax.launch(rows);
+            l.grid = [rows, 1, 1];
+            l
+        });
+        let launches: Vec<_> = ops.map(|op| op.launch(n)).chain(argmax).collect();
+        self.counters.launches += launches.len() as u64;
+        if n == 1 && self.use_graphs {
+            let key = (head.is_some(), greedy);
+            if !self.graphs.contains_key(&key) {
+                self.graphs.insert(key, Graph::capture(&self.rt, launches)?);
+            }
+            self.graphs[&key].replay(&self.rt)?;
+            self.counters.graph_replays += 1;
+        } else {
+            for l in &launches {
+                self.rt.launch(l)?;
+            }
+        }
+        self.len += n as usize;
+        let bytes = if greedy { rows as usize * 4 } else { rows as usize * self.config.vocab_size * 4 };
+        let mut out = vec![0u8; bytes];
+        if bytes > 0 {
+            let src = if greedy { &self.argmax_ids } else { &self.logits };
+            self.rt.read(src, 0, &mut out)?;
+        } else {
+            self.rt.synchronize()?;
+        }
+        self.counters.readback_bytes += bytes as u64;
+        Ok(out)
+    }
+
+    fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool) -> Result<Vec<u8>> {
+        check_request(&self.config, self.len, self.capacity, tokens)?;
+        self.counters.steps += 1;
+        crate::engine::run_in_chunks(tokens, MAX_CHUNK, which, |chunk, head| self.step(chunk, head, greedy))
+    }
+}
+
+impl Engine for CudaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let bytes = self.run(tokens, which, false)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        let bytes = self.run(tokens, Logits::Last, true)?;
+        Ok(u32::from_le_bytes(bytes[..4].try_into().unwrap()))
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn device_name(&self) -> String {
+        self.rt.describe()
+    }
+
+    fn reset_counters(&mut self) {
+        self.counters = CudaCounters::default();
+    }
+
+    fn counters(&self) -> Option<String> {
+        let c = self.counters;
+        let per = |x: u64| x as f64 / c.steps.max(1) as f64;
+        Some(format!(
+            "{} steps: {:.1} launches, {:.2} graph replays, {:.0} bytes read back per step; weights on GPU {}",
+            c.steps,
+            per(c.launches),
+            per(c.graph_replays),
+            per(c.readback_bytes),
+            crate::inspect::human_bytes(self.weight_bytes)
+        ))
+    }
+}

@@ -1,0 +1,353 @@
+//! Where CUDA kernels run: the NVIDIA driver, or the CPU emulator (kernels/emulator.h) that lets
+//! the kernels and the host code that drives them be tested where there is no NVIDIA GPU.
+//! Both take the same sources, buffers (device addresses) and launches.
+
+use super::emulator::Emulator;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+/// Sources shared by every kernel family, prepended to each (NVRTC gets no include paths).
+pub const COMMON_SOURCE: &str = include_str!("kernels/common.cuh");
+
+/// A device allocation: an address the kernels take, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl Buffer {
+    /// The same memory from byte `offset` on (a view for kernels; not freed on its own).
+    pub fn at(&self, offset: usize) -> Buffer {
+        assert!(offset <= self.bytes, "view past the end of a buffer");
+        Buffer { ptr: self.ptr + offset as u64, bytes: self.bytes - offset }
+    }
+}
+
+/// A kernel argument as the kernel's signature takes it.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    Buf(Buffer),
+    U32(u32),
+    F32(f32),
+}
+
+impl From<Buffer> for Arg {
+    fn from(b: Buffer) -> Arg {
+        Arg::Buf(b)
+    }
+}
+impl From<&Buffer> for Arg {
+    fn from(b: &Buffer) -> Arg {
+        Arg::Buf(*b)
+    }
+}
+impl From<u32> for Arg {
+    fn from(v: u32) -> Arg {
+        Arg::U32(v)
+    }
+}
+impl From<f32> for Arg {
+    fn from(v: f32) -> Arg {
+        Arg::F32(v)
+    }
+}
+
+/// A compiled kernel.
+#[derive(Clone)]
+pub enum Kernel {
+    Driver(CudaFunction),
+    Emulated(super::emulator::EmulatedKernel),
+}
+
+/// One kernel launch, kept so a step can be replayed (and captured as a CUDA graph).
+#[derive(Clone)]
+pub struct Launch {
+    pub kernel: Kernel,
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub args: Vec<Arg>,
+}
+
+pub struct DriverRuntime {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    modules: Mutex<Vec<Arc<CudaModule>>>,
+    allocations: Mutex<Vec<u64>>,
+}
+
+pub enum Runtime {
+    Driver(DriverRuntime),
+    Emulator(Emulator),
+}
+
+fn driver_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+impl Runtime {
+    /// The NVIDIA driver's device `ordinal`, or why there is none.
+    pub fn driver(ordinal: usize) -> Result<Runtime> {
+        if !super::driver_present() {
+            return Err(Error::Invalid(
+                "--gpu cuda: no NVIDIA driver found (libcuda could not be loaded); install the NVIDIA driver, \
+                 or use --gpu vulkan / --gpu cpu"
+                    .into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(driver_error("counting devices"))?;
+        if count <= ordinal as i32 {
+            return Err(Error::Invalid(format!("--gpu cuda: the NVIDIA driver reports {count} CUDA device(s); none at index {ordinal}")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_error("opening the device"))?;
+        let name = ctx.name().map_err(driver_error("reading the device name"))?;
+        let compute_capability = ctx.compute_capability().map_err(driver_error("reading the compute capability"))?;
+        let stream = ctx.new_stream().map_err(driver_error("creating a stream"))?;
+        Ok(Runtime::Driver(DriverRuntime { ctx, stream, name, compute_capability, modules: Default::default(), allocations: Default::default() }))
+    }
+
+    /// The CPU emulator (needs a C++ compiler: `c++`, or `$CXX`).
+    pub fn emulator() -> Result<Runtime> {
+        Ok(Runtime::Emulator(Emulator::new()?))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Runtime::Driver(d) => {
+                let (major, minor) = d.compute_capability;
+                format!("{} (CUDA, sm_{major}{minor})", d.name)
+            }
+            Runtime::Emulator(_) => "CUDA emulator on the CPU (tests only)".into(),
+        }
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        matches!(self, Runtime::Emulator(_))
+    }
+
+    /// Compiles `source` (after the common header) with `-D` defines and returns its `names`
+    /// kernels: NVRTC for the device's architecture, or the host compiler for the emulator.
+    /// Compiled sources are cached per runtime.
+    pub fn kernels(&self, source: &str, defines: &[(&str, u32)], names: &[&str]) -> Result<Vec<Kernel>> {
+        let full = format!("{COMMON_SOURCE}\n{source}");
+        match self {
+            Runtime::Driver(d) => {
+                d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
+                let ptx = super::compile(&full, defines, &super::arch(d.compute_capability))?;
+                let module = d.ctx.load_module(ptx).map_err(driver_error("loading a kernel module"))?;
+                let kernels = names
+                    .iter()
+                    .map(|n| module.load_function(n).map(Kernel::Driver).map_err(driver_error("finding a kernel")))
+                    .collect::<Result<Vec<_>>>()?;
+                d.modules.lock().unwrap().push(module);
+                Ok(kernels)
+            }
+            Runtime::Emulator(e) => Ok(e.compile(&full, defines, names)?.into_iter().map(Kernel::Emulated).collect()),
+        }
+    }
+
+    /// `bytes` of zeroed device memory.
+    pub fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        let bytes = bytes.max(4);
+        match self {
+            Runtime::Driver(d) => {
+                d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
+                // SAFETY: a fresh allocation, zeroed before use; freed when the runtime drops.
+                let ptr = unsafe {
+                    let ptr = cudarc::driver::result::malloc_sync(bytes).map_err(|e| {
+                        Error::Invalid(format!("CUDA: allocating {} on the device failed ({e:?}); try a smaller --ctx or --gpu-mem", crate::inspect::human_bytes(bytes as u64)))
+                    })?;
+                    cudarc::driver::result::memset_d8_sync(ptr, 0, bytes).map_err(driver_error("zeroing memory"))?;
+                    ptr
+                };
+                d.allocations.lock().unwrap().push(ptr);
+                Ok(Buffer { ptr, bytes })
+            }
+            Runtime::Emulator(e) => Ok(e.alloc(bytes)),
+        }
+    }
+
+    /// A buffer holding `data`.
+    pub fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let b = self.alloc(bytes.len())?;
+        self.write(&b, 0, bytes)?;
+        Ok(b)
+    }
+
+    /// Copies `data` into `dst` at byte `offset`, ordered after the launches already queued.
+    pub fn write(&self, dst: &Buffer, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > dst.bytes {
+            return Err(Error::Invalid(format!("CUDA: writing {} bytes at {offset} into a buffer of {}", data.len(), dst.bytes)));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Runtime::Driver(d) => {
+                d.stream.synchronize().map_err(driver_error("waiting for the stream"))?;
+                // SAFETY: in bounds (checked above); the stream is idle.
+                unsafe { cudarc::driver::result::memcpy_htod_sync(dst.ptr + offset as u64, data) }.map_err(driver_error("copying to the device"))
+            }
+            Runtime::Emulator(e) => {
+                e.write(dst.ptr + offset as u64, data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for queued work and copies `out.len()` bytes from `src` at byte `offset`.
+    pub fn read(&self, src: &Buffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        if offset + out.len() > src.bytes {
+            return Err(Error::Invalid(format!("CUDA: reading {} bytes at {offset} from a buffer of {}", out.len(), src.bytes)));
+        }
+        match self {
+            Runtime::Driver(d) => {
+                d.stream.synchronize().map_err(driver_error("running kernels"))?;
+                // SAFETY: in bounds (checked above); the stream is idle.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, src.ptr + offset as u64) }.map_err(driver_error("copying from the device"))
+            }
+            Runtime::Emulator(e) => {
+                e.read(src.ptr + offset as u64, out);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn read_f32(&self, src: &Buffer, count: usize) -> Result<Vec<f32>> {
+        let mut bytes = vec![0u8; count * 4];
+        self.read(src, 0, &mut bytes)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Queues one launch (runs it at once on the emulator).
+    pub fn launch(&self, l: &Launch) -> Result<()> {
+        if l.grid.contains(&0) {
+            return Ok(());
+        }
+        let mut values: Vec<u64> = l
+            .args
+            .iter()
+            .map(|a| match *a {
+                Arg::Buf(b) => b.ptr,
+                Arg::U32(v) => v as u64,
+                Arg::F32(v) => v.to_bits() as u64,
+            })
+            .collect();
+        // Each value sits in the low bytes of its u64 (little-endian), where a pointer to a
+        // u32 or f32 parameter finds it.
+        let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
+        match (self, &l.kernel) {
+            (Runtime::Driver(d), Kernel::Driver(f)) => {
+                let [gx, gy, gz] = l.grid;
+                let [bx, by, bz] = l.block;
+                // SAFETY: the argument list was built for this kernel's signature by the code
+                // that made the launch; buffers are live allocations of this runtime.
+                unsafe {
+                    cudarc::driver::result::launch_kernel(f.cu_function(), (gx, gy, gz), (bx, by, bz), 0, d.stream.cu_stream(), &mut params)
+                }
+                .map_err(driver_error("launching a kernel"))
+            }
+            (Runtime::Emulator(e), Kernel::Emulated(k)) => e.launch(k, l.grid, l.block, &mut params),
+            _ => Err(Error::Invalid("CUDA: a kernel compiled for another runtime".into())),
+        }
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Runtime::Driver(d) => d.stream.synchronize().map_err(driver_error("running kernels")),
+            Runtime::Emulator(_) => Ok(()),
+        }
+    }
+}
+
+impl Drop for DriverRuntime {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        for ptr in self.allocations.lock().unwrap().drain(..) {
+            // SAFETY: allocated by this runtime with malloc_sync, freed once.
+            unsafe {
+                let _ = cudarc::driver::result::free_sync(ptr);
+            }
+        }
+    }
+}
+
+/// A step's launches captured once as a CUDA graph and replayed with one call (the driver), or
+/// replayed launch by launch (the emulator). Valid while the launches' buffers and grids are:
+/// per-step values live in device buffers the kernels read, so one graph serves every position.
+pub struct Graph {
+    exec: Option<cudarc::driver::sys::CUgraphExec>,
+    launches: Vec<Launch>,
+}
+
+impl Graph {
+    pub fn capture(rt: &Runtime, launches: Vec<Launch>) -> Result<Graph> {
+        let exec = match rt {
+            Runtime::Driver(d) => {
+                use cudarc::driver::{result, sys};
+                let stream = d.stream.cu_stream();
+                d.stream.synchronize().map_err(driver_error("waiting for the stream"))?;
+                // SAFETY: capture brackets launches on our own stream; the graph is destroyed
+                // after instantiation, the executable one when this Graph drops.
+                unsafe {
+                    result::stream::begin_capture(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                        .map_err(driver_error("starting a graph capture"))?;
+                    let recorded = launches.iter().try_for_each(|l| rt.launch(l));
+                    let graph = result::stream::end_capture(stream).map_err(driver_error("ending a graph capture"))?;
+                    recorded?;
+                    let exec = result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)).map_err(driver_error("instantiating a graph"));
+                    let _ = result::graph::destroy(graph);
+                    Some(exec?)
+                }
+            }
+            Runtime::Emulator(_) => None,
+        };
+        Ok(Graph { exec, launches })
+    }
+
+    pub fn replay(&self, rt: &Runtime) -> Result<()> {
+        match (rt, self.exec) {
+            // SAFETY: the executable graph was instantiated from launches on this runtime.
+            (Runtime::Driver(d), Some(exec)) => unsafe { cudarc::driver::result::graph::launch(exec, d.stream.cu_stream()) }.map_err(driver_error("launching a graph")),
+            _ => self.launches.iter().try_for_each(|l| rt.launch(l)),
+        }
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if let Some(exec) = self.exec.take() {
+            // SAFETY: instantiated in `capture`, destroyed once.
+            unsafe {
+                let _ = cudarc::driver::result::graph::exec_destroy(exec);
+            }
+        }
+    }
+}
+
+/// Compiled kernel families by source and defines, so each variant compiles once per runtime.
+#[derive(Default)]
+pub struct KernelCache {
+    compiled: Mutex<HashMap<(usize, Vec<(String, u32)>), Vec<Kernel>>>,
+}
+
+impl KernelCache {
+    /// Kernel `name` of the family `source` (one of `sources::ALL`) compiled with `defines`;
+    /// the whole family compiles at once.
+    pub fn get(&self, rt: &Runtime, source: &'static str, defines: &[(&str, u32)], name: &str) -> Result<Kernel> {
+        let names = super::sources::kernels_of(source);
+        let index = names.iter().position(|n| *n == name).ok_or_else(|| Error::Invalid(format!("CUDA: no kernel `{name}` in its family")))?;
+        let key = (source.as_ptr() as usize, defines.iter().map(|(k, v)| (k.to_string(), *v)).collect());
+        let mut compiled = self.compiled.lock().unwrap();
+        if !compiled.contains_key(&key) {
+            compiled.insert(key.clone(), rt.kernels(source, defines, names)?);
+        }
+        Ok(compiled[&key][index].clone())
+    }
+}

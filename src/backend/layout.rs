@@ -1,0 +1,137 @@
+//! What every GPU backend agrees on: how a weight matrix (or a stack of experts) is packed for
+//! the kernels, and the shapes the model is lowered with.
+
+use crate::error::{Error, Result};
+use crate::model::weights::Matrix;
+use crate::quant::DType;
+
+/// A packed matrix's shape, as the kernels read it (`WeightLayout` in shaders/weights.wgsl and
+/// the CUDA kernels' common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct WeightLayout {
+    pub rows: u32,
+    pub cols: u32,
+    pub expert_stride: u32,
+    pub scale_expert_stride: u32,
+    pub grid_cols: u32,
+    pub block_rows: u32,
+    pub block_cols: u32,
+    /// A row chunk of a split matrix: its first row and the whole matrix's rows.
+    pub row0: u32,
+    pub total_rows: u32,
+    pub pad: [u32; 3],
+}
+
+/// One matrix, or same-shaped experts back to back (expert e at element `e * rows * cols`), as
+/// the kernels take it: stored bytes padded to whole words, and the scales of each in turn.
+pub struct PackedStack {
+    pub layout: WeightLayout,
+    pub data: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+impl PackedStack {
+    /// Experts of a layer must share shape and dtype to stack (and q4's nibbles whole bytes).
+    pub fn check(stack: &[&Matrix]) -> Result<()> {
+        let first = stack[0];
+        if let Some(odd) = stack.iter().find(|m| m.dtype != first.dtype || m.rows != first.rows || m.cols != first.cols) {
+            return Err(Error::Invalid(format!(
+                "`{}` ({:?}, {}x{}) differs from `{}` ({:?}, {}x{}): experts of a layer must share shape and dtype",
+                odd.name, odd.dtype, odd.rows, odd.cols, first.name, first.dtype, first.rows, first.cols
+            )));
+        }
+        if first.dtype == DType::Q4 && stack.len() > 1 && (first.rows * first.cols) % 2 == 1 {
+            return Err(Error::Invalid(format!("`{}`: q4 experts need an even element count to stack", first.name)));
+        }
+        Ok(())
+    }
+
+    /// `stack` as rows `row0 ..` of a matrix of `total_rows` rows (0 and its own rows if whole).
+    pub fn new(stack: &[&Matrix], row0: usize, total_rows: usize) -> PackedStack {
+        let first = stack[0];
+        let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
+        let mut scales: Vec<f32> = Vec::new();
+        for m in stack {
+            data.extend_from_slice(m.data.as_slice());
+            if let Some(s) = &m.scales {
+                scales.extend_from_slice(&s.values);
+            }
+        }
+        data.resize(data.len().next_multiple_of(4).max(4), 0);
+        let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
+            Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
+            None => (1, 1, 1, 0),
+        };
+        if scales.is_empty() {
+            scales.push(0.0);
+        }
+        let layout = WeightLayout {
+            rows: first.rows as u32,
+            cols: first.cols as u32,
+            expert_stride: (first.rows * first.cols) as u32,
+            scale_expert_stride: scale_stride as u32,
+            grid_cols: grid_cols as u32,
+            block_rows: block_rows as u32,
+            block_cols: block_cols as u32,
+            row0: row0 as u32,
+            total_rows: total_rows as u32,
+            pad: [0; 3],
+        };
+        PackedStack { layout, data, scales }
+    }
+}
+
+/// How a matmul picks its input rows and its weights.
+#[derive(Clone, Copy)]
+pub struct MatmulShape {
+    /// Output slots per token (top-k for routed experts, else 1).
+    pub slots_per_token: u32,
+    /// Slot s reads input row s / x_div.
+    pub x_div: u32,
+    /// Slot s multiplies by the stacked expert ids[s].
+    pub use_ids: bool,
+    /// Compute exactly this many slots whatever the step's size (the last position's logits).
+    pub fixed_slots: Option<u32>,
+    /// ids lists (slot, expert) pairs, one per workgroup z (expert-cache pools).
+    pub slot_list: bool,
+    /// y += W x instead of y = W x (residual connections).
+    pub accumulate: bool,
+}
+
+impl MatmulShape {
+    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, slot_list: false, accumulate: false };
+}
+
+/// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
+pub const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// The dimensions MLA kernels need (SPEC.md's names).
+#[derive(Debug, Clone, Copy)]
+pub struct MlaShape {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub lora: usize,
+    /// Cache capacity in tokens (the attention scratch row length).
+    pub ctx: usize,
+    pub scale: f32,
+    pub rope_scale: f32,
+}
+
+impl MlaShape {
+    pub fn new(c: &crate::config::ModelConfig, ctx: usize, rope: &crate::model::rope::Rope) -> MlaShape {
+        MlaShape {
+            heads: c.num_attention_heads,
+            nope: c.qk_nope_head_dim,
+            rope: c.qk_rope_head_dim,
+            v: c.v_head_dim,
+            lora: c.kv_lora_rank,
+            ctx,
+            scale: c.softmax_scale() as f32,
+            rope_scale: rope.scale,
+        }
+    }
+}
+
