@@ -55,19 +55,12 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
 #[cfg(feature = "cuda")]
 fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
     use crate::backend::cuda::{CudaModel, Runtime};
-    if options.gpu_mem != GpuMem::Auto {
-        return Err(Error::Invalid(
-            "--gpu-mem: expert streaming is not implemented on the CUDA backend yet; the model must fit the GPU \
-             (or use --gpu vulkan --gpu-mem ...)"
-                .into(),
-        ));
-    }
     let rt = match std::env::var("DSRUN_CUDA_EMULATOR") {
         Ok(v) if v == "1" => Runtime::emulator()?,
         _ => Runtime::driver(0)?,
     };
     log::info!("--gpu cuda: {}", rt.describe());
-    Ok(Box::new(CudaModel::new(rt, &model, capacity, options.quant)?))
+    Ok(Box::new(CudaModel::with_options(rt, &model, capacity, options)?))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -150,6 +150,114 @@ impl ExpertCache {
     }
 }
 
+/// Streaming counters for `--verbose` and benchmarks (every backend that streams experts).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamCounters {
+    /// Expert uses found resident (including correct prefetches) and uses that had to upload.
+    pub hits: u64,
+    pub misses: u64,
+    /// Experts uploaded ahead of need, and how many of those were then used.
+    pub prefetched: u64,
+    pub prefetch_used: u64,
+    /// Router guesses made for the next layer, and how many the router then chose.
+    pub predicted: u64,
+    pub predicted_right: u64,
+    pub bytes_uploaded: u64,
+    /// Host time queuing uploads the step waited for (misses), and queuing prefetches while
+    /// the GPU worked.
+    pub upload_seconds: f64,
+    pub prefetch_seconds: f64,
+    /// Host time blocked on the GPU at MoE layers (reading back the router's choice).
+    pub sync_seconds: f64,
+    pub syncs: u64,
+    /// Expert rounds (more than one per layer when a chunk wants more experts than slots).
+    pub rounds: u64,
+}
+
+impl StreamCounters {
+    /// One line for `--verbose`, per generated or prompt token.
+    pub fn summary(&self, slots: usize, slot_bytes: u64, pools: usize, tokens: u64, step_seconds: f64) -> String {
+        let c = self;
+        let uses = (c.hits + c.misses).max(1) as f64;
+        let mut line = format!(
+            "expert cache: {} slots of {} in {} pool(s); hit rate {:.1}% ({} hits, {} misses), {} uploaded per token, \
+             {:.1}% of step time queuing needed uploads, {:.1}% blocked on the GPU at MoE layers (its compute included), {:.2} rounds per layer",
+            slots,
+            crate::inspect::human_bytes(slot_bytes),
+            pools,
+            100.0 * c.hits as f64 / uses,
+            c.hits,
+            c.misses,
+            crate::inspect::human_bytes(c.bytes_uploaded / tokens.max(1)),
+            100.0 * c.upload_seconds / step_seconds.max(1e-9),
+            100.0 * c.sync_seconds / step_seconds.max(1e-9),
+            c.rounds as f64 / c.syncs.max(1) as f64,
+        );
+        if c.predicted > 0 {
+            line += &format!(
+                "; prefetch: {:.1}% of guesses right, {} prefetched, {:.1}% of those used",
+                100.0 * c.predicted_right as f64 / c.predicted as f64,
+                c.prefetched,
+                100.0 * c.prefetch_used as f64 / c.prefetched.max(1) as f64
+            );
+        }
+        line
+    }
+}
+
+/// One round of a MoE layer's experts in a step: what to upload where, then which step slots
+/// to compute from which cache slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Round {
+    pub uploads: Vec<(ExpertKey, usize)>,
+    /// (step slot `t * k + i`, cache slot) for every choice this round serves.
+    pub pairs: Vec<(u32, usize)>,
+}
+
+impl ExpertCache {
+    /// Makes MoE layer `layer`'s chosen experts (`ids`, one per step slot) resident: distinct
+    /// experts in order of first use, in rounds of at most `slots` (a prefill chunk may want
+    /// more), so each is uploaded at most once per call. Counts hits and misses; a hit on an
+    /// expert in `prefetched` counts as a used prefetch and leaves the set.
+    pub fn plan_rounds(&mut self, layer: u32, ids: &[u32], counters: &mut StreamCounters, prefetched: &mut std::collections::HashSet<ExpertKey>) -> Vec<Round> {
+        let mut distinct: Vec<u32> = Vec::new();
+        for &e in ids {
+            if !distinct.contains(&e) {
+                distinct.push(e);
+            }
+        }
+        let slots = self.slots();
+        distinct
+            .chunks(slots)
+            .map(|round| {
+                let keys: Vec<ExpertKey> = round.iter().map(|&expert| ExpertKey { layer, expert }).collect();
+                let placements = self.acquire(&keys);
+                let mut uploads = Vec::new();
+                for (key, p) in keys.iter().zip(&placements) {
+                    if p.upload {
+                        counters.misses += 1;
+                        uploads.push((*key, p.slot));
+                    } else {
+                        counters.hits += 1;
+                        if prefetched.remove(key) {
+                            counters.prefetch_used += 1;
+                        }
+                    }
+                }
+                let pairs: Vec<(u32, usize)> = ids
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, e)| round.iter().position(|r| r == e).map(|i| (s as u32, placements[i].slot)))
+                    .collect();
+                // Uses beyond the first of an expert within the call are hits too.
+                counters.hits += (pairs.len() - round.len()) as u64;
+                counters.rounds += 1;
+                Round { uploads, pairs }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

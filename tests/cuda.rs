@@ -331,3 +331,41 @@ fn whole_model_matches_transformers_on_every_family() {
         }
     }
 }
+
+/// Expert streaming (`--gpu-mem`) on CUDA: with routed experts in a device slot cache smaller
+/// than the model, logits equal the all-resident path's bit for bit (the same kernel reads the
+/// same weights from a slot instead of the stack; see tests/expert_streaming.rs). Prefill of
+/// half the tokens, then decode one by one, twice (cold and warm cache).
+#[test]
+fn streamed_experts_give_the_all_resident_logits() {
+    use dsrun::budget::{GpuMem, GpuOptions};
+    use dsrun::expert_cache::Eviction;
+    for rt_index in 0..runtimes().len() {
+        for family in ["v2_lite", "v3_fp8"] {
+            let dir = common::fixture(family);
+            let g = common::golden(&dir);
+            let model = Model::load(&dir).unwrap();
+            let mut resident = CudaModel::new(runtimes().swap_remove(rt_index), &model, g.tokens.len(), QuantTarget::Keep).unwrap();
+            assert_eq!(resident.expert_slots(), None);
+            let want = common::prefill_then_decode_twice(&mut resident, &g.tokens);
+            let plan = resident.memory_plan();
+            for (name, gpu_mem, eviction) in [("25%", GpuMem::ExpertShare(0.25), Eviction::Lru), ("minimum", GpuMem::Bytes(plan.minimum()), Eviction::Lfu)] {
+                let options = GpuOptions { gpu_mem, eviction, ..Default::default() };
+                let mut streamed = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
+                let slots = streamed.expert_slots().expect("a budget below all-resident streams");
+                let got = common::prefill_then_decode_twice(&mut streamed, &g.tokens);
+                let what = format!("{}: {family} at {name} ({slots} slots)", streamed.device_name());
+                assert_eq!(got.len(), want.len());
+                if let Some(i) = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+                    panic!("{what}: logit {i} is {} streamed, {} all-resident", got[i], want[i]);
+                }
+                let c = streamed.stream_counters().unwrap();
+                assert!(c.misses > 0 && c.hits > 0, "{what}: {c:?}");
+                if name == "minimum" {
+                    assert_eq!(slots as u64, plan.top_k);
+                    assert!(c.rounds > c.syncs, "{what}: prefill ran in one round per layer: {c:?}");
+                }
+            }
+        }
+    }
+}

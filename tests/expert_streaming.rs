@@ -9,27 +9,11 @@ use common::*;
 use dsrun::backend::wgpu::{context, GpuModel};
 use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::device::GpuChoice;
-use dsrun::engine::Engine;
 use dsrun::expert_cache::Eviction;
-use dsrun::model::{Logits, Model};
+use dsrun::model::Model;
 
 fn ctx() -> dsrun::backend::wgpu::GpuContext {
     context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)")
-}
-
-/// Prefill of the first half of the fixture's tokens, then decode of the rest one by one (and
-/// again, so the cache starts warm), all logits concatenated.
-fn run(engine: &mut GpuModel, tokens: &[u32]) -> Vec<f32> {
-    let half = tokens.len() / 2;
-    let mut out = Vec::new();
-    for _ in 0..2 {
-        engine.reset();
-        out.extend(engine.forward(&tokens[..half], Logits::All).unwrap());
-        for &t in &tokens[half..] {
-            out.extend(engine.forward(&[t], Logits::Last).unwrap());
-        }
-    }
-    out
 }
 
 fn assert_bitwise(what: &str, got: &[f32], want: &[f32]) {
@@ -47,7 +31,7 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
         let model = Model::load(&dir).unwrap();
         let mut resident = GpuModel::new(ctx(), &model, g.tokens.len(), Default::default()).unwrap();
         assert_eq!(resident.expert_slots(), None, "{family}: auto budget keeps every expert resident");
-        let want = run(&mut resident, &g.tokens);
+        let want = prefill_then_decode_twice(&mut resident, &g.tokens);
         assert_logits_match(family, &want[..g.logits.len()], &g.logits, g.vocab, 1e-3);
 
         let plan = resident.memory_plan();
@@ -62,7 +46,7 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
                 let mut streamed = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
                 let slots = streamed.expert_slots().expect("a budget below all-resident streams");
                 assert!(slots < plan.experts as usize);
-                let got = run(&mut streamed, &g.tokens);
+                let got = prefill_then_decode_twice(&mut streamed, &g.tokens);
                 let what = format!("{family} at {name} ({slots} slots, {eviction:?}, prefetch {prefetch:?})");
                 assert_bitwise(&what, &got, &want);
                 let c = streamed.stream_counters().unwrap();
@@ -105,12 +89,12 @@ fn streamed_logits_equal_all_resident_with_slots_split_over_many_pools() {
             c
         };
         let mut resident = GpuModel::new(small(), &model, g.tokens.len(), Default::default()).unwrap();
-        let want = run(&mut resident, &g.tokens);
+        let want = prefill_then_decode_twice(&mut resident, &g.tokens);
         let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..Default::default() };
         let mut streamed = GpuModel::with_options(small(), &model, g.tokens.len(), &options).unwrap();
         let pools = streamed.expert_pools().unwrap();
         assert!(pools >= 2, "{family}: {pools} pool(s)");
-        let got = run(&mut streamed, &g.tokens);
+        let got = prefill_then_decode_twice(&mut streamed, &g.tokens);
         assert_bitwise(&format!("{family} in pools"), &got, &want);
     }
 }

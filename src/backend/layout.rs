@@ -82,6 +82,62 @@ impl PackedStack {
     }
 }
 
+/// How an expert cache lays out equal slots for matrices shaped like `template` (one expert's,
+/// in the format the GPU keeps): each slot padded to whole words so one expert is one aligned
+/// copy, and the layout that lets kernels index slot s as expert s.
+pub struct SlotLayout {
+    pub layout: WeightLayout,
+    /// Bytes between slots in the weight buffer.
+    pub data_stride: u64,
+    /// Scale values per slot.
+    pub scale_values: usize,
+}
+
+impl SlotLayout {
+    pub fn new(template: &Matrix) -> SlotLayout {
+        let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(4);
+        let scale_values = template.scales.as_ref().map_or(0, |s| s.values.len());
+        let elements_per_byte = match template.dtype {
+            DType::Q4 => 2,
+            _ => 1,
+        };
+        let expert_stride = data_stride as usize * elements_per_byte / template.dtype.size_bytes().max(1);
+        let (grid_cols, block_rows, block_cols) = match &template.scales {
+            Some(s) => (s.grid_cols, s.block_rows, s.block_cols),
+            None => (1, 1, 1),
+        };
+        let layout = WeightLayout {
+            rows: template.rows as u32,
+            cols: template.cols as u32,
+            expert_stride: expert_stride as u32,
+            scale_expert_stride: scale_values as u32,
+            grid_cols: grid_cols as u32,
+            block_rows: block_rows as u32,
+            block_cols: block_cols as u32,
+            row0: 0,
+            total_rows: template.rows as u32,
+            pad: [0; 3],
+        };
+        SlotLayout { layout, data_stride, scale_values }
+    }
+
+    /// Bytes one slot takes (weights and scales).
+    pub fn slot_bytes(&self) -> u64 {
+        self.data_stride + self.scale_values as u64 * 4
+    }
+
+    /// `m`'s stored bytes padded to the slot stride.
+    pub fn padded<'a>(&self, m: &'a Matrix) -> std::borrow::Cow<'a, [u8]> {
+        let data = m.data.as_slice();
+        if data.len() as u64 == self.data_stride {
+            return data.into();
+        }
+        let mut padded = data.to_vec();
+        padded.resize(self.data_stride as usize, 0);
+        padded.into()
+    }
+}
+
 /// How a matmul picks its input rows and its weights.
 #[derive(Clone, Copy)]
 pub struct MatmulShape {

@@ -115,3 +115,20 @@ impl RouterCase {
         }
     }
 }
+
+/// Prefill of the first half of `tokens`, then decode of the rest one by one, twice (the second
+/// time with warm caches), all logits concatenated: the expert-streaming tests' workload.
+#[allow(dead_code)]
+pub fn prefill_then_decode_twice(engine: &mut dyn dsrun::engine::Engine, tokens: &[u32]) -> Vec<f32> {
+    use dsrun::model::Logits;
+    let half = tokens.len() / 2;
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        engine.reset();
+        out.extend(engine.forward(&tokens[..half], Logits::All).unwrap());
+        for &t in &tokens[half..] {
+            out.extend(engine.forward(&[t], Logits::Last).unwrap());
+        }
+    }
+    out
+}

@@ -35,9 +35,8 @@ impl Emulator {
         if !probe.map(|o| o.status.success()).unwrap_or(false) {
             return Err(Error::Invalid(format!("CUDA emulator: no C++ compiler (`{compiler}`); install g++ or set CXX")));
         }
-        static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let instance = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("dsrun-cuda-emulator-{}-{instance}", std::process::id()));
+        // A compile cache shared by every emulator: libraries are named by a hash of what built them.
+        let dir = std::env::temp_dir().join("dsrun-cuda-emulator");
         std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("CUDA emulator: creating {}: {e}", dir.display())))?;
         Ok(Emulator { compiler, dir, memory: Default::default() })
     }
@@ -48,23 +47,29 @@ impl Emulator {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (source, defines, names).hash(&mut hasher);
         let stem = format!("k{:016x}", hasher.finish());
-        let src_path = self.dir.join(format!("{stem}.cpp"));
         let lib_path = self.dir.join(format!("{stem}.so"));
         if !lib_path.exists() {
+            // Built under a private name and renamed, so concurrent compiles never see half a file.
+            static BUILDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let private = format!("{stem}-{}-{}", std::process::id(), BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            let src_path = self.dir.join(format!("{private}.cpp"));
+            let tmp_path = self.dir.join(format!("{private}.so"));
             let mut text = format!("{HEADER}\n#line 1 \"kernel.cu\"\n{source}\n");
             for n in names {
                 text += &format!("DSRUN_EXPORT({n})\n");
             }
             std::fs::write(&src_path, text).map_err(|e| Error::Invalid(format!("CUDA emulator: writing {}: {e}", src_path.display())))?;
             let mut cmd = std::process::Command::new(&self.compiler);
-            cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w", "-o"]).arg(&lib_path).arg(&src_path);
+            cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w", "-o"]).arg(&tmp_path).arg(&src_path);
             for (k, v) in defines {
                 cmd.arg(format!("-D{k}={v}"));
             }
             let out = cmd.output().map_err(|e| Error::Invalid(format!("CUDA emulator: running {}: {e}", self.compiler)))?;
+            let _ = std::fs::remove_file(&src_path);
             if !out.status.success() {
                 return Err(Error::Invalid(format!("CUDA emulator: compiling kernels failed:\n{}", String::from_utf8_lossy(&out.stderr))));
             }
+            std::fs::rename(&tmp_path, &lib_path).map_err(|e| Error::Invalid(format!("CUDA emulator: storing {}: {e}", lib_path.display())))?;
         }
         // SAFETY: a library we just built from our own sources; its constructors do nothing.
         let library = Arc::new(unsafe { libloading::Library::new(&lib_path) }.map_err(|e| Error::Invalid(format!("CUDA emulator: loading {}: {e}", lib_path.display())))?);
@@ -109,11 +114,5 @@ impl Emulator {
         // SAFETY: a static C string from emulator.h.
         let why = unsafe { std::ffi::CStr::from_ptr(failure) }.to_string_lossy();
         Err(Error::Invalid(format!("CUDA emulator: kernel `{}`: {why}", k.name)))
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -9,6 +9,7 @@ pub mod emulator;
 pub mod model;
 pub mod ops;
 pub mod runtime;
+pub mod streaming;
 
 pub use model::CudaModel;
 pub use runtime::{Arg, Buffer, Runtime};
@@ -23,14 +24,16 @@ pub mod sources {
     pub const MLA: &str = include_str!("kernels/mla.cu");
     pub const ROUTER: &str = include_str!("kernels/router.cu");
     pub const MOE: &str = include_str!("kernels/moe.cu");
+    pub const STREAM: &str = include_str!("kernels/stream.cu");
     /// Each family's source and kernels.
-    pub const ALL: [(&str, &[&str]); 6] = [
+    pub const ALL: [(&str, &[&str]); 7] = [
         (MATMUL, &["matmul", "embed"]),
         (NORM, &["rmsnorm"]),
         (ROPE, &["rope_q", "latent_store"]),
         (MLA, &["q_absorb", "v_up", "mla_partial", "mla_merge"]),
         (ROUTER, &["router"]),
         (MOE, &["silu_mul", "moe_combine", "argmax"]),
+        (STREAM, &["stream_read", "copy"]),
     ];
 
     /// The kernels `source` defines.

@@ -5,6 +5,9 @@
 
 use super::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, Op, Ops};
 use super::runtime::{Buffer, Graph, Runtime};
+use super::streaming::{CudaStreaming, StreamBuffers};
+use crate::budget::{GpuOptions, MemoryPlan};
+use crate::backend::layout::SlotLayout;
 use crate::backend::layout::{MatmulShape, MlaShape};
 use crate::config::ModelConfig;
 use crate::engine::Engine;
@@ -24,6 +27,8 @@ const PARTIAL_BYTES: usize = 64 << 20;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CudaCounters {
     pub steps: u64,
+    pub tokens: u64,
+    pub step_seconds: f64,
     pub launches: u64,
     pub graph_replays: u64,
     pub readback_bytes: u64,
@@ -47,6 +52,9 @@ pub struct CudaModel {
     len: usize,
     weight_bytes: u64,
     pub counters: CudaCounters,
+    /// Routed experts in a device slot cache, when they do not all fit the memory budget.
+    streaming: Option<CudaStreaming>,
+    plan: MemoryPlan,
 }
 
 /// Activation buffers, sized for MAX_CHUNK tokens.
@@ -70,9 +78,28 @@ struct Activations {
     shared_out: Buffer,
 }
 
+impl Activations {
+    fn bytes(&self) -> u64 {
+        [
+            &self.h, &self.xn, &self.qa, &self.qa_norm, &self.q, &self.kv, &self.q_lat, &self.partial, &self.o_lat, &self.o,
+            &self.router_logits, &self.ids, &self.route_weights, &self.ffn_a, &self.ffn_b, &self.expert_out, &self.shared_out,
+        ]
+        .iter()
+        .map(|b| b.bytes as u64)
+        .sum()
+    }
+}
+
 impl CudaModel {
     /// Uploads `model` (converted to `quant` unless kept) and lowers the forward pass.
     pub fn new(rt: Runtime, model: &Model, capacity: usize, quant: QuantTarget) -> Result<CudaModel> {
+        Self::with_options(rt, model, capacity, &GpuOptions::with_quant(quant))
+    }
+
+    /// As `new`, with a memory budget (`--gpu-mem`): routed experts that do not fit stream
+    /// through a device cache.
+    pub fn with_options(rt: Runtime, model: &Model, capacity: usize, options: &GpuOptions) -> Result<CudaModel> {
+        let quant = options.quant;
         let c = model.config.clone();
         let w = &model.weights;
         let (d, heads) = (c.hidden_size, c.num_attention_heads);
@@ -114,6 +141,41 @@ impl CudaModel {
         let tokens = f32s(n)?;
         let logits = f32s(n * c.vocab_size)?;
         let argmax_ids = f32s(n)?;
+
+        // What stays on the device whatever the budget, and what one routed expert takes there.
+        let moe_layers: Vec<usize> = (0..w.layers.len()).filter(|&i| matches!(w.layers[i].ffn, FeedForward::Moe(_))).collect();
+        let moe_of = |i: usize| match &w.layers[i].ffn {
+            FeedForward::Moe(moe) => moe,
+            FeedForward::Dense(_) => unreachable!("a MoE layer index"),
+        };
+        let kv_bytes = (c.num_hidden_layers * capacity * latent * 4) as u64;
+        let expert_template = moe_layers.first().map(|&i| moe_of(i).experts[0].quantized(quant));
+        let plan = MemoryPlan {
+            resident: crate::inspect::resident_weight_bytes(w, quant) + kv_bytes + a.bytes() + (2 * n + n * c.vocab_size) as u64 * 4,
+            expert_bytes: expert_template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotLayout::new(m).slot_bytes()).sum()),
+            experts: moe_layers.iter().map(|&i| moe_of(i).experts.len() as u64).sum(),
+            top_k: k as u64,
+        };
+        let budget = plan.budget(options.gpu_mem, rt.memory());
+        let mut streaming = match plan.slots(budget)? {
+            None => None,
+            Some(slots) => {
+                // Host copies of every routed expert in the device's format (views of the
+                // memory-mapped checkpoint when the format is kept).
+                let host: Vec<Vec<Mlp>> = moe_layers.iter().map(|&i| moe_of(i).experts.iter().map(|m| m.quantized(quant)).collect()).collect();
+                let s = CudaStreaming::new(&rt, host, slots, k, n, options.eviction, &a.ids)?;
+                log::info!(
+                    "expert streaming: {} slots of {} for {} experts; budget {}, resident {}",
+                    s.slots(),
+                    crate::inspect::human_bytes(s.slot_bytes()),
+                    plan.experts,
+                    crate::inspect::human_bytes(budget),
+                    crate::inspect::human_bytes(plan.resident)
+                );
+                Some(s)
+            }
+        };
+        let stream_bufs = StreamBuffers { x: &a.xn, gate_out: &a.ffn_a, up_out: &a.ffn_b, expert_out: &a.expert_out, ids: &a.ids };
 
         let weight_bytes = std::cell::Cell::new(0u64);
         let up = |stack: &[&Matrix]| -> Result<CudaMatrix> {
@@ -190,6 +252,15 @@ impl CudaModel {
                     body.push(ops.matmul(&router, &a.xn, &a.router_logits, false)?);
                     let bias = moe.correction_bias.as_ref().map(|v| ops.vector(v)).transpose()?;
                     body.push(ops.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights)?);
+                    if let Some(streaming) = &mut streaming {
+                        streaming.add_layer(&ops, &stream_bufs, c.moe_intermediate_size, body.len())?;
+                        if let Some(shared) = &moe.shared {
+                            mlp(shared, &a.shared_out, false, &mut body)?;
+                        }
+                        let shared_out = moe.shared.as_ref().map(|_| &a.shared_out);
+                        body.push(ops.moe_combine(d, k, &a.expert_out, &a.route_weights, shared_out, &a.h)?);
+                        continue;
+                    }
                     let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let (gate, upm, down) = (up(&stack(|m| &m.gate))?, up(&stack(|m| &m.up))?, up(&stack(|m| &m.down))?);
                     let k32 = k as u32;
@@ -214,7 +285,8 @@ impl CudaModel {
         let step = ops.step;
         drop(ops);
         Ok(CudaModel {
-            use_graphs: !rt.is_emulated() && std::env::var_os("DSRUN_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+            // Streaming steps stop at every MoE layer for the host: no whole-step graph.
+            use_graphs: !rt.is_emulated() && streaming.is_none() && std::env::var_os("DSRUN_CUDA_GRAPHS").is_none_or(|v| v != "0"),
             rt,
             config: c,
             body,
@@ -230,7 +302,23 @@ impl CudaModel {
             len: 0,
             weight_bytes: weight_bytes.get(),
             counters: CudaCounters::default(),
+            streaming,
+            plan,
         })
+    }
+
+    /// What the model needs on the device: resident bytes and routed-expert bytes.
+    pub fn memory_plan(&self) -> MemoryPlan {
+        self.plan
+    }
+
+    /// Expert-cache slots, when routed experts are streamed.
+    pub fn expert_slots(&self) -> Option<usize> {
+        self.streaming.as_ref().map(|s| s.slots())
+    }
+
+    pub fn stream_counters(&self) -> Option<crate::expert_cache::StreamCounters> {
+        self.streaming.as_ref().map(|s| s.counters)
     }
 
     pub fn weight_bytes(&self) -> u64 {
@@ -268,9 +356,17 @@ impl CudaModel {
             self.graphs[&key].replay(&self.rt)?;
             self.counters.graph_replays += 1;
         } else {
-            for l in &launches {
-                self.rt.launch(l)?;
+            // Under expert streaming the step stops at each MoE layer's router for its choice.
+            let mut done = 0;
+            if let Some(streaming) = &mut self.streaming {
+                for layer in 0..streaming.layers.len() {
+                    let at = streaming.layers[layer].body_index;
+                    launches[done..at].iter().try_for_each(|l| self.rt.launch(l))?;
+                    streaming.sync(&self.rt, layer, n)?;
+                    done = at;
+                }
             }
+            launches[done..].iter().try_for_each(|l| self.rt.launch(l))?;
         }
         self.len += n as usize;
         let bytes = if greedy { rows as usize * 4 } else { rows as usize * self.config.vocab_size * 4 };
@@ -287,8 +383,12 @@ impl CudaModel {
 
     fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool) -> Result<Vec<u8>> {
         check_request(&self.config, self.len, self.capacity, tokens)?;
+        let started = std::time::Instant::now();
         self.counters.steps += 1;
-        crate::engine::run_in_chunks(tokens, MAX_CHUNK, which, |chunk, head| self.step(chunk, head, greedy))
+        self.counters.tokens += tokens.len() as u64;
+        let out = crate::engine::run_in_chunks(tokens, MAX_CHUNK, which, |chunk, head| self.step(chunk, head, greedy))?;
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
+        Ok(out)
     }
 }
 
@@ -325,18 +425,26 @@ impl Engine for CudaModel {
 
     fn reset_counters(&mut self) {
         self.counters = CudaCounters::default();
+        if let Some(s) = &mut self.streaming {
+            s.counters = Default::default();
+        }
     }
 
     fn counters(&self) -> Option<String> {
         let c = self.counters;
         let per = |x: u64| x as f64 / c.steps.max(1) as f64;
-        Some(format!(
+        let mut lines = format!(
             "{} steps: {:.1} launches, {:.2} graph replays, {:.0} bytes read back per step; weights on GPU {}",
             c.steps,
             per(c.launches),
             per(c.graph_replays),
             per(c.readback_bytes),
             crate::inspect::human_bytes(self.weight_bytes)
-        ))
+        );
+        if let Some(s) = &self.streaming {
+            lines += "\n";
+            lines += &s.summary(c.tokens, c.step_seconds);
+        }
+        Some(lines)
     }
 }

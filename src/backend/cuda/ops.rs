@@ -96,7 +96,7 @@ impl<'a> Ops<'a> {
         Ok(Ops { rt, kernels: KernelCache::default(), step: rt.alloc(16)?, dummy: rt.alloc(16)? })
     }
 
-    fn kernel(&self, source: &'static str, defines: &[(&str, u32)], name: &str) -> Result<Kernel> {
+    pub fn kernel(&self, source: &'static str, defines: &[(&str, u32)], name: &str) -> Result<Kernel> {
         self.kernels.get(self.rt, source, defines, name)
     }
 
@@ -124,8 +124,12 @@ impl<'a> Ops<'a> {
                 shape.fixed_slots.unwrap_or(0).into(),
                 flags.into(),
             ];
-            let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
-            let grid: Grid = Box::new(move |n| [row_blocks, fixed.unwrap_or(n * per_token).div_ceil(tile), 1]);
+            let (per_token, fixed, listed) = (shape.slots_per_token, shape.fixed_slots, shape.slot_list);
+            // A listed matmul's "token count" is the number of listed pairs, one block row each.
+            let grid: Grid = match listed {
+                true => Box::new(move |pairs| [row_blocks, pairs, 1]),
+                false => Box::new(move |n| [row_blocks, fixed.unwrap_or(n * per_token).div_ceil(tile), 1]),
+            };
             Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: None })
         };
         if shape.use_ids || shape.fixed_slots.is_some() || shape.slot_list {
@@ -252,29 +256,29 @@ impl<'a> Ops<'a> {
         let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.q.into(), bufs.q_lat.into(), heads.into(), nope.into(), v.into(), qk.into()];
         ops.push(self.op("q_absorb", mla("q_absorb")?, args, Box::new(move |n| [lora.div_ceil(THREADS), n * heads, 1])));
 
-        let split = bufs.split;
-        let args = vec![
-            self.step.into(),
-            bufs.q.into(),
-            bufs.q_lat.into(),
-            w.cache.into(),
-            bufs.partial.into(),
-            heads.into(),
-            qk.into(),
-            nope.into(),
-            split.chunk.into(),
-            s.scale.into(),
-        ];
-        let groups = heads.div_ceil(HEAD_GROUP);
-        let splits = split.splits;
-        ops.push(self.op("mla_partial", mla("mla_partial")?, args, Box::new(move |n| [groups, n, splits])));
-        let args = vec![bufs.partial.into(), bufs.o_lat.into(), heads.into(), splits.into()];
-        ops.push(self.op("mla_merge", mla("mla_merge")?, args, Box::new(move |n| [heads, n, 1])));
+        ops.extend(self.mla_attention(s, kv_b.format, [bufs.q, bufs.q_lat, &w.cache, bufs.partial, bufs.o_lat], bufs.split)?);
 
         let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.o_lat.into(), bufs.o.into(), heads.into(), nope.into(), v.into()];
         ops.push(self.op("v_up", mla("v_up")?, args, Box::new(move |n| [v.div_ceil(THREADS), n * heads, 1])));
         ops.push(self.matmul(&w.o, bufs.o, bufs.out, true)?);
         Ok(ops)
+    }
+}
+
+impl Ops<'_> {
+    /// Causal attention of the step's queries over the latent cache, split over the sequence
+    /// and merged (mla.cu); `bufs` are q, q_lat, cache, partial, o_lat. `format` only picks
+    /// the module variant (the family's absorb kernels read kv_b_proj).
+    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 5], split: AttentionSplit) -> Result<[Op; 2]> {
+        let [q, q_lat, cache, partial, o_lat] = bufs;
+        let (heads, qk, nope, lora) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32, s.lora as u32);
+        let mla = |name: &str| self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", lora), ("ROPE", s.rope as u32)], name);
+        let args = vec![self.step.into(), q.into(), q_lat.into(), cache.into(), partial.into(), heads.into(), qk.into(), nope.into(), split.chunk.into(), s.scale.into()];
+        let (groups, splits) = (heads.div_ceil(HEAD_GROUP), split.splits);
+        let partial_op = self.op("mla_partial", mla("mla_partial")?, args, Box::new(move |n| [groups, n, splits]));
+        let args = vec![partial.into(), o_lat.into(), heads.into(), splits.into()];
+        let merge = self.op("mla_merge", mla("mla_merge")?, args, Box::new(move |n| [heads, n, 1]));
+        Ok([partial_op, merge])
     }
 }
 

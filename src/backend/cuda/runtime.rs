@@ -126,6 +126,18 @@ impl Runtime {
         }
     }
 
+    /// The device's memory in bytes (the budget `--gpu-mem auto` takes a share of); unknown on
+    /// the emulator.
+    pub fn memory(&self) -> Option<u64> {
+        match self {
+            Runtime::Driver(d) => {
+                d.ctx.bind_to_thread().ok()?;
+                cudarc::driver::result::mem_get_info().ok().map(|(_, total)| total as u64)
+            }
+            Runtime::Emulator(_) => None,
+        }
+    }
+
     pub fn is_emulated(&self) -> bool {
         matches!(self, Runtime::Emulator(_))
     }

@@ -14,34 +14,11 @@ use super::context::GpuContext;
 use super::lower::{listed_grid, Builder, Dispatch};
 use super::tensors::SlotMatrix;
 use crate::error::{Error, Result};
-use crate::expert_cache::{Eviction, ExpertCache, ExpertKey};
+pub use crate::expert_cache::StreamCounters;
+use crate::expert_cache::{Eviction, ExpertCache, ExpertKey, Round};
 use crate::model::weights::Mlp;
 use std::collections::HashSet;
 use std::time::Instant;
-
-/// Streaming counters for `--verbose` and benchmarks.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct StreamCounters {
-    /// Expert uses found resident (including correct prefetches) and uses that had to upload.
-    pub hits: u64,
-    pub misses: u64,
-    /// Experts uploaded ahead of need, and how many of those were then used.
-    pub prefetched: u64,
-    pub prefetch_used: u64,
-    /// Router guesses made for the next layer, and how many the router then chose.
-    pub predicted: u64,
-    pub predicted_right: u64,
-    pub bytes_uploaded: u64,
-    /// Host time queuing uploads the step waited for (misses), and queuing prefetches while
-    /// the GPU worked.
-    pub upload_seconds: f64,
-    pub prefetch_seconds: f64,
-    /// Host time blocked on the GPU at MoE layers (reading back the router's choice).
-    pub sync_seconds: f64,
-    pub syncs: u64,
-    /// Expert rounds (more than one per layer when a chunk wants more experts than slots).
-    pub rounds: u64,
-}
 
 /// The GPU slots of one pool (each pool's buffers fit one binding).
 struct Pool {
@@ -236,58 +213,33 @@ impl Streaming {
             self.guess = Some((layer + 1, next_guess.to_vec()));
         }
 
-        // Distinct experts in order of first use, in rounds of at most `slots`.
-        let mut distinct: Vec<u32> = Vec::new();
-        for &e in ids {
-            if !distinct.contains(&e) {
-                distinct.push(e);
-            }
-        }
-        let rounds: Vec<&[u32]> = distinct.chunks(self.cache.slots()).collect();
+        let started = Instant::now();
+        let rounds = self.cache.plan_rounds(layer as u32, ids, &mut self.counters, &mut self.prefetched);
         for (r, round) in rounds.iter().enumerate() {
             if r > 0 {
                 let previous = std::mem::replace(&mut encoder, ctx.device.create_command_encoder(&Default::default()));
                 ctx.queue.submit([previous.finish()]);
             }
-            let keys: Vec<ExpertKey> = round.iter().map(|&e| ExpertKey { layer: layer as u32, expert: e }).collect();
-            let placements = self.cache.acquire(&keys);
-            let started = Instant::now();
-            for (key, p) in keys.iter().zip(&placements) {
-                if p.upload {
-                    self.counters.misses += 1;
-                    self.upload(ctx, *key, p.slot);
-                } else {
-                    self.counters.hits += 1;
-                    if self.prefetched.remove(key) {
-                        self.counters.prefetch_used += 1;
-                    }
-                }
+            for &(key, slot) in &round.uploads {
+                self.upload(ctx, key, slot);
             }
-            // Uses beyond the first of an expert within the chunk are hits too.
-            let uses = ids.iter().filter(|e| round.contains(e)).count() - round.len();
-            self.counters.hits += uses as u64;
-            self.counters.upload_seconds += started.elapsed().as_secs_f64();
-            self.write_lists(ctx, ids, round, &placements);
+            self.write_lists(ctx, round);
             let mut pass = encoder.begin_compute_pass(&Default::default());
             for d in &self.layers[layer].dispatches {
                 d.record(&mut pass, n);
             }
-            drop(pass);
-            self.counters.rounds += 1;
         }
+        self.counters.upload_seconds += started.elapsed().as_secs_f64();
         Ok(encoder)
     }
 
     /// Each pool's list for one round: (step slot, pool-local slot) for each (token, choice)
-    /// whose expert this round serves from that pool, and the dispatch sizes that cover it.
-    fn write_lists(&self, ctx: &GpuContext, ids: &[u32], round: &[u32], placements: &[crate::expert_cache::Placement]) {
+    /// this round serves from that pool, and the dispatch sizes that cover it.
+    fn write_lists(&self, ctx: &GpuContext, round: &Round) {
         let mut lists: Vec<Vec<u32>> = vec![Vec::new(); self.pools.len()];
-        for (s, e) in ids.iter().enumerate() {
-            if let Some(i) = round.iter().position(|r| r == e) {
-                let slot = placements[i].slot;
-                let p = self.pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("slot within a pool");
-                lists[p].extend([s as u32, (slot - self.pools[p].first) as u32]);
-            }
+        for &(s, slot) in &round.pairs {
+            let p = self.pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("slot within a pool");
+            lists[p].extend([s, (slot - self.pools[p].first) as u32]);
         }
         for (pool, list) in self.pools.iter().zip(&lists) {
             let pairs = (list.len() / 2) as u32;
@@ -327,30 +279,6 @@ impl Streaming {
 
     /// One line for `--verbose`, per generated or prompt token.
     pub fn summary(&self, tokens: u64, step_seconds: f64) -> String {
-        let c = &self.counters;
-        let uses = (c.hits + c.misses).max(1) as f64;
-        let mut line = format!(
-            "expert cache: {} slots of {} in {} pool(s); hit rate {:.1}% ({} hits, {} misses), {} uploaded per token, \
-             {:.1}% of step time queuing needed uploads, {:.1}% blocked on the GPU at MoE layers (its compute included), {:.2} rounds per layer",
-            self.slots(),
-            crate::inspect::human_bytes(self.slot_bytes()),
-            self.pools(),
-            100.0 * c.hits as f64 / uses,
-            c.hits,
-            c.misses,
-            crate::inspect::human_bytes(c.bytes_uploaded / tokens.max(1)),
-            100.0 * c.upload_seconds / step_seconds.max(1e-9),
-            100.0 * c.sync_seconds / step_seconds.max(1e-9),
-            c.rounds as f64 / c.syncs.max(1) as f64,
-        );
-        if c.predicted > 0 {
-            line += &format!(
-                "; prefetch: {:.1}% of guesses right, {} prefetched, {:.1}% of those used",
-                100.0 * c.predicted_right as f64 / c.predicted as f64,
-                c.prefetched,
-                100.0 * c.prefetch_used as f64 / c.prefetched.max(1) as f64
-            );
-        }
-        line
+        self.counters.summary(self.slots(), self.slot_bytes(), self.pools(), tokens, step_seconds)
     }
 }

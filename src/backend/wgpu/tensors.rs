@@ -2,7 +2,7 @@
 
 use super::context::GpuContext;
 use super::kernels::WeightFormat;
-use crate::backend::layout::{PackedStack, WeightLayout};
+use crate::backend::layout::{PackedStack, SlotLayout};
 use crate::error::{Error, Result};
 use crate::inspect::human_bytes;
 use crate::model::weights::Matrix;
@@ -101,15 +101,13 @@ pub struct SlotMatrix {
 impl SlotMatrix {
     /// Bytes one slot takes (weights and scales).
     pub fn slot_bytes(template: &Matrix) -> u64 {
-        let data = (template.data.as_slice().len() as u64).next_multiple_of(4);
-        data + template.scales.as_ref().map_or(0, |s| s.values.len() as u64 * 4)
+        SlotLayout::new(template).slot_bytes()
     }
 
     /// Empty slots for matrices shaped and typed like `template` (one expert's, in the format
     /// the GPU keeps).
     pub fn new(ctx: &GpuContext, template: &Matrix, slots: usize) -> Result<SlotMatrix> {
-        let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(4);
-        let scale_values = template.scales.as_ref().map_or(0, |s| s.values.len());
+        let SlotLayout { layout, data_stride, scale_values } = SlotLayout::new(template);
         let bytes = data_stride * slots as u64;
         if bytes > ctx.max_binding() {
             return Err(Error::Invalid(format!(
@@ -119,27 +117,6 @@ impl SlotMatrix {
                 human_bytes(ctx.max_binding())
             )));
         }
-        let elements_per_byte = match template.dtype {
-            DType::Q4 => 2,
-            _ => 1,
-        };
-        let expert_stride = data_stride as usize * elements_per_byte / template.dtype.size_bytes().max(1);
-        let (grid_cols, block_rows, block_cols) = match &template.scales {
-            Some(s) => (s.grid_cols, s.block_rows, s.block_cols),
-            None => (1, 1, 1),
-        };
-        let layout = WeightLayout {
-            rows: template.rows as u32,
-            cols: template.cols as u32,
-            expert_stride: expert_stride as u32,
-            scale_expert_stride: scale_values as u32,
-            grid_cols: grid_cols as u32,
-            block_rows: block_rows as u32,
-            block_cols: block_cols as u32,
-            row0: 0,
-            total_rows: template.rows as u32,
-            pad: [0; 3],
-        };
         let empty = |label: &str, bytes: u64| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -169,14 +146,8 @@ impl SlotMatrix {
     pub fn write(&self, queue: &wgpu::Queue, slot: usize, m: &Matrix) -> u64 {
         let chunk = self.matrix.single();
         let data = m.data.as_slice();
-        let offset = slot as u64 * self.data_stride;
-        if data.len() % 4 == 0 {
-            queue.write_buffer(&chunk.weights, offset, data);
-        } else {
-            let mut padded = data.to_vec();
-            padded.resize(self.data_stride as usize, 0);
-            queue.write_buffer(&chunk.weights, offset, &padded);
-        }
+        let padded = SlotLayout::new(m).padded(m);
+        queue.write_buffer(&chunk.weights, slot as u64 * self.data_stride, &padded);
         let mut bytes = data.len() as u64;
         if let Some(s) = &m.scales {
             queue.write_buffer(&chunk.scales, slot as u64 * self.scale_stride, bytemuck::cast_slice(&s.values));

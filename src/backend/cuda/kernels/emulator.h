@@ -69,7 +69,7 @@ enum State { RUNNABLE, WAIT_BLOCK, WAIT_WARP, DONE };
 const unsigned MAX_THREADS = 1024;
 const size_t STACK_BYTES = 256 * 1024;
 
-// A fiber starts through its ucontext (one signal-mask system call) and afterwards switches
+// A fiber starts once through its ucontext (a signal-mask system call) and afterwards switches
 // with _setjmp/_longjmp, which leave the signal mask alone (no system call per switch).
 struct Fiber {
     ucontext_t context;
@@ -90,10 +90,14 @@ static void* body_arg;
 static unsigned long long exchange[2][MAX_THREADS];
 static const char* failure;
 
+// A fiber's life: run the kernel for the thread it is given, report done, and wait to be given
+// the next thread (of this block or a later one), so stacks start once and are reused.
 static void trampoline() {
-    body(body_arg);
-    fibers[current].state = DONE;
-    _longjmp(scheduler, 1);
+    for (;;) {
+        body(body_arg);
+        fibers[current].state = DONE;
+        if (!_setjmp(fibers[current].jump)) _longjmp(scheduler, 1);
+    }
 }
 
 static inline void wait(State s) {
@@ -132,13 +136,17 @@ static void run_block() {
     (void)have_blank;
     for (unsigned i = 0; i < threads; i++) {
         Fiber& f = fibers[i];
-        if (!f.stack) f.stack = (char*)std::malloc(STACK_BYTES);
-        f.context = blank;
-        f.context.uc_stack.ss_sp = f.stack;
-        f.context.uc_stack.ss_size = STACK_BYTES;
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, trampoline, 0);
-        f.started = false;
+        if (!f.stack) {
+            f.stack = (char*)std::malloc(STACK_BYTES);
+            f.started = false;
+        }
+        if (!f.started) {
+            f.context = blank;
+            f.context.uc_stack.ss_sp = f.stack;
+            f.context.uc_stack.ss_size = STACK_BYTES;
+            f.context.uc_link = nullptr;
+            makecontext(&f.context, trampoline, 0);
+        }
         f.state = RUNNABLE;
         f.shuffles = 0;
     }
@@ -210,7 +218,11 @@ static const char* launch(void (*kernel)(A...), const unsigned* grid, const unsi
             for (unsigned x = 0; x < grid[0]; x++) {
                 blockIdx = dim3{x, y, z};
                 run_block();
-                if (failure) return failure;
+                if (failure) {
+                    // Fibers stopped inside the failed kernel start afresh next time.
+                    for (unsigned i = 0; i < MAX_THREADS; i++) fibers[i].started = false;
+                    return failure;
+                }
             }
     return nullptr;
 }
