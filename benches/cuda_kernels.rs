@@ -5,6 +5,8 @@
 //! `--emulator` runs tiny shapes on the CPU emulator: a check that the benchmark works, not a
 //! measurement.
 
+mod common;
+use common::values;
 use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Op, Ops};
 use dsrun::backend::cuda::runtime::Launch;
 use dsrun::backend::cuda::{self, sources, Arg, Runtime};
@@ -12,18 +14,6 @@ use dsrun::backend::layout::MlaShape;
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
 use std::time::Instant;
-
-fn values(n: usize) -> Vec<f32> {
-    let mut s = 0x2545F4914F6CDD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 /// Seconds per run of `launches` (mean of `reps` after a warm-up).
 fn time(rt: &Runtime, launches: &[Launch], reps: usize) -> f64 {

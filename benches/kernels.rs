@@ -2,6 +2,8 @@
 //! picks another). Each figure is effective bandwidth (weight bytes read per second) and its
 //! fraction of a plain streaming-read kernel measured on the same adapter in the same run.
 
+mod common;
+use common::values;
 use dsrun::backend::wgpu::kernels::Kernel;
 use dsrun::backend::wgpu::lower::MlaShape;
 use dsrun::backend::wgpu::runner::OpRunner;
@@ -11,18 +13,6 @@ use dsrun::device::GpuChoice;
 use dsrun::model::router::RouterParams;
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
-
-fn values(n: usize) -> Vec<f32> {
-    let mut s = 0x2545F4914F6CDD1Du64;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");

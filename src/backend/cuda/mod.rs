@@ -10,6 +10,7 @@ pub mod model;
 pub mod ops;
 pub mod runtime;
 pub mod streaming;
+pub mod upload;
 
 pub use model::CudaModel;
 pub use runtime::{Arg, Buffer, Runtime};

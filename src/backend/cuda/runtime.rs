@@ -79,6 +79,8 @@ pub struct DriverRuntime {
     pub compute_capability: (i32, i32),
     modules: Mutex<Vec<Arc<CudaModule>>>,
     allocations: Mutex<Vec<u64>>,
+    /// Pinned staging and a copy stream for streamed experts, made on first use.
+    uploader: Mutex<Option<super::upload::Uploader>>,
 }
 
 pub enum Runtime {
@@ -108,7 +110,7 @@ impl Runtime {
         let name = ctx.name().map_err(driver_error("reading the device name"))?;
         let compute_capability = ctx.compute_capability().map_err(driver_error("reading the compute capability"))?;
         let stream = ctx.new_stream().map_err(driver_error("creating a stream"))?;
-        Ok(Runtime::Driver(DriverRuntime { ctx, stream, name, compute_capability, modules: Default::default(), allocations: Default::default() }))
+        Ok(Runtime::Driver(DriverRuntime { ctx, stream, name, compute_capability, modules: Default::default(), allocations: Default::default(), uploader: Default::default() }))
     }
 
     /// The CPU emulator (needs a C++ compiler: `c++`, or `$CXX`).
@@ -270,6 +272,54 @@ impl Runtime {
         }
     }
 
+    /// Queues `data` for `dst` at byte `offset` as a streamed upload: ordered after the work
+    /// queued so far and before work queued after `uploads_done` (driver: pinned staging, copy
+    /// stream; emulator: a plain copy). Bulk copies go this way; `write` is for small ones.
+    pub fn upload_async(&self, dst: &Buffer, offset: usize, data: &[u8]) -> Result<()> {
+        if offset + data.len() > dst.bytes {
+            return Err(Error::Invalid(format!("CUDA: uploading {} bytes at {offset} into a buffer of {}", data.len(), dst.bytes)));
+        }
+        match self {
+            Runtime::Driver(d) => {
+                let mut uploader = d.uploader.lock().unwrap();
+                if uploader.is_none() {
+                    d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
+                    let mut u = super::upload::Uploader::new()?;
+                    u.after(d.stream.cu_stream())?;
+                    *uploader = Some(u);
+                }
+                uploader.as_mut().unwrap().copy(dst.ptr + offset as u64, data)
+            }
+            Runtime::Emulator(e) => {
+                e.write(dst.ptr + offset as u64, data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a batch of `upload_async`s: they wait for the compute work queued so far (which
+    /// may still read what they overwrite).
+    pub fn uploads_begin(&self) -> Result<()> {
+        match self {
+            Runtime::Driver(d) => match d.uploader.lock().unwrap().as_mut() {
+                Some(u) => u.after(d.stream.cu_stream()),
+                None => Ok(()),
+            },
+            Runtime::Emulator(_) => Ok(()),
+        }
+    }
+
+    /// Ends a batch: compute work queued from now on waits for its copies.
+    pub fn uploads_done(&self) -> Result<()> {
+        match self {
+            Runtime::Driver(d) => match d.uploader.lock().unwrap().as_mut() {
+                Some(u) => u.before(d.stream.cu_stream()),
+                None => Ok(()),
+            },
+            Runtime::Emulator(_) => Ok(()),
+        }
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Runtime::Driver(d) => d.stream.synchronize().map_err(driver_error("running kernels")),
@@ -281,6 +331,7 @@ impl Runtime {
 impl Drop for DriverRuntime {
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
+        drop(self.uploader.lock().unwrap().take());
         for ptr in self.allocations.lock().unwrap().drain(..) {
             // SAFETY: allocated by this runtime with malloc_sync, freed once.
             unsafe {

@@ -34,12 +34,12 @@ impl SlotStack {
         Ok(SlotStack { matrix, slot })
     }
 
-    /// Copies `m` into `slot`; returns the bytes copied.
+    /// Queues the copy of `m` into `slot`; returns the bytes copied.
     fn write(&self, rt: &Runtime, slot: usize, m: &Matrix) -> Result<u64> {
-        rt.write(&self.matrix.weights, slot * self.slot.data_stride as usize, &self.slot.padded(m))?;
+        rt.upload_async(&self.matrix.weights, slot * self.slot.data_stride as usize, &self.slot.padded(m))?;
         let mut bytes = m.data.as_slice().len() as u64;
         if let Some(s) = &m.scales {
-            rt.write(&self.matrix.scales, slot * self.slot.scale_values * 4, bytemuck::cast_slice(&s.values))?;
+            rt.upload_async(&self.matrix.scales, slot * self.slot.scale_values * 4, bytemuck::cast_slice(&s.values))?;
             bytes += s.values.len() as u64 * 4;
         }
         Ok(bytes)
@@ -145,6 +145,9 @@ impl CudaStreaming {
 
     fn run_round(&mut self, rt: &Runtime, layer: usize, n: u32, round: &Round) -> Result<()> {
         let started = Instant::now();
+        // The copies wait for the previous round's kernels (they may overwrite its slots and
+        // list); this round's kernels wait for the copies.
+        rt.uploads_begin()?;
         for &(key, slot) in &round.uploads {
             let expert = &self.host[key.layer as usize][key.expert as usize];
             for (stack, m) in [(&self.gate, &expert.gate), (&self.up, &expert.up), (&self.down, &expert.down)] {
@@ -152,7 +155,8 @@ impl CudaStreaming {
             }
         }
         let list: Vec<u32> = round.pairs.iter().flat_map(|&(s, slot)| [s, slot as u32]).collect();
-        rt.write(&self.list, 0, bytemuck::cast_slice(&list))?;
+        rt.upload_async(&self.list, 0, bytemuck::cast_slice(&list))?;
+        rt.uploads_done()?;
         self.counters.upload_seconds += started.elapsed().as_secs_f64();
         let pairs = round.pairs.len() as u32;
         let [gate, up, silu, down] = &self.layers[layer].ops;

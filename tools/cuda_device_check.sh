@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every CUDA check in one run on a lent NVIDIA machine (see tools/cuda_device_prepare.sh),
+# results under $OUT: the kernel and whole-model tests on the device, kernel bandwidth against
+# the device's own stream/copy kernels, and decode speed on a synthetic V3-shaped checkpoint of
+# several GB (with and without CUDA graphs, and streaming experts through a 25% cache).
+# Usage (device tool): carry [".devbin"], command `bash tools/cuda_device_check.sh`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/dsrun-out}"
+mkdir -p "$OUT"
+log="$OUT/check.log"
+exec > >(tee -a "$log") 2>&1
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+# NVRTC: the toolkit's, wherever it is.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $(dirname "$(ldconfig -p | awk '/libnvrtc.so/{print $NF; exit}')" 2>/dev/null); do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export DSRUN_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1
+bin=.devbin
+
+step device
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || true
+ldd $bin/dsrun | grep -i "not found" && echo "missing libraries (glibc too old?)"
+
+step "kernel and whole-model tests (device + emulator)"
+timeout 240 $bin/cuda-tests --nocapture --test-threads 1 2>&1 | tee "$OUT/tests.log" | grep -E "test |NOT RUN|relative error|panicked|result"
+
+step "kernel bandwidth"
+timeout 120 $bin/cuda-kernels | tee "$OUT/kernels.txt"
+
+step "synthetic V3-shaped checkpoint (FP8, 4 layers: 3 dense + 1 MoE of 32 experts)"
+synth=/tmp/dsrun-synth
+timeout 120 $bin/dsrun synth --out $synth --preset deepseek-v3 --layers 4 --experts 32 --dtype fp8 && du -sh $synth
+
+step "decode speed"
+for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do
+    timeout 120 $bin/dsrun bench --model $synth $args -p 128 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
+done
+DSRUN_CUDA_GRAPHS=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 16 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
+echo "(the last line: CUDA graphs off)"
