@@ -369,6 +369,11 @@ fn run_devices() -> Result<()> {
     for line in adapters {
         println!("{line}");
     }
+    #[cfg(feature = "cuda")]
+    match dsrun::backend::cuda::open(0) {
+        Ok(rt) => println!("cuda: {}, {} (--gpu cuda)", rt.describe(), rt.memory().map_or("memory unknown".into(), dsrun::inspect::human_bytes)),
+        Err(e) => println!("cuda: none ({e})"),
+    }
     Ok(())
 }
 

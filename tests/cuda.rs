@@ -118,9 +118,10 @@ fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
 
 #[test]
 fn matmul_every_format_and_token_count() {
-    // 37 rows: not a multiple of the 8 rows per block; 300 columns: partial FP8 blocks and a
-    // partial lane sweep (vector path); 129 columns: the element-at-a-time path.
-    let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
+    // 37 rows: not a multiple of the 8 rows per block; 512 columns: 16-byte loads per lane
+    // (every format) with a partial lane sweep for most; 300 columns: four at a time, partial
+    // FP8 blocks; 129 columns: the element-at-a-time path.
+    let cases = [(37, 512, 1usize), (37, 512, 9), (37, 300, 1), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
     for rt in runtimes() {
         let h = Harness::new(&rt);
         for dtype in FORMATS {

@@ -102,6 +102,59 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
 #endif
 }
 
+// Elements in 16 bytes of weights: each lane's load in the matmul's wide path.
+#if FORMAT == 0
+#define WIDE 4u
+#elif FORMAT == 1 || FORMAT == 2
+#define WIDE 8u
+#elif FORMAT == 3 || FORMAT == 4
+#define WIDE 16u
+#else
+#define WIDE 32u
+#endif
+
+// Whether rows, experts and scale blocks start on whole 16-byte loads (the wide path).
+__device__ __forceinline__ bool wide_ok(const WeightLayout& l) {
+    return l.cols % WIDE == 0u && l.expert_stride % WIDE == 0u && (FORMAT < 3 || l.block_cols % WIDE == 0u);
+}
+
+// The WIDE weights of row r of expert e from column c (c % WIDE == 0, `wide_ok`): one 16-byte load.
+__device__ __forceinline__ void weights_wide(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c,
+                                             float* out) {
+    const u64 first = (u64)e * l.expert_stride + (u64)r * l.cols + c;
+    const uint4 q = *reinterpret_cast<const uint4*>(w + first / (WIDE / 4u));
+    const u32 words[4] = {q.x, q.y, q.z, q.w};
+#if FORMAT == 0
+    for (u32 i = 0; i < 4u; i++) out[i] = __uint_as_float(words[i]);
+#elif FORMAT == 1
+    for (u32 i = 0; i < 4u; i++) {
+        out[2u * i] = bf16_to_f32(words[i] & 0xffffu);
+        out[2u * i + 1u] = bf16_to_f32(words[i] >> 16);
+    }
+#elif FORMAT == 2
+    for (u32 i = 0; i < 4u; i++) {
+        out[2u * i] = f16_to_f32(words[i] & 0xffffu);
+        out[2u * i + 1u] = f16_to_f32(words[i] >> 16);
+    }
+#elif FORMAT == 3
+    const float k = s[scale_index(l, e, r, c)];
+    for (u32 i = 0; i < 4u; i++) {
+        const float4 v = fp8x4_to_f32(words[i]);
+        out[4u * i] = v.x * k;
+        out[4u * i + 1u] = v.y * k;
+        out[4u * i + 2u] = v.z * k;
+        out[4u * i + 3u] = v.w * k;
+    }
+#elif FORMAT == 4
+    const float k = s[scale_index(l, e, r, c)];
+    for (u32 i = 0; i < 16u; i++) out[i] = signed_byte(words[i / 4u], (i % 4u) * 8u) * k;
+#else
+    const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
+    const float k = s[g], m = s[g + 1];
+    for (u32 i = 0; i < 32u; i++) out[i] = (float)((words[i / 8u] >> ((i % 8u) * 4u)) & 0xfu) * k + m;
+#endif
+}
+
 // One weight of row r of expert e at column c (any shape).
 __device__ __forceinline__ float weight1(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
     const u64 i = (u64)e * l.expert_stride + (u64)r * l.cols + c;

@@ -1,7 +1,8 @@
 // y[s, r] = sum_c W_e(s)[r, c] * x[s / x_div, c] over a step's slots s.
 //
-// One warp per output row, lanes over four consecutive columns per step, so each weight is
-// decoded once and used for the TILE slots of the block (TILE > 1 for prefill; 1 for decode and
+// One warp per output row, each lane loading 16 bytes of weights per step (WIDE elements:
+// 4 f32, 8 bf16/f16, 16 FP8/q8, 32 q4; four columns, or one, on shapes that do not allow it),
+// so each weight is decoded once and used for the TILE slots of the block (TILE > 1 for prefill; 1 for decode and
 // routed experts, whose slots each read another expert). Grid: (ceil(rows / WARPS), slot tiles)
 // or (.., listed pairs). Slots are n_tokens * slots_per_token, or fixed_slots when set (only the
 // last position's logits). Flags: ACCUMULATE (y += W x), USE_IDS (slot s multiplies by expert
@@ -37,7 +38,22 @@ extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const
     float acc[TILE];
 #pragma unroll
     for (u32 t = 0; t < TILE; t++) acc[t] = 0.0f;
-    if (l.cols % 4u == 0u && l.block_cols % 4u == 0u) {
+    if (wide_ok(l)) {
+        for (u32 c = lane * WIDE; c < l.cols; c += 32u * WIDE) {
+            float wv[WIDE];
+            weights_wide(l, w, scales, expert, r, c, wv);
+#pragma unroll
+            for (u32 t = 0; t < TILE; t++) {
+                float a = 0.0f;
+#pragma unroll
+                for (u32 i = 0; i < WIDE; i += 4u) {
+                    const float4 xv = *reinterpret_cast<const float4*>(xs[t] + c + i);
+                    a += wv[i] * xv.x + wv[i + 1u] * xv.y + wv[i + 2u] * xv.z + wv[i + 3u] * xv.w;
+                }
+                acc[t] += a;
+            }
+        }
+    } else if (l.cols % 4u == 0u && (FORMAT < 3 || l.block_cols % 4u == 0u)) {
         for (u32 c = lane * 4u; c < l.cols; c += 128u) {
             const float4 wv = weights4(l, w, scales, expert, r, c);
 #pragma unroll
