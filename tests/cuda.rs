@@ -148,23 +148,31 @@ fn matmul_every_format_and_token_count() {
     }
 }
 
+/// Routed experts read their ids on the device: one slot per block for a single token, and
+/// slots grouped by expert (tiles of up to 8 slots of one expert, an expert's slots split over
+/// several tiles when it has more) for several.
 #[test]
 fn expert_matmul_reads_expert_ids_on_the_device() {
+    use dsrun::backend::cuda::ops::ExpertGroups;
     for rt in runtimes() {
         let h = Harness::new(&rt);
+        let (experts, rows, cols, k) = (5, 24, 256, 2);
+        let groups = ExpertGroups::new(&rt, k, experts, 13).unwrap();
         for dtype in FORMATS {
-            let (experts, rows, cols, k, n) = (5, 24, 256, 2, 3);
             let ms: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
             let w = CudaMatrix::upload(&rt, &ms.iter().collect::<Vec<_>>()).unwrap();
-            let ids = [4u32, 0, 2, 2, 1, 3];
-            let x = random(3, n * cols);
-            let (xb, yb, ib) = (h.f32s(&x), h.zeros(n * k * rows), rt.upload(&ids).unwrap());
-            h.set_step(n as u32, 0);
-            h.run(&[h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib).unwrap()], n as u32);
-            let got = h.read(&yb, n * k * rows);
-            for (s, &e) in ids.iter().enumerate() {
-                let want = cpu::matmul(&ms[e as usize], &x[(s / k) * cols..][..cols], 1);
-                assert_close(&format!("{}: {dtype:?} slot {s}", rt.describe()), &got[s * rows..][..rows], &want, 1e-5);
+            for n in [1usize, 3, 13] {
+                // Expert 2 takes 11 of 26 slots at 13 tokens: two tiles of one expert.
+                let ids: Vec<u32> = (0..n * k).map(|s| if s % 5 < 2 { 2 } else { (s * 7 % experts) as u32 }).collect();
+                let x = random(3, n * cols);
+                let (xb, yb, ib) = (h.f32s(&x), h.zeros(n * k * rows), rt.upload(&ids).unwrap());
+                h.set_step(n as u32, 0);
+                h.run(&[h.ops.group_by_expert(&ib, &groups).unwrap(), h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib, &groups).unwrap()], n as u32);
+                let got = h.read(&yb, n * k * rows);
+                for (s, &e) in ids.iter().enumerate() {
+                    let want = cpu::matmul(&ms[e as usize], &x[(s / k) * cols..][..cols], 1);
+                    assert_close(&format!("{}: {dtype:?} {n} tokens, slot {s}", rt.describe()), &got[s * rows..][..rows], &want, 1e-5);
+                }
             }
         }
     }

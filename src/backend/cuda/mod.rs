@@ -33,7 +33,7 @@ pub mod sources {
         (ROPE, &["rope_q", "latent_store"]),
         (MLA, &["q_absorb", "v_up", "mla_partial", "mla_merge"]),
         (ROUTER, &["router"]),
-        (MOE, &["silu_mul", "moe_combine", "argmax"]),
+        (MOE, &["silu_mul", "moe_combine", "argmax", "group_by_expert"]),
         (STREAM, &["stream_read", "copy"]),
     ];
 

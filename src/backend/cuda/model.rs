@@ -3,7 +3,7 @@
 //! ops, read back the logits or the greedy id. Single-token steps are captured as CUDA graphs on
 //! first use and replayed after, whatever the position (positions live in device memory).
 
-use super::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, Op, Ops};
+use super::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, ExpertGroups, Op, Ops};
 use super::runtime::{Buffer, Graph, Runtime};
 use super::streaming::{CudaStreaming, StreamBuffers};
 use crate::budget::{GpuOptions, MemoryPlan};
@@ -45,8 +45,8 @@ pub struct CudaModel {
     tokens: Buffer,
     logits: Buffer,
     argmax_ids: Buffer,
-    /// Captured single-token steps by (logits wanted, greedy).
-    graphs: HashMap<(bool, bool), Graph>,
+    /// Captured single-token steps by (head: 0 none, 1 last row, 2 all rows; greedy).
+    graphs: HashMap<(u8, bool), Graph>,
     use_graphs: bool,
     capacity: usize,
     len: usize,
@@ -175,6 +175,7 @@ impl CudaModel {
                 Some(s)
             }
         };
+        let groups = ExpertGroups::new(&rt, k, c.n_routed_experts, n)?;
         let stream_bufs = StreamBuffers { x: &a.xn, gate_out: &a.ffn_a, up_out: &a.ffn_b, expert_out: &a.expert_out, ids: &a.ids };
 
         let weight_bytes = std::cell::Cell::new(0u64);
@@ -264,10 +265,11 @@ impl CudaModel {
                     let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let (gate, upm, down) = (up(&stack(|m| &m.gate))?, up(&stack(|m| &m.up))?, up(&stack(|m| &m.down))?);
                     let k32 = k as u32;
-                    body.push(ops.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids)?);
-                    body.push(ops.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids)?);
+                    body.push(ops.group_by_expert(&a.ids, &groups)?);
+                    body.push(ops.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids, &groups)?);
+                    body.push(ops.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids, &groups)?);
                     body.push(ops.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b)?);
-                    body.push(ops.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids)?);
+                    body.push(ops.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids, &groups)?);
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }
@@ -349,7 +351,7 @@ impl CudaModel {
         let launches: Vec<_> = ops.map(|op| op.launch(n)).chain(argmax).collect();
         self.counters.launches += launches.len() as u64;
         if n == 1 && self.use_graphs {
-            let key = (head.is_some(), greedy);
+            let key = (head.map_or(0, |h| if h == Logits::Last { 1 } else { 2 }), greedy);
             if !self.graphs.contains_key(&key) {
                 self.graphs.insert(key, Graph::capture(&self.rt, launches)?);
             }

@@ -25,6 +25,10 @@ pub struct Op {
 }
 
 impl Op {
+    fn clone_with_grid(&self, grid: Grid) -> Op {
+        Op { name: self.name, kernel: self.kernel.clone(), block: self.block, args: self.args.clone(), grid, decode: None }
+    }
+
     /// The launch for a step of `n` tokens.
     pub fn launch(&self, n: u32) -> Launch {
         let op = match (&self.decode, n) {
@@ -86,8 +90,35 @@ pub struct Ops<'a> {
     pub dummy: Buffer,
 }
 
-/// Matmul tiles (matmul.cu): slots per block for prefill; decode and experts take one.
+/// Matmul tiles (matmul.cu): slots per block for prefill (and for an expert's group of slots);
+/// decode and listed experts take one.
 const PREFILL_TILE: u32 = 8;
+/// matmul.cu's flag for slots grouped by expert.
+const GROUPED: u32 = 8;
+
+/// Room for a step's slots grouped by expert (moe.cu's group_by_expert output).
+#[derive(Debug, Clone, Copy)]
+pub struct ExpertGroups {
+    pub buffer: Buffer,
+    pub top_k: u32,
+    pub experts: u32,
+    pub max_tokens: u32,
+}
+
+impl ExpertGroups {
+    pub fn new(rt: &Runtime, top_k: usize, experts: usize, max_tokens: usize) -> Result<ExpertGroups> {
+        let mut g = ExpertGroups { buffer: Buffer { ptr: 0, bytes: 0 }, top_k: top_k as u32, experts: experts as u32, max_tokens: max_tokens as u32 };
+        let words = 2 + 3 * g.max_tiles(g.max_tokens) as usize + max_tokens * top_k;
+        g.buffer = rt.alloc(words * 4)?;
+        Ok(g)
+    }
+
+    /// Most tiles `n` tokens' slots need: whole tiles, plus one partial tile per expert.
+    pub fn max_tiles(&self, n: u32) -> u32 {
+        let slots = n * self.top_k;
+        slots.div_ceil(PREFILL_TILE) + slots.min(self.experts)
+    }
+}
 const MATMUL_WARPS: u32 = 8;
 const THREADS: u32 = 256;
 
@@ -144,10 +175,43 @@ impl<'a> Ops<'a> {
         self.matmul_shaped(w, MatmulShape { accumulate, ..MatmulShape::PLAIN }, x, y, None)
     }
 
-    /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]` (read on the device).
-    pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer) -> Result<Op> {
+    /// Routed experts: slot `t * k + i` multiplies by expert `ids[t * k + i]` (read on the
+    /// device). Steps of several tokens go by `groups` (filled by `group_by_expert` after the
+    /// router): each block computes up to a tile of slots of one expert, reading its weights
+    /// once for them; single-token steps take one slot per block.
+    pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer, groups: &ExpertGroups) -> Result<Op> {
         let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
-        self.matmul_shaped(w, shape, x, y, Some(ids))
+        let per_slot = self.matmul_shaped(w, shape, x, y, Some(ids))?;
+        let kernel = self.kernel(sources::MATMUL, &[("FORMAT", w.format), ("TILE", PREFILL_TILE)], "matmul")?;
+        let args = vec![
+            w.layout.into(),
+            w.weights.into(),
+            w.scales.into(),
+            self.step.into(),
+            x.into(),
+            y.into(),
+            groups.buffer.into(),
+            k.into(),
+            x_div.into(),
+            0u32.into(),
+            GROUPED.into(),
+        ];
+        let (row_blocks, groups) = ((w.rows as u32).div_ceil(MATMUL_WARPS), *groups);
+        let grid: Grid = Box::new(move |n| [row_blocks, groups.max_tiles(n), 1]);
+        Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: Some(Box::new(per_slot)) })
+    }
+
+    /// The step's slots grouped by expert into `groups` for `expert_matmul` (skipped for
+    /// single-token steps, which do not use it).
+    pub fn group_by_expert(&self, ids: &Buffer, groups: &ExpertGroups) -> Result<Op> {
+        let kernel = self.kernel(sources::MOE, &[], "group_by_expert")?;
+        let g = *groups;
+        let args = vec![self.step.into(), ids.into(), g.buffer.into(), g.top_k.into(), g.experts.into(), PREFILL_TILE.into(), g.max_tiles(g.max_tokens).into()];
+        let mut op = Op { name: "group_by_expert", kernel, block: 32, args, grid: Box::new(|_| [1, 1, 1]), decode: None };
+        let mut skip = op.clone_with_grid(Box::new(|_| [0, 1, 1]));
+        skip.name = "group_by_expert (skipped)";
+        op.decode = Some(Box::new(skip));
+        Ok(op)
     }
 
     pub fn embed(&self, table: &CudaMatrix, tokens: &Buffer, out: &Buffer) -> Result<Op> {

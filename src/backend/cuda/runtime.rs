@@ -92,6 +92,13 @@ fn driver_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '
     move |e| Error::Invalid(format!("CUDA: {what}: {e:?}"))
 }
 
+impl DriverRuntime {
+    /// Makes the device's context current on the calling thread (a no-op when it is).
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver_error("binding the context"))
+    }
+}
+
 impl Runtime {
     /// The NVIDIA driver's device `ordinal`, or why there is none.
     pub fn driver(ordinal: usize) -> Result<Runtime> {
@@ -133,7 +140,7 @@ impl Runtime {
     pub fn memory(&self) -> Option<u64> {
         match self {
             Runtime::Driver(d) => {
-                d.ctx.bind_to_thread().ok()?;
+                d.bind().ok()?;
                 cudarc::driver::result::mem_get_info().ok().map(|(_, total)| total as u64)
             }
             Runtime::Emulator(_) => None,
@@ -151,7 +158,7 @@ impl Runtime {
         let full = format!("{COMMON_SOURCE}\n{source}");
         match self {
             Runtime::Driver(d) => {
-                d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
+                d.bind()?;
                 let ptx = super::compile(&full, defines, &super::arch(d.compute_capability))?;
                 let module = d.ctx.load_module(ptx).map_err(driver_error("loading a kernel module"))?;
                 let kernels = names
@@ -170,7 +177,7 @@ impl Runtime {
         let bytes = bytes.max(4);
         match self {
             Runtime::Driver(d) => {
-                d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
+                d.bind()?;
                 // SAFETY: a fresh allocation, zeroed before use; freed when the runtime drops.
                 let ptr = unsafe {
                     let ptr = cudarc::driver::result::malloc_sync(bytes).map_err(|e| {
@@ -204,6 +211,7 @@ impl Runtime {
         }
         match self {
             Runtime::Driver(d) => {
+                d.bind()?;
                 d.stream.synchronize().map_err(driver_error("waiting for the stream"))?;
                 // SAFETY: in bounds (checked above); the stream is idle.
                 unsafe { cudarc::driver::result::memcpy_htod_sync(dst.ptr + offset as u64, data) }.map_err(driver_error("copying to the device"))
@@ -222,6 +230,7 @@ impl Runtime {
         }
         match self {
             Runtime::Driver(d) => {
+                d.bind()?;
                 d.stream.synchronize().map_err(driver_error("running kernels"))?;
                 // SAFETY: in bounds (checked above); the stream is idle.
                 unsafe { cudarc::driver::result::memcpy_dtoh_sync(out, src.ptr + offset as u64) }.map_err(driver_error("copying from the device"))
@@ -258,6 +267,7 @@ impl Runtime {
         let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v as *mut u64 as *mut c_void).collect();
         match (self, &l.kernel) {
             (Runtime::Driver(d), Kernel::Driver(f)) => {
+                d.bind()?;
                 let [gx, gy, gz] = l.grid;
                 let [bx, by, bz] = l.block;
                 // SAFETY: the argument list was built for this kernel's signature by the code
@@ -282,8 +292,8 @@ impl Runtime {
         match self {
             Runtime::Driver(d) => {
                 let mut uploader = d.uploader.lock().unwrap();
+                d.bind()?;
                 if uploader.is_none() {
-                    d.ctx.bind_to_thread().map_err(driver_error("binding the context"))?;
                     let mut u = super::upload::Uploader::new()?;
                     u.after(d.stream.cu_stream())?;
                     *uploader = Some(u);

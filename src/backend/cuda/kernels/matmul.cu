@@ -3,10 +3,12 @@
 // One warp per output row, each lane loading 16 bytes of weights per step (WIDE elements:
 // 4 f32, 8 bf16/f16, 16 FP8/q8, 32 q4; four columns, or one, on shapes that do not allow it),
 // so each weight is decoded once and used for the TILE slots of the block (TILE > 1 for prefill; 1 for decode and
-// routed experts, whose slots each read another expert). Grid: (ceil(rows / WARPS), slot tiles)
-// or (.., listed pairs). Slots are n_tokens * slots_per_token, or fixed_slots when set (only the
+// routed experts at decode, whose slots each read another expert). Grid: (ceil(rows / WARPS),
+// slot tiles), (.., listed pairs) or (.., group tiles). Slots are n_tokens * slots_per_token, or fixed_slots when set (only the
 // last position's logits). Flags: ACCUMULATE (y += W x), USE_IDS (slot s multiplies by expert
-// ids[s], read on the device), SLOT_LIST (ids lists (slot, expert) pairs, one per block row y).
+// ids[s], read on the device), SLOT_LIST (ids lists (slot, expert) pairs, one per block row y),
+// GROUPED (ids is moe.cu's group_by_expert output: a block takes up to TILE slots of one expert,
+// so a prefill chunk reads each chosen expert's weights once per TILE slots, not once per slot).
 
 #ifndef TILE
 #define TILE 1
@@ -15,6 +17,7 @@
 #define ACCUMULATE 1u
 #define USE_IDS 2u
 #define SLOT_LIST 4u
+#define GROUPED 8u
 
 extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const u32* __restrict__ w, const float* __restrict__ scales,
                                   const Step* __restrict__ step, const float* __restrict__ x, float* __restrict__ y,
@@ -23,18 +26,35 @@ extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const
     const u32 lane = threadIdx.x % 32u;
     const u32 r = blockIdx.x * WARPS + threadIdx.x / 32u;
     const u32 slots = fixed_slots != 0u ? fixed_slots : step->n_tokens * slots_per_token;
-    u32 s0 = blockIdx.y * TILE;
-    u32 expert = 0;
-    if (flags & SLOT_LIST) {
-        s0 = ids[2u * blockIdx.y];
-        expert = ids[2u * blockIdx.y + 1u];
-    } else if (flags & USE_IDS) {
-        expert = ids[s0 < slots ? s0 : slots - 1u];
+    // The block's slots: TILE consecutive ones, or one listed pair, or one expert's group.
+    u32 slot[TILE];
+    u32 count = TILE, expert = 0;
+    if (flags & GROUPED) {
+        // ids = group_by_expert's output: [tiles, order offset, (expert, start, count)..., order...]
+        if (blockIdx.y >= ids[0]) return;
+        const u32* tile = ids + 2u + 3u * blockIdx.y;
+        expert = tile[0];
+        count = tile[2];
+        const u32* order = ids + ids[1] + tile[1];
+#pragma unroll
+        for (u32 t = 0; t < TILE; t++) slot[t] = order[t < count ? t : count - 1u];
+    } else {
+        u32 s0 = blockIdx.y * TILE;
+        if (flags & SLOT_LIST) {
+            s0 = ids[2u * blockIdx.y];
+            expert = ids[2u * blockIdx.y + 1u];
+        } else if (flags & USE_IDS) {
+            expert = ids[s0 < slots ? s0 : slots - 1u];
+        }
+        if (s0 >= slots) return;
+        count = slots - s0 < TILE ? slots - s0 : TILE;
+#pragma unroll
+        for (u32 t = 0; t < TILE; t++) slot[t] = t < count ? s0 + t : s0;
     }
-    if (r >= l.rows || s0 >= slots) return; // whole warps leave together
+    if (r >= l.rows) return; // whole warps leave together
     const float* xs[TILE];
 #pragma unroll
-    for (u32 t = 0; t < TILE; t++) xs[t] = x + (u64)((s0 + t < slots ? s0 + t : slots - 1u) / x_div) * l.cols;
+    for (u32 t = 0; t < TILE; t++) xs[t] = x + (u64)(slot[t] / x_div) * l.cols;
     float acc[TILE];
 #pragma unroll
     for (u32 t = 0; t < TILE; t++) acc[t] = 0.0f;
@@ -72,8 +92,8 @@ extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const
 #pragma unroll
     for (u32 t = 0; t < TILE; t++) {
         const float total = warp_sum(acc[t]);
-        if (lane == 0u && s0 + t < slots) {
-            float* out = y + (u64)(s0 + t) * l.total_rows + l.row0 + r;
+        if (lane == 0u && t < count) {
+            float* out = y + (u64)slot[t] * l.total_rows + l.row0 + r;
             *out = (flags & ACCUMULATE) ? *out + total : total;
         }
     }

@@ -1,5 +1,32 @@
 // Elementwise MoE pieces and the greedy pick.
 
+// The step's slots (ids: n_tokens * top_k expert ids) grouped by expert for the GROUPED
+// matmul: out = [tiles, order offset, (expert, start, count) per tile, order], where order lists
+// the slots expert by expert (stably) and each tile covers at most `tile` slots of one expert.
+// One thread does it (a few hundred slots): a counting sort. Grid: 1 block.
+extern "C" __global__ void group_by_expert(const Step* __restrict__ step, const u32* __restrict__ ids, u32* __restrict__ out, u32 top_k,
+                                           u32 experts, u32 tile, u32 max_tiles) {
+    __shared__ u32 start[1025];
+    if (threadIdx.x != 0u) return;
+    const u32 slots = step->n_tokens * top_k;
+    for (u32 e = 0; e <= experts; e++) start[e] = 0u;
+    for (u32 s = 0; s < slots; s++) start[ids[s] + 1u]++;
+    for (u32 e = 0; e < experts; e++) start[e + 1u] += start[e];
+    const u32 order_at = 2u + 3u * max_tiles;
+    u32 tiles = 0;
+    for (u32 e = 0; e < experts; e++) {
+        for (u32 first = start[e]; first < start[e + 1u]; first += tile) {
+            u32* t = out + 2u + 3u * tiles++;
+            t[0] = e;
+            t[1] = first;
+            t[2] = start[e + 1u] - first < tile ? start[e + 1u] - first : tile;
+        }
+    }
+    for (u32 s = 0; s < slots; s++) out[order_at + start[ids[s]]++] = s;
+    out[0] = tiles;
+    out[1] = order_at;
+}
+
 // gate[i] = silu(gate[i]) * up[i] over the step's n_tokens * per_token elements.
 extern "C" __global__ void silu_mul(const Step* __restrict__ step, float* __restrict__ gate, const float* __restrict__ up, u32 per_token) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
