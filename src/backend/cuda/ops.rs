@@ -135,33 +135,40 @@ impl<'a> Ops<'a> {
         Op { name, kernel, block: THREADS, args, grid, decode: None }
     }
 
+    /// One matmul.cu launch shape: `tile` slots per block, `ids` and `flags` as the kernel
+    /// reads them (`flags` adds the shape's accumulate/ids/list bits).
+    fn matmul_op(&self, w: &CudaMatrix, tile: u32, shape: MatmulShape, bufs: [&Buffer; 3], flags: u32, grid: Grid) -> Result<Op> {
+        let [x, y, ids] = bufs;
+        let kernel = self.kernel(sources::MATMUL, &[("FORMAT", w.format), ("TILE", tile)], "matmul")?;
+        let flags = flags | shape.accumulate as u32 | (shape.use_ids as u32) << 1 | (shape.slot_list as u32) << 2;
+        let args = vec![
+            w.layout.into(),
+            w.weights.into(),
+            w.scales.into(),
+            self.step.into(),
+            x.into(),
+            y.into(),
+            ids.into(),
+            shape.slots_per_token.into(),
+            shape.x_div.into(),
+            shape.fixed_slots.unwrap_or(0).into(),
+            flags.into(),
+        ];
+        Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: None })
+    }
+
     /// `y[s] = W_e(s) x[s / x_div]` over the step's slots (matmul.cu), with a one-slot variant
     /// for decode steps.
     pub fn matmul_shaped(&self, w: &CudaMatrix, shape: MatmulShape, x: &Buffer, y: &Buffer, ids: Option<&Buffer>) -> Result<Op> {
-        let flags = shape.accumulate as u32 | (shape.use_ids as u32) << 1 | (shape.slot_list as u32) << 2;
         let row_blocks = (w.rows as u32).div_ceil(MATMUL_WARPS);
         let variant = |tile: u32| -> Result<Op> {
-            let kernel = self.kernel(sources::MATMUL, &[("FORMAT", w.format), ("TILE", tile)], "matmul")?;
-            let args = vec![
-                w.layout.into(),
-                w.weights.into(),
-                w.scales.into(),
-                self.step.into(),
-                x.into(),
-                y.into(),
-                ids.unwrap_or(&self.dummy).into(),
-                shape.slots_per_token.into(),
-                shape.x_div.into(),
-                shape.fixed_slots.unwrap_or(0).into(),
-                flags.into(),
-            ];
-            let (per_token, fixed, listed) = (shape.slots_per_token, shape.fixed_slots, shape.slot_list);
+            let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
             // A listed matmul's "token count" is the number of listed pairs, one block row each.
-            let grid: Grid = match listed {
+            let grid: Grid = match shape.slot_list {
                 true => Box::new(move |pairs| [row_blocks, pairs, 1]),
                 false => Box::new(move |n| [row_blocks, fixed.unwrap_or(n * per_token).div_ceil(tile), 1]),
             };
-            Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: None })
+            self.matmul_op(w, tile, shape, [x, y, ids.unwrap_or(&self.dummy)], 0, grid)
         };
         if shape.use_ids || shape.fixed_slots.is_some() || shape.slot_list {
             return variant(1);
@@ -180,25 +187,12 @@ impl<'a> Ops<'a> {
     /// router): each block computes up to a tile of slots of one expert, reading its weights
     /// once for them; single-token steps take one slot per block.
     pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer, groups: &ExpertGroups) -> Result<Op> {
-        let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
-        let per_slot = self.matmul_shaped(w, shape, x, y, Some(ids))?;
-        let kernel = self.kernel(sources::MATMUL, &[("FORMAT", w.format), ("TILE", PREFILL_TILE)], "matmul")?;
-        let args = vec![
-            w.layout.into(),
-            w.weights.into(),
-            w.scales.into(),
-            self.step.into(),
-            x.into(),
-            y.into(),
-            groups.buffer.into(),
-            k.into(),
-            x_div.into(),
-            0u32.into(),
-            GROUPED.into(),
-        ];
-        let (row_blocks, groups) = ((w.rows as u32).div_ceil(MATMUL_WARPS), *groups);
-        let grid: Grid = Box::new(move |n| [row_blocks, groups.max_tiles(n), 1]);
-        Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: Some(Box::new(per_slot)) })
+        let per_slot = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
+        let grouped = MatmulShape { use_ids: false, ..per_slot };
+        let (row_blocks, g) = ((w.rows as u32).div_ceil(MATMUL_WARPS), *groups);
+        let mut op = self.matmul_op(w, PREFILL_TILE, grouped, [x, y, &groups.buffer], GROUPED, Box::new(move |n| [row_blocks, g.max_tiles(n), 1]))?;
+        op.decode = Some(Box::new(self.matmul_shaped(w, per_slot, x, y, Some(ids))?));
+        Ok(op)
     }
 
     /// The step's slots grouped by expert into `groups` for `expert_matmul` (skipped for
