@@ -347,7 +347,7 @@ fn whole_model_matches_transformers_on_every_family() {
 /// half the tokens, then decode one by one, twice (cold and warm cache).
 #[test]
 fn streamed_experts_give_the_all_resident_logits() {
-    use dsrun::budget::{GpuMem, GpuOptions};
+    use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
     use dsrun::expert_cache::Eviction;
     for rt_index in 0..runtimes().len() {
         for family in ["v2_lite", "v3_fp8"] {
@@ -358,8 +358,12 @@ fn streamed_experts_give_the_all_resident_logits() {
             assert_eq!(resident.expert_slots(), None);
             let want = common::prefill_then_decode_twice(&mut resident, &g.tokens);
             let plan = resident.memory_plan();
-            for (name, gpu_mem, eviction) in [("25%", GpuMem::ExpertShare(0.25), Eviction::Lru), ("minimum", GpuMem::Bytes(plan.minimum()), Eviction::Lfu)] {
-                let options = GpuOptions { gpu_mem, eviction, ..Default::default() };
+            let budgets = [
+                ("25%", GpuMem::ExpertShare(0.25), Eviction::Lru, Prefetch::On),
+                ("minimum", GpuMem::Bytes(plan.minimum()), Eviction::Lfu, Prefetch::Off),
+            ];
+            for (name, gpu_mem, eviction, prefetch) in budgets {
+                let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };
                 let mut streamed = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
                 let slots = streamed.expert_slots().expect("a budget below all-resident streams");
                 let got = common::prefill_then_decode_twice(&mut streamed, &g.tokens);
@@ -374,6 +378,7 @@ fn streamed_experts_give_the_all_resident_logits() {
                     assert_eq!(slots as u64, plan.top_k);
                     assert!(c.rounds > c.syncs, "{what}: prefill ran in one round per layer: {c:?}");
                 }
+                assert_eq!(c.predicted > 0, prefetch == Prefetch::On, "{what}: guesses made: {c:?}");
             }
         }
     }

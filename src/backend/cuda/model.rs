@@ -57,6 +57,14 @@ pub struct CudaModel {
     plan: MemoryPlan,
 }
 
+/// The next MoE layer's router run early on one token (expert prefetch under streaming).
+struct Guess {
+    xn: Buffer,
+    logits: Buffer,
+    ids: Buffer,
+    weights: Buffer,
+}
+
 /// Activation buffers, sized for MAX_CHUNK tokens.
 struct Activations {
     h: Buffer,
@@ -157,13 +165,17 @@ impl CudaModel {
             top_k: k as u64,
         };
         let budget = plan.budget(options.gpu_mem, rt.memory());
+        // Prefetch needs a device that copies while it computes: on unless turned off (the
+        // emulator follows the option too, so the path is tested).
+        let prefetch = options.prefetch != crate::budget::Prefetch::Off;
+        let guess = Guess { xn: f32s(d)?, logits: f32s(c.n_routed_experts)?, ids: f32s(k)?, weights: f32s(k)? };
         let mut streaming = match plan.slots(budget)? {
             None => None,
             Some(slots) => {
                 // Host copies of every routed expert in the device's format (views of the
                 // memory-mapped checkpoint when the format is kept).
                 let host: Vec<Vec<Mlp>> = moe_layers.iter().map(|&i| moe_of(i).experts.iter().map(|m| m.quantized(quant)).collect()).collect();
-                let s = CudaStreaming::new(&rt, host, slots, k, n, options.eviction, &a.ids)?;
+                let s = CudaStreaming::new(&rt, host, slots, k, n, options.eviction, &a.ids, prefetch.then_some(&guess.ids))?;
                 log::info!(
                     "expert streaming: {} slots of {} for {} experts; budget {}, resident {}",
                     s.slots(),
@@ -254,7 +266,24 @@ impl CudaModel {
                     let bias = moe.correction_bias.as_ref().map(|v| ops.vector(v)).transpose()?;
                     body.push(ops.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights)?);
                     if let Some(streaming) = &mut streaming {
-                        streaming.add_layer(&ops, &stream_bufs, c.moe_intermediate_size, body.len())?;
+                        let j = streaming.layers.len();
+                        let next = moe_layers.get(j + 1).copied();
+                        let predicts_next = prefetch && next.is_some();
+                        if let (true, Some(next)) = (predicts_next, next) {
+                            // The next MoE layer's router on this layer's hidden state (its last
+                            // token): a guess at the experts it will want, uploaded early.
+                            let next_moe = moe_of(next);
+                            let norm = ops.vector(&w.layers[next].post_attention_norm)?;
+                            body.push(ops.rmsnorm(d, eps, &a.h, &norm, &guess.xn, true)?);
+                            let router = CudaMatrix::upload(&rt, &[&next_moe.router])?;
+                            let one = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
+                            body.push(ops.matmul_shaped(&router, one, &guess.xn, &guess.logits, None)?);
+                            let bias = next_moe.correction_bias.as_ref().map(|v| ops.vector(v)).transpose()?;
+                            let mut op = ops.router(&RouterParams::from_config(&c), c.n_routed_experts, &guess.logits, bias.as_ref(), &guess.ids, &guess.weights)?;
+                            op.grid = Box::new(|_| [1, 1, 1]);
+                            body.push(op);
+                        }
+                        streaming.add_layer(&ops, &stream_bufs, c.moe_intermediate_size, body.len(), predicts_next)?;
                         if let Some(shared) = &moe.shared {
                             mlp(shared, &a.shared_out, false, &mut body)?;
                         }

@@ -52,6 +52,8 @@ pub struct StreamedLayer {
     pub body_index: usize,
     /// Listed gate and up matmuls, SwiGLU, listed down matmul.
     ops: [Op; 4],
+    /// The step also ran the next MoE layer's router early (its guesses are in `guess_ids`).
+    predicts_next: bool,
 }
 
 pub struct CudaStreaming {
@@ -66,7 +68,11 @@ pub struct CudaStreaming {
     /// [MoE layer][expert]: host copies in the device's format.
     host: Vec<Vec<Mlp>>,
     pub layers: Vec<StreamedLayer>,
-    /// Never filled on CUDA (no prefetch yet); the planner's bookkeeping wants it.
+    /// The next MoE layer's router run early on the last token's hidden state (prefetch).
+    guess_ids: Option<Buffer>,
+    /// Guesses for a MoE layer, made at the previous layer's sync.
+    guess: Option<(usize, Vec<u32>)>,
+    /// Prefetched experts not used yet.
     prefetched: HashSet<ExpertKey>,
     pub counters: StreamCounters,
 }
@@ -81,7 +87,8 @@ pub struct StreamBuffers<'a> {
 }
 
 impl CudaStreaming {
-    pub fn new(rt: &Runtime, host: Vec<Vec<Mlp>>, slots: usize, k: usize, max_chunk: usize, eviction: Eviction, ids: &Buffer) -> Result<CudaStreaming> {
+    /// `guess_ids`: where the next MoE layer's early router writes its choice (prefetch on).
+    pub fn new(rt: &Runtime, host: Vec<Vec<Mlp>>, slots: usize, k: usize, max_chunk: usize, eviction: Eviction, ids: &Buffer, guess_ids: Option<&Buffer>) -> Result<CudaStreaming> {
         let template = &host[0][0];
         Ok(CudaStreaming {
             cache: ExpertCache::new(slots, eviction),
@@ -93,6 +100,8 @@ impl CudaStreaming {
             k,
             host,
             layers: Vec::new(),
+            guess_ids: guess_ids.copied(),
+            guess: None,
             prefetched: HashSet::new(),
             counters: StreamCounters::default(),
         })
@@ -108,7 +117,7 @@ impl CudaStreaming {
 
     /// Adds a MoE layer whose router ends the step's ops before `body_index`. The listed
     /// matmuls' grids take the round's pair count in place of a token count.
-    pub fn add_layer(&mut self, ops: &Ops, bufs: &StreamBuffers, intermediate: usize, body_index: usize) -> Result<()> {
+    pub fn add_layer(&mut self, ops: &Ops, bufs: &StreamBuffers, intermediate: usize, body_index: usize, predicts_next: bool) -> Result<()> {
         let k = self.k as u32;
         let listed = |x_div| MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: true, accumulate: false };
         let layer_ops = [
@@ -117,28 +126,71 @@ impl CudaStreaming {
             ops.silu_mul(self.k * intermediate, bufs.gate_out, bufs.up_out)?,
             ops.matmul_shaped(&self.down.matrix, listed(1), bufs.gate_out, bufs.expert_out, Some(&self.list))?,
         ];
-        self.layers.push(StreamedLayer { body_index, ops: layer_ops });
+        self.layers.push(StreamedLayer { body_index, ops: layer_ops, predicts_next });
         Ok(())
     }
 
     /// MoE layer `layer` of a step of `n` tokens, after its router's launch: reads the chosen
     /// ids, makes those experts resident (in rounds when they outnumber the slots) and launches
-    /// the layer's expert work for each round.
+    /// the layer's expert work for each round. In decode steps with prefetch, the next MoE
+    /// layer's guessed experts are then queued on the copy stream, behind this layer's work and
+    /// ahead of the next layer's attention, which does not wait for them.
     pub fn sync(&mut self, rt: &Runtime, layer: usize, n: u32) -> Result<()> {
         let waited = Instant::now();
         let count = n as usize * self.k;
         let mut bytes = vec![0u8; count * 4];
         rt.read(&self.ids, 0, &mut bytes)?;
+        let predicts = n == 1 && self.layers[layer].predicts_next;
+        let next_guess = match (self.guess_ids, predicts) {
+            (Some(g), true) => {
+                let mut guess = vec![0u8; self.k * 4];
+                rt.read(&g, 0, &mut guess)?;
+                Some(bytemuck::pod_collect_to_vec::<u8, u32>(&guess))
+            }
+            _ => None,
+        };
         self.counters.sync_seconds += waited.elapsed().as_secs_f64();
         self.counters.syncs += 1;
         let ids: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
         let experts = self.host[layer].len();
-        if let Some(bad) = ids.iter().find(|&&e| e as usize >= experts) {
+        if let Some(bad) = ids.iter().chain(next_guess.iter().flatten()).find(|&&e| e as usize >= experts) {
             return Err(Error::Invalid(format!("CUDA: the router chose expert {bad} of {experts} (non-finite activations?)")));
+        }
+        // A guess for another layer (a step that ended early) is stale: dropped unscored.
+        if let Some((_, guess)) = self.guess.take().filter(|(guessed, _)| *guessed == layer) {
+            self.counters.predicted += guess.len() as u64;
+            self.counters.predicted_right += guess.iter().filter(|g| ids.contains(g)).count() as u64;
         }
         let rounds = self.cache.plan_rounds(layer as u32, &ids, &mut self.counters, &mut self.prefetched);
         for round in &rounds {
             self.run_round(rt, layer, n, round)?;
+        }
+        if let Some(guess) = next_guess {
+            self.prefetch(rt, layer + 1, &guess)?;
+            self.guess = Some((layer + 1, guess));
+        }
+        Ok(())
+    }
+
+    /// Queues the guessed experts of `layer` that are not resident into slots nothing queued
+    /// still needs; the layer's own round makes its kernels wait for them (one copy stream).
+    fn prefetch(&mut self, rt: &Runtime, layer: usize, guess: &[u32]) -> Result<()> {
+        let started = Instant::now();
+        let keys: Vec<ExpertKey> = guess.iter().map(|&expert| ExpertKey { layer: layer as u32, expert }).collect();
+        rt.uploads_begin()?;
+        for (key, slot) in self.cache.prefetch(&keys) {
+            self.upload(rt, key, slot)?;
+            self.prefetched.insert(key);
+            self.counters.prefetched += 1;
+        }
+        self.counters.prefetch_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn upload(&mut self, rt: &Runtime, key: ExpertKey, slot: usize) -> Result<()> {
+        let expert = &self.host[key.layer as usize][key.expert as usize];
+        for (stack, m) in [(&self.gate, &expert.gate), (&self.up, &expert.up), (&self.down, &expert.down)] {
+            self.counters.bytes_uploaded += stack.write(rt, slot, m)?;
         }
         Ok(())
     }
@@ -149,10 +201,7 @@ impl CudaStreaming {
         // list); this round's kernels wait for the copies.
         rt.uploads_begin()?;
         for &(key, slot) in &round.uploads {
-            let expert = &self.host[key.layer as usize][key.expert as usize];
-            for (stack, m) in [(&self.gate, &expert.gate), (&self.up, &expert.up), (&self.down, &expert.down)] {
-                self.counters.bytes_uploaded += stack.write(rt, slot, m)?;
-            }
+            self.upload(rt, key, slot)?;
         }
         let list: Vec<u32> = round.pairs.iter().flat_map(|&(s, slot)| [s, slot as u32]).collect();
         rt.upload_async(&self.list, 0, bytemuck::cast_slice(&list))?;
