@@ -27,7 +27,10 @@ fn runtimes() -> Vec<Runtime> {
     let mut found = vec![Runtime::emulator().expect("the CUDA emulator needs a C++ compiler (apt-get install g++)")];
     match cuda::open(0) {
         Ok(rt) => found.push(rt),
-        Err(e) => eprintln!("NOT RUN on an NVIDIA device: {e}"),
+        Err(e) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("NOT RUN on an NVIDIA device (the emulator only): {e}"));
+        }
     }
     found
 }
