@@ -29,9 +29,12 @@ timeout 240 $bin/cuda-tests --nocapture --test-threads 1 2>&1 | tee "$OUT/tests.
 step "kernel bandwidth"
 timeout 120 $bin/cuda-kernels | tee "$OUT/kernels.txt"
 
-step "synthetic V3-shaped checkpoint (FP8, 4 layers: 3 dense + 1 MoE of 32 experts)"
+# DSRUN_CHECK_SYNTH="--preset small" for a quick run of the script itself.
+synth_args="${DSRUN_CHECK_SYNTH:---preset deepseek-v3 --layers 4 --experts 32 --dtype fp8}"
+step "synthetic checkpoint: $synth_args (default: V3-shaped FP8, 3 dense layers + 1 MoE layer of 32 experts)"
 synth=/tmp/dsrun-synth
-timeout 120 $bin/dsrun synth --out $synth --preset deepseek-v3 --layers 4 --experts 32 --dtype fp8 && du -sh $synth
+rm -rf $synth
+timeout 120 $bin/dsrun synth --out $synth $synth_args && du -sh $synth
 
 step "decode speed"
 for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do
