@@ -154,7 +154,12 @@ static void run_block() {
         f.shuffles = 0;
     }
     for (;;) {
-        for (unsigned i = 0; i < threads; i++) {
+        // Odd blocks run their threads last to first, so a kernel that reads shared memory
+        // another thread writes without a barrier between sees stale data in one order or the
+        // other (the GPU promises no order).
+        const bool reverse = (blockIdx.x + blockIdx.y + blockIdx.z) & 1u;
+        for (unsigned n = 0; n < threads; n++) {
+            const unsigned i = reverse ? threads - 1 - n : n;
             if (fibers[i].state != RUNNABLE) continue;
             current = i;
             threadIdx.x = i % blockDim.x;
