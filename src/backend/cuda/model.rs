@@ -317,7 +317,7 @@ impl CudaModel {
         drop(ops);
         Ok(CudaModel {
             // Streaming steps stop at every MoE layer for the host: no whole-step graph.
-            use_graphs: !rt.is_emulated() && streaming.is_none() && std::env::var_os("DSRUN_CUDA_GRAPHS").is_none_or(|v| v != "0"),
+            use_graphs: !rt.is_emulated() && streaming.is_none() && std::env::var("DSRUN_CUDA_GRAPHS").as_deref() != Ok("0"),
             rt,
             config: c,
             body,

@@ -407,8 +407,11 @@ impl Drop for Graph {
 /// Compiled kernel families by source and defines, so each variant compiles once per runtime.
 #[derive(Default)]
 pub struct KernelCache {
-    compiled: Mutex<HashMap<(usize, Vec<(String, u32)>), Vec<Kernel>>>,
+    compiled: Mutex<HashMap<FamilyKey, Vec<Kernel>>>,
 }
+
+/// A compiled family: its source and defines.
+type FamilyKey = (&'static str, Vec<(String, u32)>);
 
 impl KernelCache {
     /// Kernel `name` of the family `source` (one of `sources::ALL`) compiled with `defines`;
@@ -416,7 +419,7 @@ impl KernelCache {
     pub fn get(&self, rt: &Runtime, source: &'static str, defines: &[(&str, u32)], name: &str) -> Result<Kernel> {
         let names = super::sources::kernels_of(source);
         let index = names.iter().position(|n| *n == name).ok_or_else(|| Error::Invalid(format!("CUDA: no kernel `{name}` in its family")))?;
-        let key = (source.as_ptr() as usize, defines.iter().map(|(k, v)| (k.to_string(), *v)).collect());
+        let key = (source, defines.iter().map(|(k, v)| (k.to_string(), *v)).collect());
         let mut compiled = self.compiled.lock().unwrap();
         if !compiled.contains_key(&key) {
             compiled.insert(key.clone(), rt.kernels(source, defines, names)?);

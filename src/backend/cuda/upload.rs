@@ -24,6 +24,8 @@ fn error(what: &'static str) -> impl Fn(result::DriverError) -> Error {
     move |e| Error::Invalid(format!("CUDA: {what}: {e:?}"))
 }
 
+// Streams and events are opaque driver handles passed back to the driver, never dereferenced.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 impl Uploader {
     /// Needs the device's context current on this thread.
     pub fn new() -> Result<Uploader> {
