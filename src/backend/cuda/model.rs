@@ -393,7 +393,10 @@ impl CudaModel {
                 for layer in 0..streaming.layers.len() {
                     let at = streaming.layers[layer].body_index;
                     launches[done..at].iter().try_for_each(|l| self.rt.launch(l))?;
+                    let rounds = streaming.counters.rounds;
                     streaming.sync(&self.rt, layer, n)?;
+                    // Each round launches the listed gate, up and down matmuls and SwiGLU.
+                    self.counters.launches += 4 * (streaming.counters.rounds - rounds);
                     done = at;
                 }
             }
