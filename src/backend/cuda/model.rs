@@ -221,9 +221,6 @@ impl CudaModel {
                 o: up(&[&at.o])?,
                 cache: f32s(capacity * latent)?,
             };
-            for (split, tokens) in [(prefill_split, n), (decode_split, 1)] {
-                debug_assert!(split.partial_floats(tokens, heads, lora) <= partial_floats);
-            }
             let bufs = AttentionBuffers {
                 x: &a.xn,
                 qa: &a.qa,
@@ -371,23 +368,21 @@ impl CudaModel {
             Some(Logits::Last) => (&self.head_last[..], 1),
             Some(Logits::All) => (&self.head_all[..], n),
         };
-        let ops = self.body.iter().chain(head_ops);
-        let argmax = greedy.then(|| {
-            let mut l = self.argmax.launch(rows);
-            l.grid = [rows, 1, 1];
-            l
-        });
-        let launches: Vec<_> = ops.map(|op| op.launch(n)).chain(argmax).collect();
-        self.counters.launches += launches.len() as u64;
+        let launches = || -> Vec<_> {
+            let ops = self.body.iter().chain(head_ops).map(|op| op.launch(n));
+            ops.chain(greedy.then(|| self.argmax.launch(rows))).collect()
+        };
+        self.counters.launches += (self.body.len() + head_ops.len() + greedy as usize) as u64;
         if n == 1 && self.use_graphs {
             let key = (head.map_or(0, |h| if h == Logits::Last { 1 } else { 2 }), greedy);
             if !self.graphs.contains_key(&key) {
-                self.graphs.insert(key, Graph::capture(&self.rt, launches)?);
+                self.graphs.insert(key, Graph::capture(&self.rt, launches())?);
             }
             self.graphs[&key].replay(&self.rt)?;
             self.counters.graph_replays += 1;
         } else {
             // Under expert streaming the step stops at each MoE layer's router for its choice.
+            let launches = launches();
             let mut done = 0;
             if let Some(streaming) = &mut self.streaming {
                 for layer in 0..streaming.layers.len() {
