@@ -170,7 +170,7 @@ fn expert_matmul_reads_expert_ids_on_the_device() {
                 let x = random(3, n * cols);
                 let (xb, yb, ib) = (h.f32s(&x), h.zeros(n * k * rows), rt.upload(&ids).unwrap());
                 h.set_step(n as u32, 0);
-                h.run(&[h.ops.group_by_expert(&ib, &groups).unwrap(), h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib, &groups).unwrap()], n as u32);
+                h.run(&[h.ops.group_by_expert(&ib, &groups).unwrap(), h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib, Some(&groups)).unwrap()], n as u32);
                 let got = h.read(&yb, n * k * rows);
                 for (s, &e) in ids.iter().enumerate() {
                     let want = cpu::matmul(&ms[e as usize], &x[(s / k) * cols..][..cols], 1);

@@ -41,4 +41,6 @@ for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do
     timeout 120 $bin/dsrun bench --model $synth $args -p 128 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
 done
 DSRUN_CUDA_GRAPHS=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 16 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
-echo "(the last line: CUDA graphs off)"
+echo "(the line above: CUDA graphs off)"
+DSRUN_CUDA_GROUPED=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 1 -r 3 --json | tee -a "$OUT/bench.jsonl"
+echo "(the line above: prefill experts one slot per block, not grouped)"

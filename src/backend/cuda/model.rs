@@ -188,6 +188,9 @@ impl CudaModel {
             }
         };
         let groups = ExpertGroups::new(&rt, k, c.n_routed_experts, n)?;
+        // Prefill's routed slots grouped by expert (DSRUN_CUDA_GROUPED=0: one slot per block, to
+        // compare on a device).
+        let grouped = std::env::var("DSRUN_CUDA_GROUPED").as_deref() != Ok("0");
         let stream_bufs = StreamBuffers { x: &a.xn, gate_out: &a.ffn_a, up_out: &a.ffn_b, expert_out: &a.expert_out, ids: &a.ids };
 
         let weight_bytes = std::cell::Cell::new(0u64);
@@ -291,11 +294,14 @@ impl CudaModel {
                     let stack = |f: fn(&Mlp) -> &Matrix| moe.experts.iter().map(f).collect::<Vec<_>>();
                     let (gate, upm, down) = (up(&stack(|m| &m.gate))?, up(&stack(|m| &m.up))?, up(&stack(|m| &m.down))?);
                     let k32 = k as u32;
-                    body.push(ops.group_by_expert(&a.ids, &groups)?);
-                    body.push(ops.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids, &groups)?);
-                    body.push(ops.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids, &groups)?);
+                    let groups = grouped.then_some(&groups);
+                    if let Some(groups) = groups {
+                        body.push(ops.group_by_expert(&a.ids, groups)?);
+                    }
+                    body.push(ops.expert_matmul(&gate, k32, k32, &a.xn, &a.ffn_a, &a.ids, groups)?);
+                    body.push(ops.expert_matmul(&upm, k32, k32, &a.xn, &a.ffn_b, &a.ids, groups)?);
                     body.push(ops.silu_mul(k * gate.rows, &a.ffn_a, &a.ffn_b)?);
-                    body.push(ops.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids, &groups)?);
+                    body.push(ops.expert_matmul(&down, k32, 1, &a.ffn_a, &a.expert_out, &a.ids, groups)?);
                     if let Some(shared) = &moe.shared {
                         mlp(shared, &a.shared_out, false, &mut body)?;
                     }

@@ -186,8 +186,10 @@ impl<'a> Ops<'a> {
     /// device). Steps of several tokens go by `groups` (filled by `group_by_expert` after the
     /// router): each block computes up to a tile of slots of one expert, reading its weights
     /// once for them; single-token steps take one slot per block.
-    pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer, groups: &ExpertGroups) -> Result<Op> {
+    /// `groups: None` takes one slot per block for every step (for comparing the two).
+    pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer, groups: Option<&ExpertGroups>) -> Result<Op> {
         let per_slot = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
+        let Some(groups) = groups else { return self.matmul_shaped(w, per_slot, x, y, Some(ids)) };
         let grouped = MatmulShape { use_ids: false, ..per_slot };
         let (row_blocks, g) = ((w.rows as u32).div_ceil(MATMUL_WARPS), *groups);
         let mut op = self.matmul_op(w, PREFILL_TILE, grouped, [x, y, &groups.buffer], GROUPED, Box::new(move |n| [row_blocks, g.max_tiles(n), 1]))?;
