@@ -130,6 +130,21 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// The plan for weights `w` in the device format `quant` with `top_k` experts per token,
+    /// plus `other_resident` bytes the backend keeps beside them (KV cache, activations); an
+    /// expert slot as `SlotLayout` lays it out.
+    pub fn for_weights(w: &crate::model::weights::Weights, quant: QuantTarget, top_k: usize, other_resident: u64) -> MemoryPlan {
+        let moe_layers = w.moe_layers();
+        let template = moe_layers.first().map(|(_, moe)| moe.experts[0].quantized(quant));
+        let slot_bytes = |m: &crate::model::weights::Matrix| crate::backend::layout::SlotLayout::new(m).slot_bytes();
+        MemoryPlan {
+            resident: crate::inspect::resident_weight_bytes(w, quant) + other_resident,
+            expert_bytes: template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| slot_bytes(m)).sum()),
+            experts: moe_layers.iter().map(|(_, moe)| moe.experts.len() as u64).sum(),
+            top_k: top_k as u64,
+        }
+    }
+
     pub fn all_resident(&self) -> u64 {
         self.resident + self.experts * self.expert_bytes
     }

@@ -206,6 +206,18 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// The MoE layers: (layer index, its MoE weights), in order.
+    pub fn moe_layers(&self) -> Vec<(usize, &Moe)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.ffn {
+                FeedForward::Moe(m) => Some((i, m)),
+                FeedForward::Dense(_) => None,
+            })
+            .collect()
+    }
+
     /// Looks up and checks every tensor the model needs. Returns the weights and the names of
     /// checkpoint tensors the model does not use (e.g. the MTP layer).
     pub fn load(config: &ModelConfig, checkpoint: &Checkpoint) -> Result<(Weights, Vec<String>)> {

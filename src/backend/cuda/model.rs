@@ -7,7 +7,6 @@ use super::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, Cu
 use super::runtime::{Buffer, Graph, Runtime};
 use super::streaming::{CudaStreaming, StreamBuffers};
 use crate::budget::{GpuOptions, MemoryPlan};
-use crate::backend::layout::SlotLayout;
 use crate::backend::layout::{MatmulShape, MlaShape};
 use crate::config::ModelConfig;
 use crate::engine::Engine;
@@ -151,19 +150,9 @@ impl CudaModel {
         let argmax_ids = f32s(n)?;
 
         // What stays on the device whatever the budget, and what one routed expert takes there.
-        let moe_layers: Vec<usize> = (0..w.layers.len()).filter(|&i| matches!(w.layers[i].ffn, FeedForward::Moe(_))).collect();
-        let moe_of = |i: usize| match &w.layers[i].ffn {
-            FeedForward::Moe(moe) => moe,
-            FeedForward::Dense(_) => unreachable!("a MoE layer index"),
-        };
+        let moe_layers = w.moe_layers();
         let kv_bytes = (c.num_hidden_layers * capacity * latent * 4) as u64;
-        let expert_template = moe_layers.first().map(|&i| moe_of(i).experts[0].quantized(quant));
-        let plan = MemoryPlan {
-            resident: crate::inspect::resident_weight_bytes(w, quant) + kv_bytes + a.bytes() + (2 * n + n * c.vocab_size) as u64 * 4,
-            expert_bytes: expert_template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotLayout::new(m).slot_bytes()).sum()),
-            experts: moe_layers.iter().map(|&i| moe_of(i).experts.len() as u64).sum(),
-            top_k: k as u64,
-        };
+        let plan = MemoryPlan::for_weights(w, quant, k, kv_bytes + a.bytes() + (2 * n + n * c.vocab_size) as u64 * 4);
         let budget = plan.budget(options.gpu_mem, rt.memory());
         // Prefetch needs a device that copies while it computes: on unless turned off (the
         // emulator follows the option too, so the path is tested).
@@ -174,7 +163,7 @@ impl CudaModel {
             Some(slots) => {
                 // Host copies of every routed expert in the device's format (views of the
                 // memory-mapped checkpoint when the format is kept).
-                let host: Vec<Vec<Mlp>> = moe_layers.iter().map(|&i| moe_of(i).experts.iter().map(|m| m.quantized(quant)).collect()).collect();
+                let host: Vec<Vec<Mlp>> = moe_layers.iter().map(|(_, moe)| moe.experts.iter().map(|m| m.quantized(quant)).collect()).collect();
                 let s = CudaStreaming::new(&rt, host, slots, k, n, options.eviction, &a.ids, prefetch.then_some(&guess.ids))?;
                 log::info!(
                     "expert streaming: {} slots of {} for {} experts; budget {}, resident {}",
@@ -267,12 +256,12 @@ impl CudaModel {
                     body.push(ops.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights)?);
                     if let Some(streaming) = &mut streaming {
                         let j = streaming.layers.len();
-                        let next = moe_layers.get(j + 1).copied();
+                        let next = moe_layers.get(j + 1).map(|&(i, _)| i);
                         let predicts_next = prefetch && next.is_some();
                         if let (true, Some(next)) = (predicts_next, next) {
                             // The next MoE layer's router on this layer's hidden state (its last
                             // token): a guess at the experts it will want, uploaded early.
-                            let next_moe = moe_of(next);
+                            let next_moe = moe_layers[j + 1].1;
                             let norm = ops.vector(&w.layers[next].post_attention_norm)?;
                             body.push(ops.rmsnorm(d, eps, &a.h, &norm, &guess.xn, true)?);
                             let router = CudaMatrix::upload(&rt, &[&next_moe.router])?;
@@ -353,14 +342,6 @@ impl CudaModel {
 
     pub fn stream_counters(&self) -> Option<crate::expert_cache::StreamCounters> {
         self.streaming.as_ref().map(|s| s.counters)
-    }
-
-    pub fn weight_bytes(&self) -> u64 {
-        self.weight_bytes
-    }
-
-    pub fn runtime(&self) -> &Runtime {
-        &self.rt
     }
 
     /// One chunk of at most MAX_CHUNK tokens; returns the read-back bytes.

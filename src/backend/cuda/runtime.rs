@@ -19,14 +19,6 @@ pub struct Buffer {
     pub bytes: usize,
 }
 
-impl Buffer {
-    /// The same memory from byte `offset` on (a view for kernels; not freed on its own).
-    pub fn at(&self, offset: usize) -> Buffer {
-        assert!(offset <= self.bytes, "view past the end of a buffer");
-        Buffer { ptr: self.ptr + offset as u64, bytes: self.bytes - offset }
-    }
-}
-
 /// A kernel argument as the kernel's signature takes it.
 #[derive(Debug, Clone, Copy)]
 pub enum Arg {

@@ -6,7 +6,7 @@ use super::context::GpuContext;
 use super::kernels::Pipelines;
 use super::lower::{AttentionBuffers, Builder, Dispatch, GpuAttention, GpuQuery, MatmulShape, MlaShape, StepUniform};
 use super::streaming::{StreamBuffers, StreamedLayer, Streaming};
-use super::tensors::{storage, uniform, GpuMatrix, SlotMatrix};
+use super::tensors::{storage, uniform, GpuMatrix};
 use crate::budget::{GpuOptions, MemoryPlan};
 use crate::config::ModelConfig;
 use crate::model::router::RouterParams;
@@ -176,20 +176,10 @@ impl GpuModel {
         });
 
         // What stays on the GPU whatever the budget, and what one routed expert takes there.
-        let moe_layers: Vec<usize> = (0..w.layers.len()).filter(|&i| matches!(w.layers[i].ffn, FeedForward::Moe(_))).collect();
-        let moe_of = |i: usize| match &w.layers[i].ffn {
-            FeedForward::Moe(moe) => moe,
-            FeedForward::Dense(_) => unreachable!("a MoE layer index"),
-        };
+        let moe_layers = w.moe_layers();
         let kv_bytes = (c.num_hidden_layers * capacity * latent * 4) as u64;
         let buffer_bytes = a.bytes() + tokens.size() + logits.size() + argmax_ids.size() + readback.size();
-        let expert_template = moe_layers.first().map(|&i| moe_of(i).experts[0].quantized(quant));
-        let plan = MemoryPlan {
-            resident: crate::inspect::resident_weight_bytes(w, quant) + kv_bytes + buffer_bytes,
-            expert_bytes: expert_template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotMatrix::slot_bytes(m)).sum()),
-            experts: moe_layers.iter().map(|&i| moe_of(i).experts.len() as u64).sum(),
-            top_k: k as u64,
-        };
+        let plan = MemoryPlan::for_weights(w, quant, k, kv_bytes + buffer_bytes);
         let slots = plan.slots(plan.budget(options.gpu_mem, ctx.memory))?;
         let prefetch = options.prefetch.enabled(ctx.info.device_type);
         let guess_buffers = match slots {
@@ -217,8 +207,8 @@ impl GpuModel {
                 // memory-mapped checkpoint when the format is kept).
                 let host: Vec<Vec<Mlp>> = moe_layers
                     .iter()
-                    .map(|&i| {
-                        let experts = &moe_of(i).experts;
+                    .map(|(_, moe)| {
+                        let experts = &moe.experts;
                         progress.inc(3 * experts.len() as u64);
                         experts.par_iter().map(|m| m.quantized(quant)).collect()
                     })
@@ -315,12 +305,12 @@ impl GpuModel {
                     body.push(b.router(&RouterParams::from_config(&c), c.n_routed_experts, &a.router_logits, bias.as_ref(), &a.ids, &a.route_weights));
                     if let Some(streaming) = &mut streaming {
                         let j = streaming.layers.len();
-                        let next = moe_layers.get(j + 1).copied();
+                        let next = moe_layers.get(j + 1).map(|&(i, _)| i);
                         let mut predicts_next = false;
                         if let (Some(g), Some(next)) = (&guess_buffers, next) {
                             // The next MoE layer's router on this layer's hidden state (its last
                             // token): a guess at the experts it will want, uploaded early.
-                            let next_moe = moe_of(next);
+                            let next_moe = moe_layers[j + 1].1;
                             let norm = b.vector("next post_attention_norm", &w.layers[next].post_attention_norm);
                             body.push(b.rmsnorm(d, eps, &a.h, &norm, &g.xn, true));
                             let router = upload(&[&next_moe.router], QuantTarget::Keep)?;
