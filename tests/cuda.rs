@@ -294,7 +294,7 @@ fn mla_attention_layer_matches_cpu_across_splits() {
                 h.zeros(max_n * d),
             );
             let inv_freq = h.f32s(&rope.inv_freq);
-            let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, partial: &partial, split, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
+            let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, partial: &partial, split, decode_split: split, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
             let ops = h.ops.attention(&shape, &cw, &bufs).unwrap();
             let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
             let mut cpu_cache = Vec::new();

@@ -222,20 +222,13 @@ impl CudaModel {
                 q_lat: &a.q_lat,
                 partial: &a.partial,
                 split: prefill_split,
+                decode_split,
                 o_lat: &a.o_lat,
                 o: &a.o,
                 out: &a.h,
                 inv_freq: &inv_freq,
             };
-            let mut attention_ops = ops.attention(&mla, &attention, &bufs)?;
-            // Decode steps split the cache finer (one token leaves room for more splits).
-            let decode_ops = ops.attention(&mla, &attention, &AttentionBuffers { split: decode_split, ..bufs })?;
-            for (op, decode) in attention_ops.iter_mut().zip(decode_ops) {
-                if op.name.starts_with("mla_") {
-                    op.decode = Some(Box::new(decode));
-                }
-            }
-            body.extend(attention_ops);
+            body.extend(ops.attention(&mla, &attention, &bufs)?);
 
             body.push(ops.rmsnorm(d, eps, &a.h, &ops.vector(&layer.post_attention_norm)?, &a.xn, false)?);
             let mlp = |m: &Mlp, out: &Buffer, accumulate: bool, body: &mut Vec<Op>| -> Result<()> {

@@ -316,7 +316,12 @@ impl<'a> Ops<'a> {
         let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.q.into(), bufs.q_lat.into(), heads.into(), nope.into(), v.into(), qk.into()];
         ops.push(self.op("q_absorb", mla("q_absorb")?, args, Box::new(move |n| [lora.div_ceil(THREADS), n * heads, 1])));
 
-        ops.extend(self.mla_attention(s, kv_b.format, [bufs.q, bufs.q_lat, &w.cache, bufs.partial, bufs.o_lat], bufs.split)?);
+        let attention_bufs = [bufs.q, bufs.q_lat, &w.cache, bufs.partial, bufs.o_lat];
+        let decode = self.mla_attention(s, kv_b.format, attention_bufs, bufs.decode_split)?;
+        for (mut op, decode) in self.mla_attention(s, kv_b.format, attention_bufs, bufs.split)?.into_iter().zip(decode) {
+            op.decode = Some(Box::new(decode));
+            ops.push(op);
+        }
 
         let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.o_lat.into(), bufs.o.into(), heads.into(), nope.into(), v.into()];
         ops.push(self.op("v_up", mla("v_up")?, args, Box::new(move |n| [v.div_ceil(THREADS), n * heads, 1])));
@@ -395,6 +400,8 @@ pub struct AttentionBuffers<'a> {
     pub q_lat: &'a Buffer,
     pub partial: &'a Buffer,
     pub split: AttentionSplit,
+    /// Single-token steps split the cache finer (one token leaves room for more splits).
+    pub decode_split: AttentionSplit,
     pub o_lat: &'a Buffer,
     pub o: &'a Buffer,
     pub out: &'a Buffer,
