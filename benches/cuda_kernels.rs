@@ -7,16 +7,17 @@
 
 mod common;
 use common::values;
+use dsrun::backend::cuda::device::Launch;
 use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Op, Ops};
-use dsrun::backend::cuda::runtime::Launch;
-use dsrun::backend::cuda::{self, sources, Arg, Runtime};
+use dsrun::backend::cuda::{self, sources, Arg, Device};
+use std::sync::Arc;
 use dsrun::backend::layout::MlaShape;
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
 use std::time::Instant;
 
 /// Seconds per run of `launches` (mean of `reps` after a warm-up).
-fn time(rt: &Runtime, launches: &[Launch], reps: usize) -> f64 {
+fn time(rt: &Device, launches: &[Launch], reps: usize) -> f64 {
     let run = || launches.iter().for_each(|l| rt.launch(l).unwrap());
     run();
     rt.synchronize().unwrap();
@@ -31,9 +32,9 @@ fn time(rt: &Runtime, launches: &[Launch], reps: usize) -> f64 {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let emulated = std::env::args().any(|a| a == "--emulator");
-    let opened = if emulated { Runtime::emulator() } else { cuda::open(0) };
+    let opened = if emulated { Device::emulator() } else { cuda::open(0) };
     let rt = match opened {
-        Ok(rt) => rt,
+        Ok(rt) => Arc::new(rt),
         Err(e) => {
             println!("NOT RUN: {e}");
             return;
@@ -47,7 +48,7 @@ fn main() {
     };
     println!("device: {}", rt.describe());
     let reps = if quick || emulated { 3 } else { 20 };
-    let ops = Ops::new(&rt).unwrap();
+    let ops = Ops::new(rt.clone()).unwrap();
 
     let words = stream_bytes / 16;
     let src = rt.alloc(words * 16).unwrap();

@@ -18,7 +18,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let ctx = context::open(GpuChoice::Auto).expect("a GPU adapter");
     println!("adapter: {} ({})", ctx.describe(), ctx.features_in_use());
-    let r = OpRunner::new(ctx).unwrap();
+    let mut r = OpRunner::new(ctx).unwrap();
     let reps = if quick { 3 } else { 10 };
 
     // Bandwidth reference: stream 64 MiB.
@@ -26,8 +26,8 @@ fn main() {
     let src = r.u32_buffer(&vec![1u32; words]);
     let lanes = 64 * 1024;
     let sums = r.zeros(lanes).unwrap();
-    let p = r.builder.params("stream", &[words as u32, 0, 0, 0]);
-    let d = r.builder.dispatch(Kernel::StreamRead, None, &[&p, &src, &sums], Box::new(move |_| [1024, 1, 1]));
+    let p = r.builder().params("stream", &[words as u32, 0, 0, 0]);
+    let d = r.builder().dispatch(Kernel::StreamRead, None, &[&p, &src, &sums], dsrun::backend::Grid::fixed([1024, 1, 1]));
     let seconds = r.time(&[d], 1, reps).unwrap();
     let stream = (words * 4) as f64 / seconds / 1e9;
     println!("stream read 64 MiB: {stream:.2} GB/s (reference)");
@@ -41,7 +41,7 @@ fn main() {
         for n in [1usize, 16] {
             let x = r.f32_buffer(&values(n * cols));
             let y = r.zeros(n * rows).unwrap();
-            let d = r.builder.matmul(&gm, &x, &y, false);
+            let d = r.builder().matmul(&gm, &x, &y, false);
             r.set_step(n as u32, 0);
             let t = r.time(&d, n as u32, reps).unwrap();
             let gbs = gm.bytes as f64 / t / 1e9;
@@ -71,7 +71,7 @@ fn main() {
         let logits = r.f32_buffer(&values(n * 256));
         let bias = r.f32_buffer(&values(256));
         let (ids, wts) = (r.zeros(n * 8).unwrap(), r.zeros(n * 8).unwrap());
-        let d = r.builder.router(&p, 256, &logits, Some(&bias), &ids, &wts);
+        let d = r.builder().router(&p, 256, &logits, Some(&bias), &ids, &wts, false);
         r.set_step(n as u32, 0);
         let t = r.time(&[d], n as u32, reps).unwrap();
         println!("{:<34} {:>8.3}ms", format!("router V3 shape, {n} tokens"), t * 1e3);
@@ -90,9 +90,8 @@ fn main() {
         let scores = r.zeros(heads * len).unwrap();
         let o_lat = r.zeros(heads * lora).unwrap();
         let scale = 1.0f32 / (qk as f32).sqrt();
-        let p = r.builder.params("attention", &[heads as u32, lora as u32, rope as u32, qk as u32, nope as u32, len as u32, scale.to_bits(), 0]);
         let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0 };
-        let d = r.builder.mla_attention(&shape, &p, [&q, &q_lat, &cache, &scores, &o_lat]);
+        let d = r.builder().mla_attention(&shape, &q, &q_lat, &cache, &scores, &o_lat);
         r.set_step(1, len as u32 - 1);
         let t = r.time(&[d], 1, if len > 1024 { 1 } else { reps }).unwrap();
         let gbs = (len * (lora + rope) * 4) as f64 / t / 1e9;

@@ -1,10 +1,11 @@
 // Weight decoding shared by every kernel that reads a weight matrix (prepended by the loader).
 //
 // A matrix is `rows x cols` elements, row-major, packed little-endian into u32 words; stacked
-// experts follow each other `expert_stride` elements apart. FORMAT picks the element type:
-//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scales[block]),
-//   4 = q8: int8 codes with a scale per 1x32 block (W = q * s),
-//   5 = q4: 4-bit codes, 8 per word low nibble first, with (scale, min) per 1x32 block (W = q * s + m).
+// experts follow each other `expert_stride` elements apart. FORMAT picks the element type, one of
+// the FORMAT_* constants the loader prepends from the format table (src/format.rs):
+//   f32, bf16, f16, FP8 e4m3 with block scales (W = code * scales[block]),
+//   q8: int8 codes with a scale per 1x32 block (W = q * s),
+//   q4: 4-bit codes, 8 per word low nibble first, with (scale, min) per 1x32 block (W = q * s + m).
 // Scales form a `[ceil(rows/block_rows), grid_cols]` grid per expert (q4: pairs), `scale_expert_stride`
 // values apart.
 
@@ -63,7 +64,7 @@ fn fp8x4(word: u32) -> vec4<f32> {
 
 // Elements per lane step of the matmul: a word of f32/bf16/f16, four bytes of FP8/q8, four
 // nibbles (half a word) of q4.
-override ELEMS: u32 = select(select(2u, 4u, FORMAT >= 3u), 1u, FORMAT == 0u);
+override ELEMS: u32 = select(select(2u, 4u, FORMAT == FORMAT_FP8 || FORMAT == FORMAT_Q8 || FORMAT == FORMAT_Q4), 1u, FORMAT == FORMAT_F32);
 
 fn signed_byte(word: u32, shift: u32) -> f32 {
     return f32(bitcast<i32>(word << (24u - shift)) >> 24u);
@@ -77,7 +78,7 @@ fn block_scale_index(e: u32, r: u32, c: u32) -> u32 {
 // Requires rows that start on a step boundary (cols % ELEMS == 0) and blocks of whole steps.
 fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
     let first = e * wl.expert_stride + r * wl.cols + wi * ELEMS;
-    if (FORMAT == 5u) {
+    if (FORMAT == FORMAT_Q4) {
         let word = weights[first >> 3u] >> ((first & 7u) * 4u);
         let q = vec4<f32>(f32(word & 0xfu), f32((word >> 4u) & 0xfu), f32((word >> 8u) & 0xfu), f32((word >> 12u) & 0xfu));
         let g = e * wl.scale_expert_stride + 2u * ((r / wl.block_rows) * wl.grid_cols + (wi * 4u) / wl.block_cols);
@@ -85,17 +86,17 @@ fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
     }
     let word = weights[first / ELEMS];
     switch FORMAT {
-        case 4u: {
+        case FORMAT_Q8: {
             let s = scales[block_scale_index(e, r, wi * 4u)];
             return vec4<f32>(signed_byte(word, 0u), signed_byte(word, 8u), signed_byte(word, 16u), signed_byte(word, 24u)) * s;
         }
-        case 1u: {
+        case FORMAT_BF16: {
             return vec4<f32>(bitcast<f32>(word << 16u), bitcast<f32>(word & 0xffff0000u), 0.0, 0.0);
         }
-        case 2u: {
+        case FORMAT_F16: {
             return vec4<f32>(unpack2x16float(word), 0.0, 0.0);
         }
-        case 3u: {
+        case FORMAT_FP8: {
             let s = scales[block_scale_index(e, r, wi * 4u)];
             return fp8x4(word) * s;
         }
@@ -108,21 +109,21 @@ fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
 fn weight(e: u32, r: u32, c: u32) -> f32 {
     let i = e * wl.expert_stride + r * wl.cols + c;
     switch FORMAT {
-        case 1u: {
+        case FORMAT_BF16: {
             let word = weights[i >> 1u];
             return bitcast<f32>(select(word << 16u, word & 0xffff0000u, (i & 1u) == 1u));
         }
-        case 2u: {
+        case FORMAT_F16: {
             return unpack2x16float(weights[i >> 1u])[i & 1u];
         }
-        case 3u: {
+        case FORMAT_FP8: {
             let code = (weights[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
             return fp8_e4m3(code) * scales[block_scale_index(e, r, c)];
         }
-        case 4u: {
+        case FORMAT_Q8: {
             return signed_byte(weights[i >> 2u], (i & 3u) * 8u) * scales[block_scale_index(e, r, c)];
         }
-        case 5u: {
+        case FORMAT_Q4: {
             let q = f32((weights[i >> 3u] >> ((i & 7u) * 4u)) & 0xfu);
             let g = e * wl.scale_expert_stride + 2u * ((r / wl.block_rows) * wl.grid_cols + c / wl.block_cols);
             return q * scales[g] + scales[g + 1u];

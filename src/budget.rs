@@ -95,9 +95,11 @@ pub enum Prefetch {
 }
 
 impl Prefetch {
-    pub fn enabled(self, device_type: wgpu::DeviceType) -> bool {
+    /// Whether it is on for a device; `software`: the "GPU" is the CPU (a software adapter,
+    /// the CUDA emulator).
+    pub fn enabled(self, software: bool) -> bool {
         match self {
-            Prefetch::Auto => device_type != wgpu::DeviceType::Cpu,
+            Prefetch::Auto => !software,
             Prefetch::On => true,
             Prefetch::Off => false,
         }
@@ -116,7 +118,8 @@ impl GpuOptions {
     }
 }
 
-/// Bytes a model needs on the GPU, split into what always stays and the routed experts.
+/// Bytes a model needs on the GPU, split into what always stays and the routed experts
+/// (made by `plan::build` from the plan's weights and buffers).
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryPlan {
     /// Every weight but the routed experts, the latent KV cache, activations and scratch.
@@ -130,21 +133,6 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
-    /// The plan for weights `w` in the device format `quant` with `top_k` experts per token,
-    /// plus `other_resident` bytes the backend keeps beside them (KV cache, activations); an
-    /// expert slot as `SlotLayout` lays it out.
-    pub fn for_weights(w: &crate::model::weights::Weights, quant: QuantTarget, top_k: usize, other_resident: u64) -> MemoryPlan {
-        let moe_layers = w.moe_layers();
-        let template = moe_layers.first().map(|(_, moe)| moe.experts[0].quantized(quant));
-        let slot_bytes = |m: &crate::model::weights::Matrix| crate::backend::layout::SlotLayout::new(m).slot_bytes();
-        MemoryPlan {
-            resident: crate::inspect::resident_weight_bytes(w, quant) + other_resident,
-            expert_bytes: template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| slot_bytes(m)).sum()),
-            experts: moe_layers.iter().map(|(_, moe)| moe.experts.len() as u64).sum(),
-            top_k: top_k as u64,
-        }
-    }
-
     pub fn all_resident(&self) -> u64 {
         self.resident + self.experts * self.expert_bytes
     }

@@ -54,18 +54,18 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
 /// emulator instead, for testing the path where there is no NVIDIA GPU; very slow).
 #[cfg(feature = "cuda")]
 fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
-    use crate::backend::cuda::{CudaModel, Runtime};
-    let rt = match std::env::var("DSRUN_CUDA_EMULATOR") {
-        Ok(v) if v == "1" => Runtime::emulator()?,
-        _ => Runtime::driver(0)?,
+    use crate::backend::cuda::{CudaModel, Device};
+    let device = match std::env::var("DSRUN_CUDA_EMULATOR") {
+        Ok(v) if v == "1" => Device::emulator()?,
+        _ => Device::driver(0)?,
     };
-    log::info!("--gpu cuda: {}", rt.describe());
-    Ok(Box::new(CudaModel::with_options(rt, &model, capacity, options)?))
+    log::info!("--gpu cuda: {}", device.describe());
+    Ok(Box::new(CudaModel::with_options(std::sync::Arc::new(device), &model, capacity, options)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_engine(_: Model, _: usize, _: &GpuOptions) -> Result<Box<dyn Engine>> {
-    Err(Error::Invalid(
+    Err(Error::NoDevice(
         "--gpu cuda: this dsrun was built without CUDA; rebuild with `cargo build --release --features cuda` \
          (no CUDA toolkit needed), or use --gpu vulkan (NVIDIA GPUs run through Vulkan too) or --gpu cpu"
             .into(),

@@ -6,7 +6,8 @@ use crate::error::Result;
 use crate::model::{KvCache, Logits, Model};
 
 
-pub trait Engine {
+/// An engine is `Send`: a server thread may own it.
+pub trait Engine: Send {
     fn config(&self) -> &ModelConfig;
     /// `[n, vocab]` logits (`Logits::All`) or the last position's `[vocab]`.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
@@ -61,26 +62,4 @@ impl Engine for CpuEngine {
     fn device_name(&self) -> String {
         "cpu (f32 reference)".into()
     }
-}
-
-/// Runs `tokens` through a GPU engine's `step` in chunks of at most `max_chunk`: every chunk
-/// computes logits when all are wanted, otherwise only the last chunk computes its last row.
-/// Returns the concatenated read-back bytes.
-pub fn run_in_chunks(
-    tokens: &[u32],
-    max_chunk: usize,
-    which: Logits,
-    mut step: impl FnMut(&[u32], Option<Logits>) -> Result<Vec<u8>>,
-) -> Result<Vec<u8>> {
-    let chunks: Vec<&[u32]> = tokens.chunks(max_chunk).collect();
-    let mut out = Vec::new();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let head = match which {
-            Logits::All => Some(Logits::All),
-            Logits::Last if i + 1 == chunks.len() => Some(Logits::Last),
-            Logits::Last => None,
-        };
-        out.extend(step(chunk, head)?);
-    }
-    Ok(out)
 }

@@ -39,7 +39,26 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// A request that cannot be served as asked (bad token id, prompt too long, unsupported device).
+    /// No device of the kind asked for: no adapter, no driver, a build without the backend.
+    /// The message says what to install or use instead.
+    #[error("{0}")]
+    NoDevice(String),
+
+    /// A device or driver call failed.
+    #[error("{device}: {what} failed: {reason}")]
+    Device { device: String, what: String, reason: String },
+
+    /// The device cannot hold what the model asks of it (a buffer beyond its binding limit, its
+    /// memory exhausted); the message says what to lower.
+    #[error("{device}: {what}")]
+    DeviceLimit { device: String, what: String },
+
+    /// The device or its compiler rejected dsrun's kernels.
+    #[error("{device} rejected the kernels: {reason}")]
+    Kernel { device: String, reason: String },
+
+    /// A request that cannot be served as asked (bad token id, prompt too long, a budget below
+    /// the minimum).
     #[error("{0}")]
     Invalid(String),
 }
@@ -47,6 +66,11 @@ pub enum Error {
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    /// A failed device call: `device` named, `what` was being done, and why it failed.
+    pub fn device(device: impl Into<String>, what: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Error::Device { device: device.into(), what: what.into(), reason: reason.to_string() }
     }
 }
 

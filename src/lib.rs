@@ -7,8 +7,12 @@ pub mod budget;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod format;
+pub mod hot_path;
 pub mod model;
+pub mod plan;
 pub mod quant;
+pub mod runtime;
 
 pub use error::{Error, Result};
 pub mod device;

@@ -12,9 +12,10 @@ mod common;
 use common::random;
 
 use dsrun::backend::cpu;
-use dsrun::backend::cuda::ops::{AttentionBuffers, AttentionSplit, CudaAttention, CudaMatrix, CudaQuery, Ops};
-use dsrun::backend::cuda::{self, compile, sources, Buffer, CudaModel, Runtime};
-use dsrun::backend::layout::{MatmulShape, MlaShape};
+use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Ops};
+use dsrun::backend::cuda::{self, compile, sources, Buffer, CudaBackend, CudaModel, Device};
+use dsrun::backend::layout::MatmulShape;
+use std::sync::Arc;
 use dsrun::engine::Engine;
 use dsrun::model::weights::Matrix;
 use dsrun::model::{Logits, Model};
@@ -22,11 +23,11 @@ use dsrun::quant::{DType, QuantTarget};
 
 const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 
-/// The runtimes to test on, named; missing ones are reported.
-fn runtimes() -> Vec<Runtime> {
-    let mut found = vec![Runtime::emulator().expect("the CUDA emulator needs a C++ compiler (apt-get install g++)")];
+/// The devices to test on, named; missing ones are reported.
+fn runtimes() -> Vec<Arc<Device>> {
+    let mut found = vec![Arc::new(Device::emulator().expect("the CUDA emulator needs a C++ compiler (apt-get install g++)"))];
     match cuda::open(0) {
-        Ok(rt) => found.push(rt),
+        Ok(rt) => found.push(Arc::new(rt)),
         Err(e) => {
             static SAID: std::sync::Once = std::sync::Once::new();
             SAID.call_once(|| eprintln!("NOT RUN on an NVIDIA device (the emulator only): {e}"));
@@ -44,16 +45,16 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
     assert!(err <= tolerance, "{what}: relative error {err:e}");
 }
 
-struct Harness<'a> {
-    ops: Ops<'a>,
+struct Harness {
+    ops: Ops,
 }
 
-impl<'a> Harness<'a> {
-    fn new(rt: &'a Runtime) -> Harness<'a> {
-        Harness { ops: Ops::new(rt).unwrap() }
+impl Harness {
+    fn new(rt: &Arc<Device>) -> Harness {
+        Harness { ops: Ops::new(rt.clone()).unwrap() }
     }
-    fn rt(&self) -> &Runtime {
-        self.ops.rt
+    fn rt(&self) -> &Device {
+        &self.ops.rt
     }
     fn f32s(&self, values: &[f32]) -> Buffer {
         self.rt().upload(values).unwrap()
@@ -93,7 +94,7 @@ fn opening_a_device_names_it_or_says_why_not() {
 
 #[test]
 fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
-    let common = dsrun::backend::cuda::runtime::COMMON_SOURCE;
+    let common = dsrun::backend::cuda::device::COMMON_SOURCE;
     if !cuda::nvrtc_present() {
         eprintln!("NOT RUN: libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12; put its lib folder on LD_LIBRARY_PATH)");
         let err = compile(sources::MATMUL, &[], "compute_90").err().expect("compiling without NVRTC fails").to_string();
@@ -240,7 +241,7 @@ fn router_matches_the_cpu_rules() {
             let bb = case.bias.as_ref().map(|b| h.f32s(b));
             let (ib, wb) = (h.zeros(n * top_k), h.zeros(n * top_k));
             h.set_step(n as u32, 0);
-            h.run(&[h.ops.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb).unwrap()], n as u32);
+            h.run(&[h.ops.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb, false).unwrap()], n as u32);
             case.check(&format!("{}: config {i}", rt.describe()), &h.read_u32(&ib, n * top_k), &h.read(&wb, n * top_k));
         }
     }
@@ -251,64 +252,12 @@ fn router_matches_the_cpu_rules() {
 /// live and merged.
 #[test]
 fn mla_attention_layer_matches_cpu_across_splits() {
-    use dsrun::model::attention::{forward, AttentionCtx};
-    use dsrun::model::rope::Rope;
-    use dsrun::model::weights::QueryProjection;
-    use dsrun::model::AttentionMode;
-
     for rt in runtimes() {
-        let h = Harness::new(&rt);
+        let mut lab = dsrun::runtime::Lab::<CudaBackend>::new(rt).unwrap();
+        let split = AttentionSplit { chunk: 24, splits: 5 };
+        lab.backend.attention_split = Some((split, split));
         for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
-            let model = Model::load(&common::fixture(family)).unwrap();
-            let c = &model.config;
-            let w = &model.weights.layers[0].attention;
-            let (d, heads, capacity) = (c.hidden_size, c.num_attention_heads, 100);
-            let up = |m: &Matrix| CudaMatrix::upload(&rt, &[m]).unwrap();
-            let cw = CudaAttention {
-                q: match &w.q {
-                    QueryProjection::LowRank { a, norm, b } => CudaQuery::LowRank { a: up(a), norm: h.f32s(norm), b: up(b) },
-                    QueryProjection::Direct(q) => CudaQuery::Direct(up(q)),
-                },
-                kv_a: up(&w.kv_a),
-                kv_norm: h.f32s(&w.kv_norm),
-                kv_b: up(&w.kv_b),
-                o: up(&w.o),
-                cache: h.zeros(capacity * c.latent_dim()),
-            };
-            let rope = Rope::new(c);
-            let shape = MlaShape::new(c, capacity, &rope);
-            let max_n = 70;
-            let split = AttentionSplit { chunk: 24, splits: 5 };
-            let (x, qa, qa_norm, q, kv) = (
-                h.zeros(max_n * d),
-                h.zeros(max_n * c.q_lora_rank.unwrap_or(1)),
-                h.zeros(max_n * c.q_lora_rank.unwrap_or(1)),
-                h.zeros(max_n * heads * c.qk_head_dim()),
-                h.zeros(max_n * c.latent_dim()),
-            );
-            let (q_lat, partial, o_lat, o, out) = (
-                h.zeros(max_n * heads * c.kv_lora_rank),
-                h.zeros(split.partial_floats(max_n, heads, c.kv_lora_rank)),
-                h.zeros(max_n * heads * c.kv_lora_rank),
-                h.zeros(max_n * heads * c.v_head_dim),
-                h.zeros(max_n * d),
-            );
-            let inv_freq = h.f32s(&rope.inv_freq);
-            let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, partial: &partial, split, decode_split: split, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
-            let ops = h.ops.attention(&shape, &cw, &bufs).unwrap();
-            let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
-            let mut cpu_cache = Vec::new();
-            let mut start = 0;
-            for (step, n) in [70usize, 1, 1, 20].into_iter().enumerate() {
-                let input = random(70 + step as u64, n * d);
-                rt.write(&x, 0, bytemuck::cast_slice(&input)).unwrap();
-                rt.write(&out, 0, bytemuck::cast_slice(&vec![0f32; n * d])).unwrap();
-                h.set_step(n as u32, start as u32);
-                h.run(&ops, n as u32);
-                let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
-                assert_close(&format!("{}: {family} attention, step {step} at position {start}", rt.describe()), &h.read(&out, n * d), &want, 1e-5);
-                start += n;
-            }
+            common::attention_layer_matches_cpu(&mut lab, family, 100, &[70, 1, 1, 20], |s, n| split.partial_floats(n, s.heads, s.lora));
         }
     }
 }

@@ -44,11 +44,11 @@ fn matmul_every_format_and_token_count() {
     for subgroups in variants {
         let mut ctx = ctx.clone();
         ctx.subgroups = subgroups;
-        matmul_every_format_with(&OpRunner::new(ctx).unwrap(), subgroups);
+        matmul_every_format_with(&mut OpRunner::new(ctx).unwrap(), subgroups);
     }
 }
 
-fn matmul_every_format_with(r: &OpRunner, subgroups: bool) {
+fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
     // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
     // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
     let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
@@ -58,7 +58,7 @@ fn matmul_every_format_with(r: &OpRunner, subgroups: bool) {
             let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
             let x = random(2 + n as u64, n * cols);
             let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
-            let d = r.builder.matmul(&gm, &xb, &yb, false);
+            let d = r.builder().matmul(&gm, &xb, &yb, false);
             r.set_step(n as u32, 0);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
@@ -69,7 +69,7 @@ fn matmul_every_format_with(r: &OpRunner, subgroups: bool) {
 
 #[test]
 fn matmul_accumulates_and_computes_fixed_slots() {
-    let r = runner();
+    let mut r = runner();
     let (rows, cols, n) = (21, 70, 5);
     let m = matrix(DType::BF16, rows, cols, 3);
     let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
@@ -77,7 +77,7 @@ fn matmul_accumulates_and_computes_fixed_slots() {
     let base = random(5, n * rows);
     let (xb, yb) = (r.f32_buffer(&x), r.f32_buffer(&base));
     r.set_step(n as u32, 0);
-    r.run(&r.builder.matmul(&gm, &xb, &yb, true), n as u32, 1).unwrap();
+    r.run(&r.builder().matmul(&gm, &xb, &yb, true), n as u32, 1).unwrap();
     let mut want = cpu::matmul(&m, &x, n);
     cpu::add_in_place(&mut want, &base);
     assert_close("accumulate", &r.read_f32(&yb, n * rows).unwrap(), &want);
@@ -85,7 +85,7 @@ fn matmul_accumulates_and_computes_fixed_slots() {
     // Only the first slot (the last position's logits are computed from a one-row input).
     let yb = r.zeros(rows).unwrap();
     let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
-    r.run(&r.builder.matmul_shaped(&gm, last, &xb, &yb, None), n as u32, 1).unwrap();
+    r.run(&r.builder().matmul_shaped(&gm, last, &xb, &yb, None), n as u32, 1).unwrap();
     assert_close("fixed slot", &r.read_f32(&yb, rows).unwrap(), &cpu::matmul(&m, &x[..cols], 1));
 }
 
@@ -94,7 +94,7 @@ fn fp8_matmul_decodes_every_code_exactly() {
     // Row r holds code r in each of its four columns (subnormals, the largest values, both
     // signs, NaN); with x = (1, 0, 0, 0) and (0, 0, 0, 1) the outputs are the decoded values,
     // through the four-at-a-time word path (first and last byte of a word).
-    let r = runner();
+    let mut r = runner();
     let (rows, cols) = (256, 4);
     let codes: Vec<u8> = (0..rows).flat_map(|c| [c as u8; 4]).collect();
     let scales = dsrun::model::weights::BlockScales { block_rows: 128, block_cols: 128, grid_cols: 1, values: vec![1.0, 1.0] };
@@ -112,7 +112,7 @@ fn fp8_matmul_decodes_every_code_exactly() {
         x[lane] = 1.0;
         let (xb, yb) = (r.f32_buffer(&x), r.zeros(rows).unwrap());
         r.set_step(1, 0);
-        r.run(&r.builder.matmul(&gm, &xb, &yb, false), 1, 1).unwrap();
+        r.run(&r.builder().matmul(&gm, &xb, &yb, false), 1, 1).unwrap();
         let got = r.read_f32(&yb, rows).unwrap();
         for code in 0..rows {
             let want = dsrun::quant::fp8_e4m3_to_f32(code as u8);
@@ -124,7 +124,7 @@ fn fp8_matmul_decodes_every_code_exactly() {
 
 #[test]
 fn expert_matmul_reads_expert_ids_from_the_gpu() {
-    let r = runner();
+    let mut r = runner();
     for dtype in FORMATS {
         let (experts, rows, cols, k, n) = (5, 19, 150, 3, 4);
         let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
@@ -133,7 +133,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         let x = random(20, n * cols);
         let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
         // gate/up form: slot s reads its token's row s / k.
-        let d = r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
+        let d = r.builder().expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
         r.set_step(n as u32, 0);
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
@@ -146,7 +146,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
 
 #[test]
 fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
-    let r = runner();
+    let mut r = runner();
     for dtype in FORMATS {
         // Odd shapes so q4/FP8 slots need padding to whole words.
         let (experts, rows, cols, k, n) = (4, 9, 37, 2, 3);
@@ -159,7 +159,7 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
         let want = match resident {
             Ok(gm) => {
                 let (yb, ib) = (r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
-                r.run(&r.builder.expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib), n as u32, 1).unwrap();
+                r.run(&r.builder().expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib), n as u32, 1).unwrap();
                 r.read_f32(&yb, n * k * rows).unwrap()
             }
             // q4 stacks need even element counts; compare with the CPU then.
@@ -179,7 +179,7 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
             contents: bytemuck::cast_slice(&listed_grid(rows, (list.len() / 2) as u32)),
             usage: wgpu::BufferUsages::INDIRECT,
         });
-        let d = r.builder.listed_expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &lb, (&args, 0));
+        let d = r.builder().listed_expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &lb, (&args, 0));
         r.run(&[d], n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
         for s in 0..n * k {
@@ -197,20 +197,20 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
 
 #[test]
 fn rmsnorm_and_silu_mul() {
-    let r = runner();
+    let mut r = runner();
     let (dim, n) = (203, 3);
     let x = random(30, n * dim);
     let w = random(31, dim);
     let (xb, wb, yb) = (r.f32_buffer(&x), r.f32_buffer(&w), r.zeros(n * dim).unwrap());
     r.set_step(n as u32, 0);
-    r.run(&[r.builder.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
+    r.run(&[r.builder().rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
     let mut want = x.clone();
     cpu::rms_norm(&mut want, &w, 1e-6);
     assert_close("rmsnorm", &r.read_f32(&yb, n * dim).unwrap(), &want);
 
     let up = random(32, n * dim);
     let (gb, ub) = (r.f32_buffer(&x), r.f32_buffer(&up));
-    r.run(&[r.builder.silu_mul(dim, &gb, &ub)], n as u32, 1).unwrap();
+    r.run(&[r.builder().silu_mul(dim, &gb, &ub)], n as u32, 1).unwrap();
     let mut want = x.clone();
     cpu::silu_mul(&mut want, &up);
     assert_close("silu_mul", &r.read_f32(&gb, n * dim).unwrap(), &want);
@@ -218,14 +218,14 @@ fn rmsnorm_and_silu_mul() {
 
 #[test]
 fn router_matches_the_cpu_rules() {
-    let r = runner();
+    let mut r = runner();
     for (i, case) in common::router_cases().iter().enumerate() {
         let (n, top_k) = (case.tokens, case.params.top_k);
         let lb = r.f32_buffer(&case.logits);
         let bb = case.bias.as_ref().map(|b| r.f32_buffer(b));
         let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
         r.set_step(n as u32, 0);
-        r.run(&[r.builder.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb)], n as u32, 1).unwrap();
+        r.run(&[r.builder().router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb, false)], n as u32, 1).unwrap();
         case.check(&format!("config {i}"), &r.read_u32(&ib, n * top_k).unwrap(), &r.read_f32(&wb, n * top_k).unwrap());
     }
 }
@@ -235,7 +235,7 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
     let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     // Force chunks far below any real binding limit: every matrix here becomes several chunks.
     ctx.chunk_bytes = Some(4096);
-    let r = OpRunner::new(ctx).unwrap();
+    let mut r = OpRunner::new(ctx).unwrap();
     for dtype in FORMATS {
         let (rows, cols, n) = (300, 96, 3);
         let m = matrix(dtype, rows, cols, 60);
@@ -244,14 +244,14 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
         let x = random(61, n * cols);
         let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
         r.set_step(n as u32, 0);
-        r.run(&r.builder.matmul(&gm, &xb, &yb, false), n as u32, 1).unwrap();
+        r.run(&r.builder().matmul(&gm, &xb, &yb, false), n as u32, 1).unwrap();
         assert_close(&format!("{dtype:?} chunked"), &r.read_f32(&yb, n * rows).unwrap(), &cpu::matmul(&m, &x, n));
 
         // The embedding gather reads the same chunks by token id.
         let tokens = [0u32, 299, 128, 17];
         let (tb, ob) = (r.u32_buffer(&tokens), r.zeros(tokens.len() * cols).unwrap());
         r.set_step(tokens.len() as u32, 0);
-        r.run(&r.builder.embed(&gm, &tb, &ob), tokens.len() as u32, 1).unwrap();
+        r.run(&r.builder().embed(&gm, &tb, &ob), tokens.len() as u32, 1).unwrap();
         assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &cpu::embed(&m, &tokens));
     }
 }
@@ -262,79 +262,25 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
 /// and then single tokens and a short chunk.
 #[test]
 fn mla_attention_layer_matches_cpu() {
-    use dsrun::backend::wgpu::lower::{AttentionBuffers, GpuAttention, GpuQuery, MlaShape};
-    use dsrun::model::attention::{forward, AttentionCtx};
-    use dsrun::model::rope::Rope;
-    use dsrun::model::weights::QueryProjection;
-    use dsrun::model::{AttentionMode, Model};
-
-    let r = runner();
+    use dsrun::backend::wgpu::lower::Builder;
+    use dsrun::backend::wgpu::WgpuBackend;
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
     for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
-        let model = Model::load(&common::fixture(family)).unwrap();
-        let c = &model.config;
-        let w = &model.weights.layers[0].attention;
-        let (d, heads, capacity) = (c.hidden_size, c.num_attention_heads, 80);
-        let up = |m: &Matrix| GpuMatrix::upload_chunked(r.ctx(), m).unwrap();
-        let gpu_w = GpuAttention {
-            q: match &w.q {
-                QueryProjection::LowRank { a, norm, b } => GpuQuery::LowRank { a: up(a), norm: r.f32_buffer(norm), b: up(b) },
-                QueryProjection::Direct(q) => GpuQuery::Direct(up(q)),
-            },
-            kv_a: up(&w.kv_a),
-            kv_norm: r.f32_buffer(&w.kv_norm),
-            kv_b: GpuMatrix::upload(r.ctx(), &[&w.kv_b]).unwrap(),
-            o: up(&w.o),
-            cache: r.zeros(capacity * c.latent_dim()).unwrap(),
-        };
-        let rope = Rope::new(c);
-        let shape = MlaShape::new(c, capacity, &rope);
-        let max_n = 70;
-        let zeros = |n: usize| r.zeros(n).unwrap();
-        let (x, qa, qa_norm, q, kv) = (
-            zeros(max_n * d),
-            zeros(max_n * c.q_lora_rank.unwrap_or(1)),
-            zeros(max_n * c.q_lora_rank.unwrap_or(1)),
-            zeros(max_n * heads * c.qk_head_dim()),
-            zeros(max_n * c.latent_dim()),
-        );
-        let (q_lat, scores, o_lat, o, out) = (
-            zeros(max_n * heads * c.kv_lora_rank),
-            zeros(max_n * heads * capacity),
-            zeros(max_n * heads * c.kv_lora_rank),
-            zeros(max_n * heads * c.v_head_dim),
-            zeros(max_n * d),
-        );
-        let inv_freq = r.f32_buffer(&rope.inv_freq);
-        let bufs = AttentionBuffers { x: &x, qa: &qa, qa_norm: &qa_norm, q: &q, kv: &kv, q_lat: &q_lat, scores: &scores, o_lat: &o_lat, o: &o, out: &out, inv_freq: &inv_freq };
-        let ops = r.builder.attention(&shape, &gpu_w, &bufs);
-
-        let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
-        let mut cpu_cache = Vec::new();
-        let mut start = 0;
-        for (step, n) in [70usize, 1, 1, 5].into_iter().enumerate() {
-            let input = random(70 + step as u64, n * d);
-            r.ctx().queue.write_buffer(&x, 0, bytemuck::cast_slice(&input));
-            r.ctx().queue.write_buffer(&out, 0, bytemuck::cast_slice(&vec![0f32; n * d]));
-            r.set_step(n as u32, start as u32);
-            r.run(&ops, n as u32, 1).unwrap();
-            let got = r.read_f32(&out, n * d).unwrap();
-            let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
-            assert_close(&format!("{family} attention, step {step} at position {start}"), &got, &want);
-            start += n;
-        }
+        common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], Builder::attention_scratch);
     }
 }
 
 #[test]
 fn argmax_and_moe_combine() {
-    let r = runner();
+    let mut r = runner();
     let (rows, vocab) = (3, 1000);
     let mut logits = random(80, rows * vocab);
     // Row 2: the maximum appears twice; the first index wins, as on the CPU.
     logits[2 * vocab + 10] = 5.0;
     logits[2 * vocab + 700] = 5.0;
     let (lb, ib) = (r.f32_buffer(&logits), r.zeros(rows).unwrap());
-    r.run(&[r.builder.argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
+    r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
     let want: Vec<u32> = logits.chunks(vocab).map(|row| cpu::argmax(row) as u32).collect();
     assert_eq!(r.read_u32(&ib, rows).unwrap(), want);
     assert_eq!(want[2], 10);
@@ -345,7 +291,7 @@ fn argmax_and_moe_combine() {
         let hb = r.f32_buffer(&h);
         let (eb, wb, sb) = (r.f32_buffer(&expert_out), r.f32_buffer(&weights), r.f32_buffer(&shared));
         r.set_step(n as u32, 0);
-        r.run(&[r.builder.moe_combine(dim, k, &eb, &wb, with_shared.then_some(&sb), &hb)], n as u32, 1).unwrap();
+        r.run(&[r.builder().moe_combine(dim, k, &eb, &wb, with_shared.then_some(&sb), &hb)], n as u32, 1).unwrap();
         let mut want = h.clone();
         for t in 0..n {
             for i in 0..k {

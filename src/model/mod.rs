@@ -26,7 +26,7 @@ pub enum AttentionMode {
 }
 
 /// Which positions' logits a forward pass returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Logits {
     All,
     Last,

@@ -132,3 +132,78 @@ pub fn prefill_then_decode_twice(engine: &mut dyn dsrun::engine::Engine, tokens:
     }
     out
 }
+
+/// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
+/// output projection), as the plan writes it and `lab`'s backend lowers it, against the CPU
+/// reference over `steps` (token counts) so the cache offsets and positions advance.
+/// `scratch`: the words the backend's attention works in for a number of tokens. Tolerance
+/// 1e-5 of the output's scale, as for every kernel.
+#[allow(dead_code)]
+pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
+    lab: &mut dsrun::runtime::Lab<B>,
+    family: &str,
+    capacity: usize,
+    steps: &[usize],
+    scratch: impl Fn(&dsrun::plan::MlaShape, usize) -> usize,
+) {
+    use dsrun::model::attention::{forward, AttentionCtx};
+    use dsrun::model::rope::Rope;
+    use dsrun::model::weights::QueryProjection;
+    use dsrun::model::{AttentionMode, Model};
+    use dsrun::plan::{AttentionBuffers, AttentionWeights, MlaShape, QueryWeights};
+
+    let model = Model::load(&fixture(family)).unwrap();
+    let c = &model.config;
+    let w = &model.weights.layers[0].attention;
+    let (d, heads) = (c.hidden_size, c.num_attention_heads);
+    let max_n = steps.iter().copied().max().unwrap();
+    let rope = Rope::new(c);
+    let shape = MlaShape::new(c, capacity, &rope);
+    let q = match &w.q {
+        QueryProjection::LowRank { a, norm, b } => QueryWeights::LowRank {
+            a: lab.matrix(&[a], true).unwrap(),
+            norm: lab.input(norm).unwrap(),
+            b: lab.matrix(&[b], true).unwrap(),
+            rank: a.rows,
+        },
+        QueryProjection::Direct(q) => QueryWeights::Direct(lab.matrix(&[q], true).unwrap()),
+    };
+    let weights = AttentionWeights {
+        q,
+        kv_a: lab.matrix(&[&w.kv_a], true).unwrap(),
+        kv_norm: lab.input(&w.kv_norm).unwrap(),
+        kv_b: lab.matrix(&[&w.kv_b], false).unwrap(),
+        o: lab.matrix(&[&w.o], true).unwrap(),
+        cache: lab.zeros(capacity * c.latent_dim()).unwrap(),
+    };
+    let mut zeros = |n: usize| lab.zeros(n).unwrap();
+    let bufs = AttentionBuffers {
+        x: zeros(max_n * d),
+        q_lora: c.q_lora_rank.map(|r| (zeros(max_n * r), zeros(max_n * r))),
+        q: zeros(max_n * heads * c.qk_head_dim()),
+        kv: zeros(max_n * c.latent_dim()),
+        q_lat: zeros(max_n * heads * c.kv_lora_rank),
+        scratch: zeros(scratch(&shape, max_n)),
+        o_lat: zeros(max_n * heads * c.kv_lora_rank),
+        o: zeros(max_n * heads * c.v_head_dim),
+        out: zeros(max_n * d),
+        inv_freq: lab.input(&rope.inv_freq).unwrap(),
+    };
+    let ops = lab.lower(&dsrun::plan::attention(&shape, &weights, &bufs)).unwrap();
+
+    let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed };
+    let mut cpu_cache = Vec::new();
+    let mut start = 0;
+    for (step, &n) in steps.iter().enumerate() {
+        let input = random(70 + step as u64, n * d);
+        lab.write(bufs.x, &input).unwrap();
+        lab.write(bufs.out, &vec![0f32; n * d]).unwrap();
+        lab.run(&ops, n as u32, start as u32).unwrap();
+        let got = lab.read_f32(bufs.out, n * d).unwrap();
+        let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
+        let err = relative_error(&got, &want);
+        let what = format!("{}: {family} attention, step {step} at position {start}", lab.backend.describe());
+        assert!(err <= 1e-5, "{what}: relative error {err:e}");
+        start += n;
+    }
+}

@@ -3,7 +3,7 @@
 //! shared library, and each launch runs every block's threads as fibers. Device memory is host
 //! memory, so device addresses are host addresses.
 
-use super::runtime::Buffer;
+use super::device::Buffer;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -33,11 +33,11 @@ impl Emulator {
         let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         let probe = std::process::Command::new(&compiler).arg("--version").output();
         if !probe.map(|o| o.status.success()).unwrap_or(false) {
-            return Err(Error::Invalid(format!("CUDA emulator: no C++ compiler (`{compiler}`); install g++ or set CXX")));
+            return Err(Error::NoDevice(format!("CUDA emulator: no C++ compiler (`{compiler}`); install g++ or set CXX")));
         }
         // A compile cache shared by every emulator: libraries are named by a hash of what built them.
         let dir = std::env::temp_dir().join("dsrun-cuda-emulator");
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Invalid(format!("CUDA emulator: creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::device("CUDA emulator", format!("creating {}", dir.display()), e))?;
         Ok(Emulator { compiler, dir, memory: Default::default() })
     }
 
@@ -45,7 +45,7 @@ impl Emulator {
     pub fn compile(&self, source: &str, defines: &[(&str, u32)], names: &[&str]) -> Result<Vec<EmulatedKernel>> {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (source, defines, names).hash(&mut hasher);
+        (source, defines, names, crate::format::wgsl_constants()).hash(&mut hasher);
         let stem = format!("k{:016x}", hasher.finish());
         let lib_path = self.dir.join(format!("{stem}.so"));
         if !lib_path.exists() {
@@ -58,27 +58,30 @@ impl Emulator {
             for n in names {
                 text += &format!("DSRUN_EXPORT({n})\n");
             }
-            std::fs::write(&src_path, text).map_err(|e| Error::Invalid(format!("CUDA emulator: writing {}: {e}", src_path.display())))?;
+            std::fs::write(&src_path, text).map_err(|e| Error::device("CUDA emulator", format!("writing {}", src_path.display()), e))?;
             let mut cmd = std::process::Command::new(&self.compiler);
             cmd.args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w", "-o"]).arg(&tmp_path).arg(&src_path);
             for (k, v) in defines {
                 cmd.arg(format!("-D{k}={v}"));
             }
-            let out = cmd.output().map_err(|e| Error::Invalid(format!("CUDA emulator: running {}: {e}", self.compiler)))?;
+            for (k, v) in crate::format::cuda_defines() {
+                cmd.arg(format!("-D{k}={v}"));
+            }
+            let out = cmd.output().map_err(|e| Error::device("CUDA emulator", format!("running {}", self.compiler), e))?;
             let _ = std::fs::remove_file(&src_path);
             if !out.status.success() {
-                return Err(Error::Invalid(format!("CUDA emulator: compiling kernels failed:\n{}", String::from_utf8_lossy(&out.stderr))));
+                return Err(Error::Kernel { device: "CUDA emulator".into(), reason: format!("compiling kernels failed:\n{}", String::from_utf8_lossy(&out.stderr)) });
             }
-            std::fs::rename(&tmp_path, &lib_path).map_err(|e| Error::Invalid(format!("CUDA emulator: storing {}: {e}", lib_path.display())))?;
+            std::fs::rename(&tmp_path, &lib_path).map_err(|e| Error::device("CUDA emulator", format!("storing {}", lib_path.display()), e))?;
         }
         // SAFETY: a library we just built from our own sources; its constructors do nothing.
-        let library = Arc::new(unsafe { libloading::Library::new(&lib_path) }.map_err(|e| Error::Invalid(format!("CUDA emulator: loading {}: {e}", lib_path.display())))?);
+        let library = Arc::new(unsafe { libloading::Library::new(&lib_path) }.map_err(|e| Error::device("CUDA emulator", format!("loading {}", lib_path.display()), e))?);
         names
             .iter()
             .map(|n| {
                 let symbol = format!("dsrun_launch_{n}");
                 // SAFETY: DSRUN_EXPORT defines the symbol with exactly this signature.
-                let entry: LaunchFn = unsafe { library.get::<LaunchFn>(symbol.as_bytes()).map(|f| *f) }.map_err(|e| Error::Invalid(format!("CUDA emulator: no kernel `{n}`: {e}")))?;
+                let entry: LaunchFn = unsafe { library.get::<LaunchFn>(symbol.as_bytes()).map(|f| *f) }.map_err(|e| Error::device("CUDA emulator", format!("finding kernel `{n}`"), e))?;
                 Ok(EmulatedKernel { name: n.to_string(), entry, _library: library.clone() })
             })
             .collect()
@@ -113,6 +116,6 @@ impl Emulator {
         }
         // SAFETY: a static C string from emulator.h.
         let why = unsafe { std::ffi::CStr::from_ptr(failure) }.to_string_lossy();
-        Err(Error::Invalid(format!("CUDA emulator: kernel `{}`: {why}", k.name)))
+        Err(Error::device("CUDA emulator", format!("running kernel `{}`", k.name), why))
     }
 }

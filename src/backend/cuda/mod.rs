@@ -1,19 +1,23 @@
 //! The native NVIDIA backend (`--features cuda`): the driver and NVRTC are loaded at run time
 //! (the binary builds without a CUDA toolkit and fails cleanly where there is no driver); the
 //! kernels (kernels/*.cu) are compiled by NVRTC for the device's architecture when a model
-//! loads; the forward pass is lowered to launches once and a decode step is replayed as a CUDA
-//! graph. The same kernels and host code run on a CPU emulator (emulator.rs) so they are
-//! tested on machines without an NVIDIA GPU.
+//! loads; the plan is lowered to launches once (`ops`) and a decode step is replayed as a CUDA
+//! graph (`backend`). The same kernels and host code run on a CPU emulator (emulator.rs) so
+//! they are tested on machines without an NVIDIA GPU. `device` is the driver or the emulator,
+//! `pools` the expert slots, `upload` the pinned copy path for streamed experts.
 
+pub mod backend;
+pub mod device;
 pub mod emulator;
-pub mod model;
 pub mod ops;
-pub mod runtime;
-pub mod streaming;
+pub mod pools;
 pub mod upload;
 
-pub use model::CudaModel;
-pub use runtime::{Arg, Buffer, Runtime};
+pub use backend::CudaBackend;
+pub use device::{Arg, Buffer, Device};
+
+/// The model on a CUDA device.
+pub type CudaModel = crate::runtime::Runtime<CudaBackend>;
 
 use crate::error::{Error, Result};
 
@@ -56,8 +60,8 @@ pub fn nvrtc_present() -> bool {
 }
 
 /// Opens CUDA device `ordinal`, or says why not (no driver, no device).
-pub fn open(ordinal: usize) -> Result<Runtime> {
-    Runtime::driver(ordinal)
+pub fn open(ordinal: usize) -> Result<Device> {
+    Device::driver(ordinal)
 }
 
 /// The virtual architecture NVRTC compiles for: `compute_90` on Hopper, and so on.
@@ -65,17 +69,19 @@ pub fn arch((major, minor): (i32, i32)) -> String {
     format!("compute_{major}{minor}")
 }
 
-/// Compiles `source` to PTX for `arch` with `-D` defines (kernel variants by constants).
+/// Compiles `source` to PTX for `arch` with `-D` defines (kernel variants by constants) and
+/// the format table's.
 pub fn compile(source: &str, defines: &[(&str, u32)], arch: &str) -> Result<cudarc::nvrtc::Ptx> {
     if !nvrtc_present() {
-        return Err(Error::Invalid(
+        return Err(Error::NoDevice(
             "CUDA: NVRTC (libnvrtc) could not be loaded; install the CUDA runtime libraries (e.g. the \
              nvidia-cuda-nvrtc-cu12 wheel, with its lib folder on LD_LIBRARY_PATH)"
                 .into(),
         ));
     }
-    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
+    let table = crate::format::cuda_defines().map(|(k, v)| format!("-D{k}={v}"));
+    let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).chain(table).collect();
     options.push(format!("--gpu-architecture={arch}"));
     let opts = cudarc::nvrtc::CompileOptions { options, ..Default::default() };
-    cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Invalid(format!("CUDA: compiling kernels for {arch}: {e}")))
+    cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| Error::Kernel { device: format!("NVRTC ({arch})"), reason: e.to_string() })
 }

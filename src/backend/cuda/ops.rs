@@ -1,18 +1,17 @@
-//! The forward pass's operations as CUDA launches: each op is made once at load (kernel,
-//! arguments) with its grid as a function of the step's token count, like the wgpu backend's
-//! dispatches, and with the same kernel contracts.
+//! The CUDA lowering of each op: a launch (kernel, arguments, grid as a function of the step's
+//! token count) made once at load, with the same kernel contracts as the wgpu dispatches.
+//! `CudaBackend::lower` maps plan ops onto these; kernel tests and benchmarks call them directly.
 
-use super::runtime::{Arg, Buffer, Kernel, KernelCache, Launch, Runtime};
+use super::device::{Arg, Buffer, Device, Kernel, KernelCache, Launch};
 use super::sources;
 use crate::backend::layout::{MatmulShape, MlaShape, PackedStack, LATENT_NORM_EPS};
+use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::error::Result;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
-use crate::quant::DType;
-
-/// Workgroup counts as a function of the step's token count.
-pub type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 
 pub struct Op {
     pub name: &'static str,
@@ -22,57 +21,54 @@ pub struct Op {
     pub grid: Grid,
     /// A variant for single-token steps (decode), used instead when n == 1.
     pub decode: Option<Box<Op>>,
+    /// The grid counts the pairs of an expert pool's current slot list instead of tokens (the
+    /// host sets the count with the list).
+    pub pairs: Option<Arc<AtomicU32>>,
 }
 
 impl Op {
-    fn clone_with_grid(&self, grid: Grid) -> Op {
-        Op { name: self.name, kernel: self.kernel.clone(), block: self.block, args: self.args.clone(), grid, decode: None }
-    }
-
-    /// The launch for a step of `n` tokens.
-    pub fn launch(&self, n: u32) -> Launch {
+    /// The variant to launch for a step of `n` tokens and its grid.
+    pub fn resolve(&self, n: u32) -> (&Op, [u32; 3]) {
         let op = match (&self.decode, n) {
             (Some(d), 1) => d.as_ref(),
             _ => self,
         };
-        Launch { kernel: op.kernel.clone(), grid: (op.grid)(n), block: [op.block, 1, 1], args: op.args.clone() }
+        let count = op.pairs.as_ref().map_or(n, |p| p.load(Ordering::Relaxed));
+        (op, op.grid.at(count))
+    }
+
+    /// The launch for a step of `n` tokens, as a value (graph captures, benchmarks).
+    pub fn launch(&self, n: u32) -> Launch {
+        let (op, grid) = self.resolve(n);
+        Launch { kernel: op.kernel.clone(), grid, block: [op.block, 1, 1], args: op.args.clone() }
     }
 }
 
 /// A weight matrix (or expert stack) on the device in its checkpoint format.
 pub struct CudaMatrix {
+    /// The kernels' FORMAT code (the format table's).
     pub format: u32,
     pub rows: usize,
     pub cols: usize,
-    /// Whether rows and scale blocks come in whole fours (the matmul's vector path).
+    /// Matrices stacked (experts, or cache slots).
+    pub experts: usize,
     pub layout: Buffer,
     pub weights: Buffer,
     pub scales: Buffer,
     pub bytes: u64,
 }
 
-/// The kernels' FORMAT code for a weight dtype (common.cuh).
-pub fn format_code(dtype: DType) -> u32 {
-    match dtype {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        DType::F8E4M3 => 3,
-        DType::Q8 => 4,
-        DType::Q4 => 5,
-    }
-}
-
 impl CudaMatrix {
     /// Uploads one matrix or a stack of same-shaped experts.
-    pub fn upload(rt: &Runtime, stack: &[&Matrix]) -> Result<CudaMatrix> {
+    pub fn upload(rt: &Device, stack: &[&Matrix]) -> Result<CudaMatrix> {
         let first = stack[0];
         PackedStack::check(stack)?;
         let packed = PackedStack::new(stack, 0, first.rows);
         Ok(CudaMatrix {
-            format: format_code(first.dtype),
+            format: first.dtype.format().code,
             rows: first.rows,
             cols: first.cols,
+            experts: stack.len(),
             layout: rt.upload(&[packed.layout])?,
             weights: rt.upload(&packed.data)?,
             scales: rt.upload(&packed.scales)?,
@@ -82,8 +78,8 @@ impl CudaMatrix {
 }
 
 /// Builds ops; holds the step buffer every kernel reads and the compiled kernel families.
-pub struct Ops<'a> {
-    pub rt: &'a Runtime,
+pub struct Ops {
+    pub rt: Arc<Device>,
     pub kernels: KernelCache,
     /// `Step` of common.cuh: n_tokens, start, logits_row0, 0.
     pub step: Buffer,
@@ -106,33 +102,44 @@ pub struct ExpertGroups {
 }
 
 impl ExpertGroups {
-    pub fn new(rt: &Runtime, top_k: usize, experts: usize, max_tokens: usize) -> Result<ExpertGroups> {
+    pub fn new(rt: &Device, top_k: usize, experts: usize, max_tokens: usize) -> Result<ExpertGroups> {
         let mut g = ExpertGroups { buffer: Buffer { ptr: 0, bytes: 0 }, top_k: top_k as u32, experts: experts as u32, max_tokens: max_tokens as u32 };
-        let words = 2 + 3 * g.max_tiles(g.max_tokens) as usize + max_tokens * top_k;
-        g.buffer = rt.alloc(words * 4)?;
+        g.buffer = rt.alloc(Self::bytes(top_k, experts, max_tokens))?;
         Ok(g)
     }
 
-    /// Most tiles `n` tokens' slots need: whole tiles, plus one partial tile per expert.
+    /// Device bytes of the groups of `max_tokens` tokens' slots.
+    pub fn bytes(top_k: usize, experts: usize, max_tokens: usize) -> usize {
+        (2 + 3 * max_tiles(max_tokens as u32, top_k as u32, experts as u32) as usize + max_tokens * top_k) * 4
+    }
+
+    /// Most tiles `n` tokens' slots need.
     pub fn max_tiles(&self, n: u32) -> u32 {
-        let slots = n * self.top_k;
-        slots.div_ceil(PREFILL_TILE) + slots.min(self.experts)
+        max_tiles(n, self.top_k, self.experts)
     }
 }
+
+/// Most tiles `n` tokens' slots need: whole tiles, plus one partial tile per expert.
+fn max_tiles(n: u32, top_k: u32, experts: u32) -> u32 {
+    let slots = n * top_k;
+    slots.div_ceil(PREFILL_TILE) + slots.min(experts)
+}
+
 const MATMUL_WARPS: u32 = 8;
 const THREADS: u32 = 256;
 
-impl<'a> Ops<'a> {
-    pub fn new(rt: &'a Runtime) -> Result<Ops<'a>> {
-        Ok(Ops { rt, kernels: KernelCache::default(), step: rt.alloc(16)?, dummy: rt.alloc(16)? })
+impl Ops {
+    pub fn new(rt: Arc<Device>) -> Result<Ops> {
+        let (step, dummy) = (rt.alloc(16)?, rt.alloc(16)?);
+        Ok(Ops { rt, kernels: KernelCache::default(), step, dummy })
     }
 
     pub fn kernel(&self, source: &'static str, defines: &[(&str, u32)], name: &str) -> Result<Kernel> {
-        self.kernels.get(self.rt, source, defines, name)
+        self.kernels.get(&self.rt, source, defines, name)
     }
 
     fn op(&self, name: &'static str, kernel: Kernel, args: Vec<Arg>, grid: Grid) -> Op {
-        Op { name, kernel, block: THREADS, args, grid, decode: None }
+        Op { name, kernel, block: THREADS, args, grid, decode: None, pairs: None }
     }
 
     /// One matmul.cu launch shape: `tile` slots per block, `ids` and `flags` as the kernel
@@ -154,19 +161,18 @@ impl<'a> Ops<'a> {
             shape.fixed_slots.unwrap_or(0).into(),
             flags.into(),
         ];
-        Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: None })
+        Ok(Op { name: "matmul", kernel, block: 32 * MATMUL_WARPS, args, grid, decode: None, pairs: None })
     }
 
     /// `y[s] = W_e(s) x[s / x_div]` over the step's slots (matmul.cu), with a one-slot variant
-    /// for decode steps.
+    /// for decode steps. A listed matmul's grid counts its list's pairs, one block row each.
     pub fn matmul_shaped(&self, w: &CudaMatrix, shape: MatmulShape, x: &Buffer, y: &Buffer, ids: Option<&Buffer>) -> Result<Op> {
         let row_blocks = (w.rows as u32).div_ceil(MATMUL_WARPS);
         let variant = |tile: u32| -> Result<Op> {
-            let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
-            // A listed matmul's "token count" is the number of listed pairs, one block row each.
-            let grid: Grid = match shape.slot_list {
-                true => Box::new(move |pairs| [row_blocks, pairs, 1]),
-                false => Box::new(move |n| [row_blocks, fixed.unwrap_or(n * per_token).div_ceil(tile), 1]),
+            let grid = match (shape.slot_list, shape.fixed_slots) {
+                (true, _) => Grid::new([row_blocks, 0, 0, 0], |pairs, [x, ..]| [x, pairs, 1]),
+                (false, Some(slots)) => Grid::fixed([row_blocks, slots.div_ceil(tile), 1]),
+                (false, None) => Grid::new([row_blocks, shape.slots_per_token, tile, 0], |n, [x, per, tile, _]| [x, (n * per).div_ceil(tile), 1]),
             };
             self.matmul_op(w, tile, shape, [x, y, ids.unwrap_or(&self.dummy)], 0, grid)
         };
@@ -187,12 +193,14 @@ impl<'a> Ops<'a> {
     /// router): each block computes up to a tile of slots of one expert, reading its weights
     /// once for them; single-token steps take one slot per block.
     /// `groups: None` takes one slot per block for every step (for comparing the two).
+    #[allow(clippy::too_many_arguments)]
     pub fn expert_matmul(&self, w: &CudaMatrix, k: u32, x_div: u32, x: &Buffer, y: &Buffer, ids: &Buffer, groups: Option<&ExpertGroups>) -> Result<Op> {
         let per_slot = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
         let Some(groups) = groups else { return self.matmul_shaped(w, per_slot, x, y, Some(ids)) };
         let grouped = MatmulShape { use_ids: false, ..per_slot };
-        let (row_blocks, g) = ((w.rows as u32).div_ceil(MATMUL_WARPS), *groups);
-        let mut op = self.matmul_op(w, PREFILL_TILE, grouped, [x, y, &groups.buffer], GROUPED, Box::new(move |n| [row_blocks, g.max_tiles(n), 1]))?;
+        let row_blocks = (w.rows as u32).div_ceil(MATMUL_WARPS);
+        let grid = Grid::new([row_blocks, groups.top_k, groups.experts, 0], |n, [x, k, experts, _]| [x, max_tiles(n, k, experts), 1]);
+        let mut op = self.matmul_op(w, PREFILL_TILE, grouped, [x, y, &groups.buffer], GROUPED, grid)?;
         op.decode = Some(Box::new(self.matmul_shaped(w, per_slot, x, y, Some(ids))?));
         Ok(op)
     }
@@ -203,24 +211,21 @@ impl<'a> Ops<'a> {
         let kernel = self.kernel(sources::MOE, &[], "group_by_expert")?;
         let g = *groups;
         let args = vec![self.step.into(), ids.into(), g.buffer.into(), g.top_k.into(), g.experts.into(), PREFILL_TILE.into(), g.max_tiles(g.max_tokens).into()];
-        let mut op = Op { name: "group_by_expert", kernel, block: 32, args, grid: Box::new(|_| [1, 1, 1]), decode: None };
-        let mut skip = op.clone_with_grid(Box::new(|_| [0, 1, 1]));
-        skip.name = "group_by_expert (skipped)";
-        op.decode = Some(Box::new(skip));
-        Ok(op)
+        let skip = Op { name: "group_by_expert (skipped)", kernel: kernel.clone(), block: 32, args: args.clone(), grid: Grid::fixed([0, 1, 1]), decode: None, pairs: None };
+        Ok(Op { name: "group_by_expert", kernel, block: 32, args, grid: Grid::fixed([1, 1, 1]), decode: Some(Box::new(skip)), pairs: None })
     }
 
     pub fn embed(&self, table: &CudaMatrix, tokens: &Buffer, out: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::MATMUL, &[("FORMAT", table.format), ("TILE", 1)], "embed")?;
         let cols = (table.cols as u32).div_ceil(THREADS);
         let args = vec![table.layout.into(), table.weights.into(), table.scales.into(), self.step.into(), tokens.into(), out.into()];
-        Ok(self.op("embed", kernel, args, Box::new(move |n| [cols, n, 1])))
+        Ok(self.op("embed", kernel, args, Grid::new([cols, 0, 0, 0], |n, [x, ..]| [x, n, 1])))
     }
 
     pub fn rmsnorm(&self, dim: usize, eps: f64, src: &Buffer, weight: &Buffer, dst: &Buffer, last_row: bool) -> Result<Op> {
         let kernel = self.kernel(sources::NORM, &[], "rmsnorm")?;
         let args = vec![self.step.into(), src.into(), weight.into(), dst.into(), (dim as u32).into(), (eps as f32).into(), (last_row as u32).into()];
-        let grid: Grid = if last_row { Box::new(|_| [1, 1, 1]) } else { Box::new(|n| [n, 1, 1]) };
+        let grid = if last_row { Grid::fixed([1, 1, 1]) } else { Grid::per_token() };
         Ok(self.op("rmsnorm", kernel, args, grid))
     }
 
@@ -228,15 +233,17 @@ impl<'a> Ops<'a> {
         let kernel = self.kernel(sources::MOE, &[], "silu_mul")?;
         let per = per_token as u32;
         let args = vec![self.step.into(), gate.into(), up.into(), per.into()];
-        Ok(self.op("silu_mul", kernel, args, Box::new(move |n| [(n * per).div_ceil(THREADS), 1, 1])))
+        Ok(self.op("silu_mul", kernel, args, Grid::new([per, 0, 0, 0], |n, [per, ..]| [(n * per).div_ceil(THREADS), 1, 1])))
     }
 
     pub fn vector(&self, values: &[f32]) -> Result<Buffer> {
         self.rt.upload(values)
     }
 
-    /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.
-    pub fn router(&self, r: &RouterParams, experts: usize, logits: &Buffer, bias: Option<&Buffer>, ids: &Buffer, weights: &Buffer) -> Result<Op> {
+    /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`
+    /// (`last_row`: one token, row 0).
+    #[allow(clippy::too_many_arguments)]
+    pub fn router(&self, r: &RouterParams, experts: usize, logits: &Buffer, bias: Option<&Buffer>, ids: &Buffer, weights: &Buffer, last_row: bool) -> Result<Op> {
         let defines = [
             ("EXPERTS", experts as u32),
             ("TOP_K", r.top_k as u32),
@@ -249,7 +256,8 @@ impl<'a> Ops<'a> {
         ];
         let kernel = self.kernel(sources::ROUTER, &defines, "router")?;
         let args = vec![self.step.into(), logits.into(), bias.unwrap_or(&self.dummy).into(), ids.into(), weights.into(), r.scaling.into()];
-        Ok(self.op("router", kernel, args, Box::new(|n| [n, 1, 1])))
+        let grid = if last_row { Grid::fixed([1, 1, 1]) } else { Grid::per_token() };
+        Ok(self.op("router", kernel, args, grid))
     }
 
     /// `h[t] += sum_i w[t, i] * expert_out[t * k + i] + shared[t]`.
@@ -266,84 +274,80 @@ impl<'a> Ops<'a> {
             (k as u32).into(),
             (shared_out.is_some() as u32).into(),
         ];
-        Ok(self.op("moe_combine", kernel, args, Box::new(move |n| [d.div_ceil(THREADS), n, 1])))
+        Ok(self.op("moe_combine", kernel, args, Grid::new([d.div_ceil(THREADS), 0, 0, 0], |n, [x, ..]| [x, n, 1])))
     }
 
     /// The index of each computed logits row's largest value.
     pub fn argmax(&self, vocab: usize, logits: &Buffer, ids: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::MOE, &[], "argmax")?;
         let args = vec![logits.into(), ids.into(), (vocab as u32).into()];
-        Ok(self.op("argmax", kernel, args, Box::new(|rows| [rows, 1, 1])))
+        Ok(self.op("argmax", kernel, args, Grid::per_token()))
     }
 
-    /// Multi-head latent attention for the step's tokens, the absorbed form (SPEC.md), as the
-    /// wgpu backend lowers it: query projections, `kv_a`, the latent store, query RoPE,
-    /// `q_lat = W_UK^T q_nope`, attention split over the cache and merged, `W_UV`, and `o_proj`
-    /// added to `bufs.out`.
-    pub fn attention(&self, s: &MlaShape, w: &CudaAttention, bufs: &AttentionBuffers) -> Result<Vec<Op>> {
-        let mut ops = Vec::new();
-        match &w.q {
-            CudaQuery::LowRank { a, norm, b } => {
-                ops.push(self.matmul(a, bufs.x, bufs.qa, false)?);
-                ops.push(self.rmsnorm(a.rows, LATENT_NORM_EPS, bufs.qa, norm, bufs.qa_norm, false)?);
-                ops.push(self.matmul(b, bufs.qa_norm, bufs.q, false)?);
-            }
-            CudaQuery::Direct(q) => ops.push(self.matmul(q, bufs.x, bufs.q, false)?),
-        }
-        ops.push(self.matmul(&w.kv_a, bufs.x, bufs.kv, false)?);
-
-        let (heads, qk, nope, v, lora) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32, s.v as u32, s.lora as u32);
-        let latent = self.kernel(sources::ROPE, &[], "latent_store")?;
+    /// MLA's latent store: norm + RoPE of the step's latents into the cache.
+    pub fn latent_store(&self, s: &MlaShape, kv: &Buffer, norm: &Buffer, inv_freq: &Buffer, cache: &Buffer) -> Result<Op> {
+        let kernel = self.kernel(sources::ROPE, &[], "latent_store")?;
         let args = vec![
             self.step.into(),
-            bufs.kv.into(),
-            w.kv_norm.into(),
-            bufs.inv_freq.into(),
-            w.cache.into(),
-            lora.into(),
+            kv.into(),
+            norm.into(),
+            inv_freq.into(),
+            cache.into(),
+            (s.lora as u32).into(),
             (s.rope as u32).into(),
             (LATENT_NORM_EPS as f32).into(),
             s.rope_scale.into(),
         ];
-        ops.push(self.op("latent_store", latent, args, Box::new(|n| [n, 1, 1])));
-        let rope = self.kernel(sources::ROPE, &[], "rope_q")?;
-        let args = vec![self.step.into(), bufs.inv_freq.into(), bufs.q.into(), heads.into(), qk.into(), nope.into(), s.rope_scale.into()];
-        let rotations = heads * s.rope as u32 / 2;
-        ops.push(self.op("rope_q", rope, args, Box::new(move |n| [(n * rotations).div_ceil(THREADS), 1, 1])));
-
-        let kv_b = &w.kv_b;
-        let mla = |name: &str| self.kernel(sources::MLA, &[("FORMAT", kv_b.format), ("LORA", lora), ("ROPE", s.rope as u32)], name);
-        let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.q.into(), bufs.q_lat.into(), heads.into(), nope.into(), v.into(), qk.into()];
-        ops.push(self.op("q_absorb", mla("q_absorb")?, args, Box::new(move |n| [lora.div_ceil(THREADS), n * heads, 1])));
-
-        let attention_bufs = [bufs.q, bufs.q_lat, &w.cache, bufs.partial, bufs.o_lat];
-        let decode = self.mla_attention(s, kv_b.format, attention_bufs, bufs.decode_split)?;
-        for (mut op, decode) in self.mla_attention(s, kv_b.format, attention_bufs, bufs.split)?.into_iter().zip(decode) {
-            op.decode = Some(Box::new(decode));
-            ops.push(op);
-        }
-
-        let args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), bufs.o_lat.into(), bufs.o.into(), heads.into(), nope.into(), v.into()];
-        ops.push(self.op("v_up", mla("v_up")?, args, Box::new(move |n| [v.div_ceil(THREADS), n * heads, 1])));
-        ops.push(self.matmul(&w.o, bufs.o, bufs.out, true)?);
-        Ok(ops)
+        Ok(self.op("latent_store", kernel, args, Grid::per_token()))
     }
-}
 
-impl Ops<'_> {
+    /// RoPE of each query head's rope part.
+    pub fn rope_q(&self, s: &MlaShape, inv_freq: &Buffer, q: &Buffer) -> Result<Op> {
+        let kernel = self.kernel(sources::ROPE, &[], "rope_q")?;
+        let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
+        let args = vec![self.step.into(), inv_freq.into(), q.into(), heads.into(), qk.into(), (s.nope as u32).into(), s.rope_scale.into()];
+        let grid = Grid::new([heads * s.rope as u32 / 2, 0, 0, 0], |n, [rotations, ..]| [(n * rotations).div_ceil(THREADS), 1, 1]);
+        Ok(self.op("rope_q", kernel, args, grid))
+    }
+
+    /// The MLA family compiled for `format` (kv_b's) and the model's latent widths.
+    fn mla(&self, s: &MlaShape, format: u32, name: &str) -> Result<Kernel> {
+        self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", s.lora as u32), ("ROPE", s.rope as u32)], name)
+    }
+
+    /// `q_lat = W_UK^T q_nope` (`v_up = false`) or `o = W_UV o_lat` (`v_up = true`) per head.
+    pub fn absorb(&self, s: &MlaShape, kv_b: &CudaMatrix, src: &Buffer, dst: &Buffer, v_up: bool) -> Result<Op> {
+        let (heads, nope, v) = (s.heads as u32, s.nope as u32, s.v as u32);
+        let mut args = vec![kv_b.layout.into(), kv_b.weights.into(), kv_b.scales.into(), self.step.into(), src.into(), dst.into(), heads.into(), nope.into(), v.into()];
+        let (name, width) = if v_up { ("v_up", v) } else { ("q_absorb", s.lora as u32) };
+        if !v_up {
+            args.push(((s.nope + s.rope) as u32).into());
+        }
+        let grid = Grid::new([width.div_ceil(THREADS), heads, 0, 0], |n, [x, heads, ..]| [x, n * heads, 1]);
+        Ok(self.op(name, self.mla(s, kv_b.format, name)?, args, grid))
+    }
+
     /// Causal attention of the step's queries over the latent cache, split over the sequence
     /// and merged (mla.cu); `bufs` are q, q_lat, cache, partial, o_lat. `format` only picks
     /// the module variant (the family's absorb kernels read kv_b_proj).
     pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 5], split: AttentionSplit) -> Result<[Op; 2]> {
         let [q, q_lat, cache, partial, o_lat] = bufs;
-        let (heads, qk, nope, lora) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32, s.lora as u32);
-        let mla = |name: &str| self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", lora), ("ROPE", s.rope as u32)], name);
+        let (heads, qk, nope) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32);
         let args = vec![self.step.into(), q.into(), q_lat.into(), cache.into(), partial.into(), heads.into(), qk.into(), nope.into(), split.chunk.into(), s.scale.into()];
-        let (groups, splits) = (heads.div_ceil(HEAD_GROUP), split.splits);
-        let partial_op = self.op("mla_partial", mla("mla_partial")?, args, Box::new(move |n| [groups, n, splits]));
-        let args = vec![partial.into(), o_lat.into(), heads.into(), splits.into()];
-        let merge = self.op("mla_merge", mla("mla_merge")?, args, Box::new(move |n| [heads, n, 1]));
+        let grid = Grid::new([heads.div_ceil(HEAD_GROUP), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
+        let partial_op = self.op("mla_partial", self.mla(s, format, "mla_partial")?, args, grid);
+        let args = vec![partial.into(), o_lat.into(), heads.into(), split.splits.into()];
+        let merge = self.op("mla_merge", self.mla(s, format, "mla_merge")?, args, Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]));
         Ok([partial_op, merge])
+    }
+
+    /// The attention with its prefill split and, for single-token steps, its decode split.
+    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 5], (prefill, decode): (AttentionSplit, AttentionSplit)) -> Result<[Op; 2]> {
+        let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill)?;
+        let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode)?;
+        partial.decode = Some(Box::new(decode_partial));
+        merge.decode = Some(Box::new(decode_merge));
+        Ok([partial, merge])
     }
 }
 
@@ -351,6 +355,8 @@ impl Ops<'_> {
 const HEAD_GROUP: u32 = 8;
 /// Cache positions per attention split (a multiple of mla.cu's TILE_POSITIONS).
 const MIN_SPLIT_POSITIONS: u32 = 256;
+/// Device memory for the attention's per-split partial results.
+pub const PARTIAL_BYTES: usize = 64 << 20;
 
 /// How the attention divides the cache: `splits` blocks of `chunk` positions per (head group,
 /// token). Fixed per model load, so a step's launches do not depend on its position.
@@ -369,41 +375,17 @@ impl AttentionSplit {
         AttentionSplit { chunk, splits: capacity.div_ceil(chunk) }
     }
 
+    /// The prefill split (for `tokens` tokens) and the decode split of a cache of `s.ctx`
+    /// positions, within PARTIAL_BYTES of partial results each.
+    pub fn for_shape(s: &MlaShape, tokens: usize) -> (AttentionSplit, AttentionSplit) {
+        let per_split = s.heads * (2 + s.lora) * 4;
+        let prefill = AttentionSplit::new(s.ctx, (PARTIAL_BYTES / (tokens.max(1) * per_split)).max(1) as u32);
+        let decode = AttentionSplit::new(s.ctx, (PARTIAL_BYTES / per_split).max(1) as u32);
+        (prefill, decode)
+    }
+
     /// Floats of the partial results for `tokens` tokens: m, l and o_lat per (token, head, split).
     pub fn partial_floats(&self, tokens: usize, heads: usize, lora: usize) -> usize {
         tokens * heads * self.splits as usize * (2 + lora)
     }
-}
-
-pub enum CudaQuery {
-    LowRank { a: CudaMatrix, norm: Buffer, b: CudaMatrix },
-    Direct(CudaMatrix),
-}
-
-/// One layer's attention weights on the device, and its latent cache (`[ctx, lora + rope]`).
-pub struct CudaAttention {
-    pub q: CudaQuery,
-    pub kv_a: CudaMatrix,
-    pub kv_norm: Buffer,
-    pub kv_b: CudaMatrix,
-    pub o: CudaMatrix,
-    pub cache: Buffer,
-}
-
-/// Activations the attention reads and writes, sized for a step's tokens.
-pub struct AttentionBuffers<'a> {
-    pub x: &'a Buffer,
-    pub qa: &'a Buffer,
-    pub qa_norm: &'a Buffer,
-    pub q: &'a Buffer,
-    pub kv: &'a Buffer,
-    pub q_lat: &'a Buffer,
-    pub partial: &'a Buffer,
-    pub split: AttentionSplit,
-    /// Single-token steps split the cache finer (one token leaves room for more splits).
-    pub decode_split: AttentionSplit,
-    pub o_lat: &'a Buffer,
-    pub o: &'a Buffer,
-    pub out: &'a Buffer,
-    pub inv_freq: &'a Buffer,
 }

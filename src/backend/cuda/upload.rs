@@ -21,8 +21,12 @@ pub struct Uploader {
 }
 
 fn error(what: &'static str) -> impl Fn(result::DriverError) -> Error {
-    move |e| Error::Invalid(format!("CUDA: {what}: {e:?}"))
+    move |e| Error::device("CUDA expert uploads", what, format!("{e:?}"))
 }
+
+// SAFETY: streams, events and the pinned staging buffer are driver handles owned by this
+// uploader alone; the driver allows them to be used from any thread that binds the context.
+unsafe impl Send for Uploader {}
 
 // Streams and events are opaque driver handles passed back to the driver, never dereferenced.
 #[allow(clippy::not_unsafe_ptr_arg_deref)]

@@ -69,7 +69,7 @@ fn rank(info: &wgpu::AdapterInfo) -> u8 {
 pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let mut candidates = adapters(choice);
     if candidates.is_empty() {
-        return Err(Error::Invalid(format!(
+        return Err(Error::NoDevice(format!(
             "--gpu {}: no GPU adapter found (install a Vulkan/Metal/DX12/GL driver; on Debian, \
              `apt-get install mesa-vulkan-drivers` gives the software adapter lavapipe), or use --gpu cpu",
             choice_name(choice)
@@ -79,7 +79,7 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
         let wanted = wanted.to_lowercase();
         candidates.retain(|a| a.get_info().name.to_lowercase().contains(&wanted));
         if candidates.is_empty() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::NoDevice(format!(
                 "WGPU_ADAPTER_NAME={wanted}: no adapter's name contains it (`dsrun devices` lists them)"
             )));
         }
@@ -96,7 +96,7 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
         required_limits: limits.clone(),
         ..Default::default()
     }))
-    .map_err(|e| Error::Invalid(format!("{}: cannot open the device: {e}", info.name)))?;
+    .map_err(|e| Error::device(info.name.clone(), "opening the device", e))?;
     log::info!("GPU: {} ({:?}, {:?}), optional features: {:?}", info.name, info.backend, info.device_type, optional);
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
     let memory = device_memory(&adapter);
@@ -145,6 +145,16 @@ impl GpuContext {
     /// Largest row chunk of a split weight matrix.
     pub fn chunk_limit(&self) -> u64 {
         self.chunk_bytes.map_or(self.max_binding(), |c| c.min(self.max_binding()))
+    }
+
+    /// An error for what this adapter cannot hold.
+    pub fn limit(&self, what: String) -> Error {
+        Error::DeviceLimit { device: self.describe(), what }
+    }
+
+    /// A failed call on this device.
+    pub fn failed(&self, what: &str, reason: impl std::fmt::Display) -> Error {
+        Error::device(self.describe(), what, reason)
     }
 
     /// The largest storage buffer one binding may cover.

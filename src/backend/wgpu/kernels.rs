@@ -1,10 +1,12 @@
 //! WGSL kernels and their compiled pipelines, cached by (kernel, weight format).
 //!
 //! Each kernel family lives in one file under `shaders/`; the weight format is an `override`
-//! constant, so variants are pipelines of one module, never copies of the source.
+//! constant (its values are the format table's, src/format.rs), so variants are pipelines of
+//! one module, never copies of the source.
 
-use std::cell::RefCell;
+use crate::quant::DType;
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
@@ -55,29 +57,15 @@ impl Kernel {
     }
 }
 
-/// How a weight matrix is stored on the GPU (the shader's FORMAT constant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WeightFormat {
-    F32 = 0,
-    Bf16 = 1,
-    F16 = 2,
-    /// e4m3 codes, 4 per word, with an f32 block-scale grid.
-    Fp8 = 3,
-    /// int8 codes, 4 per word, with an f32 scale per 32 columns.
-    Q8 = 4,
-    /// 4-bit codes, 8 per word, with an f32 (scale, min) pair per 32 columns.
-    Q4 = 5,
-}
-
 /// (kernel, weight format, override constants as name=bits): one pipeline per distinct variant.
-type PipelineKey = (Kernel, Option<WeightFormat>, Vec<(&'static str, u64)>);
+type PipelineKey = (Kernel, Option<DType>, Vec<(&'static str, u64)>);
 
 pub struct Pipelines {
     device: wgpu::Device,
     /// Use subgroup operations in reductions (the device was opened with `Features::SUBGROUP`).
     subgroups: bool,
-    modules: RefCell<HashMap<&'static str, wgpu::ShaderModule>>,
-    cache: RefCell<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    cache: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
 impl Pipelines {
@@ -85,27 +73,30 @@ impl Pipelines {
         Pipelines { device: device.clone(), subgroups, modules: Default::default(), cache: Default::default() }
     }
 
-    pub fn get(&self, kernel: Kernel, format: Option<WeightFormat>) -> wgpu::ComputePipeline {
+    pub fn get(&self, kernel: Kernel, format: Option<DType>) -> wgpu::ComputePipeline {
         self.get_with(kernel, format, &[])
     }
 
-    /// A variant with extra WGSL `override` constants.
-    pub fn get_with(&self, kernel: Kernel, format: Option<WeightFormat>, overrides: &[(&'static str, f64)]) -> wgpu::ComputePipeline {
+    /// A variant with extra WGSL `override` constants; `format`: the weight matrix's.
+    pub fn get_with(&self, kernel: Kernel, format: Option<DType>, overrides: &[(&'static str, f64)]) -> wgpu::ComputePipeline {
         let key: PipelineKey = (kernel, format, overrides.iter().map(|&(n, v)| (n, v.to_bits())).collect());
-        if let Some(p) = self.cache.borrow().get(&key) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
             return p.clone();
         }
         let (source, entry, uses_weights) = kernel.source();
         debug_assert_eq!(uses_weights, format.is_some(), "{kernel:?} weight format");
         let module = self
             .modules
-            .borrow_mut()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             .entry(source)
             .or_insert_with(|| {
                 // The tiny "#define pass": shared snippets, then the kernel. (naga 30 takes
                 // subgroup builtins without the standard's `enable subgroups;`, which it rejects.)
                 let mut full = String::from(STEP);
                 if uses_weights {
+                    full.push_str(&crate::format::wgsl_constants());
                     full.push_str(WEIGHTS);
                 }
                 if kernel.reduces() {
@@ -119,7 +110,7 @@ impl Pipelines {
                 })
             })
             .clone();
-        let mut constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f as u32 as f64)]).unwrap_or_default();
+        let mut constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f.format().code as f64)]).unwrap_or_default();
         constants.extend_from_slice(overrides);
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&format!("{kernel:?}/{format:?}")),
@@ -131,7 +122,7 @@ impl Pipelines {
             compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, zero_initialize_workgroup_memory: false },
             cache: None,
         });
-        self.cache.borrow_mut().insert(key, pipeline.clone());
+        cache.insert(key, pipeline.clone());
         pipeline
     }
 }

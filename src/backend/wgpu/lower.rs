@@ -1,25 +1,15 @@
-//! Building blocks for lowering the model to wgpu: a dispatch (pipeline + bind group + grid) made
-//! once, and a builder that creates them for each kernel with its parameters.
+//! The wgpu lowering of each op: a dispatch (pipeline + bind group + grid) made once, and a
+//! builder that creates them for each kernel with its parameters. `WgpuBackend::lower` maps
+//! plan ops onto these; kernel tests and benchmarks call them directly.
 
 use super::context::GpuContext;
-use super::kernels::{Kernel, Pipelines, WeightFormat};
+use super::kernels::{Kernel, Pipelines};
 use super::tensors::{storage_init, uniform, GpuMatrix};
+use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::model::router::RouterParams;
+use crate::quant::DType;
 pub use crate::backend::layout::{MatmulShape, MlaShape, LATENT_NORM_EPS};
-
-/// Mirrors `Step` in shaders/step.wgsl: written once before each submit.
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct StepUniform {
-    pub n_tokens: u32,
-    pub start: u32,
-    pub logits_row0: u32,
-    pub _pad: u32,
-}
-
-/// Workgroup counts of a dispatch as a function of the step's token count.
-pub type Grid = Box<dyn Fn(u32) -> [u32; 3]>;
 
 pub struct Dispatch {
     pub kernel: Kernel,
@@ -40,7 +30,7 @@ impl Dispatch {
             (Some(decode), 1) => decode.as_ref(),
             _ => self,
         };
-        (d, (d.grid)(n))
+        (d, d.grid.at(n))
     }
 
     pub fn record(&self, pass: &mut wgpu::ComputePass, n: u32) {
@@ -89,23 +79,25 @@ pub fn listed_grid(rows: usize, pairs: u32) -> [u32; 3] {
 pub struct Builder {
     pub ctx: GpuContext,
     pub pipelines: Pipelines,
+    /// The step's values (`Step` in shaders/step.wgsl), read by most kernels.
     pub step: wgpu::Buffer,
+    /// Bound where a kernel's optional buffer is absent.
     pub dummy: wgpu::Buffer,
 }
 
 impl Builder {
-    pub fn dispatch(&self, kernel: Kernel, format: Option<WeightFormat>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
+    pub fn new(ctx: GpuContext) -> crate::error::Result<Builder> {
+        let step = uniform(&ctx, "step", &[0u8; 16]);
+        let dummy = super::tensors::storage(&ctx, "dummy", 4)?;
+        let pipelines = Pipelines::new(&ctx.device, ctx.subgroups);
+        Ok(Builder { ctx, pipelines, step, dummy })
+    }
+
+    pub fn dispatch(&self, kernel: Kernel, format: Option<DType>, buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
         self.dispatch_with(kernel, format, &[], buffers, grid)
     }
 
-    pub fn dispatch_with(
-        &self,
-        kernel: Kernel,
-        format: Option<WeightFormat>,
-        overrides: &[(&'static str, f64)],
-        buffers: &[&wgpu::Buffer],
-        grid: Grid,
-    ) -> Dispatch {
+    pub fn dispatch_with(&self, kernel: Kernel, format: Option<DType>, overrides: &[(&'static str, f64)], buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
         let pipeline = self.pipelines.get_with(kernel, format, overrides);
         let layout = pipeline.get_bind_group_layout(0);
         let entries: Vec<wgpu::BindGroupEntry> = buffers
@@ -144,7 +136,6 @@ impl Builder {
             .map(|chunk| {
                 let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, ids];
                 let variant = |(rows_per_group, tile): (u32, u32)| {
-                    let row_groups = (chunk.rows as u32).div_ceil(rows_per_group);
                     let overrides = [
                         ("COLS", w.cols as f64),
                         ("ROWS", rows_per_group as f64),
@@ -152,12 +143,11 @@ impl Builder {
                         ("USE_IDS", shape.use_ids as u32 as f64),
                         ("SLOT_LIST", shape.slot_list as u32 as f64),
                     ];
-                    let (per_token, fixed) = (shape.slots_per_token, shape.fixed_slots);
-                    let grid: Grid = Box::new(move |n| {
-                        let slots = fixed.unwrap_or(n * per_token);
-                        let [gx, gy] = split(row_groups);
-                        [gx, gy, slots.div_ceil(tile)]
-                    });
+                    let [gx, gy] = split((chunk.rows as u32).div_ceil(rows_per_group));
+                    let grid = match shape.fixed_slots {
+                        Some(slots) => Grid::fixed([gx, gy, slots.div_ceil(tile)]),
+                        None => Grid::new([gx, gy, shape.slots_per_token, tile], |n, [x, y, per, tile]| [x, y, (n * per).div_ceil(tile)]),
+                    };
                     self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
                 };
                 if shape.use_ids || shape.fixed_slots.is_some() {
@@ -185,6 +175,7 @@ impl Builder {
     /// Routed experts from one expert-cache pool: only the slots `list` names, as (slot,
     /// pool-local expert) pairs, with workgroup counts read from `args` at `offset` (the host
     /// writes `listed_grid(w.rows, pairs)` there).
+    #[allow(clippy::too_many_arguments)]
     pub fn listed_expert_matmul(
         &self,
         w: &GpuMatrix,
@@ -205,17 +196,13 @@ impl Builder {
 
     /// Embedding rows of the step's tokens into `out`, one dispatch per row chunk of the table.
     pub fn embed(&self, table: &GpuMatrix, tokens: &wgpu::Buffer, out: &wgpu::Buffer) -> Vec<Dispatch> {
-        let cols = table.cols as u32;
+        let groups = (table.cols as u32).div_ceil(64);
         table
             .chunks
             .iter()
             .map(|c| {
-                self.dispatch(
-                    Kernel::Embed,
-                    Some(table.format),
-                    &[&c.layout, &c.weights, &c.scales, &self.step, tokens, out],
-                    Box::new(move |n| [cols.div_ceil(64), n, 1]),
-                )
+                let grid = Grid::new([groups, 0, 0, 0], |n, [x, ..]| [x, n, 1]);
+                self.dispatch(Kernel::Embed, Some(table.format), &[&c.layout, &c.weights, &c.scales, &self.step, tokens, out], grid)
             })
             .collect()
     }
@@ -230,16 +217,15 @@ impl Builder {
             _pad: u32,
         }
         let p = self.params("rmsnorm", &P { dim: dim as u32, eps: eps as f32, from_logits_row: last_row as u32, _pad: 0 });
-        let grid: Grid = if last_row { Box::new(|_| [1, 1, 1]) } else { Box::new(|n| [n, 1, 1]) };
+        let grid = if last_row { Grid::fixed([1, 1, 1]) } else { Grid::per_token() };
         self.dispatch(Kernel::RmsNorm, None, &[&p, &self.step, src, weight, dst], grid)
     }
 
     pub fn silu_mul(&self, per_token: usize, gate: &wgpu::Buffer, up: &wgpu::Buffer) -> Dispatch {
         let p = self.params("silu_mul", &[per_token as u32, 0, 0, 0]);
-        let per_token = per_token as u32;
-        let grid: Grid = Box::new(move |n| {
-            let groups = (n * per_token).div_ceil(64);
-            { let [x, y] = split(groups); [x, y, 1] }
+        let grid = Grid::new([per_token as u32, 0, 0, 0], |n, [per, ..]| {
+            let [x, y] = split((n * per).div_ceil(64));
+            [x, y, 1]
         });
         self.dispatch(Kernel::SiluMul, None, &[&p, &self.step, gate, up], grid)
     }
@@ -248,8 +234,10 @@ impl Builder {
         storage_init(&self.ctx, label, bytemuck::cast_slice(values))
     }
 
-    /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.
-    /// The routing shape is fixed per model, so it is compiled in as pipeline constants.
+    /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`
+    /// (`last_row`: one token, row 0). The routing shape is fixed per model, so it is compiled
+    /// in as pipeline constants.
+    #[allow(clippy::too_many_arguments)]
     pub fn router(
         &self,
         r: &RouterParams,
@@ -258,6 +246,7 @@ impl Builder {
         bias: Option<&wgpu::Buffer>,
         ids: &wgpu::Buffer,
         weights: &wgpu::Buffer,
+        last_row: bool,
     ) -> Dispatch {
         let p = self.params("router", &[r.scaling, 0.0, 0.0, 0.0]);
         let overrides = [
@@ -271,132 +260,66 @@ impl Builder {
             ("HAS_BIAS", bias.is_some() as u32 as f64),
         ];
         let bias = bias.unwrap_or(&self.dummy);
-        self.dispatch_with(Kernel::Router, None, &overrides, &[&p, &self.step, logits, bias, ids, weights], Box::new(|n| [n, 1, 1]))
+        let grid = if last_row { Grid::fixed([1, 1, 1]) } else { Grid::per_token() };
+        self.dispatch_with(Kernel::Router, None, &overrides, &[&p, &self.step, logits, bias, ids, weights], grid)
     }
 
-    /// Multi-head latent attention for the step's tokens, the absorbed form, as SPEC.md gives it:
-    /// query projections, `kv_a`, the latent store (norm + RoPE into the cache), query RoPE,
-    /// `q_lat = W_UK^T q_nope`, causal attention over the cache, `W_UV` and `o_proj`, whose
-    /// result is added to `bufs.out` (the residual stream).
-    pub fn attention(&self, s: &MlaShape, w: &GpuAttention, bufs: &AttentionBuffers) -> Vec<Dispatch> {
-        let mut ops = Vec::new();
-        match &w.q {
-            GpuQuery::LowRank { a, norm, b } => {
-                ops.extend(self.matmul(a, bufs.x, bufs.qa, false));
-                ops.push(self.rmsnorm(a.rows, LATENT_NORM_EPS, bufs.qa, norm, bufs.qa_norm, false));
-                ops.extend(self.matmul(b, bufs.qa_norm, bufs.q, false));
-            }
-            GpuQuery::Direct(q) => ops.extend(self.matmul(q, bufs.x, bufs.q, false)),
-        }
-        ops.extend(self.matmul(&w.kv_a, bufs.x, bufs.kv, false));
+    // Small parameter blocks are packed as u32 words in the order of each shader's `Params`
+    // struct (f32 fields as their bits): latent.wgsl, rope.wgsl, mla_absorb.wgsl, attention.wgsl.
 
+    /// MLA's latent store: norm + RoPE of the step's latents into the cache.
+    pub fn latent_store(&self, s: &MlaShape, kv: &wgpu::Buffer, norm: &wgpu::Buffer, inv_freq: &wgpu::Buffer, cache: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
+        self.dispatch(Kernel::LatentStore, None, &[&p, &self.step, kv, norm, inv_freq, cache], Grid::per_token())
+    }
+
+    /// RoPE of each query head's rope part.
+    pub fn rope_q(&self, s: &MlaShape, inv_freq: &wgpu::Buffer, q: &wgpu::Buffer) -> Dispatch {
         let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
-        // Small parameter blocks are packed as u32 words in the order of each shader's `Params`
-        // struct (f32 fields as their bits): latent.wgsl, rope.wgsl, mla_absorb.wgsl, attention.wgsl.
-        let lp = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
-        ops.push(self.dispatch(
-            Kernel::LatentStore,
-            None,
-            &[&lp, &self.step, bufs.kv, &w.kv_norm, bufs.inv_freq, &w.cache],
-            Box::new(|n| [n, 1, 1]),
-        ));
-        let rp = self.params("rope", &[heads, qk, s.nope as u32, s.rope_scale.to_bits()]);
-        let rotations = heads * s.rope as u32 / 2;
-        ops.push(self.dispatch(
-            Kernel::RopeQ,
-            None,
-            &[&rp, &self.step, bufs.inv_freq, bufs.q],
-            Box::new(move |n| [(n * rotations).div_ceil(64), 1, 1]),
-        ));
-
-        let kv_b = w.kv_b.single();
-        let ap = self.params("absorb", &[heads, s.nope as u32, s.v as u32, qk]);
-        let (lora, v) = (s.lora as u32, s.v as u32);
-        ops.push(self.dispatch(
-            Kernel::QAbsorb,
-            Some(w.kv_b.format),
-            &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &self.step, bufs.q, bufs.q_lat],
-            Box::new(move |n| [lora.div_ceil(64), n * heads, 1]),
-        ));
-        let attn = self.params(
-            "attention",
-            &[heads, lora, s.rope as u32, qk, s.nope as u32, s.ctx as u32, s.scale.to_bits(), 0],
-        );
-        ops.push(self.mla_attention(s, &attn, [bufs.q, bufs.q_lat, &w.cache, bufs.scores, bufs.o_lat]));
-        ops.push(self.dispatch(
-            Kernel::VUp,
-            Some(w.kv_b.format),
-            &[&kv_b.layout, &kv_b.weights, &kv_b.scales, &ap, &self.step, bufs.o_lat, bufs.o],
-            Box::new(move |n| [v.div_ceil(64), n * heads, 1]),
-        ));
-        ops.extend(self.matmul(&w.o, bufs.o, bufs.out, true));
-        ops
+        let p = self.params("rope", &[heads, qk, s.nope as u32, s.rope_scale.to_bits()]);
+        let grid = Grid::new([heads * s.rope as u32 / 2, 0, 0, 0], |n, [rotations, ..]| [(n * rotations).div_ceil(64), 1, 1]);
+        self.dispatch(Kernel::RopeQ, None, &[&p, &self.step, inv_freq, q], grid)
     }
 
-    /// Causal attention of the step's queries over the latent cache (attention.wgsl); `params`
-    /// packs its `Params`, `bufs` are q, q_lat, cache, scores, o_lat.
-    pub fn mla_attention(&self, s: &MlaShape, params: &wgpu::Buffer, bufs: [&wgpu::Buffer; 5]) -> Dispatch {
+    /// `q_lat = W_UK^T q_nope` (`v_up = false`) or `o = W_UV o_lat` (`v_up = true`) per head.
+    pub fn absorb(&self, s: &MlaShape, kv_b: &GpuMatrix, src: &wgpu::Buffer, dst: &wgpu::Buffer, v_up: bool) -> Dispatch {
+        let kv_b_chunk = kv_b.single();
         let heads = s.heads as u32;
-        let [q, q_lat, cache, scores, o_lat] = bufs;
+        let p = self.params("absorb", &[heads, s.nope as u32, s.v as u32, (s.nope + s.rope) as u32]);
+        let (kernel, width) = if v_up { (Kernel::VUp, s.v) } else { (Kernel::QAbsorb, s.lora) };
+        let grid = Grid::new([(width as u32).div_ceil(64), heads, 0, 0], |n, [x, heads, ..]| [x, n * heads, 1]);
+        let buffers = [&kv_b_chunk.layout, &kv_b_chunk.weights, &kv_b_chunk.scales, &p, &self.step, src, dst];
+        self.dispatch(kernel, Some(kv_b.format), &buffers, grid)
+    }
+
+    /// Causal attention of the step's queries over the latent cache (attention.wgsl), through a
+    /// scores row of `s.ctx` floats per (token, head) in `scores`.
+    pub fn mla_attention(&self, s: &MlaShape, q: &wgpu::Buffer, q_lat: &wgpu::Buffer, cache: &wgpu::Buffer, scores: &wgpu::Buffer, o_lat: &wgpu::Buffer) -> Dispatch {
+        let heads = s.heads as u32;
+        let p = self.params(
+            "attention",
+            &[heads, s.lora as u32, s.rope as u32, (s.nope + s.rope) as u32, s.nope as u32, s.ctx as u32, s.scale.to_bits(), 0],
+        );
         let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64)];
-        self.dispatch_with(Kernel::Attention, None, &overrides, &[params, &self.step, q, q_lat, cache, scores, o_lat], Box::new(move |n| [heads, n, 1]))
+        let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
+        self.dispatch_with(Kernel::Attention, None, &overrides, &[&p, &self.step, q, q_lat, cache, scores, o_lat], grid)
+    }
+
+    /// Scores the attention needs for `tokens` tokens: a row of the context per (token, head).
+    pub fn attention_scratch(s: &MlaShape, tokens: usize) -> usize {
+        tokens * s.heads * s.ctx
     }
 
     /// `h[t] += sum_i w[t, i] * expert_out[t * k + i] + shared[t]`.
-    pub fn moe_combine(
-        &self,
-        dim: usize,
-        k: usize,
-        expert_out: &wgpu::Buffer,
-        route_weights: &wgpu::Buffer,
-        shared_out: Option<&wgpu::Buffer>,
-        h: &wgpu::Buffer,
-    ) -> Dispatch {
+    pub fn moe_combine(&self, dim: usize, k: usize, expert_out: &wgpu::Buffer, route_weights: &wgpu::Buffer, shared_out: Option<&wgpu::Buffer>, h: &wgpu::Buffer) -> Dispatch {
         let p = self.params("combine", &[dim as u32, k as u32, shared_out.is_some() as u32, 0]);
-        let d = dim as u32;
-        self.dispatch(
-            Kernel::MoeCombine,
-            None,
-            &[&p, &self.step, expert_out, route_weights, shared_out.unwrap_or(&self.dummy), h],
-            Box::new(move |n| [d.div_ceil(64), n, 1]),
-        )
+        let grid = Grid::new([(dim as u32).div_ceil(64), 0, 0, 0], |n, [x, ..]| [x, n, 1]);
+        self.dispatch(Kernel::MoeCombine, None, &[&p, &self.step, expert_out, route_weights, shared_out.unwrap_or(&self.dummy), h], grid)
     }
 
     /// The index of each logits row's largest value (run over the rows the head produced).
     pub fn argmax(&self, vocab: usize, logits: &wgpu::Buffer, ids: &wgpu::Buffer) -> Dispatch {
         let p = self.params("argmax", &[vocab as u32, 0, 0, 0]);
-        self.dispatch(Kernel::Argmax, None, &[&p, logits, ids], Box::new(|n| [n, 1, 1]))
+        self.dispatch(Kernel::Argmax, None, &[&p, logits, ids], Grid::per_token())
     }
-}
-
-pub enum GpuQuery {
-    LowRank { a: GpuMatrix, norm: wgpu::Buffer, b: GpuMatrix },
-    Direct(GpuMatrix),
-}
-
-/// One layer's attention weights on the GPU, and its latent cache (`[ctx, lora + rope]`).
-pub struct GpuAttention {
-    pub q: GpuQuery,
-    pub kv_a: GpuMatrix,
-    pub kv_norm: wgpu::Buffer,
-    pub kv_b: GpuMatrix,
-    pub o: GpuMatrix,
-    pub cache: wgpu::Buffer,
-}
-
-/// Activations the attention reads and writes, sized for a step's tokens.
-pub struct AttentionBuffers<'a> {
-    /// The normalised hidden states `[n, hidden]`.
-    pub x: &'a wgpu::Buffer,
-    pub qa: &'a wgpu::Buffer,
-    pub qa_norm: &'a wgpu::Buffer,
-    pub q: &'a wgpu::Buffer,
-    pub kv: &'a wgpu::Buffer,
-    pub q_lat: &'a wgpu::Buffer,
-    pub scores: &'a wgpu::Buffer,
-    pub o_lat: &'a wgpu::Buffer,
-    pub o: &'a wgpu::Buffer,
-    /// The residual stream the output is added to.
-    pub out: &'a wgpu::Buffer,
-    pub inv_freq: &'a wgpu::Buffer,
 }

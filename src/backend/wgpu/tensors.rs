@@ -1,9 +1,8 @@
 //! Weights and activations in GPU buffers.
 
 use super::context::GpuContext;
-use super::kernels::WeightFormat;
 use crate::backend::layout::{PackedStack, SlotLayout};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::inspect::human_bytes;
 use crate::model::weights::Matrix;
 use crate::quant::DType;
@@ -12,7 +11,8 @@ use wgpu::util::DeviceExt;
 /// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format; a single
 /// matrix larger than one binding is held as row chunks (`chunks`, in row order).
 pub struct GpuMatrix {
-    pub format: WeightFormat,
+    /// The element format (a row of the format table).
+    pub format: DType,
     pub rows: usize,
     pub cols: usize,
     pub chunks: Vec<GpuChunk>,
@@ -28,17 +28,6 @@ pub struct GpuChunk {
     pub scales: wgpu::Buffer,
 }
 
-fn format_of(dtype: DType) -> WeightFormat {
-    match dtype {
-        DType::F32 => WeightFormat::F32,
-        DType::BF16 => WeightFormat::Bf16,
-        DType::F16 => WeightFormat::F16,
-        DType::F8E4M3 => WeightFormat::Fp8,
-        DType::Q8 => WeightFormat::Q8,
-        DType::Q4 => WeightFormat::Q4,
-    }
-}
-
 impl GpuMatrix {
     /// Uploads `stack` (one matrix, or every expert of a layer) as one buffer: experts follow each
     /// other so a kernel finds expert e at element `e * rows * cols`.
@@ -47,7 +36,7 @@ impl GpuMatrix {
         PackedStack::check(stack)?;
         let bytes: usize = stack.iter().map(|m| m.data.as_slice().len()).sum();
         if bytes as u64 > ctx.max_binding() {
-            return Err(Error::Invalid(format!(
+            return Err(ctx.limit(format!(
                 "`{}`{} is {}, more than this adapter binds at once ({}); streaming experts through a \
                  smaller cache is not implemented yet",
                 first.name,
@@ -58,7 +47,7 @@ impl GpuMatrix {
         }
         let chunk = upload_chunk(ctx, stack, 0, first.rows)?;
         let bytes = chunk_bytes(stack);
-        Ok(GpuMatrix { format: format_of(first.dtype), rows: first.rows, cols: first.cols, chunks: vec![chunk], bytes })
+        Ok(GpuMatrix { format: first.dtype, rows: first.rows, cols: first.cols, chunks: vec![chunk], bytes })
     }
 
     /// Uploads one matrix, split into row chunks of at most `ctx.chunk_limit()` bytes when it is
@@ -79,7 +68,7 @@ impl GpuMatrix {
             let part = m.row_slice(row0, rows);
             chunks.push(upload_chunk(ctx, &[&part], row0, m.rows)?);
         }
-        Ok(GpuMatrix { format: format_of(m.dtype), rows: m.rows, cols: m.cols, chunks, bytes: chunk_bytes(&[m]) })
+        Ok(GpuMatrix { format: m.dtype, rows: m.rows, cols: m.cols, chunks, bytes: chunk_bytes(&[m]) })
     }
 
     /// The whole matrix as one chunk, for kernels that do not take chunks.
@@ -110,7 +99,7 @@ impl SlotMatrix {
         let SlotLayout { layout, data_stride, scale_values } = SlotLayout::new(template);
         let bytes = data_stride * slots as u64;
         if bytes > ctx.max_binding() {
-            return Err(Error::Invalid(format!(
+            return Err(ctx.limit(format!(
                 "`{}`: {slots} expert slots take {}, more than this adapter binds at once ({})",
                 template.name,
                 human_bytes(bytes),
@@ -133,7 +122,7 @@ impl SlotMatrix {
             scales: empty("expert slot scales", (scale_values * slots * 4) as u64),
         };
         let matrix = GpuMatrix {
-            format: format_of(template.dtype),
+            format: template.dtype,
             rows: template.rows,
             cols: template.cols,
             chunks: vec![chunk],
@@ -193,7 +182,7 @@ pub fn storage_init(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buf
 pub fn storage(ctx: &GpuContext, label: &str, elements: usize) -> Result<wgpu::Buffer> {
     let size = (elements.max(1) * 4) as u64;
     if size > ctx.max_binding() {
-        return Err(Error::Invalid(format!(
+        return Err(ctx.limit(format!(
             "the `{label}` buffer needs {}, more than this adapter binds at once ({}): lower --ctx",
             human_bytes(size),
             human_bytes(ctx.max_binding())

@@ -3,17 +3,21 @@
 //
 // Weights: a matrix is rows x cols elements, row-major, packed little-endian into u32 words;
 // stacked experts follow each other `expert_stride` elements apart. FORMAT (a define) is the
-// element type, as in shaders/weights.wgsl:
-//   0 = f32, 1 = bf16, 2 = f16, 3 = FP8 e4m3 with block scales (W = code * scale[block]),
-//   4 = q8: int8 with a scale per 1x32 block, 5 = q4: nibbles with (scale, min) per 1x32 block.
+// element type, one of the FORMAT_* defines the host passes from the format table
+// (src/format.rs), as in shaders/weights.wgsl: f32, bf16, f16, FP8 e4m3 with block scales
+// (W = code * scale[block]), q8: int8 with a scale per 1x32 block, q4: nibbles with
+// (scale, min) per 1x32 block.
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+#if !defined(FORMAT_F32) || !defined(FORMAT_BF16) || !defined(FORMAT_F16) || !defined(FORMAT_FP8) || !defined(FORMAT_Q8) || !defined(FORMAT_Q4)
+#error "the FORMAT_* defines come from the host's format table (src/format.rs)"
+#endif
 #ifndef FORMAT
-#define FORMAT 0
+#define FORMAT FORMAT_F32
 #endif
 
 // Per-step values, written to device memory before each step, so a captured step (CUDA graph)
@@ -76,20 +80,20 @@ __device__ __forceinline__ u32 scale_index(const WeightLayout& l, u32 e, u32 r, 
 // blocks of whole fours (the host checks and otherwise uses `weight1`).
 __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
     const u64 first = (u64)e * l.expert_stride + (u64)r * l.cols + c;
-#if FORMAT == 0
+#if FORMAT == FORMAT_F32
     return *reinterpret_cast<const float4*>(w + first);
-#elif FORMAT == 1 || FORMAT == 2
+#elif FORMAT == FORMAT_BF16 || FORMAT == FORMAT_F16
     const u32 a = w[first / 2], b = w[first / 2 + 1];
-#if FORMAT == 1
+#if FORMAT == FORMAT_BF16
     return make_float4(bf16_to_f32(a & 0xffffu), bf16_to_f32(a >> 16), bf16_to_f32(b & 0xffffu), bf16_to_f32(b >> 16));
 #else
     return make_float4(f16_to_f32(a & 0xffffu), f16_to_f32(a >> 16), f16_to_f32(b & 0xffffu), f16_to_f32(b >> 16));
 #endif
-#elif FORMAT == 3
+#elif FORMAT == FORMAT_FP8
     const float4 v = fp8x4_to_f32(w[first / 4]);
     const float k = s[scale_index(l, e, r, c)];
     return make_float4(v.x * k, v.y * k, v.z * k, v.w * k);
-#elif FORMAT == 4
+#elif FORMAT == FORMAT_Q8
     const u32 word = w[first / 4];
     const float k = s[scale_index(l, e, r, c)];
     return make_float4(signed_byte(word, 0) * k, signed_byte(word, 8) * k, signed_byte(word, 16) * k, signed_byte(word, 24) * k);
@@ -103,11 +107,11 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
 }
 
 // Elements in 16 bytes of weights: each lane's load in the matmul's wide path.
-#if FORMAT == 0
+#if FORMAT == FORMAT_F32
 #define WIDE 4u
-#elif FORMAT == 1 || FORMAT == 2
+#elif FORMAT == FORMAT_BF16 || FORMAT == FORMAT_F16
 #define WIDE 8u
-#elif FORMAT == 3 || FORMAT == 4
+#elif FORMAT == FORMAT_FP8 || FORMAT == FORMAT_Q8
 #define WIDE 16u
 #else
 #define WIDE 32u
@@ -115,7 +119,7 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
 
 // Whether rows, experts and scale blocks start on whole 16-byte loads (the wide path).
 __device__ __forceinline__ bool wide_ok(const WeightLayout& l) {
-    return l.cols % WIDE == 0u && l.expert_stride % WIDE == 0u && (FORMAT < 3 || l.block_cols % WIDE == 0u);
+    return l.cols % WIDE == 0u && l.expert_stride % WIDE == 0u && (FORMAT == FORMAT_F32 || FORMAT == FORMAT_BF16 || FORMAT == FORMAT_F16 || l.block_cols % WIDE == 0u);
 }
 
 // The WIDE weights of row r of expert e from column c (c % WIDE == 0, `wide_ok`): one 16-byte load.
@@ -124,19 +128,19 @@ __device__ __forceinline__ void weights_wide(const WeightLayout& l, const u32* _
     const u64 first = (u64)e * l.expert_stride + (u64)r * l.cols + c;
     const uint4 q = *reinterpret_cast<const uint4*>(w + first / (WIDE / 4u));
     const u32 words[4] = {q.x, q.y, q.z, q.w};
-#if FORMAT == 0
+#if FORMAT == FORMAT_F32
     for (u32 i = 0; i < 4u; i++) out[i] = __uint_as_float(words[i]);
-#elif FORMAT == 1
+#elif FORMAT == FORMAT_BF16
     for (u32 i = 0; i < 4u; i++) {
         out[2u * i] = bf16_to_f32(words[i] & 0xffffu);
         out[2u * i + 1u] = bf16_to_f32(words[i] >> 16);
     }
-#elif FORMAT == 2
+#elif FORMAT == FORMAT_F16
     for (u32 i = 0; i < 4u; i++) {
         out[2u * i] = f16_to_f32(words[i] & 0xffffu);
         out[2u * i + 1u] = f16_to_f32(words[i] >> 16);
     }
-#elif FORMAT == 3
+#elif FORMAT == FORMAT_FP8
     const float k = s[scale_index(l, e, r, c)];
     for (u32 i = 0; i < 4u; i++) {
         const float4 v = fp8x4_to_f32(words[i]);
@@ -145,7 +149,7 @@ __device__ __forceinline__ void weights_wide(const WeightLayout& l, const u32* _
         out[4u * i + 2u] = v.z * k;
         out[4u * i + 3u] = v.w * k;
     }
-#elif FORMAT == 4
+#elif FORMAT == FORMAT_Q8
     const float k = s[scale_index(l, e, r, c)];
     for (u32 i = 0; i < 16u; i++) out[i] = signed_byte(words[i / 4u], (i % 4u) * 8u) * k;
 #else
@@ -158,15 +162,15 @@ __device__ __forceinline__ void weights_wide(const WeightLayout& l, const u32* _
 // One weight of row r of expert e at column c (any shape).
 __device__ __forceinline__ float weight1(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
     const u64 i = (u64)e * l.expert_stride + (u64)r * l.cols + c;
-#if FORMAT == 0
+#if FORMAT == FORMAT_F32
     return __uint_as_float(w[i]);
-#elif FORMAT == 1
+#elif FORMAT == FORMAT_BF16
     return bf16_to_f32((w[i / 2] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
-#elif FORMAT == 2
+#elif FORMAT == FORMAT_F16
     return f16_to_f32((w[i / 2] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
-#elif FORMAT == 3
+#elif FORMAT == FORMAT_FP8
     return fp8_to_f32((w[i / 4] >> ((u32)(i & 3u) * 8u)) & 0xffu) * s[scale_index(l, e, r, c)];
-#elif FORMAT == 4
+#elif FORMAT == FORMAT_Q8
     return signed_byte(w[i / 4], (u32)(i & 3u) * 8u) * s[scale_index(l, e, r, c)];
 #else
     const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);

@@ -73,7 +73,7 @@ extern "C" __global__ void matmul(const WeightLayout* __restrict__ layout, const
                 acc[t] += a;
             }
         }
-    } else if (l.cols % 4u == 0u && (FORMAT < 3 || l.block_cols % 4u == 0u)) {
+    } else if (l.cols % 4u == 0u && (FORMAT == FORMAT_F32 || FORMAT == FORMAT_BF16 || FORMAT == FORMAT_F16 || l.block_cols % 4u == 0u)) {
         for (u32 c = lane * 4u; c < l.cols; c += 128u) {
             const float4 wv = weights4(l, w, scales, expert, r, c);
 #pragma unroll

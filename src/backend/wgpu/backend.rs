@@ -1,0 +1,321 @@
+//! The wgpu backend: plan ops lowered to dispatches made once at load; a step writes the step
+//! uniform, records its dispatches into one command encoder (a compute pass per part), and
+//! submits once when it reads back, so a step that never stops for the host is one submit.
+
+use super::context::GpuContext;
+use super::lower::{Builder, Dispatch, MatmulShape};
+use super::pools::SlotPool;
+use super::tensors::{storage, GpuMatrix};
+use crate::backend::{Backend, IntoBackend, Resources, StepValues};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::hot_path::driver;
+use crate::model::weights::{Matrix, Mlp};
+use crate::plan::{Experts, MlaShape, Op, Rows, Target};
+
+pub struct WgpuBackend {
+    pub builder: Builder,
+    /// The step being recorded, until it is submitted.
+    encoder: Option<wgpu::CommandEncoder>,
+    /// Where read-backs land, and their host copy (sized at load, grown if a read is larger).
+    readback: Option<wgpu::Buffer>,
+    host: Vec<u8>,
+    dispatches: u64,
+    submits: u64,
+    /// `DSRUN_PROFILE=N`: each dispatch runs alone N times and the last is timed (slow; for
+    /// finding hot kernels). The step's own work is then done by the profiler's runs.
+    profile: Option<Profiler>,
+}
+
+impl IntoBackend<WgpuBackend> for GpuContext {
+    fn into_backend(self) -> Result<WgpuBackend> {
+        WgpuBackend::new(self)
+    }
+}
+
+impl WgpuBackend {
+    pub fn new(ctx: GpuContext) -> Result<WgpuBackend> {
+        Ok(WgpuBackend {
+            builder: Builder::new(ctx)?,
+            encoder: None,
+            readback: None,
+            host: Vec::new(),
+            dispatches: 0,
+            submits: 0,
+            profile: Profiler::from_env(),
+        })
+    }
+
+    pub fn ctx(&self) -> &GpuContext {
+        &self.builder.ctx
+    }
+
+    /// Room to read back `bytes` (made at load for the largest read a step makes).
+    fn reserve_readback(&mut self, bytes: usize) {
+        if self.readback.as_ref().is_some_and(|r| r.size() >= bytes as u64) {
+            return;
+        }
+        self.readback = Some(self.ctx().device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes.max(4) as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }));
+        self.host.resize(bytes.max(4), 0);
+    }
+
+    fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        let device = &self.builder.ctx.device;
+        self.encoder.get_or_insert_with(|| driver(|| device.create_command_encoder(&Default::default())))
+    }
+
+    fn wait(&self, what: &str) -> Result<()> {
+        let ctx = self.ctx();
+        driver(|| ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None })).map(|_| ()).map_err(|e| ctx.failed(what, e))
+    }
+}
+
+impl Backend for WgpuBackend {
+    type Buffer = wgpu::Buffer;
+    type Matrix = GpuMatrix;
+    type Pool = SlotPool;
+    type Op = Dispatch;
+
+    fn describe(&self) -> String {
+        self.ctx().describe()
+    }
+
+    fn target(&mut self, config: &ModelConfig, capacity: usize) -> Result<Target> {
+        let ctx = self.ctx().clone();
+        let mla = MlaShape::new(config, capacity, &crate::model::rope::Rope::new(config));
+        // The attention's scratch holds one row of `capacity` scores per (token, head).
+        let per_token = Builder::attention_scratch(&mla, 1) as u64 * 4;
+        if per_token > ctx.max_binding() {
+            return Err(ctx.limit(format!("--ctx {capacity} is too long for this adapter's buffers: lower --ctx")));
+        }
+        let max_chunk = (ctx.max_binding() / per_token.max(1)).clamp(1, 64) as usize;
+        let readback = (max_chunk * config.vocab_size).max((max_chunk + 1) * config.num_experts_per_tok) * 4;
+        self.reserve_readback(readback);
+        Ok(Target {
+            max_chunk,
+            attention_scratch: Builder::attention_scratch(&mla, max_chunk),
+            binding_limit: ctx.chunk_limit(),
+            private_bytes: readback as u64,
+            memory: ctx.memory,
+            software: ctx.info.device_type == wgpu::DeviceType::Cpu,
+        })
+    }
+
+    fn checked<T>(&mut self, load: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        // A shader or binding the adapter rejects becomes an error, not a panic.
+        let scope = self.ctx().device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let loaded = load(self);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(crate::error::Error::Kernel { device: self.describe(), reason: e.to_string() });
+        }
+        loaded
+    }
+
+    fn alloc(&mut self, name: &str, words: usize) -> Result<wgpu::Buffer> {
+        storage(self.ctx(), name, words)
+    }
+
+    fn upload(&mut self, name: &str, values: &[f32]) -> Result<wgpu::Buffer> {
+        if values.len() as u64 * 4 > self.ctx().max_binding() {
+            return Err(self.ctx().limit(format!("`{name}` takes more than this adapter binds at once")));
+        }
+        Ok(self.builder.vector(name, values))
+    }
+
+    fn upload_matrix(&mut self, stack: &[&Matrix], chunked: bool) -> Result<GpuMatrix> {
+        match stack {
+            [m] if chunked => GpuMatrix::upload_chunked(self.ctx(), m),
+            _ => GpuMatrix::upload(self.ctx(), stack),
+        }
+    }
+
+    fn matrix_bytes(m: &GpuMatrix) -> u64 {
+        m.bytes
+    }
+
+    fn write(&mut self, dst: &wgpu::Buffer, data: &[u8]) -> Result<()> {
+        let queue = &self.builder.ctx.queue;
+        driver(|| queue.write_buffer(dst, 0, data));
+        Ok(())
+    }
+
+    fn pool(&mut self, expert: &Mlp, slots: usize, max_pairs: usize) -> Result<SlotPool> {
+        SlotPool::new(self.ctx(), expert, slots, max_pairs)
+    }
+
+    fn write_expert(&mut self, pool: &SlotPool, slot: usize, expert: &Mlp) -> Result<u64> {
+        Ok(pool.write(&self.ctx().queue, slot, expert))
+    }
+
+    fn write_slot_list(&mut self, pool: &SlotPool, pairs: &[u32]) -> Result<()> {
+        pool.write_list(&self.ctx().queue, pairs);
+        Ok(())
+    }
+
+    fn lower(&mut self, op: &Op, res: &Resources<Self>, out: &mut Vec<Dispatch>) -> Result<()> {
+        let b = &self.builder;
+        let buf = |id| res.buf(id);
+        match *op {
+            Op::Embed { table, tokens, out: o } => out.extend(b.embed(res.weight(table), buf(tokens), buf(o))),
+            Op::RmsNorm { dim, eps, x, weight, out: o, rows } => out.push(b.rmsnorm(dim, eps as f64, buf(x), buf(weight), buf(o), rows == Rows::Last)),
+            Op::Matmul { w, x, y, rows, accumulate } => {
+                let fixed_slots = (rows == Rows::Last).then_some(1);
+                out.extend(b.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None))
+            }
+            Op::SiluMul { width, gate, up } => out.push(b.silu_mul(width, buf(gate), buf(up))),
+            Op::LatentStore { kv, norm, inv_freq, cache, ref mla } => out.push(b.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(cache))),
+            Op::RopeQ { q, inv_freq, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(q))),
+            Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)),
+            Op::Attention { q, q_lat, cache, scratch, o_lat, ref mla } => out.push(b.mla_attention(mla, buf(q), buf(q_lat), buf(cache), buf(scratch), buf(o_lat))),
+            Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
+            Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
+                out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last))
+            }
+            Op::RoutedExperts { experts, k, width, x, ids, gate_out, up_out, out: o } => {
+                let k32 = k as u32;
+                let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));
+                match experts {
+                    Experts::Resident { gate, up, down } => {
+                        out.extend(b.expert_matmul(res.weight(gate), k32, k32, x, act, buf(ids)));
+                        out.extend(b.expert_matmul(res.weight(up), k32, k32, x, up_act, buf(ids)));
+                        out.push(b.silu_mul(k * width, act, up_act));
+                        out.extend(b.expert_matmul(res.weight(down), k32, 1, act, o, buf(ids)));
+                    }
+                    // Each pool computes the slots its list names: gate and up per pool,
+                    // SwiGLU over all slots, down per pool.
+                    Experts::Streamed { .. } => {
+                        res.pools.iter().for_each(|p| out.extend(p.gate_up(b, k32, x, [act, up_act])));
+                        out.push(b.silu_mul(k * width, act, up_act));
+                        res.pools.iter().for_each(|p| out.push(p.down(b, k32, act, o)));
+                    }
+                }
+            }
+            Op::MoeCombine { dim, k, expert_out, weights, shared, h } => out.push(b.moe_combine(dim, k, buf(expert_out), buf(weights), shared.map(buf), buf(h))),
+            Op::Argmax { vocab, logits, ids } => out.push(b.argmax(vocab, buf(logits), buf(ids))),
+        }
+        Ok(())
+    }
+
+    fn begin_step(&mut self, step: StepValues) -> Result<()> {
+        let (queue, uniform) = (&self.builder.ctx.queue, &self.builder.step);
+        driver(|| queue.write_buffer(uniform, 0, bytemuck::bytes_of(&step)));
+        Ok(())
+    }
+
+    fn record(&mut self, ops: &[Dispatch], n: u32) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.dispatches += ops.len() as u64;
+        if let Some(profiler) = &mut self.profile {
+            profiler.time(&self.builder.ctx, ops, n);
+            return Ok(());
+        }
+        let encoder = self.encoder();
+        driver(|| {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for d in ops {
+                d.record(&mut pass, n);
+            }
+        });
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some(encoder) = self.encoder.take() {
+            let queue = &self.builder.ctx.queue;
+            driver(|| queue.submit([encoder.finish()]));
+            self.submits += 1;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, parts: &[(&wgpu::Buffer, usize)]) -> Result<&[u8]> {
+        let total: usize = parts.iter().map(|(_, bytes)| bytes).sum();
+        self.reserve_readback(total);
+        let readback = self.readback.clone().expect("reserved above");
+        let encoder = self.encoder();
+        let mut offset = 0;
+        for &(src, bytes) in parts {
+            driver(|| encoder.copy_buffer_to_buffer(src, 0, &readback, offset, bytes as u64));
+            offset += bytes as u64;
+        }
+        // An empty encoder still marks the point to wait for.
+        self.encoder();
+        self.flush()?;
+        if total == 0 {
+            self.wait("waiting for the step")?;
+            return Ok(&[]);
+        }
+        let slice = readback.slice(..total as u64);
+        driver(|| slice.map_async(wgpu::MapMode::Read, |_| {}));
+        self.wait("waiting for the step")?;
+        let ctx = &self.builder.ctx;
+        let view = driver(|| slice.get_mapped_range()).map_err(|e| ctx.failed("reading results back", e))?;
+        self.host[..total].copy_from_slice(&view);
+        drop(view);
+        driver(|| readback.unmap());
+        Ok(&self.host[..total])
+    }
+
+    fn work_counters(&self) -> [(&'static str, u64); 2] {
+        [("dispatches", self.dispatches), ("submits", self.submits)]
+    }
+
+    fn reset_work_counters(&mut self) {
+        self.dispatches = 0;
+        self.submits = 0;
+    }
+
+    fn profile_report(&self) -> Option<String> {
+        self.profile.as_ref().map(Profiler::report)
+    }
+}
+
+/// Per-kernel timing for `DSRUN_PROFILE`: each dispatch submitted alone and waited for.
+struct Profiler {
+    repeats: u32,
+    /// "kernel grid" -> (calls, seconds).
+    totals: std::collections::BTreeMap<String, (u32, f64)>,
+}
+
+impl Profiler {
+    fn from_env() -> Option<Profiler> {
+        let value = std::env::var("DSRUN_PROFILE").ok()?;
+        Some(Profiler { repeats: value.parse().unwrap_or(1).max(1), totals: Default::default() })
+    }
+
+    fn time(&mut self, ctx: &GpuContext, ops: &[Dispatch], n: u32) {
+        let wait = || ctx.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        for op in ops {
+            let (d, grid) = op.for_tokens(n);
+            let mut seconds = 0.0;
+            for _ in 0..self.repeats {
+                let started = std::time::Instant::now();
+                let mut encoder = ctx.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = encoder.begin_compute_pass(&Default::default());
+                    d.encode(&mut pass, grid);
+                }
+                ctx.queue.submit([encoder.finish()]);
+                let _ = wait();
+                seconds = started.elapsed().as_secs_f64();
+            }
+            let [x, y, z] = grid;
+            let entry = self.totals.entry(format!("{:?} {x}x{y}x{z}", d.kernel)).or_default();
+            entry.0 += 1;
+            entry.1 += seconds;
+        }
+    }
+
+    fn report(&self) -> String {
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        rows.iter().take(15).map(|(name, (count, seconds))| format!("{:>9.3} ms total {:>6} x  {name}", seconds * 1e3, count)).collect::<Vec<_>>().join("\n")
+    }
+}

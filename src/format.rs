@@ -1,0 +1,100 @@
+//! The one table of weight formats: how each element type is stored on a device, read by
+//! the Rust side (packing, byte counts, slot strides), by the WGSL kernels (as `const`
+//! declarations prepended to shaders/weights.wgsl) and by the CUDA kernels (as `-D` defines
+//! for kernels/common.cuh). A new format is one row here plus its decode in each kernel family.
+
+use crate::quant::{DType, GROUP};
+
+/// How a format's scales are laid out: a grid of blocks over the matrix, `per_block` f32 values
+/// per block (row-major over blocks, experts `scale_expert_stride` values apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scales {
+    /// No scales: elements are their values.
+    None,
+    /// One f32 multiplier per block (FP8's `weight_scale_inv`, q8's group scale).
+    Scale,
+    /// An interleaved f32 (scale, min) pair per block: `w = q * scale + min` (q4).
+    ScaleMin,
+}
+
+/// Where a format's block shape comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Unscaled formats: no blocks.
+    None,
+    /// The checkpoint's `weight_block_size` (DeepSeek publishes 128x128).
+    Checkpoint { default: (usize, usize) },
+    /// A fixed rows x cols block dsrun quantises to.
+    Fixed(usize, usize),
+}
+
+#[derive(Debug)]
+pub struct Format {
+    pub dtype: DType,
+    /// The kernels' FORMAT value.
+    pub code: u32,
+    /// Its name in the kernels: a WGSL `const` and a CUDA define.
+    pub constant: &'static str,
+    /// Bits per element as stored (q4 packs two per byte, element i in the low nibble when even).
+    pub bits: u32,
+    pub block: Block,
+    pub scales: Scales,
+}
+
+pub const FORMATS: [Format; 6] = [
+    Format { dtype: DType::F32, code: 0, constant: "FORMAT_F32", bits: 32, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::BF16, code: 1, constant: "FORMAT_BF16", bits: 16, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::F16, code: 2, constant: "FORMAT_F16", bits: 16, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::F8E4M3, code: 3, constant: "FORMAT_FP8", bits: 8, block: Block::Checkpoint { default: (128, 128) }, scales: Scales::Scale },
+    Format { dtype: DType::Q8, code: 4, constant: "FORMAT_Q8", bits: 8, block: Block::Fixed(1, GROUP), scales: Scales::Scale },
+    Format { dtype: DType::Q4, code: 5, constant: "FORMAT_Q4", bits: 4, block: Block::Fixed(1, GROUP), scales: Scales::ScaleMin },
+];
+
+impl DType {
+    /// This element type's row of the format table.
+    pub fn format(self) -> &'static Format {
+        FORMATS.iter().find(|f| f.dtype == self).expect("every dtype has a row in FORMATS")
+    }
+}
+
+impl Format {
+    /// f32 values per scale block (0 for unscaled formats).
+    pub fn values_per_block(&self) -> usize {
+        match self.scales {
+            Scales::None => 0,
+            Scales::Scale => 1,
+            Scales::ScaleMin => 2,
+        }
+    }
+
+    /// Bytes `elements` elements take as stored.
+    pub fn bytes(&self, elements: usize) -> usize {
+        (elements * self.bits as usize).div_ceil(8)
+    }
+}
+
+/// The table as WGSL `const` declarations (prepended before shaders/weights.wgsl).
+pub fn wgsl_constants() -> String {
+    FORMATS.iter().map(|f| format!("const {}: u32 = {}u;\n", f.constant, f.code)).collect()
+}
+
+/// The table as `-D` defines for the CUDA kernels (common.cuh refuses to compile without them).
+pub fn cuda_defines() -> impl Iterator<Item = (&'static str, u32)> {
+    FORMATS.iter().map(|f| (f.constant, f.code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_every_dtype_has_a_row() {
+        for (i, f) in FORMATS.iter().enumerate() {
+            assert_eq!(f.code as usize, i, "{:?}: codes are table indices", f.dtype);
+            assert_eq!(f.dtype.format().code, f.code);
+            assert_eq!(f.scales == Scales::None, f.block == Block::None, "{:?}: scaled formats have blocks", f.dtype);
+        }
+        assert_eq!(DType::Q4.format().bytes(5), 3);
+        assert!(wgsl_constants().contains("const FORMAT_FP8: u32 = 3u;"));
+    }
+}

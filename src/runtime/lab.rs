@@ -1,0 +1,91 @@
+//! Plan ops on a backend outside a model: buffers and weights made by hand, ops lowered and
+//! run one step at a time. For kernel tests against the CPU reference and for benchmarks.
+
+use crate::backend::{Backend, IntoBackend, Resources, StepValues};
+use crate::error::Result;
+use crate::model::weights::Matrix;
+use crate::plan::{BufferId, Op, WeightId};
+use std::time::Instant;
+
+pub struct Lab<B: Backend> {
+    pub backend: B,
+    pub res: Resources<B>,
+}
+
+impl<B: Backend> Lab<B> {
+    pub fn new(device: impl IntoBackend<B>) -> Result<Self> {
+        Ok(Lab { backend: device.into_backend()?, res: Resources::new() })
+    }
+
+    /// A buffer holding `values`.
+    pub fn input(&mut self, values: &[f32]) -> Result<BufferId> {
+        let b = self.backend.upload("input", values)?;
+        self.res.buffers.push(b);
+        Ok(BufferId(self.res.buffers.len() - 1))
+    }
+
+    /// A buffer holding `values` (ids).
+    pub fn input_u32(&mut self, values: &[u32]) -> Result<BufferId> {
+        let id = self.zeros(values.len())?;
+        self.backend.write(self.res.buf(id), bytemuck::cast_slice(values))?;
+        Ok(id)
+    }
+
+    /// `words` zeroed words.
+    pub fn zeros(&mut self, words: usize) -> Result<BufferId> {
+        let b = self.backend.alloc("output", words)?;
+        self.res.buffers.push(b);
+        Ok(BufferId(self.res.buffers.len() - 1))
+    }
+
+    /// One matrix or a stack of experts, as the plan would upload it.
+    pub fn matrix(&mut self, stack: &[&Matrix], chunked: bool) -> Result<WeightId> {
+        let m = self.backend.upload_matrix(stack, chunked)?;
+        self.res.weights.push(m);
+        Ok(WeightId(self.res.weights.len() - 1))
+    }
+
+    pub fn write(&mut self, id: BufferId, values: &[f32]) -> Result<()> {
+        self.backend.write(self.res.buf(id), bytemuck::cast_slice(values))
+    }
+
+    pub fn lower(&mut self, ops: &[Op]) -> Result<Vec<B::Op>> {
+        let mut out = Vec::new();
+        for op in ops {
+            self.backend.lower(op, &self.res, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Runs lowered ops as a step of `n` tokens at position `start` and waits for them.
+    pub fn run(&mut self, ops: &[B::Op], n: u32, start: u32) -> Result<()> {
+        self.backend.begin_step(StepValues::new(n, start))?;
+        self.backend.record(ops, n)?;
+        self.backend.read(&[]).map(|_| ())
+    }
+
+    /// Seconds per run of `ops`: one warm-up run (compiles on lazy drivers), then `reps`
+    /// recorded together.
+    pub fn time(&mut self, ops: &[B::Op], n: u32, start: u32, reps: usize) -> Result<f64> {
+        self.run(ops, n, start)?;
+        self.backend.begin_step(StepValues::new(n, start))?;
+        let started = Instant::now();
+        for _ in 0..reps {
+            self.backend.record(ops, n)?;
+        }
+        self.backend.read(&[])?;
+        Ok(started.elapsed().as_secs_f64() / reps as f64)
+    }
+
+    pub fn read_f32(&mut self, id: BufferId, words: usize) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
+    }
+
+    pub fn read_u32(&mut self, id: BufferId, words: usize) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
+    }
+
+    fn read_bytes(&mut self, id: BufferId, words: usize) -> Result<&[u8]> {
+        self.backend.read(&[(self.res.buf(id), words * 4)])
+    }
+}

@@ -1,0 +1,354 @@
+//! The model on a GPU backend, written once for all of them: a plan is built for the backend's
+//! limits, its buffers and weights are made on the device, every op is lowered once, and a step
+//! is: write the per-step values and token ids, record the lowered ops (stopping at each MoE
+//! layer for the router's choice when experts are streamed), read back the logits or the greedy
+//! id. Prompts longer than a step's room run in chunks.
+
+mod lab;
+mod streaming;
+
+pub use lab::Lab;
+pub use streaming::{StreamedLayer, Streaming};
+
+use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
+use crate::budget::{GpuOptions, MemoryPlan};
+use crate::config::ModelConfig;
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::expert_cache::StreamCounters;
+use crate::model::weights::Matrix;
+use crate::model::{check_request, Logits, Model};
+use crate::plan::{self, BufferId, Experts, Op, Plan, WeightSpec};
+use crate::quant::QuantTarget;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Counters for `--verbose` stats (the backend keeps its own beside them).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunCounters {
+    /// Engine calls (a prompt, a decoded token).
+    pub steps: u64,
+    pub tokens: u64,
+    pub step_seconds: f64,
+    pub readback_bytes: u64,
+}
+
+pub struct Runtime<B: Backend> {
+    backend: B,
+    res: Resources<B>,
+    config: ModelConfig,
+    body: Vec<B::Op>,
+    head_last: Vec<B::Op>,
+    head_all: Vec<B::Op>,
+    argmax: Vec<B::Op>,
+    tokens: BufferId,
+    logits: BufferId,
+    argmax_ids: BufferId,
+    /// Routed experts in a device slot cache, when they do not all fit the budget.
+    streaming: Option<Streaming<B>>,
+    memory: MemoryPlan,
+    max_chunk: usize,
+    capacity: usize,
+    len: usize,
+    weight_bytes: u64,
+    pub counters: RunCounters,
+}
+
+impl<B: Backend> Runtime<B> {
+    /// `model` on `device` with room for `capacity` tokens, weights converted to `quant`
+    /// unless kept, everything resident that fits the device.
+    pub fn new(device: impl IntoBackend<B>, model: &Model, capacity: usize, quant: QuantTarget) -> Result<Self> {
+        Self::with_options(device, model, capacity, &GpuOptions::with_quant(quant))
+    }
+
+    /// As `new`, with a memory budget (`--gpu-mem`): routed experts that do not fit stream
+    /// through a device cache.
+    pub fn with_options(device: impl IntoBackend<B>, model: &Model, capacity: usize, options: &GpuOptions) -> Result<Self> {
+        let mut backend: B = device.into_backend()?;
+        let target = backend.target(&model.config, capacity)?;
+        let plan = plan::build(model, capacity, options, &target)?;
+        Self::from_plan(backend, model, &plan)
+    }
+
+    /// Makes `plan` (built for `model` and this backend's target) on the device and lowers it.
+    pub fn from_plan(backend: B, model: &Model, plan: &Plan) -> Result<Self> {
+        let mut backend = backend;
+        let loaded = backend.checked(|b| Loaded::new(b, model, plan))?;
+        let Loaded { res, body, head_last, head_all, argmax, streaming, weight_bytes } = loaded;
+        if let Some(s) = &streaming {
+            log::info!(
+                "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
+                s.slots(),
+                crate::inspect::human_bytes(s.slot_bytes()),
+                s.pools(),
+                plan.memory.experts,
+                crate::inspect::human_bytes(plan.budget),
+                crate::inspect::human_bytes(plan.memory.resident)
+            );
+        }
+        Ok(Runtime {
+            backend,
+            res,
+            config: model.config.clone(),
+            body,
+            head_last,
+            head_all,
+            argmax,
+            tokens: plan.tokens,
+            logits: plan.logits,
+            argmax_ids: plan.argmax_ids,
+            streaming,
+            memory: plan.memory,
+            max_chunk: plan.max_chunk,
+            capacity: plan.capacity,
+            len: 0,
+            weight_bytes,
+            counters: RunCounters::default(),
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Most tokens one step processes; longer prompts run in chunks.
+    pub fn max_chunk(&self) -> usize {
+        self.max_chunk
+    }
+
+    /// What the model needs on the device: resident bytes and routed-expert bytes.
+    pub fn memory_plan(&self) -> MemoryPlan {
+        self.memory
+    }
+
+    /// Expert-cache slots, when routed experts are streamed.
+    pub fn expert_slots(&self) -> Option<usize> {
+        self.streaming.as_ref().map(|s| s.slots())
+    }
+
+    /// Expert-cache pools (each fits one binding), when routed experts are streamed.
+    pub fn expert_pools(&self) -> Option<usize> {
+        self.streaming.as_ref().map(|s| s.pools())
+    }
+
+    pub fn stream_counters(&self) -> Option<StreamCounters> {
+        self.streaming.as_ref().map(|s| s.counters)
+    }
+
+    /// One step of at most `max_chunk` tokens. `head`: which logits to compute, if any;
+    /// `greedy`: also take the argmax of each computed row. Returns the read-back bytes.
+    fn step(&mut self, tokens: &[u32], head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
+        let n = tokens.len() as u32;
+        let b = &mut self.backend;
+        b.begin_step(StepValues::new(n, self.len as u32))?;
+        b.write(self.res.buf(self.tokens), bytemuck::cast_slice(tokens))?;
+        let (head_ops, rows) = match head {
+            None => (&[][..], 0),
+            Some(Logits::Last) => (&self.head_last[..], 1),
+            Some(Logits::All) => (&self.head_all[..], n),
+        };
+        let argmax = if greedy { &self.argmax[..] } else { &[][..] };
+        match &mut self.streaming {
+            None => b.record_step(StepKind { head, greedy }, [(&self.body, n), (head_ops, n), (argmax, rows)])?,
+            Some(streaming) => {
+                // The step stops at each MoE layer's router for its choice.
+                let mut done = 0;
+                for layer in 0..streaming.layers.len() {
+                    let at = streaming.layers[layer].at;
+                    b.record(&self.body[done..at], n)?;
+                    streaming.sync(b, &self.res, layer, n)?;
+                    done = at;
+                }
+                b.record(&self.body[done..], n)?;
+                b.record(head_ops, n)?;
+                b.record(argmax, rows)?;
+            }
+        }
+        self.len += n as usize;
+        let bytes = rows as usize * if greedy { 4 } else { self.config.vocab_size * 4 };
+        self.counters.readback_bytes += bytes as u64;
+        if bytes == 0 {
+            b.flush()?;
+            return Ok(&[]);
+        }
+        let src = self.res.buf(if greedy { self.argmax_ids } else { self.logits });
+        b.read(&[(src, bytes)])
+    }
+
+    /// Runs `tokens` in chunks, handing each chunk's read-back bytes to `sink`; only the last
+    /// chunk computes the head unless all logits are wanted.
+    fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
+        check_request(&self.config, self.len, self.capacity, tokens)?;
+        let started = Instant::now();
+        self.counters.steps += 1;
+        self.counters.tokens += tokens.len() as u64;
+        let chunks = tokens.len().div_ceil(self.max_chunk);
+        for (i, chunk) in tokens.chunks(self.max_chunk).enumerate() {
+            let head = match which {
+                Logits::All => Some(Logits::All),
+                Logits::Last if i + 1 == chunks => Some(Logits::Last),
+                Logits::Last => None,
+            };
+            sink(self.step(chunk, head, greedy)?);
+        }
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+impl<B: Backend> Engine for Runtime<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let rows = if which == Logits::All { tokens.len() } else { 1 };
+        let mut out = Vec::with_capacity(rows * self.config.vocab_size);
+        self.run(tokens, which, false, |bytes| out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))))?;
+        Ok(out)
+    }
+
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        let mut id = 0;
+        self.run(tokens, Logits::Last, true, |bytes| {
+            if let Some(b) = bytes.get(..4) {
+                id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        })?;
+        Ok(id)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    fn device_name(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn reset_counters(&mut self) {
+        self.counters = RunCounters::default();
+        self.backend.reset_work_counters();
+        if let Some(s) = &mut self.streaming {
+            s.counters = Default::default();
+        }
+    }
+
+    fn counters(&self) -> Option<String> {
+        if let Some(profile) = self.backend.profile_report() {
+            eprintln!("{profile}");
+        }
+        let c = self.counters;
+        let per = |x: u64| x as f64 / c.steps.max(1) as f64;
+        let [(first, a), (second, b)] = self.backend.work_counters();
+        let mut lines = format!(
+            "{} steps: {:.1} {first}, {:.2} {second}, {:.0} bytes read back per step; weights on GPU {}",
+            c.steps,
+            per(a),
+            per(b),
+            per(c.readback_bytes),
+            crate::inspect::human_bytes(self.weight_bytes)
+        );
+        if let Some(s) = &self.streaming {
+            lines += "\n";
+            lines += &s.summary(c.tokens, c.step_seconds);
+        }
+        Some(lines)
+    }
+}
+
+/// What loading makes on the device.
+struct Loaded<B: Backend> {
+    res: Resources<B>,
+    body: Vec<B::Op>,
+    head_last: Vec<B::Op>,
+    head_all: Vec<B::Op>,
+    argmax: Vec<B::Op>,
+    streaming: Option<Streaming<B>>,
+    weight_bytes: u64,
+}
+
+impl<B: Backend> Loaded<B> {
+    fn new(b: &mut B, model: &Model, plan: &Plan) -> Result<Self> {
+        let progress = quant_progress(plan);
+        let mut res = Resources::new();
+        for spec in &plan.buffers {
+            let buffer = match &spec.init {
+                Some(values) => b.upload(&spec.name, values)?,
+                None => b.alloc(&spec.name, spec.words)?,
+            };
+            res.buffers.push(buffer);
+        }
+        let mut weight_bytes = 0;
+        for spec in &plan.weights {
+            let m = upload_weight(b, spec, plan.quant, &progress)?;
+            weight_bytes += B::matrix_bytes(&m);
+            res.weights.push(m);
+        }
+        let mut streaming = match &plan.streaming {
+            Some(s) => Some(Streaming::new(b, &mut res, model, plan.quant, s, &progress)?),
+            None => None,
+        };
+        progress.finish_and_clear();
+
+        let mut body = Vec::new();
+        for op in &plan.body {
+            match (op, &mut streaming) {
+                (Op::RoutedExperts { experts: Experts::Streamed { predicts_next, .. }, .. }, Some(s)) => {
+                    let mut ops = Vec::new();
+                    b.lower(op, &res, &mut ops)?;
+                    s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops });
+                }
+                _ => b.lower(op, &res, &mut body)?,
+            }
+        }
+        let mut lower_all = |ops: &[Op]| -> Result<Vec<B::Op>> {
+            let mut out = Vec::new();
+            ops.iter().try_for_each(|op| b.lower(op, &res, &mut out))?;
+            Ok(out)
+        };
+        let head_last = lower_all(&plan.head_last)?;
+        let head_all = lower_all(&plan.head_all)?;
+        let argmax = lower_all(std::slice::from_ref(&plan.argmax))?;
+        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, weight_bytes })
+    }
+}
+
+/// Uploads one weight of the plan in the format `quant` gives it (converted on all cores).
+fn upload_weight<B: Backend>(b: &mut B, spec: &WeightSpec, quant: QuantTarget, progress: &indicatif::ProgressBar) -> Result<B::Matrix> {
+    if !spec.convert || quant == QuantTarget::Keep {
+        return b.upload_matrix(&spec.stack, spec.chunked);
+    }
+    let converted: Vec<Matrix> = spec.stack.par_iter().map(|m| m.quantized(quant)).collect();
+    progress.inc(converted.len() as u64);
+    b.upload_matrix(&converted.iter().collect::<Vec<_>>(), spec.chunked)
+}
+
+/// A progress bar over the matrices `--quant` converts (hidden when there is nothing to
+/// convert or stderr is not a terminal).
+fn quant_progress(plan: &Plan) -> indicatif::ProgressBar {
+    if plan.quant == QuantTarget::Keep {
+        return indicatif::ProgressBar::hidden();
+    }
+    let weights: usize = plan.weights.iter().filter(|w| w.convert).map(|w| w.stack.len()).sum();
+    let streamed = plan.streaming.as_ref().map_or(0, |_| plan.memory.experts as usize * 3);
+    let bar = indicatif::ProgressBar::new((weights + streamed) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("quantising to {msg} {bar:40} {pos}/{len} matrices")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{:?}", plan.quant).to_lowercase());
+    bar
+}
