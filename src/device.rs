@@ -1,6 +1,7 @@
 //! Which compute device a command runs on (`--gpu`), and the engine that runs there.
 
-use crate::backend::wgpu::{context, GpuModel};
+use crate::backend::wgpu::{context, GpuModel, WgpuBackend};
+use crate::backend::Backend;
 use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -50,24 +51,54 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
     }
 }
 
-/// `--gpu cuda`: the native backend on CUDA device 0 (`DSRUN_CUDA_EMULATOR=1`: on the CPU
-/// emulator instead, for testing the path where there is no NVIDIA GPU; very slow).
+/// The forward plan `choice`'s backend would run `model` with, as text (`dsrun inspect --plan`):
+/// the backend's limits are read from its device; nothing is uploaded.
+pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
+    fn text<B: Backend>(mut backend: B, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
+        let target = backend.target(&model.config, capacity)?;
+        let plan = crate::plan::build(model, capacity, options, &target)?;
+        Ok(format!("device     {}\n{}", backend.describe(), plan.describe()))
+    }
+    match choice {
+        GpuChoice::Cpu => Err(Error::Invalid(
+            "--plan: the CPU reference computes the model directly (src/model) without a plan; choose a GPU backend with --gpu".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
+        #[cfg(not(feature = "cuda"))]
+        GpuChoice::Cuda => Err(no_cuda()),
+        _ => text(WgpuBackend::new(context::open(choice)?)?, model, capacity, options),
+    }
+}
+
+/// `--gpu cuda`: CUDA device 0 (`DSRUN_CUDA_EMULATOR=1`: the CPU emulator instead, for testing
+/// the path where there is no NVIDIA GPU; very slow).
 #[cfg(feature = "cuda")]
-fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
-    use crate::backend::cuda::{CudaModel, Device};
+fn cuda_device() -> Result<crate::backend::cuda::Device> {
+    use crate::backend::cuda::Device;
     let device = match std::env::var("DSRUN_CUDA_EMULATOR") {
         Ok(v) if v == "1" => Device::emulator()?,
         _ => Device::driver(0)?,
     };
     log::info!("--gpu cuda: {}", device.describe());
-    Ok(Box::new(CudaModel::with_options(std::sync::Arc::new(device), &model, capacity, options)?))
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
+    Ok(Box::new(crate::backend::cuda::CudaModel::with_options(cuda_device()?, &model, capacity, options)?))
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_engine(_: Model, _: usize, _: &GpuOptions) -> Result<Box<dyn Engine>> {
-    Err(Error::NoDevice(
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Error {
+    Error::NoDevice(
         "--gpu cuda: this dsrun was built without CUDA; rebuild with `cargo build --release --features cuda` \
          (no CUDA toolkit needed), or use --gpu vulkan (NVIDIA GPUs run through Vulkan too) or --gpu cpu"
             .into(),
-    ))
+    )
 }

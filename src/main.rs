@@ -176,6 +176,15 @@ struct LogitsArgs {
 struct InspectArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Also print the forward plan the chosen GPU backend would run: its buffers and weights
+    /// with their sizes, every op of a step, the memory plan and expert streaming.
+    #[arg(long)]
+    plan: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Context length the plan is made for (default: min(4096, max_position_embeddings)).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    ctx: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -271,8 +280,12 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
     let dir = model_dir(&args.model);
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let checkpoint = Checkpoint::open(&dir)?;
-    let (weights, ignored) = dsrun::model::weights::Weights::load(&config, &checkpoint)?;
-    print!("{}", dsrun::inspect::report(&config, &checkpoint, &weights, &ignored));
+    let model = Model::from_checkpoint(config, &checkpoint)?;
+    print!("{}", dsrun::inspect::report(&model.config, &checkpoint, &model.weights, &model.ignored));
+    if args.plan {
+        let capacity = args.ctx.map_or(model.config.max_position_embeddings.min(4096), |c| c as usize);
+        print!("{}", dsrun::device::describe_plan(args.device.gpu, &model, capacity, &args.device.options())?);
+    }
     Ok(())
 }
 

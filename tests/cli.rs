@@ -132,6 +132,20 @@ fn inspect_describes_the_checkpoint() {
 }
 
 #[test]
+fn inspect_prints_the_forward_plan() {
+    let v3 = fixture("v3_noaux");
+    let out = dsrun(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--ctx", "32", "--gpu-mem", "25%", "--prefetch", "on"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for needle in ["device ", "context 32 tokens", "experts    streamed:", "next layer guessed", "routed_experts", "head, every token (2 ops)"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+    // The last layer's latent cache: 32 positions of kv_lora_rank + qk_rope_head_dim = 40 values.
+    assert!(stdout.lines().any(|l| l.contains("latent cache 2") && l.trim_end().ends_with(" 1280")), "{stdout}");
+    assert_fails(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--gpu", "cpu"], "without a plan");
+}
+
+#[test]
 fn bad_requests_fail_cleanly() {
     let v3 = fixture("v3_noaux");
     let v3 = v3.to_str().unwrap();

@@ -105,7 +105,7 @@ impl<'m> Declare<'m> {
     fn weight(&mut self, stack: Vec<&'m Matrix>, chunked: bool, convert: bool, routed: bool) -> WeightId {
         let name = match stack.len() {
             1 => stack[0].name.clone(),
-            n => format!("{} .. ({n} experts)", stack[0].name),
+            n => stack[0].name.replacen(".experts.0.", &format!(".experts.{{0..{}}}.", n - 1), 1),
         };
         self.weights.push(WeightSpec { name, stack, chunked, convert, routed });
         WeightId(self.weights.len() - 1)

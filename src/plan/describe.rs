@@ -75,7 +75,7 @@ impl Plan<'_> {
     pub fn describe(&self) -> String {
         let mut s = String::new();
         let m = &self.memory;
-        let _ = writeln!(s, "plan       {} tokens per step, context {} tokens, weights {:?}", self.max_chunk, self.capacity, self.quant);
+        let _ = writeln!(s, "plan       {} tokens per step, context {} tokens, weights {}", self.max_chunk, self.capacity, format!("{:?}", self.quant).to_lowercase());
         let _ = writeln!(
             s,
             "memory     resident {} (weights {}, activations {}, latent caches {}, scratch {}, constants {}); \
@@ -93,10 +93,10 @@ impl Plan<'_> {
             None => writeln!(s, "experts    all resident ({} of budget {})", human_bytes(m.all_resident()), budget_text(self.budget)),
             Some(st) => writeln!(
                 s,
-                "experts    streamed: {} slots in {} pool(s), {:?} eviction, prefetch {}; budget {}, minimum {}",
+                "experts    streamed: {} slots in {} pool(s), {} eviction, prefetch {}; budget {}, minimum {}",
                 st.slots,
                 st.pools.len(),
-                st.eviction,
+                format!("{:?}", st.eviction).to_lowercase(),
                 if st.prefetch { "on" } else { "off" },
                 human_bytes(self.budget),
                 human_bytes(m.minimum())
@@ -115,7 +115,7 @@ impl Plan<'_> {
             let chunks = if w.chunked { ", row chunks allowed" } else { "" };
             let _ = writeln!(
                 s,
-                "           w{i:<4} {:<48} {dtype:<8} [{}, {}]{stack} {}{chunks}",
+                "           w{i:<4} {:<56} {dtype:<8} [{}, {}]{stack} {}{chunks}",
                 w.name,
                 first.rows,
                 first.cols,

@@ -1,0 +1,116 @@
+//! A decode step allocates nothing on the host: the lowered ops, read-back storage and argument
+//! words are all made at load. A counting allocator counts this thread's allocations during
+//! decode steps after a warm-up, apart from those made inside driver calls (wgpu allocates as
+//! it records and submits; `dsrun::hot_path::driver` marks those calls), which are reported.
+
+mod common;
+use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::device::GpuChoice;
+use dsrun::engine::Engine;
+use dsrun::model::{Logits, Model};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+struct Counting;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static OURS: Cell<u64> = const { Cell::new(0) };
+    static DRIVERS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count() {
+    if COUNTING.with(Cell::get) {
+        let counter = if dsrun::hot_path::in_driver() { &DRIVERS } else { &OURS };
+        counter.with(|c| c.set(c.get() + 1));
+    }
+}
+
+// SAFETY: forwards to the system allocator; counting touches only const-initialised
+// thread-locals without destructors (no allocation, no re-entry).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
+        System.realloc(ptr, layout, new_size)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// (dsrun's, the drivers') allocations per call of `step`, over `steps` calls.
+fn allocations_per_step(steps: u64, mut step: impl FnMut()) -> (f64, f64) {
+    OURS.with(|c| c.set(0));
+    DRIVERS.with(|c| c.set(0));
+    COUNTING.with(|c| c.set(true));
+    for _ in 0..steps {
+        step();
+    }
+    COUNTING.with(|c| c.set(false));
+    (OURS.with(Cell::get) as f64 / steps as f64, DRIVERS.with(Cell::get) as f64 / steps as f64)
+}
+
+/// Greedy decode on `engine` after a prompt and a warm-up: dsrun allocates nothing per step;
+/// a sampled step allocates only the logits vector it returns.
+fn decode_allocates_nothing(engine: &mut dyn Engine) {
+    let vocab = engine.config().vocab_size as u32;
+    let mut next = engine.forward_greedy(&[1, 2, 3, 4, 5]).unwrap();
+    for _ in 0..3 {
+        next = engine.forward_greedy(&[next]).unwrap();
+        engine.forward(&[next], Logits::Last).unwrap();
+    }
+    let (ours, drivers) = allocations_per_step(16, || next = engine.forward_greedy(&[next % vocab]).unwrap());
+    eprintln!("{}: greedy decode step: {ours} allocations by dsrun, {drivers} inside driver calls", engine.device_name());
+    assert_eq!(ours, 0.0, "a greedy decode step allocated on the host");
+    let (ours, _) = allocations_per_step(8, || {
+        engine.forward(&[next % vocab], Logits::Last).unwrap();
+    });
+    assert_eq!(ours, 1.0, "a sampled decode step allocates only the logits it returns");
+}
+
+#[test]
+fn a_wgpu_decode_step_allocates_nothing() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let mut engine = GpuModel::new(ctx, &model, 64, Default::default()).unwrap();
+    decode_allocates_nothing(&mut engine);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn a_cuda_decode_step_allocates_nothing() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let device = dsrun::backend::cuda::Device::emulator().expect("the CUDA emulator needs a C++ compiler");
+    let mut engine = dsrun::backend::cuda::CudaModel::new(device, &model, 64, Default::default()).unwrap();
+    decode_allocates_nothing(&mut engine);
+}
+
+/// Engines can move to another thread (a server's worker owns its engine).
+#[test]
+fn engines_are_send() {
+    fn send<T: Send>() {}
+    send::<GpuModel>();
+    send::<dsrun::engine::CpuEngine>();
+    send::<Box<dyn Engine>>();
+    #[cfg(feature = "cuda")]
+    send::<dsrun::backend::cuda::CudaModel>();
+
+    let model = Model::load(&common::fixture("v2_lite")).unwrap();
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    let mut engine: Box<dyn Engine> = Box::new(GpuModel::new(ctx, &model, 16, Default::default()).unwrap());
+    let here = engine.forward_greedy(&[3, 1, 4]).unwrap();
+    engine.reset();
+    let there = std::thread::spawn(move || engine.forward_greedy(&[3, 1, 4]).unwrap()).join().unwrap();
+    assert_eq!(here, there);
+}

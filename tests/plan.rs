@@ -1,0 +1,165 @@
+//! The forward plan of every fixture family, built for fixed limits (no device): the ops a step
+//! runs, the buffers and weights they use and their sizes, the memory plan, and what expert
+//! streaming adds under a budget, all as the config says they must be.
+
+mod common;
+use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::model::weights::FeedForward;
+use dsrun::model::Model;
+use dsrun::plan::{self, BufferKind, Experts, Op, Plan, Rows, Target};
+use std::collections::BTreeMap;
+
+const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, private_bytes: 4096, memory: None, software: false };
+const CAPACITY: usize = 40;
+
+/// How many ops of each name.
+fn census(ops: &[Op]) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for op in ops {
+        *counts.entry(op.name()).or_default() += 1;
+    }
+    counts
+}
+
+fn words(plan: &Plan, name: &str) -> usize {
+    plan.buffers.iter().find(|b| b.name == name).unwrap_or_else(|| panic!("no buffer `{name}`")).words
+}
+
+#[test]
+fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
+    for family in common::FAMILIES {
+        let model = Model::load(&common::fixture(family)).unwrap();
+        let c = &model.config;
+        let plan = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap();
+        let layers = c.num_hidden_layers;
+        let moe = model.weights.moe_layers().len();
+        let dense = layers - moe;
+        let shared = model.weights.moe_layers().iter().filter(|(_, m)| m.shared.is_some()).count();
+        let low_rank = c.q_lora_rank.is_some() as usize;
+
+        // Ops of a step: embedding; per layer two norms, the attention (a low-rank query adds
+        // a matmul and a norm) and the feed-forward; MoE layers route, run the experts and combine.
+        let want = BTreeMap::from([
+            ("embed", 1),
+            ("rmsnorm", 2 * layers + low_rank * layers),
+            ("matmul", layers * (3 + low_rank) + 3 * dense + moe + 3 * shared),
+            ("silu_mul", dense + shared),
+            ("latent_store", layers),
+            ("rope_q", layers),
+            ("q_absorb", layers),
+            ("attention", layers),
+            ("v_up", layers),
+            ("router", moe),
+            ("routed_experts", moe),
+            ("moe_combine", moe),
+        ]);
+        let got = census(&plan.body);
+        assert_eq!(got.into_iter().filter(|&(_, n)| n > 0).collect::<BTreeMap<_, _>>(), want.into_iter().filter(|&(_, n)| n > 0).collect(), "{family}: body ops");
+        assert!(matches!(plan.body[0], Op::Embed { .. }), "{family}: the step starts with the embedding");
+        for (head, rows) in [(&plan.head_last, Rows::Last), (&plan.head_all, Rows::All)] {
+            assert!(matches!(head[..], [Op::RmsNorm { rows: r1, .. }, Op::Matmul { rows: r2, .. }] if r1 == rows && r2 == rows), "{family}: head {rows:?}");
+        }
+        assert!(matches!(plan.argmax, Op::Argmax { vocab, .. } if vocab == c.vocab_size));
+        for op in &plan.body {
+            if let Op::RoutedExperts { experts, k, width, .. } = op {
+                assert!(matches!(experts, Experts::Resident { .. }), "{family}: everything fits an unbounded budget");
+                assert_eq!((*k, *width), (c.num_experts_per_tok, c.moe_intermediate_size));
+            }
+        }
+
+        // Buffers: activations for 16 tokens, a latent cache per layer for 40, the backend's scratch.
+        let n = TARGET.max_chunk;
+        assert_eq!(words(&plan, "h"), n * c.hidden_size, "{family}");
+        assert_eq!(words(&plan, "tokens"), n);
+        assert_eq!(words(&plan, "logits"), n * c.vocab_size);
+        assert_eq!(words(&plan, "q"), n * c.num_attention_heads * c.qk_head_dim());
+        assert_eq!(words(&plan, "kv"), n * c.latent_dim());
+        assert_eq!(words(&plan, "attention scratch"), TARGET.attention_scratch);
+        assert_eq!(words(&plan, "router logits"), n * c.n_routed_experts);
+        assert_eq!(words(&plan, "expert out"), n * c.num_experts_per_tok * c.hidden_size);
+        assert_eq!(plan.buffers.iter().any(|b| b.name == "qa"), low_rank == 1, "{family}: q LoRA activations");
+        let caches: Vec<usize> = plan.buffers.iter().filter(|b| b.kind == BufferKind::Cache).map(|b| b.words).collect();
+        assert_eq!(caches, vec![CAPACITY * c.latent_dim(); layers], "{family}: latent caches");
+        for (i, layer) in model.weights.layers.iter().enumerate() {
+            let norm = plan.buffers.iter().find(|b| b.name == format!("input_layernorm {i}")).unwrap();
+            assert_eq!(norm.init.as_deref(), Some(&layer.input_norm[..]), "{family}: constants hold the weights");
+        }
+
+        // Weights: each matrix once, the experts of a layer as one stack of gate/up/down each.
+        let matrices = layers * (3 + 1 + low_rank) + 3 * dense + moe * (1 + 3) + 3 * shared + 2;
+        assert_eq!(plan.weights.len(), matrices, "{family}: weights");
+        let stacks: Vec<usize> = plan.weights.iter().filter(|w| w.routed).map(|w| w.stack.len()).collect();
+        assert_eq!(stacks, vec![c.n_routed_experts; 3 * moe], "{family}: expert stacks");
+
+        // The memory plan: resident = weights but the routed experts + buffers + the backend's own
+        // + the prefetch guess's buffers; each expert as one cache slot.
+        let guess = if moe >= 2 { (c.hidden_size + c.n_routed_experts + 2 * c.num_experts_per_tok) * 4 } else { 0 };
+        let buffers: u64 = plan.buffers.iter().map(|b| b.words as u64 * 4).sum();
+        assert_eq!(plan.memory.resident, plan.resident_weight_bytes() + buffers + TARGET.private_bytes + guess as u64, "{family}: resident bytes");
+        assert_eq!(plan.memory.experts, (moe * c.n_routed_experts) as u64);
+        let expert = model.weights.layers.iter().find_map(|l| if let FeedForward::Moe(m) = &l.ffn { Some(&m.experts[0]) } else { None }).unwrap();
+        assert!(plan.memory.expert_bytes >= expert.matrices().iter().map(|m| m.stored_bytes() as u64).sum::<u64>());
+        assert!(plan.streaming.is_none());
+    }
+}
+
+#[test]
+fn a_budget_streams_experts_with_a_stop_and_a_guess_per_moe_layer() {
+    for family in ["v3_noaux", "v2_lite"] {
+        let model = Model::load(&common::fixture(family)).unwrap();
+        let c = &model.config;
+        let moe = model.weights.moe_layers().len();
+        for prefetch in [Prefetch::On, Prefetch::Off] {
+            let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.25), prefetch, ..Default::default() };
+            // Bindings of three expert slots split the cache into pools.
+            let slot = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap().memory.expert_bytes;
+            let target = Target { binding_limit: slot, ..TARGET };
+            let plan = plan::build(&model, CAPACITY, &options, &target).unwrap();
+            let s = plan.streaming.as_ref().expect("a quarter of the experts streams");
+            assert_eq!(s.slots, (moe * c.n_routed_experts).div_ceil(4), "{family}");
+            assert!(s.pools.len() >= 2 && s.pools.iter().map(|p| p.slots).sum::<usize>() == s.slots, "{family}: {:?}", s.pools);
+            assert_eq!(s.max_pairs, TARGET.max_chunk * c.num_experts_per_tok);
+            assert!(plan.weights.iter().all(|w| !w.routed), "{family}: no expert stacks are uploaded");
+            let stops: Vec<(usize, bool)> = plan
+                .body
+                .iter()
+                .filter_map(|op| match op {
+                    Op::RoutedExperts { experts: Experts::Streamed { layer, predicts_next }, .. } => Some((*layer, *predicts_next)),
+                    _ => None,
+                })
+                .collect();
+            let guessing = prefetch == Prefetch::On;
+            let want: Vec<(usize, bool)> = (0..moe).map(|j| (j, guessing && j + 1 < moe)).collect();
+            assert_eq!(stops, want, "{family}: one stop per MoE layer, the next guessed but for the last");
+            // The guess: the next layer's norm of the last token, its router matrix and router.
+            let last_rows = census(&plan.body.iter().filter(|op| matches!(op, Op::RmsNorm { rows: Rows::Last, .. } | Op::Matmul { rows: Rows::Last, .. } | Op::Router { rows: Rows::Last, .. })).cloned().collect::<Vec<_>>());
+            let guesses = if guessing { moe - 1 } else { 0 };
+            assert_eq!(last_rows.values().sum::<usize>(), 3 * guesses, "{family}: {last_rows:?}");
+            assert_eq!(s.guess_ids.is_some(), guessing);
+            assert_eq!(plan.memory.minimum(), plan.memory.resident + c.num_experts_per_tok as u64 * plan.memory.expert_bytes);
+        }
+        let below = GpuOptions { gpu_mem: GpuMem::Bytes(1), ..Default::default() };
+        let err = plan::build(&model, CAPACITY, &below, &TARGET).err().expect("refused").to_string();
+        assert!(err.contains("below this model's minimum"), "{err}");
+    }
+}
+
+#[test]
+fn the_plan_reads_as_text() {
+    let model = Model::load(&common::fixture("v3_fp8")).unwrap();
+    let plan = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap();
+    let text = plan.describe();
+    for needle in [
+        "16 tokens per step, context 40 tokens",
+        "latent cache 0",
+        "attention scratch",
+        "routed_experts",
+        "model.layers.1.mlp.experts.{0..7}.gate_proj.weight",
+        "F8_E4M3",
+        "head, last token (2 ops)",
+        "experts    all resident",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert_eq!(text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), plan.body.len() + 2 + 2 + 1);
+}
