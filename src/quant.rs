@@ -35,14 +35,22 @@ pub enum QuantTarget {
     Q4,
 }
 
-impl DType {
-    /// Bytes per element of the float formats (q4 packs two elements per byte).
-    pub fn size_bytes(self) -> usize {
+impl QuantTarget {
+    /// The element type matrices are converted to (None: kept as stored).
+    pub fn dtype(self) -> Option<DType> {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::F8E4M3 | DType::Q8 | DType::Q4 => 1,
+            QuantTarget::Keep => None,
+            QuantTarget::F16 => Some(DType::F16),
+            QuantTarget::Q8 => Some(DType::Q8),
+            QuantTarget::Q4 => Some(DType::Q4),
         }
+    }
+}
+
+impl DType {
+    /// Bytes per element, rounded up (q4 packs two elements per byte), from the format table.
+    pub fn size_bytes(self) -> usize {
+        (self.format().bits as usize).div_ceil(8)
     }
 
     pub fn name(self) -> &'static str {

@@ -87,13 +87,22 @@ fn a_wgpu_decode_step_allocates_nothing() {
     decode_allocates_nothing(&mut engine);
 }
 
+/// On the CUDA emulator, and on an NVIDIA device where there is one (whose decode steps replay
+/// a CUDA graph).
 #[cfg(feature = "cuda")]
 #[test]
 fn a_cuda_decode_step_allocates_nothing() {
+    use dsrun::backend::cuda::{self, CudaModel, Device};
     let model = Model::load(&common::fixture("v3_noaux")).unwrap();
-    let device = dsrun::backend::cuda::Device::emulator().expect("the CUDA emulator needs a C++ compiler");
-    let mut engine = dsrun::backend::cuda::CudaModel::new(device, &model, 64, Default::default()).unwrap();
-    decode_allocates_nothing(&mut engine);
+    let mut devices = vec![Device::emulator().expect("the CUDA emulator needs a C++ compiler")];
+    match cuda::open(0) {
+        Ok(device) => devices.push(device),
+        Err(e) => eprintln!("NOT RUN on an NVIDIA device: {e}"),
+    }
+    for device in devices {
+        let mut engine = CudaModel::new(device, &model, 64, Default::default()).unwrap();
+        decode_allocates_nothing(&mut engine);
+    }
 }
 
 /// Engines can move to another thread (a server's worker owns its engine).

@@ -26,6 +26,9 @@ ldd $bin/dsrun | grep -i "not found" && echo "missing libraries (glibc too old?)
 step "kernel and whole-model tests (device + emulator)"
 timeout 240 $bin/cuda-tests --nocapture --test-threads 1 2>&1 | tee "$OUT/tests.log" | grep -E "test |NOT RUN|relative error|panicked|result"
 
+step "host allocations per decode step (0 expected; graphs replay the step)"
+timeout 120 $bin/hot-path-tests a_cuda --nocapture --test-threads 1 2>&1 | tee "$OUT/hot_path.log" | grep -E "test |allocations|panicked|result"
+
 step "kernel bandwidth"
 timeout 120 $bin/cuda-kernels | tee "$OUT/kernels.txt"
 
@@ -35,6 +38,9 @@ step "synthetic checkpoint: $synth_args (default: V3-shaped FP8, 3 dense layers 
 synth=/tmp/dsrun-synth
 rm -rf $synth
 timeout 120 $bin/dsrun synth --out $synth $synth_args && du -sh $synth
+
+step "the plan the CUDA backend runs"
+timeout 60 $bin/dsrun inspect --model $synth --plan --gpu cuda --ctx 4096 > "$OUT/plan.txt" 2>&1; head -20 "$OUT/plan.txt"
 
 step "decode speed"
 for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do

@@ -61,16 +61,10 @@ impl Matrix {
     /// This matrix converted to `target` (exact decode to f32, then re-encoded); `Keep` and
     /// same-format conversions return it unchanged.
     pub fn quantized(&self, target: quant::QuantTarget) -> Matrix {
-        use quant::QuantTarget as Q;
-        let dtype = match target {
-            Q::Keep => return self.clone(),
-            Q::F16 => DType::F16,
-            Q::Q8 => DType::Q8,
-            Q::Q4 => DType::Q4,
+        let dtype = match target.dtype() {
+            Some(dtype) if dtype != self.dtype => dtype,
+            _ => return self.clone(),
         };
-        if dtype == self.dtype {
-            return self.clone();
-        }
         let mut values = vec![0f32; self.rows * self.cols];
         for (r, row) in values.chunks_mut(self.cols).enumerate() {
             self.decode_row(r, row);
@@ -105,7 +99,7 @@ impl Matrix {
     /// Rows `row0 .. row0 + rows` as a matrix of their own (FP8: row0 on a scale-block boundary;
     /// q4: an even element offset).
     pub fn row_slice(&self, row0: usize, rows: usize) -> Matrix {
-        let bits = if self.dtype == DType::Q4 { 4 } else { self.dtype.size_bytes() * 8 };
+        let bits = self.dtype.format().bits as usize;
         let (start, end) = (row0 * self.cols * bits / 8, (row0 + rows) * self.cols * bits / 8);
         let scales = self.scales.as_ref().map(|s| {
             let per_row = if self.dtype == DType::Q4 { 2 * s.grid_cols } else { s.grid_cols };
@@ -117,14 +111,15 @@ impl Matrix {
 
     /// Bytes this matrix takes on a GPU in the format `quant` gives it, scales included.
     pub fn device_bytes(&self, quant: quant::QuantTarget) -> u64 {
-        let elements = (self.rows * self.cols) as u64;
-        let groups = (self.rows * self.cols.div_ceil(quant::GROUP)) as u64;
-        match quant {
-            quant::QuantTarget::Keep => self.stored_bytes() as u64,
-            quant::QuantTarget::F16 => elements * 2,
-            quant::QuantTarget::Q8 => elements + groups * 4,
-            quant::QuantTarget::Q4 => elements.div_ceil(2) + groups * 8,
-        }
+        let target = match quant.dtype() {
+            Some(dtype) if dtype != self.dtype => dtype.format(),
+            _ => return self.stored_bytes() as u64,
+        };
+        let blocks = match target.block {
+            crate::format::Block::Fixed(rows, cols) => self.rows.div_ceil(rows) * self.cols.div_ceil(cols),
+            _ => 0,
+        };
+        (target.bytes(self.rows * self.cols) + blocks * target.values_per_block() * 4) as u64
     }
 
     /// Bytes this matrix occupies in its stored format, scales included.

@@ -153,219 +153,17 @@ fn check_router(c: &crate::config::ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// The plan for `model` with room for `capacity` tokens of context, on a backend with `target`'s
-/// limits, under `options`' weight format and memory budget.
-pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target: &Target) -> Result<Plan<'m>> {
-    let c = &model.config;
-    let w = &model.weights;
-    check_router(c)?;
-    let (n, d, k, heads) = (target.max_chunk, c.hidden_size, c.num_experts_per_tok, c.num_attention_heads);
-    let rope = Rope::new(c);
-    let mla = MlaShape::new(c, capacity, &rope);
-    let moe_layers = w.moe_layers();
-    let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
-
-    // Activations, sized for a step of `n` tokens.
-    let tokens = p.activation("tokens", n);
-    let h = p.activation("h", n * d);
-    let xn = p.activation("xn", n * d);
-    let q_lora = c.q_lora_rank.map(|r| (p.activation("qa", n * r), p.activation("qa_norm", n * r)));
-    let attention_buffers = AttentionBuffers {
-        x: xn,
-        q_lora,
-        q: p.activation("q", n * heads * c.qk_head_dim()),
-        kv: p.activation("kv", n * c.latent_dim()),
-        q_lat: p.activation("q_lat", n * heads * c.kv_lora_rank),
-        scratch: p.buffer("attention scratch", target.attention_scratch, BufferKind::Scratch),
-        o_lat: p.activation("o_lat", n * heads * c.kv_lora_rank),
-        o: p.activation("o", n * heads * c.v_head_dim),
-        out: h,
-        inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
-    };
-    let dense = w.layers.iter().any(|l| matches!(l.ffn, FeedForward::Dense(_)));
-    let shared_width = c.n_shared_experts * c.moe_intermediate_size;
-    let has_shared = moe_layers.iter().any(|(_, m)| m.shared.is_some());
-    let ffn_width = [
-        if dense { c.intermediate_size } else { 0 },
-        if moe_layers.is_empty() { 0 } else { k * c.moe_intermediate_size },
-        if has_shared { shared_width } else { 0 },
-    ]
-    .into_iter()
-    .max()
-    .unwrap_or(0);
-    let ffn = [p.activation("ffn gate", n * ffn_width), p.activation("ffn up", n * ffn_width)];
-    let moe_buffers = (!moe_layers.is_empty()).then(|| MoeBuffers {
-        logits: p.activation("router logits", n * c.n_routed_experts),
-        ids: p.activation("expert ids", n * k),
-        weights: p.activation("expert weights", n * k),
-        expert_out: p.activation("expert out", n * k * d),
-        shared_out: has_shared.then(|| p.activation("shared expert out", n * d)),
-    });
-    let logits = p.activation("logits", n * c.vocab_size);
-    let argmax_ids = p.activation("argmax ids", n);
-
-    // Weights and constants, layer by layer.
-    let embed = p.matrix(&w.embed);
-    let mut layers = Vec::new();
-    for (i, layer) in w.layers.iter().enumerate() {
-        let at = &layer.attention;
-        let q = match &at.q {
-            QueryProjection::LowRank { a, norm, b } => {
-                let (rank, a) = (a.rows, p.matrix(a));
-                let norm = p.constant(format!("q_a_layernorm {i}"), Cow::Borrowed(norm));
-                QueryWeights::LowRank { a, norm, b: p.matrix(b), rank }
-            }
-            QueryProjection::Direct(q) => QueryWeights::Direct(p.matrix(q)),
-        };
-        let attention = AttentionWeights {
-            q,
-            kv_a: p.matrix(&at.kv_a),
-            kv_norm: p.constant(format!("kv_a_layernorm {i}"), Cow::Borrowed(&at.kv_norm)),
-            // The absorb kernels read kv_b whole.
-            kv_b: p.weight(vec![&at.kv_b], false, true, false),
-            o: p.matrix(&at.o),
-            cache: p.buffer(format!("latent cache {i}"), capacity * c.latent_dim(), BufferKind::Cache),
-        };
-        let ffn = match &layer.ffn {
-            FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
-            FeedForward::Moe(moe) => FfnIds::Moe {
-                moe: layers.iter().filter(|l: &&LayerIds| matches!(l.ffn, FfnIds::Moe { .. })).count(),
-                router: p.weight(vec![&moe.router], true, false, false),
-                bias: moe.correction_bias.as_deref().map(|b| p.constant(format!("correction bias {i}"), Cow::Borrowed(b))),
-                shared: moe.shared.as_ref().map(|m| p.mlp(m)),
-            },
-        };
-        layers.push(LayerIds {
-            input_norm: p.constant(format!("input_layernorm {i}"), Cow::Borrowed(&layer.input_norm)),
-            post_norm: p.constant(format!("post_attention_layernorm {i}"), Cow::Borrowed(&layer.post_attention_norm)),
-            attention,
-            ffn,
-        });
-    }
-    let final_norm = p.constant("final norm", Cow::Borrowed(&w.final_norm));
-    // Tied embeddings project with the embedding's own upload.
-    let tied = std::ptr::eq(w.lm_head.data.as_slice().as_ptr(), w.embed.data.as_slice().as_ptr());
-    let lm_head = if tied { embed } else { p.matrix(&w.lm_head) };
-
-    // The memory plan: what stays resident whatever the budget, and what one routed expert
-    // takes in a cache slot; then whether the experts all fit.
-    let quant = options.quant;
-    let prefetch = options.prefetch.enabled(target.software);
-    // The next MoE layer's early router (prefetch) takes a hidden row, router logits and ids;
-    // counted whether or not it runs, so the minimum budget does not depend on --prefetch.
-    let guess_words = if moe_layers.len() >= 2 { d + c.n_routed_experts + 2 * k } else { 0 };
-    let template = moe_layers.first().map(|(_, moe)| moe.experts[0].quantized(quant));
-    let buffer_bytes: u64 = p.buffers.iter().map(|b| b.words as u64 * 4).sum();
-    let resident_weights: u64 = p.weights.iter().map(|w| w.device_bytes(quant)).sum();
-    let memory = MemoryPlan {
-        resident: resident_weights + buffer_bytes + guess_words as u64 * 4 + target.private_bytes,
-        expert_bytes: template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotLayout::new(m).slot_bytes()).sum()),
-        experts: moe_layers.iter().map(|(_, moe)| moe.experts.len() as u64).sum(),
-        top_k: k as u64,
-    };
-    let budget = memory.budget(options.gpu_mem, target.memory);
-    let slots = memory.slots(budget)?;
-    let streaming = match (slots, &template, &moe_buffers) {
-        (Some(slots), Some(template), Some(mb)) => {
-            let largest = template.matrices().iter().map(|m| SlotLayout::new(m).data_stride).max().unwrap_or(1).max(1);
-            let per_pool = (target.binding_limit / largest).min(slots as u64) as usize;
-            if per_pool == 0 {
-                return Err(Error::Invalid(format!(
-                    "one routed expert matrix takes {}, more than this device binds at once ({})",
-                    crate::inspect::human_bytes(largest),
-                    crate::inspect::human_bytes(target.binding_limit)
-                )));
-            }
-            let pools = (0..slots).step_by(per_pool).map(|first| PoolSpec { first, slots: per_pool.min(slots - first) }).collect();
-            let guess = (prefetch && moe_layers.len() >= 2).then(|| Guess {
-                xn: p.activation("guess xn", d),
-                logits: p.activation("guess router logits", c.n_routed_experts),
-                ids: p.activation("guessed expert ids", k),
-                weights: p.activation("guessed expert weights", k),
-            });
-            let plan = StreamPlan {
-                slots,
-                pools,
-                eviction: options.eviction,
-                prefetch: guess.is_some(),
-                template: template.clone(),
-                ids: mb.ids,
-                guess_ids: guess.as_ref().map(|g| g.ids),
-                max_pairs: n * k,
-            };
-            Some((plan, guess))
-        }
-        _ => None,
-    };
-
-    // The step's ops.
-    let router = RouterParams::from_config(c);
-    let eps = c.rms_norm_eps as f32;
-    let norm = |weight, out, rows| Op::RmsNorm { dim: d, eps, x: h, weight, out, rows };
-    let mut body = vec![Op::Embed { table: embed, tokens, out: h }];
-    for (i, l) in layers.iter().enumerate() {
-        body.push(norm(l.input_norm, xn, Rows::All));
-        body.extend(attention(&mla, &l.attention, &attention_buffers));
-        body.push(norm(l.post_norm, xn, Rows::All));
-        match l.ffn {
-            FfnIds::Dense(m) => mlp(&mut body, m, c.intermediate_size, xn, ffn, h, true),
-            FfnIds::Moe { moe, router: router_w, bias, shared } => {
-                let mb = moe_buffers.as_ref().expect("MoE buffers exist in a model with MoE layers");
-                body.push(Op::Matmul { w: router_w, x: xn, y: mb.logits, rows: Rows::All, accumulate: false });
-                let route = |logits, bias, ids, weights, rows| Op::Router { params: router.clone(), experts: c.n_routed_experts, logits, bias, ids, weights, rows };
-                body.push(route(mb.logits, bias, mb.ids, mb.weights, Rows::All));
-                let experts = match &streaming {
-                    None => {
-                        let FeedForward::Moe(weights) = &w.layers[i].ffn else { unreachable!("a MoE layer's ids") };
-                        let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| p.weight(weights.experts.iter().map(f).collect(), false, true, true);
-                        Experts::Resident { gate: stack(|m| &m.gate), up: stack(|m| &m.up), down: stack(|m| &m.down) }
-                    }
-                    Some((_, guess)) => {
-                        // The next MoE layer's router on this layer's hidden state (its last
-                        // token): a guess at the experts it will want, uploaded early.
-                        let next = layers.iter().find_map(|l| match l.ffn {
-                            FfnIds::Moe { moe: m, router, bias, .. } if m == moe + 1 => Some((l.post_norm, router, bias)),
-                            _ => None,
-                        });
-                        let predicts_next = match (guess, next) {
-                            (Some(g), Some((next_norm, next_router, next_bias))) => {
-                                body.push(norm(next_norm, g.xn, Rows::Last));
-                                body.push(Op::Matmul { w: next_router, x: g.xn, y: g.logits, rows: Rows::Last, accumulate: false });
-                                body.push(route(g.logits, next_bias, g.ids, g.weights, Rows::Last));
-                                true
-                            }
-                            _ => false,
-                        };
-                        Experts::Streamed { layer: moe, predicts_next }
-                    }
-                };
-                let [gate_out, up_out] = ffn;
-                body.push(Op::RoutedExperts { experts, k, width: c.moe_intermediate_size, x: xn, ids: mb.ids, gate_out, up_out, out: mb.expert_out });
-                if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
-                    mlp(&mut body, shared, shared_width, xn, ffn, shared_out, false);
-                }
-                body.push(Op::MoeCombine { dim: d, k, expert_out: mb.expert_out, weights: mb.weights, shared: shared.and(mb.shared_out), h });
-            }
-        }
-    }
-    let head = |rows| vec![norm(final_norm, xn, rows), Op::Matmul { w: lm_head, x: xn, y: logits, rows, accumulate: false }];
-    Ok(Plan {
-        capacity,
-        max_chunk: n,
-        quant,
-        buffers: p.buffers,
-        weights: p.weights,
-        body,
-        head_last: head(Rows::Last),
-        head_all: head(Rows::All),
-        argmax: Op::Argmax { vocab: c.vocab_size, logits, ids: argmax_ids },
-        tokens,
-        logits,
-        argmax_ids,
-        memory,
-        budget,
-        streaming: streaming.map(|(s, _)| s),
-    })
+/// The step's activations, sized for `n` tokens.
+struct Activations {
+    tokens: BufferId,
+    h: BufferId,
+    xn: BufferId,
+    attention: AttentionBuffers,
+    /// SwiGLU's gate and up outputs, wide enough for any MLP of the model.
+    ffn: [BufferId; 2],
+    moe: Option<MoeBuffers>,
+    logits: BufferId,
+    argmax_ids: BufferId,
 }
 
 struct MoeBuffers {
@@ -382,4 +180,302 @@ struct Guess {
     logits: BufferId,
     ids: BufferId,
     weights: BufferId,
+}
+
+impl Activations {
+    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope) -> Activations {
+        let (c, w) = (&model.config, &model.weights);
+        let (n, d, k, heads) = (target.max_chunk, c.hidden_size, c.num_experts_per_tok, c.num_attention_heads);
+        let tokens = p.activation("tokens", n);
+        let h = p.activation("h", n * d);
+        let xn = p.activation("xn", n * d);
+        let q_lora = c.q_lora_rank.map(|r| (p.activation("qa", n * r), p.activation("qa_norm", n * r)));
+        let attention = AttentionBuffers {
+            x: xn,
+            q_lora,
+            q: p.activation("q", n * heads * c.qk_head_dim()),
+            kv: p.activation("kv", n * c.latent_dim()),
+            q_lat: p.activation("q_lat", n * heads * c.kv_lora_rank),
+            scratch: p.buffer("attention scratch", target.attention_scratch, BufferKind::Scratch),
+            o_lat: p.activation("o_lat", n * heads * c.kv_lora_rank),
+            o: p.activation("o", n * heads * c.v_head_dim),
+            out: h,
+            inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
+        };
+        let moe_layers = w.moe_layers();
+        let has_shared = moe_layers.iter().any(|(_, m)| m.shared.is_some());
+        let widths = w.layers.iter().map(|l| match &l.ffn {
+            FeedForward::Dense(_) => c.intermediate_size,
+            FeedForward::Moe(m) => (k * c.moe_intermediate_size).max(if m.shared.is_some() { c.n_shared_experts * c.moe_intermediate_size } else { 0 }),
+        });
+        let ffn_width = widths.max().unwrap_or(0);
+        let ffn = [p.activation("ffn gate", n * ffn_width), p.activation("ffn up", n * ffn_width)];
+        let moe = (!moe_layers.is_empty()).then(|| MoeBuffers {
+            logits: p.activation("router logits", n * c.n_routed_experts),
+            ids: p.activation("expert ids", n * k),
+            weights: p.activation("expert weights", n * k),
+            expert_out: p.activation("expert out", n * k * d),
+            shared_out: has_shared.then(|| p.activation("shared expert out", n * d)),
+        });
+        Activations {
+            tokens,
+            h,
+            xn,
+            attention,
+            ffn,
+            moe,
+            logits: p.activation("logits", n * c.vocab_size),
+            argmax_ids: p.activation("argmax ids", n),
+        }
+    }
+}
+
+/// The weights and constants of the model, layer by layer (routed experts aside: whether they
+/// are uploaded depends on the budget).
+struct ModelIds {
+    embed: WeightId,
+    layers: Vec<LayerIds>,
+    final_norm: BufferId,
+    lm_head: WeightId,
+}
+
+impl ModelIds {
+    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, capacity: usize) -> ModelIds {
+        let (c, w) = (&model.config, &model.weights);
+        let embed = p.matrix(&w.embed);
+        let mut layers = Vec::new();
+        let mut moe = 0;
+        for (i, layer) in w.layers.iter().enumerate() {
+            let at = &layer.attention;
+            let q = match &at.q {
+                QueryProjection::LowRank { a, norm, b } => {
+                    let (rank, a) = (a.rows, p.matrix(a));
+                    let norm = p.constant(format!("q_a_layernorm {i}"), Cow::Borrowed(norm));
+                    QueryWeights::LowRank { a, norm, b: p.matrix(b), rank }
+                }
+                QueryProjection::Direct(q) => QueryWeights::Direct(p.matrix(q)),
+            };
+            let attention = AttentionWeights {
+                q,
+                kv_a: p.matrix(&at.kv_a),
+                kv_norm: p.constant(format!("kv_a_layernorm {i}"), Cow::Borrowed(&at.kv_norm)),
+                // The absorb kernels read kv_b whole.
+                kv_b: p.weight(vec![&at.kv_b], false, true, false),
+                o: p.matrix(&at.o),
+                cache: p.buffer(format!("latent cache {i}"), capacity * c.latent_dim(), BufferKind::Cache),
+            };
+            let ffn = match &layer.ffn {
+                FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
+                FeedForward::Moe(m) => {
+                    moe += 1;
+                    FfnIds::Moe {
+                        moe: moe - 1,
+                        router: p.weight(vec![&m.router], true, false, false),
+                        bias: m.correction_bias.as_deref().map(|b| p.constant(format!("correction bias {i}"), Cow::Borrowed(b))),
+                        shared: m.shared.as_ref().map(|m| p.mlp(m)),
+                    }
+                }
+            };
+            layers.push(LayerIds {
+                input_norm: p.constant(format!("input_layernorm {i}"), Cow::Borrowed(&layer.input_norm)),
+                post_norm: p.constant(format!("post_attention_layernorm {i}"), Cow::Borrowed(&layer.post_attention_norm)),
+                attention,
+                ffn,
+            });
+        }
+        let final_norm = p.constant("final norm", Cow::Borrowed(&w.final_norm));
+        // Tied embeddings project with the embedding's own upload.
+        let tied = std::ptr::eq(w.lm_head.data.as_slice().as_ptr(), w.embed.data.as_slice().as_ptr());
+        let lm_head = if tied { embed } else { p.matrix(&w.lm_head) };
+        ModelIds { embed, layers, final_norm, lm_head }
+    }
+
+    /// The MoE layer after MoE layer `moe`: its post-attention norm, router and bias.
+    fn next_moe(&self, moe: usize) -> Option<(BufferId, WeightId, Option<BufferId>)> {
+        self.layers.iter().find_map(|l| match l.ffn {
+            FfnIds::Moe { moe: m, router, bias, .. } if m == moe + 1 => Some((l.post_norm, router, bias)),
+            _ => None,
+        })
+    }
+}
+
+/// The memory plan of what `p` declared so far (everything but the routed experts), and one
+/// routed expert as a cache slot holds it in the device format.
+fn memory_plan(p: &Declare, model: &Model, options: &GpuOptions, target: &Target) -> (MemoryPlan, Option<Mlp>) {
+    let c = &model.config;
+    let moe_layers = model.weights.moe_layers();
+    // The next MoE layer's early router (prefetch) takes a hidden row, router logits and ids;
+    // counted whether or not it runs, so the minimum budget does not depend on --prefetch.
+    let guess_words = if moe_layers.len() >= 2 { c.hidden_size + c.n_routed_experts + 2 * c.num_experts_per_tok } else { 0 };
+    let template = moe_layers.first().map(|(_, moe)| moe.experts[0].quantized(options.quant));
+    let buffer_bytes: u64 = p.buffers.iter().map(|b| b.words as u64 * 4).sum();
+    let weight_bytes: u64 = p.weights.iter().map(|w| w.device_bytes(options.quant)).sum();
+    let memory = MemoryPlan {
+        resident: weight_bytes + buffer_bytes + guess_words as u64 * 4 + target.private_bytes,
+        expert_bytes: template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotLayout::new(m).slot_bytes()).sum()),
+        experts: moe_layers.iter().map(|(_, moe)| moe.experts.len() as u64).sum(),
+        top_k: c.num_experts_per_tok as u64,
+    };
+    (memory, template)
+}
+
+/// Expert streaming through `slots` cache slots shaped like `template`: pools that each fit
+/// a binding, and the early router's buffers when prefetch is on.
+fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, slots: usize, template: Mlp, ids: BufferId) -> Result<(StreamPlan, Option<Guess>)> {
+    let c = &model.config;
+    let largest = template.matrices().iter().map(|m| SlotLayout::new(m).data_stride).max().unwrap_or(1).max(1);
+    let per_pool = (target.binding_limit / largest).min(slots as u64) as usize;
+    if per_pool == 0 {
+        return Err(Error::Invalid(format!(
+            "one routed expert matrix takes {}, more than this device binds at once ({})",
+            crate::inspect::human_bytes(largest),
+            crate::inspect::human_bytes(target.binding_limit)
+        )));
+    }
+    let pools = (0..slots).step_by(per_pool).map(|first| PoolSpec { first, slots: per_pool.min(slots - first) }).collect();
+    let prefetch = options.prefetch.enabled(target.software) && model.weights.moe_layers().len() >= 2;
+    let guess = prefetch.then(|| Guess {
+        xn: p.activation("guess xn", c.hidden_size),
+        logits: p.activation("guess router logits", c.n_routed_experts),
+        ids: p.activation("guessed expert ids", c.num_experts_per_tok),
+        weights: p.activation("guessed expert weights", c.num_experts_per_tok),
+    });
+    let plan = StreamPlan {
+        slots,
+        pools,
+        eviction: options.eviction,
+        prefetch,
+        template,
+        ids,
+        guess_ids: guess.as_ref().map(|g| g.ids),
+        max_pairs: target.max_chunk * c.num_experts_per_tok,
+    };
+    Ok((plan, guess))
+}
+
+/// Writes the step's ops, layer by layer.
+struct Forward<'a, 'm> {
+    model: &'m Model,
+    a: &'a Activations,
+    ids: &'a ModelIds,
+    mla: MlaShape,
+    router: RouterParams,
+    /// Streaming experts (and its early router's buffers, if any).
+    streaming: Option<Option<&'a Guess>>,
+}
+
+impl<'m> Forward<'_, 'm> {
+    fn norm(&self, weight: BufferId, out: BufferId, rows: Rows) -> Op {
+        let c = &self.model.config;
+        Op::RmsNorm { dim: c.hidden_size, eps: c.rms_norm_eps as f32, x: self.a.h, weight, out, rows }
+    }
+
+    fn route(&self, logits: BufferId, bias: Option<BufferId>, ids: BufferId, weights: BufferId, rows: Rows) -> Op {
+        Op::Router { params: self.router.clone(), experts: self.model.config.n_routed_experts, logits, bias, ids, weights, rows }
+    }
+
+    fn body(&self, p: &mut Declare<'m>) -> Vec<Op> {
+        let (a, c) = (self.a, &self.model.config);
+        let mut ops = vec![Op::Embed { table: self.ids.embed, tokens: a.tokens, out: a.h }];
+        for (i, l) in self.ids.layers.iter().enumerate() {
+            ops.push(self.norm(l.input_norm, a.xn, Rows::All));
+            ops.extend(attention(&self.mla, &l.attention, &a.attention));
+            ops.push(self.norm(l.post_norm, a.xn, Rows::All));
+            match l.ffn {
+                FfnIds::Dense(m) => mlp(&mut ops, m, c.intermediate_size, a.xn, a.ffn, a.h, true),
+                FfnIds::Moe { moe, router, bias, shared } => self.moe(p, &mut ops, i, moe, router, bias, shared),
+            }
+        }
+        ops
+    }
+
+    /// A MoE block: router, routed experts (resident, or streamed with an early guess at the
+    /// next MoE layer's experts), shared experts, combine.
+    #[allow(clippy::too_many_arguments)]
+    fn moe(&self, p: &mut Declare<'m>, ops: &mut Vec<Op>, layer: usize, moe: usize, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]>) {
+        let (a, c) = (self.a, &self.model.config);
+        let mb = a.moe.as_ref().expect("MoE buffers exist in a model with MoE layers");
+        ops.push(Op::Matmul { w: router, x: a.xn, y: mb.logits, rows: Rows::All, accumulate: false });
+        ops.push(self.route(mb.logits, bias, mb.ids, mb.weights, Rows::All));
+        let experts = match self.streaming {
+            None => {
+                let FeedForward::Moe(weights) = &self.model.weights.layers[layer].ffn else { unreachable!("a MoE layer's ids") };
+                let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| p.weight(weights.experts.iter().map(f).collect(), false, true, true);
+                Experts::Resident { gate: stack(|m| &m.gate), up: stack(|m| &m.up), down: stack(|m| &m.down) }
+            }
+            Some(guess) => {
+                // The next MoE layer's router on this layer's hidden state (its last token): a
+                // guess at the experts it will want, uploaded early.
+                let predicts_next = match (guess, self.ids.next_moe(moe)) {
+                    (Some(g), Some((norm, router, bias))) => {
+                        ops.push(self.norm(norm, g.xn, Rows::Last));
+                        ops.push(Op::Matmul { w: router, x: g.xn, y: g.logits, rows: Rows::Last, accumulate: false });
+                        ops.push(self.route(g.logits, bias, g.ids, g.weights, Rows::Last));
+                        true
+                    }
+                    _ => false,
+                };
+                Experts::Streamed { layer: moe, predicts_next }
+            }
+        };
+        let [gate_out, up_out] = a.ffn;
+        let k = c.num_experts_per_tok;
+        ops.push(Op::RoutedExperts { experts, k, width: c.moe_intermediate_size, x: a.xn, ids: mb.ids, gate_out, up_out, out: mb.expert_out });
+        if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
+            mlp(ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
+        }
+        ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: mb.weights, shared: shared.and(mb.shared_out), h: a.h });
+    }
+
+    /// The final norm and lm_head for `rows`.
+    fn head(&self, rows: Rows) -> Vec<Op> {
+        vec![self.norm(self.ids.final_norm, self.a.xn, rows), Op::Matmul { w: self.ids.lm_head, x: self.a.xn, y: self.a.logits, rows, accumulate: false }]
+    }
+}
+
+/// The plan for `model` with room for `capacity` tokens of context, on a backend with `target`'s
+/// limits, under `options`' weight format and memory budget.
+pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target: &Target) -> Result<Plan<'m>> {
+    let c = &model.config;
+    check_router(c)?;
+    let rope = Rope::new(c);
+    let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
+    let a = Activations::declare(&mut p, model, target, &rope);
+    let ids = ModelIds::declare(&mut p, model, capacity);
+
+    // What stays resident whatever the budget; then whether the experts all fit.
+    let (memory, template) = memory_plan(&p, model, options, target);
+    let budget = memory.budget(options.gpu_mem, target.memory);
+    let streaming = match (memory.slots(budget)?, template, &a.moe) {
+        (Some(slots), Some(template), Some(mb)) => Some(stream_plan(&mut p, model, options, target, slots, template, mb.ids)?),
+        _ => None,
+    };
+
+    let forward = Forward {
+        model,
+        a: &a,
+        ids: &ids,
+        mla: MlaShape::new(c, capacity, &rope),
+        router: RouterParams::from_config(c),
+        streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
+    };
+    let body = forward.body(&mut p);
+    let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
+    Ok(Plan {
+        capacity,
+        max_chunk: target.max_chunk,
+        quant: options.quant,
+        buffers: p.buffers,
+        weights: p.weights,
+        body,
+        head_last,
+        head_all,
+        argmax: Op::Argmax { vocab: c.vocab_size, logits: a.logits, ids: a.argmax_ids },
+        tokens: a.tokens,
+        logits: a.logits,
+        argmax_ids: a.argmax_ids,
+        memory,
+        budget,
+        streaming: streaming.map(|(s, _)| s),
+    })
 }

@@ -31,6 +31,9 @@ pub struct CudaBackend {
     /// The attention's cache split for prefill and decode steps instead of the one chosen from
     /// the context (tests force several splits on short contexts).
     pub attention_split: Option<(AttentionSplit, AttentionSplit)>,
+    /// The FORMAT the MLA family was last compiled with (kv_b's, for the absorb kernels): the
+    /// attention kernels ignore it, so they take that variant rather than compiling another.
+    mla_format: u32,
     /// Captured single-token steps by kind (`DSRUN_CUDA_GRAPHS=0` turns them off).
     graphs: HashMap<StepKind, Graph>,
     use_graphs: bool,
@@ -60,6 +63,7 @@ impl CudaBackend {
             groups: None,
             max_chunk: MAX_CHUNK,
             attention_split: None,
+            mla_format: crate::quant::DType::F32.format().code,
             graphs: HashMap::new(),
             use_graphs,
             host: Vec::new(),
@@ -177,10 +181,13 @@ impl Backend for CudaBackend {
             Op::SiluMul { width, gate, up } => out.push(self.ops.silu_mul(width, buf(gate), buf(up))?),
             Op::LatentStore { kv, norm, inv_freq, cache, ref mla } => out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(cache))?),
             Op::RopeQ { q, inv_freq, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(q))?),
-            Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?),
+            Op::QAbsorb { kv_b, q, q_lat, ref mla } => {
+                self.mla_format = res.weight(kv_b).format;
+                out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?)
+            }
             Op::Attention { q, q_lat, cache, scratch, o_lat, ref mla } => {
                 let bufs = [buf(q), buf(q_lat), buf(cache), buf(scratch), buf(o_lat)];
-                out.extend(self.ops.mla_attention_split(mla, crate::quant::DType::F32.format().code, bufs, self.splits(mla))?)
+                out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, self.splits(mla))?)
             }
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)?),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {

@@ -29,7 +29,7 @@ struct Step {
     u32 pad;
 };
 
-// Mirrors `WeightLayout` in the wgpu backend (tensors.rs): one matrix or expert stack.
+// Mirrors `WeightLayout` in src/backend/layout.rs: one matrix or expert stack.
 struct WeightLayout {
     u32 rows, cols, expert_stride, scale_expert_stride, grid_cols, block_rows, block_cols, row0, total_rows, pad0, pad1, pad2;
 };
