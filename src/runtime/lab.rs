@@ -1,11 +1,10 @@
 //! Plan ops on a backend outside a model: buffers and weights made by hand, ops lowered and
-//! run one step at a time. For kernel tests against the CPU reference and for benchmarks.
+//! run one step at a time. For tests of an op's lowering against the CPU reference.
 
 use crate::backend::{Backend, IntoBackend, Resources, StepValues};
 use crate::error::Result;
 use crate::model::weights::Matrix;
 use crate::plan::{BufferId, Op, WeightId};
-use std::time::Instant;
 
 pub struct Lab<B: Backend> {
     pub backend: B,
@@ -62,19 +61,6 @@ impl<B: Backend> Lab<B> {
         self.backend.begin_step(StepValues::new(n, start))?;
         self.backend.record(ops, n)?;
         self.backend.read(&[]).map(|_| ())
-    }
-
-    /// Seconds per run of `ops`: one warm-up run (compiles on lazy drivers), then `reps`
-    /// recorded together.
-    pub fn time(&mut self, ops: &[B::Op], n: u32, start: u32, reps: usize) -> Result<f64> {
-        self.run(ops, n, start)?;
-        self.backend.begin_step(StepValues::new(n, start))?;
-        let started = Instant::now();
-        for _ in 0..reps {
-            self.backend.record(ops, n)?;
-        }
-        self.backend.read(&[])?;
-        Ok(started.elapsed().as_secs_f64() / reps as f64)
     }
 
     pub fn read_f32(&mut self, id: BufferId, words: usize) -> Result<Vec<f32>> {

@@ -6,7 +6,7 @@ use super::context::GpuContext;
 use super::lower::{Builder, Dispatch, MatmulShape};
 use super::pools::SlotPool;
 use super::tensors::{storage, GpuMatrix};
-use crate::backend::{Backend, IntoBackend, Resources, StepValues};
+use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hot_path::driver;
@@ -67,6 +67,26 @@ impl WgpuBackend {
     fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
         let device = &self.builder.ctx.device;
         self.encoder.get_or_insert_with(|| driver(|| device.create_command_encoder(&Default::default())))
+    }
+
+    /// Records `(ops, n)` parts into one compute pass of the step's encoder.
+    fn encode(&mut self, parts: &[(&[Dispatch], u32)]) {
+        let count: usize = parts.iter().map(|(ops, _)| ops.len()).sum();
+        if count == 0 {
+            return;
+        }
+        self.dispatches += count as u64;
+        if let Some(profiler) = &mut self.profile {
+            parts.iter().for_each(|&(ops, n)| profiler.time(&self.builder.ctx, ops, n));
+            return;
+        }
+        let encoder = self.encoder();
+        driver(|| {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for &(ops, n) in parts {
+                ops.iter().for_each(|d| d.record(&mut pass, n));
+            }
+        });
     }
 
     fn wait(&self, what: &str) -> Result<()> {
@@ -208,21 +228,12 @@ impl Backend for WgpuBackend {
     }
 
     fn record(&mut self, ops: &[Dispatch], n: u32) -> Result<()> {
-        if ops.is_empty() {
-            return Ok(());
-        }
-        self.dispatches += ops.len() as u64;
-        if let Some(profiler) = &mut self.profile {
-            profiler.time(&self.builder.ctx, ops, n);
-            return Ok(());
-        }
-        let encoder = self.encoder();
-        driver(|| {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
-            for d in ops {
-                d.record(&mut pass, n);
-            }
-        });
+        self.encode(&[(ops, n)]);
+        Ok(())
+    }
+
+    fn record_step(&mut self, _kind: StepKind, parts: [(&[Dispatch], u32); 3]) -> Result<()> {
+        self.encode(&parts);
         Ok(())
     }
 
@@ -245,8 +256,6 @@ impl Backend for WgpuBackend {
             driver(|| encoder.copy_buffer_to_buffer(src, 0, &readback, offset, bytes as u64));
             offset += bytes as u64;
         }
-        // An empty encoder still marks the point to wait for.
-        self.encoder();
         self.flush()?;
         if total == 0 {
             self.wait("waiting for the step")?;
