@@ -78,6 +78,24 @@ pub struct StepKind {
     pub greedy: bool,
 }
 
+/// A backend's own work counters: two named counts (dispatches and submits on wgpu, launches
+/// and graph replays on CUDA).
+#[derive(Debug, Clone, Copy)]
+pub struct WorkCounters {
+    pub names: [&'static str; 2],
+    pub counts: [u64; 2],
+}
+
+impl WorkCounters {
+    pub const fn new(names: [&'static str; 2]) -> WorkCounters {
+        WorkCounters { names, counts: [0; 2] }
+    }
+
+    pub fn reset(&mut self) {
+        self.counts = [0; 2];
+    }
+}
+
 /// A backend's device objects for a plan, by plan id.
 pub struct Resources<B: Backend> {
     pub buffers: Vec<B::Buffer>,
@@ -186,10 +204,9 @@ pub trait Backend: Send + Sized {
     /// start), one after the other, in storage the backend keeps (no allocation per step).
     fn read(&mut self, parts: &[(&Self::Buffer, usize)]) -> Result<&[u8]>;
 
-    /// The backend's own work counters for `--verbose`: two (noun, count) pairs since the last
-    /// reset, e.g. dispatches and submits.
-    fn work_counters(&self) -> [(&'static str, u64); 2];
-    fn reset_work_counters(&mut self);
+    /// The backend's own work counters for `--verbose`, since the last reset.
+    fn work(&self) -> WorkCounters;
+    fn reset_work(&mut self);
     /// Per-kernel timings, where the backend was asked to profile (`DSRUN_PROFILE`).
     fn profile_report(&self) -> Option<String> {
         None

@@ -240,7 +240,7 @@ impl<B: Backend> Engine for Runtime<B> {
 
     fn reset_counters(&mut self) {
         self.counters = RunCounters::default();
-        self.backend.reset_work_counters();
+        self.backend.reset_work();
         if let Some(s) = &mut self.streaming {
             s.counters = Default::default();
         }
@@ -252,7 +252,8 @@ impl<B: Backend> Engine for Runtime<B> {
         }
         let c = self.counters;
         let per = |x: u64| x as f64 / c.steps.max(1) as f64;
-        let [(first, a), (second, b)] = self.backend.work_counters();
+        let work = self.backend.work();
+        let ([first, second], [a, b]) = (work.names, work.counts);
         let mut lines = format!(
             "{} steps: {:.1} {first}, {:.2} {second}, {:.0} bytes read back per step; weights on GPU {}",
             c.steps,

@@ -7,7 +7,7 @@ use super::device::{Buffer, Device, Graph};
 use super::ops::{AttentionSplit, CudaMatrix, ExpertGroups, Op as Launchable, Ops};
 use super::pools::CudaPool;
 use crate::backend::layout::MatmulShape;
-use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
+use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues, WorkCounters};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
@@ -38,8 +38,8 @@ pub struct CudaBackend {
     graphs: HashMap<StepKind, Graph>,
     use_graphs: bool,
     host: Vec<u8>,
-    launches: u64,
-    replays: u64,
+    /// Launches recorded (replayed ones included) and graph replays.
+    work: WorkCounters,
 }
 
 impl IntoBackend<CudaBackend> for Arc<Device> {
@@ -67,8 +67,7 @@ impl CudaBackend {
             graphs: HashMap::new(),
             use_graphs,
             host: Vec::new(),
-            launches: 0,
-            replays: 0,
+            work: WorkCounters::new(["launches", "graph replays"]),
         })
     }
 
@@ -91,7 +90,7 @@ impl CudaBackend {
             let (op, grid) = op.resolve(n);
             self.ops.rt.launch_args(&op.kernel, grid, [op.block, 1, 1], &op.args)?;
         }
-        self.launches += ops.len() as u64;
+        self.work.counts[0] += ops.len() as u64;
         Ok(())
     }
 }
@@ -246,8 +245,8 @@ impl Backend for CudaBackend {
             self.graphs.insert(kind, Graph::capture(&self.ops.rt, launches)?);
         }
         self.graphs[&kind].replay(&self.ops.rt)?;
-        self.launches += parts.iter().map(|(ops, _)| ops.len() as u64).sum::<u64>();
-        self.replays += 1;
+        self.work.counts[0] += parts.iter().map(|(ops, _)| ops.len() as u64).sum::<u64>();
+        self.work.counts[1] += 1;
         Ok(())
     }
 
@@ -270,12 +269,11 @@ impl Backend for CudaBackend {
         Ok(&self.host[..total])
     }
 
-    fn work_counters(&self) -> [(&'static str, u64); 2] {
-        [("launches", self.launches), ("graph replays", self.replays)]
+    fn work(&self) -> WorkCounters {
+        self.work
     }
 
-    fn reset_work_counters(&mut self) {
-        self.launches = 0;
-        self.replays = 0;
+    fn reset_work(&mut self) {
+        self.work.reset()
     }
 }

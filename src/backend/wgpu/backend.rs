@@ -1,12 +1,12 @@
 //! The wgpu backend: plan ops lowered to dispatches made once at load; a step writes the step
-//! uniform, records its dispatches into one command encoder (a compute pass per part), and
-//! submits once when it reads back, so a step that never stops for the host is one submit.
+//! uniform, records its dispatches into one command encoder (a whole step in one compute pass)
+//! and submits once when it reads back, so a step that never stops for the host is one submit.
 
 use super::context::GpuContext;
 use super::lower::{Builder, Dispatch, MatmulShape};
 use super::pools::SlotPool;
 use super::tensors::{storage, GpuMatrix};
-use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
+use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues, WorkCounters};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hot_path::driver;
@@ -20,8 +20,8 @@ pub struct WgpuBackend {
     /// Where read-backs land, and their host copy (sized at load, grown if a read is larger).
     readback: Option<wgpu::Buffer>,
     host: Vec<u8>,
-    dispatches: u64,
-    submits: u64,
+    /// Dispatches recorded and submits made.
+    work: WorkCounters,
     /// `DSRUN_PROFILE=N`: each dispatch runs alone N times and the last is timed (slow; for
     /// finding hot kernels). The step's own work is then done by the profiler's runs.
     profile: Option<Profiler>,
@@ -40,8 +40,7 @@ impl WgpuBackend {
             encoder: None,
             readback: None,
             host: Vec::new(),
-            dispatches: 0,
-            submits: 0,
+            work: WorkCounters::new(["dispatches", "submits"]),
             profile: Profiler::from_env(),
         })
     }
@@ -75,7 +74,7 @@ impl WgpuBackend {
         if count == 0 {
             return;
         }
-        self.dispatches += count as u64;
+        self.work.counts[0] += count as u64;
         if let Some(profiler) = &mut self.profile {
             parts.iter().for_each(|&(ops, n)| profiler.time(&self.builder.ctx, ops, n));
             return;
@@ -241,7 +240,7 @@ impl Backend for WgpuBackend {
         if let Some(encoder) = self.encoder.take() {
             let queue = &self.builder.ctx.queue;
             driver(|| queue.submit([encoder.finish()]));
-            self.submits += 1;
+            self.work.counts[1] += 1;
         }
         Ok(())
     }
@@ -272,13 +271,12 @@ impl Backend for WgpuBackend {
         Ok(&self.host[..total])
     }
 
-    fn work_counters(&self) -> [(&'static str, u64); 2] {
-        [("dispatches", self.dispatches), ("submits", self.submits)]
+    fn work(&self) -> WorkCounters {
+        self.work
     }
 
-    fn reset_work_counters(&mut self) {
-        self.dispatches = 0;
-        self.submits = 0;
+    fn reset_work(&mut self) {
+        self.work.reset()
     }
 
     fn profile_report(&self) -> Option<String> {
