@@ -108,9 +108,10 @@ impl Backend for CudaBackend {
     fn target(&mut self, config: &ModelConfig, capacity: usize) -> Result<Target> {
         let latent = config.latent_dim();
         if latent > MAX_LATENT {
-            return Err(Error::Invalid(format!(
-                "the CUDA attention kernel takes latents of at most {MAX_LATENT} values (kv_lora_rank + qk_rope_head_dim); this model has {latent}"
-            )));
+            return Err(Error::DeviceLimit {
+                device: self.describe(),
+                what: format!("the CUDA attention kernel takes latents of at most {MAX_LATENT} values (kv_lora_rank + qk_rope_head_dim); this model has {latent} (use --gpu vulkan)"),
+            });
         }
         let mla = MlaShape::new(config, capacity, &crate::model::rope::Rope::new(config));
         let (prefill, decode) = self.splits(&mla);
