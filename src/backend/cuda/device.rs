@@ -323,7 +323,7 @@ impl Device {
     pub fn uploads_begin(&self) -> Result<()> {
         match self {
             Device::Driver(d) => match d.uploader.lock().unwrap().as_mut() {
-                Some(u) => u.after(d.stream.cu_stream()),
+                Some(u) => d.bind().and_then(|_| u.after(d.stream.cu_stream())),
                 None => Ok(()),
             },
             Device::Emulator(_) => Ok(()),
@@ -334,7 +334,7 @@ impl Device {
     pub fn uploads_done(&self) -> Result<()> {
         match self {
             Device::Driver(d) => match d.uploader.lock().unwrap().as_mut() {
-                Some(u) => u.before(d.stream.cu_stream()),
+                Some(u) => d.bind().and_then(|_| u.before(d.stream.cu_stream())),
                 None => Ok(()),
             },
             Device::Emulator(_) => Ok(()),
@@ -379,6 +379,7 @@ impl Graph {
         let exec = match rt {
             Device::Driver(d) => {
                 use cudarc::driver::{result, sys};
+                d.bind()?;
                 let stream = d.stream.cu_stream();
                 d.stream.synchronize().map_err(d.error("waiting for the stream"))?;
                 // SAFETY: capture brackets launches on our own stream; the graph is destroyed
@@ -401,8 +402,12 @@ impl Graph {
 
     pub fn replay(&self, rt: &Device) -> Result<()> {
         match (rt, self.exec) {
-            // SAFETY: the executable graph was instantiated from launches on this runtime.
-            (Device::Driver(d), Some(exec)) => unsafe { cudarc::driver::result::graph::launch(exec, d.stream.cu_stream()) }.map_err(d.error("launching a graph")),
+            (Device::Driver(d), Some(exec)) => {
+                // The engine may have moved to another thread since the capture.
+                d.bind()?;
+                // SAFETY: the executable graph was instantiated from launches on this device.
+                unsafe { cudarc::driver::result::graph::launch(exec, d.stream.cu_stream()) }.map_err(d.error("launching a graph"))
+            }
             _ => self.launches.iter().try_for_each(|l| rt.launch(l)),
         }
     }
