@@ -104,23 +104,19 @@ pub struct Resources<B: Backend> {
     pub pools: Vec<B::Pool>,
 }
 
-impl<B: Backend> Resources<B> {
-    pub fn new() -> Self {
+impl<B: Backend> Default for Resources<B> {
+    fn default() -> Self {
         Resources { buffers: Vec::new(), weights: Vec::new(), pools: Vec::new() }
     }
+}
 
+impl<B: Backend> Resources<B> {
     pub fn buf(&self, id: BufferId) -> &B::Buffer {
         &self.buffers[id.0]
     }
 
     pub fn weight(&self, id: WeightId) -> &B::Matrix {
         &self.weights[id.0]
-    }
-}
-
-impl<B: Backend> Default for Resources<B> {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

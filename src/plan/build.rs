@@ -344,7 +344,6 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
         slots,
         pools,
         eviction: options.eviction,
-        prefetch,
         template,
         ids,
         guess_ids: guess.as_ref().map(|g| g.ids),

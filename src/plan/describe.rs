@@ -97,7 +97,7 @@ impl Plan<'_> {
                 st.slots,
                 st.pools.len(),
                 format!("{:?}", st.eviction).to_lowercase(),
-                if st.prefetch { "on" } else { "off" },
+                if st.guess_ids.is_some() { "on" } else { "off" },
                 human_bytes(self.budget),
                 human_bytes(m.minimum())
             ),

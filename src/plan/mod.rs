@@ -105,11 +105,10 @@ pub struct StreamPlan {
     pub slots: usize,
     pub pools: Vec<PoolSpec>,
     pub eviction: Eviction,
-    /// The next MoE layer's router runs early in decode steps, and its guess is uploaded ahead.
-    pub prefetch: bool,
     /// One expert in the device format: the shape of every slot.
     pub template: Mlp,
-    /// The router's choice the host reads at each MoE layer, and the early router's guess.
+    /// The router's choice the host reads at each MoE layer, and the early router's guess
+    /// (present when prefetch is on: the next MoE layer's router runs early in decode steps).
     pub ids: BufferId,
     pub guess_ids: Option<BufferId>,
     /// Step slots one round can serve: tokens per step x experts per token.
@@ -139,14 +138,6 @@ pub struct Plan<'m> {
 }
 
 impl<'m> Plan<'m> {
-    pub fn buffer(&self, id: BufferId) -> &BufferSpec<'m> {
-        &self.buffers[id.0]
-    }
-
-    pub fn weight(&self, id: WeightId) -> &WeightSpec<'m> {
-        &self.weights[id.0]
-    }
-
     /// Bytes of the plan's buffers of `kind`.
     pub fn buffer_bytes(&self, kind: BufferKind) -> u64 {
         self.buffers.iter().filter(|b| b.kind == kind).map(|b| b.words as u64 * 4).sum()

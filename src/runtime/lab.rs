@@ -13,7 +13,7 @@ pub struct Lab<B: Backend> {
 
 impl<B: Backend> Lab<B> {
     pub fn new(device: impl IntoBackend<B>) -> Result<Self> {
-        Ok(Lab { backend: device.into_backend()?, res: Resources::new() })
+        Ok(Lab { backend: device.into_backend()?, res: Resources::default() })
     }
 
     /// A buffer holding `values`.
@@ -21,13 +21,6 @@ impl<B: Backend> Lab<B> {
         let b = self.backend.upload("input", values)?;
         self.res.buffers.push(b);
         Ok(BufferId(self.res.buffers.len() - 1))
-    }
-
-    /// A buffer holding `values` (ids).
-    pub fn input_u32(&mut self, values: &[u32]) -> Result<BufferId> {
-        let id = self.zeros(values.len())?;
-        self.backend.write(self.res.buf(id), bytemuck::cast_slice(values))?;
-        Ok(id)
     }
 
     /// `words` zeroed words.
@@ -64,10 +57,6 @@ impl<B: Backend> Lab<B> {
     }
 
     pub fn read_f32(&mut self, id: BufferId, words: usize) -> Result<Vec<f32>> {
-        Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
-    }
-
-    pub fn read_u32(&mut self, id: BufferId, words: usize) -> Result<Vec<u32>> {
         Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
     }
 

@@ -107,10 +107,6 @@ impl<B: Backend> Runtime<B> {
         })
     }
 
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
-
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
@@ -284,7 +280,7 @@ struct Loaded<B: Backend> {
 impl<B: Backend> Loaded<B> {
     fn new(b: &mut B, model: &Model, plan: &Plan) -> Result<Self> {
         let progress = quant_progress(plan);
-        let mut res = Resources::new();
+        let mut res = Resources::default();
         for spec in &plan.buffers {
             let buffer = match &spec.init {
                 Some(values) => b.upload(&spec.name, values)?,
