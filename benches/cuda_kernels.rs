@@ -77,7 +77,7 @@ fn main() {
         for n in [1u32, 16] {
             let x = rt.upload(&values(n as usize * cols)).unwrap();
             let y = rt.alloc(n as usize * rows * 4).unwrap();
-            rt.write(&ops.step, 0, bytemuck::cast_slice(&[n, 0, n - 1, 0])).unwrap();
+            rt.write(&ops.step, 0, bytemuck::cast_slice(&[n, n - 1, 0, 0])).unwrap();
             let op: Op = ops.matmul(&gm, &x, &y, false).unwrap();
             let t = time(&rt, &[op.launch(n)], reps);
             row(&format!("{dtype:?} {rows}x{cols}, {n} token(s)"), t, gm.bytes as f64);
@@ -96,8 +96,10 @@ fn main() {
         let cache = rt.upload(&values(ctx * latent)).unwrap();
         let partial = rt.alloc(split.partial_floats(1, s.heads, s.lora) * 4).unwrap();
         let o_lat = rt.alloc(s.heads * s.lora * 4).unwrap();
-        rt.write(&ops.step, 0, bytemuck::cast_slice(&[1u32, ctx as u32 - 1, 0, 0])).unwrap();
-        let [partial_op, merge] = ops.mla_attention(&s, 0, [&q, &q_lat, &cache, &partial, &o_lat], split).unwrap();
+        // One token at the last position, in sequence 0's rows.
+        let positions = rt.upload(&[ctx as u32 - 1, 0u32]).unwrap();
+        rt.write(&ops.step, 0, bytemuck::cast_slice(&[1u32, 0, 0, 0])).unwrap();
+        let [partial_op, merge] = ops.mla_attention(&s, 0, [&q, &q_lat, &positions, &cache, &partial, &o_lat], split).unwrap();
         let t = time(&rt, &[partial_op.launch(1), merge.launch(1)], reps);
         row(&format!("MLA decode, 128 heads, {ctx} positions ({} splits)", split.splits), t, (ctx * latent * 4) as f64);
     }

@@ -42,7 +42,7 @@ fn main() {
             let x = r.f32_buffer(&values(n * cols));
             let y = r.zeros(n * rows).unwrap();
             let d = r.builder().matmul(&gm, &x, &y, false);
-            r.set_step(n as u32, 0);
+            r.set_step(n as u32);
             let t = r.time(&d, n as u32, reps).unwrap();
             let gbs = gm.bytes as f64 / t / 1e9;
             let what = if n == 1 { "mat-vec (decode)" } else { "matmul 16 tokens" };
@@ -72,7 +72,7 @@ fn main() {
         let bias = r.f32_buffer(&values(256));
         let (ids, wts) = (r.zeros(n * 8).unwrap(), r.zeros(n * 8).unwrap());
         let d = r.builder().router(&p, 256, &logits, Some(&bias), &ids, &wts, false);
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         let t = r.time(&[d], n as u32, reps).unwrap();
         println!("{:<34} {:>8.3}ms", format!("router V3 shape, {n} tokens"), t * 1e3);
     }
@@ -91,8 +91,10 @@ fn main() {
         let o_lat = r.zeros(heads * lora).unwrap();
         let scale = 1.0f32 / (qk as f32).sqrt();
         let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0 };
-        let d = r.builder().mla_attention(&shape, &q, &q_lat, &cache, &scores, &o_lat);
-        r.set_step(1, len as u32 - 1);
+        // One token at the cache's last position, in sequence 0's rows.
+        let positions = r.u32_buffer(&[len as u32 - 1, 0]);
+        let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat]);
+        r.set_step(1);
         let t = r.time(&[d], 1, if len > 1024 { 1 } else { reps }).unwrap();
         let gbs = (len * (lora + rope) * 4) as f64 / t / 1e9;
         println!(

@@ -1,5 +1,6 @@
-// Causal latent attention (absorbed MLA), one workgroup per (head, token):
-//   score[j] = (q_lat . c_kv[j] + q_pe . k_pe[j]) * scale   for j <= start + t
+// Causal latent attention (absorbed MLA), one workgroup per (head, token), over the token's
+// sequence's rows of the cache (from row0, `positions` holding (pos, row0) per token):
+//   score[j] = (q_lat . c_kv[row0 + j] + q_pe . k_pe[row0 + j]) * scale   for j <= pos
 //   o_lat    = sum_j softmax(score)[j] * c_kv[j]
 // Scores go through a scratch row of `ctx` floats per (token, head).
 
@@ -21,9 +22,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> q_lat: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> q_lat: array<f32>;
+@group(0) @binding(3) var<storage, read> positions: array<u32>;
 @group(0) @binding(4) var<storage, read> cache: array<f32>;
 @group(0) @binding(5) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(6) var<storage, read_write> o_lat: array<f32>;
@@ -35,8 +36,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let h = wid.x;
     let t = wid.y;
     let head = t * p.heads + h;
-    let visible = step.start + t + 1u;
+    let visible = positions[2u * t] + 1u;
     let latent = LORA + ROPE;
+    let first = positions[2u * t + 1u] * latent;
     let lat = head * LORA;
     let pe = head * p.qk + p.nope;
     let row = head * p.ctx;
@@ -45,10 +47,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var j = lane; j < visible; j += WG) {
         var s = 0.0;
         for (var c = 0u; c < LORA; c++) {
-            s += q_lat[lat + c] * cache[j * latent + c];
+            s += q_lat[lat + c] * cache[first + j * latent + c];
         }
         for (var c = 0u; c < ROPE; c++) {
-            s += q[pe + c] * cache[j * latent + LORA + c];
+            s += q[pe + c] * cache[first + j * latent + LORA + c];
         }
         s *= p.scale;
         scores[row + j] = s;
@@ -85,7 +87,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for (var c = lane; c < LORA; c += WG) {
         var acc = 0.0;
         for (var j = 0u; j < visible; j++) {
-            acc += scores[row + j] * cache[j * latent + c];
+            acc += scores[row + j] * cache[first + j * latent + c];
         }
         o_lat[lat + c] = acc * norm;
     }

@@ -1,6 +1,7 @@
-// Stores one step's latents in the MLA cache: per token t at position start + t,
-//   cache[pos, :lora]  = RMSNorm(kv[t, :lora])        (c_kv)
-//   cache[pos, lora:]  = rope(kv[t, lora:], pos)       (k_pe, interleaved pairs)
+// Stores one step's latents in the MLA cache: per token t at its position pos, in the rows of
+// its sequence (from row0; `positions` holds (pos, row0) per token),
+//   cache[row0 + pos, :lora]  = RMSNorm(kv[t, :lora])        (c_kv)
+//   cache[row0 + pos, lora:]  = rope(kv[t, lora:], pos)       (k_pe, interleaved pairs)
 // One workgroup per token.
 
 const WG: u32 = 64u;
@@ -13,10 +14,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<uniform> step: Step;
-@group(0) @binding(2) var<storage, read> kv: array<f32>;
-@group(0) @binding(3) var<storage, read> norm: array<f32>;
-@group(0) @binding(4) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(1) var<storage, read> kv: array<f32>;
+@group(0) @binding(2) var<storage, read> norm: array<f32>;
+@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(4) var<storage, read> positions: array<u32>;
 @group(0) @binding(5) var<storage, read_write> cache: array<f32>;
 
 var<workgroup> sums: array<f32, 64>;
@@ -26,8 +27,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     let t = wid.x;
     let latent = p.lora + p.rope;
     let src = t * latent;
-    let pos = step.start + t;
-    let dst = pos * latent;
+    let pos = positions[2u * t];
+    let dst = (positions[2u * t + 1u] + pos) * latent;
     var acc = 0.0;
     for (var c = lane; c < p.lora; c += WG) {
         let v = kv[src + c];

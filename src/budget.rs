@@ -80,6 +80,9 @@ pub struct GpuOptions {
     pub eviction: Eviction,
     /// Predict the next MoE layer's experts and upload them ahead of need (decode steps).
     pub prefetch: Prefetch,
+    /// Sequences decoded together, each with its own region of the latent caches
+    /// (`serve --parallel`); the context is per sequence.
+    pub sequences: usize,
 }
 
 /// Whether expert streaming guesses and uploads the next layer's experts ahead of need.
@@ -108,7 +111,7 @@ impl Prefetch {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto }
+        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1 }
     }
 }
 

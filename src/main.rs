@@ -122,7 +122,7 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     fn options(&self) -> GpuOptions {
-        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch }
+        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, sequences: 1 }
     }
 }
 

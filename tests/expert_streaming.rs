@@ -111,3 +111,22 @@ fn a_budget_below_the_minimum_names_the_minimum() {
     let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum), ..Default::default() };
     assert!(GpuModel::with_options(ctx(), &model, 16, &options).is_ok());
 }
+
+/// Batched decoding with streamed experts: one step's tokens of several sequences route to
+/// more experts than one token does (rounds when they outnumber the slots); each sequence's
+/// logits still equal what it computes alone, all-resident, bit for bit.
+#[test]
+fn batched_decode_with_streamed_experts_matches_each_sequence_alone() {
+    for family in ["v3_noaux", "v2_lite"] {
+        let model = Model::load(&fixture(family)).unwrap();
+        let capacity = 9 + BATCH_STEPS + 1;
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), prefetch: Prefetch::On, sequences: BATCH_ORDER.len(), ..Default::default() };
+        let mut batched = GpuModel::with_options(ctx(), &model, capacity, &options).unwrap();
+        assert!(batched.expert_slots().is_some(), "{family}: 30% of the experts streams");
+        let mut alone = GpuModel::new(ctx(), &model, capacity, Default::default()).unwrap();
+        let mut cpu = dsrun::engine::CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
+        batched_decode_matches_alone(&format!("{family} streamed"), &mut batched, &mut alone, &mut cpu);
+        let c = batched.stream_counters().unwrap();
+        assert!(c.rounds > c.syncs, "{family}: a batch of 8 needs more than the slots in one round: {c:?}");
+    }
+}

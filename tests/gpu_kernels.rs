@@ -59,7 +59,7 @@ fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
             let x = random(2 + n as u64, n * cols);
             let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
             let d = r.builder().matmul(&gm, &xb, &yb, false);
-            r.set_step(n as u32, 0);
+            r.set_step(n as u32);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
             assert_close(&format!("{dtype:?} {rows}x{cols} n={n} subgroups={subgroups}"), &got, &cpu::matmul(&m, &x, n));
@@ -76,7 +76,7 @@ fn matmul_accumulates_and_computes_fixed_slots() {
     let x = random(4, n * cols);
     let base = random(5, n * rows);
     let (xb, yb) = (r.f32_buffer(&x), r.f32_buffer(&base));
-    r.set_step(n as u32, 0);
+    r.set_step(n as u32);
     r.run(&r.builder().matmul(&gm, &xb, &yb, true), n as u32, 1).unwrap();
     let mut want = cpu::matmul(&m, &x, n);
     cpu::add_in_place(&mut want, &base);
@@ -111,7 +111,7 @@ fn fp8_matmul_decodes_every_code_exactly() {
         let mut x = vec![0f32; cols];
         x[lane] = 1.0;
         let (xb, yb) = (r.f32_buffer(&x), r.zeros(rows).unwrap());
-        r.set_step(1, 0);
+        r.set_step(1);
         r.run(&r.builder().matmul(&gm, &xb, &yb, false), 1, 1).unwrap();
         let got = r.read_f32(&yb, rows).unwrap();
         for code in 0..rows {
@@ -134,7 +134,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
         // gate/up form: slot s reads its token's row s / k.
         let d = r.builder().expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
         let want: Vec<f32> = (0..n * k)
@@ -154,7 +154,7 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
         let ids: Vec<u32> = vec![2, 0, 3, 2, 1, 3];
         let x = random(41, n * cols);
         let xb = r.f32_buffer(&x);
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         let resident = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>());
         let want = match resident {
             Ok(gm) => {
@@ -202,7 +202,7 @@ fn rmsnorm_and_silu_mul() {
     let x = random(30, n * dim);
     let w = random(31, dim);
     let (xb, wb, yb) = (r.f32_buffer(&x), r.f32_buffer(&w), r.zeros(n * dim).unwrap());
-    r.set_step(n as u32, 0);
+    r.set_step(n as u32);
     r.run(&[r.builder().rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
     let mut want = x.clone();
     cpu::rms_norm(&mut want, &w, 1e-6);
@@ -224,7 +224,7 @@ fn router_matches_the_cpu_rules() {
         let lb = r.f32_buffer(&case.logits);
         let bb = case.bias.as_ref().map(|b| r.f32_buffer(b));
         let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         r.run(&[r.builder().router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb, false)], n as u32, 1).unwrap();
         case.check(&format!("config {i}"), &r.read_u32(&ib, n * top_k).unwrap(), &r.read_f32(&wb, n * top_k).unwrap());
     }
@@ -243,14 +243,14 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
         assert!(gm.chunks.len() >= 2, "{dtype:?}: expected several chunks, got {}", gm.chunks.len());
         let x = random(61, n * cols);
         let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         r.run(&r.builder().matmul(&gm, &xb, &yb, false), n as u32, 1).unwrap();
         assert_close(&format!("{dtype:?} chunked"), &r.read_f32(&yb, n * rows).unwrap(), &cpu::matmul(&m, &x, n));
 
         // The embedding gather reads the same chunks by token id.
         let tokens = [0u32, 299, 128, 17];
         let (tb, ob) = (r.u32_buffer(&tokens), r.zeros(tokens.len() * cols).unwrap());
-        r.set_step(tokens.len() as u32, 0);
+        r.set_step(tokens.len() as u32);
         r.run(&r.builder().embed(&gm, &tb, &ob), tokens.len() as u32, 1).unwrap();
         assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &cpu::embed(&m, &tokens));
     }
@@ -290,7 +290,7 @@ fn argmax_and_moe_combine() {
     for with_shared in [true, false] {
         let hb = r.f32_buffer(&h);
         let (eb, wb, sb) = (r.f32_buffer(&expert_out), r.f32_buffer(&weights), r.f32_buffer(&shared));
-        r.set_step(n as u32, 0);
+        r.set_step(n as u32);
         r.run(&[r.builder().moe_combine(dim, k, &eb, &wb, with_shared.then_some(&sb), &hb)], n as u32, 1).unwrap();
         let mut want = h.clone();
         for t in 0..n {

@@ -90,3 +90,17 @@ fn gpu_long_context_and_chunked_prefill_match_cpu() {
         assert_logits_match("decode after long prefill", &got, &want, 2048, 1e-3);
     }
 }
+
+#[test]
+fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
+    for family in FAMILIES {
+        let model = Model::load(&fixture(family)).unwrap();
+        let capacity = 9 + BATCH_STEPS + 1;
+        let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+        let options = dsrun::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
+        let mut batched = GpuModel::with_options(ctx, &model, capacity, &options).unwrap();
+        let mut alone = gpu(&model, capacity);
+        let mut cpu = CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
+        batched_decode_matches_alone(&format!("{family} wgpu"), &mut batched, &mut alone, &mut cpu);
+    }
+}

@@ -55,18 +55,17 @@ impl std::fmt::Debug for Grid {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StepValues {
-    /// Tokens in this step (a prefill chunk, or 1 when decoding).
+    /// Tokens in this step (a prefill chunk, or one token of each sequence decoded). Each
+    /// token's position and cache rows are in the plan's `positions` buffer.
     pub n_tokens: u32,
-    /// Position of the first of them (tokens already in the latent cache).
-    pub start: u32,
     /// First row whose logits are wanted (n_tokens - 1 when only the last position's are).
     pub logits_row0: u32,
-    pub pad: u32,
+    pub pad: [u32; 2],
 }
 
 impl StepValues {
-    pub fn new(n_tokens: u32, start: u32) -> StepValues {
-        StepValues { n_tokens, start, logits_row0: n_tokens.saturating_sub(1), pad: 0 }
+    pub fn new(n_tokens: u32) -> StepValues {
+        StepValues { n_tokens, logits_row0: n_tokens.saturating_sub(1), pad: [0; 2] }
     }
 }
 

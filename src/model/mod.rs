@@ -64,8 +64,19 @@ impl KvCache {
     }
 
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(Vec::clear);
-        self.len = 0;
+        self.truncate(0);
+    }
+
+    /// Forgets every position from `len` on (a rejected draft, a prompt that shares only a
+    /// prefix with what is cached).
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
+        let per_token = |layer: &Vec<f32>| layer.len() / self.len.max(1);
+        for layer in &mut self.layers {
+            let keep = len * per_token(layer);
+            layer.truncate(keep);
+        }
+        self.len = len;
     }
 }
 

@@ -52,6 +52,8 @@ pub struct AttentionBuffers {
     /// The residual stream the output is added to.
     pub out: BufferId,
     pub inv_freq: BufferId,
+    /// The step's token positions and cache rows (`Plan::positions`).
+    pub positions: BufferId,
 }
 
 /// Multi-head latent attention for a step's tokens, the absorbed form SPEC.md gives: query
@@ -71,10 +73,11 @@ pub fn attention(mla: &MlaShape, w: &AttentionWeights, b: &AttentionBuffers) -> 
         QueryWeights::Direct(q) => ops.push(matmul(q, b.x, b.q, false)),
     }
     ops.push(matmul(w.kv_a, b.x, b.kv, false));
-    ops.push(Op::LatentStore { kv: b.kv, norm: w.kv_norm, inv_freq: b.inv_freq, cache: w.cache, mla: *mla });
-    ops.push(Op::RopeQ { q: b.q, inv_freq: b.inv_freq, mla: *mla });
+    let positions = b.positions;
+    ops.push(Op::LatentStore { kv: b.kv, norm: w.kv_norm, inv_freq: b.inv_freq, positions, cache: w.cache, mla: *mla });
+    ops.push(Op::RopeQ { q: b.q, inv_freq: b.inv_freq, positions, mla: *mla });
     ops.push(Op::QAbsorb { kv_b: w.kv_b, q: b.q, q_lat: b.q_lat, mla: *mla });
-    ops.push(Op::Attention { q: b.q, q_lat: b.q_lat, cache: w.cache, scratch: b.scratch, o_lat: b.o_lat, mla: *mla });
+    ops.push(Op::Attention { q: b.q, q_lat: b.q_lat, positions, cache: w.cache, scratch: b.scratch, o_lat: b.o_lat, mla: *mla });
     ops.push(Op::VUp { kv_b: w.kv_b, o_lat: b.o_lat, o: b.o, mla: *mla });
     ops.push(matmul(w.o, b.o, b.out, true));
     ops
@@ -201,6 +204,7 @@ impl Activations {
             o: p.activation("o", n * heads * c.v_head_dim),
             out: h,
             inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
+            positions: p.activation("positions", 2 * n),
         };
         let moe_layers = w.moe_layers();
         let has_shared = moe_layers.iter().any(|(_, m)| m.shared.is_some());
@@ -240,7 +244,7 @@ struct ModelIds {
 }
 
 impl ModelIds {
-    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, capacity: usize) -> ModelIds {
+    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize) -> ModelIds {
         let (c, w) = (&model.config, &model.weights);
         let embed = p.matrix(&w.embed);
         let mut layers = Vec::new();
@@ -262,7 +266,7 @@ impl ModelIds {
                 // The absorb kernels read kv_b whole.
                 kv_b: p.weight(vec![&at.kv_b], false, true, false),
                 o: p.matrix(&at.o),
-                cache: p.buffer(format!("latent cache {i}"), capacity * c.latent_dim(), BufferKind::Cache),
+                cache: p.buffer(format!("latent cache {i}"), cache_rows * c.latent_dim(), BufferKind::Cache),
             };
             let ffn = match &layer.ffn {
                 FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
@@ -432,15 +436,23 @@ impl<'m> Forward<'_, 'm> {
     }
 }
 
-/// The plan for `model` with room for `capacity` tokens of context, on a backend with `target`'s
-/// limits, under `options`' weight format and memory budget.
+/// The plan for `model` with room for `capacity` tokens of context in each of
+/// `options.sequences` sequences, on a backend with `target`'s limits, under `options`' weight
+/// format and memory budget.
 pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target: &Target) -> Result<Plan<'m>> {
     let c = &model.config;
     check_router(c)?;
+    let sequences = options.sequences;
+    if sequences == 0 || sequences > target.max_chunk {
+        return Err(Error::Invalid(format!(
+            "{sequences} parallel sequences: this backend decodes 1 to {} sequences together",
+            target.max_chunk
+        )));
+    }
     let rope = Rope::new(c);
     let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
     let a = Activations::declare(&mut p, model, target, &rope);
-    let ids = ModelIds::declare(&mut p, model, capacity);
+    let ids = ModelIds::declare(&mut p, model, capacity * sequences);
 
     // What stays resident whatever the budget; then whether the experts all fit.
     let (memory, template) = memory_plan(&p, model, options, target);
@@ -462,6 +474,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
     Ok(Plan {
         capacity,
+        sequences,
         max_chunk: target.max_chunk,
         quant: options.quant,
         buffers: p.buffers,
@@ -471,6 +484,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         head_all,
         argmax: Op::Argmax { vocab: c.vocab_size, logits: a.logits, ids: a.argmax_ids },
         tokens: a.tokens,
+        positions: a.attention.positions,
         logits: a.logits,
         argmax_ids: a.argmax_ids,
         memory,

@@ -29,7 +29,7 @@ impl Plan<'_> {
             Op::LatentStore { kv, norm, cache, .. } => format!("norm({}, {}) + rope -> {}", self.b(*kv), self.b(*norm), self.b(*cache)),
             Op::RopeQ { q, .. } => format!("rope({})", self.b(*q)),
             Op::QAbsorb { kv_b, q, q_lat, mla } => format!("{}ᵀ . {} -> {}, {} heads", self.w(*kv_b), self.b(*q), self.b(*q_lat), mla.heads),
-            Op::Attention { q, q_lat, cache, scratch, o_lat, mla } => format!(
+            Op::Attention { q, q_lat, cache, scratch, o_lat, mla, .. } => format!(
                 "{} {} over {} (scratch {}) -> {}, {} heads, latent {}+{}",
                 self.b(*q),
                 self.b(*q_lat),

@@ -34,7 +34,8 @@ pub struct WeightId(pub usize);
 pub enum BufferKind {
     /// Written and read within a step, sized for the plan's most tokens per step.
     Activation,
-    /// A layer's latent cache: `capacity` tokens of `kv_lora_rank + qk_rope_head_dim` values.
+    /// A layer's latent cache: `capacity` tokens of `kv_lora_rank + qk_rope_head_dim` values
+    /// for each of the plan's sequences (sequence s from row `s * capacity`).
     Cache,
     /// Written once at load (norm weights, biases, RoPE frequencies).
     Constant,
@@ -116,7 +117,10 @@ pub struct StreamPlan {
 }
 
 pub struct Plan<'m> {
+    /// Context per sequence, in tokens.
     pub capacity: usize,
+    /// Sequences with their own region of every latent cache (batched decoding).
+    pub sequences: usize,
     pub max_chunk: usize,
     pub quant: QuantTarget,
     pub buffers: Vec<BufferSpec<'m>>,
@@ -129,6 +133,10 @@ pub struct Plan<'m> {
     pub argmax: Op,
     /// The step's token ids (u32), the head's logits and the argmax's ids.
     pub tokens: BufferId,
+    /// Where each of the step's tokens goes (u32 pairs): row t's position in its sequence at
+    /// `2t`, the latent cache row of that sequence's position 0 at `2t + 1`. A step is any
+    /// mix of sequences: a prefill chunk of one, or one token of each of several.
+    pub positions: BufferId,
     pub logits: BufferId,
     pub argmax_ids: BufferId,
     pub memory: MemoryPlan,

@@ -46,15 +46,17 @@ pub enum Op {
     /// `gate[i] = silu(gate[i]) * up[i]` over `width` values per token.
     SiluMul { width: usize, gate: BufferId, up: BufferId },
     /// MLA's latent store: RMSNorm of `kv`'s first `lora` values with `norm`, RoPE of its last
-    /// `rope` values at the token's position, written to the latent cache at that position.
-    LatentStore { kv: BufferId, norm: BufferId, inv_freq: BufferId, cache: BufferId, mla: MlaShape },
+    /// `rope` values at the token's position, written to the latent cache at its sequence's
+    /// first row plus that position (`positions`, see [`Plan::positions`](super::Plan)).
+    LatentStore { kv: BufferId, norm: BufferId, inv_freq: BufferId, positions: BufferId, cache: BufferId, mla: MlaShape },
     /// RoPE of each head's last `rope` query values at the token's position.
-    RopeQ { q: BufferId, inv_freq: BufferId, mla: MlaShape },
+    RopeQ { q: BufferId, inv_freq: BufferId, positions: BufferId, mla: MlaShape },
     /// `q_lat[h] = W_UK[h]ᵀ q_nope[h]` (kv_b's key rows, absorbed into the query).
     QAbsorb { kv_b: WeightId, q: BufferId, q_lat: BufferId, mla: MlaShape },
-    /// Causal attention of each head's (q_lat, q_pe) over the latent cache up to its position:
-    /// `o_lat[h] = Σ_t softmax(score)[t] c_kv[t]`. `scratch` is the backend's working space.
-    Attention { q: BufferId, q_lat: BufferId, cache: BufferId, scratch: BufferId, o_lat: BufferId, mla: MlaShape },
+    /// Causal attention of each head's (q_lat, q_pe) over its sequence's latent cache rows up to
+    /// its position: `o_lat[h] = Σ_t softmax(score)[t] c_kv[t]`. `scratch` is the backend's
+    /// working space.
+    Attention { q: BufferId, q_lat: BufferId, positions: BufferId, cache: BufferId, scratch: BufferId, o_lat: BufferId, mla: MlaShape },
     /// `o[h] = W_UV[h] o_lat[h]` (kv_b's value rows).
     VUp { kv_b: WeightId, o_lat: BufferId, o: BufferId, mla: MlaShape },
     /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.

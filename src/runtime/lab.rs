@@ -41,6 +41,10 @@ impl<B: Backend> Lab<B> {
         self.backend.write(self.res.buf(id), bytemuck::cast_slice(values))
     }
 
+    pub fn write_u32(&mut self, id: BufferId, values: &[u32]) -> Result<()> {
+        self.backend.write(self.res.buf(id), bytemuck::cast_slice(values))
+    }
+
     pub fn lower(&mut self, ops: &[Op]) -> Result<Vec<B::Op>> {
         let mut out = Vec::new();
         for op in ops {
@@ -49,9 +53,10 @@ impl<B: Backend> Lab<B> {
         Ok(out)
     }
 
-    /// Runs lowered ops as a step of `n` tokens at position `start` and waits for them.
-    pub fn run(&mut self, ops: &[B::Op], n: u32, start: u32) -> Result<()> {
-        self.backend.begin_step(StepValues::new(n, start))?;
+    /// Runs lowered ops as a step of `n` tokens and waits for them (ops that need the tokens'
+    /// positions read them from the buffer the test wrote).
+    pub fn run(&mut self, ops: &[B::Op], n: u32) -> Result<()> {
+        self.backend.begin_step(StepValues::new(n))?;
         self.backend.record(ops, n)?;
         self.backend.read(&[]).map(|_| ())
     }

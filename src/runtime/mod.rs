@@ -13,7 +13,7 @@ pub use streaming::{StreamedLayer, Streaming};
 use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
 use crate::budget::{GpuOptions, MemoryPlan};
 use crate::config::ModelConfig;
-use crate::engine::Engine;
+use crate::engine::{check_batch, check_sequence, Engine};
 use crate::error::Result;
 use crate::expert_cache::StreamCounters;
 use crate::model::weights::Matrix;
@@ -42,6 +42,7 @@ pub struct Runtime<B: Backend> {
     head_all: Vec<B::Op>,
     argmax: Vec<B::Op>,
     tokens: BufferId,
+    positions: BufferId,
     logits: BufferId,
     argmax_ids: BufferId,
     /// Routed experts in a device slot cache, when they do not all fit the budget.
@@ -49,7 +50,12 @@ pub struct Runtime<B: Backend> {
     memory: MemoryPlan,
     max_chunk: usize,
     capacity: usize,
-    len: usize,
+    /// Tokens cached per sequence; sequence s owns latent cache rows `s * capacity ..`.
+    lens: Vec<usize>,
+    /// The step's token ids and (position, first cache row) pairs, kept between steps so a
+    /// step allocates nothing.
+    step_tokens: Vec<u32>,
+    step_positions: Vec<u32>,
     weight_bytes: u64,
     pub counters: RunCounters,
 }
@@ -95,13 +101,16 @@ impl<B: Backend> Runtime<B> {
             head_all,
             argmax,
             tokens: plan.tokens,
+            positions: plan.positions,
             logits: plan.logits,
             argmax_ids: plan.argmax_ids,
             streaming,
             memory: plan.memory,
             max_chunk: plan.max_chunk,
             capacity: plan.capacity,
-            len: 0,
+            lens: vec![0; plan.sequences],
+            step_tokens: Vec::with_capacity(plan.max_chunk),
+            step_positions: Vec::with_capacity(2 * plan.max_chunk),
             weight_bytes,
             counters: RunCounters::default(),
         })
@@ -135,13 +144,15 @@ impl<B: Backend> Runtime<B> {
         self.streaming.as_ref().map(|s| s.counters)
     }
 
-    /// One step of at most `max_chunk` tokens. `head`: which logits to compute, if any;
-    /// `greedy`: also take the argmax of each computed row. Returns the read-back bytes.
-    fn step(&mut self, tokens: &[u32], head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
-        let n = tokens.len() as u32;
+    /// One step of the tokens in `step_tokens`, at the positions in `step_positions` (at most
+    /// `max_chunk`). `head`: which logits to compute, if any; `greedy`: also take the argmax of
+    /// each computed row. Returns the read-back bytes.
+    fn step(&mut self, head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
+        let n = self.step_tokens.len() as u32;
         let b = &mut self.backend;
-        b.begin_step(StepValues::new(n, self.len as u32))?;
-        b.write(self.res.buf(self.tokens), bytemuck::cast_slice(tokens))?;
+        b.begin_step(StepValues::new(n))?;
+        b.write(self.res.buf(self.tokens), bytemuck::cast_slice(&self.step_tokens))?;
+        b.write(self.res.buf(self.positions), bytemuck::cast_slice(&self.step_positions))?;
         let (head_ops, rows) = match head {
             None => (&[][..], 0),
             Some(Logits::Last) => (&self.head_last[..], 1),
@@ -164,7 +175,6 @@ impl<B: Backend> Runtime<B> {
                 b.record(argmax, rows)?;
             }
         }
-        self.len += n as usize;
         let bytes = rows as usize * if greedy { 4 } else { self.config.vocab_size * 4 };
         self.counters.readback_bytes += bytes as u64;
         if bytes == 0 {
@@ -175,25 +185,64 @@ impl<B: Backend> Runtime<B> {
         b.read(&[(src, bytes)])
     }
 
-    /// Runs `tokens` in chunks, handing each chunk's read-back bytes to `sink`; only the last
-    /// chunk computes the head unless all logits are wanted.
-    fn run(&mut self, tokens: &[u32], which: Logits, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
-        check_request(&self.config, self.len, self.capacity, tokens)?;
+    /// Runs `tokens` of sequence `seq` in chunks, handing each chunk's read-back bytes to
+    /// `sink`; only the last chunk computes the head unless all logits are wanted.
+    fn run(&mut self, seq: usize, tokens: &[u32], which: Logits, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
+        check_sequence(seq, self.lens.len())?;
+        check_request(&self.config, self.lens[seq], self.capacity, tokens)?;
         let started = Instant::now();
         self.counters.steps += 1;
         self.counters.tokens += tokens.len() as u64;
         let chunks = tokens.len().div_ceil(self.max_chunk);
+        let first_row = (seq * self.capacity) as u32;
         for (i, chunk) in tokens.chunks(self.max_chunk).enumerate() {
             let head = match which {
                 Logits::All => Some(Logits::All),
                 Logits::Last if i + 1 == chunks => Some(Logits::Last),
                 Logits::Last => None,
             };
-            sink(self.step(chunk, head, greedy)?);
+            let start = self.lens[seq] as u32;
+            self.step_tokens.clear();
+            self.step_tokens.extend_from_slice(chunk);
+            self.step_positions.clear();
+            self.step_positions.extend((start..start + chunk.len() as u32).flat_map(|p| [p, first_row]));
+            sink(self.step(head, greedy)?);
+            self.lens[seq] += chunk.len();
         }
         self.counters.step_seconds += started.elapsed().as_secs_f64();
         Ok(())
     }
+
+    /// One token of each sequence in `batch` as one step: every row's logits (or argmax).
+    fn run_batch(&mut self, batch: &[(usize, u32)], greedy: bool, sink: impl FnOnce(&[u8])) -> Result<()> {
+        check_batch(batch, self.lens.len())?;
+        if batch.len() > self.max_chunk {
+            return Err(crate::Error::Invalid(format!("a batch of {} sequences: at most {} per step", batch.len(), self.max_chunk)));
+        }
+        for &(seq, token) in batch {
+            check_request(&self.config, self.lens[seq], self.capacity, &[token])?;
+        }
+        let started = Instant::now();
+        self.counters.steps += 1;
+        self.counters.tokens += batch.len() as u64;
+        self.step_tokens.clear();
+        self.step_positions.clear();
+        for &(seq, token) in batch {
+            self.step_tokens.push(token);
+            self.step_positions.extend([self.lens[seq] as u32, (seq * self.capacity) as u32]);
+        }
+        sink(self.step(Some(Logits::All), greedy)?);
+        for &(seq, _) in batch {
+            self.lens[seq] += 1;
+        }
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+/// Little-endian f32s of read-back bytes.
+fn f32s(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 impl<B: Backend> Engine for Runtime<B> {
@@ -201,16 +250,20 @@ impl<B: Backend> Engine for Runtime<B> {
         &self.config
     }
 
-    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn sequences(&self) -> usize {
+        self.lens.len()
+    }
+
+    fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let rows = if which == Logits::All { tokens.len() } else { 1 };
         let mut out = Vec::with_capacity(rows * self.config.vocab_size);
-        self.run(tokens, which, false, |bytes| out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))))?;
+        self.run(seq, tokens, which, false, |bytes| out.extend(f32s(bytes)))?;
         Ok(out)
     }
 
-    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+    fn greedy_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<u32> {
         let mut id = 0;
-        self.run(tokens, Logits::Last, true, |bytes| {
+        self.run(seq, tokens, Logits::Last, true, |bytes| {
             if let Some(b) = bytes.get(..4) {
                 id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
@@ -218,16 +271,30 @@ impl<B: Backend> Engine for Runtime<B> {
         Ok(id)
     }
 
-    fn len(&self) -> usize {
-        self.len
+    fn decode_batch(&mut self, batch: &[(usize, u32)]) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(batch.len() * self.config.vocab_size);
+        self.run_batch(batch, false, |bytes| out.extend(f32s(bytes)))?;
+        Ok(out)
+    }
+
+    fn decode_batch_greedy(&mut self, batch: &[(usize, u32)]) -> Result<Vec<u32>> {
+        let mut ids = Vec::with_capacity(batch.len());
+        self.run_batch(batch, true, |bytes| ids.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))?;
+        Ok(ids)
+    }
+
+    fn seq_len(&self, seq: usize) -> usize {
+        self.lens.get(seq).copied().unwrap_or(0)
+    }
+
+    fn truncate(&mut self, seq: usize, len: usize) {
+        if let Some(l) = self.lens.get_mut(seq) {
+            *l = len.min(*l);
+        }
     }
 
     fn capacity(&self) -> usize {
         self.capacity
-    }
-
-    fn reset(&mut self) {
-        self.len = 0;
     }
 
     fn device_name(&self) -> String {

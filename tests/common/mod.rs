@@ -133,6 +133,72 @@ pub fn prefill_then_decode_twice(engine: &mut dyn dsrun::engine::Engine, tokens:
     out
 }
 
+/// Sequences in the order batches take them (batch b decodes the first b): not 0, 1, 2.. so
+/// a sequence's cache rows are not its place in the batch.
+#[allow(dead_code)]
+pub const BATCH_ORDER: [usize; 8] = [5, 1, 6, 0, 7, 2, 4, 3];
+/// Decode steps of every batched-decoding check.
+#[allow(dead_code)]
+pub const BATCH_STEPS: usize = 4;
+
+/// Batches of 1, 3 and 8 sequences with prompts of different lengths (1 to 9 tokens),
+/// prefilled one by one and then decoded together greedily for `BATCH_STEPS` steps:
+/// each sequence's logits in the batch must equal what `alone` (a one-sequence engine of the
+/// same backend) computes for it (bitwise: every kernel computes a row the same way whatever
+/// the rows beside it), and be within 1e-3 of the CPU reference's; the greedy ids the batched
+/// argmax reads back must be those of the logits.
+#[allow(dead_code)]
+pub fn batched_decode_matches_alone(what: &str, batched: &mut dyn dsrun::engine::Engine, alone: &mut dyn dsrun::engine::Engine, cpu: &mut dyn dsrun::engine::Engine) {
+    use dsrun::model::Logits;
+    let vocab = batched.config().vocab_size;
+    let prompt = |seq: usize| -> Vec<u32> { (0..1 + (seq * 5) % 9).map(|j| ((seq * 7 + j * 13 + 1) % vocab) as u32).collect() };
+    for b in [1usize, 3, 8] {
+        batched.reset();
+        let seqs = &BATCH_ORDER[..b];
+        let mut next: Vec<u32> = seqs.iter().map(|&s| batched.greedy_seq(s, &prompt(s)).unwrap()).collect();
+        let mut batch_logits = vec![Vec::new(); b];
+        for step in 0..BATCH_STEPS {
+            let batch: Vec<(usize, u32)> = seqs.iter().copied().zip(next.iter().copied()).collect();
+            let logits = if step % 2 == 0 {
+                batched.decode_batch(&batch).unwrap()
+            } else {
+                // Replayed on sequences truncated back one step, through the greedy path.
+                let ids = batched.decode_batch_greedy(&batch).unwrap();
+                seqs.iter().for_each(|&s| batched.truncate(s, batched.seq_len(s) - 1));
+                let logits = batched.decode_batch(&batch).unwrap();
+                let want: Vec<u32> = logits.chunks(vocab).map(|row| argmax(row) as u32).collect();
+                assert_eq!(ids, want, "{what}: batch of {b}, step {step}: greedy ids are the logits' argmax");
+                logits
+            };
+            for (i, row) in logits.chunks(vocab).enumerate() {
+                batch_logits[i].extend_from_slice(row);
+                next[i] = argmax(row) as u32;
+            }
+        }
+        for (i, &seq) in seqs.iter().enumerate() {
+            let mut tokens = prompt(seq);
+            let (mut own, mut reference) = (Vec::new(), Vec::new());
+            alone.reset();
+            cpu.reset();
+            let mut input = tokens.clone();
+            for _ in 0..=BATCH_STEPS {
+                let got = alone.forward(&input, Logits::Last).unwrap();
+                let want = cpu.forward(&input, Logits::Last).unwrap();
+                let t = argmax(&got) as u32;
+                tokens.push(t);
+                input = vec![t];
+                own.push(got);
+                reference.push(want);
+            }
+            let own: Vec<f32> = own[1..].concat();
+            let reference: Vec<f32> = reference[1..].concat();
+            let label = format!("{what}: sequence {seq} of a batch of {b}");
+            assert!(own == batch_logits[i], "{label}: logits differ from decoding it alone (relative error {:e})", relative_error(&batch_logits[i], &own));
+            assert_logits_match(&label, &batch_logits[i], &reference, vocab, 1e-3);
+        }
+    }
+}
+
 /// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
 /// output projection), as the plan writes it and `lab`'s backend lowers it, against the CPU
 /// reference over `steps` (token counts) so the cache offsets and positions advance.
@@ -187,6 +253,7 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
         o_lat: zeros(max_n * heads * c.kv_lora_rank),
         o: zeros(max_n * heads * c.v_head_dim),
         out: zeros(max_n * d),
+        positions: zeros(2 * max_n),
         inv_freq: lab.input(&rope.inv_freq).unwrap(),
     };
     let ops = lab.lower(&dsrun::plan::attention(&shape, &weights, &bufs)).unwrap();
@@ -198,7 +265,10 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
         let input = random(70 + step as u64, n * d);
         lab.write(bufs.x, &input).unwrap();
         lab.write(bufs.out, &vec![0f32; n * d]).unwrap();
-        lab.run(&ops, n as u32, start as u32).unwrap();
+        // One sequence, from cache row 0.
+        let positions: Vec<u32> = (start..start + n).flat_map(|p| [p as u32, 0]).collect();
+        lab.write_u32(bufs.positions, &positions).unwrap();
+        lab.run(&ops, n as u32).unwrap();
         let got = lab.read_f32(bufs.out, n * d).unwrap();
         let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
         let err = relative_error(&got, &want);

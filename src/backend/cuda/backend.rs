@@ -179,14 +179,16 @@ impl Backend for CudaBackend {
                 out.push(self.ops.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None)?)
             }
             Op::SiluMul { width, gate, up } => out.push(self.ops.silu_mul(width, buf(gate), buf(up))?),
-            Op::LatentStore { kv, norm, inv_freq, cache, ref mla } => out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(cache))?),
-            Op::RopeQ { q, inv_freq, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(q))?),
+            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => {
+                out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?)
+            }
+            Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(positions), buf(q))?),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => {
                 self.mla_format = res.weight(kv_b).format;
                 out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?)
             }
-            Op::Attention { q, q_lat, cache, scratch, o_lat, ref mla } => {
-                let bufs = [buf(q), buf(q_lat), buf(cache), buf(scratch), buf(o_lat)];
+            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla } => {
+                let bufs = [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)];
                 out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, self.splits(mla))?)
             }
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)?),

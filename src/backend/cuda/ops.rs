@@ -81,7 +81,7 @@ impl CudaMatrix {
 pub struct Ops {
     pub rt: Arc<Device>,
     pub kernels: KernelCache,
-    /// `Step` of common.cuh: n_tokens, start, logits_row0, 0.
+    /// `Step` of common.cuh: n_tokens, logits_row0, 0, 0.
     pub step: Buffer,
     pub dummy: Buffer,
 }
@@ -285,13 +285,13 @@ impl Ops {
     }
 
     /// MLA's latent store: norm + RoPE of the step's latents into the cache.
-    pub fn latent_store(&self, s: &MlaShape, kv: &Buffer, norm: &Buffer, inv_freq: &Buffer, cache: &Buffer) -> Result<Op> {
+    pub fn latent_store(&self, s: &MlaShape, kv: &Buffer, norm: &Buffer, inv_freq: &Buffer, positions: &Buffer, cache: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::ROPE, &[], "latent_store")?;
         let args = vec![
-            self.step.into(),
             kv.into(),
             norm.into(),
             inv_freq.into(),
+            positions.into(),
             cache.into(),
             (s.lora as u32).into(),
             (s.rope as u32).into(),
@@ -302,10 +302,10 @@ impl Ops {
     }
 
     /// RoPE of each query head's rope part.
-    pub fn rope_q(&self, s: &MlaShape, inv_freq: &Buffer, q: &Buffer) -> Result<Op> {
+    pub fn rope_q(&self, s: &MlaShape, inv_freq: &Buffer, positions: &Buffer, q: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::ROPE, &[], "rope_q")?;
         let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
-        let args = vec![self.step.into(), inv_freq.into(), q.into(), heads.into(), qk.into(), (s.nope as u32).into(), s.rope_scale.into()];
+        let args = vec![self.step.into(), inv_freq.into(), positions.into(), q.into(), heads.into(), qk.into(), (s.nope as u32).into(), s.rope_scale.into()];
         let grid = Grid::new([heads * s.rope as u32 / 2, 0, 0, 0], |n, [rotations, ..]| [(n * rotations).div_ceil(THREADS), 1, 1]);
         Ok(self.op("rope_q", kernel, args, grid))
     }
@@ -328,12 +328,12 @@ impl Ops {
     }
 
     /// Causal attention of the step's queries over the latent cache, split over the sequence
-    /// and merged (mla.cu); `bufs` are q, q_lat, cache, partial, o_lat. `format` only picks
-    /// the module variant (the family's absorb kernels read kv_b_proj).
-    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 5], split: AttentionSplit) -> Result<[Op; 2]> {
-        let [q, q_lat, cache, partial, o_lat] = bufs;
+    /// and merged (mla.cu); `bufs` are q, q_lat, positions, cache, partial, o_lat. `format`
+    /// only picks the module variant (the family's absorb kernels read kv_b_proj).
+    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], split: AttentionSplit) -> Result<[Op; 2]> {
+        let [q, q_lat, positions, cache, partial, o_lat] = bufs;
         let (heads, qk, nope) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32);
-        let args = vec![self.step.into(), q.into(), q_lat.into(), cache.into(), partial.into(), heads.into(), qk.into(), nope.into(), split.chunk.into(), s.scale.into()];
+        let args = vec![q.into(), q_lat.into(), positions.into(), cache.into(), partial.into(), heads.into(), qk.into(), nope.into(), split.chunk.into(), s.scale.into()];
         let grid = Grid::new([heads.div_ceil(HEAD_GROUP), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
         let partial_op = self.op("mla_partial", self.mla(s, format, "mla_partial")?, args, grid);
         let args = vec![partial.into(), o_lat.into(), heads.into(), split.splits.into()];
@@ -342,7 +342,7 @@ impl Ops {
     }
 
     /// The attention with its prefill split and, for single-token steps, its decode split.
-    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 5], (prefill, decode): (AttentionSplit, AttentionSplit)) -> Result<[Op; 2]> {
+    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit)) -> Result<[Op; 2]> {
         let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill)?;
         let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode)?;
         partial.decode = Some(Box::new(decode_partial));

@@ -187,10 +187,14 @@ impl Backend for WgpuBackend {
                 out.extend(b.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None))
             }
             Op::SiluMul { width, gate, up } => out.push(b.silu_mul(width, buf(gate), buf(up))),
-            Op::LatentStore { kv, norm, inv_freq, cache, ref mla } => out.push(b.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(cache))),
-            Op::RopeQ { q, inv_freq, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(q))),
+            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => {
+                out.push(b.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache)))
+            }
+            Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(positions), buf(q))),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)),
-            Op::Attention { q, q_lat, cache, scratch, o_lat, ref mla } => out.push(b.mla_attention(mla, buf(q), buf(q_lat), buf(cache), buf(scratch), buf(o_lat))),
+            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla } => {
+                out.push(b.mla_attention(mla, [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)]))
+            }
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
                 out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last))

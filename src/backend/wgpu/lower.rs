@@ -268,17 +268,17 @@ impl Builder {
     // struct (f32 fields as their bits): latent.wgsl, rope.wgsl, mla_absorb.wgsl, attention.wgsl.
 
     /// MLA's latent store: norm + RoPE of the step's latents into the cache.
-    pub fn latent_store(&self, s: &MlaShape, kv: &wgpu::Buffer, norm: &wgpu::Buffer, inv_freq: &wgpu::Buffer, cache: &wgpu::Buffer) -> Dispatch {
+    pub fn latent_store(&self, s: &MlaShape, kv: &wgpu::Buffer, norm: &wgpu::Buffer, inv_freq: &wgpu::Buffer, positions: &wgpu::Buffer, cache: &wgpu::Buffer) -> Dispatch {
         let p = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
-        self.dispatch(Kernel::LatentStore, None, &[&p, &self.step, kv, norm, inv_freq, cache], Grid::per_token())
+        self.dispatch(Kernel::LatentStore, None, &[&p, kv, norm, inv_freq, positions, cache], Grid::per_token())
     }
 
     /// RoPE of each query head's rope part.
-    pub fn rope_q(&self, s: &MlaShape, inv_freq: &wgpu::Buffer, q: &wgpu::Buffer) -> Dispatch {
+    pub fn rope_q(&self, s: &MlaShape, inv_freq: &wgpu::Buffer, positions: &wgpu::Buffer, q: &wgpu::Buffer) -> Dispatch {
         let (heads, qk) = (s.heads as u32, (s.nope + s.rope) as u32);
         let p = self.params("rope", &[heads, qk, s.nope as u32, s.rope_scale.to_bits()]);
         let grid = Grid::new([heads * s.rope as u32 / 2, 0, 0, 0], |n, [rotations, ..]| [(n * rotations).div_ceil(64), 1, 1]);
-        self.dispatch(Kernel::RopeQ, None, &[&p, &self.step, inv_freq, q], grid)
+        self.dispatch(Kernel::RopeQ, None, &[&p, &self.step, inv_freq, positions, q], grid)
     }
 
     /// `q_lat = W_UK^T q_nope` (`v_up = false`) or `o = W_UV o_lat` (`v_up = true`) per head.
@@ -293,8 +293,10 @@ impl Builder {
     }
 
     /// Causal attention of the step's queries over the latent cache (attention.wgsl), through a
-    /// scores row of `s.ctx` floats per (token, head) in `scores`.
-    pub fn mla_attention(&self, s: &MlaShape, q: &wgpu::Buffer, q_lat: &wgpu::Buffer, cache: &wgpu::Buffer, scores: &wgpu::Buffer, o_lat: &wgpu::Buffer) -> Dispatch {
+    /// scores row of `s.ctx` floats per (token, head) in `scores`; `bufs` are q, q_lat,
+    /// positions, cache, scores, o_lat.
+    pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Dispatch {
+        let [q, q_lat, positions, cache, scores, o_lat] = bufs;
         let heads = s.heads as u32;
         let p = self.params(
             "attention",
@@ -302,7 +304,7 @@ impl Builder {
         );
         let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64)];
         let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
-        self.dispatch_with(Kernel::Attention, None, &overrides, &[&p, &self.step, q, q_lat, cache, scores, o_lat], grid)
+        self.dispatch_with(Kernel::Attention, None, &overrides, &[&p, q, q_lat, positions, cache, scores, o_lat], grid)
     }
 
     /// Scores the attention needs for `tokens` tokens: a row of the context per (token, head).

@@ -38,9 +38,9 @@ impl OpRunner {
         storage(self.ctx(), "output", elements)
     }
 
-    pub fn set_step(&mut self, n_tokens: u32, start: u32) {
+    pub fn set_step(&mut self, n_tokens: u32) {
         // Writing a uniform cannot fail on wgpu (errors surface at submit).
-        let _ = self.backend.begin_step(StepValues::new(n_tokens, start));
+        let _ = self.backend.begin_step(StepValues::new(n_tokens));
     }
 
     /// Records `reps` copies of the dispatches (one op, possibly over several weight chunks) for an

@@ -23,10 +23,9 @@ typedef unsigned long long u64;
 // Per-step values, written to device memory before each step, so a captured step (CUDA graph)
 // serves every position.
 struct Step {
-    u32 n_tokens;
-    u32 start;       // position of the step's first token
+    u32 n_tokens;    // positions and cache rows per token are in a `positions` argument
     u32 logits_row0; // first row whose logits are wanted
-    u32 pad;
+    u32 pad0, pad1;
 };
 
 // Mirrors `WeightLayout` in src/backend/layout.rs: one matrix or expert stack.

@@ -1,5 +1,6 @@
-// Multi-head latent attention in the absorbed form (SPEC.md), for a step's tokens t at
-// positions start + t over the latent cache ([positions, LORA + ROPE]: c_kv then k_pe).
+// Multi-head latent attention in the absorbed form (SPEC.md), for a step's tokens t, each at
+// its position over its sequence's rows of the latent cache ([rows, LORA + ROPE]: c_kv then
+// k_pe); `positions` holds (position, first cache row of the sequence) per token.
 // LORA and ROPE are compile-time (shared-memory tiles are sized by them).
 
 #define LATENT (LORA + ROPE)
@@ -42,15 +43,16 @@ extern "C" __global__ void v_up(const WeightLayout* __restrict__ layout, const u
 // is read once for all the group's heads. Scores use an online softmax; the block writes its
 // running max m, sum l and unnormalised o_lat to `partial` ([t, h, split] x (2 + LORA)), and
 // mla_merge combines the splits. Grid: (ceil(heads / HEAD_GROUP), n_tokens, splits); 256 threads.
-extern "C" __global__ void mla_partial(const Step* __restrict__ step, const float* __restrict__ q, const float* __restrict__ q_lat,
-                                       const float* __restrict__ cache, float* __restrict__ partial, u32 heads, u32 qk, u32 nope, u32 chunk,
-                                       float scale) {
+extern "C" __global__ void mla_partial(const float* __restrict__ q, const float* __restrict__ q_lat, const u32* __restrict__ positions,
+                                       const float* __restrict__ sequence_cache, float* __restrict__ partial, u32 heads, u32 qk, u32 nope,
+                                       u32 chunk, float scale) {
     __shared__ float qs[HEAD_GROUP][LATENT];
     __shared__ float tile[TILE_POSITIONS][LATENT];
     __shared__ float p[HEAD_GROUP][TILE_POSITIONS];
     __shared__ float m[HEAD_GROUP], l[HEAD_GROUP], alpha[HEAD_GROUP];
     const u32 tid = threadIdx.x, t = blockIdx.y, h0 = blockIdx.x * HEAD_GROUP, split = blockIdx.z, splits = gridDim.z;
-    const u32 visible = step->start + t + 1u;
+    const u32 visible = positions[2u * t] + 1u;
+    const float* cache = sequence_cache + (u64)positions[2u * t + 1u] * LATENT;
     const u32 begin = split * chunk;
     const u32 end = begin + chunk < visible ? begin + chunk : visible;
 
