@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod budget;
+pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

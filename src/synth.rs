@@ -373,10 +373,15 @@ pub fn synth(out: &Path, o: &SynthOptions, progress: &indicatif::ProgressBar) ->
     write_json("model.safetensors.index.json", &json!({"metadata": {"total_size": total}, "weight_map": weight_map}))?;
     let (vocab, bos, eos) = (c["vocab_size"].as_u64().unwrap_or(0) as u32, c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64());
     write_json("tokenizer.json", &tokenizer_json(vocab, bos.map(|b| b as u32), eos.map(|e| e as u32)))?;
-    write_json("tokenizer_config.json", &json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": bos.is_some()}))?;
+    let settings = json!({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": bos.is_some(), "chat_template": DEEPSEEK_V3_CHAT_TEMPLATE});
+    write_json("tokenizer_config.json", &settings)?;
     let params = plan.iter().filter(|t| !t.name.ends_with("_scale_inv")).map(|t| (t.rows * t.cols) as u64).sum();
     Ok(SynthReport { params, bytes: total, shards: count })
 }
+
+/// DeepSeek-V3's published chat template (vendored as test data), so `chat` and `serve` run on
+/// synthetic checkpoints.
+const DEEPSEEK_V3_CHAT_TEMPLATE: &str = include_str!("../tests/data/chat_templates/deepseek-v3.jinja");
 
 /// A word-level tokenizer over the whole vocabulary: `<s>`/`</s>` at the config's ids, the
 /// printable ASCII characters, then `t<id>` fillers. Text tokenizes (unknown words to `<unk>`),

@@ -50,6 +50,14 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of text that already holds its special tokens (a rendered chat template): no
+    /// BOS added, special tokens in the text recognised, as transformers'
+    /// `apply_chat_template(..., tokenize=True)` encodes.
+    pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
