@@ -437,7 +437,7 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
     Ok(Some(Fp8Blocks { block_rows: block[0], block_cols: block[1] }))
 }
 
-fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
+pub(crate) fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
     match value {
         None | Some(Value::Null) => Ok(vec![]),
         Some(Value::Number(n)) => n

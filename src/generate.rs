@@ -1,11 +1,179 @@
-//! The generation loop: prefill the prompt in one pass, then decode token by token, streaming text.
+//! Generating a reply: one sequence's state from its first token to its stop (sampling, the
+//! stream decoder, stop strings matched across token boundaries and never emitted, EOS,
+//! the token limit, log-probabilities), and the CLI's loop that drives it on an engine.
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Logits;
-use crate::sample::Sampler;
+use crate::sample::{logprobs, Sampler, TokenLogprob};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::time::Instant;
+
+/// Why generation ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    #[default]
+    MaxTokens,
+    EndOfSequence,
+    /// The stop string that matched.
+    StopString(String),
+    ContextFull,
+    /// The client went away (server) or the user interrupted (chat).
+    Cancelled,
+}
+
+impl StopReason {
+    /// OpenAI's `finish_reason`.
+    pub fn finish_reason(&self) -> &'static str {
+        match self {
+            StopReason::MaxTokens | StopReason::ContextFull => "length",
+            StopReason::EndOfSequence | StopReason::StopString(_) => "stop",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
+
+    /// "stopped at end of sequence after 43 tokens".
+    pub fn describe(&self, generated: usize, capacity: usize) -> String {
+        match self {
+            StopReason::MaxTokens => format!("stopped at the limit of {generated} tokens"),
+            StopReason::EndOfSequence => format!("stopped at end of sequence after {generated} tokens"),
+            StopReason::StopString(s) => format!("stopped at stop string {s:?} after {generated} tokens"),
+            StopReason::ContextFull => format!("stopped at the context limit of {capacity} tokens after {generated} tokens (raise --ctx)"),
+            StopReason::Cancelled => format!("cancelled after {generated} tokens"),
+        }
+    }
+}
+
+/// When a reply ends, besides the model's own choice.
+#[derive(Debug, Clone, Default)]
+pub struct Stopping {
+    pub max_tokens: usize,
+    /// Text that ends the reply (not included in it).
+    pub stop: Vec<String>,
+    /// Keep going past EOS tokens (benchmarks, tests).
+    pub ignore_eos: bool,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// Holds back text that may be the start of a stop string until it is known not to be.
+#[derive(Debug, Default, Clone)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: &[String]) -> StopMatcher {
+        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new() }
+    }
+
+    /// Adds `text`; returns what can be emitted and the stop string if one is now complete
+    /// (the text before it is emitted, the rest dropped).
+    pub fn push(&mut self, text: &str) -> (String, Option<String>) {
+        self.held.push_str(text);
+        let first = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|at| (at, s))).min_by_key(|(at, _)| *at);
+        if let Some((at, stop)) = first {
+            let out = self.held[..at].to_string();
+            let stop = stop.clone();
+            self.held.clear();
+            return (out, Some(stop));
+        }
+        // The longest tail of what is held that some stop string starts with stays held.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        let out = self.held[..keep].to_string();
+        self.held.drain(..keep);
+        (out, None)
+    }
+
+    /// What is still held when the reply ends for another reason.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+/// What one token adds to a reply.
+#[derive(Debug, Default, Clone)]
+pub struct Emitted {
+    pub text: String,
+    /// The token's log-probability (when asked for; absent for an EOS that ends the reply).
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// One reply being generated.
+pub struct Generation {
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    stopping: Stopping,
+    pub generated: usize,
+    pub stop: Option<StopReason>,
+}
+
+impl Generation {
+    pub fn new(prompt: &[u32], mut sampler: Sampler, stopping: Stopping) -> Generation {
+        sampler.start(prompt);
+        Generation { sampler, decoder: StreamDecoder::after(prompt), stops: StopMatcher::new(&stopping.stop), stopping, generated: 0, stop: None }
+    }
+
+    /// Whether choosing the next token needs the logits on the host (else the engine's
+    /// argmax is the choice).
+    pub fn wants_logits(&self) -> bool {
+        !self.sampler.is_plain_greedy() || self.stopping.logprobs.is_some()
+    }
+
+    pub fn done(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// The next token from the last position's logits.
+    pub fn choose(&mut self, logits: &[f32]) -> u32 {
+        self.sampler.sample(logits)
+    }
+
+    /// Takes the chosen token (`logits`: what it was chosen from, for its log-probability).
+    pub fn push(&mut self, tokenizer: &Tokenizer, token: u32, logits: Option<&[f32]>) -> Result<Emitted> {
+        let logprob = match (self.stopping.logprobs, logits) {
+            (Some(n), Some(l)) => Some(logprobs(l, token, n)),
+            _ => None,
+        };
+        if tokenizer.is_eos(token) && !self.stopping.ignore_eos {
+            self.stop = Some(StopReason::EndOfSequence);
+            return Ok(Emitted { text: String::new(), logprob: None });
+        }
+        self.generated += 1;
+        self.sampler.accept(token);
+        let piece = self.decoder.push(tokenizer, token)?.unwrap_or_default();
+        let (text, stopped) = self.stops.push(&piece);
+        if let Some(stop) = stopped {
+            self.stop = Some(StopReason::StopString(stop));
+        } else if self.generated >= self.stopping.max_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+        }
+        Ok(Emitted { text, logprob })
+    }
+
+    /// Ends the reply for `reason` unless it has ended already; returns the text still held.
+    pub fn finish(&mut self, tokenizer: &Tokenizer, reason: StopReason) -> Result<String> {
+        if matches!(self.stop, Some(StopReason::StopString(_))) {
+            return Ok(String::new());
+        }
+        self.stop.get_or_insert(reason);
+        let tail = self.decoder.finish(tokenizer)?.unwrap_or_default();
+        let (mut text, stopped) = self.stops.push(&tail);
+        if let Some(stop) = stopped {
+            self.stop = Some(StopReason::StopString(stop));
+        } else {
+            text += &self.stops.finish();
+        }
+        Ok(text)
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -15,14 +183,6 @@ pub struct Stats {
     pub generate_seconds: f64,
     /// Why generation ended.
     pub stop: StopReason,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    #[default]
-    MaxTokens,
-    EndOfSequence,
-    ContextFull,
 }
 
 impl Stats {
@@ -38,68 +198,100 @@ impl Stats {
     }
 }
 
-/// One step's next token: the argmax straight from the engine when greedy (only the id comes
-/// back from a GPU), else sampled from the last position's logits.
-fn next_token(engine: &mut dyn Engine, sampler: &mut Sampler, tokens: &[u32]) -> Result<u32> {
-    if sampler.is_greedy() {
-        engine.forward_greedy(tokens)
+/// One step's next token: the argmax straight from the engine when nothing else is needed
+/// (only the id comes back from a GPU), else chosen from the last position's logits.
+fn next_token(engine: &mut dyn Engine, generation: &mut Generation, tokens: &[u32]) -> Result<(u32, Option<Vec<f32>>)> {
+    if generation.wants_logits() {
+        let logits = engine.forward(tokens, Logits::Last)?;
+        Ok((generation.choose(&logits), Some(logits)))
     } else {
-        Ok(sampler.sample(&engine.forward(tokens, Logits::Last)?))
+        Ok((engine.forward_greedy(tokens)?, None))
     }
 }
 
-/// Generates up to `max_new_tokens` after `prompt`, calling `emit` with each piece of text as soon
-/// as it is complete. The engine's capacity is the context limit.
+/// Generates a reply to `prompt` on sequence 0 of `engine`, calling `emit` with each piece of
+/// text as soon as it is complete; `cancelled` is polled between tokens. The engine's
+/// capacity is the context limit.
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
     prompt: &[u32],
-    sampler: &mut Sampler,
-    max_new_tokens: usize,
+    sampler: Sampler,
+    stopping: Stopping,
     mut emit: impl FnMut(&str) -> Result<()>,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Stats> {
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty and the tokenizer adds no BOS token: give --prompt".into()));
     }
     let room = engine.capacity() - engine.len();
     if prompt.len() > room {
-        return Err(Error::Invalid(format!(
-            "the prompt is {} tokens, longer than the context of {room} (raise --ctx)",
-            prompt.len()
-        )));
+        return Err(Error::Invalid(format!("the prompt is {} tokens, longer than the context of {room} (raise --ctx)", prompt.len())));
     }
     let mut stats = Stats { prompt_tokens: prompt.len(), ..Default::default() };
-    let mut decoder = StreamDecoder::new(tokenizer);
-    if max_new_tokens == 0 {
+    if stopping.max_tokens == 0 {
         return Ok(stats);
     }
+    let mut generation = Generation::new(prompt, sampler, stopping);
 
     let started = Instant::now();
-    let mut next = next_token(engine, sampler, prompt)?;
+    let (mut next, mut logits) = next_token(engine, &mut generation, prompt)?;
     stats.prompt_seconds = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
+    let mut reason = StopReason::MaxTokens;
     loop {
-        if tokenizer.is_eos(next) {
-            stats.stop = StopReason::EndOfSequence;
+        let emitted = generation.push(tokenizer, next, logits.as_deref())?;
+        emit(&emitted.text)?;
+        if generation.done() {
             break;
         }
-        stats.generated_tokens += 1;
-        if let Some(text) = decoder.push(next)? {
-            emit(&text)?;
-        }
-        if stats.generated_tokens == max_new_tokens {
+        if cancelled() {
+            reason = StopReason::Cancelled;
             break;
         }
         if engine.len() == engine.capacity() {
-            stats.stop = StopReason::ContextFull;
+            reason = StopReason::ContextFull;
             break;
         }
-        next = next_token(engine, sampler, &[next])?;
+        (next, logits) = next_token(engine, &mut generation, &[next])?;
     }
-    if let Some(text) = decoder.finish()? {
-        emit(&text)?;
-    }
+    let tail = generation.finish(tokenizer, reason)?;
+    emit(&tail)?;
+    stats.generated_tokens = generation.generated;
     stats.generate_seconds = started.elapsed().as_secs_f64();
+    stats.stop = generation.stop.unwrap_or_default();
     Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
+        let mut m = StopMatcher::new(&stops.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let mut out = String::new();
+        for p in pieces {
+            let (text, stop) = m.push(p);
+            out += &text;
+            if stop.is_some() {
+                return (out, stop);
+            }
+        }
+        out += &m.finish();
+        (out, None)
+    }
+
+    #[test]
+    fn stop_strings_match_across_pieces_and_are_never_emitted() {
+        assert_eq!(run(&["END"], &["abc E", "N", "D more"]), ("abc ".into(), Some("END".into())));
+        assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), Some("\n\n".into())));
+        // A false start is released once it cannot match.
+        assert_eq!(run(&["END"], &["EN", "x"]), ("ENx".into(), None));
+        // Held text comes out at the end when nothing matched.
+        assert_eq!(run(&["END"], &["fin E"]), ("fin E".into(), None));
+        // The earliest of several matches wins; multi-byte text is cut on character boundaries.
+        assert_eq!(run(&["二", "b"], &["a世b二"]), ("a世".into(), Some("b".into())));
+        assert_eq!(run(&[], &["x", "y"]), ("xy".into(), None));
+    }
 }

@@ -20,6 +20,7 @@ pub mod device;
 pub mod engine;
 pub mod expert_cache;
 pub mod generate;
+pub mod generation_config;
 pub mod inspect;
 pub mod npy;
 pub mod sample;

@@ -7,7 +7,8 @@ use dsrun::expert_cache::Eviction;
 use dsrun::config::ModelConfig;
 use dsrun::device::{open_engine, GpuChoice};
 use dsrun::error::{Error, Result};
-use dsrun::generate::{generate, StopReason};
+use dsrun::generate::{generate, StopReason, Stopping};
+use dsrun::generation_config::GenerationDefaults;
 use dsrun::model::{Logits, Model};
 use dsrun::engine::Engine;
 use dsrun::quant::QuantTarget;
@@ -138,24 +139,100 @@ struct GenerateArgs {
     /// Number of tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 64, value_name = "N")]
     n: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8, value_name = "T", allow_negative_numbers = true)]
-    temperature: f32,
-    /// Sample from the K most likely tokens only (0: all).
-    #[arg(long, default_value_t = 40, value_name = "K")]
-    top_k: usize,
-    /// Sample from the smallest set of tokens whose probability reaches P (1: all).
-    #[arg(long, default_value_t = 0.95, value_name = "P", allow_negative_numbers = true)]
-    top_p: f32,
-    /// Random seed for sampling (default: from the clock).
-    #[arg(long, value_name = "S")]
-    seed: Option<u64>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    stopping: StoppingArgs,
     /// Context length in tokens: prompt plus generated (default: min(4096, max_position_embeddings)).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     ctx: Option<u64>,
     /// Also print work counters (dispatches, submits and bytes read back per step) to stderr.
     #[arg(long, short = 'v')]
     verbose: bool,
+}
+
+/// How the next token is chosen. Unset values come from the checkpoint's
+/// generation_config.json, else llama.cpp's defaults.
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy [default: generation_config.json's, else 0.8].
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    temperature: Option<f32>,
+    /// Sample from the K most likely tokens only; 0: all [default: 40].
+    #[arg(long, value_name = "K")]
+    top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches P; 1: all [default: 0.95].
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than P times the most likely one; 0: off [default: 0.05].
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
+    min_p: Option<f32>,
+    /// Penalise every token already in the sequence, prompt included (1: off) [default: 1].
+    #[arg(long, value_name = "X", allow_negative_numbers = true)]
+    repeat_penalty: Option<f32>,
+    /// Subtract X from the logit of every token generated so far (-2 to 2).
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtract X per occurrence from the logit of every token generated so far (-2 to 2).
+    #[arg(long, value_name = "X", default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Add BIAS to a token's logit: ID=BIAS, e.g. 15043=-inf bans token 15043 (repeatable).
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// Random seed for sampling (default: from the clock).
+    #[arg(long, value_name = "S")]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self, defaults: &GenerationDefaults) -> SamplerConfig {
+        let mut c = defaults.sampler_config(self.seed.unwrap_or_else(clock_seed));
+        c.temperature = self.temperature.unwrap_or(c.temperature);
+        c.top_k = self.top_k.unwrap_or(c.top_k);
+        c.top_p = self.top_p.unwrap_or(c.top_p);
+        c.min_p = self.min_p.unwrap_or(c.min_p);
+        c.repetition_penalty = self.repeat_penalty.unwrap_or(c.repetition_penalty);
+        c.presence_penalty = self.presence_penalty;
+        c.frequency_penalty = self.frequency_penalty;
+        c.logit_bias = self.logit_bias.clone();
+        c
+    }
+}
+
+impl SamplingArgs {
+    /// The sampler, its settings checked under the flags' names.
+    fn sampler(&self, defaults: &GenerationDefaults, vocab: usize) -> Result<Sampler> {
+        let config = self.config(defaults);
+        config.validate_named(vocab, &|field| format!("--{}", field.replace("repetition", "repeat").replace('_', "-")))?;
+        Sampler::new(config, vocab)
+    }
+}
+
+fn parse_logit_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS, e.g. 15043=-2.5"))?;
+    let id = id.trim().parse::<u32>().map_err(|_| format!("`{s}`: `{id}` is not a token id"))?;
+    let bias = match bias.trim() {
+        "-inf" | "-infinity" => f32::NEG_INFINITY,
+        b => b.parse::<f32>().ok().filter(|b| b.is_finite()).ok_or_else(|| format!("`{s}`: `{b}` is not a number (or -inf)"))?,
+    };
+    Ok((id, bias))
+}
+
+/// When a reply ends besides the model's own end of sequence.
+#[derive(Args, Clone)]
+struct StoppingArgs {
+    /// End the reply at this text, which is not printed (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl StoppingArgs {
+    fn stopping(&self, max_tokens: usize) -> Stopping {
+        Stopping { max_tokens, stop: self.stop.clone(), ignore_eos: self.ignore_eos, logprobs: None }
+    }
 }
 
 #[derive(Args)]
@@ -232,17 +309,11 @@ fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let sampler_config = SamplerConfig {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: args.seed.unwrap_or_else(clock_seed),
-    };
-    let mut sampler = Sampler::new(sampler_config)?;
     let dir = model_dir(&args.model);
-
     let started = Instant::now();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let defaults = GenerationDefaults::load(&dir)?;
+    let sampler = args.sampling.sampler(&defaults, config.vocab_size)?;
     let tokenizer = Tokenizer::load(&dir, &config)?;
     let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
     let load_seconds = started.elapsed().as_secs_f64();
@@ -250,12 +321,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt).and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
-    let stats = generate(engine.as_mut(), &tokenizer, &prompt, &mut sampler, args.n, |text| {
-        write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))
-    })?;
+    let emit = |text: &str| write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e));
+    let stats = generate(engine.as_mut(), &tokenizer, &prompt, sampler, args.stopping.stopping(args.n), emit, &|| false)?;
     writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
-    if stats.stop == StopReason::ContextFull {
-        eprintln!("note: stopped at the context limit of {} tokens (raise --ctx)", engine.capacity());
+    if stats.stop != StopReason::MaxTokens {
+        eprintln!("{}", stats.stop.describe(stats.generated_tokens, engine.capacity()));
     }
     eprintln!("load {load_seconds:.2} s | {} | {}", stats.summary(), engine.device_name());
     if args.verbose {

@@ -32,8 +32,11 @@ impl Tokenizer {
         };
         let bos = named("bos_token").or(config.bos_token_id);
         let add_bos = settings.get("add_bos_token").and_then(Value::as_bool).unwrap_or(bos.is_some());
+        // EOS: the union of config.json's, tokenizer_config.json's and generation_config.json's
+        // (Kimi-K2's chat EOS is only in the last).
         let mut eos = config.eos_token_ids.clone();
         eos.extend(named("eos_token"));
+        eos.extend(crate::generation_config::GenerationDefaults::load(dir)?.eos_token_ids);
         eos.sort_unstable();
         eos.dedup();
         Ok(Tokenizer { inner, bos, add_bos, eos })
@@ -66,6 +69,16 @@ impl Tokenizer {
         self.eos.contains(&id)
     }
 
+    /// Every id that ends a sequence.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    /// The text of one token (as `logprobs` lists it).
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_default()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
@@ -86,26 +99,33 @@ fn read_tokenizer_config(path: &Path) -> Result<serde_json::Map<String, Value>> 
 ///
 /// Byte-level tokenizers can split one UTF-8 character over several tokens; decoding each token
 /// alone would print replacement characters. Instead the decoder re-decodes a short window of
-/// recent ids and emits only the new, complete suffix.
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+/// recent ids and emits only the new, complete suffix. Seeded with the prompt's last tokens
+/// (`after`), the first piece gets the space a word-level decoder puts between words.
+#[derive(Debug, Default, Clone)]
+pub struct StreamDecoder {
     ids: Vec<u32>,
     /// Start of the window re-decoded for context (leading-space rules depend on it).
     prefix: usize,
-    /// Ids before this have been emitted.
+    /// Ids before this have been emitted (or are context).
     read: usize,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        StreamDecoder { tokenizer, ids: Vec::new(), prefix: 0, read: 0 }
+impl StreamDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A decoder whose first piece follows `context` (the prompt's last few tokens, not emitted).
+    pub fn after(context: &[u32]) -> Self {
+        let tail = &context[context.len().saturating_sub(4)..];
+        StreamDecoder { ids: tail.to_vec(), prefix: 0, read: tail.len() }
     }
 
     /// Adds one id; returns the text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
         if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
             return Ok(None);
         }
@@ -121,9 +141,9 @@ impl<'a> StreamDecoder<'a> {
     }
 
     /// Whatever is still held back (an incomplete character at the end of generation).
-    pub fn finish(&mut self) -> Result<Option<String>> {
-        let before = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
-        let now = self.tokenizer.decode(&self.ids[self.prefix..])?;
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<Option<String>> {
+        let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let now = tokenizer.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(now.get(before.len()..).filter(|s| !s.is_empty()).map(str::to_string))

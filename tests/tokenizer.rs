@@ -26,14 +26,14 @@ fn streaming_never_splits_multibyte_characters() {
     let ids = tok.encode(text).unwrap();
     // Byte-level BPE on an English corpus splits these characters over several tokens.
     assert!(ids.len() > text.split_whitespace().count() + 10);
-    let mut decoder = StreamDecoder::new(&tok);
+    let mut decoder = StreamDecoder::new();
     let mut pieces = Vec::new();
     for &id in &ids[1..] {
-        if let Some(piece) = decoder.push(id).unwrap() {
+        if let Some(piece) = decoder.push(&tok, id).unwrap() {
             pieces.push(piece);
         }
     }
-    pieces.extend(decoder.finish().unwrap());
+    pieces.extend(decoder.finish(&tok).unwrap());
     assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "a piece holds a broken character: {pieces:?}");
     assert_eq!(pieces.concat(), text);
 }
@@ -42,12 +42,12 @@ fn streaming_never_splits_multibyte_characters() {
 fn an_unfinished_character_at_the_end_is_flushed_not_lost() {
     let tok = bundled();
     let ids = tok.encode("ok 😀").unwrap();
-    let mut decoder = StreamDecoder::new(&tok);
+    let mut decoder = StreamDecoder::new();
     let mut out = String::new();
     // Drop the last byte-token of the emoji: what is complete must still come out.
     for &id in &ids[1..ids.len() - 1] {
-        out.extend(decoder.push(id).unwrap());
+        out.extend(decoder.push(&tok, id).unwrap());
     }
-    out.extend(decoder.finish().unwrap());
+    out.extend(decoder.finish(&tok).unwrap());
     assert!(out.starts_with("ok "), "{out:?}");
 }
