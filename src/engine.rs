@@ -17,6 +17,11 @@ pub trait Engine: Send {
     /// Runs `tokens` of sequence `seq` at its next positions: `[n, vocab]` logits
     /// (`Logits::All`) or the last position's `[vocab]`.
     fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
+    /// Runs `tokens` of sequence `seq` into its cache without computing logits (a prompt chunk
+    /// that is not the last).
+    fn prefill_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<()> {
+        self.forward_seq(seq, tokens, Logits::Last).map(|_| ())
+    }
     /// The argmax of the last position's logits. GPU engines override this to read back only the id.
     fn greedy_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<u32> {
         let logits = self.forward_seq(seq, tokens, Logits::Last)?;
@@ -51,6 +56,10 @@ pub trait Engine: Send {
     }
     /// Zeroes the work counters (benchmarks report prefill and decode apart).
     fn reset_counters(&mut self) {}
+    /// Share of routed-expert lookups the device cache served, when experts are streamed.
+    fn expert_cache_hit_rate(&self) -> Option<f64> {
+        None
+    }
 
     /// Sequence 0: the single-sequence engine the CLI's generation uses.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {

@@ -131,6 +131,11 @@ impl Generation {
         self.stop.is_some()
     }
 
+    /// Whether the reply may have any token (`max_tokens` 0 only scores the prompt).
+    pub fn wants_tokens(&self) -> bool {
+        self.stopping.max_tokens > 0
+    }
+
     /// The next token from the last position's logits.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
         self.sampler.sample(logits)

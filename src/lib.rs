@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod budget;
+pub mod chat;
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
@@ -24,5 +25,6 @@ pub mod generation_config;
 pub mod inspect;
 pub mod npy;
 pub mod sample;
+pub mod server;
 pub mod synth;
 pub mod tokenizer;

@@ -43,6 +43,69 @@ enum Command {
     Synth(SynthArgs),
     /// Measure prompt processing (pp) and generation (tg) speed in tokens per second.
     Bench(BenchArgs),
+    /// Chat in the terminal, through the model's chat template (/help lists the commands).
+    Chat(ChatArgs),
+    /// Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions), decoding
+    /// up to --parallel requests together.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// A system message to start the conversation with.
+    #[arg(long, value_name = "TEXT")]
+    system: Option<String>,
+    /// Longest reply in tokens.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 1024, value_name = "N")]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    #[command(flatten)]
+    stopping: StoppingArgs,
+    /// Context length in tokens: the whole conversation (default: min(4096, max_position_embeddings)).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    ctx: Option<u64>,
+    /// Print speed after every reply (also toggled by /stats).
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// Address to listen on (loopback by default: other machines cannot connect).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Sequences decoded together (continuous batching); each has the full --ctx.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: u64,
+    /// Context length per sequence in tokens (default: min(4096, max_position_embeddings)).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    ctx: Option<u64>,
+    /// Require `Authorization: Bearer KEY` on /v1/ routes.
+    #[arg(long, value_name = "KEY", env = "DSRUN_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model name /v1/models lists and responses carry (default: the model directory's name).
+    #[arg(long, value_name = "NAME")]
+    alias: Option<String>,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    body_limit: usize,
+    /// Requests that may wait for a free sequence before new ones get 503.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    queue: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 #[derive(Args)]
@@ -274,6 +337,8 @@ fn main() -> ExitCode {
         Some(Command::Devices) => run_devices(),
         Some(Command::Synth(args)) => run_synth(args),
         Some(Command::Bench(args)) => run_bench(args),
+        Some(Command::Chat(args)) => dsrun_chat(args),
+        Some(Command::Serve(args)) => run_serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -300,10 +365,16 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
 }
 
 fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
+    load_sequences(dir, device, capacity, 1)
+}
+
+/// The engine with `sequences` sequences of `capacity` tokens each.
+fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, sequences: usize) -> Result<Box<dyn Engine>> {
     let started = Instant::now();
     let model = Model::load(dir)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
-    let engine = open_engine(device.gpu, model, capacity, &device.options())?;
+    let options = GpuOptions { sequences, ..device.options() };
+    let engine = open_engine(device.gpu, model, capacity, &options)?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
     Ok(engine)
 }
@@ -334,6 +405,70 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let defaults = GenerationDefaults::load(&dir)?;
+    let mut sampling = args.sampling.config(&defaults);
+    sampling.validate_named(config.vocab_size, &|field| format!("--{}", field.replace("repetition", "repeat").replace('_', "-")))?;
+    sampling.seed = 0;
+    let tokenizer = Tokenizer::load(&dir, &config)?;
+    let template = dsrun::chat_template::ChatTemplate::load(&dir)?;
+    if template.is_none() {
+        eprintln!("note: {} has no chat template: /v1/chat/completions answers 400, /v1/completions works", dir.display());
+    }
+    let engine = load_sequences(&dir, &args.device, args.ctx.map(|c| c as usize), args.parallel as usize)?;
+    let name = args.alias.clone().unwrap_or_else(|| model_name(&dir));
+    let summary = format!("{} sequences of {} tokens on {}", engine.sequences(), engine.capacity(), engine.device_name());
+    let options = dsrun::server::ServerOptions { model_name: name.clone(), api_key: args.api_key.clone(), body_limit: args.body_limit, queue: args.queue, sampling };
+    let app = std::sync::Arc::new(dsrun::server::App::new(engine, tokenizer, template, options));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::io("tokio runtime", e))?;
+    let addr = format!("{}:{}", args.host, args.port);
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| Error::Invalid(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener.local_addr().map_err(|e| Error::io(&addr, e))?;
+        eprintln!("dsrun serve: listening on http://{local} (model \"{name}\", {summary}); Ctrl-C stops");
+        dsrun::server::serve(listener, app.clone(), dsrun::server::interrupted()).await.map_err(|e| Error::io(&addr, e))
+    })?;
+    eprintln!("dsrun serve: requests drained, shutting down");
+    if let Ok(mut app) = std::sync::Arc::try_unwrap(app) {
+        app.stop();
+    }
+    Ok(())
+}
+
+/// The checkpoint directory's name ("DeepSeek-V3"), or "dsrun" for the bundled model.
+fn model_name(dir: &Path) -> String {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    match canonical.file_name().and_then(|n| n.to_str()) {
+        Some("weights") | None => "dsrun-default".into(),
+        Some(name) => name.to_string(),
+    }
+}
+
+fn dsrun_chat(args: ChatArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let defaults = GenerationDefaults::load(&dir)?;
+    let tokenizer = Tokenizer::load(&dir, &config)?;
+    let template = dsrun::chat_template::ChatTemplate::load(&dir)?
+        .ok_or_else(|| Error::Invalid(format!("{} has no chat template (tokenizer_config.json's chat_template): use `dsrun --prompt` to continue text", dir.display())))?;
+    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
+    args.sampling.sampler(&defaults, config.vocab_size)?;
+    let chat = dsrun::chat::Chat { engine: engine.as_mut(), tokenizer: &tokenizer, template: &template };
+    let settings = dsrun::chat::Settings {
+        system: args.system.clone(),
+        stopping: args.stopping.stopping(args.n),
+        stats: args.stats,
+    };
+    let sampler = |turn: u64| {
+        let mut c = args.sampling.config(&defaults);
+        c.seed = c.seed.wrapping_add(turn);
+        Sampler::new(c, config.vocab_size)
+    };
+    dsrun::chat::run(chat, settings, &sampler)
 }
 
 fn run_logits(args: LogitsArgs) -> Result<()> {
@@ -461,5 +596,5 @@ fn run_devices() -> Result<()> {
 }
 
 fn clock_seed() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    dsrun::sample::clock_seed()
 }

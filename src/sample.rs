@@ -230,6 +230,11 @@ impl Sampler {
     }
 }
 
+/// A seed from the clock (sampling without --seed).
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// A small, fast, seedable generator (Steele, Lea, Flood 2014); plenty for sampling.
 pub(crate) struct SplitMix64(pub(crate) u64);
 

@@ -11,6 +11,12 @@ fn dsrun(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).output().unwrap()
 }
 
+/// `dsrun args` running in an empty directory, its stdin, stdout and stderr piped.
+fn spawn(args: &[&str], cwd: &std::path::Path) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -206,4 +212,70 @@ fn cuda_backend_generates_the_reference_text() {
     assert!(stderr.contains("CUDA emulator") && stderr.contains("launches"), "{stderr}");
     let cpu = dsrun(&[&args[..], &["--gpu", "cpu"]].concat());
     assert_eq!(text(&out.stdout), text(&cpu.stdout));
+}
+
+#[test]
+fn generation_reports_why_it_stopped_and_honours_stop_strings() {
+    let out = dsrun(&["-n", "24", "--temperature", "0", "--ignore-eos"]);
+    let full = text(&out.stdout);
+    let words: Vec<&str> = full.split_whitespace().collect();
+    let stop = format!(" {}", words[5]);
+    let out = dsrun(&["-n", "24", "--temperature", "0", "--ignore-eos", "--stop", &stop]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.trim_end(), &full[..full.find(&stop).unwrap()], "{stderr}");
+    assert!(stderr.contains(&format!("stopped at stop string {stop:?}")), "{stderr}");
+    assert_fails(&["--logit-bias", "5:1"], "ID=BIAS");
+    assert_fails(&["--logit-bias", "999999=1"], "--logit-bias");
+    assert_fails(&["--min-p", "2"], "--min-p");
+    assert_fails(&["--repeat-penalty", "0"], "--repeat-penalty");
+}
+
+#[test]
+fn chat_reads_turns_and_commands_from_a_pipe() {
+    use std::io::Write;
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = spawn(&["chat", "--temperature", "0", "-n", "8", "--ignore-eos", "--stats"], cwd.path());
+    child.stdin.take().unwrap().write_all(b"Hello there\n/reset\nHello there\n/system Be terse.\nAnd again\n/bogus\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(system message set)") && stderr.contains("(new conversation)") && stderr.contains("unknown command /bogus"), "{stderr}");
+    // Three replies with stats; the turn after /reset found its prompt in the cache.
+    assert_eq!(stderr.matches("generated 8 tok").count(), 3, "{stderr}");
+    assert!(stderr.lines().filter(|l| l.contains("prompt tokens reused")).any(|l| !l.contains("| 0 prompt tokens reused")), "{stderr}");
+    // The same first turn after /reset gives the same greedy reply.
+    let replies: Vec<&str> = stdout.lines().map(|l| l.trim_start_matches(">>> ")).filter(|l| !l.is_empty()).collect();
+    assert_eq!(replies.len(), 3, "{stdout:?}");
+    assert_eq!(replies[0], replies[1], "{stdout:?}");
+}
+
+#[test]
+fn serve_answers_over_http_and_drains_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = spawn(&["serve", "--port", "0", "--parallel", "2", "--ctx", "128"], cwd.path());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited before listening");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // A plain HTTP/1.1 request over TCP, as any client sends it.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    let body = r#"{"prompt": "This module", "max_tokens": 4, "temperature": 0}"#;
+    write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"text_completion\""), "{response}");
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("drained"), "{rest}");
 }

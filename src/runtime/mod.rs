@@ -186,8 +186,9 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Runs `tokens` of sequence `seq` in chunks, handing each chunk's read-back bytes to
-    /// `sink`; only the last chunk computes the head unless all logits are wanted.
-    fn run(&mut self, seq: usize, tokens: &[u32], which: Logits, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
+    /// `sink`; only the last chunk computes the head unless all logits are wanted (`which`
+    /// None: no head at all).
+    fn run(&mut self, seq: usize, tokens: &[u32], which: Option<Logits>, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
         check_sequence(seq, self.lens.len())?;
         check_request(&self.config, self.lens[seq], self.capacity, tokens)?;
         let started = Instant::now();
@@ -197,9 +198,9 @@ impl<B: Backend> Runtime<B> {
         let first_row = (seq * self.capacity) as u32;
         for (i, chunk) in tokens.chunks(self.max_chunk).enumerate() {
             let head = match which {
-                Logits::All => Some(Logits::All),
-                Logits::Last if i + 1 == chunks => Some(Logits::Last),
-                Logits::Last => None,
+                Some(Logits::All) => Some(Logits::All),
+                Some(Logits::Last) if i + 1 == chunks => Some(Logits::Last),
+                _ => None,
             };
             let start = self.lens[seq] as u32;
             self.step_tokens.clear();
@@ -257,13 +258,17 @@ impl<B: Backend> Engine for Runtime<B> {
     fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let rows = if which == Logits::All { tokens.len() } else { 1 };
         let mut out = Vec::with_capacity(rows * self.config.vocab_size);
-        self.run(seq, tokens, which, false, |bytes| out.extend(f32s(bytes)))?;
+        self.run(seq, tokens, Some(which), false, |bytes| out.extend(f32s(bytes)))?;
         Ok(out)
+    }
+
+    fn prefill_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<()> {
+        self.run(seq, tokens, None, false, |_| {})
     }
 
     fn greedy_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<u32> {
         let mut id = 0;
-        self.run(seq, tokens, Logits::Last, true, |bytes| {
+        self.run(seq, tokens, Some(Logits::Last), true, |bytes| {
             if let Some(b) = bytes.get(..4) {
                 id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
@@ -299,6 +304,11 @@ impl<B: Backend> Engine for Runtime<B> {
 
     fn device_name(&self) -> String {
         self.backend.describe()
+    }
+
+    fn expert_cache_hit_rate(&self) -> Option<f64> {
+        let c = self.streaming.as_ref()?.counters;
+        (c.hits + c.misses > 0).then(|| c.hits as f64 / (c.hits + c.misses) as f64)
     }
 
     fn reset_counters(&mut self) {
