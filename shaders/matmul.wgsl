@@ -18,6 +18,10 @@ override USE_IDS: u32 = 0u;
 // Expert streaming: `ids` lists (slot, expert) pairs, one per workgroup z, and the host sizes an
 // indirect dispatch to the list, so only the slots a pool of the expert cache serves are computed.
 override SLOT_LIST: u32 = 0u;
+// Routed experts grouped by expert (group_experts.wgsl's output in `ids`): workgroup z takes
+// tile z, up to TILE slots of one expert, so the expert's weights are decoded once for all of
+// them. Workgroups beyond the step's tiles return at once.
+override GROUPED: u32 = 0u;
 
 struct Params {
     slots_per_token: u32,
@@ -39,9 +43,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let slots = select(step.n_tokens * p.slots_per_token, p.fixed_slots, p.fixed_slots != 0u);
     var s0 = wid.z * TILE;
     var expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
+    // Slots this workgroup computes (the rest of a last tile is skipped).
+    var count = min(TILE, slots - min(s0, slots));
     if (SLOT_LIST == 1u) {
         s0 = ids[2u * wid.z];
         expert = ids[2u * wid.z + 1u];
+        count = 1u;
+    }
+    // The t-th slot of the tile: its place in the step, and the row of x it reads.
+    var order = 0u;
+    if (GROUPED == 1u) {
+        if (wid.z >= ids[0]) {
+            return;
+        }
+        expert = ids[4u + 3u * wid.z];
+        s0 = ids[5u + 3u * wid.z];
+        count = ids[6u + 3u * wid.z];
+        order = 4u + 3u * slots;
+    }
+    var slot: array<u32, 8>;
+    for (var t = 0u; t < TILE; t++) {
+        let i = min(t, max(count, 1u) - 1u);
+        slot[t] = select(min(s0 + i, slots - 1u), ids[order + s0 + i], GROUPED == 1u);
     }
     var acc: array<f32, 32>; // ROWS * TILE
     if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
@@ -49,7 +72,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
         for (var wi = lane; wi < COLS / ELEMS; wi += WG) {
             var xs: array<vec4<f32>, 8>;
             for (var t = 0u; t < TILE; t++) {
-                let base = (min(s0 + t, slots - 1u) / p.x_div) * COLS + wi * ELEMS;
+                let base = (slot[t] / p.x_div) * COLS + wi * ELEMS;
                 var v = vec4<f32>(x[base], 0.0, 0.0, 0.0);
                 if (ELEMS >= 2u) { v.y = x[base + 1u]; }
                 if (ELEMS == 4u) { v.z = x[base + 2u]; v.w = x[base + 3u]; }
@@ -66,8 +89,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
         for (var c = lane; c < COLS; c += WG) {
             var xs: array<f32, 8>;
             for (var t = 0u; t < TILE; t++) {
-                let s = min(s0 + t, slots - 1u);
-                xs[t] = x[(s / p.x_div) * COLS + c];
+                xs[t] = x[(slot[t] / p.x_div) * COLS + c];
             }
             for (var rr = 0u; rr < ROWS; rr++) {
                 let w = weight(expert, min(r0 + rr, wl.rows - 1u), c);
@@ -81,8 +103,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     let total = sum_over_lanes(acc, ROWS * TILE, ids_in);
     if (lane < ROWS * TILE) {
         let r = r0 + lane / TILE;
-        let s = s0 + lane % TILE;
-        if (r < wl.rows && s < slots) {
+        let t = lane % TILE;
+        let s = slot[t];
+        if (r < wl.rows && t < count && s < slots) {
             let o = s * wl.total_rows + wl.row0 + r;
             y[o] = select(total, y[o] + total, p.accumulate == 1u);
         }

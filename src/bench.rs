@@ -7,13 +7,16 @@ use crate::model::Logits;
 use serde_json::json;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BenchPlan {
     /// Prompt tokens processed in one call (0: skip the test).
     pub prompt: usize,
     /// Tokens generated one at a time from an empty context (0: skip the test).
     pub generate: usize,
     pub repetitions: usize,
+    /// Sequences decoded together for the batched generation tests (`tg128x8`): one step
+    /// runs one token of each. 1 is the plain generation test.
+    pub parallel: Vec<usize>,
 }
 
 /// One test (`pp512`, `tg128`): tokens per second of each repetition.
@@ -45,9 +48,10 @@ pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i as u64 * 7919 + 11) % vocab as u64) as u32).collect()
 }
 
-/// Runs the plan on `engine` (its capacity at least `max(prompt, generate, 9)` tokens); work
-/// counters are reset after the warm-up, so they describe the measured runs.
-pub fn run(engine: &mut dyn Engine, plan: &BenchPlan) -> Result<Vec<TestResult>> {
+/// Runs the plan on `engine` (its capacity at least `max(prompt, generate, 9)` tokens, and
+/// as many sequences as the most `parallel`); work counters are reset after the warm-up, so
+/// they describe the measured runs. `progress` hears each test's name as it starts.
+pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> Result<Vec<TestResult>> {
     let vocab = engine.config().vocab_size;
     let prompt = prompt_tokens(plan.prompt, vocab);
     // Warm-up: the first dispatch of each pipeline compiles on lazy drivers, and an expert cache
@@ -60,6 +64,7 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan) -> Result<Vec<TestResult>>
 
     let mut results = Vec::new();
     if plan.prompt > 0 {
+        progress(&format!("pp{}", plan.prompt));
         let mut samples = Vec::new();
         for _ in 0..plan.repetitions {
             engine.reset();
@@ -69,7 +74,8 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan) -> Result<Vec<TestResult>>
         }
         results.push(TestResult { name: format!("pp{}", plan.prompt), tokens: plan.prompt, samples });
     }
-    if plan.generate > 0 {
+    if plan.generate > 0 && plan.parallel.contains(&1) {
+        progress(&format!("tg{}", plan.generate));
         let mut samples = Vec::new();
         for _ in 0..plan.repetitions {
             engine.reset();
@@ -81,6 +87,23 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan) -> Result<Vec<TestResult>>
             samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
         }
         results.push(TestResult { name: format!("tg{}", plan.generate), tokens: plan.generate, samples });
+    }
+    for &sequences in plan.parallel.iter().filter(|&&p| p > 1 && plan.generate > 0) {
+        let name = format!("tg{}x{sequences}", plan.generate);
+        progress(&name);
+        let mut samples = Vec::new();
+        for _ in 0..plan.repetitions {
+            engine.reset();
+            let mut batch: Vec<(usize, u32)> = (0..sequences).map(|s| (s, (1 + s as u32) % vocab as u32)).collect();
+            let started = Instant::now();
+            for _ in 0..plan.generate {
+                let ids = engine.decode_batch_greedy(&batch)?;
+                batch.iter_mut().zip(ids).for_each(|(b, id)| b.1 = id);
+            }
+            // Aggregate: every sequence's tokens.
+            samples.push((plan.generate * sequences) as f64 / started.elapsed().as_secs_f64());
+        }
+        results.push(TestResult { name, tokens: plan.generate * sequences, samples });
     }
     Ok(results)
 }
@@ -106,9 +129,9 @@ pub fn table(setup: &BenchSetup, results: &[TestResult]) -> String {
         setup.quant,
         setup.gpu_mem
     );
-    out += &format!("{:<8} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
+    out += &format!("{:<10} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
     for r in results {
-        out += &format!("{:<8} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
+        out += &format!("{:<10} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
     }
     if let Some(c) = &setup.counters {
         out += c;

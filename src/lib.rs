@@ -12,6 +12,7 @@ pub mod error;
 pub mod format;
 pub mod hot_path;
 pub mod model;
+pub mod perplexity;
 pub mod plan;
 pub mod quant;
 pub mod runtime;

@@ -43,11 +43,28 @@ enum Command {
     Synth(SynthArgs),
     /// Measure prompt processing (pp) and generation (tg) speed in tokens per second.
     Bench(BenchArgs),
+    /// Perplexity and bits per byte of a text file, in context-sized windows (llama-perplexity's measure).
+    Perplexity(PerplexityArgs),
     /// Chat in the terminal, through the model's chat template (/help lists the commands).
     Chat(ChatArgs),
     /// Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions), decoding
     /// up to --parallel requests together.
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+    /// UTF-8 text to score.
+    #[arg(long, short = 'f', value_name = "FILE")]
+    file: PathBuf,
+    /// Window length in tokens: each window runs from an empty cache and its second half is
+    /// scored (default: min(512, max_position_embeddings), as llama-perplexity).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    ctx: Option<u64>,
 }
 
 #[derive(Args)]
@@ -140,12 +157,17 @@ struct BenchArgs {
     model: ModelArgs,
     #[command(flatten)]
     device: DeviceArgs,
-    /// Prompt tokens processed in one call (0 skips the test).
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    /// Prompt tokens processed in one call (0 skips the test). As in llama-bench, -p is a
+    /// length here; generation's -p is the prompt text (as in llama-cli).
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512, value_parser = parse_prompt_length)]
     prompt: usize,
     /// Tokens generated one by one (0 skips the test).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     generate: usize,
+    /// Sequences decoded together for batched generation tests, comma-separated (1: the plain
+    /// tg test); e.g. 1,4,8 reports tg128, tg128x4 and tg128x8 as aggregate tok/s.
+    #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u64).range(1..=256))]
+    parallel: Vec<u64>,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     repetitions: u64,
@@ -271,6 +293,10 @@ impl SamplingArgs {
     }
 }
 
+fn parse_prompt_length(s: &str) -> std::result::Result<usize, String> {
+    s.parse::<usize>().map_err(|_| format!("`{s}`: bench's -p is the prompt length in tokens, as in llama-bench (text prompts are for `dsrun -p TEXT`)"))
+}
+
 fn parse_logit_bias(s: &str) -> std::result::Result<(u32, f32), String> {
     let (id, bias) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected ID=BIAS, e.g. 15043=-2.5"))?;
     let id = id.trim().parse::<u32>().map_err(|_| format!("`{s}`: `{id}` is not a token id"))?;
@@ -328,6 +354,7 @@ struct InspectArgs {
 }
 
 fn main() -> ExitCode {
+    quiet_mesa();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn,wgpu_hal=off")).format_timestamp(None).init();
     let cli = Cli::parse();
     let result = match cli.command {
@@ -338,6 +365,7 @@ fn main() -> ExitCode {
         Some(Command::Synth(args)) => run_synth(args),
         Some(Command::Bench(args)) => run_bench(args),
         Some(Command::Chat(args)) => dsrun_chat(args),
+        Some(Command::Perplexity(args)) => run_perplexity(args),
         Some(Command::Serve(args)) => run_serve(args),
     };
     match result {
@@ -347,6 +375,18 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Mesa's drivers print "XDG_RUNTIME_DIR is invalid or not set" on every adapter query when
+/// the variable is missing (containers, CI, ssh sessions); dsrun draws nothing on screen, so a
+/// private directory stands in for it. Set while the process has one thread.
+fn quiet_mesa() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("dsrun-xdg-runtime");
+        if std::fs::create_dir_all(&dir).is_ok() {
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
         }
     }
 }
@@ -471,6 +511,39 @@ fn dsrun_chat(args: ChatArgs) -> Result<()> {
     dsrun::chat::run(chat, settings, &sampler)
 }
 
+fn run_perplexity(args: PerplexityArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
+    let tokenizer = Tokenizer::load(&dir, &config)?;
+    let text = std::fs::read_to_string(&args.file).map_err(|e| Error::io(&args.file, e))?;
+    let tokens = tokenizer.encode(&text)?;
+    let window = args.ctx.map_or(config.max_position_embeddings.min(512), |c| c as usize);
+    let mut engine = load(&dir, &args.device, Some(window))?;
+    let windows = dsrun::perplexity::windows(&tokens, window).len();
+    let bar = indicatif::ProgressBar::new(windows as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {msg} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let started = Instant::now();
+    let score = dsrun::perplexity::score(engine.as_mut(), &tokenizer, &tokens, window, &mut |s| {
+        bar.set_message(format!("perplexity {:.4}", s.perplexity()));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "perplexity {:.4} ± {:.4} | bits per byte {:.4} | {} tokens scored in {} windows of {window} ({} tokens in {})",
+        score.perplexity(),
+        score.perplexity_error(),
+        score.bits_per_byte(),
+        score.tokens,
+        score.windows,
+        tokens.len(),
+        args.file.display()
+    );
+    eprintln!("{:.1} s on {}", started.elapsed().as_secs_f64(), engine.device_name());
+    Ok(())
+}
+
 fn run_logits(args: LogitsArgs) -> Result<()> {
     let dir = model_dir(&args.model);
     let mut engine = load(&dir, &args.device, Some(args.tokens.len()))?;
@@ -539,9 +612,16 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let params = dsrun::inspect::count_params(&model.config, &model.weights).total;
     let weights = weight_dtypes(&model);
     let capacity = args.prompt.max(args.generate).max(9);
-    let mut engine = open_engine(args.device.gpu, model, capacity, &args.device.options())?;
-    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize };
-    let results = dsrun::bench::run(engine.as_mut(), &plan)?;
+    let parallel: Vec<usize> = args.parallel.iter().map(|&p| p as usize).collect();
+    let sequences = parallel.iter().copied().max().unwrap_or(1);
+    let options = GpuOptions { sequences, ..args.device.options() };
+    let mut engine = open_engine(args.device.gpu, model, capacity, &options)?;
+    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(indicatif::ProgressStyle::with_template("{spinner} bench: {msg} ({elapsed})").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let results = dsrun::bench::run(engine.as_mut(), &plan, &mut |test| bar.set_message(format!("{test} x {} repetitions", args.repetitions)))?;
+    bar.finish_and_clear();
     let setup = dsrun::bench::BenchSetup {
         model: dir.display().to_string(),
         params,

@@ -163,7 +163,7 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--gpu", "cuda"], cuda_reason);
     // Metal exists only on Apple systems; elsewhere asking for it is a clear error.
     if !cfg!(target_os = "macos") {
-        assert_fails(&["logits", "--gpu", "metal", "--model", v3, "--tokens", "1", "--out", "/tmp/dsrun-never.npy"], "no GPU adapter");
+        assert_fails(&["logits", "--gpu", "metal", "--model", v3, "--tokens", "1", "--out", "/tmp/dsrun-never.npy"], "Metal exists only on macOS");
     }
     assert_fails(&["--gpu", "tpu"], "invalid value 'tpu'");
     assert_fails(&["--gpu-mem", "lots"], "--gpu-mem");
@@ -278,4 +278,27 @@ fn serve_answers_over_http_and_drains_on_sigterm() {
     stderr.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("drained"), "{rest}");
+}
+
+#[test]
+fn perplexity_scores_a_file_the_same_on_cpu_and_gpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("text.txt");
+    let sample = "This module provides functions for reading and writing files. It returns the value of the file. ".repeat(6);
+    std::fs::write(&file, &sample).unwrap();
+    let file = file.to_str().unwrap();
+    let mut numbers = Vec::new();
+    for gpu in ["cpu", "auto"] {
+        let out = dsrun(&["perplexity", "--file", file, "--ctx", "48", "--gpu", gpu]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let value = |key: &str| -> f64 { stdout.split(key).nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
+        numbers.push((value("perplexity "), value("bits per byte ")));
+        assert!(stdout.contains("windows of 48"), "{stdout}");
+    }
+    let ((ppl_cpu, bpb_cpu), (ppl_gpu, bpb_gpu)) = (numbers[0], numbers[1]);
+    // The bundled model has seen text like this: far better than uniform over 2048 tokens.
+    assert!(ppl_cpu > 1.0 && ppl_cpu < 200.0, "{ppl_cpu}");
+    assert!(((ppl_gpu - ppl_cpu) / ppl_cpu).abs() < 1e-3 && ((bpb_gpu - bpb_cpu) / bpb_cpu).abs() < 1e-3, "{numbers:?}");
+    assert_fails(&["perplexity", "--file", "/nonexistent.txt"], "/nonexistent.txt");
 }

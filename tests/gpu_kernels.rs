@@ -144,6 +144,40 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
     }
 }
 
+/// Routed experts grouped by expert across a step's tokens: the same bits as one slot per
+/// workgroup, for groups smaller than a tile, larger than a tile (one expert taking 11 of the
+/// step's slots), experts no slot chose, in the gate/up (x_div = k) and down (x_div = 1) forms;
+/// a single-token step takes the per-slot path.
+#[test]
+fn grouped_expert_matmul_gives_the_per_slot_bits() {
+    let mut r = runner();
+    for dtype in FORMATS {
+        let (experts, rows, cols, k, n) = (6, 21, 150, 3, 7);
+        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 60 + e as u64)).collect();
+        let Ok(gm) = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()) else { continue };
+        // Expert 4 takes 11 slots (more than a tile of 8); expert 5 none.
+        let ids: Vec<u32> = (0..n * k).map(|s| if s % 2 == 0 { 4 } else { (s % 4) as u32 }).collect();
+        for x_div in [k, 1] {
+            let x = random(61 + x_div as u64, n * cols * if x_div == 1 { k } else { 1 });
+            let (xb, ib) = (r.f32_buffer(&x), r.u32_buffer(&ids));
+            let groups = r.zeros(dsrun::backend::wgpu::lower::Builder::expert_groups_words(n * k)).unwrap();
+            let (per_slot, grouped) = (r.zeros(n * k * rows).unwrap(), r.zeros(n * k * rows).unwrap());
+            for steps in [n, 1] {
+                r.set_step(steps as u32);
+                r.run(&r.builder().expert_matmul(&gm, k as u32, x_div as u32, &xb, &per_slot, &ib), steps as u32, 1).unwrap();
+                let ops = [
+                    r.builder().group_experts(k as u32, experts as u32, &ib, &groups),
+                    r.builder().grouped_expert_matmul(&gm, k as u32, x_div as u32, &xb, &grouped, &ib, &groups),
+                ];
+                r.run(&ops, steps as u32, 1).unwrap();
+                let (want, got) = (r.read_f32(&per_slot, steps * k * rows).unwrap(), r.read_f32(&grouped, steps * k * rows).unwrap());
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{dtype:?} x_div {x_div}, {steps} token(s): grouped experts differ from per-slot");
+            }
+        }
+    }
+}
+
 #[test]
 fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
     let mut r = runner();

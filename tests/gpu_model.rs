@@ -19,10 +19,15 @@ fn gpu_prefill_matches_transformers_on_every_family() {
         let dir = fixture(family);
         let g = golden(&dir);
         let model = Model::load(&dir).unwrap();
-        let mut engine = gpu(&model, g.tokens.len());
-        let logits = engine.forward(&g.tokens, Logits::All).unwrap();
-        eprintln!("{family}: GPU relative error {:e}", relative_error(&logits, &g.logits));
-        assert_logits_match(family, &logits, &g.logits, g.vocab, 1e-3);
+        // Routed experts per slot and grouped by expert (the hardware-GPU default).
+        for group_experts in [false, true] {
+            let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+            ctx.group_experts = group_experts;
+            let mut engine = GpuModel::new(ctx, &model, g.tokens.len(), dsrun::quant::QuantTarget::Keep).unwrap();
+            let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+            eprintln!("{family} (grouped experts {group_experts}): GPU relative error {:e}", relative_error(&logits, &g.logits));
+            assert_logits_match(&format!("{family}, grouped experts {group_experts}"), &logits, &g.logits, g.vocab, 1e-3);
+        }
     }
 }
 
@@ -96,11 +101,14 @@ fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
     for family in FAMILIES {
         let model = Model::load(&fixture(family)).unwrap();
         let capacity = 9 + BATCH_STEPS + 1;
-        let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
         let options = dsrun::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
-        let mut batched = GpuModel::with_options(ctx, &model, capacity, &options).unwrap();
         let mut alone = gpu(&model, capacity);
         let mut cpu = CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
-        batched_decode_matches_alone(&format!("{family} wgpu"), &mut batched, &mut alone, &mut cpu);
+        for group_experts in [false, true] {
+            let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+            ctx.group_experts = group_experts;
+            let mut batched = GpuModel::with_options(ctx, &model, capacity, &options).unwrap();
+            batched_decode_matches_alone(&format!("{family} wgpu, grouped experts {group_experts}"), &mut batched, &mut alone, &mut cpu);
+        }
     }
 }

@@ -356,7 +356,7 @@ struct Loaded<B: Backend> {
 
 impl<B: Backend> Loaded<B> {
     fn new(b: &mut B, model: &Model, plan: &Plan) -> Result<Self> {
-        let progress = quant_progress(plan);
+        let progress = load_progress(plan);
         let mut res = Resources::default();
         for spec in &plan.buffers {
             let buffer = match &spec.init {
@@ -402,27 +402,35 @@ impl<B: Backend> Loaded<B> {
 
 /// Uploads one weight of the plan in the format `quant` gives it (converted on all cores).
 fn upload_weight<B: Backend>(b: &mut B, spec: &WeightSpec, quant: QuantTarget, progress: &indicatif::ProgressBar) -> Result<B::Matrix> {
+    progress.inc(spec.stack.len() as u64);
     if !spec.convert || quant == QuantTarget::Keep {
         return b.upload_matrix(&spec.stack, spec.chunked);
     }
     let converted: Vec<Matrix> = spec.stack.par_iter().map(|m| m.quantized(quant)).collect();
-    progress.inc(converted.len() as u64);
     b.upload_matrix(&converted.iter().collect::<Vec<_>>(), spec.chunked)
 }
 
-/// A progress bar over the matrices `--quant` converts (hidden when there is nothing to
-/// convert or stderr is not a terminal).
-fn quant_progress(plan: &Plan) -> indicatif::ProgressBar {
-    if plan.quant == QuantTarget::Keep {
+/// Weights below this load without a progress bar (the bundled model, test fixtures).
+const QUIET_LOAD_BYTES: u64 = 256 << 20;
+
+/// A progress bar over the matrices loading uploads (and `--quant` converts); hidden for
+/// small models without conversion, and where stderr is not a terminal.
+fn load_progress(plan: &Plan) -> indicatif::ProgressBar {
+    let bytes = plan.resident_weight_bytes() + plan.memory.experts * plan.memory.expert_bytes;
+    if plan.quant == QuantTarget::Keep && bytes < QUIET_LOAD_BYTES {
         return indicatif::ProgressBar::hidden();
     }
-    let weights: usize = plan.weights.iter().filter(|w| w.convert).map(|w| w.stack.len()).sum();
+    let weights: usize = plan.weights.iter().map(|w| w.stack.len()).sum();
     let streamed = plan.streaming.as_ref().map_or(0, |_| plan.memory.experts as usize * 3);
     let bar = indicatif::ProgressBar::new((weights + streamed) as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("quantising to {msg} {bar:40} {pos}/{len} matrices")
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} matrices ({elapsed}, eta {eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    bar.set_message(format!("{:?}", plan.quant).to_lowercase());
+    let size = crate::inspect::human_bytes(bytes);
+    bar.set_message(match plan.quant {
+        QuantTarget::Keep => format!("loading {size}"),
+        q => format!("loading {size}, quantising to {}", format!("{q:?}").to_lowercase()),
+    });
     bar
 }

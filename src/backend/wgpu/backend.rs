@@ -25,6 +25,9 @@ pub struct WgpuBackend {
     /// `DSRUN_PROFILE=N`: each dispatch runs alone N times and the last is timed (slow; for
     /// finding hot kernels). The step's own work is then done by the profiler's runs.
     profile: Option<Profiler>,
+    /// Where each MoE layer groups its step's expert slots by expert (shared by the layers,
+    /// which run one after the other), and the number of routed experts; made with the target.
+    expert_groups: Option<(wgpu::Buffer, u32)>,
 }
 
 impl IntoBackend<WgpuBackend> for GpuContext {
@@ -42,6 +45,7 @@ impl WgpuBackend {
             host: Vec::new(),
             work: WorkCounters::new(["dispatches", "submits"]),
             profile: Profiler::from_env(),
+            expert_groups: None,
         })
     }
 
@@ -115,11 +119,17 @@ impl Backend for WgpuBackend {
         let max_chunk = (ctx.max_binding() / per_token.max(1)).clamp(1, 64) as usize;
         let readback = (max_chunk * config.vocab_size).max((max_chunk + 1) * config.num_experts_per_tok) * 4;
         self.reserve_readback(readback);
+        let mut private = readback as u64;
+        if config.n_routed_experts > 0 {
+            let words = Builder::expert_groups_words(max_chunk * config.num_experts_per_tok);
+            self.expert_groups = Some((super::tensors::storage(&ctx, "expert groups", words)?, config.n_routed_experts as u32));
+            private += words as u64 * 4;
+        }
         Ok(Target {
             max_chunk,
             attention_scratch: Builder::attention_scratch(&mla, max_chunk),
             binding_limit: ctx.chunk_limit(),
-            private_bytes: readback as u64,
+            private_bytes: private,
             memory: ctx.memory,
             software: ctx.info.device_type == wgpu::DeviceType::Cpu,
         })
@@ -203,11 +213,22 @@ impl Backend for WgpuBackend {
                 let k32 = k as u32;
                 let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));
                 match experts {
-                    Experts::Resident { gate, up, down } => {
+                    // Grouped by expert across the step's tokens (one group list for the three).
+                    Experts::Resident { gate, up, down } if !b.ctx.group_experts => {
                         out.extend(b.expert_matmul(res.weight(gate), k32, k32, x, act, buf(ids)));
                         out.extend(b.expert_matmul(res.weight(up), k32, k32, x, up_act, buf(ids)));
                         out.push(b.silu_mul(k * width, act, up_act));
                         out.extend(b.expert_matmul(res.weight(down), k32, 1, act, o, buf(ids)));
+                    }
+                    Experts::Resident { gate, up, down } => {
+                        let Some((groups, experts)) = &self.expert_groups else {
+                            return Err(crate::Error::Invalid("routed experts in a plan whose target had none".into()));
+                        };
+                        out.push(b.group_experts(k32, *experts, buf(ids), groups));
+                        out.push(b.grouped_expert_matmul(res.weight(gate), k32, k32, x, act, buf(ids), groups));
+                        out.push(b.grouped_expert_matmul(res.weight(up), k32, k32, x, up_act, buf(ids), groups));
+                        out.push(b.silu_mul(k * width, act, up_act));
+                        out.push(b.grouped_expert_matmul(res.weight(down), k32, 1, act, o, buf(ids), groups));
                     }
                     // Each pool computes the slots its list names: gate and up per pool,
                     // SwiGLU over all slots, down per pool.

@@ -15,6 +15,11 @@ pub struct GpuContext {
     /// Kernels may use subgroup operations: the adapter has them and the device was opened with
     /// them. Optional; every kernel has a workgroup-memory fallback (set false to force it).
     pub subgroups: bool,
+    /// Multi-token steps group routed-expert slots by expert, so each expert's weights are read
+    /// once per tile of its slots (what bandwidth-bound GPUs want). Off on software adapters,
+    /// where arithmetic, not bytes, bounds the step (measured on lavapipe: grouped 2x slower);
+    /// `DSRUN_GROUP_EXPERTS=0|1` overrides, and tests set it to run both paths.
+    pub group_experts: bool,
     /// Device-local memory the adapter reports, where the backend tells (Vulkan); what
     /// `--gpu-mem auto` takes its share of.
     pub memory: Option<u64>,
@@ -64,16 +69,36 @@ fn rank(info: &wgpu::AdapterInfo) -> u8 {
     }
 }
 
+/// Why `choice` found no adapter, and what to use instead.
+fn no_adapter(choice: GpuChoice) -> String {
+    let name = choice_name(choice);
+    let platform = match choice {
+        GpuChoice::Metal if !cfg!(any(target_os = "macos", target_os = "ios")) => Some("Metal exists only on macOS and iOS"),
+        GpuChoice::Dx12 if !cfg!(windows) => Some("DirectX 12 exists only on Windows"),
+        _ => None,
+    };
+    let others: Vec<String> = [GpuChoice::Vulkan, GpuChoice::Metal, GpuChoice::Dx12, GpuChoice::Gl]
+        .into_iter()
+        .filter(|&c| c != choice && choice != GpuChoice::Auto)
+        .filter_map(|c| adapters(c).first().map(|a| format!("--gpu {} ({})", choice_name(c), a.get_info().name)))
+        .collect();
+    let instead = if others.is_empty() { "--gpu cpu".to_string() } else { format!("{} or --gpu cpu", others.join(", ")) };
+    match platform {
+        Some(why) => format!("--gpu {name}: {why}; this system has {instead}"),
+        None => format!(
+            "--gpu {name}: no {} adapter found (install a driver; on Debian, `apt-get install mesa-vulkan-drivers` \
+             gives the software Vulkan adapter lavapipe); use {instead}",
+            if choice == GpuChoice::Auto { "GPU".to_string() } else { name.to_string() }
+        ),
+    }
+}
+
 /// Picks an adapter for `choice` (honouring `WGPU_ADAPTER_NAME`) and opens a device with the
 /// adapter's own limits, not wgpu's conservative defaults.
 pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let mut candidates = adapters(choice);
     if candidates.is_empty() {
-        return Err(Error::NoDevice(format!(
-            "--gpu {}: no GPU adapter found (install a Vulkan/Metal/DX12/GL driver; on Debian, \
-             `apt-get install mesa-vulkan-drivers` gives the software adapter lavapipe), or use --gpu cpu",
-            choice_name(choice)
-        )));
+        return Err(Error::NoDevice(no_adapter(choice)));
     }
     if let Ok(wanted) = std::env::var("WGPU_ADAPTER_NAME") {
         let wanted = wanted.to_lowercase();
@@ -101,7 +126,12 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
     let memory = device_memory(&adapter);
     log::info!("GPU: device-local memory {}", memory.map_or("unknown".into(), crate::inspect::human_bytes));
-    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, memory })
+    let group_experts = match std::env::var("DSRUN_GROUP_EXPERTS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => info.device_type != wgpu::DeviceType::Cpu,
+    };
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, memory })
 }
 
 /// The largest device-local memory heap, read through the Vulkan API beneath wgpu (wgpu itself

@@ -27,6 +27,7 @@ pub enum Kernel {
     SiluMul,
     MoeCombine,
     Argmax,
+    GroupExperts,
     /// Benchmarks' bandwidth reference.
     StreamRead,
 }
@@ -52,6 +53,7 @@ impl Kernel {
             Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),
             Kernel::MoeCombine => (include_str!("../../../shaders/moe_combine.wgsl"), "main", false),
             Kernel::Argmax => (include_str!("../../../shaders/argmax.wgsl"), "main", false),
+            Kernel::GroupExperts => (include_str!("../../../shaders/group_experts.wgsl"), "main", false),
             Kernel::StreamRead => (include_str!("../../../shaders/stream_read.wgsl"), "main", false),
         }
     }

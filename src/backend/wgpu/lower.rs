@@ -40,6 +40,10 @@ impl Dispatch {
 
     /// Records this dispatch (already resolved with `for_tokens`) with workgroup counts `grid`.
     pub fn encode(&self, pass: &mut wgpu::ComputePass, [x, y, z]: [u32; 3]) {
+        // A grid of no workgroups is a kernel the step skips (grouping experts in decode).
+        if self.indirect.is_none() && x * y * z == 0 {
+            return;
+        }
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
         match &self.indirect {
@@ -64,6 +68,10 @@ struct MatmulParams {
 /// dominates small mat-vecs, most of all on software adapters.
 const DECODE_VARIANT: (u32, u32) = (16, 1);
 const PREFILL_VARIANT: (u32, u32) = (4, 8);
+/// Routed experts grouped by expert: a tile holds up to 2 slots of one expert (in decode
+/// batches most experts serve one or two tokens; a bigger tile leaves lanes idle), and many
+/// rows per workgroup as for single-slot work.
+const GROUPED_VARIANT: (u32, u32) = (16, 2);
 const MAX_DISPATCH: u32 = 65535;
 
 fn split(groups: u32) -> [u32; 2] {
@@ -170,6 +178,47 @@ impl Builder {
     pub fn expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer) -> Vec<Dispatch> {
         let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: false, accumulate: false };
         self.matmul_shaped(w, shape, x, y, Some(ids))
+    }
+
+    /// Words of `group_experts`' output for steps of at most `slots` expert slots.
+    pub fn expert_groups_words(slots: usize) -> usize {
+        4 + 4 * slots
+    }
+
+    /// Groups the step's expert slots (`ids`, k per token) by expert into `groups`
+    /// (group_experts.wgsl), in tiles the grouped matmul takes; single-token steps skip it.
+    pub fn group_experts(&self, k: u32, experts: u32, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("group", &[k, experts, 0, 0]);
+        let overrides = [("TILE", GROUPED_VARIANT.1 as f64)];
+        let grid = Grid::new([0; 4], |n, _| if n > 1 { [1, 1, 1] } else { [0, 1, 1] });
+        self.dispatch_with(Kernel::GroupExperts, None, &overrides, &[&p, &self.step, ids, groups], grid)
+    }
+
+    /// Routed experts grouped by expert: multi-token steps run `group_experts`' tiles (each
+    /// expert's weights decoded once for up to a tile of its slots); single-token steps the
+    /// per-slot `expert_matmul` over `ids`. Each slot's sums run in the same order either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn grouped_expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
+        let mut per_slot = self.expert_matmul(w, k, x_div, x, y, ids);
+        assert_eq!(per_slot.len(), 1, "stacked experts are one binding");
+        let chunk = w.single();
+        let p = self.params("matmul", &MatmulParams { slots_per_token: k, x_div, fixed_slots: 0, accumulate: 0 });
+        let (rows_per_group, tile) = GROUPED_VARIANT;
+        let overrides = [
+            ("COLS", w.cols as f64),
+            ("ROWS", rows_per_group as f64),
+            ("TILE", tile as f64),
+            ("USE_IDS", 1.0),
+            ("SLOT_LIST", 0.0),
+            ("GROUPED", 1.0),
+        ];
+        let [gx, gy] = split((chunk.rows as u32).div_ceil(rows_per_group));
+        // At most one tile per slot; workgroups past the step's tiles return at once.
+        let grid = Grid::new([gx, gy, k, 0], |n, [x, y, k, _]| [x, y, n * k]);
+        let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, groups];
+        let mut d = self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid);
+        d.decode = Some(Box::new(per_slot.remove(0)));
+        d
     }
 
     /// Routed experts from one expert-cache pool: only the slots `list` names, as (slot,
