@@ -302,3 +302,28 @@ fn perplexity_scores_a_file_the_same_on_cpu_and_gpu() {
     assert!(((ppl_gpu - ppl_cpu) / ppl_cpu).abs() < 1e-3 && ((bpb_gpu - bpb_cpu) / bpb_cpu).abs() < 1e-3, "{numbers:?}");
     assert_fails(&["perplexity", "--file", "/nonexistent.txt"], "/nonexistent.txt");
 }
+
+#[test]
+fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = spawn(&["chat", "--temperature", "0", "-n", "1000", "--ignore-eos", "--ctx", "1024"], cwd.path());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("dsrun chat on") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "chat exited early");
+    }
+    stdin.write_all(b"Tell me everything\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stdin.write_all(b"/exit\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{rest}");
+    assert!(rest.contains("cancelled after"), "the reply was not stopped: {rest}");
+}

@@ -51,7 +51,8 @@ fn matmul_every_format_and_token_count() {
 fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
     // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
     // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
-    let cases = [(37, 300, 1usize), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
+    // Token counts take every variant: 1 (decode), 2 and 3-4 (small batches), more (prefill).
+    let cases = [(37, 300, 1usize), (37, 300, 2), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 4), (13, 129, 9)];
     for dtype in FORMATS {
         for (rows, cols, n) in cases {
             let m = matrix(dtype, rows, cols, 1);

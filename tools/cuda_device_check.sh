@@ -46,6 +46,8 @@ step "decode speed"
 for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do
     timeout 120 $bin/dsrun bench --model $synth $args -p 128 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
 done
+step "batched decode (continuous batching: 1, 4 and 8 sequences per step, aggregate tok/s)"
+timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 0 -n 32 -r 2 --parallel 1,4,8 --json | tee -a "$OUT/bench.jsonl"
 DSRUN_CUDA_GRAPHS=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 16 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
 echo "(the line above: CUDA graphs off)"
 DSRUN_CUDA_GROUPED=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 1 -r 3 --json | tee -a "$OUT/bench.jsonl"

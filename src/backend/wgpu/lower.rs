@@ -18,6 +18,9 @@ pub struct Dispatch {
     pub grid: Grid,
     /// A variant specialised for single-token steps (decode), used instead when n == 1.
     pub decode: Option<Box<Dispatch>>,
+    /// Variants for steps of a few tokens (sequences decoded together): `(most, variant)` in
+    /// increasing `most`, the first that covers a step of 2 or more tokens is used instead.
+    pub small: Vec<(u32, Dispatch)>,
     /// Workgroup counts read from this buffer at this offset instead of `grid` (lists the host
     /// sizes between submits: expert-cache pools).
     pub indirect: Option<(wgpu::Buffer, u64)>,
@@ -26,8 +29,10 @@ pub struct Dispatch {
 impl Dispatch {
     /// The variant to run for a step of `n` tokens and its workgroup counts.
     pub fn for_tokens(&self, n: u32) -> (&Dispatch, [u32; 3]) {
+        let small = || self.small.iter().find(|(most, _)| n <= *most).map(|(_, d)| d);
         let d = match (&self.decode, n) {
             (Some(decode), 1) => decode.as_ref(),
+            (_, 2..) => small().unwrap_or(self),
             _ => self,
         };
         (d, d.grid.at(n))
@@ -68,6 +73,10 @@ struct MatmulParams {
 /// dominates small mat-vecs, most of all on software adapters.
 const DECODE_VARIANT: (u32, u32) = (16, 1);
 const PREFILL_VARIANT: (u32, u32) = (4, 8);
+/// Steps of 2, and of 3 to 4, tokens (a few sequences decoded together): tiles that waste at
+/// most a slot of work, with more rows per workgroup than prefill's (fewer workgroups, whose
+/// fixed cost dominates small mat-vecs).
+const SMALL_VARIANTS: [(u32, u32); 2] = [(16, 2), (8, 4)];
 /// Routed experts grouped by expert: a tile holds up to 2 slots of one expert (in decode
 /// batches most experts serve one or two tokens; a bigger tile leaves lanes idle), and many
 /// rows per workgroup as for single-slot work.
@@ -118,7 +127,7 @@ impl Builder {
             layout: &layout,
             entries: &entries,
         });
-        Dispatch { kernel, pipeline, bind_group, grid, decode: None, indirect: None }
+        Dispatch { kernel, pipeline, bind_group, grid, decode: None, small: Vec::new(), indirect: None }
     }
 
     pub fn params<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
@@ -163,6 +172,7 @@ impl Builder {
                 }
                 let mut d = variant(PREFILL_VARIANT);
                 d.decode = Some(Box::new(variant(DECODE_VARIANT)));
+                d.small = SMALL_VARIANTS.iter().map(|&v| (v.1, variant(v))).collect();
                 d
             })
             .collect()
