@@ -17,6 +17,9 @@ pub struct BenchPlan {
     /// Sequences decoded together for the batched generation tests (`tg128x8`): one step
     /// runs one token of each. 1 is the plain generation test.
     pub parallel: Vec<usize>,
+    /// Tokens already in each sequence's cache when a test starts (llama-bench's `-d`); the
+    /// filling is not timed.
+    pub depth: usize,
 }
 
 /// One test (`pp512`, `tg128`): tokens per second of each repetition.
@@ -48,9 +51,29 @@ pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i as u64 * 7919 + 11) % vocab as u64) as u32).collect()
 }
 
-/// Runs the plan on `engine` (its capacity at least `max(prompt, generate, 9)` tokens, and
+/// Empties every sequence and fills the first `sequences` with `depth` tokens (untimed).
+fn fill(engine: &mut dyn Engine, sequences: usize, depth: usize) -> Result<()> {
+    engine.reset();
+    if depth > 0 {
+        let tokens = prompt_tokens(depth, engine.config().vocab_size);
+        (0..sequences).try_for_each(|s| engine.prefill_seq(s, &tokens))?;
+    }
+    Ok(())
+}
+
+/// A test's name: `pp512`, `tg128x8`, with llama-bench's ` @ d4096` when at depth.
+fn test_name(base: String, depth: usize) -> String {
+    if depth > 0 {
+        format!("{base} @ d{depth}")
+    } else {
+        base
+    }
+}
+
+/// Runs the plan on `engine` (its capacity at least `depth + max(prompt, generate, 9)` tokens, and
 /// as many sequences as the most `parallel`); work counters are reset after the warm-up, so
-/// they describe the measured runs. `progress` hears each test's name as it starts.
+/// they describe the measured runs (and, at a depth, the filling). `progress` hears each
+/// test's name as it starts.
 pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> Result<Vec<TestResult>> {
     let vocab = engine.config().vocab_size;
     let prompt = prompt_tokens(plan.prompt, vocab);
@@ -63,22 +86,25 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
     engine.reset_counters();
 
     let mut results = Vec::new();
+    let depth = plan.depth;
     if plan.prompt > 0 {
-        progress(&format!("pp{}", plan.prompt));
+        let name = test_name(format!("pp{}", plan.prompt), depth);
+        progress(&name);
         let mut samples = Vec::new();
         for _ in 0..plan.repetitions {
-            engine.reset();
+            fill(engine, 1, depth)?;
             let started = Instant::now();
             engine.forward(&prompt, Logits::Last)?;
             samples.push(plan.prompt as f64 / started.elapsed().as_secs_f64());
         }
-        results.push(TestResult { name: format!("pp{}", plan.prompt), tokens: plan.prompt, samples });
+        results.push(TestResult { name, tokens: plan.prompt, samples });
     }
     if plan.generate > 0 && plan.parallel.contains(&1) {
-        progress(&format!("tg{}", plan.generate));
+        let name = test_name(format!("tg{}", plan.generate), depth);
+        progress(&name);
         let mut samples = Vec::new();
         for _ in 0..plan.repetitions {
-            engine.reset();
+            fill(engine, 1, depth)?;
             let mut next = 1 % vocab as u32;
             let started = Instant::now();
             for _ in 0..plan.generate {
@@ -86,14 +112,14 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
             }
             samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
         }
-        results.push(TestResult { name: format!("tg{}", plan.generate), tokens: plan.generate, samples });
+        results.push(TestResult { name, tokens: plan.generate, samples });
     }
     for &sequences in plan.parallel.iter().filter(|&&p| p > 1 && plan.generate > 0) {
-        let name = format!("tg{}x{sequences}", plan.generate);
+        let name = test_name(format!("tg{}x{sequences}", plan.generate), depth);
         progress(&name);
         let mut samples = Vec::new();
         for _ in 0..plan.repetitions {
-            engine.reset();
+            fill(engine, sequences, depth)?;
             let mut batch: Vec<(usize, u32)> = (0..sequences).map(|s| (s, (1 + s as u32) % vocab as u32)).collect();
             let started = Instant::now();
             for _ in 0..plan.generate {
@@ -129,9 +155,9 @@ pub fn table(setup: &BenchSetup, results: &[TestResult]) -> String {
         setup.quant,
         setup.gpu_mem
     );
-    out += &format!("{:<10} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
+    out += &format!("{:<18} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
     for r in results {
-        out += &format!("{:<10} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
+        out += &format!("{:<18} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
     }
     if let Some(c) = &setup.counters {
         out += c;

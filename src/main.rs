@@ -168,6 +168,9 @@ struct BenchArgs {
     /// tg test); e.g. 1,4,8 reports tg128, tg128x4 and tg128x8 as aggregate tok/s.
     #[arg(long, value_delimiter = ',', default_value = "1", value_parser = clap::value_parser!(u64).range(1..=256))]
     parallel: Vec<u64>,
+    /// Tokens already in the cache when each test starts (llama-bench's -d); filling is not timed.
+    #[arg(short = 'd', long = "depth", default_value_t = 0, value_name = "N")]
+    depth: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     repetitions: u64,
@@ -611,12 +614,12 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let model = Model::load(&dir)?;
     let params = dsrun::inspect::count_params(&model.config, &model.weights).total;
     let weights = weight_dtypes(&model);
-    let capacity = args.prompt.max(args.generate).max(9);
+    let capacity = args.depth + args.prompt.max(args.generate).max(9);
     let parallel: Vec<usize> = args.parallel.iter().map(|&p| p as usize).collect();
     let sequences = parallel.iter().copied().max().unwrap_or(1);
     let options = GpuOptions { sequences, ..args.device.options() };
     let mut engine = open_engine(args.device.gpu, model, capacity, &options)?;
-    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel };
+    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth };
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(indicatif::ProgressStyle::with_template("{spinner} bench: {msg} ({elapsed})").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -327,3 +327,14 @@ fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
     assert!(child.wait().unwrap().success(), "{rest}");
     assert!(rest.contains("cancelled after"), "the reply was not stopped: {rest}");
 }
+
+#[test]
+fn bench_measures_at_a_depth_and_in_batches() {
+    let out = dsrun(&["bench", "-p", "4", "-n", "3", "-r", "1", "-d", "20", "--parallel", "1,3", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = report["tests"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pp4 @ d20", "tg3 @ d20", "tg3x3 @ d20"]);
+    assert!(report["tests"].as_array().unwrap().iter().all(|t| t["tok_per_s_mean"].as_f64().unwrap() > 0.0));
+    assert_fails(&["bench", "-p", "hello"], "prompt length in tokens");
+}
