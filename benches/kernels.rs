@@ -79,23 +79,23 @@ fn main() {
 
     // MLA decode attention at DeepSeek-V3's shape (128 heads, latent 512 + rope 64) over a
     // latent cache of L tokens: one token attends to all L. The bound is the cache read once
-    // (L x 576 f32); the kernel reads it once per head, so "of ref" shows what sharing the
-    // cache across heads would gain.
+    // (L x 576 f32); the split kernel reads it once per group of heads.
     let (heads, lora, rope, nope) = (if quick { 16 } else { 128 }, 512usize, 64usize, 128usize);
     let qk = nope + rope;
-    for len in if quick { vec![1024usize] } else { vec![1024, 8192, 32768] } {
+    for len in if quick { vec![1024usize] } else { vec![1024, 4096, 32768] } {
         let cache = r.f32_buffer(&values(len * (lora + rope)));
         let q = r.f32_buffer(&values(heads * qk));
         let q_lat = r.f32_buffer(&values(heads * lora));
-        let scores = r.zeros(heads * len).unwrap();
+        let max_binding = r.ctx().max_binding();
         let o_lat = r.zeros(heads * lora).unwrap();
         let scale = 1.0f32 / (qk as f32).sqrt();
         let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0 };
+        let scores = r.zeros(dsrun::backend::wgpu::lower::Builder::attention_scratch(&shape, 1, max_binding)).unwrap();
         // One token at the cache's last position, in sequence 0's rows.
         let positions = r.u32_buffer(&[len as u32 - 1, 0]);
         let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat]);
         r.set_step(1);
-        let t = r.time(&[d], 1, if len > 1024 { 1 } else { reps }).unwrap();
+        let t = r.time(&d, 1, if len > 1024 { 1 } else { reps }).unwrap();
         let gbs = (len * (lora + rope) * 4) as f64 / t / 1e9;
         println!(
             "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%",

@@ -293,16 +293,25 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
 
 /// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
 /// output projection) on the GPU against the CPU reference, over several steps so the cache
-/// offsets and positions advance: a 70-token prefill (more than the attention kernel's 64 lanes)
-/// and then single tokens and a short chunk.
+/// offsets and positions advance: a 70-token prefill (more than a tile, a lane sweep and the
+/// engine's chunk) and then single tokens and a short chunk; then a context of 600 positions,
+/// which single-token steps split in three (chunks of 200) and prefill steps in ones that are
+/// not multiples of the split, with positions ending mid-split and mid-tile.
 #[test]
 fn mla_attention_layer_matches_cpu() {
-    use dsrun::backend::wgpu::lower::Builder;
+    use dsrun::backend::wgpu::lower::{AttentionSplit, Builder};
     use dsrun::backend::wgpu::WgpuBackend;
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let binding = ctx.max_binding();
     let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
+    let scratch = |s: &dsrun::plan::MlaShape, n: usize| Builder::attention_scratch(s, n, binding);
     for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
-        common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], Builder::attention_scratch);
+        common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
+    }
+    let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0 };
+    assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
+    for family in ["v3_noaux", "v2_lite"] {
+        common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);
     }
 }
 

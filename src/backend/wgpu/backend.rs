@@ -111,12 +111,12 @@ impl Backend for WgpuBackend {
     fn target(&mut self, config: &ModelConfig, capacity: usize) -> Result<Target> {
         let ctx = self.ctx().clone();
         let mla = MlaShape::new(config, capacity, &crate::model::rope::Rope::new(config));
-        // The attention's scratch holds one row of `capacity` scores per (token, head).
-        let per_token = Builder::attention_scratch(&mla, 1) as u64 * 4;
+        // The attention's split results: one split per (token, head) must fit a binding.
+        let per_token = (mla.heads * (2 + mla.lora) * 4) as u64;
         if per_token > ctx.max_binding() {
-            return Err(ctx.limit(format!("--ctx {capacity} is too long for this adapter's buffers: lower --ctx")));
+            return Err(ctx.limit(format!("{} attention heads' results do not fit this adapter's buffers", mla.heads)));
         }
-        let max_chunk = (ctx.max_binding() / per_token.max(1)).clamp(1, 64) as usize;
+        let max_chunk = crate::backend::wgpu::lower::ATTENTION_TOKENS;
         let readback = (max_chunk * config.vocab_size).max((max_chunk + 1) * config.num_experts_per_tok) * 4;
         self.reserve_readback(readback);
         let mut private = readback as u64;
@@ -127,7 +127,7 @@ impl Backend for WgpuBackend {
         }
         Ok(Target {
             max_chunk,
-            attention_scratch: Builder::attention_scratch(&mla, max_chunk),
+            attention_scratch: Builder::attention_scratch(&mla, max_chunk, ctx.max_binding()),
             binding_limit: ctx.chunk_limit(),
             private_bytes: private,
             memory: ctx.memory,
@@ -203,7 +203,7 @@ impl Backend for WgpuBackend {
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(positions), buf(q))),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)),
             Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla } => {
-                out.push(b.mla_attention(mla, [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)]))
+                out.extend(b.mla_attention(mla, [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)]))
             }
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {

@@ -22,7 +22,8 @@ pub enum Kernel {
     RopeQ,
     QAbsorb,
     VUp,
-    Attention,
+    AttentionPartial,
+    AttentionMerge,
     Router,
     SiluMul,
     MoeCombine,
@@ -35,7 +36,7 @@ pub enum Kernel {
 impl Kernel {
     /// Whether the kernel sums across lanes with `sum_over_lanes` (from a reduce snippet).
     fn reduces(self) -> bool {
-        matches!(self, Kernel::Matmul)
+        matches!(self, Kernel::Matmul | Kernel::AttentionPartial | Kernel::AttentionMerge)
     }
 
     /// (source, entry point, whether it reads a weight matrix)
@@ -48,7 +49,8 @@ impl Kernel {
             Kernel::RopeQ => (include_str!("../../../shaders/rope.wgsl"), "main", false),
             Kernel::QAbsorb => (include_str!("../../../shaders/mla_absorb.wgsl"), "q_absorb", true),
             Kernel::VUp => (include_str!("../../../shaders/mla_absorb.wgsl"), "v_up", true),
-            Kernel::Attention => (include_str!("../../../shaders/attention.wgsl"), "main", false),
+            Kernel::AttentionPartial => (include_str!("../../../shaders/attention_split.wgsl"), "partial_split", false),
+            Kernel::AttentionMerge => (include_str!("../../../shaders/attention_split.wgsl"), "merge", false),
             Kernel::Router => (include_str!("../../../shaders/router.wgsl"), "main", false),
             Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),
             Kernel::MoeCombine => (include_str!("../../../shaders/moe_combine.wgsl"), "main", false),

@@ -93,6 +93,51 @@ pub fn listed_grid(rows: usize, pairs: u32) -> [u32; 3] {
     [x, y, pairs]
 }
 
+/// Heads per attention workgroup: each lane keeps HG x ceil(lora / 64) output values (<= 64)
+/// and HG x 4 scores per tile are summed across lanes (<= 32).
+pub fn attention_head_group(s: &MlaShape) -> u32 {
+    let columns = (s.lora as u32).div_ceil(64).max(1);
+    (64 / columns).clamp(1, 8).min(s.heads as u32)
+}
+
+/// Cache positions per split of the attention, at least (fewer splits below).
+const MIN_SPLIT_POSITIONS: u32 = 256;
+/// Most splits of a decode step's cache.
+const MAX_SPLITS: u32 = 64;
+/// The multi-token (prefill) split's results are sized for this many tokens.
+pub const ATTENTION_TOKENS: usize = 64;
+
+/// How the attention divides a sequence's cache: `splits` workgroups of `chunk` positions per
+/// (head group, token), fixed at lowering (a step's dispatches never depend on its position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSplit {
+    pub chunk: u32,
+    pub splits: u32,
+}
+
+impl AttentionSplit {
+    /// Splits of at least MIN_SPLIT_POSITIONS positions, at most `most`, chunks whole tiles.
+    fn new(ctx: usize, most: u32) -> AttentionSplit {
+        let ctx = ctx.max(1) as u32;
+        let splits = ctx.div_ceil(MIN_SPLIT_POSITIONS).clamp(1, most.max(1));
+        let chunk = ctx.div_ceil(splits).next_multiple_of(4);
+        AttentionSplit { chunk, splits: ctx.div_ceil(chunk) }
+    }
+
+    /// (decode, prefill): single-token steps, and steps of up to ATTENTION_TOKENS tokens, each
+    /// with its results within one binding.
+    pub fn for_shape(s: &MlaShape, max_binding: u64) -> (AttentionSplit, AttentionSplit) {
+        let per_split = (s.heads * (2 + s.lora) * 4) as u64;
+        let most = |tokens: u64| (max_binding / (tokens * per_split).max(1)).min(MAX_SPLITS as u64) as u32;
+        (AttentionSplit::new(s.ctx, most(1)), AttentionSplit::new(s.ctx, most(ATTENTION_TOKENS as u64)))
+    }
+
+    /// Words of results for `tokens` tokens: (m, l, o_lat) per (token, head, split).
+    pub fn words(&self, s: &MlaShape, tokens: usize) -> usize {
+        tokens * s.heads * self.splits as usize * (2 + s.lora)
+    }
+}
+
 pub struct Builder {
     pub ctx: GpuContext,
     pub pipelines: Pipelines,
@@ -115,13 +160,17 @@ impl Builder {
     }
 
     pub fn dispatch_with(&self, kernel: Kernel, format: Option<DType>, overrides: &[(&'static str, f64)], buffers: &[&wgpu::Buffer], grid: Grid) -> Dispatch {
+        let numbered: Vec<(u32, &wgpu::Buffer)> = buffers.iter().enumerate().map(|(i, &b)| (i as u32, b)).collect();
+        self.dispatch_bound(kernel, format, overrides, &numbered, grid)
+    }
+
+    /// As `dispatch_with`, with each buffer's binding number (entry points of one shader file
+    /// that use different subsets of its bindings).
+    pub fn dispatch_bound(&self, kernel: Kernel, format: Option<DType>, overrides: &[(&'static str, f64)], buffers: &[(u32, &wgpu::Buffer)], grid: Grid) -> Dispatch {
         let pipeline = self.pipelines.get_with(kernel, format, overrides);
         let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-            .collect();
+        let entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
         let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&format!("{kernel:?}")),
             layout: &layout,
@@ -351,24 +400,38 @@ impl Builder {
         self.dispatch(kernel, Some(kv_b.format), &buffers, grid)
     }
 
-    /// Causal attention of the step's queries over the latent cache (attention.wgsl), through a
-    /// scores row of `s.ctx` floats per (token, head) in `scores`; `bufs` are q, q_lat,
-    /// positions, cache, scores, o_lat.
-    pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Dispatch {
-        let [q, q_lat, positions, cache, scores, o_lat] = bufs;
-        let heads = s.heads as u32;
-        let p = self.params(
-            "attention",
-            &[heads, s.lora as u32, s.rope as u32, (s.nope + s.rope) as u32, s.nope as u32, s.ctx as u32, s.scale.to_bits(), 0],
-        );
-        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64)];
-        let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
-        self.dispatch_with(Kernel::Attention, None, &overrides, &[&p, q, q_lat, positions, cache, scores, o_lat], grid)
+    /// Causal attention of the step's queries over the latent cache, split over the sequence
+    /// and merged (attention_split.wgsl); `bufs` are q, q_lat, positions, cache, the split
+    /// results (`attention_scratch` words) and o_lat. Single-token steps split the cache more
+    /// finely than multi-token ones (whose results take `tokens` times the room).
+    pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Vec<Dispatch> {
+        let [q, q_lat, positions, cache, split_out, o_lat] = bufs;
+        let (heads, group) = (s.heads as u32, attention_head_group(s));
+        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", group as f64)];
+        let pair = |split: AttentionSplit| {
+            let p = self.params(
+                "attention",
+                &[heads, (s.nope + s.rope) as u32, s.nope as u32, split.chunk, s.scale.to_bits(), split.splits, 0, 0],
+            );
+            let grid = Grid::new([heads.div_ceil(group), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
+            let buffers = [(0, &p), (1, q), (2, q_lat), (3, positions), (4, cache), (5, split_out)];
+            let partial = self.dispatch_bound(Kernel::AttentionPartial, None, &overrides, &buffers, grid);
+            let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
+            let merge = self.dispatch_bound(Kernel::AttentionMerge, None, &overrides, &[(0, &p), (5, split_out), (6, o_lat)], grid);
+            [partial, merge]
+        };
+        let (decode, prefill) = AttentionSplit::for_shape(s, self.ctx.max_binding());
+        let [mut partial, mut merge] = pair(prefill);
+        let [decode_partial, decode_merge] = pair(decode);
+        partial.decode = Some(Box::new(decode_partial));
+        merge.decode = Some(Box::new(decode_merge));
+        vec![partial, merge]
     }
 
-    /// Scores the attention needs for `tokens` tokens: a row of the context per (token, head).
-    pub fn attention_scratch(s: &MlaShape, tokens: usize) -> usize {
-        tokens * s.heads * s.ctx
+    /// Words the attention's split results take for steps of up to `tokens` tokens.
+    pub fn attention_scratch(s: &MlaShape, tokens: usize, max_binding: u64) -> usize {
+        let (decode, prefill) = AttentionSplit::for_shape(s, max_binding);
+        decode.words(s, 1).max(prefill.words(s, tokens))
     }
 
     /// `h[t] += sum_i w[t, i] * expert_out[t * k + i] + shared[t]`.
