@@ -86,7 +86,7 @@ fn main() {
 
     // MLA decode at V3's shape: 128 heads, latent 512 + 64, one token over 4k and 32k cached
     // positions; bytes = the cache read once.
-    let shape = |ctx| MlaShape { heads: 128, nope: 128, rope: 64, v: 128, lora: 512, ctx, scale: 0.1, rope_scale: 1.0 };
+    let shape = |ctx| MlaShape { heads: 128, nope: 128, rope: 64, v: 128, lora: 512, ctx, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
     for ctx in contexts {
         let s = shape(ctx);
         let split = AttentionSplit::new(ctx, 256);

@@ -89,7 +89,7 @@ fn main() {
         let max_binding = r.ctx().max_binding();
         let o_lat = r.zeros(heads * lora).unwrap();
         let scale = 1.0f32 / (qk as f32).sqrt();
-        let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0 };
+        let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0, cache: Default::default() };
         let scores = r.zeros(dsrun::backend::wgpu::lower::Builder::attention_scratch(&shape, 1, max_binding)).unwrap();
         // One token at the cache's last position, in sequence 0's rows.
         let positions = r.u32_buffer(&[len as u32 - 1, 0]);

@@ -31,7 +31,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> q_lat: array<f32>;
 @group(0) @binding(3) var<storage, read> positions: array<u32>;
-@group(0) @binding(4) var<storage, read> cache: array<f32>;
+@group(0) @binding(4) var<storage, read> cache: array<u32>;
 @group(0) @binding(5) var<storage, read_write> split_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> o_lat: array<f32>;
 
@@ -88,7 +88,7 @@ fn partial_split(@builtin(workgroup_id) wid: vec3<u32>, ids: LaneIds) {
                 let c = lane + WG * j;
                 var v = 0.0;
                 if (pos < end && c < latent) {
-                    v = cache[(row0 + pos) * latent + c];
+                    v = cache_at((row0 + pos) * latent + c);
                 }
                 rows[pp * MAX_CPL + j] = v;
             }

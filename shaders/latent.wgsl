@@ -18,7 +18,25 @@ struct Params {
 @group(0) @binding(2) var<storage, read> norm: array<f32>;
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
 @group(0) @binding(4) var<storage, read> positions: array<u32>;
-@group(0) @binding(5) var<storage, read_write> cache: array<f32>;
+@group(0) @binding(5) var<storage, read_write> cache: array<u32>;
+
+// bf16 with round-to-nearest-even.
+fn bf16_bits(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// Stores values i and i + 1 (i even) in the cache's format.
+fn cache_store2(i: u32, a: f32, b: f32) {
+    if (CACHE == 0u) {
+        cache[i] = bitcast<u32>(a);
+        cache[i + 1u] = bitcast<u32>(b);
+    } else if (CACHE == 1u) {
+        cache[i >> 1u] = pack2x16float(vec2<f32>(a, b));
+    } else {
+        cache[i >> 1u] = bf16_bits(a) | (bf16_bits(b) << 16u);
+    }
+}
 
 var<workgroup> sums: array<f32, 64>;
 
@@ -43,8 +61,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         workgroupBarrier();
     }
     let inv = inverseSqrt(sums[0] / f32(p.lora) + p.eps);
-    for (var c = lane; c < p.lora; c += WG) {
-        cache[dst + c] = norm[c] * (kv[src + c] * inv);
+    if (CACHE == 0u) {
+        for (var c = lane; c < p.lora; c += WG) {
+            cache[dst + c] = bitcast<u32>(norm[c] * (kv[src + c] * inv));
+        }
+    } else {
+        // 16-bit: a pair of values per word (the latent width is even).
+        for (var c2 = lane; c2 < p.lora / 2u; c2 += WG) {
+            let c = 2u * c2;
+            cache_store2(dst + c, norm[c] * (kv[src + c] * inv), norm[c + 1u] * (kv[src + c + 1u] * inv));
+        }
     }
     for (var j = lane; j < p.rope / 2u; j += WG) {
         let angle = f32(pos) * inv_freq[j];
@@ -52,7 +78,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
         let sn = sin(angle) * p.rope_scale;
         let a = kv[src + p.lora + 2u * j];
         let b = kv[src + p.lora + 2u * j + 1u];
-        cache[dst + p.lora + 2u * j] = a * cs - b * sn;
-        cache[dst + p.lora + 2u * j + 1u] = a * sn + b * cs;
+        cache_store2(dst + p.lora + 2u * j, a * cs - b * sn, a * sn + b * cs);
     }
 }

@@ -143,18 +143,20 @@ pub struct BenchSetup {
     pub device: String,
     pub quant: String,
     pub gpu_mem: String,
+    pub kv_cache: String,
     pub counters: Option<String>,
 }
 
 pub fn table(setup: &BenchSetup, results: &[TestResult]) -> String {
     let mut out = format!(
-        "model {} ({} params, {}) | {} | quant {} | gpu-mem {}\n",
+        "model {} ({} params, {}) | {} | quant {} | gpu-mem {} | kv-cache {}\n",
         setup.model,
         crate::inspect::human_count(setup.params),
         setup.weights,
         setup.device,
         setup.quant,
-        setup.gpu_mem
+        setup.gpu_mem,
+        setup.kv_cache
     );
     out += &format!("{:<18} {:>12} {:>10} {:>5}\n", "test", "tok/s", "± std", "reps");
     for r in results {
@@ -175,6 +177,7 @@ pub fn json(setup: &BenchSetup, results: &[TestResult]) -> serde_json::Value {
         "device": setup.device,
         "quant": setup.quant,
         "gpu_mem": setup.gpu_mem,
+        "kv_cache": setup.kv_cache,
         "tests": results.iter().map(|r| json!({
             "name": r.name,
             "tokens": r.tokens,

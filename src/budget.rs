@@ -83,6 +83,8 @@ pub struct GpuOptions {
     /// Sequences decoded together, each with its own region of the latent caches
     /// (`serve --parallel`); the context is per sequence.
     pub sequences: usize,
+    /// How the latent caches store their values (`--kv-cache`).
+    pub kv_cache: crate::backend::layout::CacheFormat,
 }
 
 /// Whether expert streaming guesses and uploads the next layer's experts ahead of need.
@@ -111,7 +113,7 @@ impl Prefetch {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1 }
+        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1, kv_cache: crate::backend::layout::CacheFormat::F32 }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `dsrun` command line: argument parsing and printing; the work lives in the library.
 
 use clap::{Args, Parser, Subcommand};
+use dsrun::backend::layout::CacheFormat;
 use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::checkpoint::Checkpoint;
 use dsrun::expert_cache::Eviction;
@@ -207,11 +208,45 @@ struct DeviceArgs {
     /// auto: on, except on software adapters.
     #[arg(long, value_enum, default_value = "auto")]
     prefetch: Prefetch,
+    /// How the latent cache stores its values [default: f16 on wgpu (half the memory and bytes
+    /// per step); f32 for `logits`, on CUDA and on the CPU reference].
+    #[arg(long, value_enum)]
+    kv_cache: Option<CacheFormat>,
 }
 
 impl DeviceArgs {
+    /// The options for generation, chat, serve, bench and perplexity (a 16-bit cache on wgpu).
     fn options(&self) -> GpuOptions {
-        GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, sequences: 1 }
+        let default = match self.gpu {
+            GpuChoice::Cpu | GpuChoice::Cuda => CacheFormat::F32,
+            _ => CacheFormat::F16,
+        };
+        self.options_with(default)
+    }
+
+    /// The options with `default` as the cache format unless --kv-cache says otherwise.
+    fn options_with(&self, default: CacheFormat) -> GpuOptions {
+        GpuOptions {
+            quant: self.quant,
+            gpu_mem: self.gpu_mem,
+            eviction: self.expert_eviction,
+            prefetch: self.prefetch,
+            sequences: 1,
+            kv_cache: self.kv_cache.unwrap_or(default),
+        }
+    }
+
+    /// Rejects a --kv-cache the chosen device cannot honour.
+    fn check(&self) -> Result<()> {
+        match (self.gpu, self.kv_cache) {
+            (GpuChoice::Cpu, Some(c)) if c != CacheFormat::F32 => {
+                Err(Error::Invalid(format!("--kv-cache {}: the CPU reference keeps an f32 cache", c.name())))
+            }
+            (GpuChoice::Cuda, Some(c)) if c != CacheFormat::F32 => {
+                Err(Error::Invalid(format!("--kv-cache {}: the CUDA backend's cache is f32 so far (use --kv-cache f32 or --gpu vulkan)", c.name())))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -408,15 +443,15 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
 }
 
 fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
-    load_sequences(dir, device, capacity, 1)
+    load_sequences(dir, device, capacity, GpuOptions { sequences: 1, ..device.options() })
 }
 
-/// The engine with `sequences` sequences of `capacity` tokens each.
-fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, sequences: usize) -> Result<Box<dyn Engine>> {
+/// The engine `options` describe (its sequences of `capacity` tokens each).
+fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, options: GpuOptions) -> Result<Box<dyn Engine>> {
     let started = Instant::now();
+    device.check()?;
     let model = Model::load(dir)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
-    let options = GpuOptions { sequences, ..device.options() };
     let engine = open_engine(device.gpu, model, capacity, &options)?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
     Ok(engine)
@@ -462,7 +497,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     if template.is_none() {
         eprintln!("note: {} has no chat template: /v1/chat/completions answers 400, /v1/completions works", dir.display());
     }
-    let engine = load_sequences(&dir, &args.device, args.ctx.map(|c| c as usize), args.parallel as usize)?;
+    let options = GpuOptions { sequences: args.parallel as usize, ..args.device.options() };
+    let engine = load_sequences(&dir, &args.device, args.ctx.map(|c| c as usize), options)?;
     let name = args.alias.clone().unwrap_or_else(|| model_name(&dir));
     let summary = format!("{} sequences of {} tokens on {}", engine.sequences(), engine.capacity(), engine.device_name());
     let options = dsrun::server::ServerOptions { model_name: name.clone(), api_key: args.api_key.clone(), body_limit: args.body_limit, queue: args.queue, sampling };
@@ -549,7 +585,9 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
 
 fn run_logits(args: LogitsArgs) -> Result<()> {
     let dir = model_dir(&args.model);
-    let mut engine = load(&dir, &args.device, Some(args.tokens.len()))?;
+    // An exact f32 cache unless asked otherwise: logits exist to compare implementations.
+    let options = args.device.options_with(CacheFormat::F32);
+    let mut engine = load_sequences(&dir, &args.device, Some(args.tokens.len()), options)?;
     let logits = engine.forward(&args.tokens, Logits::All)?;
     let vocab = engine.config().vocab_size;
     dsrun::npy::write_f32(&args.out, &[args.tokens.len(), vocab], &logits)?;
@@ -617,6 +655,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let capacity = args.depth + args.prompt.max(args.generate).max(9);
     let parallel: Vec<usize> = args.parallel.iter().map(|&p| p as usize).collect();
     let sequences = parallel.iter().copied().max().unwrap_or(1);
+    args.device.check()?;
     let options = GpuOptions { sequences, ..args.device.options() };
     let mut engine = open_engine(args.device.gpu, model, capacity, &options)?;
     let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth };
@@ -632,6 +671,7 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         device: engine.device_name(),
         quant: format!("{:?}", args.device.quant).to_lowercase(),
         gpu_mem: args.device.gpu_mem.to_string(),
+        kv_cache: if engine.device_name().starts_with("cpu") { "f32".into() } else { options.kv_cache.name().into() },
         counters: engine.counters(),
     };
     if args.json {

@@ -146,8 +146,13 @@ fn inspect_prints_the_forward_plan() {
     for needle in ["device ", "context 32 tokens", "experts    streamed:", "next layer guessed", "routed_experts", "head, every token (2 ops)"] {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
-    // The last layer's latent cache: 32 positions of kv_lora_rank + qk_rope_head_dim = 40 values.
-    assert!(stdout.lines().any(|l| l.contains("latent cache 2") && l.trim_end().ends_with(" 1280")), "{stdout}");
+    // The last layer's latent cache: 32 positions of kv_lora_rank + qk_rope_head_dim = 40 values,
+    // two per word in the default 16-bit cache, one with --kv-cache f32.
+    assert!(stdout.lines().any(|l| l.contains("latent cache 2 (f16)") && l.trim_end().ends_with(" 640")), "{stdout}");
+    let out = dsrun(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--ctx", "32", "--kv-cache", "f32"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.lines().any(|l| l.contains("latent cache 2 (f32)") && l.trim_end().ends_with(" 1280")), "{stdout}");
+    assert_fails(&["--gpu", "cpu", "--kv-cache", "f16"], "CPU reference keeps an f32 cache");
     assert_fails(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--gpu", "cpu"], "without a plan");
 }
 

@@ -308,7 +308,7 @@ fn mla_attention_layer_matches_cpu() {
     for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
         common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
     }
-    let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0 };
+    let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
     assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
     for family in ["v3_noaux", "v2_lite"] {
         common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);

@@ -158,6 +158,45 @@ impl MatmulShape {
 /// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
 pub const LATENT_NORM_EPS: f64 = 1e-6;
 
+/// How the latent cache stores its values (`--kv-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CacheFormat {
+    /// Half precision: half the bytes of f32, 11 significant bits.
+    F16,
+    /// bfloat16: half the bytes, f32's range, 8 significant bits.
+    Bf16,
+    /// Exact (what `dsrun logits` and the fixture tests use).
+    #[default]
+    F32,
+}
+
+impl CacheFormat {
+    /// The shaders' `CACHE` constant.
+    pub fn code(self) -> u32 {
+        match self {
+            CacheFormat::F32 => 0,
+            CacheFormat::F16 => 1,
+            CacheFormat::Bf16 => 2,
+        }
+    }
+
+    /// 32-bit words that hold `values` values (16-bit formats pack two per word).
+    pub fn words(self, values: usize) -> usize {
+        match self {
+            CacheFormat::F32 => values,
+            CacheFormat::F16 | CacheFormat::Bf16 => values.div_ceil(2),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheFormat::F32 => "f32",
+            CacheFormat::F16 => "f16",
+            CacheFormat::Bf16 => "bf16",
+        }
+    }
+}
+
 /// The dimensions MLA kernels need (SPEC.md's names).
 #[derive(Debug, Clone, Copy)]
 pub struct MlaShape {
@@ -170,6 +209,8 @@ pub struct MlaShape {
     pub ctx: usize,
     pub scale: f32,
     pub rope_scale: f32,
+    /// How the latent cache stores its values.
+    pub cache: CacheFormat,
 }
 
 impl MlaShape {
@@ -183,6 +224,7 @@ impl MlaShape {
             ctx,
             scale: c.softmax_scale() as f32,
             rope_scale: rope.scale,
+            cache: CacheFormat::F32,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! shared experts, combine); the final norm and lm_head; the greedy argmax.
 
 use super::*;
-use crate::backend::layout::{SlotLayout, LATENT_NORM_EPS};
+use crate::backend::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
 use crate::budget::GpuOptions;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
@@ -244,7 +244,7 @@ struct ModelIds {
 }
 
 impl ModelIds {
-    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize) -> ModelIds {
+    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize, cache: CacheFormat) -> ModelIds {
         let (c, w) = (&model.config, &model.weights);
         let embed = p.matrix(&w.embed);
         let mut layers = Vec::new();
@@ -266,7 +266,7 @@ impl ModelIds {
                 // The absorb kernels read kv_b whole.
                 kv_b: p.weight(vec![&at.kv_b], false, true, false),
                 o: p.matrix(&at.o),
-                cache: p.buffer(format!("latent cache {i}"), cache_rows * c.latent_dim(), BufferKind::Cache),
+                cache: p.buffer(format!("latent cache {i} ({})", cache.name()), cache.words(cache_rows * c.latent_dim()), BufferKind::Cache),
             };
             let ffn = match &layer.ffn {
                 FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
@@ -452,7 +452,10 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     let rope = Rope::new(c);
     let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
     let a = Activations::declare(&mut p, model, target, &rope);
-    let ids = ModelIds::declare(&mut p, model, capacity * sequences);
+    if options.kv_cache != CacheFormat::F32 && c.latent_dim() % 2 != 0 {
+        return Err(Error::Invalid(format!("--kv-cache {}: packs pairs of values, and this model's latent width {} is odd (use --kv-cache f32)", options.kv_cache.name(), c.latent_dim())));
+    }
+    let ids = ModelIds::declare(&mut p, model, capacity * sequences, options.kv_cache);
 
     // What stays resident whatever the budget; then whether the experts all fit.
     let (memory, template) = memory_plan(&p, model, options, target);
@@ -466,7 +469,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         model,
         a: &a,
         ids: &ids,
-        mla: MlaShape::new(c, capacity, &rope),
+        mla: MlaShape { cache: options.kv_cache, ..MlaShape::new(c, capacity, &rope) },
         router: RouterParams::from_config(c),
         streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
     };

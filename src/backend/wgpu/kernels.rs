@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
+const CACHE: &str = include_str!("../../../shaders/cache.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
 const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.wgsl");
 
@@ -37,6 +38,11 @@ impl Kernel {
     /// Whether the kernel sums across lanes with `sum_over_lanes` (from a reduce snippet).
     fn reduces(self) -> bool {
         matches!(self, Kernel::Matmul | Kernel::AttentionPartial | Kernel::AttentionMerge)
+    }
+
+    /// Whether the kernel reads or writes the latent cache (through cache.wgsl).
+    fn uses_cache(self) -> bool {
+        matches!(self, Kernel::LatentStore | Kernel::AttentionPartial | Kernel::AttentionMerge)
     }
 
     /// (source, entry point, whether it reads a weight matrix)
@@ -102,6 +108,9 @@ impl Pipelines {
                 if uses_weights {
                     full.push_str(&crate::format::wgsl_constants());
                     full.push_str(WEIGHTS);
+                }
+                if kernel.uses_cache() {
+                    full.push_str(CACHE);
                 }
                 if kernel.reduces() {
                     full.push_str("const WG: u32 = 64u;\n");

@@ -378,7 +378,8 @@ impl Builder {
     /// MLA's latent store: norm + RoPE of the step's latents into the cache.
     pub fn latent_store(&self, s: &MlaShape, kv: &wgpu::Buffer, norm: &wgpu::Buffer, inv_freq: &wgpu::Buffer, positions: &wgpu::Buffer, cache: &wgpu::Buffer) -> Dispatch {
         let p = self.params("latent", &[s.lora as u32, s.rope as u32, (LATENT_NORM_EPS as f32).to_bits(), s.rope_scale.to_bits()]);
-        self.dispatch(Kernel::LatentStore, None, &[&p, kv, norm, inv_freq, positions, cache], Grid::per_token())
+        let overrides = [("CACHE", s.cache.code() as f64)];
+        self.dispatch_with(Kernel::LatentStore, None, &overrides, &[&p, kv, norm, inv_freq, positions, cache], Grid::per_token())
     }
 
     /// RoPE of each query head's rope part.
@@ -407,7 +408,7 @@ impl Builder {
     pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Vec<Dispatch> {
         let [q, q_lat, positions, cache, split_out, o_lat] = bufs;
         let (heads, group) = (s.heads as u32, attention_head_group(s));
-        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", group as f64)];
+        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", group as f64), ("CACHE", s.cache.code() as f64)];
         let pair = |split: AttentionSplit| {
             let p = self.params(
                 "attention",
