@@ -208,19 +208,16 @@ struct DeviceArgs {
     /// auto: on, except on software adapters.
     #[arg(long, value_enum, default_value = "auto")]
     prefetch: Prefetch,
-    /// How the latent cache stores its values [default: f16 on wgpu (half the memory and bytes
-    /// per step); f32 for `logits`, on CUDA and on the CPU reference].
+    /// How the latent cache stores its values [default: f16 on the GPU (half the memory and
+    /// bytes per step); f32 for `logits` and on the CPU reference].
     #[arg(long, value_enum)]
     kv_cache: Option<CacheFormat>,
 }
 
 impl DeviceArgs {
-    /// The options for generation, chat, serve, bench and perplexity (a 16-bit cache on wgpu).
+    /// The options for generation, chat, serve, bench and perplexity (a 16-bit cache on GPUs).
     fn options(&self) -> GpuOptions {
-        let default = match self.gpu {
-            GpuChoice::Cpu | GpuChoice::Cuda => CacheFormat::F32,
-            _ => CacheFormat::F16,
-        };
+        let default = if self.gpu == GpuChoice::Cpu { CacheFormat::F32 } else { CacheFormat::F16 };
         self.options_with(default)
     }
 
@@ -241,9 +238,6 @@ impl DeviceArgs {
         match (self.gpu, self.kv_cache) {
             (GpuChoice::Cpu, Some(c)) if c != CacheFormat::F32 => {
                 Err(Error::Invalid(format!("--kv-cache {}: the CPU reference keeps an f32 cache", c.name())))
-            }
-            (GpuChoice::Cuda, Some(c)) if c != CacheFormat::F32 => {
-                Err(Error::Invalid(format!("--kv-cache {}: the CUDA backend's cache is f32 so far (use --kv-cache f32 or --gpu vulkan)", c.name())))
             }
             _ => Ok(()),
         }

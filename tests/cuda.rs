@@ -105,7 +105,8 @@ fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
     for arch in ["compute_80", "compute_90"] {
         for (source, names) in sources::ALL {
             for format in 0..6u32 {
-                let mut defines = vec![("FORMAT", format), ("TILE", 8), ("LORA", 512), ("ROPE", 64)];
+                // The latent cache's three formats ride along the weight formats.
+                let mut defines = vec![("FORMAT", format), ("TILE", 8), ("LORA", 512), ("ROPE", 64), ("CACHE", format % 3)];
                 defines.extend(router);
                 let ptx = compile(&format!("{common}\n{source}"), &defines, arch).unwrap_or_else(|e| panic!("{names:?} {arch} format {format}: {e}")).to_src();
                 for n in names {
@@ -289,6 +290,32 @@ fn whole_model_matches_transformers_on_every_family() {
             let greedy = engine.forward_greedy(&g.tokens).unwrap();
             let last = &g.logits[(g.tokens.len() - 1) * g.vocab..];
             assert_eq!(greedy as usize, common::argmax(last), "{name} {family}: greedy id");
+        }
+    }
+}
+
+/// The 16-bit latent caches on CUDA: logits against transformers' within the rounding a
+/// 16-bit cache adds (f16 2e-3, bf16 2e-2 of the logits' scale, measured ~5x below), and the
+/// greedy choice unchanged at every position.
+#[test]
+fn sixteen_bit_latent_caches_stay_close_to_transformers() {
+    use dsrun::backend::layout::CacheFormat;
+    for rt_index in 0..runtimes().len() {
+        let dir = common::fixture("v3_noaux");
+        let g = common::golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        for (cache, tolerance) in [(CacheFormat::F16, 2e-3), (CacheFormat::Bf16, 2e-2)] {
+            let options = dsrun::budget::GpuOptions { kv_cache: cache, ..Default::default() };
+            let mut engine = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
+            let mut logits = engine.forward(&g.tokens[..5], Logits::All).unwrap();
+            for &t in &g.tokens[5..] {
+                logits.extend(engine.forward(&[t], Logits::All).unwrap());
+            }
+            let err = common::relative_error(&logits, &g.logits);
+            eprintln!("{} --kv-cache {}: relative error {err:e}", engine.device_name(), cache.name());
+            assert!(err <= tolerance, "--kv-cache {}: relative error {err:e}", cache.name());
+            let argmaxes = |l: &[f32]| l.chunks(g.vocab).map(common::argmax).collect::<Vec<_>>();
+            assert_eq!(argmaxes(&logits), argmaxes(&g.logits), "--kv-cache {}: greedy choices", cache.name());
         }
     }
 }

@@ -46,6 +46,10 @@ step "decode speed"
 for args in "--gpu cuda" "--gpu cuda --gpu-mem 25%"; do
     timeout 120 $bin/dsrun bench --model $synth $args -p 128 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"
 done
+step "latent cache formats at depth 1024 (f16 default, bf16, f32)"
+for c in f16 bf16 f32; do
+    timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 0 -n 32 -d 1024 -r 2 --kv-cache $c --json | tee -a "$OUT/bench.jsonl"
+done
 step "batched decode (continuous batching: 1, 4 and 8 sequences per step, aggregate tok/s)"
 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 0 -n 32 -r 2 --parallel 1,4,8 --json | tee -a "$OUT/bench.jsonl"
 DSRUN_CUDA_GRAPHS=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 16 -n 64 -r 3 --json | tee -a "$OUT/bench.jsonl"

@@ -179,9 +179,6 @@ impl Backend for CudaBackend {
                 out.push(self.ops.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None)?)
             }
             Op::SiluMul { width, gate, up } => out.push(self.ops.silu_mul(width, buf(gate), buf(up))?),
-            Op::LatentStore { ref mla, .. } if mla.cache != crate::backend::layout::CacheFormat::F32 => {
-                return Err(crate::Error::Invalid(format!("--kv-cache {}: the CUDA backend's cache is f32 so far (use --kv-cache f32)", mla.cache.name())));
-            }
             Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => {
                 out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?)
             }

@@ -286,7 +286,7 @@ impl Ops {
 
     /// MLA's latent store: norm + RoPE of the step's latents into the cache.
     pub fn latent_store(&self, s: &MlaShape, kv: &Buffer, norm: &Buffer, inv_freq: &Buffer, positions: &Buffer, cache: &Buffer) -> Result<Op> {
-        let kernel = self.kernel(sources::ROPE, &[], "latent_store")?;
+        let kernel = self.kernel(sources::ROPE, &[("CACHE", s.cache.code())], "latent_store")?;
         let args = vec![
             kv.into(),
             norm.into(),
@@ -312,7 +312,7 @@ impl Ops {
 
     /// The MLA family compiled for `format` (kv_b's) and the model's latent widths.
     fn mla(&self, s: &MlaShape, format: u32, name: &str) -> Result<Kernel> {
-        self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", s.lora as u32), ("ROPE", s.rope as u32)], name)
+        self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", s.lora as u32), ("ROPE", s.rope as u32), ("CACHE", s.cache.code())], name)
     }
 
     /// `q_lat = W_UK^T q_nope` (`v_up = false`) or `o = W_UV o_lat` (`v_up = true`) per head.

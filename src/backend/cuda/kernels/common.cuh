@@ -47,6 +47,49 @@ __device__ __forceinline__ float f16_to_f32(u32 bits) {
 #endif
 }
 
+__device__ __forceinline__ u32 f32_to_f16(float f) {
+#ifdef __CUDA_ARCH__
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    return __float2half_bits(f);
+#endif
+}
+
+// bf16 with round-to-nearest-even.
+__device__ __forceinline__ u32 f32_to_bf16(float f) {
+    const u32 b = __float_as_uint(f);
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
+// The latent cache's words (`--kv-cache`): CACHE 0 is one f32 per word, 1 two f16, 2 two bf16,
+// value i in the low half of word i / 2 when i is even.
+#ifndef CACHE
+#define CACHE 0
+#endif
+__device__ __forceinline__ float cache_load(const u32* cache, u64 i) {
+#if CACHE == 0
+    return __uint_as_float(cache[i]);
+#elif CACHE == 1
+    return f16_to_f32((cache[i >> 1] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
+#else
+    return bf16_to_f32((cache[i >> 1] >> ((u32)(i & 1u) * 16u)) & 0xffffu);
+#endif
+}
+
+// Stores values i and i + 1 (i even).
+__device__ __forceinline__ void cache_store2(u32* cache, u64 i, float a, float b) {
+#if CACHE == 0
+    cache[i] = __float_as_uint(a);
+    cache[i + 1] = __float_as_uint(b);
+#elif CACHE == 1
+    cache[i >> 1] = f32_to_f16(a) | (f32_to_f16(b) << 16);
+#else
+    cache[i >> 1] = f32_to_bf16(a) | (f32_to_bf16(b) << 16);
+#endif
+}
+
 // Exact e4m3fn: (8 + m) * 2^(e - 10) for normals, m * 2^-9 for subnormals, 0x7f/0xff NaN.
 __device__ __forceinline__ float fp8_to_f32(u32 code) {
     u32 e = (code >> 3) & 0xfu;

@@ -65,6 +65,24 @@ static inline float __half2float_bits(unsigned short h) {
     return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+// f32 to f16 bits, round to nearest even (cvt.rn.f16.f32 on the device).
+static inline unsigned __float2half_bits(float f) {
+    unsigned x = __float_as_uint(f), sign = (x >> 16) & 0x8000u, e = (x >> 23) & 0xffu, m = x & 0x7fffffu;
+    if (e == 0xffu) return sign | 0x7c00u | (m ? 0x200u : 0u);
+    int exp = (int)e - 112;
+    if (exp >= 31) return sign | 0x7c00u;
+    if (exp <= 0) {
+        if (exp < -10) return sign;
+        m |= 0x800000u;
+        unsigned shift = (unsigned)(14 - exp), half = m >> shift, rem = m & ((1u << shift) - 1u), mid = 1u << (shift - 1u);
+        if (rem > mid || (rem == mid && (half & 1u))) half++;
+        return sign | half;
+    }
+    unsigned half = sign | ((unsigned)exp << 10) | (m >> 13), rem = m & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) half++;
+    return half;
+}
+
 namespace dsrun_emu {
 
 enum State { RUNNABLE, WAIT_BLOCK, WAIT_WARP, DONE };

@@ -44,7 +44,7 @@ extern "C" __global__ void v_up(const WeightLayout* __restrict__ layout, const u
 // running max m, sum l and unnormalised o_lat to `partial` ([t, h, split] x (2 + LORA)), and
 // mla_merge combines the splits. Grid: (ceil(heads / HEAD_GROUP), n_tokens, splits); 256 threads.
 extern "C" __global__ void mla_partial(const float* __restrict__ q, const float* __restrict__ q_lat, const u32* __restrict__ positions,
-                                       const float* __restrict__ sequence_cache, float* __restrict__ partial, u32 heads, u32 qk, u32 nope,
+                                       const u32* __restrict__ cache, float* __restrict__ partial, u32 heads, u32 qk, u32 nope,
                                        u32 chunk, float scale) {
     __shared__ float qs[HEAD_GROUP][LATENT];
     __shared__ float tile[TILE_POSITIONS][LATENT];
@@ -52,7 +52,7 @@ extern "C" __global__ void mla_partial(const float* __restrict__ q, const float*
     __shared__ float m[HEAD_GROUP], l[HEAD_GROUP], alpha[HEAD_GROUP];
     const u32 tid = threadIdx.x, t = blockIdx.y, h0 = blockIdx.x * HEAD_GROUP, split = blockIdx.z, splits = gridDim.z;
     const u32 visible = positions[2u * t] + 1u;
-    const float* cache = sequence_cache + (u64)positions[2u * t + 1u] * LATENT;
+    const u64 row0 = (u64)positions[2u * t + 1u] * LATENT; // the sequence's first cache value
     const u32 begin = split * chunk;
     const u32 end = begin + chunk < visible ? begin + chunk : visible;
 
@@ -77,7 +77,7 @@ extern "C" __global__ void mla_partial(const float* __restrict__ q, const float*
         __syncthreads(); // the previous tile is used up (and qs is loaded)
         for (u32 i = tid; i < TILE_POSITIONS * LATENT; i += THREADS) {
             const u32 pp = i / LATENT, c = i % LATENT;
-            tile[pp][c] = p0 + pp < end ? cache[(u64)(p0 + pp) * LATENT + c] : 0.0f;
+            tile[pp][c] = p0 + pp < end ? cache_load(cache, row0 + (u64)(p0 + pp) * LATENT + c) : 0.0f;
         }
         __syncthreads();
         float s = 0.0f;

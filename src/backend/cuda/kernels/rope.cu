@@ -23,19 +23,23 @@ extern "C" __global__ void rope_q(const Step* __restrict__ step, const float* __
 // its sequence's rows (from row0):
 //   cache[row0 + pos, :lora] = RMSNorm(kv[t, :lora]) (c_kv),  cache[row0 + pos, lora:] = rope(kv[t, lora:]) (k_pe).
 extern "C" __global__ void latent_store(const float* __restrict__ kv, const float* __restrict__ norm, const float* __restrict__ inv_freq,
-                                        const u32* __restrict__ positions, float* __restrict__ cache, u32 lora, u32 rope, float eps,
+                                        const u32* __restrict__ positions, u32* __restrict__ cache, u32 lora, u32 rope, float eps,
                                         float rope_scale) {
     const u32 t = blockIdx.x, latent = lora + rope, pos = positions[2u * t];
     const float* src = kv + (u64)t * latent;
-    float* dst = cache + ((u64)positions[2u * t + 1u] + pos) * latent;
+    const u64 dst = ((u64)positions[2u * t + 1u] + pos) * latent;
     float acc = 0.0f;
     for (u32 c = threadIdx.x; c < lora; c += blockDim.x) acc += src[c] * src[c];
     const float inv = rsqrtf(block_sum(acc) / (float)lora + eps);
-    for (u32 c = threadIdx.x; c < lora; c += blockDim.x) dst[c] = norm[c] * (src[c] * inv);
+#if CACHE == 0
+    for (u32 c = threadIdx.x; c < lora; c += blockDim.x) cache[dst + c] = __float_as_uint(norm[c] * (src[c] * inv));
+#else
+    // 16-bit: a pair of values per word (the latent width is even).
+    for (u32 c = 2u * threadIdx.x; c < lora; c += 2u * blockDim.x) cache_store2(cache, dst + c, norm[c] * (src[c] * inv), norm[c + 1u] * (src[c + 1u] * inv));
+#endif
     for (u32 j = threadIdx.x; j < rope / 2u; j += blockDim.x) {
         float pair[2] = {src[lora + 2u * j], src[lora + 2u * j + 1u]};
         rotate(pair, (float)pos * inv_freq[j], rope_scale);
-        dst[lora + 2u * j] = pair[0];
-        dst[lora + 2u * j + 1u] = pair[1];
+        cache_store2(cache, dst + lora + 2u * j, pair[0], pair[1]);
     }
 }
