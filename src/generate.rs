@@ -131,10 +131,6 @@ impl Generation {
         self.stop.is_some()
     }
 
-    /// Whether the reply may have any token (`max_tokens` 0 only scores the prompt).
-    pub fn wants_tokens(&self) -> bool {
-        self.stopping.max_tokens > 0
-    }
 
     /// The next token from the last position's logits.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
@@ -143,6 +139,11 @@ impl Generation {
 
     /// Takes the chosen token (`logits`: what it was chosen from, for its log-probability).
     pub fn push(&mut self, tokenizer: &Tokenizer, token: u32, logits: Option<&[f32]>) -> Result<Emitted> {
+        // `max_tokens` 0 only scores the prompt: the reply ends before its first token.
+        if self.stopping.max_tokens == 0 {
+            self.stop = Some(StopReason::MaxTokens);
+            return Ok(Emitted::default());
+        }
         let logprob = match (self.stopping.logprobs, logits) {
             (Some(n), Some(l)) => Some(logprobs(l, token, n)),
             _ => None,

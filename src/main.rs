@@ -303,7 +303,7 @@ struct SamplingArgs {
 
 impl SamplingArgs {
     fn config(&self, defaults: &GenerationDefaults) -> SamplerConfig {
-        let mut c = defaults.sampler_config(self.seed.unwrap_or_else(clock_seed));
+        let mut c = defaults.sampler_config(self.seed.unwrap_or_else(dsrun::sample::clock_seed));
         c.temperature = self.temperature.unwrap_or(c.temperature);
         c.top_k = self.top_k.unwrap_or(c.top_k);
         c.top_p = self.top_p.unwrap_or(c.top_p);
@@ -317,11 +317,15 @@ impl SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The sampler, its settings checked under the flags' names.
-    fn sampler(&self, defaults: &GenerationDefaults, vocab: usize) -> Result<Sampler> {
+    /// The settings, checked under the flags' names (`top_p` is `--top-p`).
+    fn checked_config(&self, defaults: &GenerationDefaults, vocab: usize) -> Result<SamplerConfig> {
         let config = self.config(defaults);
         config.validate_named(vocab, &|field| format!("--{}", field.replace("repetition", "repeat").replace('_', "-")))?;
-        Sampler::new(config, vocab)
+        Ok(config)
+    }
+
+    fn sampler(&self, defaults: &GenerationDefaults, vocab: usize) -> Result<Sampler> {
+        Sampler::new(self.checked_config(defaults, vocab)?, vocab)
     }
 }
 
@@ -483,9 +487,8 @@ fn run_serve(args: ServeArgs) -> Result<()> {
     let dir = model_dir(&args.model);
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let defaults = GenerationDefaults::load(&dir)?;
-    let mut sampling = args.sampling.config(&defaults);
-    sampling.validate_named(config.vocab_size, &|field| format!("--{}", field.replace("repetition", "repeat").replace('_', "-")))?;
-    sampling.seed = 0;
+    // Requests bring their own seed (or one from the clock).
+    let sampling = SamplerConfig { seed: 0, ..args.sampling.checked_config(&defaults, config.vocab_size)? };
     let tokenizer = Tokenizer::load(&dir, &config)?;
     let template = dsrun::chat_template::ChatTemplate::load(&dir)?;
     if template.is_none() {
@@ -529,18 +532,15 @@ fn dsrun_chat(args: ChatArgs) -> Result<()> {
     let template = dsrun::chat_template::ChatTemplate::load(&dir)?
         .ok_or_else(|| Error::Invalid(format!("{} has no chat template (tokenizer_config.json's chat_template): use `dsrun --prompt` to continue text", dir.display())))?;
     let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
-    args.sampling.sampler(&defaults, config.vocab_size)?;
+    let base = args.sampling.checked_config(&defaults, config.vocab_size)?;
     let chat = dsrun::chat::Chat { engine: engine.as_mut(), tokenizer: &tokenizer, template: &template };
     let settings = dsrun::chat::Settings {
         system: args.system.clone(),
         stopping: args.stopping.stopping(args.n),
         stats: args.stats,
     };
-    let sampler = |turn: u64| {
-        let mut c = args.sampling.config(&defaults);
-        c.seed = c.seed.wrapping_add(turn);
-        Sampler::new(c, config.vocab_size)
-    };
+    // Each reply draws from its own seed, reproducible from --seed.
+    let sampler = |turn: u64| Sampler::new(SamplerConfig { seed: base.seed.wrapping_add(turn), ..base.clone() }, config.vocab_size);
     dsrun::chat::run(chat, settings, &sampler)
 }
 
@@ -712,6 +712,4 @@ fn run_devices() -> Result<()> {
     Ok(())
 }
 
-fn clock_seed() -> u64 {
-    dsrun::sample::clock_seed()
-}
+

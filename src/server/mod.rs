@@ -222,7 +222,7 @@ async fn chat(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result<Respo
                 vec![chunk(json!([{"index": 0, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}]))]
             }
             Event::Done { reason, prompt_tokens, cached_tokens, completion_tokens } => {
-                let mut out = vec![chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": openai::finish_reason(&reason)}]))];
+                let mut out = vec![chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason.finish_reason()}]))];
                 if include_usage {
                     let mut last = chunk(json!([]));
                     last["usage"] = openai::usage(prompt_tokens, cached_tokens, completion_tokens);
@@ -241,7 +241,7 @@ async fn chat(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result<Respo
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text}, "logprobs": logprobs, "finish_reason": openai::finish_reason(&reply.reason)}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text}, "logprobs": logprobs, "finish_reason": reply.reason.finish_reason()}],
         "usage": openai::usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens),
     }))
     .into_response())
@@ -299,7 +299,7 @@ async fn completion(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result
                 vec![chunk(&text, logprobs, Value::Null)]
             }
             Event::Done { reason, prompt_tokens, cached_tokens, completion_tokens } => {
-                let mut last = chunk("", Value::Null, json!(openai::finish_reason(&reason)));
+                let mut last = chunk("", Value::Null, json!(reason.finish_reason()));
                 if include_usage {
                     last["usage"] = openai::usage(prompt_tokens, cached_tokens, completion_tokens);
                 }
@@ -325,7 +325,7 @@ async fn completion(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"text": prompt_text + &reply.text, "index": 0, "logprobs": logprobs, "finish_reason": openai::finish_reason(&reply.reason)}],
+        "choices": [{"text": prompt_text + &reply.text, "index": 0, "logprobs": logprobs, "finish_reason": reply.reason.finish_reason()}],
         "usage": openai::usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens),
     }))
     .into_response())

@@ -1,7 +1,6 @@
 //! OpenAI's API shapes: the request body both completion routes accept, its checks, errors in
 //! OpenAI's JSON shape, and the response and stream-chunk bodies.
 
-use crate::generate::StopReason;
 use crate::sample::{SamplerConfig, TokenLogprob};
 use crate::tokenizer::Tokenizer;
 use axum::http::StatusCode;
@@ -270,8 +269,8 @@ pub fn chat_logprob(tokenizer: &Tokenizer, lp: &TokenLogprob) -> Value {
     e
 }
 
-/// Completions' `logprobs` object for tokens (None: the first prompt token, which has none),
-/// each token's text starting at `offset` characters... counted in bytes, as OpenAI does.
+/// Completions' `logprobs` object for tokens (None: the first prompt token, which has none);
+/// `text_offset` counts bytes from `offset` (where the first token's text starts).
 pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[(u32, Option<&TokenLogprob>)], mut offset: usize) -> Value {
     let (mut texts, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &(id, lp) in tokens {
@@ -286,8 +285,4 @@ pub fn completion_logprobs(tokenizer: &Tokenizer, tokens: &[(u32, Option<&TokenL
         }));
     }
     json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
-}
-
-pub fn finish_reason(reason: &StopReason) -> &'static str {
-    reason.finish_reason()
 }

@@ -307,18 +307,18 @@ impl Worker {
         let capacity = self.engine.capacity();
         let slot = &mut self.slots[seq];
         let active = slot.active.as_mut().expect("an active slot");
-        if active.generation.wants_tokens() {
-            let emitted = match active.generation.push(&self.tokenizer, token, logits) {
-                Ok(e) => e,
-                Err(e) => return self.fail(seq, &e.to_string()),
-            };
-            if !emitted.text.is_empty() || emitted.logprob.is_some() {
-                let _ = active.events.send(Event::Token { text: emitted.text, logprob: emitted.logprob });
-            }
-            self.metrics.generated(1);
+        let before = active.generation.generated;
+        let emitted = match active.generation.push(&self.tokenizer, token, logits) {
+            Ok(e) => e,
+            Err(e) => return self.fail(seq, &e.to_string()),
+        };
+        if !emitted.text.is_empty() || emitted.logprob.is_some() {
+            let _ = active.events.send(Event::Token { text: emitted.text, logprob: emitted.logprob });
         }
+        // An EOS that ends the reply is not a generated token.
+        self.metrics.generated(active.generation.generated - before);
         let full = slot.cached.len() >= capacity;
-        if active.generation.wants_tokens() && !active.generation.done() && !full {
+        if !active.generation.done() && !full {
             active.next = Some(token);
             return;
         }

@@ -213,22 +213,24 @@ impl Backend for WgpuBackend {
                 let k32 = k as u32;
                 let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));
                 match experts {
-                    // Grouped by expert across the step's tokens (one group list for the three).
-                    Experts::Resident { gate, up, down } if !b.ctx.group_experts => {
-                        out.extend(b.expert_matmul(res.weight(gate), k32, k32, x, act, buf(ids)));
-                        out.extend(b.expert_matmul(res.weight(up), k32, k32, x, up_act, buf(ids)));
-                        out.push(b.silu_mul(k * width, act, up_act));
-                        out.extend(b.expert_matmul(res.weight(down), k32, 1, act, o, buf(ids)));
-                    }
+                    // Grouped by expert across the step's tokens where the adapter gains from it
+                    // (one group list for the three matrices), else one slot per workgroup.
                     Experts::Resident { gate, up, down } => {
-                        let Some((groups, experts)) = &self.expert_groups else {
-                            return Err(crate::Error::Invalid("routed experts in a plan whose target had none".into()));
+                        let groups = match &self.expert_groups {
+                            Some((groups, experts)) if b.ctx.group_experts => {
+                                out.push(b.group_experts(k32, *experts, buf(ids), groups));
+                                Some(groups)
+                            }
+                            _ => None,
                         };
-                        out.push(b.group_experts(k32, *experts, buf(ids), groups));
-                        out.push(b.grouped_expert_matmul(res.weight(gate), k32, k32, x, act, buf(ids), groups));
-                        out.push(b.grouped_expert_matmul(res.weight(up), k32, k32, x, up_act, buf(ids), groups));
+                        let expert = |w, x_div, x, y| match groups {
+                            Some(groups) => vec![b.grouped_expert_matmul(res.weight(w), k32, x_div, x, y, buf(ids), groups)],
+                            None => b.expert_matmul(res.weight(w), k32, x_div, x, y, buf(ids)),
+                        };
+                        out.extend(expert(gate, k32, x, act));
+                        out.extend(expert(up, k32, x, up_act));
                         out.push(b.silu_mul(k * width, act, up_act));
-                        out.push(b.grouped_expert_matmul(res.weight(down), k32, 1, act, o, buf(ids), groups));
+                        out.extend(expert(down, 1, act, o));
                     }
                     // Each pool computes the slots its list names: gate and up per pool,
                     // SwiGLU over all slots, down per pool.
