@@ -38,14 +38,19 @@ fn main() {
     for dtype in [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4] {
         let m = Matrix::from_values("bench", rows, cols, dtype, &w, (128, 128));
         let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
-        for n in [1usize, 16] {
+        for n in [1usize, 16, 256] {
             let x = r.f32_buffer(&values(n * cols));
             let y = r.zeros(n * rows).unwrap();
             let d = r.builder().matmul(&gm, &x, &y, false);
             r.set_step(n as u32);
             let t = r.time(&d, n as u32, reps).unwrap();
             let gbs = gm.bytes as f64 / t / 1e9;
-            let what = if n == 1 { "mat-vec (decode)" } else { "matmul 16 tokens" };
+            // Prefill-sized steps name the kernel the adapter's defaults chose.
+            let what = match n {
+                1 => "mat-vec (decode)".to_string(),
+                _ if d[0].kernel == Kernel::Gemm => format!("GEMM {n} tokens"),
+                _ => format!("matmul {n} tokens"),
+            };
             println!(
                 "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%   {:.2} GFLOP/s",
                 format!("{what} {dtype:?} {rows}x{cols}"),

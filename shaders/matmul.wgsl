@@ -20,7 +20,7 @@ override USE_IDS: u32 = 0u;
 override SLOT_LIST: u32 = 0u;
 // Routed experts grouped by expert (group_experts.wgsl's output in `ids`): workgroup z takes
 // tile z, up to TILE slots of one expert, so the expert's weights are decoded once for all of
-// them. Workgroups beyond the step's tiles return at once.
+// them (an indirect dispatch launches one workgroup per tile and row group).
 override GROUPED: u32 = 0u;
 
 struct Params {
@@ -56,10 +56,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
         if (wid.z >= ids[0]) {
             return;
         }
-        expert = ids[4u + 3u * wid.z];
-        s0 = ids[5u + 3u * wid.z];
-        count = ids[6u + 3u * wid.z];
-        order = 4u + 3u * slots;
+        expert = ids[12u + 3u * wid.z];
+        s0 = ids[13u + 3u * wid.z];
+        count = ids[14u + 3u * wid.z];
+        order = 12u + 3u * slots;
     }
     var slot: array<u32, 8>;
     for (var t = 0u; t < TILE; t++) {

@@ -8,8 +8,9 @@
 mod common;
 use common::random;
 use dsrun::backend::cpu;
-use dsrun::backend::wgpu::lower::{listed_grid, MatmulShape};
+use dsrun::backend::wgpu::lower::{listed_grid, Builder, ExpertMatrix, MatmulShape};
 use wgpu::util::DeviceExt;
+use dsrun::backend::wgpu::kernels::Kernel;
 use dsrun::backend::wgpu::runner::OpRunner;
 use dsrun::backend::wgpu::{context, tensors::{GpuMatrix, SlotMatrix}};
 use dsrun::device::GpuChoice;
@@ -64,6 +65,39 @@ fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
             assert_close(&format!("{dtype:?} {rows}x{cols} n={n} subgroups={subgroups}"), &got, &cpu::matmul(&m, &x, n));
+        }
+    }
+}
+
+/// The tiled prefill GEMM (the hardware-GPU default for dense prefill matmuls) against the CPU on
+/// every format: 70 and 37 rows (one partial 64-row tile, or a tile and a part), 300 and 136
+/// columns (partial 8-word chunks), token counts below, at and beyond a 16-token tile, and
+/// accumulating into y. 129 columns (rows not word-aligned) take the register-tile path.
+#[test]
+fn prefill_gemm_every_format_and_tile_edge() {
+    let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    ctx.prefill_gemm = true;
+    let mut r = OpRunner::new(ctx).unwrap();
+    let cases = [(70, 300, 5usize), (70, 300, 16), (37, 136, 17), (37, 300, 40), (13, 129, 9)];
+    for dtype in FORMATS {
+        for (rows, cols, n) in cases {
+            let m = matrix(dtype, rows, cols, 7);
+            let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+            let x = random(8 + n as u64, n * cols);
+            for accumulate in [false, true] {
+                let base = random(9, n * rows);
+                let (xb, yb) = (r.f32_buffer(&x), r.f32_buffer(&base));
+                let d = r.builder().matmul(&gm, &xb, &yb, accumulate);
+                assert_eq!(d[0].kernel == Kernel::Gemm, gm.whole_words, "{dtype:?} {rows}x{cols}: the GEMM takes word-aligned rows");
+                r.set_step(n as u32);
+                r.run(&d, n as u32, 1).unwrap();
+                let got = r.read_f32(&yb, n * rows).unwrap();
+                let mut want = cpu::matmul(&m, &x, n);
+                if accumulate {
+                    want.iter_mut().zip(&base).for_each(|(w, b)| *w += b);
+                }
+                assert_close(&format!("{dtype:?} {rows}x{cols} n={n} accumulate={accumulate}"), &got, &want);
+            }
         }
     }
 }
@@ -151,24 +185,34 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
 /// a single-token step takes the per-slot path.
 #[test]
 fn grouped_expert_matmul_gives_the_per_slot_bits() {
-    let mut r = runner();
+    // Both tile shapes: CPU adapters' (4 rows x 4 slots) and GPUs' (16 x 2).
+    for cpu_shapes in [true, false] {
+        let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+        ctx.cpu_shapes = cpu_shapes;
+        grouped_expert_matmul_with(&mut OpRunner::new(ctx).unwrap());
+    }
+}
+
+fn grouped_expert_matmul_with(r: &mut OpRunner) {
     for dtype in FORMATS {
         let (experts, rows, cols, k, n) = (6, 21, 150, 3, 7);
         let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 60 + e as u64)).collect();
         let Ok(gm) = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()) else { continue };
-        // Expert 4 takes 11 slots (more than a tile of 8); expert 5 none.
+        // Expert 4 takes 11 slots (more than a tile); expert 5 none.
         let ids: Vec<u32> = (0..n * k).map(|s| if s % 2 == 0 { 4 } else { (s % 4) as u32 }).collect();
         for x_div in [k, 1] {
             let x = random(61 + x_div as u64, n * cols * if x_div == 1 { k } else { 1 });
             let (xb, ib) = (r.f32_buffer(&x), r.u32_buffer(&ids));
-            let groups = r.zeros(dsrun::backend::wgpu::lower::Builder::expert_groups_words(n * k)).unwrap();
+            let groups = Builder::expert_groups(r.ctx(), n * k).unwrap();
+            let which = if x_div == 1 { ExpertMatrix::Down } else { ExpertMatrix::GateUp };
             let (per_slot, grouped) = (r.zeros(n * k * rows).unwrap(), r.zeros(n * k * rows).unwrap());
-            for steps in [n, 1] {
+            // 3 tokens: fewer than two slots per expert, per slot with CPU shapes.
+            for steps in [n, 3, 1] {
                 r.set_step(steps as u32);
                 r.run(&r.builder().expert_matmul(&gm, k as u32, x_div as u32, &xb, &per_slot, &ib), steps as u32, 1).unwrap();
                 let ops = [
-                    r.builder().group_experts(k as u32, experts as u32, &ib, &groups),
-                    r.builder().grouped_expert_matmul(&gm, k as u32, x_div as u32, &xb, &grouped, &ib, &groups),
+                    r.builder().group_experts(k as u32, experts as u32, [rows, rows], &ib, &groups),
+                    r.builder().grouped_expert_matmul(&gm, which, k as u32, experts as u32, x_div as u32, &xb, &grouped, &ib, &groups),
                 ];
                 r.run(&ops, steps as u32, 1).unwrap();
                 let (want, got) = (r.read_f32(&per_slot, steps * k * rows).unwrap(), r.read_f32(&grouped, steps * k * rows).unwrap());

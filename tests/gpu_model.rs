@@ -19,14 +19,18 @@ fn gpu_prefill_matches_transformers_on_every_family() {
         let dir = fixture(family);
         let g = golden(&dir);
         let model = Model::load(&dir).unwrap();
-        // Routed experts per slot and grouped by expert (the hardware-GPU default).
-        for group_experts in [false, true] {
+        // Routed experts per slot and grouped by expert; CPU adapters' kernel shapes and GPUs'
+        // (the tiled prefill GEMM among them).
+        for (group_experts, cpu_shapes) in [(false, true), (true, true), (true, false)] {
             let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
             ctx.group_experts = group_experts;
+            ctx.cpu_shapes = cpu_shapes;
+            ctx.prefill_gemm = !cpu_shapes;
             let mut engine = GpuModel::new(ctx, &model, g.tokens.len(), dsrun::quant::QuantTarget::Keep).unwrap();
             let logits = engine.forward(&g.tokens, Logits::All).unwrap();
-            eprintln!("{family} (grouped experts {group_experts}): GPU relative error {:e}", relative_error(&logits, &g.logits));
-            assert_logits_match(&format!("{family}, grouped experts {group_experts}"), &logits, &g.logits, g.vocab, 1e-3);
+            let what = format!("{family}, grouped experts {group_experts}, CPU shapes {cpu_shapes}");
+            eprintln!("{what}: GPU relative error {:e}", relative_error(&logits, &g.logits));
+            assert_logits_match(&what, &logits, &g.logits, g.vocab, 1e-3);
         }
     }
 }
@@ -104,11 +108,13 @@ fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
         let options = dsrun::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
         let mut alone = gpu(&model, capacity);
         let mut cpu = CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
-        for group_experts in [false, true] {
+        for (group_experts, cpu_shapes) in [(false, true), (true, true), (true, false)] {
             let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
             ctx.group_experts = group_experts;
+            ctx.cpu_shapes = cpu_shapes;
             let mut batched = GpuModel::with_options(ctx, &model, capacity, &options).unwrap();
-            batched_decode_matches_alone(&format!("{family} wgpu, grouped experts {group_experts}"), &mut batched, &mut alone, &mut cpu);
+            let what = format!("{family} wgpu, grouped experts {group_experts}, CPU shapes {cpu_shapes}");
+            batched_decode_matches_alone(&what, &mut batched, &mut alone, &mut cpu);
         }
     }
 }

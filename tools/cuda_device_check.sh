@@ -2,8 +2,11 @@
 # Every CUDA check in one run on a lent NVIDIA machine (see tools/cuda_device_prepare.sh),
 # results under $OUT: the kernel and whole-model tests on the device, kernel bandwidth against
 # the device's own stream/copy kernels, and decode speed on a synthetic V3-shaped checkpoint of
-# several GB (with and without CUDA graphs, and streaming experts through a 25% cache).
-# Usage (device tool): carry [".devbin"], command `bash tools/cuda_device_check.sh`.
+# several GB (with and without CUDA graphs, and streaming experts through a 25% cache); then the
+# wgpu backend on the same GPU through Vulkan (kernel tests, kernel bandwidth, prefill with the
+# GPU shapes and with the CPU adapter's, decode at depth), where the Vulkan loader was carried.
+# Usage (device tool): carry [".devbin", ".gl"], command `bash tools/cuda_device_check.sh`
+# (.gl: the loader packages, as the device tool's README says; without it the wgpu part is skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/dsrun-out}"
@@ -56,3 +59,22 @@ DSRUN_CUDA_GRAPHS=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 16
 echo "(the line above: CUDA graphs off)"
 DSRUN_CUDA_GROUPED=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 1 -r 3 --json | tee -a "$OUT/bench.jsonl"
 echo "(the line above: prefill experts one slot per block, not grouped)"
+
+step "wgpu through Vulkan"
+if ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f $icd ] && export VK_DRIVER_FILES=$icd
+if ldconfig -p | grep -q libvulkan; then
+    timeout 200 $bin/wgpu-kernel-tests --test-threads 1 2>&1 | tee "$OUT/wgpu_tests.log" | grep -E "test |panicked|result"
+    timeout 120 $bin/wgpu-kernels --quick | tee "$OUT/wgpu_kernels.txt"
+    for args in "" "DSRUN_PREFILL_GEMM=0" "DSRUN_CPU_SHAPES=1 DSRUN_PREFILL_GEMM=0" "DSRUN_GROUP_EXPERTS=0"; do
+        echo "($args)"
+        env $args timeout 120 $bin/dsrun bench --model $synth --gpu vulkan -p 512 -n 32 -r 2 --json | tee -a "$OUT/wgpu_bench.jsonl"
+    done
+    timeout 120 $bin/dsrun bench --model $synth --gpu vulkan -p 0 -n 32 -d 4096 -r 2 --json | tee -a "$OUT/wgpu_bench.jsonl"
+else
+    echo "no Vulkan loader (carry .gl): wgpu not run"
+fi

@@ -3,7 +3,7 @@
 //! and submits once when it reads back, so a step that never stops for the host is one submit.
 
 use super::context::GpuContext;
-use super::lower::{Builder, Dispatch, MatmulShape};
+use super::lower::{Builder, Dispatch, ExpertMatrix, MatmulShape};
 use super::pools::SlotPool;
 use super::tensors::{storage, GpuMatrix};
 use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues, WorkCounters};
@@ -121,9 +121,9 @@ impl Backend for WgpuBackend {
         self.reserve_readback(readback);
         let mut private = readback as u64;
         if config.n_routed_experts > 0 {
-            let words = Builder::expert_groups_words(max_chunk * config.num_experts_per_tok);
-            self.expert_groups = Some((super::tensors::storage(&ctx, "expert groups", words)?, config.n_routed_experts as u32));
-            private += words as u64 * 4;
+            let groups = Builder::expert_groups(&ctx, max_chunk * config.num_experts_per_tok)?;
+            private += groups.size();
+            self.expert_groups = Some((groups, config.n_routed_experts as u32));
         }
         Ok(Target {
             max_chunk,
@@ -218,19 +218,19 @@ impl Backend for WgpuBackend {
                     Experts::Resident { gate, up, down } => {
                         let groups = match &self.expert_groups {
                             Some((groups, experts)) if b.ctx.group_experts => {
-                                out.push(b.group_experts(k32, *experts, buf(ids), groups));
-                                Some(groups)
+                                out.push(b.group_experts(k32, *experts, [res.weight(gate).rows, res.weight(down).rows], buf(ids), groups));
+                                Some((groups, experts))
                             }
                             _ => None,
                         };
-                        let expert = |w, x_div, x, y| match groups {
-                            Some(groups) => vec![b.grouped_expert_matmul(res.weight(w), k32, x_div, x, y, buf(ids), groups)],
+                        let expert = |w, which, x_div, x, y| match groups {
+                            Some((groups, experts)) => vec![b.grouped_expert_matmul(res.weight(w), which, k32, *experts, x_div, x, y, buf(ids), groups)],
                             None => b.expert_matmul(res.weight(w), k32, x_div, x, y, buf(ids)),
                         };
-                        out.extend(expert(gate, k32, x, act));
-                        out.extend(expert(up, k32, x, up_act));
+                        out.extend(expert(gate, ExpertMatrix::GateUp, k32, x, act));
+                        out.extend(expert(up, ExpertMatrix::GateUp, k32, x, up_act));
                         out.push(b.silu_mul(k * width, act, up_act));
-                        out.extend(expert(down, 1, act, o));
+                        out.extend(expert(down, ExpertMatrix::Down, 1, act, o));
                     }
                     // Each pool computes the slots its list names: gate and up per pool,
                     // SwiGLU over all slots, down per pool.

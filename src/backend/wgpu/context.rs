@@ -16,10 +16,19 @@ pub struct GpuContext {
     /// them. Optional; every kernel has a workgroup-memory fallback (set false to force it).
     pub subgroups: bool,
     /// Multi-token steps group routed-expert slots by expert, so each expert's weights are read
-    /// once per tile of its slots (what bandwidth-bound GPUs want). Off on software adapters,
-    /// where arithmetic, not bytes, bounds the step (measured on lavapipe: grouped 2x slower);
+    /// once per tile of its slots instead of once per slot (on software adapters only for steps
+    /// of at least two slots per expert: below that the tiles are mostly empty).
     /// `DSRUN_GROUP_EXPERTS=0|1` overrides, and tests set it to run both paths.
     pub group_experts: bool,
+    /// Dense matmuls of prefill steps run the workgroup-memory tiled GEMM (gemm.wgsl) instead of
+    /// matmul.wgsl's register tiles. Off on software adapters, where it measured slower;
+    /// `DSRUN_PREFILL_GEMM=0|1` overrides, and tests set it to run both paths.
+    pub prefill_gemm: bool,
+    /// Kernel shapes chosen for a CPU adapter (lavapipe, WARP, SwiftShader), where every lane's
+    /// load costs alike and more than 16 sums per lane spill: fewer sums per lane, and routed
+    /// experts per slot in small steps. The adapter type decides; `DSRUN_CPU_SHAPES=0|1`
+    /// overrides, and tests set it to run both shapes.
+    pub cpu_shapes: bool,
     /// Device-local memory the adapter reports, where the backend tells (Vulkan); what
     /// `--gpu-mem auto` takes its share of.
     pub memory: Option<u64>,
@@ -126,12 +135,16 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
     let memory = device_memory(&adapter);
     log::info!("GPU: device-local memory {}", memory.map_or("unknown".into(), crate::inspect::human_bytes));
-    let group_experts = match std::env::var("DSRUN_GROUP_EXPERTS").as_deref() {
+    let switch = |name: &str, default: bool| match std::env::var(name).as_deref() {
         Ok("0") => false,
         Ok("1") => true,
-        _ => info.device_type != wgpu::DeviceType::Cpu,
+        _ => default,
     };
-    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, memory })
+    let group_experts = switch("DSRUN_GROUP_EXPERTS", true);
+    let software = info.device_type == wgpu::DeviceType::Cpu;
+    let prefill_gemm = switch("DSRUN_PREFILL_GEMM", !software);
+    let cpu_shapes = switch("DSRUN_CPU_SHAPES", software);
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, prefill_gemm, cpu_shapes, memory })
 }
 
 /// The largest device-local memory heap, read through the Vulkan API beneath wgpu (wgpu itself

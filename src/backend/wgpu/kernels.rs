@@ -17,6 +17,7 @@ const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.w
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Matmul,
+    Gemm,
     Embed,
     RmsNorm,
     LatentStore,
@@ -49,6 +50,7 @@ impl Kernel {
     fn source(self) -> (&'static str, &'static str, bool) {
         match self {
             Kernel::Matmul => (include_str!("../../../shaders/matmul.wgsl"), "main", true),
+            Kernel::Gemm => (include_str!("../../../shaders/gemm.wgsl"), "main", true),
             Kernel::Embed => (include_str!("../../../shaders/embed.wgsl"), "main", true),
             Kernel::RmsNorm => (include_str!("../../../shaders/rmsnorm.wgsl"), "main", false),
             Kernel::LatentStore => (include_str!("../../../shaders/latent.wgsl"), "main", false),

@@ -73,6 +73,10 @@ struct MatmulParams {
 /// dominates small mat-vecs, most of all on software adapters.
 const DECODE_VARIANT: (u32, u32) = (16, 1);
 const PREFILL_VARIANT: (u32, u32) = (4, 8);
+/// On CPU adapters 16 sums per lane: 32 spill (measured on lavapipe: 4 x 4 12% faster than 4 x 8).
+const PREFILL_VARIANT_SOFTWARE: (u32, u32) = (4, 4);
+/// Tokens per tile of the prefill GEMM.
+const GEMM_TOKENS: u32 = 16;
 /// Steps of 2, and of 3 to 4, tokens (a few sequences decoded together): tiles that waste at
 /// most a slot of work, with more rows per workgroup than prefill's (fewer workgroups, whose
 /// fixed cost dominates small mat-vecs).
@@ -81,6 +85,16 @@ const SMALL_VARIANTS: [(u32, u32); 2] = [(16, 2), (8, 4)];
 /// batches most experts serve one or two tokens; a bigger tile leaves lanes idle), and many
 /// rows per workgroup as for single-slot work.
 const GROUPED_VARIANT: (u32, u32) = (16, 2);
+/// On CPU adapters fewer rows and a wider tile: a per-slot pass re-reads an expert from memory
+/// for each of its slots, and 32 sums per lane spill.
+const GROUPED_VARIANT_SOFTWARE: (u32, u32) = (4, 4);
+
+/// Which of an expert's matrices a grouped matmul computes (they have their own row counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertMatrix {
+    GateUp,
+    Down,
+}
 const MAX_DISPATCH: u32 = 65535;
 
 fn split(groups: u32) -> [u32; 2] {
@@ -219,12 +233,35 @@ impl Builder {
                 if shape.use_ids || shape.fixed_slots.is_some() {
                     return variant(DECODE_VARIANT);
                 }
-                let mut d = variant(PREFILL_VARIANT);
+                let mut d = if self.ctx.prefill_gemm && w.whole_words {
+                    self.gemm(w, chunk, shape.accumulate, x, y)
+                } else {
+                    variant(self.prefill_variant())
+                };
                 d.decode = Some(Box::new(variant(DECODE_VARIANT)));
                 d.small = SMALL_VARIANTS.iter().map(|&v| (v.1, variant(v))).collect();
                 d
             })
             .collect()
+    }
+
+    /// (output rows per workgroup, tokens per tile) of matmul.wgsl's prefill variant.
+    fn prefill_variant(&self) -> (u32, u32) {
+        if self.ctx.cpu_shapes {
+            PREFILL_VARIANT_SOFTWARE
+        } else {
+            PREFILL_VARIANT
+        }
+    }
+
+    /// The tiled prefill GEMM (gemm.wgsl) of one row chunk: 64 rows by GEMM_TOKENS tokens per
+    /// workgroup.
+    fn gemm(&self, w: &GpuMatrix, chunk: &super::tensors::GpuChunk, accumulate: bool, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
+        let p = self.params("gemm", &[accumulate as u32, 0, 0, 0]);
+        let overrides = [("COLS", w.cols as f64), ("TN", GEMM_TOKENS as f64)];
+        let [gx, gy] = split((chunk.rows as u32).div_ceil(64));
+        let grid = Grid::new([gx, gy, GEMM_TOKENS, 0], |n, [x, y, tile, _]| [x, y, n.div_ceil(tile)]);
+        self.dispatch_with(Kernel::Gemm, Some(w.format), &overrides, &[&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y], grid)
     }
 
     /// `y = W x` over the step's tokens (`accumulate`: `y += W x`).
@@ -239,30 +276,55 @@ impl Builder {
         self.matmul_shaped(w, shape, x, y, Some(ids))
     }
 
-    /// Words of `group_experts`' output for steps of at most `slots` expert slots.
-    pub fn expert_groups_words(slots: usize) -> usize {
-        4 + 4 * slots
+    /// The buffer `group_experts` writes for steps of at most `slots` expert slots (its
+    /// header holds the grouped matmuls' indirect workgroup counts).
+    pub fn expert_groups(ctx: &GpuContext, slots: usize) -> crate::error::Result<wgpu::Buffer> {
+        let words = 12 + 4 * slots;
+        let size = (words * 4) as u64;
+        if size > ctx.max_binding() {
+            return Err(ctx.limit(format!("grouping {slots} expert slots needs more than this adapter binds at once: lower --ctx")));
+        }
+        Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("expert groups"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        }))
+    }
+
+    /// (output rows per workgroup, slots per tile) of the grouped expert matmul on this adapter.
+    fn grouped_variant(&self) -> (u32, u32) {
+        if self.ctx.cpu_shapes {
+            GROUPED_VARIANT_SOFTWARE
+        } else {
+            GROUPED_VARIANT
+        }
     }
 
     /// Groups the step's expert slots (`ids`, k per token) by expert into `groups`
-    /// (group_experts.wgsl), in tiles the grouped matmul takes; single-token steps skip it.
-    pub fn group_experts(&self, k: u32, experts: u32, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
-        let p = self.params("group", &[k, experts, 0, 0]);
-        let overrides = [("TILE", GROUPED_VARIANT.1 as f64)];
+    /// (group_experts.wgsl), in tiles the grouped matmul takes, with the grouped matmuls'
+    /// workgroup counts for gate/up matrices of `rows[0]` rows and down of `rows[1]`;
+    /// single-token steps skip it.
+    pub fn group_experts(&self, k: u32, experts: u32, rows: [usize; 2], ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
+        let (rows_per_group, tile) = self.grouped_variant();
+        let [gate_up, down] = rows.map(|r| (r as u32).div_ceil(rows_per_group));
+        let p = self.params("group", &[k, experts, gate_up, down]);
+        let overrides = [("TILE", tile as f64)];
         let grid = Grid::new([0; 4], |n, _| if n > 1 { [1, 1, 1] } else { [0, 1, 1] });
         self.dispatch_with(Kernel::GroupExperts, None, &overrides, &[&p, &self.step, ids, groups], grid)
     }
 
     /// Routed experts grouped by expert: multi-token steps run `group_experts`' tiles (each
-    /// expert's weights decoded once for up to a tile of its slots); single-token steps the
-    /// per-slot `expert_matmul` over `ids`. Each slot's sums run in the same order either way.
+    /// expert's weights decoded once for up to a tile of its slots), one workgroup per tile and
+    /// row group through the counts `group_experts` wrote; single-token steps the per-slot
+    /// `expert_matmul` over `ids`. Each slot's sums run in the same order either way.
     #[allow(clippy::too_many_arguments)]
-    pub fn grouped_expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
+    pub fn grouped_expert_matmul(&self, w: &GpuMatrix, which: ExpertMatrix, k: u32, experts: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
         let mut per_slot = self.expert_matmul(w, k, x_div, x, y, ids);
         assert_eq!(per_slot.len(), 1, "stacked experts are one binding");
         let chunk = w.single();
         let p = self.params("matmul", &MatmulParams { slots_per_token: k, x_div, fixed_slots: 0, accumulate: 0 });
-        let (rows_per_group, tile) = GROUPED_VARIANT;
+        let (rows_per_group, tile) = self.grouped_variant();
         let overrides = [
             ("COLS", w.cols as f64),
             ("ROWS", rows_per_group as f64),
@@ -271,12 +333,24 @@ impl Builder {
             ("SLOT_LIST", 0.0),
             ("GROUPED", 1.0),
         ];
-        let [gx, gy] = split((chunk.rows as u32).div_ceil(rows_per_group));
-        // At most one tile per slot; workgroups past the step's tiles return at once.
-        let grid = Grid::new([gx, gy, k, 0], |n, [x, y, k, _]| [x, y, n * k]);
         let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, groups];
-        let mut d = self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid);
-        d.decode = Some(Box::new(per_slot.remove(0)));
+        let mut d = self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, Grid::fixed([0; 3]));
+        let offset = match which {
+            ExpertMatrix::GateUp => 16,
+            ExpertMatrix::Down => 32,
+        };
+        d.indirect = Some((groups.clone(), offset));
+        let per_slot = per_slot.remove(0);
+        if self.ctx.cpu_shapes {
+            // Steps of fewer than two slots per expert on average run per slot: their tiles
+            // would be mostly empty (measured on lavapipe: 8 sequences decoded together 1.2x
+            // slower grouped).
+            let most = (2 * experts).div_ceil(k).saturating_sub(1);
+            if most >= 2 {
+                d.small = vec![(most, self.expert_matmul(w, k, x_div, x, y, ids).remove(0))];
+            }
+        }
+        d.decode = Some(Box::new(per_slot));
         d
     }
 

@@ -17,6 +17,9 @@ pub struct GpuMatrix {
     pub cols: usize,
     pub chunks: Vec<GpuChunk>,
     pub bytes: u64,
+    /// Rows start on word boundaries and scale blocks hold whole words (what the word-wise
+    /// kernel paths need).
+    pub whole_words: bool,
 }
 
 /// Rows `row0 .. row0 + rows` of a matrix in their own buffers.
@@ -47,7 +50,7 @@ impl GpuMatrix {
         }
         let chunk = upload_chunk(ctx, stack, 0, first.rows)?;
         let bytes = chunk_bytes(stack);
-        Ok(GpuMatrix { format: first.dtype, rows: first.rows, cols: first.cols, chunks: vec![chunk], bytes })
+        Ok(GpuMatrix { format: first.dtype, rows: first.rows, cols: first.cols, chunks: vec![chunk], bytes, whole_words: whole_words(first) })
     }
 
     /// Uploads one matrix, split into row chunks of at most `ctx.chunk_limit()` bytes when it is
@@ -68,7 +71,7 @@ impl GpuMatrix {
             let part = m.row_slice(row0, rows);
             chunks.push(upload_chunk(ctx, &[&part], row0, m.rows)?);
         }
-        Ok(GpuMatrix { format: m.dtype, rows: m.rows, cols: m.cols, chunks, bytes: chunk_bytes(&[m]) })
+        Ok(GpuMatrix { format: m.dtype, rows: m.rows, cols: m.cols, chunks, bytes: chunk_bytes(&[m]), whole_words: whole_words(m) })
     }
 
     /// The whole matrix as one chunk, for kernels that do not take chunks.
@@ -76,6 +79,20 @@ impl GpuMatrix {
         assert_eq!(self.chunks.len(), 1, "uploaded with `upload`, which never splits");
         &self.chunks[0]
     }
+}
+
+/// Elements per u32 word of `dtype` as the kernels read them (weights.wgsl's ELEMS).
+fn elems_per_word(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 1,
+        DType::BF16 | DType::F16 => 2,
+        _ => 4,
+    }
+}
+
+fn whole_words(m: &Matrix) -> bool {
+    let per_word = elems_per_word(m.dtype);
+    m.cols % per_word == 0 && m.scales.as_ref().map_or(true, |s| s.block_cols % per_word == 0)
 }
 
 /// Room on the GPU for `slots` experts' copies of one matrix (an expert cache), each slot
@@ -127,6 +144,7 @@ impl SlotMatrix {
             cols: template.cols,
             chunks: vec![chunk],
             bytes: bytes + (scale_values * slots * 4) as u64,
+            whole_words: whole_words(template),
         };
         Ok(SlotMatrix { matrix, data_stride, scale_stride: scale_values as u64 * 4 })
     }
