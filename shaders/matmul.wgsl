@@ -1,9 +1,11 @@
 // y[s, r] = sum_c W_e(s)[r, c] * x[s / x_div, c] for the slots s of this step.
 //
-// A workgroup computes ROWS output rows for TILE slots: each weight element is decoded once and
-// used for every slot of the tile (TILE = 1 for decode and for routed experts, whose slots each
-// read another expert, ids[s]; TILE = 8 for prefill chunks). Consecutive lanes read consecutive
-// columns.
+// A workgroup's lanes form 64 / CL groups of CL lanes; each group computes ROWS output rows for
+// TILE slots: each weight element is decoded once and used for every slot of the tile (TILE = 1
+// for decode and for routed experts, whose slots each read another expert, ids[s]; more for
+// prefill chunks). Consecutive lanes of a group read consecutive columns. CL = 64 (one group)
+// suits GPUs; CPU adapters take smaller groups, whose lanes each run a longer loop over the
+// columns, so the fixed cost of a workgroup (setup and the sum across lanes) weighs less.
 // Slots: n_tokens * slots_per_token, or fixed_slots when set (only the last position's logits).
 // A chunk of a split matrix writes its rows at their place in y (wl.row0).
 // COLS, TILE and USE_IDS are pipeline constants: constant loop bounds compile far better.
@@ -11,9 +13,11 @@
 // WG (64) comes with the reduce snippet.
 override COLS: u32;
 override TILE: u32 = 1u;
-// Output rows per workgroup: more for decode (fewer, fatter workgroups), fewer for prefill tiles
+// Output rows per lane group: more for decode (fewer, fatter workgroups), fewer for prefill tiles
 // (ROWS * TILE accumulators per lane, at most 32).
 override ROWS: u32 = 4u;
+// Lanes per group (a divisor of 64).
+override CL: u32 = 64u;
 override USE_IDS: u32 = 0u;
 // Expert streaming: `ids` lists (slot, expert) pairs, one per workgroup z, and the host sizes an
 // indirect dispatch to the list, so only the slots a pool of the expert cache serves are computed.
@@ -39,7 +43,8 @@ struct Params {
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, ids_in: LaneIds) {
     let lane = ids_in.lane;
-    let r0 = (wid.x + wid.y * groups.x) * ROWS;
+    let column_lane = lane % CL;
+    let r0 = ((wid.x + wid.y * groups.x) * (64u / CL) + lane / CL) * ROWS;
     let slots = select(step.n_tokens * p.slots_per_token, p.fixed_slots, p.fixed_slots != 0u);
     var s0 = wid.z * TILE;
     var expert = select(0u, ids[min(s0, slots - 1u)], USE_IDS == 1u);
@@ -69,7 +74,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     var acc: array<f32, 32>; // ROWS * TILE
     if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
         // Whole words per lane step: one load and decode give ELEMS weights.
-        for (var wi = lane; wi < COLS / ELEMS; wi += WG) {
+        for (var wi = column_lane; wi < COLS / ELEMS; wi += CL) {
             var xs: array<vec4<f32>, 8>;
             for (var t = 0u; t < TILE; t++) {
                 let base = (slot[t] / p.x_div) * COLS + wi * ELEMS;
@@ -86,7 +91,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
             }
         }
     } else {
-        for (var c = lane; c < COLS; c += WG) {
+        for (var c = column_lane; c < COLS; c += CL) {
             var xs: array<f32, 8>;
             for (var t = 0u; t < TILE; t++) {
                 xs[t] = x[(slot[t] / p.x_div) * COLS + c];
@@ -99,15 +104,37 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
             }
         }
     }
-    // Partial sums meet behind a single barrier (through subgroups where the adapter has them).
-    let total = sum_over_lanes(acc, ROWS * TILE, ids_in);
-    if (lane < ROWS * TILE) {
-        let r = r0 + lane / TILE;
-        let t = lane % TILE;
-        let s = slot[t];
-        if (r < wl.rows && t < count && s < slots) {
-            let o = s * wl.total_rows + wl.row0 + r;
-            y[o] = select(total, y[o] + total, p.accumulate == 1u);
+    // Partial sums meet behind a single barrier (through subgroups where the adapter has them,
+    // for a single group).
+    if (CL == WG) {
+        let total = sum_over_lanes(acc, ROWS * TILE, ids_in);
+        if (lane < ROWS * TILE) {
+            write_sum(r0 + lane / TILE, lane % TILE, total, count, slots, slot);
         }
+        return;
+    }
+    for (var i = 0u; i < ROWS * TILE; i++) {
+        partial[i * WG + lane] = acc[i];
+    }
+    workgroupBarrier();
+    let per_group = ROWS * TILE;
+    for (var o = lane; o < (WG / CL) * per_group; o += WG) {
+        let g = o / per_group;
+        let i = o % per_group;
+        var total = 0.0;
+        for (var j = 0u; j < CL; j++) {
+            total += partial[i * WG + g * CL + j];
+        }
+        let group_r0 = ((wid.x + wid.y * groups.x) * (WG / CL) + g) * ROWS;
+        write_sum(group_r0 + i / TILE, i % TILE, total, count, slots, slot);
+    }
+}
+
+// Row r's sum for the t-th slot of the tile.
+fn write_sum(r: u32, t: u32, total: f32, count: u32, slots: u32, slot: array<u32, 8>) {
+    let s = slot[t];
+    if (r < wl.rows && t < count && s < slots) {
+        let o = s * wl.total_rows + wl.row0 + r;
+        y[o] = select(total, y[o] + total, p.accumulate == 1u);
     }
 }

@@ -8,7 +8,7 @@
 mod common;
 use common::random;
 use dsrun::backend::cpu;
-use dsrun::backend::wgpu::lower::{listed_grid, Builder, ExpertMatrix, MatmulShape};
+use dsrun::backend::wgpu::lower::{listed_grid, matmul_tiles, Builder, ExpertMatrix, MatmulShape};
 use wgpu::util::DeviceExt;
 use dsrun::backend::wgpu::kernels::Kernel;
 use dsrun::backend::wgpu::runner::OpRunner;
@@ -33,23 +33,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     assert!(err <= 1e-5, "{what}: relative error {err:e}");
 }
 
-/// The matmul with and without the optional subgroup reduction (the latter where the adapter has
-/// subgroups): both must give the CPU's result.
+/// The matmul in CPU adapters' shapes (groups of 4 lanes) and GPUs' (one group of 64, with and
+/// without the optional subgroup reduction where the adapter has subgroups): all must give the
+/// CPU's result.
 #[test]
 fn matmul_every_format_and_token_count() {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
-    let mut variants = vec![false];
+    let mut variants = vec![(true, false), (false, false)];
     if ctx.subgroups {
-        variants.push(true);
+        variants.push((false, true));
     }
-    for subgroups in variants {
+    for (cpu_shapes, subgroups) in variants {
         let mut ctx = ctx.clone();
         ctx.subgroups = subgroups;
-        matmul_every_format_with(&mut OpRunner::new(ctx).unwrap(), subgroups);
+        ctx.cpu_shapes = cpu_shapes;
+        ctx.prefill_gemm = false;
+        matmul_every_format_with(&mut OpRunner::new(ctx).unwrap(), &format!("CPU shapes {cpu_shapes}, subgroups {subgroups}"));
     }
 }
 
-fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
+fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
     // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
     // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
     // Token counts take every variant: 1 (decode), 2 and 3-4 (small batches), more (prefill).
@@ -64,7 +67,7 @@ fn matmul_every_format_with(r: &mut OpRunner, subgroups: bool) {
             r.set_step(n as u32);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
-            assert_close(&format!("{dtype:?} {rows}x{cols} n={n} subgroups={subgroups}"), &got, &cpu::matmul(&m, &x, n));
+            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}, {shapes}"), &got, &cpu::matmul(&m, &x, n));
         }
     }
 }
@@ -255,7 +258,7 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
         let (yb, lb) = (r.f32_buffer(&sentinel), r.u32_buffer(&list));
         let args = r.ctx().device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: None,
-            contents: bytemuck::cast_slice(&listed_grid(rows, (list.len() / 2) as u32)),
+            contents: bytemuck::cast_slice(&listed_grid(matmul_tiles(r.ctx()).decode, rows, (list.len() / 2) as u32)),
             usage: wgpu::BufferUsages::INDIRECT,
         });
         let d = r.builder().listed_expert_matmul(&pool.matrix, k as u32, k as u32, &xb, &yb, &lb, (&args, 0));

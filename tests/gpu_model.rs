@@ -106,12 +106,13 @@ fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
         let model = Model::load(&fixture(family)).unwrap();
         let capacity = 9 + BATCH_STEPS + 1;
         let options = dsrun::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
-        let mut alone = gpu(&model, capacity);
         let mut cpu = CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
         for (group_experts, cpu_shapes) in [(false, true), (true, true), (true, false)] {
             let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
             ctx.group_experts = group_experts;
             ctx.cpu_shapes = cpu_shapes;
+            // Alone with the same kernel shapes (they fix the order of each row's sums).
+            let mut alone = GpuModel::new(ctx.clone(), &model, capacity, dsrun::quant::QuantTarget::Keep).unwrap();
             let mut batched = GpuModel::with_options(ctx, &model, capacity, &options).unwrap();
             let what = format!("{family} wgpu, grouped experts {group_experts}, CPU shapes {cpu_shapes}");
             batched_decode_matches_alone(&what, &mut batched, &mut alone, &mut cpu);

@@ -74,22 +74,20 @@ impl WgpuBackend {
 
     /// Records `(ops, n)` parts into one compute pass of the step's encoder.
     fn encode(&mut self, parts: &[(&[Dispatch], u32)]) {
-        let count: usize = parts.iter().map(|(ops, _)| ops.len()).sum();
-        if count == 0 {
+        if parts.iter().all(|(ops, _)| ops.is_empty()) {
             return;
         }
-        self.work.counts[0] += count as u64;
         if let Some(profiler) = &mut self.profile {
             parts.iter().for_each(|&(ops, n)| profiler.time(&self.builder.ctx, ops, n));
             return;
         }
         let encoder = self.encoder();
-        driver(|| {
+        // Counted as recorded: a dispatch the step skips (no workgroups) is not work.
+        let recorded = driver(|| {
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            for &(ops, n) in parts {
-                ops.iter().for_each(|d| d.record(&mut pass, n));
-            }
+            parts.iter().map(|&(ops, n)| ops.iter().filter(|d| d.record(&mut pass, n)).count()).sum::<usize>()
         });
+        self.work.counts[0] += recorded as u64;
     }
 
     fn wait(&self, what: &str) -> Result<()> {

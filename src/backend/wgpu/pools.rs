@@ -2,7 +2,7 @@
 //! pool computes only the slots its list names, through an indirect dispatch the host sizes.
 
 use super::context::GpuContext;
-use super::lower::{listed_grid, Builder, Dispatch};
+use super::lower::{listed_grid, matmul_tiles, Builder, Dispatch, Tile};
 use super::tensors::{storage, SlotMatrix};
 use crate::error::Result;
 use crate::model::weights::Mlp;
@@ -15,6 +15,8 @@ pub struct SlotPool {
     pub list: wgpu::Buffer,
     /// Indirect workgroup counts for gate/up (offset 0) and down (offset 12), sized to the list.
     pub args: wgpu::Buffer,
+    /// The adapter's single-slot matmul tile, which the counts are for.
+    tile: Tile,
 }
 
 impl SlotPool {
@@ -30,6 +32,7 @@ impl SlotPool {
                 usage: wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             }),
+            tile: matmul_tiles(ctx).decode,
         })
     }
 
@@ -44,8 +47,8 @@ impl SlotPool {
         if count > 0 {
             queue.write_buffer(&self.list, 0, bytemuck::cast_slice(pairs));
         }
-        let gate_up = listed_grid(self.gate.matrix.rows, count);
-        let down = listed_grid(self.down.matrix.rows, count);
+        let gate_up = listed_grid(self.tile, self.gate.matrix.rows, count);
+        let down = listed_grid(self.tile, self.down.matrix.rows, count);
         queue.write_buffer(&self.args, 0, bytemuck::cast_slice(&[gate_up, down]));
     }
 
