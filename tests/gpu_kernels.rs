@@ -348,18 +348,42 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
 fn mla_attention_layer_matches_cpu() {
     use dsrun::backend::wgpu::lower::{AttentionSplit, Builder};
     use dsrun::backend::wgpu::WgpuBackend;
-    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-    let binding = ctx.max_binding();
-    let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
-    let scratch = |s: &dsrun::plan::MlaShape, n: usize| Builder::attention_scratch(s, n, binding);
-    for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
-        common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
+    // Both kernels: GPUs' (64 lanes, head groups sharing tiles) and, with CPU shapes where the
+    // adapter has subgroups of one size, one subgroup per workgroup.
+    for cpu_shapes in [false, true] {
+        let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+        ctx.cpu_shapes = cpu_shapes;
+        let binding = ctx.max_binding();
+        let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
+        let scratch = |s: &dsrun::plan::MlaShape, n: usize| Builder::attention_scratch(s, n, binding);
+        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
+            common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
+        }
+        let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
+        assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
+        for family in ["v3_noaux", "v2_lite"] {
+            common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);
+        }
     }
-    let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
-    assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
-    for family in ["v3_noaux", "v2_lite"] {
-        common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);
+}
+
+/// The one-subgroup attention is what CPU shapes on this adapter run (lavapipe: subgroups of 8),
+/// so the test above covers it.
+#[test]
+fn cpu_shapes_take_the_one_subgroup_attention_on_lavapipe() {
+    use dsrun::backend::wgpu::lower::{Builder, MlaShape};
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    if ctx.info.device_type != wgpu::DeviceType::Cpu || !ctx.subgroups || ctx.info.subgroup_min_size != ctx.info.subgroup_max_size {
+        eprintln!("not a CPU adapter with one subgroup size: NOT RUN");
+        return;
     }
+    let r = OpRunner::new(ctx).unwrap();
+    let s = MlaShape { heads: 8, nope: 64, rope: 32, v: 64, lora: 128, ctx: 300, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
+    let b = |n| r.zeros(n).unwrap();
+    let (q, q_lat, positions, cache, o_lat) = (b(8 * 96), b(8 * 128), b(2), b(300 * 160), b(8 * 128));
+    let scratch = b(Builder::attention_scratch(&s, 1, r.ctx().max_binding()));
+    let d = r.builder().mla_attention(&s, [&q, &q_lat, &positions, &cache, &scratch, &o_lat]);
+    assert_eq!(d[0].kernel, Kernel::AttentionPartialSubgroup);
 }
 
 #[test]

@@ -79,6 +79,7 @@ impl WgpuBackend {
         }
         if let Some(profiler) = &mut self.profile {
             parts.iter().for_each(|&(ops, n)| profiler.time(&self.builder.ctx, ops, n));
+            self.work.counts[0] += parts.iter().map(|(ops, _)| ops.len() as u64).sum::<u64>();
             return;
         }
         let encoder = self.encoder();

@@ -25,6 +25,8 @@ pub enum Kernel {
     QAbsorb,
     VUp,
     AttentionPartial,
+    /// `AttentionPartial` for CPU adapters: one subgroup per workgroup (needs subgroups).
+    AttentionPartialSubgroup,
     AttentionMerge,
     Router,
     SiluMul,
@@ -43,7 +45,7 @@ impl Kernel {
 
     /// Whether the kernel reads or writes the latent cache (through cache.wgsl).
     fn uses_cache(self) -> bool {
-        matches!(self, Kernel::LatentStore | Kernel::AttentionPartial | Kernel::AttentionMerge)
+        matches!(self, Kernel::LatentStore | Kernel::AttentionPartial | Kernel::AttentionPartialSubgroup | Kernel::AttentionMerge)
     }
 
     /// (source, entry point, whether it reads a weight matrix)
@@ -58,6 +60,7 @@ impl Kernel {
             Kernel::QAbsorb => (include_str!("../../../shaders/mla_absorb.wgsl"), "q_absorb", true),
             Kernel::VUp => (include_str!("../../../shaders/mla_absorb.wgsl"), "v_up", true),
             Kernel::AttentionPartial => (include_str!("../../../shaders/attention_split.wgsl"), "partial_split", false),
+            Kernel::AttentionPartialSubgroup => (include_str!("../../../shaders/attention_subgroup.wgsl"), "partial_subgroup", false),
             Kernel::AttentionMerge => (include_str!("../../../shaders/attention_split.wgsl"), "merge", false),
             Kernel::Router => (include_str!("../../../shaders/router.wgsl"), "main", false),
             Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),

@@ -167,6 +167,23 @@ pub fn attention_head_group(s: &MlaShape) -> u32 {
     (64 / columns).clamp(1, 8).min(s.heads as u32)
 }
 
+/// (subgroup size, heads per workgroup) of the one-subgroup attention (attention_subgroup.wgsl)
+/// where the adapter takes it: CPU shapes, subgroups of one size, and a latent row of at most
+/// 40 column pairs per lane; heads such that each lane keeps at most 80 query and 64 output
+/// pairs.
+fn subgroup_attention_shape(ctx: &GpuContext, s: &MlaShape) -> Option<(u32, u32)> {
+    let sg = ctx.info.subgroup_min_size;
+    if !(ctx.cpu_shapes && ctx.subgroups) || sg != ctx.info.subgroup_max_size || !(1..=64).contains(&sg) {
+        return None;
+    }
+    let pairs = ((s.lora + s.rope) as u32).div_ceil(2 * sg);
+    let out_pairs = (s.lora as u32).div_ceil(2 * sg).max(1);
+    if pairs > 40 {
+        return None;
+    }
+    Some((sg, (80 / pairs).min(64 / out_pairs).clamp(1, 8).min(s.heads as u32)))
+}
+
 /// Cache positions per split of the attention, at least (fewer splits below).
 const MIN_SPLIT_POSITIONS: u32 = 256;
 /// Most splits of a decode step's cache.
@@ -519,8 +536,16 @@ impl Builder {
     /// finely than multi-token ones (whose results take `tokens` times the room).
     pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Vec<Dispatch> {
         let [q, q_lat, positions, cache, split_out, o_lat] = bufs;
-        let (heads, group) = (s.heads as u32, attention_head_group(s));
-        let overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", group as f64), ("CACHE", s.cache.code() as f64)];
+        let heads = s.heads as u32;
+        let split_overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", attention_head_group(s) as f64), ("CACHE", s.cache.code() as f64)];
+        // CPU adapters: one subgroup per workgroup, where the adapter has one subgroup size.
+        let (kernel, group, overrides) = match subgroup_attention_shape(&self.ctx, s) {
+            Some((sg, group)) => {
+                let o = vec![("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", group as f64), ("SG", sg as f64), ("CACHE", s.cache.code() as f64)];
+                (Kernel::AttentionPartialSubgroup, group, o)
+            }
+            None => (Kernel::AttentionPartial, attention_head_group(s), split_overrides.to_vec()),
+        };
         let pair = |split: AttentionSplit| {
             let p = self.params(
                 "attention",
@@ -528,9 +553,9 @@ impl Builder {
             );
             let grid = Grid::new([heads.div_ceil(group), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
             let buffers = [(0, &p), (1, q), (2, q_lat), (3, positions), (4, cache), (5, split_out)];
-            let partial = self.dispatch_bound(Kernel::AttentionPartial, None, &overrides, &buffers, grid);
+            let partial = self.dispatch_bound(kernel, None, &overrides, &buffers, grid);
             let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
-            let merge = self.dispatch_bound(Kernel::AttentionMerge, None, &overrides, &[(0, &p), (5, split_out), (6, o_lat)], grid);
+            let merge = self.dispatch_bound(Kernel::AttentionMerge, None, &split_overrides, &[(0, &p), (5, split_out), (6, o_lat)], grid);
             [partial, merge]
         };
         let (decode, prefill) = AttentionSplit::for_shape(s, self.ctx.max_binding());
