@@ -16,23 +16,6 @@ override HG: u32;
 const TP: u32 = 4u; // cache positions per tile
 const MAX_CPL: u32 = 10u; // latent columns per lane: LORA + ROPE <= 640
 
-struct Params {
-    heads: u32,
-    qk: u32,
-    nope: u32,
-    chunk: u32,
-    scale: f32,
-    splits: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> q_lat: array<f32>;
-@group(0) @binding(3) var<storage, read> positions: array<u32>;
-@group(0) @binding(4) var<storage, read> cache: array<u32>;
-@group(0) @binding(5) var<storage, read_write> split_out: array<f32>;
 @group(0) @binding(6) var<storage, read_write> o_lat: array<f32>;
 
 var<workgroup> probs: array<f32, 32>; // HG x TP

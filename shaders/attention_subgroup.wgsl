@@ -15,23 +15,6 @@ override ROPE: u32;
 override HG: u32;
 override SG: u32;
 
-struct Params {
-    heads: u32,
-    qk: u32,
-    nope: u32,
-    chunk: u32,
-    scale: f32,
-    splits: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> q_lat: array<f32>;
-@group(0) @binding(3) var<storage, read> positions: array<u32>;
-@group(0) @binding(4) var<storage, read> cache: array<u32>;
-@group(0) @binding(5) var<storage, read_write> split_out: array<f32>;
 
 // The query's pair at columns c, c + 1 (q_lat below LORA, q_pe after; 0 past the row).
 fn query_pair(head: u32, c: u32) -> vec2<f32> {

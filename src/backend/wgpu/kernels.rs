@@ -11,6 +11,7 @@ use std::sync::Mutex;
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
 const CACHE: &str = include_str!("../../../shaders/cache.wgsl");
+const ATTENTION_PARAMS: &str = include_str!("../../../shaders/attention_params.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
 const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.wgsl");
 
@@ -46,6 +47,11 @@ impl Kernel {
     /// Whether the kernel reads or writes the latent cache (through cache.wgsl).
     fn uses_cache(self) -> bool {
         matches!(self, Kernel::LatentStore | Kernel::AttentionPartial | Kernel::AttentionPartialSubgroup | Kernel::AttentionMerge)
+    }
+
+    /// Whether the kernel is a form of the split attention (attention_params.wgsl).
+    fn attends(self) -> bool {
+        matches!(self, Kernel::AttentionPartial | Kernel::AttentionPartialSubgroup | Kernel::AttentionMerge)
     }
 
     /// (source, entry point, whether it reads a weight matrix)
@@ -116,6 +122,9 @@ impl Pipelines {
                 }
                 if kernel.uses_cache() {
                     full.push_str(CACHE);
+                }
+                if kernel.attends() {
+                    full.push_str(ATTENTION_PARAMS);
                 }
                 if kernel.reduces() {
                     full.push_str("const WG: u32 = 64u;\n");
