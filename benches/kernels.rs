@@ -83,31 +83,35 @@ fn main() {
     }
 
     // MLA decode attention at DeepSeek-V3's shape (128 heads, latent 512 + rope 64) over a
-    // latent cache of L tokens: one token attends to all L. The bound is the cache read once
-    // (L x 576 f32); the split kernel reads it once per group of heads.
+    // latent cache of L tokens in f32 and f16: one token attends to all L. The bound is the cache
+    // read once (L x 576 values in the cache's format).
+    use dsrun::backend::layout::CacheFormat;
     let (heads, lora, rope, nope) = (if quick { 16 } else { 128 }, 512usize, 64usize, 128usize);
     let qk = nope + rope;
-    for len in if quick { vec![1024usize] } else { vec![1024, 4096, 32768] } {
-        let cache = r.f32_buffer(&values(len * (lora + rope)));
-        let q = r.f32_buffer(&values(heads * qk));
-        let q_lat = r.f32_buffer(&values(heads * lora));
-        let max_binding = r.ctx().max_binding();
-        let o_lat = r.zeros(heads * lora).unwrap();
-        let scale = 1.0f32 / (qk as f32).sqrt();
-        let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0, cache: Default::default() };
-        let scores = r.zeros(dsrun::backend::wgpu::lower::Builder::attention_scratch(&shape, 1, max_binding)).unwrap();
-        // One token at the cache's last position, in sequence 0's rows.
-        let positions = r.u32_buffer(&[len as u32 - 1, 0]);
-        let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat]);
-        r.set_step(1);
-        let t = r.time(&d, 1, if len > 1024 { 1 } else { reps }).unwrap();
-        let gbs = (len * (lora + rope) * 4) as f64 / t / 1e9;
-        println!(
-            "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%",
-            format!("MLA decode, {heads} heads, {}k ctx", len / 1024),
-            t * 1e3,
-            gbs,
-            100.0 * gbs / stream
-        );
+    for cache_format in [CacheFormat::F32, CacheFormat::F16] {
+        let value_bytes = if cache_format == CacheFormat::F32 { 4 } else { 2 };
+        for len in if quick { vec![1024usize] } else { vec![1024, 4096, 32768] } {
+            let cache = r.u32_buffer(&vec![0x3c003c00u32; len * (lora + rope) * value_bytes / 4]);
+            let q = r.f32_buffer(&values(heads * qk));
+            let q_lat = r.f32_buffer(&values(heads * lora));
+            let max_binding = r.ctx().max_binding();
+            let o_lat = r.zeros(heads * lora).unwrap();
+            let scale = 1.0f32 / (qk as f32).sqrt();
+            let shape = MlaShape { heads, nope, rope, v: 128, lora, ctx: len, scale, rope_scale: 1.0, cache: cache_format };
+            let scores = r.zeros(dsrun::backend::wgpu::lower::Builder::attention_scratch(&shape, 1, max_binding)).unwrap();
+            // One token at the cache's last position, in sequence 0's rows.
+            let positions = r.u32_buffer(&[len as u32 - 1, 0]);
+            let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat]);
+            r.set_step(1);
+            let t = r.time(&d, 1, if len > 1024 { 1 } else { reps }).unwrap();
+            let gbs = (len * (lora + rope) * value_bytes) as f64 / t / 1e9;
+            println!(
+                "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%",
+                format!("MLA decode {cache_format:?}, {heads} heads, {}k ctx", len / 1024),
+                t * 1e3,
+                gbs,
+                100.0 * gbs / stream
+            );
+        }
     }
 }
