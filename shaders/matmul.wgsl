@@ -18,6 +18,10 @@ override TILE: u32 = 1u;
 override ROWS: u32 = 4u;
 // Lanes per group (a divisor of 64).
 override CL: u32 = 64u;
+// 16-byte weight loads (`weights4`, the same buffer as `weights`): set by the lowering for
+// formats of one step per word whose rows are whole 16-byte units (GPUs; on CPU adapters every
+// lane's load costs alike and the wider step measured slower).
+override WIDE: u32 = 0u;
 override USE_IDS: u32 = 0u;
 // Expert streaming: `ids` lists (slot, expert) pairs, one per workgroup z, and the host sizes an
 // indirect dispatch to the list, so only the slots a pool of the expert cache serves are computed.
@@ -39,6 +43,7 @@ struct Params {
 @group(0) @binding(5) var<storage, read> x: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
 @group(0) @binding(7) var<storage, read> ids: array<u32>;
+@group(0) @binding(8) var<storage, read> weights4: array<vec4<u32>>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, ids_in: LaneIds) {
@@ -72,7 +77,31 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
         slot[t] = select(min(s0 + i, slots - 1u), ids[order + s0 + i], GROUPED == 1u);
     }
     var acc: array<f32, 32>; // ROWS * TILE
-    if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
+    if (WIDE == 1u) {
+        // 16 bytes per lane step: four words of a row in one load, each decoded as below.
+        for (var qi = column_lane; qi < COLS / ELEMS / 4u; qi += CL) {
+            var xs: array<vec4<f32>, 32>; // TILE x 4 words
+            for (var t = 0u; t < TILE; t++) {
+                for (var k = 0u; k < 4u; k++) {
+                    let base = (slot[t] / p.x_div) * COLS + (qi * 4u + k) * ELEMS;
+                    var v = vec4<f32>(x[base], 0.0, 0.0, 0.0);
+                    if (ELEMS >= 2u) { v.y = x[base + 1u]; }
+                    if (ELEMS == 4u) { v.z = x[base + 2u]; v.w = x[base + 3u]; }
+                    xs[t * 4u + k] = v;
+                }
+            }
+            for (var rr = 0u; rr < ROWS; rr++) {
+                let r = min(r0 + rr, wl.rows - 1u);
+                let words = weights4[(expert * wl.expert_stride + r * wl.cols) / (4u * ELEMS) + qi];
+                for (var k = 0u; k < 4u; k++) {
+                    let w = decode_word(words[k], expert, r, qi * 4u + k);
+                    for (var t = 0u; t < TILE; t++) {
+                        acc[rr * TILE + t] += dot(w, xs[t * 4u + k]);
+                    }
+                }
+            }
+        }
+    } else if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
         // Whole words per lane step: one load and decode give ELEMS weights.
         for (var wi = column_lane; wi < COLS / ELEMS; wi += CL) {
             var xs: array<vec4<f32>, 8>;

@@ -84,7 +84,12 @@ fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
         let g = e * wl.scale_expert_stride + 2u * ((r / wl.block_rows) * wl.grid_cols + (wi * 4u) / wl.block_cols);
         return q * scales[g] + scales[g + 1u];
     }
-    let word = weights[first / ELEMS];
+    return decode_word(weights[first / ELEMS], e, r, wi);
+}
+
+// The ELEMS elements of `word`, step `wi` of row r of expert e, for every format but q4 (whose
+// steps are half words).
+fn decode_word(word: u32, e: u32, r: u32, wi: u32) -> vec4<f32> {
     switch FORMAT {
         case FORMAT_Q8: {
             let s = scales[block_scale_index(e, r, wi * 4u)];

@@ -99,6 +99,28 @@ fn streamed_logits_equal_all_resident_with_slots_split_over_many_pools() {
     }
 }
 
+/// With GPUs' kernel shapes (one 64-lane group per row set, 16-byte weight loads where rows
+/// allow) the slots' matmuls still sum each row in the stack's order.
+#[test]
+fn streamed_logits_equal_all_resident_with_gpu_kernel_shapes() {
+    for family in ["v3_noaux", "v3_fp8"] {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let gpu_shapes = || {
+            let mut c = ctx();
+            c.cpu_shapes = false;
+            c
+        };
+        let mut resident = GpuModel::new(gpu_shapes(), &model, g.tokens.len(), Default::default()).unwrap();
+        let want = prefill_then_decode_twice(&mut resident, &g.tokens);
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..Default::default() };
+        let mut streamed = GpuModel::with_options(gpu_shapes(), &model, g.tokens.len(), &options).unwrap();
+        let got = prefill_then_decode_twice(&mut streamed, &g.tokens);
+        assert_bitwise(&format!("{family} with GPU shapes"), &got, &want);
+    }
+}
+
 #[test]
 fn a_budget_below_the_minimum_names_the_minimum() {
     let dir = fixture("v3_noaux");

@@ -56,7 +56,21 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
     // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
     // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
     // Token counts take every variant: 1 (decode), 2 and 3-4 (small batches), more (prefill).
-    let cases = [(37, 300, 1usize), (37, 300, 2), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 4), (13, 129, 9)];
+    // 160 columns: rows of whole 16-byte units in every format but q4 (16-byte loads with GPU
+    // shapes; 300 columns only in f32).
+    let cases = [
+        (37, 300, 1usize),
+        (37, 300, 2),
+        (37, 300, 3),
+        (37, 300, 8),
+        (37, 300, 13),
+        (13, 129, 1),
+        (13, 129, 4),
+        (13, 129, 9),
+        (37, 160, 1),
+        (37, 160, 3),
+        (37, 160, 9),
+    ];
     for dtype in FORMATS {
         for (rows, cols, n) in cases {
             let m = matrix(dtype, rows, cols, 1);
@@ -64,6 +78,8 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
             let x = random(2 + n as u64, n * cols);
             let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
             let d = r.builder().matmul(&gm, &xb, &yb, false);
+            let wide = !r.ctx().cpu_shapes && dtype != DType::Q4 && (cols * dtype.format().bits as usize / 8) % 16 == 0;
+            assert_eq!(r.builder().wide_loads(&gm), wide, "{dtype:?} {rows}x{cols}, {shapes}: 16-byte loads");
             r.set_step(n as u32);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
@@ -197,30 +213,33 @@ fn grouped_expert_matmul_gives_the_per_slot_bits() {
 }
 
 fn grouped_expert_matmul_with(r: &mut OpRunner) {
-    for dtype in FORMATS {
-        let (experts, rows, cols, k, n) = (6, 21, 150, 3, 7);
-        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 60 + e as u64)).collect();
-        let Ok(gm) = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()) else { continue };
-        // Expert 4 takes 11 slots (more than a tile); expert 5 none.
-        let ids: Vec<u32> = (0..n * k).map(|s| if s % 2 == 0 { 4 } else { (s % 4) as u32 }).collect();
-        for x_div in [k, 1] {
-            let x = random(61 + x_div as u64, n * cols * if x_div == 1 { k } else { 1 });
-            let (xb, ib) = (r.f32_buffer(&x), r.u32_buffer(&ids));
-            let groups = Builder::expert_groups(r.ctx(), n * k).unwrap();
-            let which = if x_div == 1 { ExpertMatrix::Down } else { ExpertMatrix::GateUp };
-            let (per_slot, grouped) = (r.zeros(n * k * rows).unwrap(), r.zeros(n * k * rows).unwrap());
-            // 3 tokens: fewer than two slots per expert, per slot with CPU shapes.
-            for steps in [n, 3, 1] {
-                r.set_step(steps as u32);
-                r.run(&r.builder().expert_matmul(&gm, k as u32, x_div as u32, &xb, &per_slot, &ib), steps as u32, 1).unwrap();
-                let ops = [
-                    r.builder().group_experts(k as u32, experts as u32, [rows, rows], &ib, &groups),
-                    r.builder().grouped_expert_matmul(&gm, which, k as u32, experts as u32, x_div as u32, &xb, &grouped, &ib, &groups),
-                ];
-                r.run(&ops, steps as u32, 1).unwrap();
-                let (want, got) = (r.read_f32(&per_slot, steps * k * rows).unwrap(), r.read_f32(&grouped, steps * k * rows).unwrap());
-                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{dtype:?} x_div {x_div}, {steps} token(s): grouped experts differ from per-slot");
+    // 160 columns: 16-byte loads with GPU shapes (all formats but q4).
+    for cols in [150, 160] {
+        for dtype in FORMATS {
+            let (experts, rows, k, n) = (6, 21, 3, 7);
+            let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 60 + e as u64)).collect();
+            let Ok(gm) = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()) else { continue };
+            // Expert 4 takes 11 slots (more than a tile); expert 5 none.
+            let ids: Vec<u32> = (0..n * k).map(|s| if s % 2 == 0 { 4 } else { (s % 4) as u32 }).collect();
+            for x_div in [k, 1] {
+                let x = random(61 + x_div as u64, n * cols * if x_div == 1 { k } else { 1 });
+                let (xb, ib) = (r.f32_buffer(&x), r.u32_buffer(&ids));
+                let groups = Builder::expert_groups(r.ctx(), n * k).unwrap();
+                let which = if x_div == 1 { ExpertMatrix::Down } else { ExpertMatrix::GateUp };
+                let (per_slot, grouped) = (r.zeros(n * k * rows).unwrap(), r.zeros(n * k * rows).unwrap());
+                // 3 tokens: fewer than two slots per expert, per slot with CPU shapes.
+                for steps in [n, 3, 1] {
+                    r.set_step(steps as u32);
+                    r.run(&r.builder().expert_matmul(&gm, k as u32, x_div as u32, &xb, &per_slot, &ib), steps as u32, 1).unwrap();
+                    let ops = [
+                        r.builder().group_experts(k as u32, experts as u32, [rows, rows], &ib, &groups),
+                        r.builder().grouped_expert_matmul(&gm, which, k as u32, experts as u32, x_div as u32, &xb, &grouped, &ib, &groups),
+                    ];
+                    r.run(&ops, steps as u32, 1).unwrap();
+                    let (want, got) = (r.read_f32(&per_slot, steps * k * rows).unwrap(), r.read_f32(&grouped, steps * k * rows).unwrap());
+                    let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dtype:?} {cols} columns, x_div {x_div}, {steps} token(s): grouped experts differ from per-slot");
+                }
             }
         }
     }

@@ -285,13 +285,16 @@ impl Builder {
         w.chunks
             .iter()
             .map(|chunk| {
-                let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, ids];
+                let wide = self.wide_loads(w);
+                let weights4 = if wide { &chunk.weights } else { &self.dummy };
+                let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, ids, weights4];
                 let variant = |t: Tile| {
                     let overrides = [
                         ("COLS", w.cols as f64),
                         ("ROWS", t.rows as f64),
                         ("TILE", t.slots as f64),
                         ("CL", t.lanes as f64),
+                        ("WIDE", wide as u32 as f64),
                         ("USE_IDS", shape.use_ids as u32 as f64),
                         ("SLOT_LIST", shape.slot_list as u32 as f64),
                     ];
@@ -315,6 +318,14 @@ impl Builder {
                 d
             })
             .collect()
+    }
+
+    /// Whether matmuls of `w` take 16-byte weight loads (matmul.wgsl's WIDE): GPU shapes, a
+    /// format of one lane step per word (all but q4), rows of whole 16-byte units (so every row
+    /// of every expert and slot starts on one). A matrix decides alike resident, streamed or in
+    /// chunks, so each row's sums keep one order.
+    pub fn wide_loads(&self, w: &GpuMatrix) -> bool {
+        !self.ctx.cpu_shapes && w.whole_words && w.format != DType::Q4 && (w.cols * w.format.format().bits as usize / 8) % 16 == 0
     }
 
     /// The tiled prefill GEMM (gemm.wgsl) of one row chunk: 64 rows by GEMM_TOKENS tokens per
@@ -379,16 +390,19 @@ impl Builder {
         let chunk = w.single();
         let p = self.params("matmul", &MatmulParams { slots_per_token: k, x_div, fixed_slots: 0, accumulate: 0 });
         let tile = matmul_tiles(&self.ctx).grouped;
+        let wide = self.wide_loads(w);
         let overrides = [
             ("COLS", w.cols as f64),
             ("ROWS", tile.rows as f64),
             ("TILE", tile.slots as f64),
             ("CL", tile.lanes as f64),
+            ("WIDE", wide as u32 as f64),
             ("USE_IDS", 1.0),
             ("SLOT_LIST", 0.0),
             ("GROUPED", 1.0),
         ];
-        let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, groups];
+        let weights4 = if wide { &chunk.weights } else { &self.dummy };
+        let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, groups, weights4];
         let mut d = self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, Grid::fixed([0; 3]));
         let offset = match which {
             ExpertMatrix::GateUp => 16,
