@@ -4,7 +4,7 @@
 
 use super::context::GpuContext;
 use super::kernels::{Kernel, Pipelines};
-use super::tensors::{storage_init, uniform, GpuMatrix};
+use super::tensors::{storage_init, uniform, GpuChunk, GpuMatrix};
 use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::model::router::RouterParams;
@@ -19,7 +19,8 @@ pub struct Dispatch {
     /// A variant specialised for single-token steps (decode), used instead when n == 1.
     pub decode: Option<Box<Dispatch>>,
     /// Variants for steps of a few tokens (sequences decoded together): `(most, variant)` in
-    /// increasing `most`, the first that covers a step of 2 or more tokens is used instead.
+    /// increasing `most`, the first that covers the step is used instead (for a single token
+    /// only where there is no `decode` variant).
     pub small: Vec<(u32, Dispatch)>,
     /// Workgroup counts read from this buffer at this offset instead of `grid` (lists the host
     /// sizes between submits: expert-cache pools).
@@ -32,7 +33,7 @@ impl Dispatch {
         let small = || self.small.iter().find(|(most, _)| n <= *most).map(|(_, d)| d);
         let d = match (&self.decode, n) {
             (Some(decode), 1) => decode.as_ref(),
-            (_, 2..) => small().unwrap_or(self),
+            (None, 1) | (_, 2..) => small().unwrap_or(self),
             _ => self,
         };
         (d, d.grid.at(n))
@@ -140,6 +141,15 @@ pub fn matmul_tiles(ctx: &GpuContext) -> &'static MatmulTiles {
 
 /// Tokens per tile of the prefill GEMM.
 const GEMM_TOKENS: u32 = 16;
+
+/// matmul.wgsl's mode switches: expert ids per slot, a listed (slot, expert) pair per
+/// workgroup, or grouped tiles.
+#[derive(Debug, Clone, Copy)]
+struct MatmulModes {
+    use_ids: bool,
+    slot_list: bool,
+    grouped: bool,
+}
 
 /// Which of an expert's matrices a grouped matmul computes (they have their own row counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,25 +295,14 @@ impl Builder {
         w.chunks
             .iter()
             .map(|chunk| {
-                let wide = self.wide_loads(w);
-                let weights4 = if wide { &chunk.weights } else { &self.dummy };
-                let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, ids, weights4];
+                let modes = MatmulModes { use_ids: shape.use_ids, slot_list: shape.slot_list, grouped: false };
                 let variant = |t: Tile| {
-                    let overrides = [
-                        ("COLS", w.cols as f64),
-                        ("ROWS", t.rows as f64),
-                        ("TILE", t.slots as f64),
-                        ("CL", t.lanes as f64),
-                        ("WIDE", wide as u32 as f64),
-                        ("USE_IDS", shape.use_ids as u32 as f64),
-                        ("SLOT_LIST", shape.slot_list as u32 as f64),
-                    ];
                     let [gx, gy] = split((chunk.rows as u32).div_ceil(t.rows_per_workgroup()));
                     let grid = match shape.fixed_slots {
                         Some(slots) => Grid::fixed([gx, gy, slots.div_ceil(t.slots)]),
                         None => Grid::new([gx, gy, shape.slots_per_token, t.slots], |n, [x, y, per, tile]| [x, y, (n * per).div_ceil(tile)]),
                     };
-                    self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
+                    self.matmul_pipeline(w, chunk, t, modes, [&p, x, y, ids], grid)
                 };
                 if shape.use_ids || shape.fixed_slots.is_some() {
                     return variant(tiles.decode);
@@ -320,6 +319,26 @@ impl Builder {
             .collect()
     }
 
+    /// One matmul.wgsl pipeline over `chunk` of `w`: tile `t`, the kernel's modes, `p` its
+    /// parameters and (x, y, ids) its data; 16-byte loads where `w` allows them.
+    fn matmul_pipeline(&self, w: &GpuMatrix, chunk: &GpuChunk, t: Tile, modes: MatmulModes, [p, x, y, ids]: [&wgpu::Buffer; 4], grid: Grid) -> Dispatch {
+        let wide = self.wide_loads(w);
+        let flag = |on: bool| on as u32 as f64;
+        let overrides = [
+            ("COLS", w.cols as f64),
+            ("ROWS", t.rows as f64),
+            ("TILE", t.slots as f64),
+            ("CL", t.lanes as f64),
+            ("WIDE", flag(wide)),
+            ("USE_IDS", flag(modes.use_ids)),
+            ("SLOT_LIST", flag(modes.slot_list)),
+            ("GROUPED", flag(modes.grouped)),
+        ];
+        let weights4 = if wide { &chunk.weights } else { &self.dummy };
+        let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, p, &self.step, x, y, ids, weights4];
+        self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
+    }
+
     /// Whether matmuls of `w` take 16-byte weight loads (matmul.wgsl's WIDE): GPU shapes, a
     /// format of one lane step per word (all but q4), rows of whole 16-byte units (so every row
     /// of every expert and slot starts on one). A matrix decides alike resident, streamed or in
@@ -330,7 +349,7 @@ impl Builder {
 
     /// The tiled prefill GEMM (gemm.wgsl) of one row chunk: 64 rows by GEMM_TOKENS tokens per
     /// workgroup.
-    fn gemm(&self, w: &GpuMatrix, chunk: &super::tensors::GpuChunk, accumulate: bool, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
+    fn gemm(&self, w: &GpuMatrix, chunk: &GpuChunk, accumulate: bool, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
         let p = self.params("gemm", &[accumulate as u32, 0, 0, 0]);
         let overrides = [("COLS", w.cols as f64), ("TN", GEMM_TOKENS as f64)];
         let [gx, gy] = split((chunk.rows as u32).div_ceil(64));
@@ -389,37 +408,23 @@ impl Builder {
         assert_eq!(per_slot.len(), 1, "stacked experts are one binding");
         let chunk = w.single();
         let p = self.params("matmul", &MatmulParams { slots_per_token: k, x_div, fixed_slots: 0, accumulate: 0 });
-        let tile = matmul_tiles(&self.ctx).grouped;
-        let wide = self.wide_loads(w);
-        let overrides = [
-            ("COLS", w.cols as f64),
-            ("ROWS", tile.rows as f64),
-            ("TILE", tile.slots as f64),
-            ("CL", tile.lanes as f64),
-            ("WIDE", wide as u32 as f64),
-            ("USE_IDS", 1.0),
-            ("SLOT_LIST", 0.0),
-            ("GROUPED", 1.0),
-        ];
-        let weights4 = if wide { &chunk.weights } else { &self.dummy };
-        let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, &p, &self.step, x, y, groups, weights4];
-        let mut d = self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, Grid::fixed([0; 3]));
+        let modes = MatmulModes { use_ids: true, slot_list: false, grouped: true };
+        let mut d = self.matmul_pipeline(w, chunk, matmul_tiles(&self.ctx).grouped, modes, [&p, x, y, groups], Grid::fixed([0; 3]));
         let offset = match which {
             ExpertMatrix::GateUp => 16,
             ExpertMatrix::Down => 32,
         };
         d.indirect = Some((groups.clone(), offset));
         let per_slot = per_slot.remove(0);
-        if self.ctx.cpu_shapes {
-            // Steps of fewer than two slots per expert on average run per slot: their tiles
-            // would be mostly empty (measured on lavapipe: 8 sequences decoded together 1.2x
-            // slower grouped).
-            let most = (2 * experts).div_ceil(k).saturating_sub(1);
-            if most >= 2 {
-                d.small = vec![(most, self.expert_matmul(w, k, x_div, x, y, ids).remove(0))];
-            }
+        // On CPU adapters steps of fewer than two slots per expert on average (single tokens
+        // among them) run per slot: their tiles would be mostly empty (measured on lavapipe: 8
+        // sequences decoded together 1.2x slower grouped). Elsewhere only single tokens do.
+        let most = (2 * experts).div_ceil(k).saturating_sub(1);
+        if self.ctx.cpu_shapes && most >= 2 {
+            d.small = vec![(most, per_slot)];
+        } else {
+            d.decode = Some(Box::new(per_slot));
         }
-        d.decode = Some(Box::new(per_slot));
         d
     }
 
