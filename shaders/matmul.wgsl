@@ -9,6 +9,7 @@
 // Slots: n_tokens * slots_per_token, or fixed_slots when set (only the last position's logits).
 // A chunk of a split matrix writes its rows at their place in y (wl.row0).
 // COLS, TILE and USE_IDS are pipeline constants: constant loop bounds compile far better.
+// Lane steps multiply through arith_f32.wgsl (exact) or arith_f16.wgsl (f16 products, opt-in).
 
 // WG (64) comes with the reduce snippet.
 override COLS: u32;
@@ -80,23 +81,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     if (WIDE == 1u) {
         // 16 bytes per lane step: four words of a row in one load, each decoded as below.
         for (var qi = column_lane; qi < COLS / ELEMS / 4u; qi += CL) {
-            var xs: array<vec4<f32>, 32>; // TILE x 4 words
+            var xs: array<Arith4, 32>; // TILE x 4 words
             for (var t = 0u; t < TILE; t++) {
                 for (var k = 0u; k < 4u; k++) {
                     let base = (slot[t] / p.x_div) * COLS + (qi * 4u + k) * ELEMS;
                     var v = vec4<f32>(x[base], 0.0, 0.0, 0.0);
                     if (ELEMS >= 2u) { v.y = x[base + 1u]; }
                     if (ELEMS == 4u) { v.z = x[base + 2u]; v.w = x[base + 3u]; }
-                    xs[t * 4u + k] = v;
+                    xs[t * 4u + k] = arith_x(v);
                 }
             }
             for (var rr = 0u; rr < ROWS; rr++) {
                 let r = min(r0 + rr, wl.rows - 1u);
                 let words = weights4[(expert * wl.expert_stride + r * wl.cols) / (4u * ELEMS) + qi];
                 for (var k = 0u; k < 4u; k++) {
-                    let w = decode_word(words[k], expert, r, qi * 4u + k);
+                    let w = arith_word(words[k], expert, r, qi * 4u + k);
+                    let scale = arith_scale(expert, r, qi * 4u + k);
                     for (var t = 0u; t < TILE; t++) {
-                        acc[rr * TILE + t] += dot(w, xs[t * 4u + k]);
+                        acc[rr * TILE + t] += arith_dot(w, xs[t * 4u + k]) * scale;
                     }
                 }
             }
@@ -104,18 +106,20 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: 
     } else if (COLS % ELEMS == 0u && (ELEMS != 4u || wl.block_cols % 4u == 0u)) {
         // Whole words per lane step: one load and decode give ELEMS weights.
         for (var wi = column_lane; wi < COLS / ELEMS; wi += CL) {
-            var xs: array<vec4<f32>, 8>;
+            var xs: array<Arith4, 8>;
             for (var t = 0u; t < TILE; t++) {
                 let base = (slot[t] / p.x_div) * COLS + wi * ELEMS;
                 var v = vec4<f32>(x[base], 0.0, 0.0, 0.0);
                 if (ELEMS >= 2u) { v.y = x[base + 1u]; }
                 if (ELEMS == 4u) { v.z = x[base + 2u]; v.w = x[base + 3u]; }
-                xs[t] = v;
+                xs[t] = arith_x(v);
             }
             for (var rr = 0u; rr < ROWS; rr++) {
-                let w = weight_word(expert, min(r0 + rr, wl.rows - 1u), wi);
+                let r = min(r0 + rr, wl.rows - 1u);
+                let w = arith_step(expert, r, wi);
+                let scale = arith_scale(expert, r, wi);
                 for (var t = 0u; t < TILE; t++) {
-                    acc[rr * TILE + t] += dot(w, xs[t]);
+                    acc[rr * TILE + t] += arith_dot(w, xs[t]) * scale;
                 }
             }
         }

@@ -88,6 +88,62 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
     }
 }
 
+/// The f16-arithmetic matmul (`DSRUN_F16_MATH`, SHADER_F16 adapters) in both shapes, for the
+/// formats it takes (bf16, f16, FP8, q8), against the exact CPU result. Bound per output, from
+/// arith_f16.wgsl's rounding: x to f16 (2^-11), each product and the step's partial sums
+/// (2^-11 each, up to 4 terms): |err| <= 2^-8 sum_c |w_c x_c|, plus products below f16's
+/// smallest normal (2^-14 in units of the step's code scale, <= max |w| or 1) flushed to zero.
+/// f32 and q4 must stay on the exact kernel.
+#[test]
+fn f16_matmul_stays_within_its_rounding_bound() {
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    if !ctx.shader_f16 {
+        eprintln!("skipped: {} has no SHADER_F16", ctx.describe());
+        return;
+    }
+    for cpu_shapes in [true, false] {
+        let mut ctx = ctx.clone();
+        ctx.cpu_shapes = cpu_shapes;
+        ctx.prefill_gemm = false;
+        ctx.f16_math = true;
+        let mut r = OpRunner::new(ctx).unwrap();
+        for dtype in FORMATS {
+            for (rows, cols, n) in [(37, 300, 1usize), (37, 300, 3), (37, 160, 1), (37, 160, 9), (13, 129, 2)] {
+                let what = format!("{dtype:?} {rows}x{cols} n={n}, CPU shapes {cpu_shapes}");
+                let m = matrix(dtype, rows, cols, 3);
+                let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
+                let takes_f16 = !matches!(dtype, DType::F32 | DType::Q4);
+                assert_eq!(r.builder().f16_math(&gm), takes_f16, "{what}");
+                let x: Vec<f32> = random(4 + n as u64, n * cols).iter().map(|v| v * 4.0).collect();
+                let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
+                let d = r.builder().matmul(&gm, &xb, &yb, false);
+                assert_eq!(d[0].kernel == Kernel::MatmulF16, takes_f16, "{what}: kernel");
+                r.set_step(n as u32);
+                r.run(&d, n as u32, 1).unwrap();
+                let got = r.read_f32(&yb, n * rows).unwrap();
+                let want = cpu::matmul(&m, &x, n);
+                if !takes_f16 {
+                    assert_close(&what, &got, &want);
+                    continue;
+                }
+                let mut row = vec![0.0f32; cols];
+                for o in 0..rows {
+                    m.decode_row(o, &mut row);
+                    let unit = row.iter().fold(1.0f32, |a, w| a.max(w.abs())) as f64;
+                    for t in 0..n {
+                        let magnitude: f64 = row.iter().zip(&x[t * cols..(t + 1) * cols]).map(|(w, x)| (w * x).abs() as f64).sum();
+                        let bound = magnitude / 256.0 + cols as f64 * unit / 16384.0;
+                        let err = (got[t * rows + o] as f64 - want[t * rows + o] as f64).abs();
+                        assert!(err <= bound, "{what}: row {o} token {t}: {} vs {} (bound {bound:e})", got[t * rows + o], want[t * rows + o]);
+                    }
+                }
+                // And it is not the exact kernel in disguise: f16 rounding shows somewhere.
+                assert!(got != want, "{what}: bitwise the f32 result");
+            }
+        }
+    }
+}
+
 /// The tiled prefill GEMM (the hardware-GPU default for dense prefill matmuls) against the CPU on
 /// every format: 70 and 37 rows (one partial 64-row tile, or a tile and a part), 300 and 136
 /// columns (partial 8-word chunks), token counts below, at and beyond a 16-token tile, and

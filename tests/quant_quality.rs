@@ -58,3 +58,33 @@ fn quantised_weights_keep_predictions() {
         assert!(change.abs() <= max_ppl_change, "{quant:?}: perplexity changed by {change:+.4}");
     }
 }
+
+/// `DSRUN_F16_MATH` (matmuls multiplying in f16) against the exact kernels on the same weights
+/// (`--quant f16` and `q8`): the most likely next token agrees at >= 98% of positions and the
+/// perplexity moves by at most 0.5% (f16 rounding of activations and products, ~2^-9 relative
+/// per lane step, is below what `--quant f16` itself costs).
+#[test]
+fn f16_math_keeps_predictions() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+    if !ctx.shader_f16 {
+        eprintln!("skipped: {} has no SHADER_F16", ctx.describe());
+        return;
+    }
+    for quant in [QuantTarget::F16, QuantTarget::Q8] {
+        let mut exact = GpuModel::new(ctx.clone(), &model, tokens.len(), quant).unwrap();
+        let (reference, _, ppl_exact) = measure(&mut exact, &tokens, None);
+        let mut half_ctx = ctx.clone();
+        half_ctx.f16_math = true;
+        let mut half = GpuModel::new(half_ctx, &model, tokens.len(), quant).unwrap();
+        let (logits, agree, ppl) = measure(&mut half, &tokens, Some(&reference));
+        assert!(logits != reference, "{quant:?}: f16 math gave the exact kernels' bits");
+        let change = ppl / ppl_exact - 1.0;
+        eprintln!("{quant:?} with f16 math: top-1 agreement {:.1}%, perplexity {ppl:.4} ({:+.3}% vs exact)", agree * 100.0, change * 100.0);
+        assert!(agree >= 0.98, "{quant:?}: top-1 agreement {agree:.3} below 0.98");
+        assert!(change.abs() <= 0.005, "{quant:?}: perplexity changed by {change:+.4}");
+    }
+}

@@ -70,7 +70,7 @@ icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if ldconfig -p | grep -q libvulkan; then
     timeout 200 $bin/wgpu-kernel-tests --test-threads 1 2>&1 | tee "$OUT/wgpu_tests.log" | grep -E "test |panicked|result"
     timeout 120 $bin/wgpu-kernels --quick | tee "$OUT/wgpu_kernels.txt"
-    for args in "" "DSRUN_PREFILL_GEMM=0" "DSRUN_CPU_SHAPES=1 DSRUN_PREFILL_GEMM=0" "DSRUN_GROUP_EXPERTS=0"; do
+    for args in "" "DSRUN_F16_MATH=1" "DSRUN_PREFILL_GEMM=0" "DSRUN_CPU_SHAPES=1 DSRUN_PREFILL_GEMM=0" "DSRUN_GROUP_EXPERTS=0"; do
         echo "($args)"
         env $args timeout 120 $bin/dsrun bench --model $synth --gpu vulkan -p 512 -n 32 -r 2 --json | tee -a "$OUT/wgpu_bench.jsonl"
     done

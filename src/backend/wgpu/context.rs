@@ -29,6 +29,14 @@ pub struct GpuContext {
     /// experts per slot in small steps. The adapter type decides; `DSRUN_CPU_SHAPES=0|1`
     /// overrides, and tests set it to run both shapes.
     pub cpu_shapes: bool,
+    /// Matmuls of bf16, f16, FP8 and q8 weights multiply in f16 (arith_f16.wgsl), f32 sums
+    /// between lane steps: fewer registers and, on GPUs with fast f16, cheaper arithmetic, at
+    /// ~2^-9 relative error per step and f16's range. Off by default everywhere (lavapipe
+    /// measured it slower; exactness is the default on GPUs until one measures it faster);
+    /// `DSRUN_F16_MATH=1` turns it on where the adapter has SHADER_F16.
+    pub f16_math: bool,
+    /// The device was opened with SHADER_F16 (f16 kernels can be built).
+    pub shader_f16: bool,
     /// Device-local memory the adapter reports, where the backend tells (Vulkan); what
     /// `--gpu-mem auto` takes its share of.
     pub memory: Option<u64>,
@@ -123,7 +131,7 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let info = adapter.get_info();
     let limits = adapter.limits();
     // Optional speed-ups are requested only where the adapter offers them.
-    let optional = adapter.features() & wgpu::Features::SUBGROUP;
+    let optional = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("dsrun"),
         required_features: optional,
@@ -144,7 +152,12 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let software = info.device_type == wgpu::DeviceType::Cpu;
     let prefill_gemm = switch("DSRUN_PREFILL_GEMM", !software);
     let cpu_shapes = switch("DSRUN_CPU_SHAPES", software);
-    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, prefill_gemm, cpu_shapes, memory })
+    let shader_f16 = optional.contains(wgpu::Features::SHADER_F16);
+    let f16_math = switch("DSRUN_F16_MATH", false) && shader_f16;
+    if switch("DSRUN_F16_MATH", false) && !shader_f16 {
+        log::warn!("DSRUN_F16_MATH=1: {} has no SHADER_F16; the matmuls multiply in f32", info.name);
+    }
+    Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, prefill_gemm, cpu_shapes, f16_math, shader_f16, memory })
 }
 
 /// The largest device-local memory heap, read through the Vulkan API beneath wgpu (wgpu itself
@@ -178,10 +191,11 @@ impl GpuContext {
 
     /// Optional features in use, for logs and benchmark headers.
     pub fn features_in_use(&self) -> &'static str {
-        if self.subgroups {
-            "subgroups"
-        } else {
-            "no optional features"
+        match (self.subgroups, self.f16_math) {
+            (true, true) => "subgroups, f16 math",
+            (true, false) => "subgroups",
+            (false, true) => "f16 math",
+            (false, false) => "no optional features",
         }
     }
 

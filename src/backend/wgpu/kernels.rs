@@ -14,10 +14,14 @@ const CACHE: &str = include_str!("../../../shaders/cache.wgsl");
 const ATTENTION_PARAMS: &str = include_str!("../../../shaders/attention_params.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
 const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.wgsl");
+const ARITH_F32: &str = include_str!("../../../shaders/arith_f32.wgsl");
+const ARITH_F16: &str = include_str!("../../../shaders/arith_f16.wgsl");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
     Matmul,
+    /// `Matmul` multiplying in f16 (arith_f16.wgsl; needs the device's SHADER_F16).
+    MatmulF16,
     Gemm,
     Embed,
     RmsNorm,
@@ -41,7 +45,16 @@ pub enum Kernel {
 impl Kernel {
     /// Whether the kernel sums across lanes with `sum_over_lanes` (from a reduce snippet).
     fn reduces(self) -> bool {
-        matches!(self, Kernel::Matmul | Kernel::AttentionPartial | Kernel::AttentionMerge)
+        matches!(self, Kernel::Matmul | Kernel::MatmulF16 | Kernel::AttentionPartial | Kernel::AttentionMerge)
+    }
+
+    /// The matmul's arithmetic snippet, for the kernels that multiply through one.
+    fn arithmetic(self) -> Option<&'static str> {
+        match self {
+            Kernel::Matmul => Some(ARITH_F32),
+            Kernel::MatmulF16 => Some(ARITH_F16),
+            _ => None,
+        }
     }
 
     /// Whether the kernel reads or writes the latent cache (through cache.wgsl).
@@ -57,7 +70,7 @@ impl Kernel {
     /// (source, entry point, whether it reads a weight matrix)
     fn source(self) -> (&'static str, &'static str, bool) {
         match self {
-            Kernel::Matmul => (include_str!("../../../shaders/matmul.wgsl"), "main", true),
+            Kernel::Matmul | Kernel::MatmulF16 => (include_str!("../../../shaders/matmul.wgsl"), "main", true),
             Kernel::Gemm => (include_str!("../../../shaders/gemm.wgsl"), "main", true),
             Kernel::Embed => (include_str!("../../../shaders/embed.wgsl"), "main", true),
             Kernel::RmsNorm => (include_str!("../../../shaders/rmsnorm.wgsl"), "main", false),
@@ -85,7 +98,8 @@ pub struct Pipelines {
     device: wgpu::Device,
     /// Use subgroup operations in reductions (the device was opened with `Features::SUBGROUP`).
     subgroups: bool,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// By (kernel source, arithmetic snippet).
+    modules: Mutex<HashMap<(&'static str, Option<&'static str>), wgpu::ShaderModule>>,
     cache: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
@@ -111,14 +125,22 @@ impl Pipelines {
             .modules
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(source)
+            .entry((source, kernel.arithmetic()))
             .or_insert_with(|| {
                 // The tiny "#define pass": shared snippets, then the kernel. (naga 30 takes
-                // subgroup builtins without the standard's `enable subgroups;`, which it rejects.)
-                let mut full = String::from(STEP);
+                // subgroup builtins without the standard's `enable subgroups;`, which it rejects;
+                // f16 needs its `enable`, before any declaration.)
+                let mut full = String::new();
+                if kernel == Kernel::MatmulF16 {
+                    full.push_str("enable f16;\n");
+                }
+                full.push_str(STEP);
                 if uses_weights {
                     full.push_str(&crate::format::wgsl_constants());
                     full.push_str(WEIGHTS);
+                }
+                if let Some(arith) = kernel.arithmetic() {
+                    full.push_str(arith);
                 }
                 if kernel.uses_cache() {
                     full.push_str(CACHE);

@@ -336,7 +336,14 @@ impl Builder {
         ];
         let weights4 = if wide { &chunk.weights } else { &self.dummy };
         let buffers = [&chunk.layout, &chunk.weights, &chunk.scales, p, &self.step, x, y, ids, weights4];
-        self.dispatch_with(Kernel::Matmul, Some(w.format), &overrides, &buffers, grid)
+        let kernel = if self.f16_math(w) { Kernel::MatmulF16 } else { Kernel::Matmul };
+        self.dispatch_with(kernel, Some(w.format), &overrides, &buffers, grid)
+    }
+
+    /// Whether matmuls of `w` multiply in f16 (`GpuContext::f16_math`, for the formats whose
+    /// weights f16 holds exactly: bf16, f16, FP8, q8).
+    pub fn f16_math(&self, w: &GpuMatrix) -> bool {
+        self.ctx.f16_math && matches!(w.format, DType::BF16 | DType::F16 | DType::F8E4M3 | DType::Q8)
     }
 
     /// Whether matmuls of `w` take 16-byte weight loads (matmul.wgsl's WIDE): GPU shapes, a
