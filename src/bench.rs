@@ -4,6 +4,8 @@
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::Logits;
+use crate::sample::{Sampler, SamplerConfig};
+use crate::speculative::{self, SpecStats};
 use serde_json::json;
 use std::time::Instant;
 
@@ -20,6 +22,9 @@ pub struct BenchPlan {
     /// Tokens already in each sequence's cache when a test starts (llama-bench's `-d`); the
     /// filling is not timed.
     pub depth: usize,
+    /// Drafts per step for a speculative generation test beside the plain one (0: none; the
+    /// engine must have its MTP layer loaded).
+    pub draft: usize,
 }
 
 /// One test (`pp512`, `tg128`): tokens per second of each repetition.
@@ -28,6 +33,8 @@ pub struct TestResult {
     pub name: String,
     pub tokens: usize,
     pub samples: Vec<f64>,
+    /// Speculative decoding's counters over every repetition, and its drafts per step.
+    pub speculative: Option<(SpecStats, usize)>,
 }
 
 impl TestResult {
@@ -83,6 +90,16 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
     engine.reset();
     engine.forward(&prompt_tokens(plan.prompt.clamp(2, 8), vocab), Logits::Last)?;
     engine.forward_greedy(&[1 % vocab as u32])?;
+    if plan.draft > 0 {
+        // The MTP layer's and the verify step's pipelines.
+        engine.reset();
+        let mut sampler = Sampler::new(SamplerConfig::default(), vocab)?;
+        let mut history = vec![1 % vocab as u32];
+        for _ in 0..3 {
+            let round = speculative::round(engine, 0, &mut sampler, &history, 0, plan.draft, plan.draft + 1, &mut SpecStats::default())?;
+            history.extend(round.tokens);
+        }
+    }
     engine.reset();
     engine.reset_counters();
 
@@ -98,7 +115,7 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
             engine.forward(&prompt, Logits::Last)?;
             samples.push(plan.prompt as f64 / started.elapsed().as_secs_f64());
         }
-        results.push(TestResult { name, tokens: plan.prompt, samples });
+        results.push(TestResult { name, tokens: plan.prompt, samples, speculative: None });
     }
     if plan.generate > 0 && plan.parallel.contains(&1) {
         let name = test_name(format!("tg{}", plan.generate), depth);
@@ -113,7 +130,10 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
             }
             samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
         }
-        results.push(TestResult { name, tokens: plan.generate, samples });
+        results.push(TestResult { name, tokens: plan.generate, samples, speculative: None });
+    }
+    if plan.generate > 0 && plan.draft > 0 {
+        results.push(speculative_generation(engine, plan, progress)?);
     }
     for &sequences in plan.parallel.iter().filter(|&&p| p > 1 && plan.generate > 0) {
         let name = test_name(format!("tg{}x{sequences}", plan.generate), depth);
@@ -130,9 +150,39 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
             // Aggregate: every sequence's tokens.
             samples.push((plan.generate * sequences) as f64 / started.elapsed().as_secs_f64());
         }
-        results.push(TestResult { name, tokens: plan.generate * sequences, samples });
+        results.push(TestResult { name, tokens: plan.generate * sequences, samples, speculative: None });
     }
     Ok(results)
+}
+
+/// The generation test with speculative decoding (greedy, `plan.draft` MTP drafts per step):
+/// the same tokens as the plain test, in fewer steps where drafts are accepted.
+fn speculative_generation(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> Result<TestResult> {
+    let vocab = engine.config().vocab_size;
+    let name = test_name(format!("tg{} mtp", plan.generate), plan.depth);
+    progress(&name);
+    let mut samples = Vec::new();
+    let mut total = SpecStats::default();
+    for _ in 0..plan.repetitions {
+        engine.reset();
+        let mut history = prompt_tokens(plan.depth, vocab);
+        if plan.depth > 0 {
+            engine.forward_keep(0, &history, Logits::Last)?;
+        }
+        history.push(1 % vocab as u32);
+        let mut sampler = Sampler::new(SamplerConfig::default(), vocab)?;
+        let mut stats = SpecStats::default();
+        let mut generated = 0;
+        let started = Instant::now();
+        while generated < plan.generate {
+            let round = speculative::round(engine, 0, &mut sampler, &history, 0, plan.draft, plan.generate - generated, &mut stats)?;
+            generated += round.tokens.len();
+            history.extend(round.tokens);
+        }
+        samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
+        total.add(&stats);
+    }
+    Ok(TestResult { name, tokens: plan.generate, samples, speculative: Some((total, plan.draft)) })
 }
 
 /// What was measured, for the report's header.
@@ -162,6 +212,11 @@ pub fn table(setup: &BenchSetup, results: &[TestResult]) -> String {
     for r in results {
         out += &format!("{:<18} {:>12.2} {:>10.2} {:>5}\n", r.name, r.mean(), r.std(), r.samples.len());
     }
+    for r in results {
+        if let Some((spec, draft)) = &r.speculative {
+            out += &format!("{}: {}\n", r.name, spec.summary(*draft));
+        }
+    }
     if let Some(c) = &setup.counters {
         out += c;
         out += "\n";
@@ -184,6 +239,14 @@ pub fn json(setup: &BenchSetup, results: &[TestResult]) -> serde_json::Value {
             "tok_per_s_mean": r.mean(),
             "tok_per_s_std": r.std(),
             "samples": r.samples,
+            "speculative": r.speculative.map(|(s, draft)| json!({
+                "draft": draft,
+                "acceptance": s.acceptance(),
+                "tokens_per_step": s.tokens_per_step(),
+                "steps": s.steps,
+                "drafted": s.drafted,
+                "accepted": s.accepted,
+            })),
         })).collect::<Vec<_>>(),
         "counters": setup.counters,
     })
@@ -195,7 +258,7 @@ mod tests {
 
     #[test]
     fn mean_and_sample_std() {
-        let r = TestResult { name: "pp4".into(), tokens: 4, samples: vec![2.0, 4.0, 6.0] };
+        let r = TestResult { name: "pp4".into(), tokens: 4, samples: vec![2.0, 4.0, 6.0], speculative: None };
         assert_eq!(r.mean(), 4.0);
         assert_eq!(r.std(), 2.0);
         assert_eq!(TestResult { samples: vec![5.0], ..r }.std(), 0.0);

@@ -85,6 +85,8 @@ pub struct GpuOptions {
     pub sequences: usize,
     /// How the latent caches store their values (`--kv-cache`).
     pub kv_cache: crate::backend::layout::CacheFormat,
+    /// Load the checkpoint's MTP layer for speculative decoding (`--speculative mtp`).
+    pub mtp: bool,
 }
 
 /// Whether expert streaming guesses and uploads the next layer's experts ahead of need.
@@ -113,7 +115,7 @@ impl Prefetch {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1, kv_cache: crate::backend::layout::CacheFormat::F32 }
+        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1, kv_cache: crate::backend::layout::CacheFormat::F32, mtp: false }
     }
 }
 

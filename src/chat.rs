@@ -17,6 +17,8 @@ pub struct Chat<'a> {
     pub engine: &'a mut dyn Engine,
     pub tokenizer: &'a Tokenizer,
     pub template: &'a ChatTemplate,
+    /// Drafts per step of speculative decoding (0: off).
+    pub draft: usize,
 }
 
 pub struct Settings {
@@ -62,7 +64,7 @@ impl Conversation {
         chat.engine.truncate(0, shared);
         self.cached.truncate(shared);
         let mut text = String::new();
-        let result = generate(&mut *chat.engine, chat.tokenizer, &prompt[shared..], sampler, stopping, |piece| {
+        let result = generate(&mut *chat.engine, chat.tokenizer, &prompt[shared..], sampler, stopping, chat.draft, |piece| {
             text += piece;
             emit(piece)
         }, cancelled);

@@ -32,7 +32,8 @@ pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &G
         if options.gpu_mem != GpuMem::Auto {
             return Err(Error::Invalid("--gpu-mem applies to GPU backends; the CPU reference runs from host memory".into()));
         }
-        Ok(Box::new(CpuEngine::with_sequences(model, capacity, options.sequences)))
+        let engine = CpuEngine::with_sequences(model, capacity, options.sequences);
+        Ok(Box::new(if options.mtp { engine.with_mtp()? } else { engine }))
     };
     match choice {
         GpuChoice::Cpu => cpu(model),

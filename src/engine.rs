@@ -61,6 +61,33 @@ pub trait Engine: Send {
         None
     }
 
+    /// Whether the engine drafts with the checkpoint's MTP layer (`draft`).
+    fn has_mtp(&self) -> bool {
+        false
+    }
+    /// `forward_seq` that also keeps each row's hidden state for the MTP layer: a prompt (the
+    /// MTP layer runs over every chunk but the last as it goes) or a verify step (`Logits::All`
+    /// over the last token and the drafts). The MTP layer must hold every earlier position.
+    fn forward_keep(&mut self, _seq: usize, _tokens: &[u32], _which: Logits) -> Result<Vec<f32>> {
+        Err(no_mtp())
+    }
+    /// Positions of sequence `seq` the MTP layer holds (drafted from real hidden states).
+    fn mtp_len(&self, _seq: usize) -> usize {
+        0
+    }
+    /// The MTP layer over the positions `mtp_len(seq)..seq_len(seq)` of the last
+    /// `forward_keep`, position p paired with `next[p - mtp_len]`, the token at p + 1 (the
+    /// prompt's or the sequence's tokens, ending with the one sampled last): the draft logits
+    /// `[vocab]` for the token after the last. Drops the rows of earlier chained drafts.
+    fn draft(&mut self, _seq: usize, _next: &[u32]) -> Result<Vec<f32>> {
+        Err(no_mtp())
+    }
+    /// One more draft position, chained on the last draft of `seq` (whose chosen token is
+    /// `token`): its draft logits. Its cache row is dropped by the next `draft`.
+    fn draft_chained(&mut self, _seq: usize, _token: u32) -> Result<Vec<f32>> {
+        Err(no_mtp())
+    }
+
     /// Sequence 0: the single-sequence engine the CLI's generation uses.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         self.forward_seq(0, tokens, which)
@@ -75,6 +102,10 @@ pub trait Engine: Send {
     fn reset(&mut self) {
         (0..self.sequences()).for_each(|s| self.truncate(s, 0));
     }
+}
+
+fn no_mtp() -> Error {
+    Error::Invalid("this engine has no MTP layer loaded (--speculative off, or the checkpoint has none)".into())
 }
 
 /// Rejects a batch that names a sequence the engine does not hold, or one sequence twice.
@@ -106,6 +137,19 @@ pub fn check_sequence(seq: usize, sequences: usize) -> Result<()> {
 pub struct CpuEngine {
     pub model: Model,
     pub caches: Vec<KvCache>,
+    /// Speculative decoding with the MTP layer (`with_mtp`).
+    mtp: Option<CpuMtp>,
+}
+
+/// The MTP layer's state on the CPU: a cache per sequence, the last kept main step's hidden
+/// states, the last draft's output.
+struct CpuMtp {
+    caches: Vec<KvCache>,
+    chained: Vec<usize>,
+    /// (sequence, first position, hidden states `[rows, hidden]`) of the last `forward_keep`.
+    kept: Option<(usize, usize, Vec<f32>)>,
+    /// (sequence, output `[hidden]`) of the last draft.
+    drafted: Option<(usize, Vec<f32>)>,
 }
 
 impl CpuEngine {
@@ -115,7 +159,16 @@ impl CpuEngine {
 
     pub fn with_sequences(model: Model, capacity: usize, sequences: usize) -> Self {
         let caches = (0..sequences.max(1)).map(|_| model.new_cache(capacity)).collect();
-        CpuEngine { model, caches }
+        CpuEngine { model, caches, mtp: None }
+    }
+
+    /// Also drafts with the checkpoint's MTP layer (an error where it has none).
+    pub fn with_mtp(mut self) -> Result<Self> {
+        let capacity = self.capacity();
+        let caches = (0..self.caches.len()).map(|_| self.model.new_mtp_cache(capacity)).collect::<Option<Vec<_>>>();
+        let caches = caches.ok_or_else(no_mtp)?;
+        self.mtp = Some(CpuMtp { chained: vec![0; caches.len()], caches, kept: None, drafted: None });
+        Ok(self)
     }
 }
 
@@ -137,6 +190,64 @@ impl Engine for CpuEngine {
         if let Some(cache) = self.caches.get_mut(seq) {
             cache.truncate(len);
         }
+        if let Some(m) = &mut self.mtp {
+            if let Some(cache) = m.caches.get_mut(seq) {
+                cache.truncate((cache.len() - m.chained[seq]).min(len));
+                m.chained[seq] = 0;
+            }
+        }
+    }
+    fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+    fn forward_keep(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        check_sequence(seq, self.caches.len())?;
+        let m = self.mtp.as_mut().ok_or_else(no_mtp)?;
+        let start = self.caches[seq].len();
+        if m.caches[seq].len() - m.chained[seq] != start {
+            return Err(Error::Invalid(format!("sequence {seq}: the MTP layer has run {} of its {start} positions; truncate it to a common length first", m.caches[seq].len())));
+        }
+        let (logits, hidden) = self.model.forward_hidden(&mut self.caches[seq], tokens)?;
+        m.kept = Some((seq, start, hidden));
+        m.drafted = None;
+        Ok(match which {
+            Logits::All => logits,
+            Logits::Last => logits[(tokens.len() - 1) * self.model.config.vocab_size..].to_vec(),
+        })
+    }
+    fn mtp_len(&self, seq: usize) -> usize {
+        self.mtp.as_ref().and_then(|m| Some(m.caches.get(seq)?.len() - m.chained[seq])).unwrap_or(0)
+    }
+    fn draft(&mut self, seq: usize, next: &[u32]) -> Result<Vec<f32>> {
+        check_sequence(seq, self.caches.len())?;
+        let main_len = self.caches[seq].len();
+        let m = self.mtp.as_mut().ok_or_else(no_mtp)?;
+        let cache = &mut m.caches[seq];
+        cache.truncate(cache.len() - m.chained[seq]);
+        m.chained[seq] = 0;
+        let start = cache.len();
+        let d = self.model.config.hidden_size;
+        let hidden = match &m.kept {
+            Some((s, first, h)) if *s == seq && *first == start && main_len <= first + h.len() / d && next.len() == main_len - start && !next.is_empty() => &h[..next.len() * d],
+            _ => return Err(Error::Invalid(format!("sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)", next.len()))),
+        };
+        let (logits, out) = self.model.mtp_forward(cache, next, hidden)?;
+        m.chained[seq] = 0;
+        m.kept = None;
+        m.drafted = Some((seq, out[(next.len() - 1) * d..].to_vec()));
+        Ok(logits[(next.len() - 1) * self.model.config.vocab_size..].to_vec())
+    }
+    fn draft_chained(&mut self, seq: usize, token: u32) -> Result<Vec<f32>> {
+        check_sequence(seq, self.caches.len())?;
+        let m = self.mtp.as_mut().ok_or_else(no_mtp)?;
+        let hidden = match m.drafted.take() {
+            Some((s, h)) if s == seq => h,
+            _ => return Err(Error::Invalid(format!("sequence {seq}: a chained draft follows a draft of the same sequence"))),
+        };
+        let (logits, out) = self.model.mtp_forward(&mut m.caches[seq], &[token], &hidden)?;
+        m.chained[seq] += 1;
+        m.drafted = Some((seq, out));
+        Ok(logits)
     }
     fn capacity(&self) -> usize {
         self.caches[0].capacity()

@@ -6,6 +6,8 @@ use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::sample::{logprobs, Sampler, TokenLogprob};
+use crate::speculative::{self, SpecStats};
+use std::collections::VecDeque;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::time::Instant;
 
@@ -131,6 +133,16 @@ impl Generation {
         self.stop.is_some()
     }
 
+    /// Tokens the reply may still take.
+    pub fn remaining(&self) -> usize {
+        self.stopping.max_tokens.saturating_sub(self.generated)
+    }
+
+    /// The sampler, for speculative rounds (drafts and their acceptance).
+    pub fn sampler(&mut self) -> &mut Sampler {
+        &mut self.sampler
+    }
+
 
     /// The next token from the last position's logits.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {
@@ -189,18 +201,24 @@ pub struct Stats {
     pub generate_seconds: f64,
     /// Why generation ended.
     pub stop: StopReason,
+    /// Speculative decoding's counters and draft length, when it ran.
+    pub speculative: Option<(SpecStats, usize)>,
 }
 
 impl Stats {
     pub fn summary(&self) -> String {
         let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-        format!(
+        let mut line = format!(
             "prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s",
             self.prompt_tokens,
             rate(self.prompt_tokens, self.prompt_seconds),
             self.generated_tokens,
             rate(self.generated_tokens, self.generate_seconds),
-        )
+        );
+        if let Some((spec, draft)) = &self.speculative {
+            line += &format!(" | {}", spec.summary(*draft));
+        }
+        line
     }
 }
 
@@ -217,13 +235,16 @@ fn next_token(engine: &mut dyn Engine, generation: &mut Generation, tokens: &[u3
 
 /// Generates a reply to `prompt` on sequence 0 of `engine`, calling `emit` with each piece of
 /// text as soon as it is complete; `cancelled` is polled between tokens. The engine's
-/// capacity is the context limit.
+/// capacity is the context limit. `draft` > 0: speculative decoding with the engine's MTP
+/// layer, `draft` tokens per step (ignored where the engine has none loaded).
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     engine: &mut dyn Engine,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     sampler: Sampler,
     stopping: Stopping,
+    draft: usize,
     mut emit: impl FnMut(&str) -> Result<()>,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Stats> {
@@ -239,16 +260,31 @@ pub fn generate(
         return Ok(stats);
     }
     let mut generation = Generation::new(prompt, sampler, stopping);
+    let speculate = draft > 0 && engine.has_mtp();
+    let base = engine.len();
 
     let started = Instant::now();
-    let (mut next, mut logits) = next_token(engine, &mut generation, prompt)?;
+    let (mut next, mut logits) = if speculate {
+        let logits = engine.forward_keep(0, prompt, Logits::Last)?;
+        (generation.choose(&logits), Some(logits))
+    } else {
+        next_token(engine, &mut generation, prompt)?
+    };
     stats.prompt_seconds = started.elapsed().as_secs_f64();
 
+    // Speculation: the sequence's tokens from `base` (the last not yet run), and the tokens a
+    // round accepted beyond the first, waiting their turn.
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut queued: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
+    let mut spec = SpecStats::default();
     let started = Instant::now();
     let mut reason = StopReason::MaxTokens;
     loop {
         let emitted = generation.push(tokenizer, next, logits.as_deref())?;
         emit(&emitted.text)?;
+        if speculate {
+            history.push(next);
+        }
         if generation.done() {
             break;
         }
@@ -256,17 +292,37 @@ pub fn generate(
             reason = StopReason::Cancelled;
             break;
         }
+        if speculate {
+            if queued.is_empty() {
+                if engine.len() == engine.capacity() {
+                    reason = StopReason::ContextFull;
+                    break;
+                }
+                let remaining = generation.remaining();
+                let round = speculative::round(engine, 0, generation.sampler(), &history, base, draft, remaining, &mut spec)?;
+                queued.extend(round.tokens.into_iter().zip(round.logits));
+            }
+            // A round's accepted drafts already sit in the cache; its last token is run by the
+            // next round.
+            let (token, row) = queued.pop_front().expect("a round emits at least one token");
+            (next, logits) = (token, Some(row));
+            continue;
+        }
         if engine.len() == engine.capacity() {
             reason = StopReason::ContextFull;
             break;
         }
         (next, logits) = next_token(engine, &mut generation, &[next])?;
     }
+    if speculate {
+        speculative::finish(engine, 0, &history, base)?;
+    }
     let tail = generation.finish(tokenizer, reason)?;
     emit(&tail)?;
     stats.generated_tokens = generation.generated;
     stats.generate_seconds = started.elapsed().as_secs_f64();
     stats.stop = generation.stop.unwrap_or_default();
+    stats.speculative = speculate.then_some((spec, draft));
     Ok(stats)
 }
 

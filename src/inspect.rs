@@ -184,6 +184,7 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
         let _ = writeln!(s, "           {dtype:<8} {:>10}  in {count} tensors", human_bytes(*bytes));
     }
 
+    let _ = writeln!(s, "mtp        {}", describe_mtp(c, weights));
     if ignored.is_empty() {
         let _ = writeln!(s, "ignored    nothing");
     } else {
@@ -195,7 +196,25 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
     s
 }
 
-/// One line per ignored layer (e.g. the MTP layer) and per other ignored tensor.
+/// The multi-token-prediction layer: used, announced but absent, or none.
+fn describe_mtp(c: &ModelConfig, weights: &Weights) -> String {
+    match (&weights.mtp, c.num_nextn_predict_layers) {
+        (Some(m), _) => {
+            let ffn = if matches!(m.layer.ffn, crate::model::weights::FeedForward::Moe(_)) { "MoE" } else { "dense MLP" };
+            let shared = |own: bool| if own { "its own" } else { "the main model's" };
+            format!(
+                "multi-token prediction layer {} ({ffn}), used to draft tokens (--speculative mtp); {} embedding, {} head",
+                m.index,
+                shared(!std::ptr::eq(m.embed.data.as_slice().as_ptr(), weights.embed.data.as_slice().as_ptr())),
+                shared(!std::ptr::eq(m.head.data.as_slice().as_ptr(), weights.lm_head.data.as_slice().as_ptr())),
+            )
+        }
+        (None, 0) => "none".into(),
+        (None, n) => format!("num_nextn_predict_layers is {n}, but the checkpoint has no model.layers.{}.eh_proj.weight: no speculative decoding", c.num_hidden_layers),
+    }
+}
+
+/// One line per ignored layer (e.g. an MTP layer beyond the first) and per other ignored tensor.
 fn summarize_ignored(c: &ModelConfig, checkpoint: &Checkpoint, ignored: &[String]) -> Vec<String> {
     let mut layers: BTreeMap<usize, (usize, u64)> = BTreeMap::new();
     let mut lines = Vec::new();

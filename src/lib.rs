@@ -27,5 +27,6 @@ pub mod inspect;
 pub mod npy;
 pub mod sample;
 pub mod server;
+pub mod speculative;
 pub mod synth;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use dsrun::device::{open_engine, GpuChoice};
 use dsrun::error::{Error, Result};
 use dsrun::generate::{generate, StopReason, Stopping};
 use dsrun::generation_config::GenerationDefaults;
+use dsrun::speculative::Speculative;
 use dsrun::model::{Logits, Model};
 use dsrun::engine::Engine;
 use dsrun::quant::QuantTarget;
@@ -150,6 +151,9 @@ struct SynthArgs {
     /// Largest shard file in GiB.
     #[arg(long, default_value_t = 4.0, value_name = "GIB")]
     shard_gib: f64,
+    /// Also write a multi-token-prediction layer (DeepSeek-V3's layer 61), for speculative decoding.
+    #[arg(long)]
+    mtp: bool,
 }
 
 #[derive(Args)]
@@ -212,6 +216,13 @@ struct DeviceArgs {
     /// bytes per step); f32 for `logits` and on the CPU reference].
     #[arg(long, value_enum)]
     kv_cache: Option<CacheFormat>,
+    /// Speculative decoding: draft tokens with the checkpoint's multi-token-prediction layer
+    /// and verify them in one step [default: mtp where the checkpoint has the layer].
+    #[arg(long, value_enum)]
+    speculative: Option<Speculative>,
+    /// Tokens the MTP layer drafts per step (chained on its own output beyond the first).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=dsrun::speculative::MAX_DRAFT as u64))]
+    draft: u64,
 }
 
 impl DeviceArgs {
@@ -230,6 +241,28 @@ impl DeviceArgs {
             prefetch: self.prefetch,
             sequences: 1,
             kv_cache: self.kv_cache.unwrap_or(default),
+            mtp: false,
+        }
+    }
+
+    /// Whether to load `model`'s MTP layer for speculative decoding (commands that decode).
+    fn wants_mtp(&self, model: &Model) -> Result<bool> {
+        match (self.speculative, model.weights.mtp.is_some()) {
+            (Some(Speculative::Off), _) => Ok(false),
+            (Some(Speculative::Mtp), false) => Err(Error::Invalid(format!(
+                "--speculative mtp: this checkpoint has no MTP layer ({}; `dsrun inspect` shows); use --speculative off",
+                if model.config.num_nextn_predict_layers > 0 { "its config announces one, but its weights are not there" } else { "num_nextn_predict_layers is 0" }
+            ))),
+            (_, has) => Ok(has),
+        }
+    }
+
+    /// Drafts per speculative step for an engine (0: it has no MTP layer loaded).
+    fn draft(&self, engine: &dyn Engine) -> usize {
+        if engine.has_mtp() {
+            self.draft as usize
+        } else {
+            0
         }
     }
 
@@ -440,15 +473,18 @@ fn model_dir(args: &ModelArgs) -> PathBuf {
     }
 }
 
-fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>) -> Result<Box<dyn Engine>> {
-    load_sequences(dir, device, capacity, GpuOptions { sequences: 1, ..device.options() })
+/// One sequence's engine; `decodes`: the command generates tokens (the MTP layer is loaded
+/// for speculative decoding where `--speculative` allows).
+fn load(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, decodes: bool) -> Result<Box<dyn Engine>> {
+    load_sequences(dir, device, capacity, GpuOptions { sequences: 1, ..device.options() }, decodes)
 }
 
 /// The engine `options` describe (its sequences of `capacity` tokens each).
-fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, options: GpuOptions) -> Result<Box<dyn Engine>> {
+fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, mut options: GpuOptions, decodes: bool) -> Result<Box<dyn Engine>> {
     let started = Instant::now();
     device.check()?;
     let model = Model::load(dir)?;
+    options.mtp = decodes && device.wants_mtp(&model)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
     let engine = open_engine(device.gpu, model, capacity, &options)?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
@@ -462,14 +498,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let defaults = GenerationDefaults::load(&dir)?;
     let sampler = args.sampling.sampler(&defaults, config.vocab_size)?;
     let tokenizer = Tokenizer::load(&dir, &config)?;
-    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
+    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize), true)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let prompt = tokenizer.encode(&args.prompt)?;
 
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{}", args.prompt).and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e))?;
     let emit = |text: &str| write!(stdout, "{text}").and_then(|_| stdout.flush()).map_err(|e| Error::io("stdout", e));
-    let stats = generate(engine.as_mut(), &tokenizer, &prompt, sampler, args.stopping.stopping(args.n), emit, &|| false)?;
+    let draft = args.device.draft(engine.as_ref());
+    let stats = generate(engine.as_mut(), &tokenizer, &prompt, sampler, args.stopping.stopping(args.n), draft, emit, &|| false)?;
     writeln!(stdout).map_err(|e| Error::io("stdout", e))?;
     if stats.stop != StopReason::MaxTokens {
         eprintln!("{}", stats.stop.describe(stats.generated_tokens, engine.capacity()));
@@ -495,7 +532,7 @@ fn run_serve(args: ServeArgs) -> Result<()> {
         eprintln!("note: {} has no chat template: /v1/chat/completions answers 400, /v1/completions works", dir.display());
     }
     let options = GpuOptions { sequences: args.parallel as usize, ..args.device.options() };
-    let engine = load_sequences(&dir, &args.device, args.ctx.map(|c| c as usize), options)?;
+    let engine = load_sequences(&dir, &args.device, args.ctx.map(|c| c as usize), options, true)?;
     let name = args.alias.clone().unwrap_or_else(|| model_name(&dir));
     let summary = format!("{} sequences of {} tokens on {}", engine.sequences(), engine.capacity(), engine.device_name());
     let options = dsrun::server::ServerOptions { model_name: name.clone(), api_key: args.api_key.clone(), body_limit: args.body_limit, queue: args.queue, sampling };
@@ -531,9 +568,10 @@ fn dsrun_chat(args: ChatArgs) -> Result<()> {
     let tokenizer = Tokenizer::load(&dir, &config)?;
     let template = dsrun::chat_template::ChatTemplate::load(&dir)?
         .ok_or_else(|| Error::Invalid(format!("{} has no chat template (tokenizer_config.json's chat_template): use `dsrun --prompt` to continue text", dir.display())))?;
-    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize))?;
+    let mut engine = load(&dir, &args.device, args.ctx.map(|c| c as usize), true)?;
     let base = args.sampling.checked_config(&defaults, config.vocab_size)?;
-    let chat = dsrun::chat::Chat { engine: engine.as_mut(), tokenizer: &tokenizer, template: &template };
+    let draft = args.device.draft(engine.as_ref());
+    let chat = dsrun::chat::Chat { engine: engine.as_mut(), tokenizer: &tokenizer, template: &template, draft };
     let settings = dsrun::chat::Settings {
         system: args.system.clone(),
         stopping: args.stopping.stopping(args.n),
@@ -551,7 +589,7 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.file).map_err(|e| Error::io(&args.file, e))?;
     let tokens = tokenizer.encode(&text)?;
     let window = args.ctx.map_or(config.max_position_embeddings.min(512), |c| c as usize);
-    let mut engine = load(&dir, &args.device, Some(window))?;
+    let mut engine = load(&dir, &args.device, Some(window), false)?;
     let windows = dsrun::perplexity::windows(&tokens, window).len();
     let bar = indicatif::ProgressBar::new(windows as u64);
     bar.set_style(
@@ -581,7 +619,7 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
     let dir = model_dir(&args.model);
     // An exact f32 cache unless asked otherwise: logits exist to compare implementations.
     let options = args.device.options_with(CacheFormat::F32);
-    let mut engine = load_sequences(&dir, &args.device, Some(args.tokens.len()), options)?;
+    let mut engine = load_sequences(&dir, &args.device, Some(args.tokens.len()), options, false)?;
     let logits = engine.forward(&args.tokens, Logits::All)?;
     let vocab = engine.config().vocab_size;
     dsrun::npy::write_f32(&args.out, &[args.tokens.len(), vocab], &logits)?;
@@ -614,6 +652,7 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         dtype: args.dtype,
         seed: args.seed,
         shard_bytes: (args.shard_gib * (1u64 << 30) as f64) as u64,
+        mtp: args.mtp,
     };
     let (params, bytes) = dsrun::synth::size(&options)?;
     eprintln!(
@@ -650,9 +689,10 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     let parallel: Vec<usize> = args.parallel.iter().map(|&p| p as usize).collect();
     let sequences = parallel.iter().copied().max().unwrap_or(1);
     args.device.check()?;
-    let options = GpuOptions { sequences, ..args.device.options() };
+    let options = GpuOptions { sequences, mtp: args.device.wants_mtp(&model)?, ..args.device.options() };
     let mut engine = open_engine(args.device.gpu, model, capacity, &options)?;
-    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth };
+    let draft = args.device.draft(engine.as_ref());
+    let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth, draft };
     let bar = indicatif::ProgressBar::new_spinner();
     bar.set_style(indicatif::ProgressStyle::with_template("{spinner} bench: {msg} ({elapsed})").unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()));
     bar.enable_steady_tick(std::time::Duration::from_millis(200));

@@ -44,11 +44,14 @@ pub struct SynthOptions {
     pub seed: u64,
     /// Start a new shard file once one holds this many bytes.
     pub shard_bytes: u64,
+    /// Also write a multi-token-prediction layer (DeepSeek-V3's layer 61: enorm, hnorm,
+    /// eh_proj, a decoder layer, shared_head), with random weights like the rest.
+    pub mtp: bool,
 }
 
 impl Default for SynthOptions {
     fn default() -> Self {
-        SynthOptions { preset: Preset::Small, layers: None, experts: None, hidden: None, dtype: SynthDtype::Bf16, seed: 0, shard_bytes: 4 << 30 }
+        SynthOptions { preset: Preset::Small, layers: None, experts: None, hidden: None, dtype: SynthDtype::Bf16, seed: 0, shard_bytes: 4 << 30, mtp: false }
     }
 }
 
@@ -133,6 +136,7 @@ pub fn config(o: &SynthOptions) -> Result<Value> {
         }
         c["n_routed_experts"] = json!(experts);
     }
+    c["num_nextn_predict_layers"] = json!(o.mtp as u32);
     if o.dtype == SynthDtype::Fp8 {
         c["quantization_config"] = json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]});
     }
@@ -189,7 +193,8 @@ fn tensor_plan(c: &Value, dtype: SynthDtype) -> Vec<TensorPlan> {
         }
     };
     out.push(TensorPlan { name: "model.embed_tokens.weight".into(), rows: vocab, cols: d, dtype: "BF16", fill: Fill::Uniform { std: 1.0 } });
-    for i in 0..u("num_hidden_layers") {
+    let layers = u("num_hidden_layers");
+    for i in 0..layers + u("num_nextn_predict_layers").min(1) {
         let p = format!("model.layers.{i}");
         vector(&mut out, format!("{p}.input_layernorm.weight"), d);
         let a = format!("{p}.self_attn");
@@ -233,6 +238,15 @@ fn tensor_plan(c: &Value, dtype: SynthDtype) -> Vec<TensorPlan> {
                 mlp(&mut out, format!("{p}.mlp.shared_experts"), u("moe_intermediate_size") * u("n_shared_experts"));
             }
         }
+    }
+    if u("num_nextn_predict_layers") > 0 {
+        // The MTP layer's own tensors (its embedding is the main model's: not written).
+        let p = format!("model.layers.{layers}");
+        vector(&mut out, format!("{p}.enorm.weight"), d);
+        vector(&mut out, format!("{p}.hnorm.weight"), d);
+        linear(&mut out, format!("{p}.eh_proj.weight"), d, 2 * d);
+        vector(&mut out, format!("{p}.shared_head.norm.weight"), d);
+        out.push(TensorPlan { name: format!("{p}.shared_head.head.weight"), rows: vocab, cols: d, dtype: "BF16", fill: Fill::Uniform { std: 1.0 / (d as f32).sqrt() } });
     }
     vector(&mut out, "model.norm.weight".into(), d);
     out.push(TensorPlan { name: "lm_head.weight".into(), rows: vocab, cols: d, dtype: "BF16", fill: Fill::Uniform { std: 1.0 / (d as f32).sqrt() } });

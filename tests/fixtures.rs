@@ -25,6 +25,36 @@ fn prefill_matches_transformers_on_every_family() {
     }
 }
 
+/// The MTP layer's draft logits against the torch reference (tools/make_mtp_fixtures.py),
+/// fed dsrun's own main-model hidden states (checked too), on the bf16 and the FP8 family.
+#[test]
+fn mtp_draft_logits_match_the_reference() {
+    for family in MTP_FAMILIES {
+        let dir = fixture(family);
+        let g = golden_mtp(&dir).unwrap_or_else(|| panic!("{family}: golden_mtp.safetensors"));
+        let model = Model::load(&dir).unwrap();
+        assert!(model.weights.mtp.is_some(), "{family}: MTP layer loaded");
+        assert!(model.ignored.is_empty(), "{family}: unused tensors {:?}", model.ignored);
+        let n = g.tokens.len();
+        let (_, hidden) = model.forward_hidden(&mut model.new_cache(n), &g.tokens).unwrap();
+        let d = model.config.hidden_size;
+        let hidden = &hidden[..(n - 1) * d];
+        let err = relative_error(hidden, &g.hidden);
+        assert!(err <= TOLERANCE, "{family}: hidden states, relative error {err:e}");
+        let mut cache = model.new_mtp_cache(n).unwrap();
+        let (logits, _) = model.mtp_forward(&mut cache, &g.tokens[1..], hidden).unwrap();
+        eprintln!("{family}: MTP draft relative error {:e}", relative_error(&logits, &g.logits));
+        assert_logits_match(&format!("{family} MTP"), &logits, &g.logits, model.config.vocab_size, TOLERANCE);
+        // Position by position, as decoding drafts, gives the same.
+        let mut cache = model.new_mtp_cache(n).unwrap();
+        let mut stepped = Vec::new();
+        for i in 0..n - 1 {
+            stepped.extend(model.mtp_forward(&mut cache, &g.tokens[i + 1..i + 2], &hidden[i * d..(i + 1) * d]).unwrap().0);
+        }
+        assert_logits_match(&format!("{family} MTP step by step"), &stepped, &g.logits, model.config.vocab_size, TOLERANCE);
+    }
+}
+
 #[test]
 fn decode_token_by_token_equals_prefill() {
     for family in FAMILIES {

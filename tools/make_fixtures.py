@@ -60,9 +60,11 @@ FAMILIES = {
                               beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=0.8),
         ),
     ),
-    # V3 FP8 e4m3 with 128x128 block scales; dims not multiples of 128; sharded with an index.
+    # V3 FP8 e4m3 with 128x128 block scales; dims not multiples of 128; sharded with an index;
+    # an MTP layer (FP8 like the rest, eh_proj too: its halves split inside a scale block).
     "v3_fp8": dict(
         storage="fp8",
+        mtp=True,
         shards=3,
         config=dict(
             model_type="deepseek_v3", vocab_size=288, hidden_size=200, intermediate_size=264,
@@ -72,6 +74,7 @@ FAMILIES = {
             num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True,
             routed_scaling_factor=2.5, scoring_func="sigmoid", topk_method="noaux_tc",
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+            num_nextn_predict_layers=1,
             quantization_config=dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
                                      weight_block_size=[128, 128]),
         ),
@@ -133,8 +136,9 @@ def is_moe(cfg, layer):
     return layer >= cfg["first_k_dense_replace"]
 
 
-def published_shapes(cfg, layer_count):
-    """(name, shape, kind) of every tensor in the published layout; kind is 'matrix', 'norm', 'bias' or 'embed'."""
+def published_shapes(cfg, layer_count, mtp=False):
+    """(name, shape, kind) of every tensor in the published layout; kind is 'matrix', 'norm', 'bias' or 'embed'.
+    With `mtp`, the last layer is the MTP layer and its own tensors follow (the main model ignores them)."""
     d, v, h = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
     qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
     out = [("model.embed_tokens.weight", (v, d), "embed"), ("model.norm.weight", (d,), "norm"),
@@ -172,6 +176,11 @@ def published_shapes(cfg, layer_count):
                 out += mlp(f"{p}.mlp.shared_experts", inter * cfg["n_shared_experts"])
         else:
             out += mlp(f"{p}.mlp", cfg["intermediate_size"])
+    if mtp:
+        p = f"model.layers.{layer_count - 1}"
+        out += [(f"{p}.enorm.weight", (d,), "norm"), (f"{p}.hnorm.weight", (d,), "norm"),
+                (f"{p}.eh_proj.weight", (d, 2 * d), "matrix"), (f"{p}.shared_head.norm.weight", (d,), "norm"),
+                (f"{p}.shared_head.head.weight", (v, d), "embed")]
     return out
 
 
@@ -215,7 +224,7 @@ def build(name, family, out_dir, seed, scale):
     layer_count = n_layers + (1 if family.get("mtp") else 0)
 
     stored, reference = {}, {}  # published tensors as written / their exact f32 values
-    for tname, shape, kind in published_shapes(cfg, layer_count):
+    for tname, shape, kind in published_shapes(cfg, layer_count, family.get("mtp", False)):
         w = random_tensor(shape, kind, gen)
         if kind == "bias":
             stored[tname] = w.float()
@@ -233,13 +242,6 @@ def build(name, family, out_dir, seed, scale):
         if kind != "bias":
             w = stored[tname].float() if not (kind == "matrix" and storage == "fp8") else w
         reference[tname] = w.float()
-    if family.get("mtp"):  # the MTP layer's extra tensors, which the main model must ignore
-        d = cfg["hidden_size"]
-        p = f"model.layers.{n_layers}"
-        for tname, shape in [(f"{p}.enorm.weight", (d,)), (f"{p}.hnorm.weight", (d,)), (f"{p}.eh_proj.weight", (d, 2 * d)),
-                             (f"{p}.shared_head.norm.weight", (d,)), (f"{p}.shared_head.head.weight", (cfg["vocab_size"], d))]:
-            stored[tname] = torch.randn(shape, generator=gen).to(torch.bfloat16)
-
     path = os.path.join(out_dir, name)
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
@@ -271,6 +273,13 @@ def write_safetensors(path, tensors, shards):
 
 
 def reference_logits(path, cfg, reference, tokens):
+    model = reference_model(path, cfg, reference)
+    with torch.no_grad():
+        return model(tokens[None, :]).logits[0].float()
+
+
+def reference_model(path, cfg, reference):
+    """transformers' float32 model for the config in `path`, with `reference`'s exact values."""
     hf_config = transformers.AutoConfig.from_pretrained(path)
     hf_config._attn_implementation = "eager"
     hf_config._experts_implementation = "eager"  # the plain per-expert loop, for any shape
@@ -288,8 +297,7 @@ def reference_logits(path, cfg, reference, tokens):
         else:
             state[key] = reference[key]
     model.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        return model(tokens[None, :]).logits[0].float()
+    return model
 
 
 def main():

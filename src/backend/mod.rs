@@ -75,6 +75,19 @@ impl StepValues {
 pub struct StepKind {
     pub head: Option<Logits>,
     pub greedy: bool,
+    /// Which program: the main model (keeping its hidden states for the MTP layer or not), or
+    /// the MTP layer's draft step.
+    pub part: Part,
+}
+
+/// The programs of a plan a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    Main,
+    /// The main model, then its rows' final norm kept for the MTP layer.
+    MainKeepingHidden,
+    /// The MTP layer's draft step.
+    Mtp,
 }
 
 /// A backend's own work counters: two named counts (dispatches and submits on wgpu, launches

@@ -127,40 +127,76 @@ impl Model {
     /// Runs `tokens` at positions `cache.len()..` (a whole prompt at once, or one token to decode),
     /// appends them to the cache, and returns `[n, vocab]` logits (`Logits::All`) or `[vocab]`.
     pub fn forward(&self, cache: &mut KvCache, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let n = tokens.len();
-        check_request(c, cache.len, cache.capacity, tokens)?;
-        let start = cache.len;
-        let d = c.hidden_size;
-        let eps = c.rms_norm_eps;
-        let attention_ctx = attention::AttentionCtx {
-            config: c,
-            rope: &self.rope,
-            softmax_scale: c.softmax_scale() as f32,
-            mode: self.attention_mode,
+        let (n, d) = (tokens.len(), self.config.hidden_size);
+        let h = self.body(cache, tokens)?;
+        let mut last = match which {
+            Logits::All => h,
+            Logits::Last => h[(n - 1) * d..].to_vec(),
         };
+        cpu::rms_norm(&mut last, &self.weights.final_norm, self.config.rms_norm_eps);
+        Ok(cpu::matmul(&self.weights.lm_head, &last, last.len() / d))
+    }
 
+    /// As `forward` with every position's logits, also returning the hidden states after the
+    /// final norm (`[n, hidden]`, what the lm_head reads): the MTP layer's input.
+    pub fn forward_hidden(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut h = self.body(cache, tokens)?;
+        cpu::rms_norm(&mut h, &self.weights.final_norm, self.config.rms_norm_eps);
+        Ok((cpu::matmul(&self.weights.lm_head, &h, tokens.len()), h))
+    }
+
+    /// The embedding and the decoder layers for `tokens` at positions `cache.len()..`.
+    fn body(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<Vec<f32>> {
+        check_request(&self.config, cache.len, cache.capacity, tokens)?;
         let mut h = cpu::embed(&self.weights.embed, tokens);
         for (layer, layer_cache) in self.weights.layers.iter().zip(cache.layers.iter_mut()) {
-            let mut x = h.clone();
-            cpu::rms_norm(&mut x, &layer.input_norm, eps);
-            cpu::add_in_place(&mut h, &attention::forward(&attention_ctx, &layer.attention, &x, n, start, layer_cache));
-
-            let mut x = h.clone();
-            cpu::rms_norm(&mut x, &layer.post_attention_norm, eps);
-            let y = match &layer.ffn {
-                FeedForward::Dense(mlp) => ffn::mlp(mlp, &x, n),
-                FeedForward::Moe(moe) => ffn::moe(moe, &self.router, &x, n),
-            };
-            cpu::add_in_place(&mut h, &y);
+            self.layer(layer, &mut h, tokens.len(), cache.len, layer_cache);
         }
-        cache.len += n;
+        cache.len += tokens.len();
+        Ok(h)
+    }
 
-        let (mut last, rows) = match which {
-            Logits::All => (h, n),
-            Logits::Last => (h[(n - 1) * d..].to_vec(), 1),
+    /// One decoder layer on the residual stream `h` of `n` tokens from position `start`.
+    fn layer(&self, layer: &weights::Layer, h: &mut [f32], n: usize, start: usize, layer_cache: &mut Vec<f32>) {
+        let c = &self.config;
+        let attention_ctx = attention::AttentionCtx { config: c, rope: &self.rope, softmax_scale: c.softmax_scale() as f32, mode: self.attention_mode };
+        let mut x = h.to_vec();
+        cpu::rms_norm(&mut x, &layer.input_norm, c.rms_norm_eps);
+        cpu::add_in_place(h, &attention::forward(&attention_ctx, &layer.attention, &x, n, start, layer_cache));
+        let mut x = h.to_vec();
+        cpu::rms_norm(&mut x, &layer.post_attention_norm, c.rms_norm_eps);
+        let y = match &layer.ffn {
+            FeedForward::Dense(mlp) => ffn::mlp(mlp, &x, n),
+            FeedForward::Moe(moe) => ffn::moe(moe, &self.router, &x, n),
         };
-        cpu::rms_norm(&mut last, &self.weights.final_norm, eps);
-        Ok(cpu::matmul(&self.weights.lm_head, &last, rows))
+        cpu::add_in_place(h, &y);
+    }
+
+    /// An empty cache for the MTP layer (one layer), or None where the model has no MTP layer.
+    pub fn new_mtp_cache(&self, capacity: usize) -> Option<KvCache> {
+        self.weights.mtp.as_ref().map(|_| KvCache { layers: vec![Vec::new()], len: 0, capacity })
+    }
+
+    /// The MTP layer (`weights::Mtp`) at positions `cache.len()..`: row i pairs `tokens[i]`
+    /// (the token after that position) with `hidden[i]` (the main model's hidden state there,
+    /// after its final norm, or a previous draft's output). Returns the draft logits `[n,
+    /// vocab]` and the output after `shared_head.norm` (`[n, hidden]`, a chained draft's input).
+    pub fn mtp_forward(&self, cache: &mut KvCache, tokens: &[u32], hidden: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (c, n) = (&self.config, tokens.len());
+        let mtp = self.weights.mtp.as_ref().ok_or_else(|| Error::Invalid("this checkpoint has no MTP layer".into()))?;
+        check_request(c, cache.len, cache.capacity, tokens)?;
+        if hidden.len() != n * c.hidden_size {
+            return Err(Error::Invalid(format!("MTP: {} hidden values for {n} tokens of {}", hidden.len(), c.hidden_size)));
+        }
+        let mut e = cpu::embed(&mtp.embed, tokens);
+        cpu::rms_norm(&mut e, &mtp.enorm, c.rms_norm_eps);
+        let mut hn = hidden.to_vec();
+        cpu::rms_norm(&mut hn, &mtp.hnorm, c.rms_norm_eps);
+        let mut h = cpu::matmul(&mtp.eh_embed, &e, n);
+        cpu::add_in_place(&mut h, &cpu::matmul(&mtp.eh_hidden, &hn, n));
+        self.layer(&mtp.layer, &mut h, n, cache.len, &mut cache.layers[0]);
+        cache.len += n;
+        cpu::rms_norm(&mut h, &mtp.head_norm, c.rms_norm_eps);
+        Ok((cpu::matmul(&mtp.head, &h, n), h))
     }
 }

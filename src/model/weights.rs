@@ -109,6 +109,37 @@ impl Matrix {
         Matrix { name: self.name.clone(), rows, cols: self.cols, dtype: self.dtype, data: self.data.slice(start..end), scales }
     }
 
+    /// Columns `col0 .. col0 + cols` of every row as a matrix of their own (copied). FP8 keeps
+    /// its codes and scales where `col0` starts a scale block; otherwise, and for q8/q4, the
+    /// columns are decoded exactly to f32.
+    pub fn column_slice(&self, name: &str, col0: usize, cols: usize) -> Matrix {
+        assert!(col0 + cols <= self.cols, "{}: columns {col0}..{} of {}", self.name, col0 + cols, self.cols);
+        let plain = matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16);
+        let fp8_aligned = self.dtype == DType::F8E4M3 && self.scales.as_ref().is_some_and(|s| col0 % s.block_cols == 0);
+        if plain || fp8_aligned {
+            let size = self.dtype.size_bytes();
+            let data = self.data.as_slice();
+            let mut bytes = Vec::with_capacity(self.rows * cols * size);
+            for r in 0..self.rows {
+                let row = r * self.cols * size;
+                bytes.extend_from_slice(&data[row + col0 * size..row + (col0 + cols) * size]);
+            }
+            let scales = self.scales.as_ref().map(|s| {
+                let (g0, g1) = (col0 / s.block_cols, (col0 + cols).div_ceil(s.block_cols));
+                let values = s.values.chunks(s.grid_cols).flat_map(|grid_row| grid_row[g0..g1].iter().copied()).collect();
+                BlockScales { grid_cols: g1 - g0, values, ..s.clone() }
+            });
+            return Matrix { name: name.into(), rows: self.rows, cols, dtype: self.dtype, data: TensorBytes::from_vec(bytes), scales };
+        }
+        let mut row = vec![0f32; self.cols];
+        let mut values = Vec::with_capacity(self.rows * cols);
+        for r in 0..self.rows {
+            self.decode_row(r, &mut row);
+            values.extend_from_slice(&row[col0..col0 + cols]);
+        }
+        Matrix::from_values(name, self.rows, cols, DType::F32, &values, (128, 128))
+    }
+
     /// Bytes this matrix takes on a GPU in the format `quant` gives it, scales included.
     pub fn device_bytes(&self, quant: quant::QuantTarget) -> u64 {
         let target = match quant.dtype() {
@@ -198,10 +229,45 @@ pub struct Weights {
     pub layers: Vec<Layer>,
     pub final_norm: Vec<f32>,
     pub lm_head: Matrix,
+    /// The multi-token-prediction module, where the checkpoint ships one.
+    pub mtp: Option<Mtp>,
+}
+
+/// The multi-token-prediction (MTP) module: DeepSeek-V3's layer 61 (`num_nextn_predict_layers`
+/// layers after the main ones; dsrun uses the first). It drafts the token after next:
+///
+/// ```text
+/// x = eh_proj · concat(enorm(embed(t[i+1])), hnorm(h[i]))
+/// logits[i+2] = head(head_norm(DecoderLayer(x)))
+/// ```
+///
+/// Followed from vLLM's `deepseek_mtp.py` and SGLang's `deepseek_nextn.py`, which agree on the
+/// tensor names and the order of the concatenation (the embedding first, then the hidden state)
+/// and on `h[i]` being the main model's hidden state after its final norm (what its lm_head
+/// reads). Where they differ dsrun follows SGLang: no zeroing of the embedding at position 0
+/// (vLLM's), as in DeepSeek's report; a chained draft reads the MTP's output after
+/// `shared_head.norm`, as the main model's hidden state is read after its final norm. The
+/// layer's own `embed_tokens` and `shared_head.head` are used where present (vLLM); V3's are
+/// copies of the main model's, which serve where they are absent.
+#[derive(Debug)]
+pub struct Mtp {
+    /// Its layer index in the checkpoint (`num_hidden_layers`).
+    pub index: usize,
+    pub embed: Matrix,
+    pub enorm: Vec<f32>,
+    pub hnorm: Vec<f32>,
+    /// `eh_proj`'s columns for the normalised embedding (`[:, :hidden]`) and for the
+    /// normalised hidden state (`[:, hidden:]`): `eh_proj · concat(e, h) = eh_embed · e +
+    /// eh_hidden · h`.
+    pub eh_embed: Matrix,
+    pub eh_hidden: Matrix,
+    pub layer: Layer,
+    pub head_norm: Vec<f32>,
+    pub head: Matrix,
 }
 
 impl Weights {
-    /// The MoE layers: (layer index, its MoE weights), in order.
+    /// The MoE layers of the main model: (layer index, its MoE weights), in order.
     pub fn moe_layers(&self) -> Vec<(usize, &Moe)> {
         self.layers
             .iter()
@@ -211,6 +277,17 @@ impl Weights {
                 FeedForward::Dense(_) => None,
             })
             .collect()
+    }
+
+    /// The MoE layers whose routed experts a GPU plan holds: the main model's, then the MTP
+    /// layer's when `mtp` (and it is a MoE layer).
+    pub fn routed_layers(&self, mtp: bool) -> Vec<&Moe> {
+        let main = self.moe_layers().into_iter().map(|(_, m)| m);
+        let mtp = self.mtp.as_ref().filter(|_| mtp).and_then(|m| match &m.layer.ffn {
+            FeedForward::Moe(moe) => Some(moe),
+            FeedForward::Dense(_) => None,
+        });
+        main.chain(mtp).collect()
     }
 
     /// Looks up and checks every tensor the model needs. Returns the weights and the names of
@@ -230,10 +307,42 @@ impl Weights {
         } else {
             loader.matrix("lm_head.weight", v, d)?
         };
+        let mtp = load_mtp(&loader, config, &embed, &lm_head)?;
         let used = loader.used.into_inner();
         let ignored = checkpoint.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
-        Ok((Weights { embed, layers, final_norm, lm_head }, ignored))
+        Ok((Weights { embed, layers, final_norm, lm_head, mtp }, ignored))
     }
+}
+
+/// The first MTP layer, where the config announces one and the checkpoint has its `eh_proj`
+/// (quantised community checkpoints often drop the layer: then there is none, and
+/// `--speculative mtp` says so). Once `eh_proj` is there, every other tensor must be.
+fn load_mtp(loader: &Loader, c: &ModelConfig, embed: &Matrix, lm_head: &Matrix) -> Result<Option<Mtp>> {
+    let index = c.num_hidden_layers;
+    let p = format!("model.layers.{index}");
+    let eh_name = format!("{p}.eh_proj.weight");
+    if c.num_nextn_predict_layers == 0 || loader.checkpoint.info(&eh_name).is_none() {
+        return Ok(None);
+    }
+    let d = c.hidden_size;
+    let eh = loader.matrix(&eh_name, d, 2 * d)?;
+    let optional = |name: String, rows: usize| -> Result<Option<Matrix>> {
+        match loader.checkpoint.info(&name) {
+            Some(_) => loader.matrix(&name, rows, d).map(Some),
+            None => Ok(None),
+        }
+    };
+    Ok(Some(Mtp {
+        index,
+        embed: optional(format!("{p}.embed_tokens.weight"), c.vocab_size)?.unwrap_or_else(|| embed.clone()),
+        enorm: loader.vector(&format!("{p}.enorm.weight"), d)?,
+        hnorm: loader.vector(&format!("{p}.hnorm.weight"), d)?,
+        eh_embed: eh.column_slice(&format!("{eh_name}[:, :{d}]"), 0, d),
+        eh_hidden: eh.column_slice(&format!("{eh_name}[:, {d}:]"), d, d),
+        layer: load_layer(loader, c, index)?,
+        head_norm: loader.vector(&format!("{p}.shared_head.norm.weight"), d)?,
+        head: optional(format!("{p}.shared_head.head.weight"), c.vocab_size)?.unwrap_or_else(|| lm_head.clone()),
+    }))
 }
 
 fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {

@@ -8,7 +8,7 @@ use crate::budget::GpuOptions;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
 use crate::model::router::RouterParams;
-use crate::model::weights::{FeedForward, QueryProjection};
+use crate::model::weights::{FeedForward, Layer, Moe, QueryProjection};
 use crate::model::Model;
 
 /// The routing shapes the GPU router kernels hold in registers and workgroup memory.
@@ -124,16 +124,18 @@ impl<'m> Declare<'m> {
     }
 }
 
-enum FfnIds {
+enum FfnIds<'m> {
     Dense([WeightId; 3]),
-    Moe { moe: usize, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]> },
+    /// `moe`: the MoE layer's index among MoE layers (the MTP layer's comes after the main
+    /// model's); `weights`: its routed experts, stacked when resident.
+    Moe { moe: usize, weights: &'m Moe, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]> },
 }
 
-struct LayerIds {
+struct LayerIds<'m> {
     input_norm: BufferId,
     post_norm: BufferId,
     attention: AttentionWeights,
-    ffn: FfnIds,
+    ffn: FfnIds<'m>,
 }
 
 /// `out = down · (silu(gate · x) ⊙ (up · x))`, through `a` and `b` of `width` per token.
@@ -165,8 +167,17 @@ struct Activations {
     /// SwiGLU's gate and up outputs, wide enough for any MLP of the model.
     ffn: [BufferId; 2],
     moe: Option<MoeBuffers>,
+    mtp: Option<MtpBuffers>,
     logits: BufferId,
     argmax_ids: BufferId,
+}
+
+/// The MTP step's own activations: the main model's (or a previous draft's) normalised hidden
+/// states it reads, and its two normalised inputs.
+struct MtpBuffers {
+    hidden: BufferId,
+    e_norm: BufferId,
+    h_norm: BufferId,
 }
 
 struct MoeBuffers {
@@ -186,7 +197,7 @@ struct Guess {
 }
 
 impl Activations {
-    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope) -> Activations {
+    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope, mtp: bool) -> Activations {
         let (c, w) = (&model.config, &model.weights);
         let (n, d, k, heads) = (target.max_chunk, c.hidden_size, c.num_experts_per_tok, c.num_attention_heads);
         let tokens = p.activation("tokens", n);
@@ -206,20 +217,29 @@ impl Activations {
             inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
             positions: p.activation("positions", 2 * n),
         };
-        let moe_layers = w.moe_layers();
-        let has_shared = moe_layers.iter().any(|(_, m)| m.shared.is_some());
-        let widths = w.layers.iter().map(|l| match &l.ffn {
+        let layers: Vec<&Layer> = w.layers.iter().chain(w.mtp.as_ref().filter(|_| mtp).map(|m| &m.layer)).collect();
+        let moes: Vec<&Moe> = layers.iter().filter_map(|l| match &l.ffn {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }).collect();
+        let has_shared = moes.iter().any(|m| m.shared.is_some());
+        let widths = layers.iter().map(|l| match &l.ffn {
             FeedForward::Dense(_) => c.intermediate_size,
             FeedForward::Moe(m) => (k * c.moe_intermediate_size).max(if m.shared.is_some() { c.n_shared_experts * c.moe_intermediate_size } else { 0 }),
         });
         let ffn_width = widths.max().unwrap_or(0);
         let ffn = [p.activation("ffn gate", n * ffn_width), p.activation("ffn up", n * ffn_width)];
-        let moe = (!moe_layers.is_empty()).then(|| MoeBuffers {
+        let moe = (!moes.is_empty()).then(|| MoeBuffers {
             logits: p.activation("router logits", n * c.n_routed_experts),
             ids: p.activation("expert ids", n * k),
             weights: p.activation("expert weights", n * k),
             expert_out: p.activation("expert out", n * k * d),
             shared_out: has_shared.then(|| p.activation("shared expert out", n * d)),
+        });
+        let mtp = mtp.then(|| MtpBuffers {
+            hidden: p.activation("mtp hidden", n * d),
+            e_norm: p.activation("mtp embedding norm", n * d),
+            h_norm: p.activation("mtp hidden norm", n * d),
         });
         Activations {
             tokens,
@@ -228,6 +248,7 @@ impl Activations {
             attention,
             ffn,
             moe,
+            mtp,
             logits: p.activation("logits", n * c.vocab_size),
             argmax_ids: p.activation("argmax ids", n),
         }
@@ -236,62 +257,51 @@ impl Activations {
 
 /// The weights and constants of the model, layer by layer (routed experts aside: whether they
 /// are uploaded depends on the budget).
-struct ModelIds {
+struct ModelIds<'m> {
     embed: WeightId,
-    layers: Vec<LayerIds>,
+    layers: Vec<LayerIds<'m>>,
     final_norm: BufferId,
     lm_head: WeightId,
+    mtp: Option<MtpIds<'m>>,
 }
 
-impl ModelIds {
-    fn declare<'m>(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize, cache: CacheFormat) -> ModelIds {
-        let (c, w) = (&model.config, &model.weights);
+/// The MTP layer's weights (`weights::Mtp`).
+struct MtpIds<'m> {
+    embed: WeightId,
+    enorm: BufferId,
+    hnorm: BufferId,
+    eh_embed: WeightId,
+    eh_hidden: WeightId,
+    layer: LayerIds<'m>,
+    head_norm: BufferId,
+    head: WeightId,
+}
+
+/// Whether two matrices are views of the same stored bytes (tied or shared weights upload once).
+fn same_matrix(a: &Matrix, b: &Matrix) -> bool {
+    std::ptr::eq(a.data.as_slice().as_ptr(), b.data.as_slice().as_ptr()) && a.data.as_slice().len() == b.data.as_slice().len()
+}
+
+impl<'m> ModelIds<'m> {
+    fn declare(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize, cache: CacheFormat, mtp: bool) -> ModelIds<'m> {
+        let w = &model.weights;
         let embed = p.matrix(&w.embed);
-        let mut layers = Vec::new();
         let mut moe = 0;
-        for (i, layer) in w.layers.iter().enumerate() {
-            let at = &layer.attention;
-            let q = match &at.q {
-                QueryProjection::LowRank { a, norm, b } => {
-                    let (rank, a) = (a.rows, p.matrix(a));
-                    let norm = p.constant(format!("q_a_layernorm {i}"), Cow::Borrowed(norm));
-                    QueryWeights::LowRank { a, norm, b: p.matrix(b), rank }
-                }
-                QueryProjection::Direct(q) => QueryWeights::Direct(p.matrix(q)),
-            };
-            let attention = AttentionWeights {
-                q,
-                kv_a: p.matrix(&at.kv_a),
-                kv_norm: p.constant(format!("kv_a_layernorm {i}"), Cow::Borrowed(&at.kv_norm)),
-                // The absorb kernels read kv_b whole.
-                kv_b: p.weight(vec![&at.kv_b], false, true, false),
-                o: p.matrix(&at.o),
-                cache: p.buffer(format!("latent cache {i} ({})", cache.name()), cache.words(cache_rows * c.latent_dim()), BufferKind::Cache),
-            };
-            let ffn = match &layer.ffn {
-                FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
-                FeedForward::Moe(m) => {
-                    moe += 1;
-                    FfnIds::Moe {
-                        moe: moe - 1,
-                        router: p.weight(vec![&m.router], true, false, false),
-                        bias: m.correction_bias.as_deref().map(|b| p.constant(format!("correction bias {i}"), Cow::Borrowed(b))),
-                        shared: m.shared.as_ref().map(|m| p.mlp(m)),
-                    }
-                }
-            };
-            layers.push(LayerIds {
-                input_norm: p.constant(format!("input_layernorm {i}"), Cow::Borrowed(&layer.input_norm)),
-                post_norm: p.constant(format!("post_attention_layernorm {i}"), Cow::Borrowed(&layer.post_attention_norm)),
-                attention,
-                ffn,
-            });
-        }
+        let layers = w.layers.iter().enumerate().map(|(i, layer)| declare_layer(p, model, i, layer, &mut moe, cache_rows, cache)).collect();
         let final_norm = p.constant("final norm", Cow::Borrowed(&w.final_norm));
         // Tied embeddings project with the embedding's own upload.
-        let tied = std::ptr::eq(w.lm_head.data.as_slice().as_ptr(), w.embed.data.as_slice().as_ptr());
-        let lm_head = if tied { embed } else { p.matrix(&w.lm_head) };
-        ModelIds { embed, layers, final_norm, lm_head }
+        let lm_head = if same_matrix(&w.lm_head, &w.embed) { embed } else { p.matrix(&w.lm_head) };
+        let mtp = w.mtp.as_ref().filter(|_| mtp).map(|m| MtpIds {
+            embed: if same_matrix(&m.embed, &w.embed) { embed } else { p.matrix(&m.embed) },
+            enorm: p.constant("mtp enorm", Cow::Borrowed(&m.enorm)),
+            hnorm: p.constant("mtp hnorm", Cow::Borrowed(&m.hnorm)),
+            eh_embed: p.matrix(&m.eh_embed),
+            eh_hidden: p.matrix(&m.eh_hidden),
+            layer: declare_layer(p, model, m.index, &m.layer, &mut moe, cache_rows, cache),
+            head_norm: p.constant("mtp shared_head.norm", Cow::Borrowed(&m.head_norm)),
+            head: if same_matrix(&m.head, &w.lm_head) { lm_head } else { p.matrix(&m.head) },
+        });
+        ModelIds { embed, layers, final_norm, lm_head, mtp }
     }
 
     /// The MoE layer after MoE layer `moe`: its post-attention norm, router and bias.
@@ -303,21 +313,63 @@ impl ModelIds {
     }
 }
 
+/// One decoder layer's weights, constants and latent cache; `moe` counts MoE layers declared.
+fn declare_layer<'m>(p: &mut Declare<'m>, model: &'m Model, i: usize, layer: &'m Layer, moe: &mut usize, cache_rows: usize, cache: CacheFormat) -> LayerIds<'m> {
+    let c = &model.config;
+    let at = &layer.attention;
+    let q = match &at.q {
+        QueryProjection::LowRank { a, norm, b } => {
+            let (rank, a) = (a.rows, p.matrix(a));
+            let norm = p.constant(format!("q_a_layernorm {i}"), Cow::Borrowed(norm));
+            QueryWeights::LowRank { a, norm, b: p.matrix(b), rank }
+        }
+        QueryProjection::Direct(q) => QueryWeights::Direct(p.matrix(q)),
+    };
+    let attention = AttentionWeights {
+        q,
+        kv_a: p.matrix(&at.kv_a),
+        kv_norm: p.constant(format!("kv_a_layernorm {i}"), Cow::Borrowed(&at.kv_norm)),
+        // The absorb kernels read kv_b whole.
+        kv_b: p.weight(vec![&at.kv_b], false, true, false),
+        o: p.matrix(&at.o),
+        cache: p.buffer(format!("latent cache {i} ({})", cache.name()), cache.words(cache_rows * c.latent_dim()), BufferKind::Cache),
+    };
+    let ffn = match &layer.ffn {
+        FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
+        FeedForward::Moe(m) => {
+            *moe += 1;
+            FfnIds::Moe {
+                moe: *moe - 1,
+                weights: m,
+                router: p.weight(vec![&m.router], true, false, false),
+                bias: m.correction_bias.as_deref().map(|b| p.constant(format!("correction bias {i}"), Cow::Borrowed(b))),
+                shared: m.shared.as_ref().map(|m| p.mlp(m)),
+            }
+        }
+    };
+    LayerIds {
+        input_norm: p.constant(format!("input_layernorm {i}"), Cow::Borrowed(&layer.input_norm)),
+        post_norm: p.constant(format!("post_attention_layernorm {i}"), Cow::Borrowed(&layer.post_attention_norm)),
+        attention,
+        ffn,
+    }
+}
+
 /// The memory plan of what `p` declared so far (everything but the routed experts), and one
 /// routed expert as a cache slot holds it in the device format.
 fn memory_plan(p: &Declare, model: &Model, options: &GpuOptions, target: &Target) -> (MemoryPlan, Option<Mlp>) {
     let c = &model.config;
-    let moe_layers = model.weights.moe_layers();
+    let moe_layers = model.weights.routed_layers(options.mtp);
     // The next MoE layer's early router (prefetch) takes a hidden row, router logits and ids;
     // counted whether or not it runs, so the minimum budget does not depend on --prefetch.
     let guess_words = if moe_layers.len() >= 2 { c.hidden_size + c.n_routed_experts + 2 * c.num_experts_per_tok } else { 0 };
-    let template = moe_layers.first().map(|(_, moe)| moe.experts[0].quantized(options.quant));
+    let template = moe_layers.first().map(|moe| moe.experts[0].quantized(options.quant));
     let buffer_bytes: u64 = p.buffers.iter().map(|b| b.words as u64 * 4).sum();
     let weight_bytes: u64 = p.weights.iter().map(|w| w.device_bytes(options.quant)).sum();
     let memory = MemoryPlan {
         resident: weight_bytes + buffer_bytes + guess_words as u64 * 4 + target.private_bytes,
         expert_bytes: template.as_ref().map_or(0, |e| e.matrices().iter().map(|m| SlotLayout::new(m).slot_bytes()).sum()),
-        experts: moe_layers.iter().map(|(_, moe)| moe.experts.len() as u64).sum(),
+        experts: moe_layers.iter().map(|moe| moe.experts.len() as u64).sum(),
         top_k: c.num_experts_per_tok as u64,
     };
     (memory, template)
@@ -352,6 +404,7 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
         ids,
         guess_ids: guess.as_ref().map(|g| g.ids),
         max_pairs: target.max_chunk * c.num_experts_per_tok,
+        mtp: options.mtp,
     };
     Ok((plan, guess))
 }
@@ -360,7 +413,7 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
 struct Forward<'a, 'm> {
     model: &'m Model,
     a: &'a Activations,
-    ids: &'a ModelIds,
+    ids: &'a ModelIds<'m>,
     mla: MlaShape,
     router: RouterParams,
     /// Streaming experts (and its early router's buffers, if any).
@@ -378,31 +431,51 @@ impl<'m> Forward<'_, 'm> {
     }
 
     fn body(&self, p: &mut Declare<'m>) -> Vec<Op> {
-        let (a, c) = (self.a, &self.model.config);
-        let mut ops = vec![Op::Embed { table: self.ids.embed, tokens: a.tokens, out: a.h }];
-        for (i, l) in self.ids.layers.iter().enumerate() {
-            ops.push(self.norm(l.input_norm, a.xn, Rows::All));
-            ops.extend(attention(&self.mla, &l.attention, &a.attention));
-            ops.push(self.norm(l.post_norm, a.xn, Rows::All));
-            match l.ffn {
-                FfnIds::Dense(m) => mlp(&mut ops, m, c.intermediate_size, a.xn, a.ffn, a.h, true),
-                FfnIds::Moe { moe, router, bias, shared } => self.moe(p, &mut ops, i, moe, router, bias, shared),
-            }
+        let mut ops = vec![Op::Embed { table: self.ids.embed, tokens: self.a.tokens, out: self.a.h }];
+        for l in &self.ids.layers {
+            self.layer(p, &mut ops, l);
         }
+        ops
+    }
+
+    /// One decoder layer on the residual stream `h`.
+    fn layer(&self, p: &mut Declare<'m>, ops: &mut Vec<Op>, l: &LayerIds<'m>) {
+        let (a, c) = (self.a, &self.model.config);
+        ops.push(self.norm(l.input_norm, a.xn, Rows::All));
+        ops.extend(attention(&self.mla, &l.attention, &a.attention));
+        ops.push(self.norm(l.post_norm, a.xn, Rows::All));
+        match l.ffn {
+            FfnIds::Dense(m) => mlp(ops, m, c.intermediate_size, a.xn, a.ffn, a.h, true),
+            FfnIds::Moe { moe, weights, router, bias, shared } => self.moe(p, ops, weights, moe, router, bias, shared),
+        }
+    }
+
+    /// The MTP step (`weights::Mtp`): row i embeds `tokens[i]` (the token after its position)
+    /// and reads `hidden[i]`; `eh_proj · concat(enorm(e), hnorm(h))` is two matmuls into `h`.
+    fn mtp_body(&self, p: &mut Declare<'m>, m: &MtpIds<'m>, b: &MtpBuffers) -> Vec<Op> {
+        let (a, c) = (self.a, &self.model.config);
+        let norm = |x, weight, out| Op::RmsNorm { dim: c.hidden_size, eps: c.rms_norm_eps as f32, x, weight, out, rows: Rows::All };
+        let mut ops = vec![
+            Op::Embed { table: m.embed, tokens: a.tokens, out: a.h },
+            norm(a.h, m.enorm, b.e_norm),
+            norm(b.hidden, m.hnorm, b.h_norm),
+            Op::Matmul { w: m.eh_embed, x: b.e_norm, y: a.h, rows: Rows::All, accumulate: false },
+            Op::Matmul { w: m.eh_hidden, x: b.h_norm, y: a.h, rows: Rows::All, accumulate: true },
+        ];
+        self.layer(p, &mut ops, &m.layer);
         ops
     }
 
     /// A MoE block: router, routed experts (resident, or streamed with an early guess at the
     /// next MoE layer's experts), shared experts, combine.
     #[allow(clippy::too_many_arguments)]
-    fn moe(&self, p: &mut Declare<'m>, ops: &mut Vec<Op>, layer: usize, moe: usize, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]>) {
+    fn moe(&self, p: &mut Declare<'m>, ops: &mut Vec<Op>, weights: &'m Moe, moe: usize, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]>) {
         let (a, c) = (self.a, &self.model.config);
         let mb = a.moe.as_ref().expect("MoE buffers exist in a model with MoE layers");
         ops.push(Op::Matmul { w: router, x: a.xn, y: mb.logits, rows: Rows::All, accumulate: false });
         ops.push(self.route(mb.logits, bias, mb.ids, mb.weights, Rows::All));
         let experts = match self.streaming {
             None => {
-                let FeedForward::Moe(weights) = &self.model.weights.layers[layer].ffn else { unreachable!("a MoE layer's ids") };
                 let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| p.weight(weights.experts.iter().map(f).collect(), false, true, true);
                 Experts::Resident { gate: stack(|m| &m.gate), up: stack(|m| &m.up), down: stack(|m| &m.down) }
             }
@@ -434,6 +507,12 @@ impl<'m> Forward<'_, 'm> {
     fn head(&self, rows: Rows) -> Vec<Op> {
         vec![self.norm(self.ids.final_norm, self.a.xn, rows), Op::Matmul { w: self.ids.lm_head, x: self.a.xn, y: self.a.logits, rows, accumulate: false }]
     }
+
+    /// The MTP step's head for its last row: `shared_head.norm` into `hidden` row 0 (a chained
+    /// draft's input), then `shared_head.head`.
+    fn mtp_head(&self, m: &MtpIds, b: &MtpBuffers) -> Vec<Op> {
+        vec![self.norm(m.head_norm, b.hidden, Rows::Last), Op::Matmul { w: m.head, x: b.hidden, y: self.a.logits, rows: Rows::Last, accumulate: false }]
+    }
 }
 
 /// The plan for `model` with room for `capacity` tokens of context in each of
@@ -451,11 +530,14 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     }
     let rope = Rope::new(c);
     let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
-    let a = Activations::declare(&mut p, model, target, &rope);
+    if options.mtp && model.weights.mtp.is_none() {
+        return Err(Error::Invalid("--speculative mtp: this checkpoint has no MTP layer (`dsrun inspect` shows; use --speculative off)".into()));
+    }
+    let a = Activations::declare(&mut p, model, target, &rope, options.mtp);
     if options.kv_cache != CacheFormat::F32 && c.latent_dim() % 2 != 0 {
         return Err(Error::Invalid(format!("--kv-cache {}: packs pairs of values, and this model's latent width {} is odd (use --kv-cache f32)", options.kv_cache.name(), c.latent_dim())));
     }
-    let ids = ModelIds::declare(&mut p, model, capacity * sequences, options.kv_cache);
+    let ids = ModelIds::declare(&mut p, model, capacity * sequences, options.kv_cache, options.mtp);
 
     // What stays resident whatever the budget; then whether the experts all fit.
     let (memory, template) = memory_plan(&p, model, options, target);
@@ -475,6 +557,15 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     };
     let body = forward.body(&mut p);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
+    let mtp = match (&ids.mtp, &a.mtp) {
+        (Some(m), Some(b)) => Some(MtpPlan {
+            body: forward.mtp_body(&mut p, m, b),
+            head_last: forward.mtp_head(m, b),
+            keep_hidden: vec![forward.norm(ids.final_norm, b.hidden, Rows::All)],
+            hidden: b.hidden,
+        }),
+        _ => None,
+    };
     Ok(Plan {
         capacity,
         sequences,
@@ -493,5 +584,6 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         memory,
         budget,
         streaming: streaming.map(|(s, _)| s),
+        mtp,
     })
 }

@@ -132,6 +132,11 @@ impl Plan<'_> {
         section(&mut s, "head, last token", &self.head_last);
         section(&mut s, "head, every token", &self.head_all);
         section(&mut s, "greedy", std::slice::from_ref(&self.argmax));
+        if let Some(m) = &self.mtp {
+            section(&mut s, "mtp: keep hidden states, after a main step", &m.keep_hidden);
+            section(&mut s, "mtp: draft step", &m.body);
+            section(&mut s, "mtp: draft head, last token", &m.head_last);
+        }
         s
     }
 }

@@ -114,6 +114,22 @@ pub struct StreamPlan {
     pub guess_ids: Option<BufferId>,
     /// Step slots one round can serve: tokens per step x experts per token.
     pub max_pairs: usize,
+    /// The MTP layer's routed experts stream too, as the MoE layer after the main model's.
+    pub mtp: bool,
+}
+
+/// The MTP layer's step (`weights::Mtp`, speculative decoding), run after a main step that kept
+/// its hidden states: row i of the step embeds the token after row i's position and reads
+/// `hidden` row i (the main step's, or for a chained draft the previous draft's output).
+#[derive(Debug, Clone)]
+pub struct MtpPlan {
+    /// Embedding, both norms, `eh_proj`, the decoder layer with its own latent cache.
+    pub body: Vec<Op>,
+    /// `shared_head.norm` of the last row into `hidden` row 0, `shared_head.head` into the logits.
+    pub head_last: Vec<Op>,
+    /// After a main step: its rows' final norm into `hidden` (the MTP step's input).
+    pub keep_hidden: Vec<Op>,
+    pub hidden: BufferId,
 }
 
 pub struct Plan<'m> {
@@ -143,6 +159,8 @@ pub struct Plan<'m> {
     /// The budget `--gpu-mem` named, in bytes.
     pub budget: u64,
     pub streaming: Option<StreamPlan>,
+    /// The MTP layer's step, where the options asked for it (`GpuOptions::mtp`).
+    pub mtp: Option<MtpPlan>,
 }
 
 impl<'m> Plan<'m> {

@@ -10,7 +10,7 @@ mod streaming;
 pub use lab::Lab;
 pub use streaming::{StreamedLayer, Streaming};
 
-use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues};
+use crate::backend::{Backend, IntoBackend, Part, Resources, StepKind, StepValues};
 use crate::budget::{GpuOptions, MemoryPlan};
 use crate::config::ModelConfig;
 use crate::engine::{check_batch, check_sequence, Engine};
@@ -33,6 +33,24 @@ pub struct RunCounters {
     pub readback_bytes: u64,
 }
 
+/// The MTP layer's lowered ops, and how far each sequence's drafts have come.
+struct MtpRuntime<B: Backend> {
+    body: Vec<B::Op>,
+    head_last: Vec<B::Op>,
+    /// The main heads followed by the final norm into the MTP's input (`MtpPlan::keep_hidden`):
+    /// none, last row, every row.
+    keep: [Vec<B::Op>; 3],
+    /// Per sequence: positions whose MTP cache rows come from the main model's hidden states.
+    lens: Vec<usize>,
+    /// Per sequence: chained drafts beyond `lens` (their rows are dropped by the next draft).
+    chained: Vec<usize>,
+    /// The main step whose hidden states the MTP input buffer holds: (sequence, first
+    /// position, rows).
+    kept: Option<(usize, usize, usize)>,
+    /// The sequence whose last draft's output the buffer's row 0 holds (a chained draft's input).
+    drafted: Option<usize>,
+}
+
 pub struct Runtime<B: Backend> {
     backend: B,
     res: Resources<B>,
@@ -47,6 +65,11 @@ pub struct Runtime<B: Backend> {
     argmax_ids: BufferId,
     /// Routed experts in a device slot cache, when they do not all fit the budget.
     streaming: Option<Streaming<B>>,
+    /// The main model's streamed MoE layers (the first of `streaming.layers`; the MTP layer's
+    /// follows).
+    main_stops: usize,
+    /// The MTP layer's step, where the plan has one.
+    mtp: Option<MtpRuntime<B>>,
     memory: MemoryPlan,
     max_chunk: usize,
     capacity: usize,
@@ -80,7 +103,7 @@ impl<B: Backend> Runtime<B> {
     pub fn from_plan(backend: B, model: &Model, plan: &Plan) -> Result<Self> {
         let mut backend = backend;
         let loaded = backend.checked(|b| Loaded::new(b, model, plan))?;
-        let Loaded { res, body, head_last, head_all, argmax, streaming, weight_bytes } = loaded;
+        let Loaded { res, body, head_last, head_all, argmax, streaming, main_stops, mtp, weight_bytes } = loaded;
         if let Some(s) = &streaming {
             log::info!(
                 "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
@@ -105,6 +128,16 @@ impl<B: Backend> Runtime<B> {
             logits: plan.logits,
             argmax_ids: plan.argmax_ids,
             streaming,
+            main_stops,
+            mtp: mtp.map(|(body, head_last, keep)| MtpRuntime {
+                body,
+                head_last,
+                keep,
+                lens: vec![0; plan.sequences],
+                chained: vec![0; plan.sequences],
+                kept: None,
+                drafted: None,
+            }),
             memory: plan.memory,
             max_chunk: plan.max_chunk,
             capacity: plan.capacity,
@@ -145,32 +178,60 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// One step of the tokens in `step_tokens`, at the positions in `step_positions` (at most
-    /// `max_chunk`). `head`: which logits to compute, if any; `greedy`: also take the argmax of
+    /// `max_chunk`), of the main model or the MTP layer (`part`). `head`: which logits to
+    /// compute, if any (the MTP layer: only the last row's); `greedy`: also take the argmax of
     /// each computed row. Returns the read-back bytes.
-    fn step(&mut self, head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
+    fn step(&mut self, part: Part, head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
         let n = self.step_tokens.len() as u32;
         let b = &mut self.backend;
         b.begin_step(StepValues::new(n))?;
         b.write(self.res.buf(self.tokens), bytemuck::cast_slice(&self.step_tokens))?;
         b.write(self.res.buf(self.positions), bytemuck::cast_slice(&self.step_positions))?;
-        let (head_ops, rows) = match head {
-            None => (&[][..], 0),
-            Some(Logits::Last) => (&self.head_last[..], 1),
-            Some(Logits::All) => (&self.head_all[..], n),
+        let rows = match head {
+            None => 0,
+            Some(Logits::Last) => 1,
+            Some(Logits::All) => n,
         };
+        let mtp = self.mtp.as_ref();
+        let missing = || crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into());
+        let (body, head_ops, stops) = match part {
+            Part::Main => {
+                let head_ops = match head {
+                    None => &[][..],
+                    Some(Logits::Last) => &self.head_last[..],
+                    Some(Logits::All) => &self.head_all[..],
+                };
+                (&self.body, head_ops, 0..self.main_stops)
+            }
+            Part::MainKeepingHidden => {
+                let keep = &mtp.ok_or_else(missing)?.keep;
+                let head_ops = match head {
+                    None => &keep[0],
+                    Some(Logits::Last) => &keep[1],
+                    Some(Logits::All) => &keep[2],
+                };
+                (&self.body, &head_ops[..], 0..self.main_stops)
+            }
+            Part::Mtp => {
+                let m = mtp.ok_or_else(missing)?;
+                let head_ops = if head.is_some() { &m.head_last[..] } else { &[][..] };
+                (&m.body, head_ops, self.main_stops..self.streaming.as_ref().map_or(0, |s| s.layers.len()))
+            }
+        };
+        let rows = if part == Part::Mtp { rows.min(1) } else { rows };
         let argmax = if greedy { &self.argmax[..] } else { &[][..] };
         match &mut self.streaming {
-            None => b.record_step(StepKind { head, greedy }, [(&self.body, n), (head_ops, n), (argmax, rows)])?,
+            None => b.record_step(StepKind { head, greedy, part }, [(body, n), (head_ops, n), (argmax, rows)])?,
             Some(streaming) => {
                 // The step stops at each MoE layer's router for its choice.
                 let mut done = 0;
-                for layer in 0..streaming.layers.len() {
+                for layer in stops {
                     let at = streaming.layers[layer].at;
-                    b.record(&self.body[done..at], n)?;
+                    b.record(&body[done..at], n)?;
                     streaming.sync(b, &self.res, layer, n)?;
                     done = at;
                 }
-                b.record(&self.body[done..], n)?;
+                b.record(&body[done..], n)?;
                 b.record(head_ops, n)?;
                 b.record(argmax, rows)?;
             }
@@ -187,10 +248,15 @@ impl<B: Backend> Runtime<B> {
 
     /// Runs `tokens` of sequence `seq` in chunks, handing each chunk's read-back bytes to
     /// `sink`; only the last chunk computes the head unless all logits are wanted (`which`
-    /// None: no head at all).
-    fn run(&mut self, seq: usize, tokens: &[u32], which: Option<Logits>, greedy: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
+    /// None: no head at all). `keep`: the chunks also keep their hidden states for the MTP
+    /// layer, which runs over every chunk but the last as soon as the next tokens are known
+    /// (the last chunk's rows wait for `draft`, which brings the token after the prompt).
+    fn run(&mut self, seq: usize, tokens: &[u32], which: Option<Logits>, greedy: bool, keep: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
         check_sequence(seq, self.lens.len())?;
         check_request(&self.config, self.lens[seq], self.capacity, tokens)?;
+        if keep {
+            self.check_mtp_caught_up(seq)?;
+        }
         let started = Instant::now();
         self.counters.steps += 1;
         self.counters.tokens += tokens.len() as u64;
@@ -202,16 +268,88 @@ impl<B: Backend> Runtime<B> {
                 Some(Logits::Last) if i + 1 == chunks => Some(Logits::Last),
                 _ => None,
             };
-            let start = self.lens[seq] as u32;
-            self.step_tokens.clear();
-            self.step_tokens.extend_from_slice(chunk);
-            self.step_positions.clear();
-            self.step_positions.extend((start..start + chunk.len() as u32).flat_map(|p| [p, first_row]));
-            sink(self.step(head, greedy)?);
+            let start = self.lens[seq];
+            self.set_step(chunk, start, first_row);
+            let part = if keep { Part::MainKeepingHidden } else { Part::Main };
+            sink(self.step(part, head, greedy)?);
             self.lens[seq] += chunk.len();
+            if let Some(m) = &mut self.mtp {
+                if keep {
+                    m.kept = Some((seq, start, chunk.len()));
+                    m.drafted = None;
+                }
+            }
+            if keep && i + 1 < chunks {
+                let offset = i * self.max_chunk;
+                let next = tokens[offset + 1..offset + chunk.len() + 1].to_vec();
+                self.draft_step(seq, &next, None)?;
+            }
         }
         self.counters.step_seconds += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// The step's tokens and their (position, first cache row) pairs, from position `start`.
+    fn set_step(&mut self, tokens: &[u32], start: usize, first_row: u32) {
+        self.step_tokens.clear();
+        self.step_tokens.extend_from_slice(tokens);
+        self.step_positions.clear();
+        let start = start as u32;
+        self.step_positions.extend((start..start + tokens.len() as u32).flat_map(|p| [p, first_row]));
+    }
+
+    /// The MTP layer holds every position of `seq` the main model has run (kept steps need it).
+    fn check_mtp_caught_up(&self, seq: usize) -> Result<()> {
+        let m = self.mtp.as_ref().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
+        if m.lens[seq] != self.lens[seq] {
+            return Err(crate::Error::Invalid(format!(
+                "sequence {seq}: the MTP layer has run {} of its {} positions (their hidden states are gone); truncate it to a common length first",
+                m.lens[seq], self.lens[seq]
+            )));
+        }
+        Ok(())
+    }
+
+    /// The MTP layer over the positions of `seq` the last kept main step ran and the MTP has
+    /// not, row i paired with `next[i]` (`chain`: None), or one chained draft from the last
+    /// draft's output at the position after it (`chain`: Some(token)). Returns the last row's
+    /// draft logits where `chain` is set or `next` ends at the main model's length.
+    fn draft_step(&mut self, seq: usize, next: &[u32], chain: Option<u32>) -> Result<Vec<f32>> {
+        check_sequence(seq, self.lens.len())?;
+        let main_len = self.lens[seq];
+        let m = self.mtp.as_mut().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
+        let (tokens, start) = match chain {
+            None => {
+                let start = m.lens[seq];
+                let ok = matches!(m.kept, Some((s, first, rows)) if s == seq && first == start && main_len <= first + rows);
+                if !ok || next.len() != main_len - start || next.is_empty() {
+                    return Err(crate::Error::Invalid(format!(
+                        "sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)",
+                        next.len()
+                    )));
+                }
+                m.chained[seq] = 0;
+                (next.to_vec(), start)
+            }
+            Some(token) => {
+                if m.drafted != Some(seq) {
+                    return Err(crate::Error::Invalid(format!("sequence {seq}: a chained draft follows a draft of the same sequence")));
+                }
+                (vec![token], m.lens[seq] + m.chained[seq])
+            }
+        };
+        check_request(&self.config, start, self.capacity, &tokens)?;
+        self.set_step(&tokens, start, (seq * self.capacity) as u32);
+        let bytes = self.step(Part::Mtp, Some(Logits::Last), false)?;
+        let logits: Vec<f32> = f32s(bytes).collect();
+        let m = self.mtp.as_mut().expect("checked above");
+        match chain {
+            None => m.lens[seq] = start + tokens.len(),
+            Some(_) => m.chained[seq] += 1,
+        }
+        m.kept = None;
+        m.drafted = Some(seq);
+        Ok(logits)
     }
 
     /// One token of each sequence in `batch` as one step: every row's logits (or argmax).
@@ -232,7 +370,7 @@ impl<B: Backend> Runtime<B> {
             self.step_tokens.push(token);
             self.step_positions.extend([self.lens[seq] as u32, (seq * self.capacity) as u32]);
         }
-        sink(self.step(Some(Logits::All), greedy)?);
+        sink(self.step(Part::Main, Some(Logits::All), greedy)?);
         for &(seq, _) in batch {
             self.lens[seq] += 1;
         }
@@ -258,17 +396,17 @@ impl<B: Backend> Engine for Runtime<B> {
     fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         let rows = if which == Logits::All { tokens.len() } else { 1 };
         let mut out = Vec::with_capacity(rows * self.config.vocab_size);
-        self.run(seq, tokens, Some(which), false, |bytes| out.extend(f32s(bytes)))?;
+        self.run(seq, tokens, Some(which), false, false, |bytes| out.extend(f32s(bytes)))?;
         Ok(out)
     }
 
     fn prefill_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<()> {
-        self.run(seq, tokens, None, false, |_| {})
+        self.run(seq, tokens, None, false, false, |_| {})
     }
 
     fn greedy_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<u32> {
         let mut id = 0;
-        self.run(seq, tokens, Some(Logits::Last), true, |bytes| {
+        self.run(seq, tokens, Some(Logits::Last), true, false, |bytes| {
             if let Some(b) = bytes.get(..4) {
                 id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
             }
@@ -296,6 +434,35 @@ impl<B: Backend> Engine for Runtime<B> {
         if let Some(l) = self.lens.get_mut(seq) {
             *l = len.min(*l);
         }
+        if let Some(m) = &mut self.mtp {
+            if let Some(l) = m.lens.get_mut(seq) {
+                *l = len.min(*l);
+                m.chained[seq] = 0;
+            }
+        }
+    }
+
+    fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    fn forward_keep(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let rows = if which == Logits::All { tokens.len() } else { 1 };
+        let mut out = Vec::with_capacity(rows * self.config.vocab_size);
+        self.run(seq, tokens, Some(which), false, true, |bytes| out.extend(f32s(bytes)))?;
+        Ok(out)
+    }
+
+    fn mtp_len(&self, seq: usize) -> usize {
+        self.mtp.as_ref().and_then(|m| m.lens.get(seq).copied()).unwrap_or(0)
+    }
+
+    fn draft(&mut self, seq: usize, next: &[u32]) -> Result<Vec<f32>> {
+        self.draft_step(seq, next, None)
+    }
+
+    fn draft_chained(&mut self, seq: usize, token: u32) -> Result<Vec<f32>> {
+        self.draft_step(seq, &[], Some(token))
     }
 
     fn capacity(&self) -> usize {
@@ -351,6 +518,9 @@ struct Loaded<B: Backend> {
     head_all: Vec<B::Op>,
     argmax: Vec<B::Op>,
     streaming: Option<Streaming<B>>,
+    main_stops: usize,
+    /// The MTP step's body, head, and the main heads keeping hidden states.
+    mtp: Option<(Vec<B::Op>, Vec<B::Op>, [Vec<B::Op>; 3])>,
     weight_bytes: u64,
 }
 
@@ -377,17 +547,12 @@ impl<B: Backend> Loaded<B> {
         };
         progress.finish_and_clear();
 
-        let mut body = Vec::new();
-        for op in &plan.body {
-            match (op, &mut streaming) {
-                (Op::RoutedExperts { experts: Experts::Streamed { predicts_next, .. }, .. }, Some(s)) => {
-                    let mut ops = Vec::new();
-                    b.lower(op, &res, &mut ops)?;
-                    s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops });
-                }
-                _ => b.lower(op, &res, &mut body)?,
-            }
-        }
+        let body = lower_body(b, &res, &plan.body, &mut streaming)?;
+        let main_stops = streaming.as_ref().map_or(0, |s| s.layers.len());
+        let mtp_body = match &plan.mtp {
+            Some(m) => Some(lower_body(b, &res, &m.body, &mut streaming)?),
+            None => None,
+        };
         let mut lower_all = |ops: &[Op]| -> Result<Vec<B::Op>> {
             let mut out = Vec::new();
             ops.iter().try_for_each(|op| b.lower(op, &res, &mut out))?;
@@ -396,8 +561,36 @@ impl<B: Backend> Loaded<B> {
         let head_last = lower_all(&plan.head_last)?;
         let head_all = lower_all(&plan.head_all)?;
         let argmax = lower_all(std::slice::from_ref(&plan.argmax))?;
-        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, weight_bytes })
+        let mtp = match (&plan.mtp, mtp_body) {
+            (Some(m), Some(body)) => {
+                let keep = [
+                    lower_all(&m.keep_hidden)?,
+                    lower_all(&[&plan.head_last[..], &m.keep_hidden[..]].concat())?,
+                    lower_all(&[&plan.head_all[..], &m.keep_hidden[..]].concat())?,
+                ];
+                Some((body, lower_all(&m.head_last)?, keep))
+            }
+            _ => None,
+        };
+        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, main_stops, mtp, weight_bytes })
     }
+}
+
+/// Lowers a program's ops; each streamed MoE layer's expert op goes to `streaming.layers`
+/// (in order, with where in the program it stops) instead of the program.
+fn lower_body<B: Backend>(b: &mut B, res: &Resources<B>, ops: &[Op], streaming: &mut Option<Streaming<B>>) -> Result<Vec<B::Op>> {
+    let mut body = Vec::new();
+    for op in ops {
+        match (op, &mut *streaming) {
+            (Op::RoutedExperts { experts: Experts::Streamed { predicts_next, .. }, .. }, Some(s)) => {
+                let mut lowered = Vec::new();
+                b.lower(op, res, &mut lowered)?;
+                s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops: lowered });
+            }
+            _ => b.lower(op, res, &mut body)?,
+        }
+    }
+    Ok(body)
 }
 
 /// Uploads one weight of the plan in the format `quant` gives it (converted on all cores).

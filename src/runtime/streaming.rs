@@ -56,9 +56,9 @@ impl<B: Backend> Streaming<B> {
     pub fn new(b: &mut B, res: &mut Resources<B>, model: &Model, quant: QuantTarget, plan: &StreamPlan, progress: &indicatif::ProgressBar) -> Result<Self> {
         let host: Vec<Vec<Mlp>> = model
             .weights
-            .moe_layers()
+            .routed_layers(plan.mtp)
             .iter()
-            .map(|(_, moe)| {
+            .map(|moe| {
                 progress.inc(3 * moe.experts.len() as u64);
                 moe.experts.par_iter().map(|m| m.quantized(quant)).collect()
             })

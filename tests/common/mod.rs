@@ -32,6 +32,26 @@ pub fn golden(dir: &Path) -> Golden {
     Golden { tokens, logits, vocab }
 }
 
+/// The MTP layer's golden draft (tools/make_mtp_fixtures.py), where the fixture has an MTP
+/// layer: the tokens, the main model's hidden states after its final norm (`[n-1, hidden]`) and
+/// the draft logits (`[n-1, vocab]`; row i drafts token i+2 from hidden row i and token i+1).
+pub struct GoldenMtp {
+    pub tokens: Vec<u32>,
+    pub hidden: Vec<f32>,
+    pub logits: Vec<f32>,
+}
+
+pub fn golden_mtp(dir: &Path) -> Option<GoldenMtp> {
+    let bytes = std::fs::read(dir.join("golden_mtp.safetensors")).ok()?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("golden_mtp parses");
+    let floats = |name: &str| st.tensor(name).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let tokens = st.tensor("tokens").unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    Some(GoldenMtp { tokens, hidden: floats("hidden"), logits: floats("mtp_logits") })
+}
+
+/// The fixture families with an MTP layer.
+pub const MTP_FAMILIES: [&str; 2] = ["v3_noaux", "v3_fp8"];
+
 /// `max |a - b| / max |b|`: the error relative to the reference's scale.
 pub fn relative_error(a: &[f32], reference: &[f32]) -> f32 {
     assert_eq!(a.len(), reference.len());
