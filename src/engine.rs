@@ -88,6 +88,31 @@ pub trait Engine: Send {
         Err(no_mtp())
     }
 
+    /// Most tokens one step runs (a batch's rows together).
+    fn max_step_tokens(&self) -> usize {
+        usize::MAX
+    }
+    /// Verify steps of several sequences at once (the server's batches): each sequence's
+    /// tokens (its last token and drafts) at its next positions, keeping the hidden states;
+    /// every row's logits, sequence after sequence.
+    fn verify_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        check_batch(&batch.iter().map(|(s, _)| (*s, 0)).collect::<Vec<_>>(), self.sequences())?;
+        let mut out = Vec::new();
+        for (seq, tokens) in batch {
+            out.extend(self.forward_keep(*seq, tokens, Logits::All)?);
+        }
+        Ok(out)
+    }
+    /// After `verify_batch` (and truncating each sequence to what it accepted), `draft` for
+    /// each of its sequences in the same order: one draft logits row per sequence.
+    fn draft_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for (seq, next) in batch {
+            out.extend(self.draft(*seq, next)?);
+        }
+        Ok(out)
+    }
+
     /// Sequence 0: the single-sequence engine the CLI's generation uses.
     fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
         self.forward_seq(0, tokens, which)
@@ -146,8 +171,8 @@ pub struct CpuEngine {
 struct CpuMtp {
     caches: Vec<KvCache>,
     chained: Vec<usize>,
-    /// (sequence, first position, hidden states `[rows, hidden]`) of the last `forward_keep`.
-    kept: Option<(usize, usize, Vec<f32>)>,
+    /// Per sequence: (first position, hidden states `[rows, hidden]`) of its last `forward_keep`.
+    kept: Vec<Option<(usize, Vec<f32>)>>,
     /// (sequence, output `[hidden]`) of the last draft.
     drafted: Option<(usize, Vec<f32>)>,
 }
@@ -167,7 +192,7 @@ impl CpuEngine {
         let capacity = self.capacity();
         let caches = (0..self.caches.len()).map(|_| self.model.new_mtp_cache(capacity)).collect::<Option<Vec<_>>>();
         let caches = caches.ok_or_else(no_mtp)?;
-        self.mtp = Some(CpuMtp { chained: vec![0; caches.len()], caches, kept: None, drafted: None });
+        self.mtp = Some(CpuMtp { chained: vec![0; caches.len()], kept: vec![None; caches.len()], caches, drafted: None });
         Ok(self)
     }
 }
@@ -208,7 +233,7 @@ impl Engine for CpuEngine {
             return Err(Error::Invalid(format!("sequence {seq}: the MTP layer has run {} of its {start} positions; truncate it to a common length first", m.caches[seq].len())));
         }
         let (logits, hidden) = self.model.forward_hidden(&mut self.caches[seq], tokens)?;
-        m.kept = Some((seq, start, hidden));
+        m.kept[seq] = Some((start, hidden));
         m.drafted = None;
         Ok(match which {
             Logits::All => logits,
@@ -227,13 +252,13 @@ impl Engine for CpuEngine {
         m.chained[seq] = 0;
         let start = cache.len();
         let d = self.model.config.hidden_size;
-        let hidden = match &m.kept {
-            Some((s, first, h)) if *s == seq && *first == start && main_len <= first + h.len() / d && next.len() == main_len - start && !next.is_empty() => &h[..next.len() * d],
+        let hidden = match &m.kept[seq] {
+            Some((first, h)) if *first == start && main_len <= first + h.len() / d && next.len() == main_len - start && !next.is_empty() => &h[..next.len() * d],
             _ => return Err(Error::Invalid(format!("sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)", next.len()))),
         };
         let (logits, out) = self.model.mtp_forward(cache, next, hidden)?;
         m.chained[seq] = 0;
-        m.kept = None;
+        m.kept[seq] = None;
         m.drafted = Some((seq, out[(next.len() - 1) * d..].to_vec()));
         Ok(logits[(next.len() - 1) * self.model.config.vocab_size..].to_vec())
     }

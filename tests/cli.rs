@@ -71,7 +71,8 @@ fn logits_subcommand_writes_npy_matching_transformers() {
 
 #[test]
 fn cpu_and_gpu_generate_the_same_greedy_text() {
-    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v"];
+    // Plain decoding (the bundled model would otherwise draft with its MTP layer).
+    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off"];
     let cpu = dsrun(&[&args[..], &["--gpu", "cpu"]].concat());
     let gpu = dsrun(&[&args[..], &["--gpu", "vulkan"]].concat());
     assert!(cpu.status.success() && gpu.status.success(), "{}", text(&gpu.stderr));
@@ -83,7 +84,8 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
 
 #[test]
 fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
-    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v"];
+    // Plain decoding: prefetch guesses are made in single-token steps.
+    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off"];
     let resident = dsrun(&args);
     let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%", "--prefetch", "on"]].concat());
     assert!(resident.status.success() && streamed.status.success(), "{}", text(&streamed.stderr));
@@ -148,7 +150,7 @@ fn speculative_decoding_from_the_command_line() {
     assert_eq!(tests.iter().map(|t| t["name"].as_str().unwrap()).collect::<Vec<_>>(), ["tg8", "tg8 mtp"]);
     assert_eq!(tests[1]["speculative"]["draft"], 2, "{report}");
     assert!(tests[1]["speculative"]["acceptance"].as_f64().is_some(), "{report}");
-    let refused = dsrun(&["--prompt", "x", "-n", "2", "--speculative", "mtp"]);
+    let refused = dsrun(&["bench", "--model", fixture("v2_lite").to_str().unwrap(), "-p", "0", "-n", "1", "--speculative", "mtp"]);
     assert!(!refused.status.success() && text(&refused.stderr).contains("--speculative mtp: this checkpoint has no MTP layer"), "{}", text(&refused.stderr));
 }
 
@@ -375,7 +377,8 @@ fn bench_measures_at_a_depth_and_in_batches() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: Vec<&str> = report["tests"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["pp4 @ d20", "tg3 @ d20", "tg3x3 @ d20"]);
+    // The bundled model has an MTP layer: the speculative test runs beside the plain one.
+    assert_eq!(names, ["pp4 @ d20", "tg3 @ d20", "tg3 mtp @ d20", "tg3x3 @ d20"]);
     assert!(report["tests"].as_array().unwrap().iter().all(|t| t["tok_per_s_mean"].as_f64().unwrap() > 0.0));
     assert_fails(&["bench", "-p", "hello"], "prompt length in tokens");
 }

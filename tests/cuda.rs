@@ -382,3 +382,51 @@ fn streamed_experts_give_the_all_resident_logits() {
         }
     }
 }
+
+/// The MTP layer on CUDA: draft logits against the torch reference, and greedy speculative
+/// decoding (2 drafts per step) token for token equal to plain greedy decoding.
+#[test]
+fn mtp_drafts_match_the_reference_and_keep_greedy_output() {
+    for rt_index in 0..runtimes().len() {
+        for family in common::MTP_FAMILIES {
+            let rt = runtimes().swap_remove(rt_index);
+            let name = rt.describe();
+            let dir = common::fixture(family);
+            let g = common::golden_mtp(&dir).unwrap();
+            let model = Model::load(&dir).unwrap();
+            let n = g.tokens.len();
+            let options = dsrun::budget::GpuOptions { mtp: true, ..Default::default() };
+            let mut engine = CudaModel::with_options(rt.clone(), &model, n + 24, &options).unwrap();
+            let mut drafts = Vec::new();
+            engine.forward_keep(0, &g.tokens[..1], Logits::Last).unwrap();
+            for i in 0..n - 1 {
+                drafts.extend(engine.draft(0, &g.tokens[i + 1..i + 2]).unwrap());
+                if i + 2 < n {
+                    engine.forward_keep(0, &g.tokens[i + 1..i + 2], Logits::Last).unwrap();
+                }
+            }
+            common::assert_logits_match(&format!("{name} {family} MTP drafts"), &drafts, &g.logits, model.config.vocab_size, 1e-3);
+
+            engine.reset();
+            let prompt = &g.tokens[..6];
+            let mut plain = vec![engine.forward_greedy(prompt).unwrap()];
+            while plain.len() < 24 {
+                let last = *plain.last().unwrap();
+                plain.push(engine.forward_greedy(&[last]).unwrap());
+            }
+            engine.reset();
+            let mut sampler = dsrun::sample::Sampler::new(Default::default(), model.config.vocab_size).unwrap();
+            let first = engine.forward_keep(0, prompt, Logits::Last).unwrap();
+            let mut got = vec![common::argmax(&first) as u32];
+            let mut history = prompt.to_vec();
+            history.push(got[0]);
+            let mut stats = dsrun::speculative::SpecStats::default();
+            while got.len() < plain.len() {
+                let round = dsrun::speculative::round(&mut engine, 0, &mut sampler, &history, 0, 2, plain.len() - got.len(), &mut stats).unwrap();
+                history.extend(&round.tokens);
+                got.extend(round.tokens);
+            }
+            assert_eq!(got, plain, "{name} {family}: speculative greedy differs from plain greedy");
+        }
+    }
+}

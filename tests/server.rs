@@ -33,10 +33,15 @@ struct Server {
 
 impl Server {
     async fn start(api_key: Option<&str>) -> Server {
+        Self::start_with(api_key, false).await
+    }
+
+    /// `mtp`: speculative decoding with the bundled model's MTP layer.
+    async fn start_with(api_key: Option<&str>, mtp: bool) -> Server {
         let dir = bundled();
         let model = Model::load(&dir).unwrap();
         let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-        let engine = GpuModel::with_options(ctx, &model, CONTEXT, &GpuOptions { sequences: PARALLEL, ..Default::default() }).unwrap();
+        let engine = GpuModel::with_options(ctx, &model, CONTEXT, &GpuOptions { sequences: PARALLEL, mtp, ..Default::default() }).unwrap();
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let tokenizer = Tokenizer::load(&dir, &config).unwrap();
         let template = ChatTemplate::load(&dir).unwrap();
@@ -202,6 +207,16 @@ async fn chat_and_completions_streaming_and_not() {
     server.shutdown().await;
 }
 
+/// Streamed completions of `bodies`, all sent at once; each task gives its text.
+fn spawn_completions(server: &Arc<Server>, bodies: impl Iterator<Item = Value>) -> Vec<tokio::task::JoinHandle<String>> {
+    bodies
+        .map(|body| {
+            let server = server.clone();
+            tokio::spawn(async move { completion_stream_text(&server.stream("/v1/completions", &body).await).0 })
+        })
+        .collect()
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     let line = text.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')));
     line.unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")).parse().unwrap()
@@ -217,13 +232,7 @@ async fn eight_concurrent_streams_each_get_what_they_get_alone() {
         alone.push(completion_stream_text(&server.stream("/v1/completions", &body(p)).await).0);
     }
     let steps_before = metric(&server.get("/metrics").await.1, "dsrun_decode_step_seconds_count");
-    let tasks: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let (server, body) = (server.clone(), body(p));
-            tokio::spawn(async move { completion_stream_text(&server.stream("/v1/completions", &body).await).0 })
-        })
-        .collect();
+    let tasks = spawn_completions(&server, prompts.iter().map(|p| body(p)));
     for (i, task) in tasks.into_iter().enumerate() {
         assert_eq!(task.await.unwrap(), alone[i], "request {i} decoded with others differs from alone");
     }
@@ -234,6 +243,42 @@ async fn eight_concurrent_streams_each_get_what_they_get_alone() {
     // from its prompt's step).
     let steps = metric(&metrics, "dsrun_decode_step_seconds_count") - steps_before;
     assert!(steps < 0.5 * (per_round - prompts.len()) as f64, "{steps} decode steps for {per_round} tokens: the requests were not batched");
+    Arc::try_unwrap(server).ok().unwrap().shutdown().await;
+}
+
+/// Speculative decoding in the server's batches: eight concurrent greedy streams on a server
+/// drafting with the bundled model's MTP layer (verify steps of several sequences, each with
+/// its draft, then one MTP step for all) give what a plain server gives each alone; a prompt
+/// scored with `echo` + `logprobs` and a sampled request work alongside; /metrics counts drafts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speculative_batches_give_plain_decodings_tokens() {
+    let plain = Server::start_with(None, false).await;
+    let prompts: Vec<String> = (0..8).map(|i| format!("Request {i}: the function {}", ["reads", "writes", "returns", "parses"][i % 4])).collect();
+    let body = |p: &str| json!({"prompt": p, "max_tokens": 20 + p.len() % 7, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut alone = Vec::new();
+    for p in &prompts {
+        alone.push(completion_stream_text(&plain.stream("/v1/completions", &body(p)).await).0);
+    }
+    plain.shutdown().await;
+
+    let server = Arc::new(Server::start_with(None, true).await);
+    let tasks = spawn_completions(&server, prompts.iter().map(|p| body(p)));
+    let (scored_body, sampled_body) = (
+        json!({"prompt": "Return the value", "max_tokens": 4, "echo": true, "logprobs": 1, "temperature": 0}),
+        json!({"prompt": "The module", "max_tokens": 12, "temperature": 0.8, "seed": 3}),
+    );
+    let scored = server.post("/v1/completions", &scored_body);
+    let sampled = server.post("/v1/completions", &sampled_body);
+    let ((scored_status, scored), (sampled_status, sampled)) = tokio::join!(scored, sampled);
+    assert_eq!(scored_status, 200, "{scored}");
+    assert_eq!(sampled_status, 200, "{sampled}");
+    for (i, task) in tasks.into_iter().enumerate() {
+        assert_eq!(task.await.unwrap(), alone[i], "request {i}: speculative batches differ from plain decoding alone");
+    }
+    let (_, metrics) = server.get("/metrics").await;
+    let (drafted, accepted) = (metric(&metrics, "dsrun_speculative_drafted_total"), metric(&metrics, "dsrun_speculative_accepted_total"));
+    eprintln!("served with MTP drafts: {accepted} of {drafted} accepted");
+    assert!(drafted > 0.0 && accepted > 0.0 && accepted <= drafted, "{metrics}");
     Arc::try_unwrap(server).ok().unwrap().shutdown().await;
 }
 

@@ -21,6 +21,8 @@ fn tiny(dtype: SynthDtype) -> SynthOptions {
         seed: 5,
         // Small shards: several files and an index, as published checkpoints are.
         shard_bytes: 4 << 20,
+        // The FP8 one with an MTP layer, as V3 ships.
+        mtp: dtype == SynthDtype::Fp8,
     }
 }
 
@@ -45,6 +47,22 @@ fn synth_checkpoints_run_finitely_and_the_gpu_agrees_with_the_cpu() {
         let mut gpu = GpuModel::new(ctx, &model, tokens.len(), Default::default()).unwrap();
         let got = gpu.forward(&tokens, Logits::All).unwrap();
         assert_logits_match(&format!("synth {dtype:?} GPU"), &got, &want, model.config.vocab_size, 1e-3);
+
+        // The MTP layer: present exactly when asked for, and its draft the same on both.
+        assert_eq!(model.weights.mtp.is_some(), dtype == SynthDtype::Fp8, "{dtype:?}: MTP layer");
+        if model.weights.mtp.is_some() {
+            let mut cpu = CpuEngine::new(Model::load(dir.path()).unwrap(), tokens.len()).with_mtp().unwrap();
+            let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+            let options = dsrun::budget::GpuOptions { mtp: true, ..Default::default() };
+            let mut gpu = GpuModel::with_options(ctx, &model, tokens.len(), &options).unwrap();
+            let mut drafts = Vec::new();
+            for engine in [&mut cpu as &mut dyn Engine, &mut gpu] {
+                engine.forward_keep(0, &tokens[..5], Logits::Last).unwrap();
+                drafts.push(engine.draft(0, &tokens[1..6]).unwrap());
+            }
+            assert!(drafts[0].iter().all(|x| x.is_finite()), "MTP draft logits finite");
+            assert_logits_match("synth MTP draft GPU", &drafts[1], &drafts[0], model.config.vocab_size, 1e-3);
+        }
     }
 }
 

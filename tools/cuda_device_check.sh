@@ -36,7 +36,7 @@ step "kernel bandwidth"
 timeout 120 $bin/cuda-kernels | tee "$OUT/kernels.txt"
 
 # DSRUN_CHECK_SYNTH="--preset small" for a quick run of the script itself.
-synth_args="${DSRUN_CHECK_SYNTH:---preset deepseek-v3 --layers 4 --experts 32 --dtype fp8}"
+synth_args="${DSRUN_CHECK_SYNTH:---preset deepseek-v3 --layers 4 --experts 32 --dtype fp8 --mtp}"
 step "synthetic checkpoint: $synth_args (default: V3-shaped FP8, 3 dense layers + 1 MoE layer of 32 experts)"
 synth=/tmp/dsrun-synth
 rm -rf $synth

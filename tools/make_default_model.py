@@ -7,7 +7,7 @@ Run by hand (never in CI), from the repository root:
 
     /tmp/venv/bin/pip install torch transformers safetensors tokenizers
     /tmp/venv/bin/python tools/make_default_model.py [--minutes 8]
-    /tmp/venv/bin/python tools/make_default_model.py --mtp-only [--mtp-steps 1500]
+    /tmp/venv/bin/python tools/make_default_model.py --mtp-only [--mtp-steps 1000]
 
 The second form adds a trained multi-token-prediction (MTP) layer to the model already in
 weights/ without changing a bit of it (the first form trains both, one after the other). The
@@ -94,7 +94,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mtp-only", action="store_true", help="add an MTP layer to the model in --out, main weights unchanged")
-    ap.add_argument("--mtp-steps", type=int, default=1500)
+    ap.add_argument("--mtp-steps", type=int, default=1000)
     args = ap.parse_args()
     random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -508,10 +508,10 @@ impl<'m> Forward<'_, 'm> {
         vec![self.norm(self.ids.final_norm, self.a.xn, rows), Op::Matmul { w: self.ids.lm_head, x: self.a.xn, y: self.a.logits, rows, accumulate: false }]
     }
 
-    /// The MTP step's head for its last row: `shared_head.norm` into `hidden` row 0 (a chained
-    /// draft's input), then `shared_head.head`.
-    fn mtp_head(&self, m: &MtpIds, b: &MtpBuffers) -> Vec<Op> {
-        vec![self.norm(m.head_norm, b.hidden, Rows::Last), Op::Matmul { w: m.head, x: b.hidden, y: self.a.logits, rows: Rows::Last, accumulate: false }]
+    /// The MTP step's head for its last row (`shared_head.norm` into `hidden` row 0, a chained
+    /// draft's input, then `shared_head.head`), or for every row.
+    fn mtp_head(&self, m: &MtpIds, b: &MtpBuffers, rows: Rows) -> Vec<Op> {
+        vec![self.norm(m.head_norm, b.hidden, rows), Op::Matmul { w: m.head, x: b.hidden, y: self.a.logits, rows, accumulate: false }]
     }
 }
 
@@ -560,7 +560,8 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     let mtp = match (&ids.mtp, &a.mtp) {
         (Some(m), Some(b)) => Some(MtpPlan {
             body: forward.mtp_body(&mut p, m, b),
-            head_last: forward.mtp_head(m, b),
+            head_last: forward.mtp_head(m, b, Rows::Last),
+            head_all: forward.mtp_head(m, b, Rows::All),
             keep_hidden: vec![forward.norm(ids.final_norm, b.hidden, Rows::All)],
             hidden: b.hidden,
         }),

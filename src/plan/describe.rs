@@ -136,6 +136,7 @@ impl Plan<'_> {
             section(&mut s, "mtp: keep hidden states, after a main step", &m.keep_hidden);
             section(&mut s, "mtp: draft step", &m.body);
             section(&mut s, "mtp: draft head, last token", &m.head_last);
+            section(&mut s, "mtp: draft head, every token", &m.head_all);
         }
         s
     }

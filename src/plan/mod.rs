@@ -127,6 +127,8 @@ pub struct MtpPlan {
     pub body: Vec<Op>,
     /// `shared_head.norm` of the last row into `hidden` row 0, `shared_head.head` into the logits.
     pub head_last: Vec<Op>,
+    /// The same for every row (a batched draft, one row per sequence wanted).
+    pub head_all: Vec<Op>,
     /// After a main step: its rows' final norm into `hidden` (the MTP step's input).
     pub keep_hidden: Vec<Op>,
     pub hidden: BufferId,

@@ -37,6 +37,7 @@ pub struct RunCounters {
 struct MtpRuntime<B: Backend> {
     body: Vec<B::Op>,
     head_last: Vec<B::Op>,
+    head_all: Vec<B::Op>,
     /// The main heads followed by the final norm into the MTP's input (`MtpPlan::keep_hidden`):
     /// none, last row, every row.
     keep: [Vec<B::Op>; 3],
@@ -44,9 +45,9 @@ struct MtpRuntime<B: Backend> {
     lens: Vec<usize>,
     /// Per sequence: chained drafts beyond `lens` (their rows are dropped by the next draft).
     chained: Vec<usize>,
-    /// The main step whose hidden states the MTP input buffer holds: (sequence, first
-    /// position, rows).
-    kept: Option<(usize, usize, usize)>,
+    /// The main step whose hidden states the MTP input buffer holds, in its row order:
+    /// (sequence, first position, rows) per sequence it ran.
+    kept: Vec<(usize, usize, usize)>,
     /// The sequence whose last draft's output the buffer's row 0 holds (a chained draft's input).
     drafted: Option<usize>,
 }
@@ -129,13 +130,14 @@ impl<B: Backend> Runtime<B> {
             argmax_ids: plan.argmax_ids,
             streaming,
             main_stops,
-            mtp: mtp.map(|(body, head_last, keep)| MtpRuntime {
+            mtp: mtp.map(|(body, [head_last, head_all], keep)| MtpRuntime {
                 body,
                 head_last,
+                head_all,
                 keep,
                 lens: vec![0; plan.sequences],
                 chained: vec![0; plan.sequences],
-                kept: None,
+                kept: Vec::new(),
                 drafted: None,
             }),
             memory: plan.memory,
@@ -214,11 +216,14 @@ impl<B: Backend> Runtime<B> {
             }
             Part::Mtp => {
                 let m = mtp.ok_or_else(missing)?;
-                let head_ops = if head.is_some() { &m.head_last[..] } else { &[][..] };
+                let head_ops = match head {
+                    None => &[][..],
+                    Some(Logits::Last) => &m.head_last[..],
+                    Some(Logits::All) => &m.head_all[..],
+                };
                 (&m.body, head_ops, self.main_stops..self.streaming.as_ref().map_or(0, |s| s.layers.len()))
             }
         };
-        let rows = if part == Part::Mtp { rows.min(1) } else { rows };
         let argmax = if greedy { &self.argmax[..] } else { &[][..] };
         match &mut self.streaming {
             None => b.record_step(StepKind { head, greedy, part }, [(body, n), (head_ops, n), (argmax, rows)])?,
@@ -275,7 +280,7 @@ impl<B: Backend> Runtime<B> {
             self.lens[seq] += chunk.len();
             if let Some(m) = &mut self.mtp {
                 if keep {
-                    m.kept = Some((seq, start, chunk.len()));
+                    m.kept = vec![(seq, start, chunk.len())];
                     m.drafted = None;
                 }
             }
@@ -321,7 +326,8 @@ impl<B: Backend> Runtime<B> {
         let (tokens, start) = match chain {
             None => {
                 let start = m.lens[seq];
-                let ok = matches!(m.kept, Some((s, first, rows)) if s == seq && first == start && main_len <= first + rows);
+                // This sequence's rows must be the kept step's first (the MTP step reads from row 0).
+                let ok = matches!(m.kept.first(), Some(&(s, first, rows)) if s == seq && first == start && main_len <= first + rows);
                 if !ok || next.len() != main_len - start || next.is_empty() {
                     return Err(crate::Error::Invalid(format!(
                         "sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)",
@@ -347,9 +353,84 @@ impl<B: Backend> Runtime<B> {
             None => m.lens[seq] = start + tokens.len(),
             Some(_) => m.chained[seq] += 1,
         }
-        m.kept = None;
+        m.kept.clear();
         m.drafted = Some(seq);
         Ok(logits)
+    }
+
+    /// One verify step of several sequences (`Engine::verify_batch`): each sequence's tokens at
+    /// its next positions, every row's logits, the hidden states kept for `draft_rows`.
+    fn verify_rows(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
+        if batch.is_empty() || total > self.max_chunk {
+            return Err(crate::Error::Invalid(format!("a verify step of {total} tokens: 1 to {} per step", self.max_chunk)));
+        }
+        for (i, (seq, tokens)) in batch.iter().enumerate() {
+            check_sequence(*seq, self.lens.len())?;
+            check_request(&self.config, self.lens[*seq], self.capacity, tokens)?;
+            self.check_mtp_caught_up(*seq)?;
+            if batch[..i].iter().any(|(s, _)| s == seq) {
+                return Err(crate::Error::Invalid(format!("sequence {seq} appears twice in one batch")));
+            }
+        }
+        let started = Instant::now();
+        self.counters.steps += 1;
+        self.counters.tokens += total as u64;
+        self.step_tokens.clear();
+        self.step_positions.clear();
+        let mut kept = Vec::with_capacity(batch.len());
+        for (seq, tokens) in batch {
+            let start = self.lens[*seq];
+            self.step_tokens.extend_from_slice(tokens);
+            self.step_positions.extend((start..start + tokens.len()).flat_map(|p| [p as u32, (seq * self.capacity) as u32]));
+            kept.push((*seq, start, tokens.len()));
+        }
+        let logits: Vec<f32> = f32s(self.step(Part::MainKeepingHidden, Some(Logits::All), false)?).collect();
+        for (seq, tokens) in batch {
+            self.lens[*seq] += tokens.len();
+        }
+        let m = self.mtp.as_mut().expect("checked by check_mtp_caught_up");
+        m.kept = kept;
+        m.drafted = None;
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
+        Ok(logits)
+    }
+
+    /// The MTP layer over every row of the last verify step (`Engine::draft_batch`): sequence
+    /// s's rows up to its (possibly truncated) length pair with `next`, the rows past it (its
+    /// rejected drafts, whose cache rows the next step overwrites before anything reads them)
+    /// repeat its last token; one draft row per sequence comes back.
+    fn draft_rows(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        let m = self.mtp.as_ref().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
+        let kept = m.kept.clone();
+        let same = kept.len() == batch.len() && kept.iter().zip(batch).all(|(k, (s, _))| k.0 == *s);
+        if !same {
+            return Err(crate::Error::Invalid("a batched draft takes the sequences of the last verify step, in its order".into()));
+        }
+        self.step_tokens.clear();
+        self.step_positions.clear();
+        let mut wanted = Vec::with_capacity(batch.len());
+        for (&(seq, first, rows), (_, next)) in kept.iter().zip(batch) {
+            let ran = self.lens[seq];
+            if m.lens[seq] != first || next.len() != ran - first || next.is_empty() || ran > first + rows {
+                return Err(crate::Error::Invalid(format!("sequence {seq}: a draft needs one next token for each of positions {first}..{ran} ({} given)", next.len())));
+            }
+            check_request(&self.config, first, self.capacity, next)?;
+            wanted.push(self.step_tokens.len() + next.len() - 1);
+            self.step_tokens.extend_from_slice(next);
+            self.step_tokens.extend(std::iter::repeat(next[next.len() - 1]).take(rows - next.len()));
+            self.step_positions.extend((first..first + rows).flat_map(|p| [p as u32, (seq * self.capacity) as u32]));
+        }
+        let vocab = self.config.vocab_size;
+        let all: Vec<f32> = f32s(self.step(Part::Mtp, Some(Logits::All), false)?).collect();
+        let m = self.mtp.as_mut().expect("checked above");
+        for (seq, _) in batch {
+            m.lens[*seq] = self.lens[*seq];
+            m.chained[*seq] = 0;
+        }
+        m.kept.clear();
+        m.drafted = None;
+        Ok(wanted.iter().flat_map(|&r| all[r * vocab..(r + 1) * vocab].iter().copied()).collect())
     }
 
     /// One token of each sequence in `batch` as one step: every row's logits (or argmax).
@@ -465,6 +546,18 @@ impl<B: Backend> Engine for Runtime<B> {
         self.draft_step(seq, &[], Some(token))
     }
 
+    fn verify_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        self.verify_rows(batch)
+    }
+
+    fn max_step_tokens(&self) -> usize {
+        self.max_chunk
+    }
+
+    fn draft_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
+        self.draft_rows(batch)
+    }
+
     fn capacity(&self) -> usize {
         self.capacity
     }
@@ -519,8 +612,8 @@ struct Loaded<B: Backend> {
     argmax: Vec<B::Op>,
     streaming: Option<Streaming<B>>,
     main_stops: usize,
-    /// The MTP step's body, head, and the main heads keeping hidden states.
-    mtp: Option<(Vec<B::Op>, Vec<B::Op>, [Vec<B::Op>; 3])>,
+    /// The MTP step's body, heads (last row, every row), and the main heads keeping hidden states.
+    mtp: Option<(Vec<B::Op>, [Vec<B::Op>; 2], [Vec<B::Op>; 3])>,
     weight_bytes: u64,
 }
 
@@ -568,7 +661,7 @@ impl<B: Backend> Loaded<B> {
                     lower_all(&[&plan.head_last[..], &m.keep_hidden[..]].concat())?,
                     lower_all(&[&plan.head_all[..], &m.keep_hidden[..]].concat())?,
                 ];
-                Some((body, lower_all(&m.head_last)?, keep))
+                Some((body, [lower_all(&m.head_last)?, lower_all(&m.head_all)?], keep))
             }
             _ => None,
         };

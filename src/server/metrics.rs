@@ -32,6 +32,10 @@ impl Metrics {
             metrics::describe_gauge!("dsrun_decode_tokens_per_second", "Tokens per second of the last decode step, all sequences together");
             metrics::describe_gauge!("dsrun_expert_cache_hit_rate", "Share of routed-expert lookups the device cache served (expert streaming)");
             metrics::describe_histogram!("dsrun_decode_step_seconds", "Seconds per decode step");
+            metrics::describe_counter!("dsrun_speculative_drafted_total", "Tokens the MTP layer drafted (speculative decoding)");
+            metrics::describe_counter!("dsrun_speculative_accepted_total", "Drafted tokens the main model accepted");
+            metrics::describe_counter!("dsrun_speculative_steps_total", "Sequence verify steps of speculative decoding (each emits the accepted drafts and one more token)");
+            metrics::describe_gauge!("dsrun_speculative_acceptance", "Share of drafted tokens accepted, since the server started");
             metrics::describe_histogram!("dsrun_prompt_step_seconds", "Seconds per prompt chunk");
         });
         // Present from the start, so scrapers see every series before the first request.
@@ -71,6 +75,17 @@ impl Metrics {
             if seconds > 0.0 {
                 gauge!("dsrun_decode_tokens_per_second").set(tokens as f64 / seconds);
             }
+        });
+    }
+
+    /// One sequence's speculative verify: `drafted` drafts, `accepted` kept; `total` the
+    /// server's running counters.
+    pub fn speculative(&self, drafted: usize, accepted: usize, total: &crate::speculative::SpecStats) {
+        with_local_recorder(&self.recorder, || {
+            counter!("dsrun_speculative_drafted_total").increment(drafted as u64);
+            counter!("dsrun_speculative_accepted_total").increment(accepted as u64);
+            counter!("dsrun_speculative_steps_total").increment(1);
+            gauge!("dsrun_speculative_acceptance").set(total.acceptance());
         });
     }
 

@@ -8,7 +8,8 @@ use super::metrics::Metrics;
 use crate::engine::Engine;
 use crate::generate::{Generation, StopReason, Stopping};
 use crate::model::Logits;
-use crate::sample::{logprobs, Sampler, SamplerConfig, TokenLogprob};
+use crate::sample::{logprobs, Dist, Sampler, SamplerConfig, TokenLogprob};
+use crate::speculative::SpecStats;
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -121,6 +122,9 @@ struct Active {
     generation: Generation,
     /// The token to run at the next decode step (None while the prompt is prefilled).
     next: Option<u32>,
+    /// Speculative decoding: the MTP layer's draft for the token after `next`, and the
+    /// distribution it was drawn from.
+    draft: Option<(u32, Dist)>,
 }
 
 struct Worker {
@@ -132,12 +136,16 @@ struct Worker {
     waiting: VecDeque<Job>,
     /// Round-robin over prompts being prefilled.
     prefill_turn: usize,
+    /// The engine drafts with its MTP layer: decode steps verify a draft per sequence.
+    speculate: bool,
+    spec: SpecStats,
 }
 
 impl Worker {
     fn new(engine: Box<dyn Engine>, tokenizer: Arc<Tokenizer>, metrics: Arc<Metrics>, load: Arc<Load>) -> Worker {
         let slots = (0..engine.sequences()).map(|_| Slot::default()).collect();
-        Worker { engine, tokenizer, metrics, load, slots, waiting: VecDeque::new(), prefill_turn: 0 }
+        let speculate = engine.has_mtp();
+        Worker { engine, tokenizer, metrics, load, slots, waiting: VecDeque::new(), prefill_turn: 0, speculate, spec: SpecStats::default() }
     }
 
     fn active(&self) -> usize {
@@ -186,7 +194,12 @@ impl Worker {
             self.load.queued.fetch_sub(1, Ordering::SeqCst);
             // At least the last prompt token runs (its logits choose the first token), and
             // scoring the prompt needs every position's logits.
-            let reused = if job.prompt_logprobs.is_some() { 0 } else { common.min(job.prompt.len() - 1) };
+            let mut reused = if job.prompt_logprobs.is_some() { 0 } else { common.min(job.prompt.len() - 1) };
+            if self.speculate {
+                // Only positions the MTP layer has run too (a finished reply's last verify step
+                // is not drafted from).
+                reused = reused.min(self.engine.mtp_len(seq));
+            }
             let sampler = match Sampler::new(job.sampler, self.engine.config().vocab_size) {
                 Ok(s) => s,
                 Err(e) => {
@@ -205,6 +218,7 @@ impl Worker {
                 reused,
                 prompt_logprobs: job.prompt_logprobs,
                 next: None,
+                draft: None,
             });
         }
     }
@@ -230,9 +244,11 @@ impl Worker {
         let active = slot.active.as_mut().expect("an active slot");
         let done = slot.cached.len();
         let started = Instant::now();
+        let speculate = self.speculate;
         let result = if let Some(top) = active.prompt_logprobs {
             // Scoring: every position's logits, in the engine's own chunks.
-            self.engine.forward_seq(seq, &active.prompt[done..], Logits::All).map(|logits| {
+            let scored = if speculate { self.engine.forward_keep(seq, &active.prompt[done..], Logits::All) } else { self.engine.forward_seq(seq, &active.prompt[done..], Logits::All) };
+            scored.map(|logits| {
                 let vocab = self.engine.config().vocab_size;
                 let mut scored = vec![None];
                 scored.extend(active.prompt[1..].iter().enumerate().map(|(i, &t)| Some(logprobs(&logits[i * vocab..(i + 1) * vocab], t, top))));
@@ -243,7 +259,17 @@ impl Worker {
         } else {
             let end = (done + PREFILL_CHUNK).min(active.prompt.len());
             let chunk = &active.prompt[done..end];
-            if end < active.prompt.len() {
+            if speculate {
+                // Each chunk keeps its hidden states, and the MTP layer runs over them at once
+                // (the next chunk's step would overwrite them); the last chunk's wait for the
+                // first token.
+                self.engine.forward_keep(seq, chunk, Logits::Last).and_then(|logits| {
+                    if end < active.prompt.len() {
+                        self.engine.draft(seq, &active.prompt[done + 1..end + 1])?;
+                    }
+                    Ok((chunk.len(), Some(logits), None))
+                })
+            } else if end < active.prompt.len() {
                 self.engine.prefill_seq(seq, chunk).map(|()| (chunk.len(), None, None))
             } else if active.generation.wants_logits() {
                 self.engine.forward_seq(seq, chunk, Logits::Last).map(|l| (chunk.len(), Some(l), None))
@@ -263,6 +289,114 @@ impl Worker {
                     let active = slot.active.as_mut().expect("an active slot");
                     let token = id.unwrap_or_else(|| active.generation.choose(logits.as_deref().expect("logits when no id")));
                     self.accept(seq, token, logits.as_deref());
+                    if speculate {
+                        self.first_draft(seq, token);
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a prompt: the MTP layer over its last chunk, paired with the first token, drafts
+    /// the token after it.
+    fn first_draft(&mut self, seq: usize, first: u32) {
+        let Some(active) = self.slots[seq].active.as_ref() else {
+            return;
+        };
+        let from = self.engine.mtp_len(seq);
+        let mut next = active.prompt[from + 1..].to_vec();
+        next.push(first);
+        match self.engine.draft(seq, &next) {
+            Err(e) => self.fail(seq, &e.to_string()),
+            Ok(logits) => self.keep_draft(seq, &logits),
+        }
+    }
+
+    /// Draws the next draft from the MTP layer's logits with the sequence's own sampler.
+    fn keep_draft(&mut self, seq: usize, logits: &[f32]) {
+        let capacity = self.engine.capacity();
+        let slot = &mut self.slots[seq];
+        let Some(active) = slot.active.as_mut() else {
+            return;
+        };
+        // A draft needs room for itself beside the token before it, and a reply that goes on.
+        if slot.cached.len() + 2 > capacity || active.generation.remaining() < 2 {
+            active.draft = None;
+            return;
+        }
+        let sampler = active.generation.sampler();
+        let dist = sampler.distribution(logits, &[]);
+        active.draft = Some((sampler.draw_from(&dist), dist));
+    }
+
+    /// Speculative decode step: one verify step of every decoding sequence's next token and
+    /// draft, the acceptance rule per sequence, the rejected positions dropped, then one MTP
+    /// step drafting each sequence's next draft.
+    fn speculative_step(&mut self, batch: &[(usize, u32)]) {
+        // Drafts while the step has room for them (the rest verify their next token alone).
+        let mut room = self.engine.max_step_tokens().saturating_sub(batch.len());
+        let verify: Vec<(usize, Vec<u32>)> = batch
+            .iter()
+            .map(|&(seq, next)| {
+                let active = self.slots[seq].active.as_mut().expect("a decoding slot");
+                if room == 0 {
+                    active.draft = None;
+                }
+                let draft = active.draft.as_ref().map(|(d, _)| *d);
+                room -= draft.is_some() as usize;
+                (seq, std::iter::once(next).chain(draft).collect())
+            })
+            .collect();
+        let started = Instant::now();
+        let result = self.engine.verify_batch(&verify);
+        let vocab = self.engine.config().vocab_size;
+        let logits = match result {
+            Err(e) => return batch.iter().for_each(|&(seq, _)| self.fail(seq, &e.to_string())),
+            Ok(l) => l,
+        };
+        let mut row = 0;
+        let mut drafts = Vec::with_capacity(batch.len());
+        let mut emitted = 0;
+        for (seq, tokens) in &verify {
+            let rows: Vec<&[f32]> = (0..tokens.len()).map(|i| &logits[(row + i) * vocab..(row + i + 1) * vocab]).collect();
+            row += tokens.len();
+            let len = self.slots[*seq].cached.len();
+            let Some(active) = self.slots[*seq].active.as_mut() else {
+                continue;
+            };
+            let (draft, q) = match active.draft.take() {
+                Some((d, q)) => (vec![d], vec![q]),
+                None => (Vec::new(), Vec::new()),
+            };
+            let (accepted, token) = active.generation.sampler().accept_drafts(&draft, &q, &rows);
+            self.engine.truncate(*seq, len + accepted + 1);
+            self.spec.steps += 1;
+            self.spec.drafted += draft.len() as u64;
+            self.spec.accepted += accepted as u64;
+            self.metrics.speculative(draft.len(), accepted, &self.spec);
+            // The tokens now in the cache: the one fed and the accepted draft.
+            self.slots[*seq].cached.extend_from_slice(&tokens[..accepted + 1]);
+            let mut next = tokens[1..accepted + 1].to_vec();
+            for (i, &t) in draft[..accepted].iter().enumerate() {
+                if self.slots[*seq].active.is_some() {
+                    self.accept(*seq, t, Some(rows[i]));
+                }
+            }
+            if self.slots[*seq].active.is_some() {
+                self.accept(*seq, token, Some(rows[accepted]));
+            }
+            emitted += accepted + 1;
+            next.push(token);
+            drafts.push((*seq, next));
+        }
+        self.metrics.decode_step(emitted, started.elapsed().as_secs_f64());
+        // Every verified sequence's rows go through the MTP layer (their order must match the
+        // verify step's); only the ones still replying keep a draft.
+        match self.engine.draft_batch(&drafts) {
+            Err(e) => drafts.iter().for_each(|(seq, _)| self.fail(*seq, &e.to_string())),
+            Ok(logits) => {
+                for (i, (seq, _)) in drafts.iter().enumerate() {
+                    self.keep_draft(*seq, &logits[i * vocab..(i + 1) * vocab]);
                 }
             }
         }
@@ -273,6 +407,9 @@ impl Worker {
         let batch: Vec<(usize, u32)> = (0..self.slots.len()).filter_map(|i| Some((i, self.slots[i].active.as_ref()?.next?))).collect();
         if batch.is_empty() {
             return;
+        }
+        if self.speculate {
+            return self.speculative_step(&batch);
         }
         let wants_logits = batch.iter().any(|&(i, _)| self.slots[i].active.as_ref().is_some_and(|a| a.generation.wants_logits()));
         let started = Instant::now();
