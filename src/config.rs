@@ -185,7 +185,108 @@ impl ModelConfig {
         Ok(config)
     }
 
+    /// Largest value each size key may take: beyond the largest published config by orders of
+    /// magnitude, and small enough that every product of sizes the model computes (shapes, byte
+    /// counts, kernel indices) fits in 64 bits, and no loop over layers runs away.
+    const SIZE_LIMITS: [(&'static str, usize); 16] = [
+        ("vocab_size", 1 << 24),
+        ("hidden_size", 1 << 20),
+        ("intermediate_size", 1 << 22),
+        ("moe_intermediate_size", 1 << 22),
+        ("num_hidden_layers", 1 << 12),
+        ("first_k_dense_replace", 1 << 12),
+        ("moe_layer_freq", 1 << 12),
+        ("num_attention_heads", 1 << 12),
+        ("kv_lora_rank", 1 << 16),
+        ("qk_nope_head_dim", 1 << 12),
+        ("qk_rope_head_dim", 1 << 12),
+        ("v_head_dim", 1 << 12),
+        ("n_routed_experts", 1 << 16),
+        ("n_shared_experts", 1 << 8),
+        ("num_nextn_predict_layers", 1 << 4),
+        ("max_position_embeddings", 1 << 26),
+    ];
+
+    fn size(&self, key: &str) -> usize {
+        match key {
+            "vocab_size" => self.vocab_size,
+            "hidden_size" => self.hidden_size,
+            "intermediate_size" => self.intermediate_size,
+            "moe_intermediate_size" => self.moe_intermediate_size,
+            "num_hidden_layers" => self.num_hidden_layers,
+            "first_k_dense_replace" => self.first_k_dense_replace,
+            "moe_layer_freq" => self.moe_layer_freq,
+            "num_attention_heads" => self.num_attention_heads,
+            "kv_lora_rank" => self.kv_lora_rank,
+            "qk_nope_head_dim" => self.qk_nope_head_dim,
+            "qk_rope_head_dim" => self.qk_rope_head_dim,
+            "v_head_dim" => self.v_head_dim,
+            "n_routed_experts" => self.n_routed_experts,
+            "n_shared_experts" => self.n_shared_experts,
+            "num_nextn_predict_layers" => self.num_nextn_predict_layers,
+            "max_position_embeddings" => self.max_position_embeddings,
+            _ => 0,
+        }
+    }
+
+    /// Sizes first (before anything loops over layers or multiplies dimensions), then the
+    /// values that must give finite results.
     fn validate(&self) -> Result<()> {
+        for (key, limit) in Self::SIZE_LIMITS {
+            let value = self.size(key);
+            if value > limit {
+                return Err(Error::Config(format!("`{key}` is {value}, beyond what any DeepSeek-architecture model uses (at most {limit}): the config is corrupt")));
+            }
+        }
+        if let Some(rank) = self.q_lora_rank.filter(|&r| r > 1 << 16) {
+            return Err(Error::Config(format!("`q_lora_rank` is {rank}, beyond what any DeepSeek-architecture model uses (at most 65536): the config is corrupt")));
+        }
+        self.validate_finite()?;
+        self.validate_shapes()
+    }
+
+    /// Values that would make the forward pass non-finite, refused with the key named.
+    fn validate_finite(&self) -> Result<()> {
+        let bad = |key: &str, rule: &str, value: f64| Err(Error::Config(format!("`{key}` must be {rule}, found {value}")));
+        if !(self.routed_scaling_factor > 0.0 && self.routed_scaling_factor <= 1e3) {
+            return bad("routed_scaling_factor", "in (0, 1000]", self.routed_scaling_factor);
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 1.0) {
+            return bad("rms_norm_eps", "in (0, 1]", self.rms_norm_eps);
+        }
+        if !(self.rope_theta > 1.0 && self.rope_theta.is_finite()) {
+            return bad("rope_theta", "a finite number > 1", self.rope_theta);
+        }
+        if let Some(y) = &self.yarn {
+            if !(y.factor <= 1e6) {
+                return bad("rope_scaling.factor", "in [1, 1e6]", y.factor);
+            }
+            for (key, v) in [("rope_scaling.beta_fast", y.beta_fast), ("rope_scaling.beta_slow", y.beta_slow)] {
+                if !(v > 0.0 && v <= 1e6) {
+                    return bad(key, "in (0, 1e6]", v);
+                }
+            }
+            for (key, v) in [("rope_scaling.mscale", y.mscale), ("rope_scaling.mscale_all_dim", y.mscale_all_dim)] {
+                if !(0.0..=100.0).contains(&v) {
+                    return bad(key, "in [0, 100]", v);
+                }
+            }
+            if let Some(a) = y.attention_factor.filter(|a| !(*a > 0.0 && *a <= 1e3)) {
+                return bad("rope_scaling.attention_factor", "in (0, 1000]", a);
+            }
+        }
+        let rope = crate::model::rope::Rope::new(self);
+        if !(rope.scale.is_finite() && rope.scale > 0.0 && rope.inv_freq.iter().all(|f| f.is_finite())) {
+            return Err(Error::Config("`rope_theta` and `rope_scaling` give non-finite rotary frequencies or scale: the config is corrupt".into()));
+        }
+        let scale = self.softmax_scale();
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(Error::Config(format!("the attention softmax scale from `qk_*_head_dim` and `rope_scaling` is {scale}: the config is corrupt")));
+        }
+        Ok(())
+    }
+
+    fn validate_shapes(&self) -> Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),

@@ -129,6 +129,26 @@ pub trait Engine: Send {
     }
 }
 
+/// The id a GPU argmax writes for a row holding a NaN or an infinity.
+pub const NON_FINITE_ID: u32 = u32::MAX;
+
+/// The error for non-finite logits at `position`.
+pub fn non_finite_logits(position: usize) -> Error {
+    Error::Invalid(format!(
+        "the logits at position {position} are not finite (NaN or infinity): the checkpoint holds non-finite weights \
+         or an activation overflowed (`dsrun check --model DIR` scans every weight)"
+    ))
+}
+
+/// Fails on the first row of `logits` (`[rows, vocab]`, row r at position `positions(r)`)
+/// holding a NaN or an infinity.
+pub fn check_logits(logits: &[f32], vocab: usize, position: impl Fn(usize) -> usize) -> Result<()> {
+    match logits.chunks(vocab.max(1)).position(|row| row.iter().any(|v| !v.is_finite())) {
+        Some(r) => Err(non_finite_logits(position(r))),
+        None => Ok(()),
+    }
+}
+
 fn no_mtp() -> Error {
     Error::Invalid("this engine has no MTP layer loaded (--speculative off, or the checkpoint has none)".into())
 }

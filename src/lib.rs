@@ -6,6 +6,7 @@ pub mod bench;
 pub mod budget;
 pub mod chat;
 pub mod chat_template;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

@@ -39,6 +39,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Describe a checkpoint: architecture, parameter counts, bytes by dtype, ignored tensors.
     Inspect(InspectArgs),
+    /// Scan every tensor of a checkpoint for non-finite values (NaN, infinities), naming the bad ones.
+    Check(CheckArgs),
     /// List the GPU adapters wgpu can use, with the limits and features that matter.
     Devices,
     /// Write a random-weight checkpoint of a DeepSeek shape (config, sharded safetensors, tokenizer).
@@ -52,6 +54,12 @@ enum Command {
     /// Serve an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions), decoding
     /// up to --parallel requests together.
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    model: ModelArgs,
 }
 
 #[derive(Args)]
@@ -430,6 +438,7 @@ fn main() -> ExitCode {
         None => run_generate(cli.generate),
         Some(Command::Logits(args)) => run_logits(args),
         Some(Command::Inspect(args)) => run_inspect(args),
+        Some(Command::Check(args)) => run_check(args),
         Some(Command::Devices) => run_devices(),
         Some(Command::Synth(args)) => run_synth(args),
         Some(Command::Bench(args)) => run_bench(args),
@@ -625,6 +634,22 @@ fn run_logits(args: LogitsArgs) -> Result<()> {
     dsrun::npy::write_f32(&args.out, &[args.tokens.len(), vocab], &logits)?;
     eprintln!("wrote {} x {vocab} logits to {} ({})", args.tokens.len(), args.out.display(), engine.device_name());
     Ok(())
+}
+
+fn run_check(args: CheckArgs) -> Result<()> {
+    let dir = model_dir(&args.model);
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("checking {bar:40} {bytes}/{total_bytes} ({eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report = dsrun::check::run(&dir, &bar)?;
+    bar.finish_and_clear();
+    print!("{}", dsrun::check::describe(&report));
+    if report.bad.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("{}: {} tensor(s) hold non-finite values", dir.display(), report.bad.len())))
+    }
 }
 
 fn run_inspect(args: InspectArgs) -> Result<()> {

@@ -35,7 +35,11 @@ struct Owned {
 
 /// Rewrites `model.safetensors` in `dir` after `edit` changes its tensors.
 fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
-    let path = dir.join("model.safetensors");
+    rewrite_file(&dir.join("model.safetensors"), edit)
+}
+
+/// Rewrites the safetensors file at `path` after `edit` changes its tensors.
+fn rewrite_file(path: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Owned)> = st
@@ -220,4 +224,142 @@ fn more_tokens_than_the_context() {
     assert!(e.contains("context") && e.contains("--ctx"), "{e}");
     model.forward(&mut cache, &[1, 2, 3, 4], Logits::Last).unwrap();
     assert!(model.forward(&mut cache, &[5], Logits::Last).is_err(), "a full cache refuses more");
+}
+
+/// A config.json with `edit` applied to its JSON.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+}
+
+/// Sizes that would hang a loop over layers or overflow a shape are refused before anything
+/// depends on them (the test would time out, not fail, if they hung: each runs in a thread
+/// with a deadline).
+#[test]
+fn absurd_sizes_are_refused_at_once() {
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        ("num_hidden_layers", serde_json::json!(1_000_000_000_000_000_000u64), "num_hidden_layers"),
+        ("moe_layer_freq", serde_json::json!(1_000_000_000_000_000_000u64), "moe_layer_freq"),
+        ("num_attention_heads", serde_json::json!(1u64 << 62), "num_attention_heads"),
+        ("vocab_size", serde_json::json!(u64::MAX), "vocab_size"),
+    ];
+    for (key, value, named) in cases {
+        let dir = copy_fixture("v3_noaux");
+        edit_config(dir.path(), |c| {
+            c[key] = value.clone();
+            c["first_k_dense_replace"] = serde_json::json!(0);
+        });
+        let path = dir.path().to_path_buf();
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || send.send(load_err(&path)).unwrap());
+        let err = receive.recv_timeout(std::time::Duration::from_secs(20)).unwrap_or_else(|_| panic!("{key} = {value}: loading hangs"));
+        assert!(err.contains(named) && err.contains("corrupt"), "{key}: {err}");
+    }
+}
+
+/// Config values that cannot give finite logits are refused with the key named.
+#[test]
+fn values_that_cannot_give_finite_results_are_refused() {
+    let cases: [(&str, &str, serde_json::Value); 4] = [
+        ("routed_scaling_factor", "routed_scaling_factor", serde_json::json!(1e308)),
+        ("rope_scaling", "beta_fast", serde_json::json!({"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "beta_fast": 0, "beta_slow": 1})),
+        ("rope_scaling", "mscale_all_dim", serde_json::json!({"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "mscale_all_dim": 1e300})),
+        ("rms_norm_eps", "rms_norm_eps", serde_json::json!(1e300)),
+    ];
+    for (key, named, value) in cases {
+        let dir = copy_fixture("v3_noaux");
+        edit_config(dir.path(), |c| c[key] = value.clone());
+        let err = load_err(dir.path());
+        assert!(err.contains(named), "{key} = {value}: {err}");
+    }
+}
+
+/// The bf16 bits of a NaN.
+const BF16_NAN: [u8; 2] = [0xc0, 0x7f];
+
+/// Non-finite weights: a norm or a router bias is refused at load naming the tensor; a NaN in
+/// a matrix (the embedding row of a prompt token) makes the logits non-finite, which every
+/// backend reports as an error naming the position instead of emitting a token.
+#[test]
+fn non_finite_weights_are_errors_not_tokens() {
+    let dir = copy_fixture("v3_noaux");
+    rewrite(dir.path(), |t| {
+        let norm = t.iter_mut().find(|(n, _)| n == "model.layers.1.post_attention_layernorm.weight").unwrap();
+        norm.1.data[4..6].copy_from_slice(&BF16_NAN);
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains("model.layers.1.post_attention_layernorm.weight") && err.contains("non-finite"), "{err}");
+
+    let dir = copy_fixture("v3_noaux");
+    rewrite(dir.path(), |t| {
+        let bias = t.iter_mut().find(|(n, _)| n == "model.layers.2.mlp.gate.e_score_correction_bias").unwrap();
+        bias.1.data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let err = load_err(dir.path());
+    assert!(err.contains("e_score_correction_bias") && err.contains("non-finite"), "{err}");
+
+    // Token 7's embedding row gets a NaN: the prompt [3, 7, 5] runs finitely until position 1.
+    let dir = copy_fixture("v3_noaux");
+    let hidden = 64;
+    rewrite(dir.path(), |t| {
+        let embed = t.iter_mut().find(|(n, _)| n == "model.embed_tokens.weight").unwrap();
+        let at = (7 * hidden + 3) * 2;
+        embed.1.data[at..at + 2].copy_from_slice(&BF16_NAN);
+    });
+    let model = Model::load(dir.path()).unwrap();
+    let tokens = [3u32, 7, 5];
+    let mut cache = model.new_cache(8);
+    let err = model.forward(&mut cache, &tokens, Logits::All).unwrap_err().to_string();
+    assert!(err.contains("position 1") && err.contains("not finite") && err.contains("dsrun check"), "CPU: {err}");
+    let ctx = dsrun::backend::wgpu::context::open(dsrun::device::GpuChoice::Auto).expect("a wgpu adapter");
+    let mut gpu = dsrun::backend::wgpu::GpuModel::new(ctx, &model, 8, Default::default()).unwrap();
+    use dsrun::engine::Engine;
+    let err = gpu.forward(&tokens, Logits::All).unwrap_err().to_string();
+    assert!(err.contains("position 1") && err.contains("not finite"), "wgpu logits: {err}");
+    gpu.reset();
+    // Greedy: the argmax kernel flags the row; the NaN reaches the last position through attention.
+    let err = gpu.forward_greedy(&tokens).unwrap_err().to_string();
+    assert!(err.contains("position 2") && err.contains("not finite"), "wgpu greedy: {err}");
+}
+
+/// `dsrun check` names every tensor holding a non-finite value (an FP8 NaN code in one shard,
+/// a bf16 infinity in another) and exits non-zero; a clean checkpoint passes.
+#[test]
+fn check_names_the_tensors_with_non_finite_values() {
+    let dsrun = |dir: &Path| std::process::Command::new(env!("CARGO_BIN_EXE_dsrun")).args(["check", "--model", dir.to_str().unwrap()]).output().unwrap();
+    let dir = copy_fixture("v3_fp8");
+    let clean = dsrun(dir.path());
+    assert!(clean.status.success() && String::from_utf8_lossy(&clean.stdout).contains("every value is finite"), "{clean:?}");
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("model.safetensors.index.json")).unwrap()).unwrap();
+    let shard = |name: &str| dir.path().join(index["weight_map"][name].as_str().unwrap());
+    let fp8 = "model.layers.2.mlp.experts.3.up_proj.weight";
+    let bf16 = "model.norm.weight";
+    rewrite_file(&shard(fp8), |t| t.iter_mut().find(|(n, _)| n == fp8).unwrap().1.data[10] = 0x7f);
+    rewrite_file(&shard(bf16), |t| t.iter_mut().find(|(n, _)| n == bf16).unwrap().1.data[2..4].copy_from_slice(&[0x80, 0x7f]));
+    let out = dsrun(dir.path());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains(&format!("{fp8}: 1 non-finite value(s), the first NaN at element 10")), "{stdout}");
+    assert!(stdout.contains(&format!("{bf16}: 1 non-finite value(s), the first inf at element 1")), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 tensor(s) hold non-finite values"), "{out:?}");
+}
+
+/// `logits` writes through a temporary file renamed into place: when the write fails (here
+/// the target is a directory) the error names the path and nothing half-written is left.
+#[test]
+fn a_failed_logits_write_leaves_no_partial_file() {
+    let out = tempfile::tempdir().unwrap();
+    let target = out.path().join("taken");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::write(target.join("keep"), b"x").unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_dsrun"))
+        .args(["logits", "--model", fixture("v3_noaux").to_str().unwrap(), "--tokens", "1,2", "--out", target.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("taken"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["taken"], "a partial file was left: {left:?}");
 }

@@ -220,6 +220,12 @@ fn norms_elementwise_ops_and_embedding() {
         let (lb, ib) = (h.f32s(&logits), h.zeros(2));
         h.run(&[h.ops.argmax(1000, &lb, &ib).unwrap()], 2);
         assert_eq!(h.read_u32(&ib, 2), vec![common::argmax(&logits[..1000]) as u32, 7]);
+        // A row holding a NaN or an infinity is flagged, not given an index.
+        logits[333] = f32::NAN;
+        logits[1000 + 5] = f32::NEG_INFINITY;
+        let lb = h.f32s(&logits);
+        h.run(&[h.ops.argmax(1000, &lb, &ib).unwrap()], 2);
+        assert_eq!(h.read_u32(&ib, 2), vec![dsrun::engine::NON_FINITE_ID; 2]);
         let (k, d) = (2, 40);
         let (eo, rw, sh, hh) = (random(25, n * k * d), random(26, n * k), random(27, n * d), random(28, n * d));
         let hb = h.f32s(&hh);

@@ -474,6 +474,12 @@ fn argmax_and_moe_combine() {
     let want: Vec<u32> = logits.chunks(vocab).map(|row| cpu::argmax(row) as u32).collect();
     assert_eq!(r.read_u32(&ib, rows).unwrap(), want);
     assert_eq!(want[2], 10);
+    // Rows holding a NaN or an infinity are flagged (the host reports the position).
+    logits[vocab + 3] = f32::NAN;
+    logits[2 * vocab + 999] = f32::INFINITY;
+    let lb = r.f32_buffer(&logits);
+    r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
+    assert_eq!(r.read_u32(&ib, rows).unwrap(), vec![want[0], dsrun::engine::NON_FINITE_ID, dsrun::engine::NON_FINITE_ID]);
 
     let (n, k, dim) = (3, 4, 77);
     let (expert_out, weights, shared, h) = (random(81, n * k * dim), random(82, n * k), random(83, n * dim), random(84, n * dim));

@@ -134,7 +134,10 @@ impl Model {
             Logits::Last => h[(n - 1) * d..].to_vec(),
         };
         cpu::rms_norm(&mut last, &self.weights.final_norm, self.config.rms_norm_eps);
-        Ok(cpu::matmul(&self.weights.lm_head, &last, last.len() / d))
+        let logits = cpu::matmul(&self.weights.lm_head, &last, last.len() / d);
+        let first = cache.len - match which { Logits::All => n, Logits::Last => 1 };
+        crate::engine::check_logits(&logits, self.config.vocab_size, |r| first + r)?;
+        Ok(logits)
     }
 
     /// As `forward` with every position's logits, also returning the hidden states after the
@@ -142,7 +145,10 @@ impl Model {
     pub fn forward_hidden(&self, cache: &mut KvCache, tokens: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
         let mut h = self.body(cache, tokens)?;
         cpu::rms_norm(&mut h, &self.weights.final_norm, self.config.rms_norm_eps);
-        Ok((cpu::matmul(&self.weights.lm_head, &h, tokens.len()), h))
+        let logits = cpu::matmul(&self.weights.lm_head, &h, tokens.len());
+        let first = cache.len - tokens.len();
+        crate::engine::check_logits(&logits, self.config.vocab_size, |r| first + r)?;
+        Ok((logits, h))
     }
 
     /// The embedding and the decoder layers for `tokens` at positions `cache.len()..`.
@@ -197,6 +203,9 @@ impl Model {
         self.layer(&mtp.layer, &mut h, n, cache.len, &mut cache.layers[0]);
         cache.len += n;
         cpu::rms_norm(&mut h, &mtp.head_norm, c.rms_norm_eps);
-        Ok((cpu::matmul(&mtp.head, &h, n), h))
+        let logits = cpu::matmul(&mtp.head, &h, n);
+        let first = cache.len - n;
+        crate::engine::check_logits(&logits, c.vocab_size, |r| first + r)?;
+        Ok((logits, h))
     }
 }

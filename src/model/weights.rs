@@ -430,9 +430,6 @@ impl Loader<'_> {
             let (grid_rows, grid_cols) = (rows.div_ceil(blocks.block_rows), cols.div_ceil(blocks.block_cols));
             let scale_name = format!("{name}_scale_inv");
             let values = self.float_tensor(&scale_name, &[grid_rows, grid_cols])?;
-            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
-                return Err(Error::Invalid(format!("tensor `{scale_name}` holds a non-finite scale ({bad})")));
-            }
             Some(BlockScales { block_rows: blocks.block_rows, block_cols: blocks.block_cols, grid_cols, values })
         } else {
             None
@@ -449,7 +446,13 @@ impl Loader<'_> {
         let info = self.find(name, shape)?;
         match info.dtype {
             Some(dtype @ (DType::F32 | DType::F16 | DType::BF16)) => {
-                Ok(quant::decode_vec(dtype, self.checkpoint.bytes(info).as_slice()))
+                let values = quant::decode_vec(dtype, self.checkpoint.bytes(info).as_slice());
+                // Small tensors (norms, biases, scales) are checked whole at load; matrices by
+                // the non-finite logits check and `dsrun check`.
+                if let Some((i, bad)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                    return Err(Error::Invalid(format!("tensor `{name}` holds a non-finite value ({bad}) at index {i}: the checkpoint is corrupt")));
+                }
+                Ok(values)
             }
             _ => Err(Error::WrongDtype { name: name.into(), expected: "F32, F16 or BF16".into(), found: info.dtype_name.clone() }),
         }

@@ -248,7 +248,21 @@ impl<B: Backend> Runtime<B> {
             return Ok(&[]);
         }
         let src = self.res.buf(if greedy { self.argmax_ids } else { self.logits });
-        b.read(&[(src, bytes)])
+        let read = b.read(&[(src, bytes)])?;
+        // Non-finite logits are an error naming their position, never a token: the argmax
+        // flags a row holding one, read-back logits are scanned here (a pass over what came
+        // back, small beside the step).
+        let first = n - rows;
+        let position = |r: usize| self.step_positions[2 * (first as usize + r)] as usize;
+        if greedy {
+            if let Some(r) = read.chunks_exact(4).position(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == crate::engine::NON_FINITE_ID) {
+                return Err(crate::engine::non_finite_logits(position(r)));
+            }
+        } else if read.chunks_exact(4).any(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()) {
+            let floats: Vec<f32> = f32s(read).collect();
+            crate::engine::check_logits(&floats, self.config.vocab_size, position)?;
+        }
+        Ok(read)
     }
 
     /// Runs `tokens` of sequence `seq` in chunks, handing each chunk's read-back bytes to

@@ -47,14 +47,18 @@ extern "C" __global__ void moe_combine(const Step* __restrict__ step, const floa
     h[(u64)t * dim + d] += acc;
 }
 
-// ids[row] = index of the row's largest logit (the first on ties); one block per row.
+// ids[row] = index of the row's largest logit (the first on ties), or 0xffffffff when any
+// logit of the row is NaN or infinite (the host reports it); one block per row.
 extern "C" __global__ void argmax(const float* __restrict__ logits, u32* __restrict__ ids, u32 cols) {
     __shared__ float best_value[1024];
     __shared__ u32 best_index[1024];
+    __shared__ u32 non_finite[1024];
     const float* row = logits + (u64)blockIdx.x * cols;
     float value = NEG_INF;
     u32 index = cols;
+    u32 bad = 0;
     for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+        bad |= !(fabsf(row[c]) <= 3.4028235e38f);
         if (index == cols || row[c] > value) {
             value = row[c];
             index = c;
@@ -62,6 +66,7 @@ extern "C" __global__ void argmax(const float* __restrict__ logits, u32* __restr
     }
     best_value[threadIdx.x] = value;
     best_index[threadIdx.x] = index;
+    non_finite[threadIdx.x] = bad;
     __syncthreads();
     for (u32 stride = blockDim.x / 2u; stride > 0u; stride >>= 1) {
         if (threadIdx.x < stride) {
@@ -71,8 +76,9 @@ extern "C" __global__ void argmax(const float* __restrict__ logits, u32* __restr
                 best_value[threadIdx.x] = v;
                 best_index[threadIdx.x] = i;
             }
+            non_finite[threadIdx.x] |= non_finite[threadIdx.x + stride];
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0u) ids[blockIdx.x] = best_index[0];
+    if (threadIdx.x == 0u) ids[blockIdx.x] = non_finite[0] ? 0xffffffffu : best_index[0];
 }
