@@ -74,12 +74,23 @@ pub struct Checkpoint {
     pub dir: PathBuf,
     shards: Vec<(PathBuf, Arc<Mmap>)>,
     tensors: BTreeMap<String, TensorInfo>,
+    /// Tensors a shard holds that the index does not list (by shard file).
+    unindexed: BTreeMap<String, String>,
 }
 
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join(INDEX_FILE);
         let single_path = dir.join(SINGLE_FILE);
+        // A weights path that exists but is no regular file (a directory, a symlink loop) is
+        // named as such rather than reported as absent.
+        for path in [&index_path, &single_path] {
+            match std::fs::metadata(path) {
+                Ok(m) if !m.is_file() => return Err(Error::Invalid(format!("{} is not a file (a directory?): dsrun reads safetensors weights from it", path.display()))),
+                Err(e) if path.symlink_metadata().is_ok() => return Err(Error::io(path, e)),
+                _ => {}
+            }
+        }
         let (files, index) = if index_path.is_file() {
             let index = read_index(&index_path)?;
             let mut files: Vec<String> = index.values().cloned().collect();
@@ -97,6 +108,7 @@ impl Checkpoint {
 
         let mut shards = Vec::new();
         let mut tensors = BTreeMap::new();
+        let mut unindexed = BTreeMap::new();
         for file in files {
             let path = dir.join(&file);
             let map = map_file(&path)?;
@@ -104,6 +116,9 @@ impl Checkpoint {
                 if let Some(index) = &index {
                     // The index is the authority on which shard holds a name.
                     if index.get(&name) != Some(&file) {
+                        if !index.contains_key(&name) {
+                            unindexed.insert(name, file.clone());
+                        }
                         continue;
                     }
                 }
@@ -121,7 +136,18 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, unindexed })
+    }
+
+    /// Why a tensor the model needs is not there, for the error message: a shard holds it but
+    /// the index does not list it, or it is nowhere.
+    pub fn missing_hint(&self, name: &str) -> String {
+        match self.unindexed.get(name) {
+            Some(file) => format!(
+                " as listed by {INDEX_FILE}: {file} holds it, but the index does not name it (a stale or incomplete index: regenerate it or add the entry)"
+            ),
+            None => format!(" in {}", self.dir.display()),
+        }
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -198,6 +224,33 @@ fn data_extent_mismatch(map: &[u8], header_len: u64) -> String {
     }
 }
 
+/// Names the tensor whose byte range does not match its dtype and shape.
+fn invalid_tensor_info(map: &[u8], header_len: u64) -> String {
+    let header: serde_json::Value = serde_json::from_slice(&map[8..(8 + header_len as usize).min(map.len())]).unwrap_or_default();
+    let size = |dtype: &str| match dtype {
+        "F64" | "I64" | "U64" => Some(8u64),
+        "F32" | "I32" | "U32" => Some(4),
+        "F16" | "BF16" | "I16" | "U16" => Some(2),
+        "F8_E4M3" | "F8_E5M2" | "I8" | "U8" | "BOOL" => Some(1),
+        _ => None,
+    };
+    for (name, t) in header.as_object().into_iter().flatten().filter(|(n, _)| n.as_str() != "__metadata__") {
+        let offsets = t.get("data_offsets").and_then(|o| Some((o.get(0)?.as_u64()?, o.get(1)?.as_u64()?)));
+        let shape: Option<Vec<u64>> = t.get("shape").and_then(|s| s.as_array()?.iter().map(|d| d.as_u64()).collect());
+        let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let expected = shape.as_ref().and_then(|s| s.iter().try_fold(size(dtype)?, |acc, &d| acc.checked_mul(d)));
+        match (offsets, expected) {
+            (Some((start, end)), Some(bytes)) if end.checked_sub(start) == Some(bytes) => continue,
+            (Some((start, end)), Some(bytes)) => {
+                return format!("tensor `{name}` ({dtype} {:?}) needs {bytes} bytes but its data_offsets [{start}, {end}] give {}", shape.unwrap_or_default(), end as i128 - start as i128)
+            }
+            (_, None) => return format!("tensor `{name}` has a shape {:?} of dtype {dtype} whose size overflows", shape.unwrap_or_default()),
+            (None, _) => return format!("tensor `{name}` has no valid data_offsets"),
+        }
+    }
+    "a tensor's byte range does not match its dtype and shape".to_string()
+}
+
 /// Parses and validates one shard's header; returns absolute byte ranges into the file.
 fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, TensorInfo)>> {
     use safetensors::SafeTensorError as E;
@@ -215,7 +268,7 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ten
                 format!("tensor `{name}` has data offsets that overlap or leave gaps between tensors")
             }
             E::MetadataIncompleteBuffer => data_extent_mismatch(map, header_len),
-            E::TensorInvalidInfo => "a tensor's byte range does not match its dtype and shape".to_string(),
+            E::TensorInvalidInfo => invalid_tensor_info(map, header_len),
             other => other.to_string(),
         };
         corrupt(path, reason)

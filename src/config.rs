@@ -83,7 +83,17 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Keys of config.json dsrun does not read (beyond training and bookkeeping metadata that
+    /// cannot change the forward pass): listed by `inspect`, warned about once at load.
+    pub unused_keys: Vec<String>,
 }
+
+/// Keys of published configs that describe training or the file, not the forward pass.
+const METADATA_KEYS: [&str; 17] = [
+    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache", "initializer_range",
+    "attention_dropout", "aux_loss_alpha", "seq_aux", "ep_size", "pretraining_tp", "num_key_value_heads",
+    "_name_or_path", "pad_token_id", "model_name", "attention_bias",
+];
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -102,7 +112,7 @@ impl ModelConfig {
 
     pub fn from_json(value: &Value) -> Result<Self> {
         let obj = value.as_object().ok_or_else(|| Error::Config("top level is not a JSON object".into()))?;
-        let keys = Keys(obj);
+        let keys = Keys::new(obj);
 
         let model_type = keys.string("model_type")?.ok_or_else(|| Error::Config("missing key `model_type`".into()))?;
         let family = match model_type.as_str() {
@@ -114,6 +124,9 @@ impl ModelConfig {
                 )))
             }
         };
+        if keys.bool("attention_bias")? == Some(true) {
+            return Err(Error::Config("`attention_bias` is true: DeepSeek-architecture attention has no biases, and dsrun reads none".into()));
+        }
         if let Some(act) = keys.string("hidden_act")? {
             if act != "silu" {
                 return Err(Error::Config(format!("unsupported hidden_act `{act}` (only `silu`)")));
@@ -179,8 +192,12 @@ impl ModelConfig {
             fp8: parse_quantization(&keys)?,
             tie_word_embeddings: keys.bool("tie_word_embeddings")?.unwrap_or(false),
             bos_token_id: keys.usize("bos_token_id")?.map(|v| v as u32),
-            eos_token_ids: parse_eos(obj.get("eos_token_id"))?,
+            eos_token_ids: parse_eos(keys.get("eos_token_id"))?,
+            unused_keys: Vec::new(),
         };
+        let read = keys.read.into_inner();
+        let mut config = config;
+        config.unused_keys = obj.keys().filter(|k| !read.contains(k.as_str()) && !METADATA_KEYS.contains(&k.as_str())).cloned().collect();
         config.validate()?;
         Ok(config)
     }
@@ -412,12 +429,20 @@ pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
     }
 }
 
-/// Typed access to config keys; `null` counts as absent.
-struct Keys<'a>(&'a Map<String, Value>);
+/// Typed access to config keys (`null` counts as absent), remembering which were read.
+struct Keys<'a> {
+    map: &'a Map<String, Value>,
+    read: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
 
 impl<'a> Keys<'a> {
+    fn new(map: &'a Map<String, Value>) -> Keys<'a> {
+        Keys { map, read: Default::default() }
+    }
+
     fn get(&self, key: &str) -> Option<&'a Value> {
-        self.0.get(key).filter(|v| !v.is_null())
+        self.read.borrow_mut().insert(key.to_string());
+        self.map.get(key).filter(|v| !v.is_null())
     }
 
     fn usize(&self, key: &str) -> Result<Option<usize>> {
@@ -477,7 +502,7 @@ fn parse_rope_scaling(keys: &Keys) -> Result<Option<Yarn>> {
         (None, Some(p)) => ("rope_parameters", p),
         (None, None) => return Ok(None),
     };
-    let inner = Keys(params);
+    let inner = Keys::new(params);
     let kind = inner.string("rope_type")?.or(inner.string("type")?).unwrap_or_else(|| "default".into());
     match kind.as_str() {
         "default" => return Ok(None),
@@ -515,7 +540,7 @@ fn parse_rope_scaling(keys: &Keys) -> Result<Option<Yarn>> {
 
 fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
     let Some(q) = keys.object("quantization_config")? else { return Ok(None) };
-    let inner = Keys(q);
+    let inner = Keys::new(q);
     let method = inner.string("quant_method")?.unwrap_or_default();
     if method != "fp8" {
         return Err(Error::Config(format!(
@@ -576,6 +601,7 @@ mod tests {
     #[test]
     fn deepseek_v3_published_config() {
         let c = ModelConfig::from_json(&published("deepseek_v3_config.json")).unwrap();
+        assert!(c.unused_keys.is_empty(), "{:?}", c.unused_keys);
         assert_eq!(c.family, Family::V3);
         assert_eq!((c.vocab_size, c.hidden_size, c.num_hidden_layers), (129280, 7168, 61));
         assert_eq!(c.q_lora_rank, Some(1536));
@@ -597,6 +623,7 @@ mod tests {
     #[test]
     fn deepseek_v2_lite_published_config() {
         let c = ModelConfig::from_json(&published("deepseek_v2_lite_config.json")).unwrap();
+        assert!(c.unused_keys.is_empty(), "{:?}", c.unused_keys);
         assert_eq!(c.family, Family::V2);
         assert_eq!(c.q_lora_rank, None);
         assert_eq!((c.scoring_func, c.topk_method), (ScoringFunc::Softmax, TopkMethod::Greedy));
@@ -686,5 +713,17 @@ mod tests {
         let e = ModelConfig::from_file(&dir.join("absent.json")).unwrap_err().to_string();
         assert!(e.contains("absent.json") && e.contains("--model"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn keys_dsrun_does_not_read_are_listed() {
+        let mut v = published("deepseek_v3_config.json");
+        v["scale_fmt"] = json!("ue8m0");
+        v["index_topk"] = json!(2048);
+        let c = ModelConfig::from_json(&v).unwrap();
+        assert_eq!(c.unused_keys, ["index_topk", "scale_fmt"]);
+        v["attention_bias"] = json!(true);
+        let e = ModelConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("attention_bias"), "{e}");
     }
 }

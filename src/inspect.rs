@@ -185,6 +185,8 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
     }
 
     let _ = writeln!(s, "mtp        {}", describe_mtp(c, weights));
+    let unused = if c.unused_keys.is_empty() { "none".to_string() } else { c.unused_keys.join(", ") };
+    let _ = writeln!(s, "unused     config.json keys dsrun does not read: {unused}");
     if ignored.is_empty() {
         let _ = writeln!(s, "ignored    nothing");
     } else {

@@ -495,6 +495,12 @@ fn load_sequences(dir: &Path, device: &DeviceArgs, capacity: Option<usize>, mut 
     let model = Model::load(dir)?;
     options.mtp = decodes && device.wants_mtp(&model)?;
     let capacity = capacity.unwrap_or(model.config.max_position_embeddings.min(4096));
+    if capacity > model.config.max_position_embeddings {
+        eprintln!(
+            "warning: --ctx {capacity} is beyond the model's max_position_embeddings ({}): positions past it were never trained, and output there is unreliable",
+            model.config.max_position_embeddings
+        );
+    }
     let engine = open_engine(device.gpu, model, capacity, &options)?;
     log::info!("loaded {} in {:.2} s on {}", dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
     Ok(engine)

@@ -200,7 +200,7 @@ fn offsets_out_of_range_and_overlapping_tensors() {
 
     raw_safetensors(&path, r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,12]}}"#, 12);
     let e = load_err(dir.path());
-    assert!(e.contains("does not match its dtype and shape"), "{e}");
+    assert!(e.contains("tensor `a` (F32 [4]) needs 16 bytes"), "{e}");
 
     raw_safetensors(&path, r#"{"a": oops}"#, 0);
     let e = load_err(dir.path());
@@ -362,4 +362,44 @@ fn a_failed_logits_write_leaves_no_partial_file() {
     assert!(!run.status.success() && stderr.contains("taken"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, ["taken"], "a partial file was left: {left:?}");
+}
+
+/// Messages that name what is wrong: a tensor a shard holds but the index omits; a weights
+/// path that is a directory or a symlink loop; a tensor whose byte range does not fit its
+/// dtype and shape; a tokenizer whose ids the model has no embedding for.
+#[test]
+fn unclear_cases_are_named() {
+    let dir = copy_fixture("v3_fp8");
+    let index_path = dir.path().join("model.safetensors.index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    let shard = index["weight_map"]["model.norm.weight"].as_str().unwrap().to_string();
+    index["weight_map"].as_object_mut().unwrap().remove("model.norm.weight");
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.norm.weight") && err.contains(&shard) && err.contains("the index does not name it"), "{err}");
+
+    let dir = copy_fixture("v3_noaux");
+    let weights = dir.path().join("model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    std::fs::create_dir(&weights).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.safetensors") && err.contains("not a file"), "{err}");
+    std::fs::remove_dir(&weights).unwrap();
+    std::os::unix::fs::symlink(&weights, &weights).unwrap();
+    let err = load_err(dir.path());
+    assert!(err.contains("model.safetensors") && err.to_lowercase().contains("symbolic link"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("v3_noaux").join("config.json"), dir.path().join("config.json")).unwrap();
+    raw_safetensors(&dir.path().join("model.safetensors"), r#"{"ok":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"bad":{"dtype":"F32","shape":[4],"data_offsets":[8,16]}}"#, 16);
+    let err = load_err(dir.path());
+    assert!(err.contains("tensor `bad`") && err.contains("needs 16 bytes"), "{err}");
+
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(bundled.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = serde_json::json!(100);
+    let config = dsrun::config::ModelConfig::from_json(&config).unwrap();
+    let tokenizer = dsrun::tokenizer::Tokenizer::load(&bundled, &config).unwrap();
+    let err = tokenizer.encode("Return the value of the attribute").unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("vocab_size 100") && err.contains("disagree"), "{err}");
 }

@@ -9,7 +9,7 @@ use dsrun::model::Model;
 use dsrun::plan::{self, BufferKind, Experts, Op, Plan, Rows, Target};
 use std::collections::BTreeMap;
 
-const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, private_bytes: 4096, memory: None, software: false };
+const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, stack_limit: 1 << 30, private_bytes: 4096, memory: None, software: false };
 const CAPACITY: usize = 40;
 
 /// How many ops of each name.
@@ -162,4 +162,22 @@ fn the_plan_reads_as_text() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     assert_eq!(text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit())).count(), plan.body.len() + 2 + 2 + 1);
+}
+
+/// A budget that holds every expert, on a backend that cannot bind a layer's stack of them
+/// whole (Moonlight's 63 sibling experts on lavapipe), streams them through one slot per
+/// expert instead of failing; any budget at or above the minimum gives a plan.
+#[test]
+fn stacks_beyond_the_binding_limit_stream_even_when_the_budget_holds_them() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let all = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap().memory;
+    let target = Target { stack_limit: 1 << 10, ..TARGET };
+    let plan = plan::build(&model, CAPACITY, &GpuOptions::default(), &target).unwrap();
+    let s = plan.streaming.as_ref().expect("stacks too big to bind stream");
+    assert_eq!(s.slots as u64, all.experts, "one slot per expert: every expert fits the budget");
+    for budget in [all.minimum(), (all.minimum() + all.all_resident()) / 2, all.all_resident(), 2 * all.all_resident()] {
+        let options = GpuOptions { gpu_mem: GpuMem::Bytes(budget), ..Default::default() };
+        let plan = plan::build(&model, CAPACITY, &options, &target).unwrap_or_else(|e| panic!("budget {budget}: {e}"));
+        assert!(plan.streaming.is_some(), "budget {budget}");
+    }
 }

@@ -108,6 +108,13 @@ impl Model {
     }
 
     pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Model> {
+        if !config.unused_keys.is_empty() {
+            log::warn!(
+                "{}: config.json keys dsrun does not use (the forward pass ignores them): {}",
+                checkpoint.dir.display(),
+                config.unused_keys.join(", ")
+            );
+        }
         let (weights, ignored) = Weights::load(&config, checkpoint)?;
         Ok(Model {
             rope: Rope::new(&config),

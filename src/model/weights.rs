@@ -406,10 +406,7 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn find(&self, name: &str, shape: &[usize]) -> Result<&TensorInfo> {
-        let info = self.checkpoint.info(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
-            hint: format!(" in {}", self.checkpoint.dir.display()),
-        })?;
+        let info = self.checkpoint.info(name).ok_or_else(|| Error::MissingTensor { name: name.to_string(), hint: self.checkpoint.missing_hint(name) })?;
         if info.shape != shape {
             return Err(Error::WrongShape { name: name.into(), expected: shape.to_vec(), found: info.shape.clone() });
         }

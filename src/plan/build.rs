@@ -542,7 +542,14 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     // What stays resident whatever the budget; then whether the experts all fit.
     let (memory, template) = memory_plan(&p, model, options, target);
     let budget = memory.budget(options.gpu_mem, target.memory);
-    let streaming = match (memory.slots(budget)?, template, &a.moe) {
+    // Every expert fits the budget, but a layer's stack of them may not fit one binding: then
+    // they go through the slot cache, one slot per expert (pools split at the binding limit).
+    let stacked = template.as_ref().map_or(0, |t| t.matrices().iter().map(|m| m.data.as_slice().len() as u64).max().unwrap_or(0) * c.n_routed_experts as u64);
+    let slots = match memory.slots(budget)? {
+        None if stacked > target.stack_limit => Some(memory.experts as usize),
+        slots => slots,
+    };
+    let streaming = match (slots, template, &a.moe) {
         (Some(slots), Some(template), Some(mb)) => Some(stream_plan(&mut p, model, options, target, slots, template, mb.ids)?),
         _ => None,
     };

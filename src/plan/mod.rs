@@ -83,6 +83,9 @@ pub struct Target {
     pub attention_scratch: usize,
     /// Largest buffer one kernel binding may cover: expert slot pools are split at it.
     pub binding_limit: u64,
+    /// Largest stack of a layer's routed experts the backend binds whole (resident experts);
+    /// beyond it they stream through slot pools even where the budget holds them all.
+    pub stack_limit: u64,
     /// Device bytes the backend keeps outside the plan's buffers (read-back staging, its own
     /// scratch), counted in the memory plan.
     pub private_bytes: u64,

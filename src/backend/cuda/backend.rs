@@ -123,6 +123,7 @@ impl Backend for CudaBackend {
             max_chunk: self.max_chunk,
             attention_scratch: prefill.partial_floats(self.max_chunk, heads, lora).max(decode.partial_floats(1, heads, lora)),
             binding_limit: u64::MAX,
+            stack_limit: u64::MAX,
             private_bytes: groups as u64,
             memory: self.device().memory(),
             software: self.device().is_emulated(),

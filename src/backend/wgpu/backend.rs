@@ -128,6 +128,7 @@ impl Backend for WgpuBackend {
             max_chunk,
             attention_scratch: Builder::attention_scratch(&mla, max_chunk, ctx.max_binding()),
             binding_limit: ctx.chunk_limit(),
+            stack_limit: ctx.max_binding(),
             private_bytes: private,
             memory: ctx.memory,
             software: ctx.info.device_type == wgpu::DeviceType::Cpu,

@@ -37,8 +37,8 @@ pub struct GpuContext {
     pub f16_math: bool,
     /// The device was opened with SHADER_F16 (f16 kernels can be built).
     pub shader_f16: bool,
-    /// Device-local memory the adapter reports, where the backend tells (Vulkan); what
-    /// `--gpu-mem auto` takes its share of.
+    /// Memory `--gpu-mem auto` takes its share of: the largest device-local heap the adapter
+    /// reports (Vulkan), or for software and integrated adapters the host's available memory.
     pub memory: Option<u64>,
 }
 
@@ -141,8 +141,11 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     .map_err(|e| Error::device(info.name.clone(), "opening the device", e))?;
     log::info!("GPU: {} ({:?}, {:?}), optional features: {:?}", info.name, info.backend, info.device_type, optional);
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
-    let memory = device_memory(&adapter);
-    log::info!("GPU: device-local memory {}", memory.map_or("unknown".into(), crate::inspect::human_bytes));
+    // Software and integrated adapters draw from host memory, whatever heap they report (lavapipe
+    // reports 2 GiB): `--gpu-mem auto` takes its share of what the host has available.
+    let shares_host = matches!(info.device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu);
+    let memory = if shares_host { host_available_memory().or_else(|| device_memory(&adapter)) } else { device_memory(&adapter) };
+    log::info!("GPU: memory for --gpu-mem auto {} ({})", memory.map_or("unknown".into(), crate::inspect::human_bytes), if shares_host { "the host's available memory" } else { "the largest device-local heap" });
     let switch = |name: &str, default: bool| match std::env::var(name).as_deref() {
         Ok("0") => false,
         Ok("1") => true,
@@ -158,6 +161,14 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
         log::warn!("DSRUN_F16_MATH=1: {} has no SHADER_F16; the matmuls multiply in f32", info.name);
     }
     Ok(GpuContext { device, queue, info, limits, chunk_bytes: None, subgroups, group_experts, prefill_gemm, cpu_shapes, f16_math, shader_f16, memory })
+}
+
+/// Memory the host has available (`MemAvailable` in /proc/meminfo; None elsewhere).
+fn host_available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The largest device-local memory heap, read through the Vulkan API beneath wgpu (wgpu itself
