@@ -136,6 +136,7 @@ impl Checkpoint {
                 }
             }
         }
+        crate::mapped::note_mapped(dir);
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, unindexed })
     }
 

@@ -25,6 +25,7 @@ pub mod expert_cache;
 pub mod generate;
 pub mod generation_config;
 pub mod inspect;
+pub mod mapped;
 pub mod npy;
 pub mod sample;
 pub mod server;

@@ -403,3 +403,32 @@ fn unclear_cases_are_named() {
     let err = tokenizer.encode("Return the value of the attribute").unwrap_err().to_string();
     assert!(err.contains("tokenizer.json") && err.contains("vocab_size 100") && err.contains("disagree"), "{err}");
 }
+
+/// A checkpoint truncated while a run reads it (memory-mapped): a message naming the
+/// checkpoint and exit status 1, not a bare SIGBUS.
+#[cfg(unix)]
+#[test]
+fn a_checkpoint_truncated_under_a_running_process_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    for entry in std::fs::read_dir(&bundled).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    // Seconds of CPU work: perplexity over a long text, window after window.
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, "Return the value of the attribute named by the string. ".repeat(4000)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dsrun"))
+        .args(["perplexity", "--gpu", "cpu", "--model", dir.path().to_str().unwrap(), "--file", text.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let weights = std::fs::OpenOptions::new().write(true).open(dir.path().join("model.safetensors")).unwrap();
+    weights.set_len(1 << 20).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("SIGBUS") && stderr.contains(dir.path().to_str().unwrap()), "{stderr}");
+}
