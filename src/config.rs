@@ -42,6 +42,15 @@ pub struct Yarn {
     pub attention_factor: Option<f64>,
 }
 
+/// DeepSeek Sparse Attention's lightning indexer (V3.2): `heads` scoring heads of `head_dim`
+/// pick the `topk` earlier positions each query attends to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IndexerConfig {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
+}
+
 /// Block-quantised FP8 weights (`quantization_config.quant_method == "fp8"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fp8Blocks {
@@ -79,6 +88,8 @@ pub struct ModelConfig {
     pub yarn: Option<Yarn>,
     pub max_position_embeddings: usize,
     pub num_nextn_predict_layers: usize,
+    /// DeepSeek-V3.2's sparse attention (`model_type: deepseek_v32`): the lightning indexer.
+    pub indexer: Option<IndexerConfig>,
     pub fp8: Option<Fp8Blocks>,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
@@ -116,7 +127,7 @@ impl ModelConfig {
 
         let model_type = keys.string("model_type")?.ok_or_else(|| Error::Config("missing key `model_type`".into()))?;
         let family = match model_type.as_str() {
-            "deepseek_v3" | "kimi_k2" => Family::V3,
+            "deepseek_v3" | "kimi_k2" | "deepseek_v32" => Family::V3,
             "deepseek_v2" => Family::V2,
             other => {
                 return Err(Error::Config(format!(
@@ -189,6 +200,15 @@ impl ModelConfig {
             yarn: parse_rope_scaling(&keys)?,
             max_position_embeddings: keys.usize("max_position_embeddings")?.unwrap_or(4096),
             num_nextn_predict_layers: keys.usize("num_nextn_predict_layers")?.unwrap_or(0),
+            // transformers' defaults for the keys V3.2's config may leave out.
+            indexer: match model_type.as_str() {
+                "deepseek_v32" => Some(IndexerConfig {
+                    heads: keys.usize("index_n_heads")?.unwrap_or(64),
+                    head_dim: keys.usize("index_head_dim")?.unwrap_or(128),
+                    topk: keys.usize("index_topk")?.unwrap_or(2048),
+                }),
+                _ => None,
+            },
             fp8: parse_quantization(&keys)?,
             tie_word_embeddings: keys.bool("tie_word_embeddings")?.unwrap_or(false),
             bos_token_id: keys.usize("bos_token_id")?.map(|v| v as u32),
@@ -330,6 +350,19 @@ impl ModelConfig {
         if self.q_lora_rank == Some(0) {
             return Err(Error::Config("`q_lora_rank` must be positive or null, found 0".into()));
         }
+        if let Some(ix) = &self.indexer {
+            for (key, value) in [("index_n_heads", ix.heads), ("index_head_dim", ix.head_dim), ("index_topk", ix.topk)] {
+                if value == 0 || value > 1 << 20 {
+                    return Err(Error::Config(format!("`{key}` must be between 1 and {}, found {value}", 1 << 20)));
+                }
+            }
+            if ix.head_dim < self.qk_rope_head_dim {
+                return Err(Error::Config(format!("`index_head_dim` ({}) is smaller than `qk_rope_head_dim` ({}), which it rotates", ix.head_dim, self.qk_rope_head_dim)));
+            }
+            if self.q_lora_rank.is_none() {
+                return Err(Error::Config("deepseek_v32 needs `q_lora_rank`: the indexer's queries read the query LoRA".into()));
+            }
+        }
         if self.has_moe_layers() {
             if self.n_routed_experts == 0 || self.moe_intermediate_size == 0 {
                 return Err(Error::Config("`n_routed_experts` and `moe_intermediate_size` must be positive".into()));
@@ -400,6 +433,12 @@ impl ModelConfig {
 
     pub fn qk_head_dim(&self) -> usize {
         self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Values the CPU reference caches per token per layer: the latent, then (V3.2) the
+    /// indexer's key.
+    pub fn cache_row(&self) -> usize {
+        self.latent_dim() + self.indexer.map_or(0, |ix| ix.head_dim)
     }
 
     /// Values cached per token per layer by latent attention: `c_kv` then `k_pe`.

@@ -142,6 +142,13 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
         c.v_head_dim,
         c.latent_dim()
     );
+    if let Some(ix) = &c.indexer {
+        let _ = writeln!(
+            s,
+            "sparse     DeepSeek Sparse Attention (V3.2): a lightning indexer of {} heads x {} picks {} earlier positions per query (the CPU reference runs it; GPU plans do not yet)",
+            ix.heads, ix.head_dim, ix.topk
+        );
+    }
     let _ = writeln!(
         s,
         "experts    {} routed + {} shared, {} per token, width {}; router {:?} / {:?}, {} groups keep {}, norm_topk_prob {}, scaling {}",

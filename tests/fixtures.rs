@@ -55,6 +55,38 @@ fn mtp_draft_logits_match_the_reference() {
     }
 }
 
+/// DeepSeek-V3.2 (sparse attention: the indexer picks 5 of up to 24 positions per query) on
+/// the CPU reference against transformers' `DeepseekV32ForCausalLM`, in prefill and token by
+/// token; the selection matters (attending densely moves the logits by far more than the
+/// tolerance), and the GPU plan refuses the model clearly until it lowers the indexer.
+#[test]
+fn deepseek_v32_sparse_attention_matches_transformers_on_the_cpu() {
+    let dir = fixture("v32");
+    let g = golden(&dir);
+    let model = Model::load(&dir).unwrap();
+    assert!(model.config.indexer.is_some() && model.ignored.is_empty(), "{:?}", model.ignored);
+    let n = g.tokens.len();
+    let logits = model.forward(&mut model.new_cache(n), &g.tokens, Logits::All).unwrap();
+    eprintln!("v32: relative error {:e}", relative_error(&logits, &g.logits));
+    assert_logits_match("v32 prefill", &logits, &g.logits, g.vocab, TOLERANCE);
+    let mut cache = model.new_cache(n);
+    let mut decoded = model.forward(&mut cache, &g.tokens[..3], Logits::All).unwrap();
+    for &t in &g.tokens[3..] {
+        decoded.extend(model.forward(&mut cache, &[t], Logits::All).unwrap());
+    }
+    assert_logits_match("v32 decode", &decoded, &g.logits, g.vocab, TOLERANCE);
+
+    let mut dense = model.config.clone();
+    dense.indexer = dense.indexer.map(|ix| dsrun::config::IndexerConfig { topk: n, ..ix });
+    let dense = Model::from_checkpoint(dense, &dsrun::checkpoint::Checkpoint::open(&dir).unwrap()).unwrap();
+    let all = dense.forward(&mut dense.new_cache(n), &g.tokens, Logits::All).unwrap();
+    assert!(relative_error(&all, &g.logits) > 0.1, "the indexer's selection changes nothing on this fixture");
+
+    let ctx = dsrun::backend::wgpu::context::open(dsrun::device::GpuChoice::Auto).expect("a wgpu adapter");
+    let err = dsrun::backend::wgpu::GpuModel::new(ctx, &model, n, Default::default()).err().expect("the GPU plan refuses V3.2").to_string();
+    assert!(err.contains("V3.2") && err.contains("--gpu cpu"), "{err}");
+}
+
 #[test]
 fn decode_token_by_token_equals_prefill() {
     for family in FAMILIES {

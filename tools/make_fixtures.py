@@ -109,6 +109,20 @@ FAMILIES = {
             rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
         ),
     ),
+    # V3.2: DeepSeek Sparse Attention, a lightning indexer choosing 5 of up to 24 positions per
+    # query (so the selection matters in prefill and decode); bf16.
+    "v32": dict(
+        storage="bf16",
+        config=dict(
+            model_type="deepseek_v32", vocab_size=304, hidden_size=64, intermediate_size=112,
+            moe_intermediate_size=40, num_hidden_layers=3, first_k_dense_replace=1,
+            num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=24, n_routed_experts=16, n_shared_experts=1,
+            num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
+            routed_scaling_factor=2.5, rms_norm_eps=1e-6, rope_theta=10000.0,
+            max_position_embeddings=4096, index_n_heads=4, index_head_dim=16, index_topk=5,
+        ),
+    ),
 }
 
 SCALED_KEYS = ["hidden_size", "intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank"]
@@ -128,7 +142,7 @@ def scaled_config(base, scale):
     cfg.setdefault("tie_word_embeddings", False)
     cfg.setdefault("bos_token_id", 0)
     cfg.setdefault("eos_token_id", 1)
-    cfg["architectures"] = ["DeepseekV3ForCausalLM" if cfg["model_type"] == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+    cfg["architectures"] = [{"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}.get(cfg["model_type"], "DeepseekV2ForCausalLM")]
     return cfg
 
 
@@ -160,6 +174,11 @@ def published_shapes(cfg, layer_count, mtp=False):
             (f"{a}.kv_b_proj.weight", (h * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), lora), "matrix"),
             (f"{a}.o_proj.weight", (d, h * cfg["v_head_dim"]), "matrix"),
         ]
+        if cfg["model_type"] == "deepseek_v32":
+            ih, idim, r = cfg["index_n_heads"], cfg["index_head_dim"], cfg["q_lora_rank"]
+            out += [(f"{a}.indexer.wq_b.weight", (ih * idim, r), "matrix"), (f"{a}.indexer.wk.weight", (idim, d), "matrix"),
+                    (f"{a}.indexer.k_norm.weight", (idim,), "norm"), (f"{a}.indexer.k_norm.bias", (idim,), "bias"),
+                    (f"{a}.indexer.weights_proj.weight", (ih, d), "matrix")]
 
         def mlp(prefix, inter):
             return [(f"{prefix}.gate_proj.weight", (inter, d), "matrix"), (f"{prefix}.up_proj.weight", (inter, d), "matrix"),
@@ -168,7 +187,7 @@ def published_shapes(cfg, layer_count, mtp=False):
         if is_moe(cfg, i):
             e, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
             out.append((f"{p}.mlp.gate.weight", (e, d), "router"))
-            if cfg["topk_method"] == "noaux_tc":
+            if cfg.get("topk_method", "noaux_tc") == "noaux_tc":
                 out.append((f"{p}.mlp.gate.e_score_correction_bias", (e,), "bias"))
             for j in range(e):
                 out += mlp(f"{p}.mlp.experts.{j}", inter)

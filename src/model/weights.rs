@@ -197,6 +197,24 @@ pub struct Attention {
     /// `[H * (qk_nope + v), kv_lora]`: per head, `qk_nope` rows of W_UK then `v` rows of W_UV.
     pub kv_b: Matrix,
     pub o: Matrix,
+    /// DeepSeek-V3.2's lightning indexer (`self_attn.indexer.*`).
+    pub indexer: Option<Indexer>,
+}
+
+/// The lightning indexer of DeepSeek Sparse Attention (V3.2), as transformers'
+/// `DeepseekV32Indexer`: `index_n_heads` query heads from the query LoRA, one key per position
+/// from the normalised hidden state.
+#[derive(Debug)]
+pub struct Indexer {
+    /// `[heads * head_dim, q_lora_rank]`.
+    pub wq_b: Matrix,
+    /// `[head_dim, hidden]`.
+    pub wk: Matrix,
+    /// LayerNorm of the key (weight and bias, eps 1e-6).
+    pub k_norm: Vec<f32>,
+    pub k_norm_bias: Vec<f32>,
+    /// `[heads, hidden]`: each head's weight per token.
+    pub weights_proj: Matrix,
 }
 
 #[derive(Debug)]
@@ -367,6 +385,19 @@ fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
             c.kv_lora_rank,
         )?,
         o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), d, heads * c.v_head_dim)?,
+        indexer: match (&c.indexer, c.q_lora_rank) {
+            (Some(ix), Some(rank)) => {
+                let q = format!("{p}.self_attn.indexer");
+                Some(Indexer {
+                    wq_b: loader.matrix(&format!("{q}.wq_b.weight"), ix.heads * ix.head_dim, rank)?,
+                    wk: loader.matrix(&format!("{q}.wk.weight"), ix.head_dim, d)?,
+                    k_norm: loader.vector(&format!("{q}.k_norm.weight"), ix.head_dim)?,
+                    k_norm_bias: loader.vector(&format!("{q}.k_norm.bias"), ix.head_dim)?,
+                    weights_proj: loader.matrix(&format!("{q}.weights_proj.weight"), ix.heads, d)?,
+                })
+            }
+            _ => None,
+        },
     };
     let ffn = if c.is_moe_layer(i) {
         let experts = (0..c.n_routed_experts)

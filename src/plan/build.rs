@@ -521,6 +521,11 @@ impl<'m> Forward<'_, 'm> {
 pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target: &Target) -> Result<Plan<'m>> {
     let c = &model.config;
     check_router(c)?;
+    if c.indexer.is_some() {
+        return Err(Error::Invalid(
+            "DeepSeek-V3.2's sparse attention (its lightning indexer) runs on the CPU reference so far, not in the GPU plan: use --gpu cpu".into(),
+        ));
+    }
     let sequences = options.sequences;
     if sequences == 0 || sequences > target.max_chunk {
         return Err(Error::Invalid(format!(
