@@ -11,9 +11,6 @@ pub struct Tokenizer {
     bos: Option<u32>,
     add_bos: bool,
     eos: Vec<u32>,
-    /// config.json's vocab_size: ids at or beyond it have no embedding.
-    model_vocab: usize,
-    path: std::path::PathBuf,
 }
 
 impl Tokenizer {
@@ -42,19 +39,7 @@ impl Tokenizer {
         eos.extend(crate::generation_config::GenerationDefaults::load(dir)?.eos_token_ids);
         eos.sort_unstable();
         eos.dedup();
-        Ok(Tokenizer { inner, bos, add_bos, eos, model_vocab: config.vocab_size, path })
-    }
-
-    /// Fails where the tokenizer produced an id the model has no embedding for.
-    fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        match ids.iter().find(|&&id| id as usize >= self.model_vocab) {
-            Some(id) => Err(Error::Tokenizer(format!(
-                "{} gave token id {id}, beyond config.json's vocab_size {}: the tokenizer and the model disagree (a tokenizer from another checkpoint?)",
-                self.path.display(),
-                self.model_vocab
-            ))),
-            None => Ok(()),
-        }
+        Ok(Tokenizer { inner, bos, add_bos, eos })
     }
 
     /// Token ids of `text`, with the BOS token first when the model expects one.
@@ -65,7 +50,6 @@ impl Tokenizer {
             ids.push(bos);
         }
         ids.extend_from_slice(encoding.get_ids());
-        self.check_ids(&ids)?;
         Ok(ids)
     }
 
@@ -74,7 +58,6 @@ impl Tokenizer {
     /// `apply_chat_template(..., tokenize=True)` encodes.
     pub fn encode_rendered(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        self.check_ids(encoding.get_ids())?;
         Ok(encoding.get_ids().to_vec())
     }
 

@@ -400,8 +400,9 @@ fn unclear_cases_are_named() {
     config["vocab_size"] = serde_json::json!(100);
     let config = dsrun::config::ModelConfig::from_json(&config).unwrap();
     let tokenizer = dsrun::tokenizer::Tokenizer::load(&bundled, &config).unwrap();
-    let err = tokenizer.encode("Return the value of the attribute").unwrap_err().to_string();
-    assert!(err.contains("tokenizer.json") && err.contains("vocab_size 100") && err.contains("disagree"), "{err}");
+    let ids = tokenizer.encode("Return the value of the attribute").unwrap();
+    let err = dsrun::model::check_request(&config, 0, 64, &ids).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("vocab_size") && err.contains("disagree"), "{err}");
 }
 
 /// A checkpoint truncated while a run reads it (memory-mapped): a message naming the

@@ -87,7 +87,11 @@ pub fn check_request(c: &ModelConfig, cached: usize, capacity: usize, tokens: &[
         return Err(Error::Invalid("no tokens to run".into()));
     }
     if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-        return Err(Error::Invalid(format!("token id {bad} is out of range: the vocabulary has {} tokens", c.vocab_size)));
+        return Err(Error::Invalid(format!(
+            "token id {bad} is out of range: the vocabulary has {} tokens (config.json's vocab_size; where the ids come from \
+             tokenizer.json, the tokenizer and the model disagree: a tokenizer from another checkpoint?)",
+            c.vocab_size
+        )));
     }
     if cached + tokens.len() > capacity {
         return Err(Error::Invalid(format!(
