@@ -23,6 +23,10 @@ pub enum Preset {
     DeepseekV2Lite,
     /// Moonlight-16B-A3B (V3 architecture at V2-Lite's size).
     Moonlight,
+    /// DeepSeek-V2 / V2.5 (236B, 21B active: softmax router, group-limited greedy top-6 of 160).
+    DeepseekV2,
+    /// Kimi-K2 (1.04T, 32B active: V3's architecture with 384 experts, 64 heads, one group).
+    KimiK2,
     /// ~0.58B parameters in V3 proportions: 8 layers, 64 experts (6 per token), MLA with q LoRA.
     Small,
 }
@@ -82,6 +86,30 @@ pub fn config(o: &SynthOptions) -> Result<Value> {
             "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                              "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
             "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": false
+        }),
+        Preset::DeepseekV2 => json!({
+            "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400,
+            "hidden_size": 5120, "intermediate_size": 12288, "moe_intermediate_size": 1536, "num_hidden_layers": 60,
+            "first_k_dense_replace": 1, "num_attention_heads": 128, "num_key_value_heads": 128, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "n_routed_experts": 160, "n_shared_experts": 2, "num_experts_per_tok": 6, "n_group": 8, "topk_group": 3,
+            "norm_topk_prob": false, "routed_scaling_factor": 16.0, "scoring_func": "softmax", "topk_method": "group_limited_greedy",
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 163840,
+            "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                             "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+            "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": false
+        }),
+        Preset::KimiK2 => json!({
+            "model_type": "kimi_k2", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 163840,
+            "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+            "first_k_dense_replace": 1, "num_attention_heads": 64, "num_key_value_heads": 64, "q_lora_rank": 1536,
+            "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
+            "norm_topk_prob": true, "routed_scaling_factor": 2.827, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 50000.0, "max_position_embeddings": 131072,
+            "rope_scaling": {"type": "yarn", "factor": 32, "original_max_position_embeddings": 4096, "beta_fast": 1,
+                             "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+            "bos_token_id": 163584, "eos_token_id": 163585, "tie_word_embeddings": false
         }),
         Preset::Moonlight => json!({
             "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 163840,
@@ -450,6 +478,19 @@ mod tests {
         for preset in [Preset::DeepseekV2Lite, Preset::Moonlight] {
             let (params, _) = size(&SynthOptions { preset, ..Default::default() }).unwrap();
             assert!((15.5e9..16.5e9).contains(&(params as f64)), "{preset:?}: {params}");
+        }
+    }
+
+    /// V2 / V2.5 at 236B parameters; Kimi-K2 at 1.04T (32B active).
+    #[test]
+    fn large_presets_have_their_published_sizes() {
+        let (v2, _) = size(&SynthOptions { preset: Preset::DeepseekV2, ..Default::default() }).unwrap();
+        assert!((235e9..237e9).contains(&(v2 as f64)), "V2: {v2}");
+        let (kimi, _) = size(&SynthOptions { preset: Preset::KimiK2, ..Default::default() }).unwrap();
+        assert!((1.02e12..1.05e12).contains(&(kimi as f64)), "Kimi-K2: {kimi}");
+        for preset in [Preset::DeepseekV2, Preset::KimiK2] {
+            let c = config(&SynthOptions { preset, layers: Some(2), experts: Some(32), ..Default::default() }).unwrap();
+            crate::config::ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{preset:?}: {e}"));
         }
     }
 
