@@ -162,6 +162,9 @@ struct SynthArgs {
     /// Also write a multi-token-prediction layer (DeepSeek-V3's layer 61), for speculative decoding.
     #[arg(long)]
     mtp: bool,
+    /// The deepseek-v32 preset's index_topk: positions each query attends to [default: 2048].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    index_topk: Option<u64>,
 }
 
 #[derive(Args)]
@@ -684,6 +687,7 @@ fn run_synth(args: SynthArgs) -> Result<()> {
         seed: args.seed,
         shard_bytes: (args.shard_gib * (1u64 << 30) as f64) as u64,
         mtp: args.mtp,
+        index_topk: args.index_topk.map(|k| k as usize),
     };
     let (params, bytes) = dsrun::synth::size(&options)?;
     eprintln!(

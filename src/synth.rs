@@ -27,6 +27,9 @@ pub enum Preset {
     DeepseekV2,
     /// Kimi-K2 (1.04T, 32B active: V3's architecture with 384 experts, 64 heads, one group).
     KimiK2,
+    /// DeepSeek-V3.2 (V3's shape with DeepSeek Sparse Attention: a lightning indexer of 64
+    /// heads x 128 choosing 2048 positions per query; runs on the CPU reference so far).
+    DeepseekV32,
     /// ~0.58B parameters in V3 proportions: 8 layers, 64 experts (6 per token), MLA with q LoRA.
     Small,
 }
@@ -51,11 +54,13 @@ pub struct SynthOptions {
     /// Also write a multi-token-prediction layer (DeepSeek-V3's layer 61: enorm, hnorm,
     /// eh_proj, a decoder layer, shared_head), with random weights like the rest.
     pub mtp: bool,
+    /// The V3.2 preset's `index_topk` (positions each query attends to), when not 2048.
+    pub index_topk: Option<usize>,
 }
 
 impl Default for SynthOptions {
     fn default() -> Self {
-        SynthOptions { preset: Preset::Small, layers: None, experts: None, hidden: None, dtype: SynthDtype::Bf16, seed: 0, shard_bytes: 4 << 30, mtp: false }
+        SynthOptions { preset: Preset::Small, layers: None, experts: None, hidden: None, dtype: SynthDtype::Bf16, seed: 0, shard_bytes: 4 << 30, mtp: false, index_topk: None }
     }
 }
 
@@ -111,6 +116,15 @@ pub fn config(o: &SynthOptions) -> Result<Value> {
                              "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
             "bos_token_id": 163584, "eos_token_id": 163585, "tie_word_embeddings": false
         }),
+        Preset::DeepseekV32 => {
+            let mut c = config(&SynthOptions { preset: Preset::DeepseekV3, layers: None, experts: None, hidden: None, mtp: false, index_topk: None, ..o.clone() })?;
+            c["model_type"] = json!("deepseek_v32");
+            c["architectures"] = json!(["DeepseekV32ForCausalLM"]);
+            c["index_n_heads"] = json!(64);
+            c["index_head_dim"] = json!(128);
+            c["index_topk"] = json!(o.index_topk.unwrap_or(2048));
+            c
+        }
         Preset::Moonlight => json!({
             "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 163840,
             "hidden_size": 2048, "intermediate_size": 11264, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
@@ -238,6 +252,15 @@ fn tensor_plan(c: &Value, dtype: SynthDtype) -> Vec<TensorPlan> {
         vector(&mut out, format!("{a}.kv_a_layernorm.weight"), lora);
         linear(&mut out, format!("{a}.kv_b_proj.weight"), heads * (nope + v), lora);
         linear(&mut out, format!("{a}.o_proj.weight"), d, heads * v);
+        if c["model_type"] == "deepseek_v32" {
+            let (ih, idim) = (u("index_n_heads"), u("index_head_dim"));
+            let ix = format!("{a}.indexer");
+            linear(&mut out, format!("{ix}.wq_b.weight"), ih * idim, q_lora.unwrap_or(d));
+            linear(&mut out, format!("{ix}.wk.weight"), idim, d);
+            vector(&mut out, format!("{ix}.k_norm.weight"), idim);
+            out.push(TensorPlan { name: format!("{ix}.k_norm.bias"), rows: 1, cols: idim, dtype: "BF16", fill: Fill::Uniform { std: 0.01 } });
+            linear(&mut out, format!("{ix}.weights_proj.weight"), ih, d);
+        }
         vector(&mut out, format!("{p}.post_attention_layernorm.weight"), d);
         let mlp = |out: &mut Vec<TensorPlan>, prefix: String, inter: usize| {
             linear(out, format!("{prefix}.gate_proj.weight"), inter, d);
@@ -379,7 +402,7 @@ pub fn synth(out: &Path, o: &SynthOptions, progress: &indicatif::ProgressBar) ->
         for &i in members {
             let t = &plan[i];
             // Norms and biases are 1-D; every weight and scale grid 2-D, even with one row.
-            let is_vector = t.rows == 1 && (t.name.ends_with("norm.weight") || t.name.ends_with("_bias"));
+            let is_vector = t.rows == 1 && (t.name.ends_with("norm.weight") || t.name.ends_with("_bias") || t.name.ends_with("norm.bias"));
             let shape = if is_vector { json!([t.cols]) } else { json!([t.rows, t.cols]) };
             header.insert(t.name.clone(), json!({"dtype": t.dtype, "shape": shape, "data_offsets": [offset, offset + t.bytes()]}));
             offset += t.bytes();
@@ -488,9 +511,14 @@ mod tests {
         assert!((235e9..237e9).contains(&(v2 as f64)), "V2: {v2}");
         let (kimi, _) = size(&SynthOptions { preset: Preset::KimiK2, ..Default::default() }).unwrap();
         assert!((1.02e12..1.05e12).contains(&(kimi as f64)), "Kimi-K2: {kimi}");
-        for preset in [Preset::DeepseekV2, Preset::KimiK2] {
-            let c = config(&SynthOptions { preset, layers: Some(2), experts: Some(32), ..Default::default() }).unwrap();
-            crate::config::ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{preset:?}: {e}"));
+        // V3.2: V3 plus each layer's indexer (64 x 128 queries from the 1536 LoRA, a key and
+        // head weights from the hidden state): ~0.86B more.
+        let (v32, _) = size(&SynthOptions { preset: Preset::DeepseekV32, ..Default::default() }).unwrap();
+        assert!((671.5e9..672.5e9).contains(&(v32 as f64)), "V3.2: {v32}");
+        for preset in [Preset::DeepseekV2, Preset::KimiK2, Preset::DeepseekV32] {
+            let c = config(&SynthOptions { preset, layers: Some(2), experts: Some(32), index_topk: Some(64), ..Default::default() }).unwrap();
+            let c = crate::config::ModelConfig::from_json(&c).unwrap_or_else(|e| panic!("{preset:?}: {e}"));
+            assert_eq!(c.indexer.map(|ix| ix.topk), (preset == Preset::DeepseekV32).then_some(64));
         }
     }
 

@@ -419,7 +419,7 @@ fn a_checkpoint_truncated_under_a_running_process_is_named() {
     // Seconds of CPU work: perplexity over a long text, window after window.
     let text = dir.path().join("text.txt");
     std::fs::write(&text, "Return the value of the attribute named by the string. ".repeat(4000)).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dsrun"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dsrun"))
         .args(["perplexity", "--gpu", "cpu", "--model", dir.path().to_str().unwrap(), "--file", text.to_str().unwrap()])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())

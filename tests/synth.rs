@@ -23,6 +23,7 @@ fn tiny(dtype: SynthDtype) -> SynthOptions {
         shard_bytes: 4 << 20,
         // The FP8 one with an MTP layer, as V3 ships.
         mtp: dtype == SynthDtype::Fp8,
+        index_topk: None,
     }
 }
 
