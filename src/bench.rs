@@ -4,7 +4,6 @@
 use crate::engine::Engine;
 use crate::error::Result;
 use crate::model::Logits;
-use crate::sample::{Sampler, SamplerConfig};
 use crate::speculative::{self, SpecStats};
 use serde_json::json;
 use std::time::Instant;
@@ -93,12 +92,7 @@ pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&
     if plan.draft > 0 {
         // The MTP layer's and the verify step's pipelines.
         engine.reset();
-        let mut sampler = Sampler::new(SamplerConfig::default(), vocab)?;
-        let mut history = vec![1 % vocab as u32];
-        for _ in 0..3 {
-            let round = speculative::round(engine, 0, &mut sampler, &history, 0, plan.draft, plan.draft + 1, &mut SpecStats::default())?;
-            history.extend(round.tokens);
-        }
+        speculative::greedy(engine, 0, &mut vec![1 % vocab as u32], 0, 3 * (plan.draft + 1), plan.draft, &mut SpecStats::default())?;
     }
     engine.reset();
     engine.reset_counters();
@@ -170,15 +164,9 @@ fn speculative_generation(engine: &mut dyn Engine, plan: &BenchPlan, progress: &
             engine.forward_keep(0, &history, Logits::Last)?;
         }
         history.push(1 % vocab as u32);
-        let mut sampler = Sampler::new(SamplerConfig::default(), vocab)?;
         let mut stats = SpecStats::default();
-        let mut generated = 0;
         let started = Instant::now();
-        while generated < plan.generate {
-            let round = speculative::round(engine, 0, &mut sampler, &history, 0, plan.draft, plan.generate - generated, &mut stats)?;
-            generated += round.tokens.len();
-            history.extend(round.tokens);
-        }
+        speculative::greedy(engine, 0, &mut history, 0, plan.generate, plan.draft, &mut stats)?;
         samples.push(plan.generate as f64 / started.elapsed().as_secs_f64());
         total.add(&stats);
     }

@@ -222,61 +222,38 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Largest value each size key may take: beyond the largest published config by orders of
-    /// magnitude, and small enough that every product of sizes the model computes (shapes, byte
-    /// counts, kernel indices) fits in 64 bits, and no loop over layers runs away.
-    const SIZE_LIMITS: [(&'static str, usize); 16] = [
-        ("vocab_size", 1 << 24),
-        ("hidden_size", 1 << 20),
-        ("intermediate_size", 1 << 22),
-        ("moe_intermediate_size", 1 << 22),
-        ("num_hidden_layers", 1 << 12),
-        ("first_k_dense_replace", 1 << 12),
-        ("moe_layer_freq", 1 << 12),
-        ("num_attention_heads", 1 << 12),
-        ("kv_lora_rank", 1 << 16),
-        ("qk_nope_head_dim", 1 << 12),
-        ("qk_rope_head_dim", 1 << 12),
-        ("v_head_dim", 1 << 12),
-        ("n_routed_experts", 1 << 16),
-        ("n_shared_experts", 1 << 8),
-        ("num_nextn_predict_layers", 1 << 4),
-        ("max_position_embeddings", 1 << 26),
-    ];
-
-    fn size(&self, key: &str) -> usize {
-        match key {
-            "vocab_size" => self.vocab_size,
-            "hidden_size" => self.hidden_size,
-            "intermediate_size" => self.intermediate_size,
-            "moe_intermediate_size" => self.moe_intermediate_size,
-            "num_hidden_layers" => self.num_hidden_layers,
-            "first_k_dense_replace" => self.first_k_dense_replace,
-            "moe_layer_freq" => self.moe_layer_freq,
-            "num_attention_heads" => self.num_attention_heads,
-            "kv_lora_rank" => self.kv_lora_rank,
-            "qk_nope_head_dim" => self.qk_nope_head_dim,
-            "qk_rope_head_dim" => self.qk_rope_head_dim,
-            "v_head_dim" => self.v_head_dim,
-            "n_routed_experts" => self.n_routed_experts,
-            "n_shared_experts" => self.n_shared_experts,
-            "num_nextn_predict_layers" => self.num_nextn_predict_layers,
-            "max_position_embeddings" => self.max_position_embeddings,
-            _ => 0,
-        }
+    /// Each size key's value and the largest it may take: beyond the largest published config
+    /// by orders of magnitude, and small enough that every product of sizes the model computes
+    /// (shapes, byte counts, kernel indices) fits in 64 bits, and no loop over layers runs away.
+    fn size_limits(&self) -> [(&'static str, usize, usize); 17] {
+        [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("moe_intermediate_size", self.moe_intermediate_size, 1 << 22),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("first_k_dense_replace", self.first_k_dense_replace, 1 << 12),
+            ("moe_layer_freq", self.moe_layer_freq, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("q_lora_rank", self.q_lora_rank.unwrap_or(0), 1 << 16),
+            ("kv_lora_rank", self.kv_lora_rank, 1 << 16),
+            ("qk_nope_head_dim", self.qk_nope_head_dim, 1 << 12),
+            ("qk_rope_head_dim", self.qk_rope_head_dim, 1 << 12),
+            ("v_head_dim", self.v_head_dim, 1 << 12),
+            ("n_routed_experts", self.n_routed_experts, 1 << 16),
+            ("n_shared_experts", self.n_shared_experts, 1 << 8),
+            ("num_nextn_predict_layers", self.num_nextn_predict_layers, 1 << 4),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 26),
+        ]
     }
 
     /// Sizes first (before anything loops over layers or multiplies dimensions), then the
     /// values that must give finite results.
     fn validate(&self) -> Result<()> {
-        for (key, limit) in Self::SIZE_LIMITS {
-            let value = self.size(key);
+        for (key, value, limit) in self.size_limits() {
             if value > limit {
                 return Err(Error::Config(format!("`{key}` is {value}, beyond what any DeepSeek-architecture model uses (at most {limit}): the config is corrupt")));
             }
-        }
-        if let Some(rank) = self.q_lora_rank.filter(|&r| r > 1 << 16) {
-            return Err(Error::Config(format!("`q_lora_rank` is {rank}, beyond what any DeepSeek-architecture model uses (at most 65536): the config is corrupt")));
         }
         self.validate_finite()?;
         self.validate_shapes()

@@ -19,7 +19,7 @@ pub fn count_params(config: &ModelConfig, w: &Weights) -> ParamCounts {
     let m = |x: &Matrix| (x.rows * x.cols) as u64;
     let mlp = |x: &Mlp| m(&x.gate) + m(&x.up) + m(&x.down);
     let mut total = m(&w.embed) + w.final_norm.len() as u64;
-    if !std::ptr::eq(w.lm_head.data.as_slice().as_ptr(), w.embed.data.as_slice().as_ptr()) {
+    if !w.lm_head.shares_data(&w.embed) {
         total += m(&w.lm_head);
     }
     let mut inactive = 0u64;
@@ -214,8 +214,8 @@ fn describe_mtp(c: &ModelConfig, weights: &Weights) -> String {
             format!(
                 "multi-token prediction layer {} ({ffn}), used to draft tokens (--speculative mtp); {} embedding, {} head",
                 m.index,
-                shared(!std::ptr::eq(m.embed.data.as_slice().as_ptr(), weights.embed.data.as_slice().as_ptr())),
-                shared(!std::ptr::eq(m.head.data.as_slice().as_ptr(), weights.lm_head.data.as_slice().as_ptr())),
+                shared(!m.embed.shares_data(&weights.embed)),
+                shared(!m.head.shares_data(&weights.lm_head)),
             )
         }
         (None, 0) => "none".into(),

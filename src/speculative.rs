@@ -75,11 +75,10 @@ pub fn round(engine: &mut dyn Engine, seq: usize, sampler: &mut Sampler, history
     // token after it); its draft is for the token after `last`.
     let next = &history[drafted_from + 1 - base..];
     // Nothing to draft from before the first position has run (an empty cache).
-    let mut draft_logits = if next.is_empty() { Vec::new() } else { engine.draft(seq, next)? };
-    let mut k = draft.min(engine.capacity().saturating_sub(len + 1)).min(max_new.saturating_sub(1));
-    if next.is_empty() {
-        k = 0;
-    }
+    let (mut draft_logits, k) = match next.is_empty() {
+        true => (Vec::new(), 0),
+        false => (engine.draft(seq, next)?, draft.min(engine.capacity().saturating_sub(len + 1)).min(max_new.saturating_sub(1))),
+    };
     let mut drafts = Vec::with_capacity(k);
     let mut q = Vec::with_capacity(k);
     for j in 0..k {
@@ -104,6 +103,19 @@ pub fn round(engine: &mut dyn Engine, seq: usize, sampler: &mut Sampler, history
     let mut tokens = drafts[..accepted].to_vec();
     tokens.push(token);
     Ok(Round { tokens, logits: rows[..=accepted].iter().map(|r| r.to_vec()).collect() })
+}
+
+/// Greedy speculative decoding of `n` tokens on sequence `seq` (benchmarks, tests): `history`
+/// as for [`round`], extended with every token emitted; returns those tokens.
+pub fn greedy(engine: &mut dyn Engine, seq: usize, history: &mut Vec<u32>, base: usize, n: usize, draft: usize, stats: &mut SpecStats) -> Result<Vec<u32>> {
+    let mut sampler = Sampler::new(crate::sample::SamplerConfig::default(), engine.config().vocab_size)?;
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let round = round(engine, seq, &mut sampler, history, base, draft, n - out.len(), stats)?;
+        history.extend(&round.tokens);
+        out.extend(round.tokens);
+    }
+    Ok(out)
 }
 
 /// Leaves sequence `seq` as plain decoding would after a reply that ended: the cache holds

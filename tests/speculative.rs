@@ -10,7 +10,6 @@ use dsrun::budget::{GpuMem, GpuOptions};
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
-use dsrun::sample::{Sampler, SamplerConfig};
 use dsrun::speculative::{self, SpecStats};
 
 /// Tokens generated and compared per case (more than the fixtures' context of golden tokens).
@@ -32,18 +31,12 @@ fn plain_greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize) -> Vec<u32> {
 
 /// Greedy decoding through speculative rounds of `draft` drafts each.
 fn speculative_greedy(engine: &mut dyn Engine, prompt: &[u32], n: usize, draft: usize) -> (Vec<u32>, SpecStats) {
-    let vocab = engine.config().vocab_size;
-    let mut sampler = Sampler::new(SamplerConfig::default(), vocab).unwrap();
     let logits = engine.forward_keep(0, prompt, Logits::Last).unwrap();
     let mut out = vec![argmax(&logits) as u32];
     let mut history = prompt.to_vec();
     history.push(out[0]);
     let mut stats = SpecStats::default();
-    while out.len() < n {
-        let round = speculative::round(engine, 0, &mut sampler, &history, 0, draft, n - out.len(), &mut stats).unwrap();
-        history.extend(&round.tokens);
-        out.extend(round.tokens);
-    }
+    out.extend(speculative::greedy(engine, 0, &mut history, 0, n - 1, draft, &mut stats).unwrap());
     assert_eq!(out.len(), n, "rounds never emit more than asked for");
     assert_eq!(engine.seq_len(0) + 1, history.len(), "the cache holds every token but the last");
     (out, stats)

@@ -140,6 +140,12 @@ impl Matrix {
         Matrix::from_values(name, self.rows, cols, DType::F32, &values, (128, 128))
     }
 
+    /// Whether `other` views the same stored bytes (a tied or shared weight, uploaded once).
+    pub fn shares_data(&self, other: &Matrix) -> bool {
+        let (a, b) = (self.data.as_slice(), other.data.as_slice());
+        std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()
+    }
+
     /// Bytes this matrix takes on a GPU in the format `quant` gives it, scales included.
     pub fn device_bytes(&self, quant: quant::QuantTarget) -> u64 {
         let target = match quant.dtype() {

@@ -277,11 +277,6 @@ struct MtpIds<'m> {
     head: WeightId,
 }
 
-/// Whether two matrices are views of the same stored bytes (tied or shared weights upload once).
-fn same_matrix(a: &Matrix, b: &Matrix) -> bool {
-    std::ptr::eq(a.data.as_slice().as_ptr(), b.data.as_slice().as_ptr()) && a.data.as_slice().len() == b.data.as_slice().len()
-}
-
 impl<'m> ModelIds<'m> {
     fn declare(p: &mut Declare<'m>, model: &'m Model, cache_rows: usize, cache: CacheFormat, mtp: bool) -> ModelIds<'m> {
         let w = &model.weights;
@@ -290,16 +285,16 @@ impl<'m> ModelIds<'m> {
         let layers = w.layers.iter().enumerate().map(|(i, layer)| declare_layer(p, model, i, layer, &mut moe, cache_rows, cache)).collect();
         let final_norm = p.constant("final norm", Cow::Borrowed(&w.final_norm));
         // Tied embeddings project with the embedding's own upload.
-        let lm_head = if same_matrix(&w.lm_head, &w.embed) { embed } else { p.matrix(&w.lm_head) };
+        let lm_head = if w.lm_head.shares_data(&w.embed) { embed } else { p.matrix(&w.lm_head) };
         let mtp = w.mtp.as_ref().filter(|_| mtp).map(|m| MtpIds {
-            embed: if same_matrix(&m.embed, &w.embed) { embed } else { p.matrix(&m.embed) },
+            embed: if m.embed.shares_data(&w.embed) { embed } else { p.matrix(&m.embed) },
             enorm: p.constant("mtp enorm", Cow::Borrowed(&m.enorm)),
             hnorm: p.constant("mtp hnorm", Cow::Borrowed(&m.hnorm)),
             eh_embed: p.matrix(&m.eh_embed),
             eh_hidden: p.matrix(&m.eh_hidden),
             layer: declare_layer(p, model, m.index, &m.layer, &mut moe, cache_rows, cache),
             head_norm: p.constant("mtp shared_head.norm", Cow::Borrowed(&m.head_norm)),
-            head: if same_matrix(&m.head, &w.lm_head) { lm_head } else { p.matrix(&m.head) },
+            head: if m.head.shares_data(&w.lm_head) { lm_head } else { p.matrix(&m.head) },
         });
         ModelIds { embed, layers, final_norm, lm_head, mtp }
     }
