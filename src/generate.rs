@@ -216,7 +216,7 @@ impl Stats {
             rate(self.generated_tokens, self.generate_seconds),
         );
         if let Some((spec, draft)) = &self.speculative {
-            line += &format!(" | {}", spec.summary(*draft));
+            line += &format!(" | {} | {}", spec.summary(*draft), spec.rates());
         }
         line
     }
@@ -299,7 +299,8 @@ pub fn generate(
                     break;
                 }
                 let remaining = generation.remaining();
-                let round = speculative::round(engine, 0, generation.sampler(), &history, base, draft, remaining, &mut spec)?;
+                let probe = spec.probe_due();
+                let round = speculative::round(engine, 0, generation.sampler(), &history, base, draft, remaining, probe, &mut spec)?;
                 queued.extend(round.tokens.into_iter().zip(round.logits));
             }
             // A round's accepted drafts already sit in the cache; its last token is run by the

@@ -142,6 +142,8 @@ fn speculative_decoding_from_the_command_line() {
         let (got, stderr) = run(extra);
         assert_eq!(got, plain, "{extra:?}: greedy text differs from --speculative off");
         assert!(stderr.contains("MTP draft acceptance"), "{extra:?}: {stderr}");
+        // Both rates measured: the plain one on the round that drafts nothing, one in 16.
+        assert!(stderr.contains(" tok/s with speculation, ") && !stderr.contains("unmeasured") && !stderr.contains("(0 plain steps)"), "{extra:?}: {stderr}");
     }
     let bench = dsrun(&["bench", "--model", out, "-p", "0", "-n", "8", "-r", "1", "--json", "--draft", "2"]);
     assert!(bench.status.success(), "{}", text(&bench.stderr));

@@ -279,6 +279,12 @@ async fn speculative_batches_give_plain_decodings_tokens() {
     let (drafted, accepted) = (metric(&metrics, "dsrun_speculative_drafted_total"), metric(&metrics, "dsrun_speculative_accepted_total"));
     eprintln!("served with MTP drafts: {accepted} of {drafted} accepted");
     assert!(drafted > 0.0 && accepted > 0.0 && accepted <= drafted, "{metrics}");
+    // Decode speed with speculation and without, both measured (plain probe steps).
+    for speculation in ["mtp", "off"] {
+        let rate = metric(&metrics, &format!("dsrun_decode_mean_tokens_per_second{{speculation=\"{speculation}\"}}"));
+        let tokens = metric(&metrics, &format!("dsrun_decode_tokens_total{{speculation=\"{speculation}\"}}"));
+        assert!(rate > 0.0 && tokens > 0.0, "speculation {speculation}: {metrics}");
+    }
     Arc::try_unwrap(server).ok().unwrap().shutdown().await;
 }
 

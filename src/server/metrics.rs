@@ -32,6 +32,8 @@ impl Metrics {
             metrics::describe_gauge!("dsrun_decode_tokens_per_second", "Tokens per second of the last decode step, all sequences together");
             metrics::describe_gauge!("dsrun_expert_cache_hit_rate", "Share of routed-expert lookups the device cache served (expert streaming)");
             metrics::describe_histogram!("dsrun_decode_step_seconds", "Seconds per decode step");
+            metrics::describe_counter!("dsrun_decode_tokens_total", "Tokens emitted by decode steps, by speculation (mtp: steps that drafted; off: plain steps, including speculation's plain probes)");
+            metrics::describe_gauge!("dsrun_decode_mean_tokens_per_second", "Decode tokens per second since the server started, with speculation (mtp) and without (off), both measured");
             metrics::describe_counter!("dsrun_speculative_drafted_total", "Tokens the MTP layer drafted (speculative decoding)");
             metrics::describe_counter!("dsrun_speculative_accepted_total", "Drafted tokens the main model accepted");
             metrics::describe_counter!("dsrun_speculative_steps_total", "Sequence verify steps of speculative decoding (each emits the accepted drafts and one more token)");
@@ -69,11 +71,18 @@ impl Metrics {
         with_local_recorder(&self.recorder, || counter!("dsrun_cancelled_total").increment(1));
     }
 
-    pub fn decode_step(&self, tokens: usize, seconds: f64) {
+    /// One decode step of `tokens` in `seconds`, speculating (it drafted) or plain; `total`
+    /// the server's running counters of that kind of step.
+    pub fn decode_step(&self, tokens: usize, seconds: f64, speculating: bool, total: &crate::speculative::DecodeRate) {
+        let speculation = if speculating { "mtp" } else { "off" };
         with_local_recorder(&self.recorder, || {
             histogram!("dsrun_decode_step_seconds").record(seconds);
+            counter!("dsrun_decode_tokens_total", "speculation" => speculation).increment(tokens as u64);
             if seconds > 0.0 {
                 gauge!("dsrun_decode_tokens_per_second").set(tokens as f64 / seconds);
+            }
+            if let Some(rate) = total.tokens_per_second() {
+                gauge!("dsrun_decode_mean_tokens_per_second", "speculation" => speculation).set(rate);
             }
         });
     }

@@ -333,8 +333,12 @@ impl Worker {
     /// draft, the acceptance rule per sequence, the rejected positions dropped, then one MTP
     /// step drafting each sequence's next draft.
     fn speculative_step(&mut self, batch: &[(usize, u32)]) {
-        // Drafts while the step has room for them (the rest verify their next token alone).
-        let mut room = self.engine.max_step_tokens().saturating_sub(batch.len());
+        // Drafts while the step has room for them (the rest verify their next token alone); a
+        // plain probe drafts nothing, to measure decoding without speculation.
+        let mut room = match self.spec.probe_due() {
+            true => 0,
+            false => self.engine.max_step_tokens().saturating_sub(batch.len()),
+        };
         let verify: Vec<(usize, Vec<u32>)> = batch
             .iter()
             .map(|&(seq, next)| {
@@ -389,10 +393,23 @@ impl Worker {
             next.push(token);
             drafts.push((*seq, next));
         }
-        self.metrics.decode_step(emitted, started.elapsed().as_secs_f64());
+        let verify_seconds = started.elapsed().as_secs_f64();
         // Every verified sequence's rows go through the MTP layer (their order must match the
         // verify step's); only the ones still replying keep a draft.
-        match self.engine.draft_batch(&drafts) {
+        let drafting = Instant::now();
+        let result = self.engine.draft_batch(&drafts);
+        let seconds = started.elapsed().as_secs_f64();
+        // A step without drafts is a plain one (its verify step alone, as plain decoding runs
+        // it); the MTP layer's catch-up after it is a cost of speculating.
+        if verify.iter().all(|(_, tokens)| tokens.len() == 1) {
+            self.spec.plain.record(emitted, verify_seconds);
+            self.spec.speculating.seconds += drafting.elapsed().as_secs_f64();
+            self.metrics.decode_step(emitted, verify_seconds, false, &self.spec.plain);
+        } else {
+            self.spec.speculating.record(emitted, seconds);
+            self.metrics.decode_step(emitted, seconds, true, &self.spec.speculating);
+        }
+        match result {
             Err(e) => drafts.iter().for_each(|(seq, _)| self.fail(*seq, &e.to_string())),
             Ok(logits) => {
                 for (i, (seq, _)) in drafts.iter().enumerate() {
@@ -418,7 +435,9 @@ impl Worker {
         } else {
             self.engine.decode_batch_greedy(&batch).map(|ids| (None, Some(ids)))
         };
-        self.metrics.decode_step(batch.len(), started.elapsed().as_secs_f64());
+        let seconds = started.elapsed().as_secs_f64();
+        self.spec.plain.record(batch.len(), seconds);
+        self.metrics.decode_step(batch.len(), seconds, false, &self.spec.plain);
         let vocab = self.engine.config().vocab_size;
         match result {
             Err(e) => batch.iter().for_each(|&(seq, _)| self.fail(seq, &e.to_string())),
