@@ -101,7 +101,7 @@ fn main() {
             let scores = r.zeros(dsrun::backend::wgpu::lower::Builder::attention_scratch(&shape, 1, max_binding)).unwrap();
             // One token at the cache's last position, in sequence 0's rows.
             let positions = r.u32_buffer(&[len as u32 - 1, 0]);
-            let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat]);
+            let d = r.builder().mla_attention(&shape, [&q, &q_lat, &positions, &cache, &scores, &o_lat], None);
             r.set_step(1);
             let t = r.time(&d, 1, if len > 1024 { 1 } else { reps }).unwrap();
             let gbs = (len * (lora + rope) * value_bytes) as f64 / t / 1e9;

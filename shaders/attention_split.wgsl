@@ -3,7 +3,8 @@
 // positions); the group's heads share every cache row it reads, lanes read consecutive floats of
 // a row (coalesced), scores go through an online softmax, and no scores row is kept. Each split
 // writes (max m, sum l, unnormalised o_lat) per head; `merge` combines the splits per (head, token).
-// A token attends to its sequence's cache rows row0 .. row0 + pos (`positions`: (pos, row0)).
+// A token attends to its sequence's cache rows row0 .. row0 + pos (`positions`: (pos, row0)), or
+// to the rows its indexer selected (`attended_row`, attention_params.wgsl).
 //
 // Lane `lane` owns latent columns lane + 64 j (j < CPL): its slice of each head's query, of each
 // cache row, and of each head's output. A tile's HG x TP scores are partial dots summed across
@@ -29,10 +30,8 @@ fn partial_split(@builtin(workgroup_id) wid: vec3<u32>, ids: LaneIds) {
     let h0 = wid.x * HG;
     let t = wid.y;
     let split = wid.z;
-    let visible = positions[2u * t] + 1u;
-    let row0 = positions[2u * t + 1u];
     let begin = split * p.chunk;
-    let end = min(begin + p.chunk, visible);
+    let end = min(begin + p.chunk, attended(t));
 
     // The lane's slice of each head's query: q_lat for columns < LORA, q_pe after.
     var qs: array<f32, 80>; // HG x MAX_CPL
@@ -67,11 +66,12 @@ fn partial_split(@builtin(workgroup_id) wid: vec3<u32>, ids: LaneIds) {
         var rows: array<f32, 40>; // TP x MAX_CPL
         for (var pp = 0u; pp < TP; pp++) {
             let pos = p0 + pp;
+            let first = attended_row(t, min(pos, end - 1u)) * latent;
             for (var j = 0u; j < cpl; j++) {
                 let c = lane + WG * j;
                 var v = 0.0;
                 if (pos < end && c < latent) {
-                    v = cache_at((row0 + pos) * latent + c);
+                    v = cache_at(first + c);
                 }
                 rows[pp * MAX_CPL + j] = v;
             }

@@ -38,10 +38,8 @@ fn partial_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     let h0 = wid.x * HG;
     let t = wid.y;
     let split = wid.z;
-    let visible = positions[2u * t] + 1u;
-    let row0 = positions[2u * t + 1u];
     let begin = split * p.chunk;
-    let end = min(begin + p.chunk, visible);
+    let end = min(begin + p.chunk, attended(t));
 
     var qs: array<vec2<f32>, 80>; // HG x cpl
     for (var hh = 0u; hh < HG; hh++) {
@@ -62,14 +60,15 @@ fn partial_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoca
     }
     for (var pos = begin; pos < end; pos++) {
         var row: array<vec2<f32>, 40>; // cpl
+        let first = attended_row(t, pos) * latent;
         for (var j = 0u; j < cpl; j++) {
             let c = 2u * (lane + SG * j);
             // A pair past the row reads as zero; an odd row's last pair has one value.
             var v = vec2<f32>(0.0);
             if (c + 1u < latent) {
-                v = cache_pair((row0 + pos) * latent + c);
+                v = cache_pair(first + c);
             } else if (c < latent) {
-                v.x = cache_at((row0 + pos) * latent + c);
+                v.x = cache_at(first + c);
             }
             row[j] = v;
         }

@@ -431,12 +431,13 @@ fn mla_attention_layer_matches_cpu() {
         let binding = ctx.max_binding();
         let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
         let scratch = |s: &dsrun::plan::MlaShape, n: usize| Builder::attention_scratch(s, n, binding);
-        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"] {
+        // v32: V3.2's indexer chooses 5 of the positions each token sees (sparse attention).
+        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn", "v32"] {
             common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
         }
         let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
         assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
-        for family in ["v3_noaux", "v2_lite"] {
+        for family in ["v3_noaux", "v2_lite", "v32"] {
             common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);
         }
     }
@@ -457,7 +458,7 @@ fn cpu_shapes_take_the_one_subgroup_attention_on_lavapipe() {
     let b = |n| r.zeros(n).unwrap();
     let (q, q_lat, positions, cache, o_lat) = (b(8 * 96), b(8 * 128), b(2), b(300 * 160), b(8 * 128));
     let scratch = b(Builder::attention_scratch(&s, 1, r.ctx().max_binding()));
-    let d = r.builder().mla_attention(&s, [&q, &q_lat, &positions, &cache, &scratch, &o_lat]);
+    let d = r.builder().mla_attention(&s, [&q, &q_lat, &positions, &cache, &scratch, &o_lat], None);
     assert_eq!(d[0].kernel, Kernel::AttentionPartialSubgroup);
 }
 

@@ -36,13 +36,19 @@ fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
         let dense = layers - moe;
         let shared = model.weights.moe_layers().iter().filter(|(_, m)| m.shared.is_some()).count();
         let low_rank = c.q_lora_rank.is_some() as usize;
+        // V3.2: per layer the indexer's three matmuls (keys, queries, head weights) and its
+        // three kernels, and an f32 index key cache beside the latent cache.
+        let indexed = c.indexer.is_some() as usize;
 
         // Ops of a step: embedding; per layer two norms, the attention (a low-rank query adds
         // a matmul and a norm) and the feed-forward; MoE layers route, run the experts and combine.
         let want = BTreeMap::from([
             ("embed", 1),
             ("rmsnorm", 2 * layers + low_rank * layers),
-            ("matmul", layers * (3 + low_rank) + 3 * dense + moe + 3 * shared),
+            ("matmul", layers * (3 + low_rank + 3 * indexed) + 3 * dense + moe + 3 * shared),
+            ("indexer_prepare", indexed * layers),
+            ("indexer_scores", indexed * layers),
+            ("indexer_top_k", indexed * layers),
             ("silu_mul", dense + shared),
             ("latent_store", layers),
             ("rope_q", layers),
@@ -79,14 +85,24 @@ fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
         assert_eq!(words(&plan, "expert out"), n * c.num_experts_per_tok * c.hidden_size);
         assert_eq!(plan.buffers.iter().any(|b| b.name == "qa"), low_rank == 1, "{family}: q LoRA activations");
         let caches: Vec<usize> = plan.buffers.iter().filter(|b| b.kind == BufferKind::Cache).map(|b| b.words).collect();
-        assert_eq!(caches, vec![CAPACITY * c.latent_dim(); layers], "{family}: latent caches");
+        let per_layer = match c.indexer {
+            Some(ix) => vec![CAPACITY * c.latent_dim(), CAPACITY * ix.head_dim],
+            None => vec![CAPACITY * c.latent_dim()],
+        };
+        assert_eq!(caches, per_layer.repeat(layers), "{family}: latent caches (and index key caches)");
+        if let Some(ix) = c.indexer {
+            assert_eq!(words(&plan, "indexer scores"), n * CAPACITY, "{family}");
+            assert_eq!(words(&plan, "indexer selection"), n * ix.topk, "{family}");
+            let sparse = plan.body.iter().filter(|op| matches!(op, Op::Attention { sparse: Some((_, k)), .. } if *k == ix.topk)).count();
+            assert_eq!(sparse, layers, "{family}: every layer's attention reads the selection");
+        }
         for (i, layer) in model.weights.layers.iter().enumerate() {
             let norm = plan.buffers.iter().find(|b| b.name == format!("input_layernorm {i}")).unwrap();
             assert_eq!(norm.init.as_deref(), Some(&layer.input_norm[..]), "{family}: constants hold the weights");
         }
 
         // Weights: each matrix once, the experts of a layer as one stack of gate/up/down each.
-        let matrices = layers * (3 + 1 + low_rank) + 3 * dense + moe * (1 + 3) + 3 * shared + 2;
+        let matrices = layers * (3 + 1 + low_rank + 3 * indexed) + 3 * dense + moe * (1 + 3) + 3 * shared + 2;
         assert_eq!(plan.weights.len(), matrices, "{family}: weights");
         let stacks: Vec<usize> = plan.weights.iter().filter(|w| w.routed).map(|w| w.stack.len()).collect();
         assert_eq!(stacks, vec![c.n_routed_experts; 3 * moe], "{family}: expert stacks");

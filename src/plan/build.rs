@@ -15,6 +15,8 @@ use crate::model::Model;
 const MAX_EXPERTS: usize = 1024;
 const MAX_GROUPS: usize = 64;
 const MAX_TOP_K: usize = 16;
+/// indexer.wgsl holds a token's normalised index key in workgroup memory.
+const MAX_INDEX_DIM: usize = 1024;
 
 /// How a layer's attention reads its query.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +36,33 @@ pub struct AttentionWeights {
     pub kv_b: WeightId,
     pub o: WeightId,
     pub cache: BufferId,
+    /// V3.2's lightning indexer (a low-rank query's model only).
+    pub indexer: Option<IndexerWeights>,
+}
+
+/// One layer's indexer weights and its index key cache.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexerWeights {
+    /// `[heads * dim, q_lora_rank]`, on the query's normalised low-rank activations.
+    pub wq_b: WeightId,
+    pub wk: WeightId,
+    pub k_norm: BufferId,
+    pub k_norm_bias: BufferId,
+    pub weights_proj: WeightId,
+    /// f32 keys, `dim` per cached position, beside the latent cache.
+    pub cache: BufferId,
+}
+
+/// The indexer's activations: keys, queries and head weights of the step's tokens, their
+/// scores against every position (rows of the context) and the positions chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct IndexerBuffers {
+    pub keys: BufferId,
+    pub queries: BufferId,
+    pub weights: BufferId,
+    pub scores: BufferId,
+    pub selected: BufferId,
+    pub shape: IndexerShape,
 }
 
 /// The activations an attention layer reads and writes.
@@ -54,12 +83,15 @@ pub struct AttentionBuffers {
     pub inv_freq: BufferId,
     /// The step's token positions and cache rows (`Plan::positions`).
     pub positions: BufferId,
+    /// V3.2: the indexer's activations.
+    pub indexer: Option<IndexerBuffers>,
 }
 
 /// Multi-head latent attention for a step's tokens, the absorbed form SPEC.md gives: query
 /// projections, `kv_a`, the latent store (norm + RoPE into the cache), query RoPE,
 /// `q_lat = W_UK^T q_nope`, causal attention over the cache, `W_UV`, and `o_proj` added to the
-/// residual stream.
+/// residual stream. With V3.2's indexer, its keys are cached beside the latents and the
+/// attention covers only the positions it selects (DeepSeek Sparse Attention).
 pub fn attention(mla: &MlaShape, w: &AttentionWeights, b: &AttentionBuffers) -> Vec<Op> {
     let matmul = |w, x, y, accumulate| Op::Matmul { w, x, y, rows: Rows::All, accumulate };
     let mut ops = Vec::new();
@@ -77,10 +109,33 @@ pub fn attention(mla: &MlaShape, w: &AttentionWeights, b: &AttentionBuffers) -> 
     ops.push(Op::LatentStore { kv: b.kv, norm: w.kv_norm, inv_freq: b.inv_freq, positions, cache: w.cache, mla: *mla });
     ops.push(Op::RopeQ { q: b.q, inv_freq: b.inv_freq, positions, mla: *mla });
     ops.push(Op::QAbsorb { kv_b: w.kv_b, q: b.q, q_lat: b.q_lat, mla: *mla });
-    ops.push(Op::Attention { q: b.q, q_lat: b.q_lat, positions, cache: w.cache, scratch: b.scratch, o_lat: b.o_lat, mla: *mla });
+    let sparse = match (&w.indexer, &b.indexer, b.q_lora) {
+        (Some(iw), Some(ib), Some((_, qa_norm))) => {
+            ops.extend(indexer(iw, ib, b.x, qa_norm, b.inv_freq, positions));
+            Some((ib.selected, ib.shape.topk))
+        }
+        _ => None,
+    };
+    ops.push(Op::Attention { q: b.q, q_lat: b.q_lat, positions, cache: w.cache, scratch: b.scratch, o_lat: b.o_lat, mla: *mla, sparse });
     ops.push(Op::VUp { kv_b: w.kv_b, o_lat: b.o_lat, o: b.o, mla: *mla });
     ops.push(matmul(w.o, b.o, b.out, true));
     ops
+}
+
+/// V3.2's lightning indexer (transformers' `DeepseekV32Indexer`): the keys (`wk x`, normed,
+/// rotated, cached), the queries (`wq_b` of the query's normalised low-rank activations,
+/// rotated), the head weights (`weights_proj x`), the scores and the top-k selection.
+fn indexer(w: &IndexerWeights, b: &IndexerBuffers, x: BufferId, q_lora: BufferId, inv_freq: BufferId, positions: BufferId) -> Vec<Op> {
+    let matmul = |w, x, y| Op::Matmul { w, x, y, rows: Rows::All, accumulate: false };
+    let shape = b.shape;
+    vec![
+        matmul(w.wk, x, b.keys),
+        matmul(w.wq_b, q_lora, b.queries),
+        matmul(w.weights_proj, x, b.weights),
+        Op::IndexerPrepare { keys: b.keys, queries: b.queries, norm: w.k_norm, bias: w.k_norm_bias, inv_freq, positions, cache: w.cache, shape },
+        Op::IndexerScores { queries: b.queries, weights: b.weights, positions, cache: w.cache, scores: b.scores, shape },
+        Op::IndexerTopK { scores: b.scores, positions, selected: b.selected, shape },
+    ]
 }
 
 /// Ids handed out while the plan is declared.
@@ -197,7 +252,7 @@ struct Guess {
 }
 
 impl Activations {
-    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope, mtp: bool) -> Activations {
+    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope, capacity: usize, mtp: bool) -> Activations {
         let (c, w) = (&model.config, &model.weights);
         let (n, d, k, heads) = (target.max_chunk, c.hidden_size, c.num_experts_per_tok, c.num_attention_heads);
         let tokens = p.activation("tokens", n);
@@ -216,6 +271,17 @@ impl Activations {
             out: h,
             inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
             positions: p.activation("positions", 2 * n),
+            indexer: c.indexer.map(|ix| {
+                let shape = IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale };
+                IndexerBuffers {
+                    keys: p.activation("indexer keys", n * ix.head_dim),
+                    queries: p.activation("indexer queries", n * ix.heads * ix.head_dim),
+                    weights: p.activation("indexer head weights", n * ix.heads),
+                    scores: p.activation("indexer scores", n * capacity),
+                    selected: p.activation("indexer selection", n * ix.topk),
+                    shape,
+                }
+            }),
         };
         let layers: Vec<&Layer> = w.layers.iter().chain(w.mtp.as_ref().filter(|_| mtp).map(|m| &m.layer)).collect();
         let moes: Vec<&Moe> = layers.iter().filter_map(|l| match &l.ffn {
@@ -328,6 +394,14 @@ fn declare_layer<'m>(p: &mut Declare<'m>, model: &'m Model, i: usize, layer: &'m
         kv_b: p.weight(vec![&at.kv_b], false, true, false),
         o: p.matrix(&at.o),
         cache: p.buffer(format!("latent cache {i} ({})", cache.name()), cache.words(cache_rows * c.latent_dim()), BufferKind::Cache),
+        indexer: at.indexer.as_ref().map(|ix| IndexerWeights {
+            wq_b: p.matrix(&ix.wq_b),
+            wk: p.matrix(&ix.wk),
+            k_norm: p.constant(format!("indexer k_norm {i}"), Cow::Borrowed(&ix.k_norm)),
+            k_norm_bias: p.constant(format!("indexer k_norm bias {i}"), Cow::Borrowed(&ix.k_norm_bias)),
+            weights_proj: p.matrix(&ix.weights_proj),
+            cache: p.buffer(format!("index key cache {i} (f32)"), cache_rows * ix.wk.rows, BufferKind::Cache),
+        }),
     };
     let ffn = match &layer.ffn {
         FeedForward::Dense(m) => FfnIds::Dense(p.mlp(m)),
@@ -516,10 +590,14 @@ impl<'m> Forward<'_, 'm> {
 pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target: &Target) -> Result<Plan<'m>> {
     let c = &model.config;
     check_router(c)?;
-    if c.indexer.is_some() {
-        return Err(Error::Invalid(
-            "DeepSeek-V3.2's sparse attention (its lightning indexer) runs on the CPU reference so far, not in the GPU plan: use --gpu cpu".into(),
-        ));
+    if let Some(ix) = c.indexer {
+        if ix.head_dim > MAX_INDEX_DIM || c.qk_rope_head_dim > ix.head_dim || c.q_lora_rank.is_none() {
+            return Err(Error::Invalid(format!(
+                "the GPU indexer takes keys of at most {MAX_INDEX_DIM} values, rotated in their first qk_rope_head_dim, on a low-rank query; \
+                 this model's index_head_dim is {} with qk_rope_head_dim {} (use --gpu cpu)",
+                ix.head_dim, c.qk_rope_head_dim
+            )));
+        }
     }
     let sequences = options.sequences;
     if sequences == 0 || sequences > target.max_chunk {
@@ -533,7 +611,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     if options.mtp && model.weights.mtp.is_none() {
         return Err(Error::Invalid("--speculative mtp: this checkpoint has no MTP layer (`dsrun inspect` shows; use --speculative off)".into()));
     }
-    let a = Activations::declare(&mut p, model, target, &rope, options.mtp);
+    let a = Activations::declare(&mut p, model, target, &rope, capacity, options.mtp);
     if options.kv_cache != CacheFormat::F32 && c.latent_dim() % 2 != 0 {
         return Err(Error::Invalid(format!("--kv-cache {}: packs pairs of values, and this model's latent width {} is odd (use --kv-cache f32)", options.kv_cache.name(), c.latent_dim())));
     }

@@ -29,17 +29,23 @@ impl Plan<'_> {
             Op::LatentStore { kv, norm, cache, .. } => format!("norm({}, {}) + rope -> {}", self.b(*kv), self.b(*norm), self.b(*cache)),
             Op::RopeQ { q, .. } => format!("rope({})", self.b(*q)),
             Op::QAbsorb { kv_b, q, q_lat, mla } => format!("{}ᵀ . {} -> {}, {} heads", self.w(*kv_b), self.b(*q), self.b(*q_lat), mla.heads),
-            Op::Attention { q, q_lat, cache, scratch, o_lat, mla, .. } => format!(
-                "{} {} over {} (scratch {}) -> {}, {} heads, latent {}+{}",
+            Op::Attention { q, q_lat, cache, scratch, o_lat, mla, sparse, .. } => format!(
+                "{} {} over {}{} (scratch {}) -> {}, {} heads, latent {}+{}",
                 self.b(*q),
                 self.b(*q_lat),
                 self.b(*cache),
+                sparse.map_or(String::new(), |(selected, topk)| format!(" at {} (top {topk})", self.b(selected))),
                 self.b(*scratch),
                 self.b(*o_lat),
                 mla.heads,
                 mla.lora,
                 mla.rope
             ),
+            Op::IndexerPrepare { keys, queries, cache, .. } => format!("layernorm + rope({}) -> {}, rope({})", self.b(*keys), self.b(*cache), self.b(*queries)),
+            Op::IndexerScores { queries, weights, cache, scores, shape, .. } => {
+                format!("{} . {} by {} -> {}, {} heads of {}", self.b(*queries), self.b(*cache), self.b(*weights), self.b(*scores), shape.heads, shape.dim)
+            }
+            Op::IndexerTopK { scores, selected, shape, .. } => format!("top {} of {} -> {}", shape.topk, self.b(*scores), self.b(*selected)),
             Op::VUp { kv_b, o_lat, o, .. } => format!("{} . {} -> {}", self.w(*kv_b), self.b(*o_lat), self.b(*o)),
             Op::Router { params, experts, logits, bias, ids, weights, rows: r } => format!(
                 "{}{} -> {}, {}: {experts} experts, top {}{}",

@@ -13,8 +13,8 @@ mod build;
 mod describe;
 pub mod ops;
 
-pub use build::{attention, build, AttentionBuffers, AttentionWeights, QueryWeights};
-pub use ops::{Experts, MlaShape, Op, Rows};
+pub use build::{attention, build, AttentionBuffers, AttentionWeights, IndexerBuffers, IndexerWeights, QueryWeights};
+pub use ops::{Experts, IndexerShape, MlaShape, Op, Rows};
 
 use crate::budget::MemoryPlan;
 use crate::expert_cache::Eviction;

@@ -18,6 +18,19 @@ pub enum Rows {
     Last,
 }
 
+/// DeepSeek-V3.2's lightning indexer (`config::IndexerConfig`) as its kernels see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IndexerShape {
+    pub heads: usize,
+    pub dim: usize,
+    /// Rotated values at the start of each key and query (the model's `qk_rope_head_dim`).
+    pub rope: usize,
+    pub topk: usize,
+    /// Context per sequence: the row length of the scores.
+    pub ctx: usize,
+    pub rope_scale: f32,
+}
+
 /// Where a MoE layer's routed experts live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Experts {
@@ -55,8 +68,20 @@ pub enum Op {
     QAbsorb { kv_b: WeightId, q: BufferId, q_lat: BufferId, mla: MlaShape },
     /// Causal attention of each head's (q_lat, q_pe) over its sequence's latent cache rows up to
     /// its position: `o_lat[h] = Σ_t softmax(score)[t] c_kv[t]`. `scratch` is the backend's
-    /// working space.
-    Attention { q: BufferId, q_lat: BufferId, positions: BufferId, cache: BufferId, scratch: BufferId, o_lat: BufferId, mla: MlaShape },
+    /// working space. `sparse` (V3.2): only over the positions `IndexerTopK` selected, at most
+    /// `topk` per token.
+    Attention { q: BufferId, q_lat: BufferId, positions: BufferId, cache: BufferId, scratch: BufferId, o_lat: BufferId, mla: MlaShape, sparse: Option<(BufferId, usize)> },
+    /// V3.2's indexer, per token: LayerNorm (weight `norm`, bias `bias`, eps 1e-6) of its key
+    /// `keys[t]` then RoPE of the first `rope` values in the half-split layout (value j with
+    /// j + rope/2), stored to the index key cache (f32, `dim` per row) at its position's row;
+    /// the same RoPE of each head's query in `queries` in place.
+    IndexerPrepare { keys: BufferId, queries: BufferId, norm: BufferId, bias: BufferId, inv_freq: BufferId, positions: BufferId, cache: BufferId, shape: IndexerShape },
+    /// `scores[t, j] = Σ_h (weights[t, h] / sqrt(heads)) · relu(queries[t, h] · k_j / sqrt(dim))`
+    /// for each position j the token sees (rows of `ctx`).
+    IndexerScores { queries: BufferId, weights: BufferId, positions: BufferId, cache: BufferId, scores: BufferId, shape: IndexerShape },
+    /// `selected[t]`: the `topk` highest-scoring positions the token sees (ties to the earlier),
+    /// ascending; every position while it sees at most `topk`.
+    IndexerTopK { scores: BufferId, positions: BufferId, selected: BufferId, shape: IndexerShape },
     /// `o[h] = W_UV[h] o_lat[h]` (kv_b's value rows).
     VUp { kv_b: WeightId, o_lat: BufferId, o: BufferId, mla: MlaShape },
     /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.
@@ -82,6 +107,9 @@ impl Op {
             Op::RopeQ { .. } => "rope_q",
             Op::QAbsorb { .. } => "q_absorb",
             Op::Attention { .. } => "attention",
+            Op::IndexerPrepare { .. } => "indexer_prepare",
+            Op::IndexerScores { .. } => "indexer_scores",
+            Op::IndexerTopK { .. } => "indexer_top_k",
             Op::VUp { .. } => "v_up",
             Op::Router { .. } => "router",
             Op::RoutedExperts { .. } => "routed_experts",

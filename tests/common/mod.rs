@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-pub const FAMILIES: [&str; 5] = ["v3_noaux", "v3_yarn", "v3_fp8", "v2_lite", "v2_glg"];
+/// Every fixture family; `v32` is DeepSeek-V3.2 (sparse attention: its indexer picks 5 positions).
+pub const FAMILIES: [&str; 6] = ["v3_noaux", "v3_yarn", "v3_fp8", "v2_lite", "v2_glg", "v32"];
 
 /// A fixture directory. `DSRUN_FIXTURES=DIR` points the tests at fixtures made elsewhere, e.g.
 /// `tools/make_fixtures.py --out DIR --seed 7 --scale 1.5`, to check nothing is tuned to these.
@@ -261,7 +262,16 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
         kv_b: lab.matrix(&[&w.kv_b], false).unwrap(),
         o: lab.matrix(&[&w.o], true).unwrap(),
         cache: lab.zeros(capacity * c.latent_dim()).unwrap(),
+        indexer: w.indexer.as_ref().map(|ix| dsrun::plan::IndexerWeights {
+            wq_b: lab.matrix(&[&ix.wq_b], true).unwrap(),
+            wk: lab.matrix(&[&ix.wk], true).unwrap(),
+            k_norm: lab.input(&ix.k_norm).unwrap(),
+            k_norm_bias: lab.input(&ix.k_norm_bias).unwrap(),
+            weights_proj: lab.matrix(&[&ix.weights_proj], true).unwrap(),
+            cache: lab.zeros(capacity * ix.wk.rows).unwrap(),
+        }),
     };
+    let inv_freq = lab.input(&rope.inv_freq).unwrap();
     let mut zeros = |n: usize| lab.zeros(n).unwrap();
     let bufs = AttentionBuffers {
         x: zeros(max_n * d),
@@ -274,7 +284,15 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
         o: zeros(max_n * heads * c.v_head_dim),
         out: zeros(max_n * d),
         positions: zeros(2 * max_n),
-        inv_freq: lab.input(&rope.inv_freq).unwrap(),
+        inv_freq,
+        indexer: c.indexer.map(|ix| dsrun::plan::IndexerBuffers {
+            keys: zeros(max_n * ix.head_dim),
+            queries: zeros(max_n * ix.heads * ix.head_dim),
+            weights: zeros(max_n * ix.heads),
+            scores: zeros(max_n * capacity),
+            selected: zeros(max_n * ix.topk),
+            shape: dsrun::plan::IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale },
+        }),
     };
     let ops = lab.lower(&dsrun::plan::attention(&shape, &weights, &bufs)).unwrap();
 

@@ -188,10 +188,20 @@ impl Backend for CudaBackend {
                 self.mla_format = res.weight(kv_b).format;
                 out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?)
             }
-            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla } => {
+            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
                 let bufs = [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)];
-                out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, self.splits(mla))?)
+                // Sparse attention covers at most topk positions: splits sized for that many.
+                let splits = self.splits(&MlaShape { ctx: sparse.map_or(mla.ctx, |(_, topk)| mla.ctx.min(topk)), ..*mla });
+                let sparse = sparse.map(|(selected, topk)| (buf(selected), topk));
+                out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, splits, sparse)?)
             }
+            Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, ref shape } => {
+                out.push(self.ops.indexer_prepare(shape, [keys, queries, norm, bias, inv_freq, positions, cache].map(buf))?)
+            }
+            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => {
+                out.push(self.ops.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf))?)
+            }
+            Op::IndexerTopK { scores, positions, selected, ref shape } => out.push(self.ops.indexer_top_k(shape, [scores, positions, selected].map(buf))?),
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)?),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
                 out.push(self.ops.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last)?)

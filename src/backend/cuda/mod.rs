@@ -30,8 +30,9 @@ pub mod sources {
     pub const ROUTER: &str = include_str!("kernels/router.cu");
     pub const MOE: &str = include_str!("kernels/moe.cu");
     pub const STREAM: &str = include_str!("kernels/stream.cu");
+    pub const INDEXER: &str = include_str!("kernels/indexer.cu");
     /// Each family's source and kernels.
-    pub const ALL: [(&str, &[&str]); 7] = [
+    pub const ALL: [(&str, &[&str]); 8] = [
         (MATMUL, &["matmul", "embed"]),
         (NORM, &["rmsnorm"]),
         (ROPE, &["rope_q", "latent_store"]),
@@ -39,6 +40,7 @@ pub mod sources {
         (ROUTER, &["router"]),
         (MOE, &["silu_mul", "moe_combine", "argmax", "group_by_expert"]),
         (STREAM, &["stream_read", "copy"]),
+        (INDEXER, &["indexer_prepare", "indexer_score", "indexer_top_k"]),
     ];
 
     /// The kernels `source` defines.

@@ -10,6 +10,7 @@ use crate::config::ScoringFunc;
 use crate::error::Result;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
+use crate::plan::IndexerShape;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -330,10 +331,25 @@ impl Ops {
     /// Causal attention of the step's queries over the latent cache, split over the sequence
     /// and merged (mla.cu); `bufs` are q, q_lat, positions, cache, partial, o_lat. `format`
     /// only picks the module variant (the family's absorb kernels read kv_b_proj).
-    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], split: AttentionSplit) -> Result<[Op; 2]> {
+    /// `sparse`: V3.2's selected positions and the most per token.
+    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], split: AttentionSplit, sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
         let [q, q_lat, positions, cache, partial, o_lat] = bufs;
         let (heads, qk, nope) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32);
-        let args = vec![q.into(), q_lat.into(), positions.into(), cache.into(), partial.into(), heads.into(), qk.into(), nope.into(), split.chunk.into(), s.scale.into()];
+        let (selected, topk) = sparse.unwrap_or((&self.dummy, 0));
+        let args = vec![
+            q.into(),
+            q_lat.into(),
+            positions.into(),
+            cache.into(),
+            partial.into(),
+            heads.into(),
+            qk.into(),
+            nope.into(),
+            split.chunk.into(),
+            s.scale.into(),
+            selected.into(),
+            (topk as u32).into(),
+        ];
         let grid = Grid::new([heads.div_ceil(HEAD_GROUP), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
         let partial_op = self.op("mla_partial", self.mla(s, format, "mla_partial")?, args, grid);
         let args = vec![partial.into(), o_lat.into(), heads.into(), split.splits.into()];
@@ -342,12 +358,66 @@ impl Ops {
     }
 
     /// The attention with its prefill split and, for single-token steps, its decode split.
-    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit)) -> Result<[Op; 2]> {
-        let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill)?;
-        let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode)?;
+    #[allow(clippy::type_complexity)]
+    pub fn mla_attention_split(
+        &self,
+        s: &MlaShape,
+        format: u32,
+        bufs: [&Buffer; 6],
+        (prefill, decode): (AttentionSplit, AttentionSplit),
+        sparse: Option<(&Buffer, usize)>,
+    ) -> Result<[Op; 2]> {
+        let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill, sparse)?;
+        let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode, sparse)?;
         partial.decode = Some(Box::new(decode_partial));
         merge.decode = Some(Box::new(decode_merge));
         Ok([partial, merge])
+    }
+
+    /// V3.2's indexer: keys normalised, rotated and cached, queries rotated.
+    pub fn indexer_prepare(&self, s: &IndexerShape, [keys, queries, norm, bias, inv_freq, positions, cache]: [&Buffer; 7]) -> Result<Op> {
+        let kernel = self.kernel(sources::INDEXER, &[], "indexer_prepare")?;
+        let args = vec![
+            keys.into(),
+            queries.into(),
+            norm.into(),
+            bias.into(),
+            inv_freq.into(),
+            positions.into(),
+            cache.into(),
+            (s.heads as u32).into(),
+            (s.dim as u32).into(),
+            (s.rope as u32).into(),
+            s.rope_scale.into(),
+        ];
+        Ok(self.op("indexer_prepare", kernel, args, Grid::per_token()))
+    }
+
+    /// Every visible position's index score, per token.
+    pub fn indexer_scores(&self, s: &IndexerShape, [queries, weights, positions, cache, scores]: [&Buffer; 5]) -> Result<Op> {
+        let kernel = self.kernel(sources::INDEXER, &[], "indexer_score")?;
+        let (scale, sqrt_heads) = (1.0 / (s.dim as f32).sqrt(), (s.heads as f32).sqrt());
+        let args = vec![
+            queries.into(),
+            weights.into(),
+            positions.into(),
+            cache.into(),
+            scores.into(),
+            (s.heads as u32).into(),
+            (s.dim as u32).into(),
+            (s.ctx as u32).into(),
+            scale.into(),
+            sqrt_heads.into(),
+        ];
+        let grid = Grid::new([(s.ctx as u32).div_ceil(THREADS), 0, 0, 0], |n, [x, ..]| [x, n, 1]);
+        Ok(self.op("indexer_score", kernel, args, grid))
+    }
+
+    /// Each token's `topk` best positions, ascending.
+    pub fn indexer_top_k(&self, s: &IndexerShape, [scores, positions, selected]: [&Buffer; 3]) -> Result<Op> {
+        let kernel = self.kernel(sources::INDEXER, &[], "indexer_top_k")?;
+        let args = vec![scores.into(), positions.into(), selected.into(), (s.ctx as u32).into(), (s.topk as u32).into()];
+        Ok(self.op("indexer_top_k", kernel, args, Grid::per_token()))
     }
 }
 

@@ -202,9 +202,17 @@ impl Backend for WgpuBackend {
             }
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(positions), buf(q))),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)),
-            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla } => {
-                out.extend(b.mla_attention(mla, [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)]))
+            Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
+                let sparse = sparse.map(|(selected, topk)| (buf(selected), topk));
+                out.extend(b.mla_attention(mla, [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)], sparse))
             }
+            Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, ref shape } => {
+                out.push(b.indexer_prepare(shape, [keys, queries, norm, bias, inv_freq, positions, cache].map(buf)))
+            }
+            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => {
+                out.push(b.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf)))
+            }
+            Op::IndexerTopK { scores, positions, selected, ref shape } => out.push(b.indexer_top_k(shape, [scores, positions, selected].map(buf))),
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
                 out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last))

@@ -33,6 +33,10 @@ pub enum Kernel {
     /// `AttentionPartial` for CPU adapters: one subgroup per workgroup (needs subgroups).
     AttentionPartialSubgroup,
     AttentionMerge,
+    /// V3.2's indexer (indexer.wgsl): key norm, RoPE and store; scores; top-k selection.
+    IndexerPrepare,
+    IndexerScores,
+    IndexerTopK,
     Router,
     SiluMul,
     MoeCombine,
@@ -81,6 +85,9 @@ impl Kernel {
             Kernel::AttentionPartial => (include_str!("../../../shaders/attention_split.wgsl"), "partial_split", false),
             Kernel::AttentionPartialSubgroup => (include_str!("../../../shaders/attention_subgroup.wgsl"), "partial_subgroup", false),
             Kernel::AttentionMerge => (include_str!("../../../shaders/attention_split.wgsl"), "merge", false),
+            Kernel::IndexerPrepare => (include_str!("../../../shaders/indexer.wgsl"), "prepare", false),
+            Kernel::IndexerScores => (include_str!("../../../shaders/indexer.wgsl"), "score", false),
+            Kernel::IndexerTopK => (include_str!("../../../shaders/indexer.wgsl"), "top_k", false),
             Kernel::Router => (include_str!("../../../shaders/router.wgsl"), "main", false),
             Kernel::SiluMul => (include_str!("../../../shaders/silu_mul.wgsl"), "main", false),
             Kernel::MoeCombine => (include_str!("../../../shaders/moe_combine.wgsl"), "main", false),

@@ -8,6 +8,7 @@ use super::tensors::{storage_init, uniform, GpuChunk, GpuMatrix};
 use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::model::router::RouterParams;
+use crate::plan::IndexerShape;
 use crate::quant::DType;
 pub use crate::backend::layout::{MatmulShape, MlaShape, LATENT_NORM_EPS};
 
@@ -560,8 +561,11 @@ impl Builder {
     /// and merged (attention_split.wgsl); `bufs` are q, q_lat, positions, cache, the split
     /// results (`attention_scratch` words) and o_lat. Single-token steps split the cache more
     /// finely than multi-token ones (whose results take `tokens` times the room).
-    pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6]) -> Vec<Dispatch> {
+    /// `sparse`: V3.2's selected positions and the most per token (splits cover that many).
+    pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6], sparse: Option<(&wgpu::Buffer, usize)>) -> Vec<Dispatch> {
         let [q, q_lat, positions, cache, split_out, o_lat] = bufs;
+        let (selected, topk) = sparse.unwrap_or((&self.dummy, 0));
+        let s = &MlaShape { ctx: if topk > 0 { s.ctx.min(topk) } else { s.ctx }, ..*s };
         let heads = s.heads as u32;
         let split_overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", attention_head_group(s) as f64), ("CACHE", s.cache.code() as f64)];
         // CPU adapters: one subgroup per workgroup, where the adapter has one subgroup size.
@@ -575,10 +579,10 @@ impl Builder {
         let pair = |split: AttentionSplit| {
             let p = self.params(
                 "attention",
-                &[heads, (s.nope + s.rope) as u32, s.nope as u32, split.chunk, s.scale.to_bits(), split.splits, 0, 0],
+                &[heads, (s.nope + s.rope) as u32, s.nope as u32, split.chunk, s.scale.to_bits(), split.splits, topk as u32, 0],
             );
             let grid = Grid::new([heads.div_ceil(group), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
-            let buffers = [(0, &p), (1, q), (2, q_lat), (3, positions), (4, cache), (5, split_out)];
+            let buffers = [(0, &p), (1, q), (2, q_lat), (3, positions), (4, cache), (5, split_out), (7, selected)];
             let partial = self.dispatch_bound(kernel, None, &overrides, &buffers, grid);
             let grid = Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]);
             let merge = self.dispatch_bound(Kernel::AttentionMerge, None, &split_overrides, &[(0, &p), (5, split_out), (6, o_lat)], grid);
@@ -590,6 +594,33 @@ impl Builder {
         partial.decode = Some(Box::new(decode_partial));
         merge.decode = Some(Box::new(decode_merge));
         vec![partial, merge]
+    }
+
+    /// V3.2's indexer parameters (indexer.wgsl's `Params`).
+    fn indexer_params(&self, s: &IndexerShape) -> wgpu::Buffer {
+        let (scale, sqrt_heads) = (1.0 / (s.dim as f32).sqrt(), (s.heads as f32).sqrt());
+        self.params("indexer", &[s.heads as u32, s.dim as u32, s.rope as u32, s.ctx as u32, s.topk as u32, s.rope_scale.to_bits(), scale.to_bits(), sqrt_heads.to_bits()])
+    }
+
+    /// The indexer's keys normalised, rotated and cached, and its queries rotated.
+    pub fn indexer_prepare(&self, s: &IndexerShape, [keys, queries, norm, bias, inv_freq, positions, cache]: [&wgpu::Buffer; 7]) -> Dispatch {
+        let p = self.indexer_params(s);
+        let buffers = [(0, &p), (1, positions), (2, keys), (3, norm), (4, bias), (5, inv_freq), (6, cache), (7, queries)];
+        self.dispatch_bound(Kernel::IndexerPrepare, None, &[], &buffers, Grid::per_token())
+    }
+
+    /// Every visible position's index score, per token.
+    pub fn indexer_scores(&self, s: &IndexerShape, [queries, weights, positions, cache, scores]: [&wgpu::Buffer; 5]) -> Dispatch {
+        let p = self.indexer_params(s);
+        let buffers = [(0, &p), (1, positions), (6, cache), (7, queries), (8, weights), (9, scores)];
+        let grid = Grid::new([(s.ctx as u32).div_ceil(64), 0, 0, 0], |n, [x, ..]| [x, n, 1]);
+        self.dispatch_bound(Kernel::IndexerScores, None, &[], &buffers, grid)
+    }
+
+    /// Each token's `topk` best positions, ascending.
+    pub fn indexer_top_k(&self, s: &IndexerShape, [scores, positions, selected]: [&wgpu::Buffer; 3]) -> Dispatch {
+        let p = self.indexer_params(s);
+        self.dispatch_bound(Kernel::IndexerTopK, None, &[], &[(0, &p), (1, positions), (9, scores), (10, selected)], Grid::per_token())
     }
 
     /// Words the attention's split results take for steps of up to `tokens` tokens.

@@ -43,9 +43,11 @@ extern "C" __global__ void v_up(const WeightLayout* __restrict__ layout, const u
 // is read once for all the group's heads. Scores use an online softmax; the block writes its
 // running max m, sum l and unnormalised o_lat to `partial` ([t, h, split] x (2 + LORA)), and
 // mla_merge combines the splits. Grid: (ceil(heads / HEAD_GROUP), n_tokens, splits); 256 threads.
+// With `topk` > 0 (DeepSeek-V3.2's sparse attention) a token attends only to the positions its
+// indexer chose: `selected` holds up to `topk` per token, ascending (indexer.cu).
 extern "C" __global__ void mla_partial(const float* __restrict__ q, const float* __restrict__ q_lat, const u32* __restrict__ positions,
                                        const u32* __restrict__ cache, float* __restrict__ partial, u32 heads, u32 qk, u32 nope,
-                                       u32 chunk, float scale) {
+                                       u32 chunk, float scale, const u32* __restrict__ selected, u32 topk) {
     __shared__ float qs[HEAD_GROUP][LATENT];
     __shared__ float tile[TILE_POSITIONS][LATENT];
     __shared__ float p[HEAD_GROUP][TILE_POSITIONS];
@@ -54,7 +56,9 @@ extern "C" __global__ void mla_partial(const float* __restrict__ q, const float*
     const u32 visible = positions[2u * t] + 1u;
     const u64 row0 = (u64)positions[2u * t + 1u] * LATENT; // the sequence's first cache value
     const u32 begin = split * chunk;
-    const u32 end = begin + chunk < visible ? begin + chunk : visible;
+    const u32 attended = topk == 0u || visible < topk ? visible : topk;
+    const u32 end = begin + chunk < attended ? begin + chunk : attended;
+    const u32* chosen = selected + (u64)t * topk;
 
     float acc[HEAD_GROUP][COLS_PER_THREAD];
     for (u32 hh = 0; hh < HEAD_GROUP; hh++)
@@ -77,7 +81,8 @@ extern "C" __global__ void mla_partial(const float* __restrict__ q, const float*
         __syncthreads(); // the previous tile is used up (and qs is loaded)
         for (u32 i = tid; i < TILE_POSITIONS * LATENT; i += THREADS) {
             const u32 pp = i / LATENT, c = i % LATENT;
-            tile[pp][c] = p0 + pp < end ? cache_load(cache, row0 + (u64)(p0 + pp) * LATENT + c) : 0.0f;
+            const u32 pos = p0 + pp < end ? (topk == 0u ? p0 + pp : chosen[p0 + pp]) : 0u;
+            tile[pp][c] = p0 + pp < end ? cache_load(cache, row0 + (u64)pos * LATENT + c) : 0.0f;
         }
         __syncthreads();
         float s = 0.0f;
