@@ -31,4 +31,5 @@ pub mod sample;
 pub mod server;
 pub mod speculative;
 pub mod synth;
+pub mod tiktoken;
 pub mod tokenizer;

@@ -1,5 +1,6 @@
-//! `tokenizer.json` through the `tokenizers` crate, BOS/EOS from `tokenizer_config.json` and
-//! config.json, and a streaming decoder that never splits a multi-byte character.
+//! `tokenizer.json` (or a `tiktoken.model`, converted by `tiktoken`) through the `tokenizers`
+//! crate, BOS/EOS from `tokenizer_config.json`, config.json and generation_config.json, and a
+//! streaming decoder that never splits a multi-byte character.
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -15,16 +16,19 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn load(dir: &Path, config: &ModelConfig) -> Result<Tokenizer> {
-        let path = dir.join("tokenizer.json");
-        if !path.is_file() {
+        let (path, tiktoken) = (dir.join("tokenizer.json"), dir.join("tiktoken.model"));
+        let settings = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        let inner = if path.is_file() {
+            tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?
+        } else if tiktoken.is_file() {
+            // Kimi-K2 and Moonlight ship their tokenizer in tiktoken's format.
+            crate::tiktoken::load(&tiktoken, &settings)?
+        } else {
             return Err(Error::Tokenizer(format!(
-                "no tokenizer.json in {} (`dsrun logits --tokens ...` runs without one)",
+                "no tokenizer.json (or tiktoken.model) in {} (`dsrun logits --tokens ...` runs without one)",
                 dir.display()
             )));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        let settings = read_tokenizer_config(&dir.join("tokenizer_config.json"))?;
+        };
         let named = |key: &str| -> Option<u32> {
             let token = settings.get(key)?;
             let text = token.as_str().or_else(|| token.get("content")?.as_str())?;
