@@ -12,6 +12,11 @@ set of test strings with Kimi's pattern and special tokens: dsrun's conversion a
 
     pip install tiktoken
     python tools/make_tiktoken_fixture.py --out tests/fixtures/tiktoken
+
+With the published files at hand (Kimi-K2's `tiktoken.model` and `tokenizer_config.json`, from
+its Hugging Face repository), `--published DIR --out tests/fixtures/tiktoken_kimi_k2` copies them
+and records tiktoken's ids for the same strings; tests/tokenizer.rs checks every
+`tests/fixtures/tiktoken*` directory.
 """
 
 import argparse
@@ -104,15 +109,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=pathlib.Path, required=True)
     parser.add_argument("--merges", type=int, default=1500)
+    parser.add_argument("--published", type=pathlib.Path, help="a directory with a published tiktoken.model and tokenizer_config.json")
     args = parser.parse_args()
-    ranks = train(corpus(), args.merges)
+    if args.published:
+        ranks = {}
+        for line in (args.published / "tiktoken.model").read_text().splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        published = json.loads((args.published / "tokenizer_config.json").read_text())
+        named = {int(i): t["content"] for i, t in published.get("added_tokens_decoder", {}).items()}
+    else:
+        ranks = train(corpus(), args.merges)
+        named = {len(ranks) + i: name for i, name in NAMED_SPECIAL.items()}
     base = len(ranks)
-    named = {base + i: name for i, name in NAMED_SPECIAL.items()}
     special = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(base, base + RESERVED_SPECIAL)}
     enc = tiktoken.Encoding(name="kimi-fixture", pat_str=KIMI_PATTERN, mergeable_ranks=ranks, special_tokens=special)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "tiktoken.model", "w") as f:
+    if args.published:
+        for name in ("tiktoken.model", "tokenizer_config.json"):
+            (args.out / name).write_bytes((args.published / name).read_bytes())
+    else:
+        write_synthetic(args.out, ranks, named)
+    cases = [{"text": t, "ids": enc.encode(t, allowed_special="all")} for t in TESTS]
+    for c in cases:
+        assert enc.decode(c["ids"]) == c["text"]
+    (args.out / "expected.json").write_text(json.dumps({"ranks": base, "special": RESERVED_SPECIAL, "cases": cases}, indent=1, ensure_ascii=False) + "\n")
+    print(f"{args.out}: {base} ranks, {RESERVED_SPECIAL} special ids, {len(cases)} cases")
+
+
+def write_synthetic(out: pathlib.Path, ranks: dict[bytes, int], named: dict[int, str]) -> None:
+    with open(out / "tiktoken.model", "w") as f:
         for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode()} {rank}\n")
     config = {
@@ -122,12 +150,7 @@ def main() -> None:
         "eos_token": "[EOS]",
         "added_tokens_decoder": {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True} for i, name in named.items()},
     }
-    (args.out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    cases = [{"text": t, "ids": enc.encode(t, allowed_special="all")} for t in TESTS]
-    for c in cases:
-        assert enc.decode(c["ids"]) == c["text"]
-    (args.out / "expected.json").write_text(json.dumps({"ranks": base, "special": RESERVED_SPECIAL, "cases": cases}, indent=1, ensure_ascii=False) + "\n")
-    print(f"{args.out}: {base} ranks, {RESERVED_SPECIAL} special ids, {len(cases)} cases")
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":
