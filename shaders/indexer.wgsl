@@ -11,8 +11,9 @@
 //            in ascending order (all visible positions while there are at most `topk`). One
 //            workgroup per token: the k-th largest score is found bit by bit on an order-keeping
 //            integer form of the scores, then the chosen positions are compacted in order.
-// The key cache holds f32 (`dim` values per row); a token's rows start at its sequence's first
-// row (`positions`: (position, first row) per token).
+// The key cache holds `dim` values per row in cache.wgsl's formats (`--kv-cache`, as the latent
+// cache; `dim` even); a token's rows start at its sequence's first row (`positions`: (position,
+// first row) per token).
 
 const WG: u32 = 64u;
 
@@ -35,7 +36,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> norm: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> inv_freq: array<f32>;
-@group(0) @binding(6) var<storage, read_write> cache: array<f32>;
+@group(0) @binding(6) var<storage, read_write> cache: array<u32>;
 @group(0) @binding(7) var<storage, read_write> queries: array<f32>;
 @group(0) @binding(8) var<storage, read> weights: array<f32>;
 @group(0) @binding(9) var<storage, read_write> scores: array<f32>;
@@ -43,6 +44,7 @@ struct Params {
 
 var<workgroup> sums: array<f32, 64>;
 var<workgroup> normed: array<f32, 1024>; // the token's normalised key (dim <= 1024)
+var<workgroup> rotated: array<f32, 1024>; // and rotated
 
 fn workgroup_sum(v: f32, lane: u32) -> f32 {
     sums[lane] = v;
@@ -93,7 +95,11 @@ fn prepare(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
                 v = normed[c] * cs + normed[c - half] * sn;
             }
         }
-        cache[dst + c] = v;
+        rotated[c] = v;
+    }
+    workgroupBarrier();
+    for (var c2 = lane; c2 < p.dim / 2u; c2 += WG) {
+        cache_store2(dst + 2u * c2, rotated[2u * c2], rotated[2u * c2 + 1u]);
     }
     for (var i = lane; i < p.heads * half; i += WG) {
         let h = i / half;
@@ -121,8 +127,10 @@ fn score(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(workgroup_id) w
     for (var h = 0u; h < p.heads; h++) {
         let q = (t * p.heads + h) * p.dim;
         var dot = 0.0;
-        for (var c = 0u; c < p.dim; c++) {
-            dot += queries[q + c] * cache[key + c];
+        for (var c = 0u; c < p.dim; c += 2u) {
+            let k = cache_pair(key + c);
+            dot += queries[q + c] * k.x;
+            dot += queries[q + c + 1u] * k.y;
         }
         total += (weights[t * p.heads + h] / p.sqrt_heads) * max(dot * p.scale, 0.0);
     }

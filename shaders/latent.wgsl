@@ -20,24 +20,6 @@ struct Params {
 @group(0) @binding(4) var<storage, read> positions: array<u32>;
 @group(0) @binding(5) var<storage, read_write> cache: array<u32>;
 
-// bf16 with round-to-nearest-even.
-fn bf16_bits(x: f32) -> u32 {
-    let b = bitcast<u32>(x);
-    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
-}
-
-// Stores values i and i + 1 (i even) in the cache's format.
-fn cache_store2(i: u32, a: f32, b: f32) {
-    if (CACHE == 0u) {
-        cache[i] = bitcast<u32>(a);
-        cache[i + 1u] = bitcast<u32>(b);
-    } else if (CACHE == 1u) {
-        cache[i >> 1u] = pack2x16float(vec2<f32>(a, b));
-    } else {
-        cache[i >> 1u] = bf16_bits(a) | (bf16_bits(b) << 16u);
-    }
-}
-
 var<workgroup> sums: array<f32, 64>;
 
 @compute @workgroup_size(64)

@@ -145,8 +145,8 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
     if let Some(ix) = &c.indexer {
         let _ = writeln!(
             s,
-            "sparse     DeepSeek Sparse Attention (V3.2): a lightning indexer of {} heads x {} picks {} earlier positions per query (the CPU reference runs it; GPU plans do not yet)",
-            ix.heads, ix.head_dim, ix.topk
+            "sparse     DeepSeek Sparse Attention (V3.2): a lightning indexer of {} heads x {} picks {} earlier positions per query; index key cache {} values/token/layer",
+            ix.heads, ix.head_dim, ix.topk, ix.head_dim
         );
     }
     let _ = writeln!(

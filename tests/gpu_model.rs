@@ -171,3 +171,29 @@ fn sixteen_bit_latent_caches_hold_their_quality_floors() {
         assert!(((ppl - ppl32) / ppl32).abs() <= ppl_bound, "{}: perplexity {ppl} vs f32 {ppl32}", cache.name());
     }
 }
+
+/// DeepSeek-V3.2 with 16-bit caches (the latent cache and the indexer's key cache both take
+/// `--kv-cache`'s format): logits against transformers' within the rounding a 16-bit cache adds
+/// (f16 2e-3, bf16 2e-2 of the logits' scale, as for the latent caches on CUDA), the greedy
+/// choice unchanged at every position, in prefill and then decode.
+#[test]
+fn v32_sixteen_bit_caches_stay_close_to_transformers() {
+    use dsrun::backend::layout::CacheFormat;
+    let dir = fixture("v32");
+    let g = golden(&dir);
+    let model = Model::load(&dir).unwrap();
+    for (cache, tolerance) in [(CacheFormat::F16, 2e-3), (CacheFormat::Bf16, 2e-2)] {
+        let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
+        let options = dsrun::budget::GpuOptions { kv_cache: cache, ..Default::default() };
+        let mut engine = GpuModel::with_options(ctx, &model, g.tokens.len(), &options).unwrap();
+        let mut logits = engine.forward(&g.tokens[..8], Logits::All).unwrap();
+        for &t in &g.tokens[8..] {
+            logits.extend(engine.forward(&[t], Logits::All).unwrap());
+        }
+        let err = relative_error(&logits, &g.logits);
+        eprintln!("v32 --kv-cache {}: relative error {err:e}", cache.name());
+        assert!(err <= tolerance, "--kv-cache {}: relative error {err:e}", cache.name());
+        let argmaxes = |l: &[f32]| l.chunks(g.vocab).map(argmax).collect::<Vec<_>>();
+        assert_eq!(argmaxes(&logits), argmaxes(&g.logits), "--kv-cache {}: greedy choices", cache.name());
+    }
+}

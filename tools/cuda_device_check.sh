@@ -60,6 +60,15 @@ echo "(the line above: CUDA graphs off)"
 DSRUN_CUDA_GROUPED=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 1 -r 3 --json | tee -a "$OUT/bench.jsonl"
 echo "(the line above: prefill experts one slot per block, not grouped)"
 
+step "DeepSeek-V3.2 sparse attention: decode at depth 0 / 4096 / 16384, index_topk 2048 (V3.2's own), against dense V3"
+for preset in deepseek-v32 deepseek-v3; do
+    rm -rf /tmp/dsrun-$preset
+    timeout 120 $bin/dsrun synth --out /tmp/dsrun-$preset --preset $preset --layers 2 --experts 16 --dtype fp8 >/dev/null
+    for d in 0 4096 16384; do
+        timeout 120 $bin/dsrun bench --model /tmp/dsrun-$preset --gpu cuda -p 0 -n 16 -d $d -r 1 --json | tee -a "$OUT/v32_bench.jsonl"
+    done
+done
+
 step "wgpu through Vulkan"
 if ls .gl/*.deb >/dev/null 2>&1; then
     for f in .gl/*.deb; do dpkg -x "$f" /; done

@@ -49,7 +49,7 @@ pub struct IndexerWeights {
     pub k_norm: BufferId,
     pub k_norm_bias: BufferId,
     pub weights_proj: WeightId,
-    /// f32 keys, `dim` per cached position, beside the latent cache.
+    /// Keys, `dim` per cached position, beside the latent cache and in its format.
     pub cache: BufferId,
 }
 
@@ -252,7 +252,7 @@ struct Guess {
 }
 
 impl Activations {
-    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope, capacity: usize, mtp: bool) -> Activations {
+    fn declare(p: &mut Declare, model: &Model, target: &Target, rope: &Rope, capacity: usize, kv_cache: CacheFormat, mtp: bool) -> Activations {
         let (c, w) = (&model.config, &model.weights);
         let (n, d, k, heads) = (target.max_chunk, c.hidden_size, c.num_experts_per_tok, c.num_attention_heads);
         let tokens = p.activation("tokens", n);
@@ -272,7 +272,7 @@ impl Activations {
             inv_freq: p.constant("inv_freq", Cow::Owned(rope.inv_freq.clone())),
             positions: p.activation("positions", 2 * n),
             indexer: c.indexer.map(|ix| {
-                let shape = IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale };
+                let shape = IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale, cache: kv_cache };
                 IndexerBuffers {
                     keys: p.activation("indexer keys", n * ix.head_dim),
                     queries: p.activation("indexer queries", n * ix.heads * ix.head_dim),
@@ -400,7 +400,7 @@ fn declare_layer<'m>(p: &mut Declare<'m>, model: &'m Model, i: usize, layer: &'m
             k_norm: p.constant(format!("indexer k_norm {i}"), Cow::Borrowed(&ix.k_norm)),
             k_norm_bias: p.constant(format!("indexer k_norm bias {i}"), Cow::Borrowed(&ix.k_norm_bias)),
             weights_proj: p.matrix(&ix.weights_proj),
-            cache: p.buffer(format!("index key cache {i} (f32)"), cache_rows * ix.wk.rows, BufferKind::Cache),
+            cache: p.buffer(format!("index key cache {i} ({})", cache.name()), cache.words(cache_rows * ix.wk.rows), BufferKind::Cache),
         }),
     };
     let ffn = match &layer.ffn {
@@ -591,9 +591,9 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     let c = &model.config;
     check_router(c)?;
     if let Some(ix) = c.indexer {
-        if ix.head_dim > MAX_INDEX_DIM || c.qk_rope_head_dim > ix.head_dim || c.q_lora_rank.is_none() {
+        if ix.head_dim > MAX_INDEX_DIM || ix.head_dim % 2 != 0 || c.qk_rope_head_dim > ix.head_dim || c.q_lora_rank.is_none() {
             return Err(Error::Invalid(format!(
-                "the GPU indexer takes keys of at most {MAX_INDEX_DIM} values, rotated in their first qk_rope_head_dim, on a low-rank query; \
+                "the GPU indexer takes keys of an even number of values up to {MAX_INDEX_DIM}, rotated in their first qk_rope_head_dim, on a low-rank query; \
                  this model's index_head_dim is {} with qk_rope_head_dim {} (use --gpu cpu)",
                 ix.head_dim, c.qk_rope_head_dim
             )));
@@ -611,7 +611,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     if options.mtp && model.weights.mtp.is_none() {
         return Err(Error::Invalid("--speculative mtp: this checkpoint has no MTP layer (`dsrun inspect` shows; use --speculative off)".into()));
     }
-    let a = Activations::declare(&mut p, model, target, &rope, capacity, options.mtp);
+    let a = Activations::declare(&mut p, model, target, &rope, capacity, options.kv_cache, options.mtp);
     if options.kv_cache != CacheFormat::F32 && c.latent_dim() % 2 != 0 {
         return Err(Error::Invalid(format!("--kv-cache {}: packs pairs of values, and this model's latent width {} is odd (use --kv-cache f32)", options.kv_cache.name(), c.latent_dim())));
     }

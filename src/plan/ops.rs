@@ -29,6 +29,8 @@ pub struct IndexerShape {
     /// Context per sequence: the row length of the scores.
     pub ctx: usize,
     pub rope_scale: f32,
+    /// How the index key cache stores its values (`--kv-cache`, as the latent cache).
+    pub cache: crate::backend::layout::CacheFormat,
 }
 
 /// Where a MoE layer's routed experts live.
@@ -73,7 +75,7 @@ pub enum Op {
     Attention { q: BufferId, q_lat: BufferId, positions: BufferId, cache: BufferId, scratch: BufferId, o_lat: BufferId, mla: MlaShape, sparse: Option<(BufferId, usize)> },
     /// V3.2's indexer, per token: LayerNorm (weight `norm`, bias `bias`, eps 1e-6) of its key
     /// `keys[t]` then RoPE of the first `rope` values in the half-split layout (value j with
-    /// j + rope/2), stored to the index key cache (f32, `dim` per row) at its position's row;
+    /// j + rope/2), stored to the index key cache (`dim` per row, in `shape.cache`'s format) at its position's row;
     /// the same RoPE of each head's query in `queries` in place.
     IndexerPrepare { keys: BufferId, queries: BufferId, norm: BufferId, bias: BufferId, inv_freq: BufferId, positions: BufferId, cache: BufferId, shape: IndexerShape },
     /// `scores[t, j] = Σ_h (weights[t, h] / sqrt(heads)) · relu(queries[t, h] · k_j / sqrt(dim))`

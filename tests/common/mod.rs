@@ -291,7 +291,7 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
             weights: zeros(max_n * ix.heads),
             scores: zeros(max_n * capacity),
             selected: zeros(max_n * ix.topk),
-            shape: dsrun::plan::IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale },
+            shape: dsrun::plan::IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale, cache: Default::default() },
         }),
     };
     let ops = lab.lower(&dsrun::plan::attention(&shape, &weights, &bufs)).unwrap();

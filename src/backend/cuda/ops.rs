@@ -376,7 +376,7 @@ impl Ops {
 
     /// V3.2's indexer: keys normalised, rotated and cached, queries rotated.
     pub fn indexer_prepare(&self, s: &IndexerShape, [keys, queries, norm, bias, inv_freq, positions, cache]: [&Buffer; 7]) -> Result<Op> {
-        let kernel = self.kernel(sources::INDEXER, &[], "indexer_prepare")?;
+        let kernel = self.kernel(sources::INDEXER, &[("CACHE", s.cache.code())], "indexer_prepare")?;
         let args = vec![
             keys.into(),
             queries.into(),
@@ -395,7 +395,7 @@ impl Ops {
 
     /// Every visible position's index score, per token.
     pub fn indexer_scores(&self, s: &IndexerShape, [queries, weights, positions, cache, scores]: [&Buffer; 5]) -> Result<Op> {
-        let kernel = self.kernel(sources::INDEXER, &[], "indexer_score")?;
+        let kernel = self.kernel(sources::INDEXER, &[("CACHE", s.cache.code())], "indexer_score")?;
         let (scale, sqrt_heads) = (1.0 / (s.dim as f32).sqrt(), (s.heads as f32).sqrt());
         let args = vec![
             queries.into(),

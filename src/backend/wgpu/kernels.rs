@@ -11,6 +11,7 @@ use std::sync::Mutex;
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
 const CACHE: &str = include_str!("../../../shaders/cache.wgsl");
+const CACHE_STORE: &str = include_str!("../../../shaders/cache_store.wgsl");
 const ATTENTION_PARAMS: &str = include_str!("../../../shaders/attention_params.wgsl");
 const REDUCE_SHARED: &str = include_str!("../../../shaders/reduce_shared.wgsl");
 const REDUCE_SUBGROUPS: &str = include_str!("../../../shaders/reduce_subgroups.wgsl");
@@ -61,9 +62,15 @@ impl Kernel {
         }
     }
 
-    /// Whether the kernel reads or writes the latent cache (through cache.wgsl).
+    /// Whether the kernel reads or writes a latent or index key cache (through cache.wgsl).
     fn uses_cache(self) -> bool {
-        matches!(self, Kernel::LatentStore | Kernel::AttentionPartial | Kernel::AttentionPartialSubgroup | Kernel::AttentionMerge)
+        self.stores_cache() || matches!(self, Kernel::AttentionPartial | Kernel::AttentionPartialSubgroup | Kernel::AttentionMerge)
+    }
+
+    /// Whether the kernel's file writes a cache (cache_store.wgsl; every entry point of the
+    /// file alike, since they share one module).
+    fn stores_cache(self) -> bool {
+        matches!(self, Kernel::LatentStore | Kernel::IndexerPrepare | Kernel::IndexerScores | Kernel::IndexerTopK)
     }
 
     /// Whether the kernel is a form of the split attention (attention_params.wgsl).
@@ -151,6 +158,9 @@ impl Pipelines {
                 }
                 if kernel.uses_cache() {
                     full.push_str(CACHE);
+                }
+                if kernel.stores_cache() {
+                    full.push_str(CACHE_STORE);
                 }
                 if kernel.attends() {
                     full.push_str(ATTENTION_PARAMS);

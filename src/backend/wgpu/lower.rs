@@ -606,7 +606,7 @@ impl Builder {
     pub fn indexer_prepare(&self, s: &IndexerShape, [keys, queries, norm, bias, inv_freq, positions, cache]: [&wgpu::Buffer; 7]) -> Dispatch {
         let p = self.indexer_params(s);
         let buffers = [(0, &p), (1, positions), (2, keys), (3, norm), (4, bias), (5, inv_freq), (6, cache), (7, queries)];
-        self.dispatch_bound(Kernel::IndexerPrepare, None, &[], &buffers, Grid::per_token())
+        self.dispatch_bound(Kernel::IndexerPrepare, None, &[("CACHE", s.cache.code() as f64)], &buffers, Grid::per_token())
     }
 
     /// Every visible position's index score, per token.
@@ -614,7 +614,7 @@ impl Builder {
         let p = self.indexer_params(s);
         let buffers = [(0, &p), (1, positions), (6, cache), (7, queries), (8, weights), (9, scores)];
         let grid = Grid::new([(s.ctx as u32).div_ceil(64), 0, 0, 0], |n, [x, ..]| [x, n, 1]);
-        self.dispatch_bound(Kernel::IndexerScores, None, &[], &buffers, grid)
+        self.dispatch_bound(Kernel::IndexerScores, None, &[("CACHE", s.cache.code() as f64)], &buffers, grid)
     }
 
     /// Each token's `topk` best positions, ascending.

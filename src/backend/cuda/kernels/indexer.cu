@@ -9,7 +9,8 @@
 //                    ascending; all of them while there are at most `topk`. One block per token:
 //                    the k-th largest score is found bit by bit on an order-keeping integer form,
 //                    then the chosen positions are compacted in order.
-// `positions` holds (position, first cache row of its sequence) per token.
+// `positions` holds (position, first cache row of its sequence) per token. The key cache holds
+// `dim` (even) values per row in the latent cache's format (CACHE, common.cuh).
 
 #define MAX_INDEX_DIM 1024u
 
@@ -27,11 +28,11 @@ __device__ __forceinline__ u32 block_count(u32 v) {
 
 extern "C" __global__ void indexer_prepare(const float* __restrict__ keys, float* __restrict__ queries, const float* __restrict__ norm,
                                            const float* __restrict__ bias, const float* __restrict__ inv_freq, const u32* __restrict__ positions,
-                                           float* __restrict__ cache, u32 heads, u32 dim, u32 rope, float rope_scale) {
-    __shared__ float normed[MAX_INDEX_DIM];
+                                           u32* __restrict__ cache, u32 heads, u32 dim, u32 rope, float rope_scale) {
+    __shared__ float normed[MAX_INDEX_DIM], rotated[MAX_INDEX_DIM];
     const u32 t = blockIdx.x, pos = positions[2u * t];
     const float* src = keys + (u64)t * dim;
-    float* dst = cache + ((u64)positions[2u * t + 1u] + pos) * dim;
+    const u64 dst = ((u64)positions[2u * t + 1u] + pos) * dim;
     float acc = 0.0f;
     for (u32 c = threadIdx.x; c < dim; c += blockDim.x) acc += src[c];
     const float mean = block_sum(acc) / (float)dim;
@@ -48,8 +49,10 @@ extern "C" __global__ void indexer_prepare(const float* __restrict__ keys, float
             const float cs = cosf(angle) * rope_scale, sn = sinf(angle) * rope_scale;
             v = c < half ? normed[c] * cs - normed[c + half] * sn : normed[c] * cs + normed[c - half] * sn;
         }
-        dst[c] = v;
+        rotated[c] = v;
     }
+    __syncthreads();
+    for (u32 c = 2u * threadIdx.x; c < dim; c += 2u * blockDim.x) cache_store2(cache, dst + c, rotated[c], rotated[c + 1u]);
     for (u32 i = threadIdx.x; i < heads * half; i += blockDim.x) {
         const u32 h = i / half, j = i % half;
         const float angle = (float)pos * inv_freq[j];
@@ -62,16 +65,16 @@ extern "C" __global__ void indexer_prepare(const float* __restrict__ keys, float
 }
 
 extern "C" __global__ void indexer_score(const float* __restrict__ queries, const float* __restrict__ weights, const u32* __restrict__ positions,
-                                         const float* __restrict__ cache, float* __restrict__ scores, u32 heads, u32 dim, u32 ctx, float scale,
+                                         const u32* __restrict__ cache, float* __restrict__ scores, u32 heads, u32 dim, u32 ctx, float scale,
                                          float sqrt_heads) {
     const u32 t = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j > positions[2u * t]) return;
-    const float* key = cache + ((u64)positions[2u * t + 1u] + j) * dim;
+    const u64 key = ((u64)positions[2u * t + 1u] + j) * dim;
     float total = 0.0f;
     for (u32 h = 0; h < heads; h++) {
         const float* q = queries + ((u64)t * heads + h) * dim;
         float dot = 0.0f;
-        for (u32 c = 0; c < dim; c++) dot += q[c] * key[c];
+        for (u32 c = 0; c < dim; c++) dot += q[c] * cache_load(cache, key + c);
         total += (weights[t * heads + h] / sqrt_heads) * fmaxf(dot * scale, 0.0f);
     }
     scores[(u64)t * ctx + j] = total;
