@@ -214,6 +214,12 @@ pub struct MlaShape {
 }
 
 impl MlaShape {
+    /// The shape the attention's splits are sized for: V3.2's sparse attention (`topk`
+    /// positions per token at most) covers no more than `topk` rows, whatever the context.
+    pub fn attended(&self, topk: Option<usize>) -> MlaShape {
+        MlaShape { ctx: topk.map_or(self.ctx, |k| self.ctx.min(k)), ..*self }
+    }
+
     pub fn new(c: &crate::config::ModelConfig, ctx: usize, rope: &crate::model::rope::Rope) -> MlaShape {
         MlaShape {
             heads: c.num_attention_heads,

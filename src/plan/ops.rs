@@ -33,6 +33,14 @@ pub struct IndexerShape {
     pub cache: crate::backend::layout::CacheFormat,
 }
 
+impl IndexerShape {
+    /// `(1 / sqrt(dim), sqrt(heads))` in f32, as the CPU reference computes them: the score
+    /// kernels of every backend take these.
+    pub fn scales(&self) -> (f32, f32) {
+        (1.0 / (self.dim as f32).sqrt(), (self.heads as f32).sqrt())
+    }
+}
+
 /// Where a MoE layer's routed experts live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Experts {

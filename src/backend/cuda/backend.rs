@@ -191,7 +191,7 @@ impl Backend for CudaBackend {
             Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
                 let bufs = [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)];
                 // Sparse attention covers at most topk positions: splits sized for that many.
-                let splits = self.splits(&MlaShape { ctx: sparse.map_or(mla.ctx, |(_, topk)| mla.ctx.min(topk)), ..*mla });
+                let splits = self.splits(&mla.attended(sparse.map(|(_, topk)| topk)));
                 let sparse = sparse.map(|(selected, topk)| (buf(selected), topk));
                 out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, splits, sparse)?)
             }

@@ -396,7 +396,7 @@ impl Ops {
     /// Every visible position's index score, per token.
     pub fn indexer_scores(&self, s: &IndexerShape, [queries, weights, positions, cache, scores]: [&Buffer; 5]) -> Result<Op> {
         let kernel = self.kernel(sources::INDEXER, &[("CACHE", s.cache.code())], "indexer_score")?;
-        let (scale, sqrt_heads) = (1.0 / (s.dim as f32).sqrt(), (s.heads as f32).sqrt());
+        let (scale, sqrt_heads) = s.scales();
         let args = vec![
             queries.into(),
             weights.into(),

@@ -565,7 +565,7 @@ impl Builder {
     pub fn mla_attention(&self, s: &MlaShape, bufs: [&wgpu::Buffer; 6], sparse: Option<(&wgpu::Buffer, usize)>) -> Vec<Dispatch> {
         let [q, q_lat, positions, cache, split_out, o_lat] = bufs;
         let (selected, topk) = sparse.unwrap_or((&self.dummy, 0));
-        let s = &MlaShape { ctx: if topk > 0 { s.ctx.min(topk) } else { s.ctx }, ..*s };
+        let s = &s.attended(sparse.map(|(_, k)| k));
         let heads = s.heads as u32;
         let split_overrides = [("LORA", s.lora as f64), ("ROPE", s.rope as f64), ("HG", attention_head_group(s) as f64), ("CACHE", s.cache.code() as f64)];
         // CPU adapters: one subgroup per workgroup, where the adapter has one subgroup size.
@@ -598,7 +598,7 @@ impl Builder {
 
     /// V3.2's indexer parameters (indexer.wgsl's `Params`).
     fn indexer_params(&self, s: &IndexerShape) -> wgpu::Buffer {
-        let (scale, sqrt_heads) = (1.0 / (s.dim as f32).sqrt(), (s.heads as f32).sqrt());
+        let (scale, sqrt_heads) = s.scales();
         self.params("indexer", &[s.heads as u32, s.dim as u32, s.rope as u32, s.ctx as u32, s.topk as u32, s.rope_scale.to_bits(), scale.to_bits(), sqrt_heads.to_bits()])
     }
 
