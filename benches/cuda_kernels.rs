@@ -11,7 +11,7 @@ use dsrun::backend::cuda::device::Launch;
 use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Op, Ops};
 use dsrun::backend::cuda::{self, sources, Arg, Device};
 use std::sync::Arc;
-use dsrun::backend::layout::MlaShape;
+use dsrun::plan::layout::MlaShape;
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
 use std::time::Instant;

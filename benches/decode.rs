@@ -7,24 +7,25 @@
 
 use clap::Parser;
 use dsrun::device::{open_engine, GpuChoice};
-use dsrun::inspect::{active_weight_bytes, human_bytes};
+use dsrun::inspect::active_weight_bytes;
+use dsrun::util::human_bytes;
 use dsrun::model::{Logits, Model};
 use std::time::Instant;
 
 #[derive(Parser)]
 struct Args {
     model: std::path::PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto")]
     gpu: GpuChoice,
-    #[arg(long, value_enum, default_value = "keep")]
+    #[arg(long, default_value = "keep")]
     quant: dsrun::quant::QuantTarget,
     /// GPU memory budget (as dsrun's --gpu-mem: auto, bytes, or N% of routed experts).
     #[arg(long, default_value = "auto")]
-    gpu_mem: dsrun::budget::GpuMem,
-    #[arg(long, value_enum, default_value = "lru")]
-    eviction: dsrun::expert_cache::Eviction,
-    #[arg(long, value_enum, default_value = "auto")]
-    prefetch: dsrun::budget::Prefetch,
+    gpu_mem: dsrun::plan::budget::GpuMem,
+    #[arg(long, default_value = "lru")]
+    eviction: dsrun::plan::budget::Eviction,
+    #[arg(long, default_value = "auto")]
+    prefetch: dsrun::plan::budget::Prefetch,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -39,7 +40,7 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
-    let options = dsrun::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch, sequences: 1, kv_cache: Default::default() };
+    let options = dsrun::plan::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch, sequences: 1, kv_cache: Default::default(), mtp: false };
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();

@@ -85,7 +85,7 @@ fn main() {
     // MLA decode attention at DeepSeek-V3's shape (128 heads, latent 512 + rope 64) over a
     // latent cache of L tokens in f32 and f16: one token attends to all L. The bound is the cache
     // read once (L x 576 values in the cache's format).
-    use dsrun::backend::layout::CacheFormat;
+    use dsrun::plan::layout::CacheFormat;
     let (heads, lora, rope, nope) = (if quick { 16 } else { 128 }, 512usize, 64usize, 128usize);
     let qk = nope + rope;
     for cache_format in [CacheFormat::F32, CacheFormat::F16] {

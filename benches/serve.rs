@@ -6,7 +6,7 @@
 //!   cargo bench --bench serve -- MODEL_DIR [--gpu auto|cpu|vulkan|...] [-p 32] [-n 32] [--parallel 1,4,8]
 
 use clap::Parser;
-use dsrun::budget::GpuOptions;
+use dsrun::plan::budget::GpuOptions;
 use dsrun::device::{open_engine, GpuChoice};
 use dsrun::model::Model;
 use dsrun::server::{App, ServerOptions};
@@ -18,7 +18,7 @@ use std::time::Instant;
 #[derive(Parser)]
 struct Args {
     model: std::path::PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto")]
     gpu: GpuChoice,
     #[arg(short = 'p', default_value_t = 32)]
     prompt: usize,

@@ -1,35 +1,8 @@
-//! dsrun: DeepSeek-V3-architecture Mixture-of-Experts models (Multi-head Latent Attention,
-//! DeepSeekMoE routing, FP8 block-quantised weights) from Hugging Face checkpoints.
+//! The `dsrun` program's library: its OpenAI-compatible server and its terminal chat, over
+//! `dsrun-core` (re-exported whole: `dsrun::engine::Engine` is the core's). Programs that embed
+//! dsrun without a command line or a web server depend on `dsrun-core` alone.
 
-pub mod backend;
-pub mod bench;
-pub mod budget;
+pub use dsrun_core::*;
+
 pub mod chat;
-pub mod chat_template;
-pub mod check;
-pub mod checkpoint;
-pub mod config;
-pub mod error;
-pub mod format;
-pub mod hot_path;
-pub mod model;
-pub mod perplexity;
-pub mod plan;
-pub mod quant;
-pub mod runtime;
-
-pub use error::{Error, Result};
-pub mod device;
-pub mod engine;
-pub mod expert_cache;
-pub mod generate;
-pub mod generation_config;
-pub mod inspect;
-pub mod mapped;
-pub mod npy;
-pub mod sample;
 pub mod server;
-pub mod speculative;
-pub mod synth;
-pub mod tiktoken;
-pub mod tokenizer;

@@ -384,3 +384,25 @@ fn bench_measures_at_a_depth_and_in_batches() {
     assert!(report["tests"].as_array().unwrap().iter().all(|t| t["tok_per_s_mean"].as_f64().unwrap() > 0.0));
     assert_fails(&["bench", "-p", "hello"], "prompt length in tokens");
 }
+
+/// A failed write is an error, never a success: logits to a full device, generated text and
+/// reports into a full stdout. The device stays a device (an atomic rename over it would have
+/// replaced it with a file).
+#[test]
+fn failed_writes_fail() {
+    use std::os::unix::fs::FileTypeExt;
+    let full = std::path::Path::new("/dev/full");
+    assert!(std::fs::metadata(full).is_ok_and(|m| m.file_type().is_char_device()), "the test needs /dev/full (Linux)");
+    let out = dsrun(&["logits", "--tokens", "1,2,3", "--out", "/dev/full"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("/dev/full") && !stderr.contains("wrote"), "{stderr}");
+    assert!(std::fs::metadata(full).unwrap().file_type().is_char_device(), "/dev/full was replaced");
+    for args in [&["-n", "4"][..], &["inspect"][..], &["devices"][..]] {
+        let cwd = tempfile::tempdir().unwrap();
+        let stdout = std::fs::OpenOptions::new().write(true).open(full).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).stdout(stdout).output().unwrap();
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} into a full stdout exited 0: {stderr}");
+        assert!(stderr.contains("stdout") && !stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

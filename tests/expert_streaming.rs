@@ -6,10 +6,11 @@
 
 mod common;
 use common::*;
-use dsrun::backend::wgpu::{context, GpuModel};
-use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
+use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::device::GpuChoice;
-use dsrun::expert_cache::Eviction;
+use dsrun::plan::budget::Eviction;
 use dsrun::model::Model;
 
 fn ctx() -> dsrun::backend::wgpu::GpuContext {

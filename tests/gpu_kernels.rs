@@ -7,7 +7,7 @@
 
 mod common;
 use common::random;
-use dsrun::backend::cpu;
+use dsrun::model::math;
 use dsrun::backend::wgpu::lower::{listed_grid, matmul_tiles, Builder, ExpertMatrix, MatmulShape};
 use wgpu::util::DeviceExt;
 use dsrun::backend::wgpu::kernels::Kernel;
@@ -83,7 +83,7 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
             r.set_step(n as u32);
             r.run(&d, n as u32, 1).unwrap();
             let got = r.read_f32(&yb, n * rows).unwrap();
-            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}, {shapes}"), &got, &cpu::matmul(&m, &x, n));
+            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}, {shapes}"), &got, &math::matmul(&m, &x, n));
         }
     }
 }
@@ -121,7 +121,7 @@ fn f16_matmul_stays_within_its_rounding_bound() {
                 r.set_step(n as u32);
                 r.run(&d, n as u32, 1).unwrap();
                 let got = r.read_f32(&yb, n * rows).unwrap();
-                let want = cpu::matmul(&m, &x, n);
+                let want = math::matmul(&m, &x, n);
                 if !takes_f16 {
                     assert_close(&what, &got, &want);
                     continue;
@@ -167,7 +167,7 @@ fn prefill_gemm_every_format_and_tile_edge() {
                 r.set_step(n as u32);
                 r.run(&d, n as u32, 1).unwrap();
                 let got = r.read_f32(&yb, n * rows).unwrap();
-                let mut want = cpu::matmul(&m, &x, n);
+                let mut want = math::matmul(&m, &x, n);
                 if accumulate {
                     want.iter_mut().zip(&base).for_each(|(w, b)| *w += b);
                 }
@@ -188,15 +188,15 @@ fn matmul_accumulates_and_computes_fixed_slots() {
     let (xb, yb) = (r.f32_buffer(&x), r.f32_buffer(&base));
     r.set_step(n as u32);
     r.run(&r.builder().matmul(&gm, &xb, &yb, true), n as u32, 1).unwrap();
-    let mut want = cpu::matmul(&m, &x, n);
-    cpu::add_in_place(&mut want, &base);
+    let mut want = math::matmul(&m, &x, n);
+    math::add_in_place(&mut want, &base);
     assert_close("accumulate", &r.read_f32(&yb, n * rows).unwrap(), &want);
 
     // Only the first slot (the last position's logits are computed from a one-row input).
     let yb = r.zeros(rows).unwrap();
     let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
     r.run(&r.builder().matmul_shaped(&gm, last, &xb, &yb, None), n as u32, 1).unwrap();
-    assert_close("fixed slot", &r.read_f32(&yb, rows).unwrap(), &cpu::matmul(&m, &x[..cols], 1));
+    assert_close("fixed slot", &r.read_f32(&yb, rows).unwrap(), &math::matmul(&m, &x[..cols], 1));
 }
 
 #[test]
@@ -248,7 +248,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
         let want: Vec<f32> = (0..n * k)
-            .flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1))
+            .flat_map(|s| math::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1))
             .collect();
         assert_close(&format!("{dtype:?} experts"), &got, &want);
     }
@@ -320,7 +320,7 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
                 r.read_f32(&yb, n * k * rows).unwrap()
             }
             // q4 stacks need even element counts; compare with the CPU then.
-            Err(_) => (0..n * k).flat_map(|s| cpu::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect(),
+            Err(_) => (0..n * k).flat_map(|s| math::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect(),
         };
         // Expert e sits in slot 3 - e; the list names the step slots to compute (not 1 and 4).
         let pool = SlotMatrix::new(r.ctx(), &stack[0], experts).unwrap();
@@ -362,14 +362,14 @@ fn rmsnorm_and_silu_mul() {
     r.set_step(n as u32);
     r.run(&[r.builder().rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
     let mut want = x.clone();
-    cpu::rms_norm(&mut want, &w, 1e-6);
+    math::rms_norm(&mut want, &w, 1e-6);
     assert_close("rmsnorm", &r.read_f32(&yb, n * dim).unwrap(), &want);
 
     let up = random(32, n * dim);
     let (gb, ub) = (r.f32_buffer(&x), r.f32_buffer(&up));
     r.run(&[r.builder().silu_mul(dim, &gb, &ub)], n as u32, 1).unwrap();
     let mut want = x.clone();
-    cpu::silu_mul(&mut want, &up);
+    math::silu_mul(&mut want, &up);
     assert_close("silu_mul", &r.read_f32(&gb, n * dim).unwrap(), &want);
 }
 
@@ -402,14 +402,14 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
         let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
         r.set_step(n as u32);
         r.run(&r.builder().matmul(&gm, &xb, &yb, false), n as u32, 1).unwrap();
-        assert_close(&format!("{dtype:?} chunked"), &r.read_f32(&yb, n * rows).unwrap(), &cpu::matmul(&m, &x, n));
+        assert_close(&format!("{dtype:?} chunked"), &r.read_f32(&yb, n * rows).unwrap(), &math::matmul(&m, &x, n));
 
         // The embedding gather reads the same chunks by token id.
         let tokens = [0u32, 299, 128, 17];
         let (tb, ob) = (r.u32_buffer(&tokens), r.zeros(tokens.len() * cols).unwrap());
         r.set_step(tokens.len() as u32);
         r.run(&r.builder().embed(&gm, &tb, &ob), tokens.len() as u32, 1).unwrap();
-        assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &cpu::embed(&m, &tokens));
+        assert_close(&format!("{dtype:?} chunked embed"), &r.read_f32(&ob, tokens.len() * cols).unwrap(), &math::embed(&m, &tokens));
     }
 }
 
@@ -472,7 +472,7 @@ fn argmax_and_moe_combine() {
     logits[2 * vocab + 700] = 5.0;
     let (lb, ib) = (r.f32_buffer(&logits), r.zeros(rows).unwrap());
     r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
-    let want: Vec<u32> = logits.chunks(vocab).map(|row| cpu::argmax(row) as u32).collect();
+    let want: Vec<u32> = logits.chunks(vocab).map(|row| math::argmax(row) as u32).collect();
     assert_eq!(r.read_u32(&ib, rows).unwrap(), want);
     assert_eq!(want[2], 10);
     // Rows holding a NaN or an infinity are flagged (the host reports the position).
@@ -480,7 +480,7 @@ fn argmax_and_moe_combine() {
     logits[2 * vocab + 999] = f32::INFINITY;
     let lb = r.f32_buffer(&logits);
     r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
-    assert_eq!(r.read_u32(&ib, rows).unwrap(), vec![want[0], dsrun::engine::NON_FINITE_ID, dsrun::engine::NON_FINITE_ID]);
+    assert_eq!(r.read_u32(&ib, rows).unwrap(), vec![want[0], dsrun::model::NON_FINITE_ID, dsrun::model::NON_FINITE_ID]);
 
     let (n, k, dim) = (3, 4, 77);
     let (expert_out, weights, shared, h) = (random(81, n * k * dim), random(82, n * k), random(83, n * dim), random(84, n * dim));
@@ -492,10 +492,10 @@ fn argmax_and_moe_combine() {
         let mut want = h.clone();
         for t in 0..n {
             for i in 0..k {
-                cpu::axpy(weights[t * k + i], &expert_out[(t * k + i) * dim..][..dim], &mut want[t * dim..][..dim]);
+                math::axpy(weights[t * k + i], &expert_out[(t * k + i) * dim..][..dim], &mut want[t * dim..][..dim]);
             }
             if with_shared {
-                cpu::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
+                math::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
             }
         }
         assert_close(&format!("moe_combine shared={with_shared}"), &r.read_f32(&hb, n * dim).unwrap(), &want);

@@ -3,7 +3,9 @@
 
 mod common;
 use common::*;
-use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::util::Choice;
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
@@ -105,7 +107,7 @@ fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
     for family in FAMILIES {
         let model = Model::load(&fixture(family)).unwrap();
         let capacity = 9 + BATCH_STEPS + 1;
-        let options = dsrun::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
+        let options = dsrun::plan::budget::GpuOptions { sequences: BATCH_ORDER.len(), ..Default::default() };
         let mut cpu = CpuEngine::new(Model::load(&fixture(family)).unwrap(), capacity);
         for (group_experts, cpu_shapes) in [(false, true), (true, true), (true, false)] {
             let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
@@ -126,7 +128,7 @@ fn gpu_batched_decode_matches_each_sequence_alone_on_every_family() {
 /// positions, and the perplexity of the text is within 1% (f16) / 3% (bf16) of f32's.
 #[test]
 fn sixteen_bit_latent_caches_hold_their_quality_floors() {
-    use dsrun::backend::layout::CacheFormat;
+    use dsrun::plan::layout::CacheFormat;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
     let model = Model::load(&dir).unwrap();
     let config = dsrun::config::ModelConfig::from_file(&dir.join("config.json")).unwrap();
@@ -144,7 +146,7 @@ fn sixteen_bit_latent_caches_hold_their_quality_floors() {
     let vocab = config.vocab_size;
     let run = |cache: CacheFormat| -> Vec<f32> {
         let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
-        let options = dsrun::budget::GpuOptions { kv_cache: cache, ..Default::default() };
+        let options = dsrun::plan::budget::GpuOptions { kv_cache: cache, ..Default::default() };
         let mut engine = GpuModel::with_options(ctx, &model, tokens.len(), &options).unwrap();
         let mut logits = engine.forward(&tokens[..split], Logits::All).unwrap();
         for &t in &tokens[split..tokens.len() - 1] {
@@ -178,13 +180,13 @@ fn sixteen_bit_latent_caches_hold_their_quality_floors() {
 /// choice unchanged at every position, in prefill and then decode.
 #[test]
 fn v32_sixteen_bit_caches_stay_close_to_transformers() {
-    use dsrun::backend::layout::CacheFormat;
+    use dsrun::plan::layout::CacheFormat;
     let dir = fixture("v32");
     let g = golden(&dir);
     let model = Model::load(&dir).unwrap();
     for (cache, tolerance) in [(CacheFormat::F16, 2e-3), (CacheFormat::Bf16, 2e-2)] {
         let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
-        let options = dsrun::budget::GpuOptions { kv_cache: cache, ..Default::default() };
+        let options = dsrun::plan::budget::GpuOptions { kv_cache: cache, ..Default::default() };
         let mut engine = GpuModel::with_options(ctx, &model, g.tokens.len(), &options).unwrap();
         let mut logits = engine.forward(&g.tokens[..8], Logits::All).unwrap();
         for &t in &g.tokens[8..] {

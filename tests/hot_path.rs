@@ -4,7 +4,8 @@
 //! it records and submits; `dsrun::hot_path::driver` marks those calls), which are reported.
 
 mod common;
-use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
 use dsrun::device::GpuChoice;
 use dsrun::engine::Engine;
 use dsrun::model::{Logits, Model};
@@ -92,7 +93,8 @@ fn a_wgpu_decode_step_allocates_nothing() {
 #[cfg(feature = "cuda")]
 #[test]
 fn a_cuda_decode_step_allocates_nothing() {
-    use dsrun::backend::cuda::{self, CudaModel, Device};
+    use dsrun::backend::cuda::{self, Device};
+    use dsrun::runtime::CudaModel;
     let model = Model::load(&common::fixture("v3_noaux")).unwrap();
     let mut devices = vec![Device::emulator().expect("the CUDA emulator needs a C++ compiler")];
     match cuda::open(0) {
@@ -113,7 +115,7 @@ fn engines_are_send() {
     send::<dsrun::engine::CpuEngine>();
     send::<Box<dyn Engine>>();
     #[cfg(feature = "cuda")]
-    send::<dsrun::backend::cuda::CudaModel>();
+    send::<dsrun::runtime::CudaModel>();
 
     let model = Model::load(&common::fixture("v2_lite")).unwrap();
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");

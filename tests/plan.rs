@@ -3,13 +3,13 @@
 //! streaming adds under a budget, all as the config says they must be.
 
 mod common;
-use dsrun::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::model::weights::FeedForward;
 use dsrun::model::Model;
-use dsrun::plan::{self, BufferKind, Experts, Op, Plan, Rows, Target};
+use dsrun::plan::{self, BufferKind, Experts, KernelLimits, Op, Plan, Rows, Target};
 use std::collections::BTreeMap;
 
-const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, stack_limit: 1 << 30, private_bytes: 4096, memory: None, software: false };
+const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, stack_limit: 1 << 30, private_bytes: 4096, memory: None, software: false, kernels: KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 } };
 const CAPACITY: usize = 40;
 
 /// How many ops of each name.

@@ -3,8 +3,9 @@
 //! Random-weight fixtures would say little here: quantisation error matters where a model has
 //! learned something.
 
-use dsrun::backend::cpu::{argmax, softmax};
-use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::model::math::{argmax, softmax};
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
 use dsrun::config::ModelConfig;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};

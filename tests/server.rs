@@ -5,8 +5,9 @@
 //! engine is the bundled model on whatever wgpu adapter there is (CI: lavapipe).
 
 mod common;
-use dsrun::backend::wgpu::{context, GpuModel};
-use dsrun::budget::GpuOptions;
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
+use dsrun::plan::budget::GpuOptions;
 use dsrun::chat_template::{ChatTemplate, Message};
 use dsrun::config::ModelConfig;
 use dsrun::device::GpuChoice;
@@ -222,6 +223,81 @@ fn metric(text: &str, name: &str) -> f64 {
     line.unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}")).parse().unwrap()
 }
 
+/// lm-evaluation-harness' loglikelihood request, as its `local-completions` model sends it
+/// (tokenized requests): a batch of id arrays, `echo`, `max_tokens` 1, `logprobs` 1,
+/// temperature 0, a seed. Every choice, in order, scores each prompt token with the model's own
+/// log-softmax at the position before it (computed here by the CPU reference): an off-by-one
+/// or a prompt answered for another fails. Tolerance 1e-4 absolute: the GPU's and the CPU's
+/// logits agree to 1e-5 of their scale (the kernel tolerance), a misaligned position is off by
+/// whole nats. The one generated token is greedy: the last position's best.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lm_evaluation_harness_loglikelihood_batches() {
+    let server = Server::start(None).await;
+    let dir = bundled();
+    let tokenizer = Tokenizer::load(&dir, &ModelConfig::from_file(&dir.join("config.json")).unwrap()).unwrap();
+    let texts = ["Return the value of the", "This module provides functions for working with", "The file", "An error is raised if the argument is not a string"];
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tokenizer.encode(t).unwrap()).collect();
+    let body = json!({"model": "test-model", "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": true});
+    let (status, reply) = server.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let choices = reply["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), prompts.len(), "{reply}");
+    let model = Model::load(&dir).unwrap();
+    let vocab = model.config.vocab_size;
+    let mut cpu = dsrun::engine::CpuEngine::new(model, CONTEXT);
+    let log_softmax = |row: &[f32], token: u32| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let total: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+        row[token as usize] as f64 - max - total.ln()
+    };
+    for (i, (choice, prompt)) in choices.iter().zip(&prompts).enumerate() {
+        assert_eq!(choice["index"], i, "{reply}");
+        let lp = &choice["logprobs"];
+        let scores = lp["token_logprobs"].as_array().unwrap();
+        assert_eq!(scores.len(), prompt.len() + 1, "prompt {i}: every prompt token and the generated one: {lp}");
+        assert!(scores[0].is_null(), "the first token has no context");
+        cpu.reset();
+        let logits = dsrun::engine::Engine::forward(&mut cpu, prompt, dsrun::model::Logits::All).unwrap();
+        let row = |p: usize| &logits[p * vocab..(p + 1) * vocab];
+        for p in 1..prompt.len() {
+            let (got, want) = (scores[p].as_f64().unwrap(), log_softmax(row(p - 1), prompt[p]));
+            assert!((got - want).abs() <= 1e-4, "prompt {i} position {p}: {got} vs the model's {want}");
+        }
+        let last = row(prompt.len() - 1);
+        let greedy = dsrun::model::math::argmax(last) as u32;
+        let (got, want) = (scores[prompt.len()].as_f64().unwrap(), log_softmax(last, greedy));
+        assert!((got - want).abs() <= 1e-4, "prompt {i}: the generated token's {got} vs {want}");
+        assert_eq!(lp["tokens"][prompt.len()].as_str().unwrap(), tokenizer.token_text(greedy), "prompt {i}: greedy");
+        assert_eq!(lp["top_logprobs"][prompt.len()].as_object().unwrap().len(), 1);
+        assert!(choice["text"].as_str().unwrap().starts_with(&tokenizer.decode(prompt).unwrap()), "prompt {i}: echoed text");
+    }
+    let n: usize = prompts.iter().map(Vec::len).sum();
+    assert_eq!(reply["usage"]["prompt_tokens"], n, "{reply}");
+
+    // Several text prompts, streamed: each choice's chunks carry its index, and the texts are
+    // what each prompt gets alone.
+    let alone: Vec<String> = {
+        let mut out = Vec::new();
+        for t in &texts[..2] {
+            let (_, r) = server.post("/v1/completions", &json!({"prompt": t, "max_tokens": 5, "temperature": 0, "ignore_eos": true})).await;
+            out.push(r["choices"][0]["text"].as_str().unwrap().to_string());
+        }
+        out
+    };
+    let streamed = json!({"prompt": &texts[..2], "max_tokens": 5, "temperature": 0, "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
+    let events = server.stream("/v1/completions", &streamed).await;
+    let mut got = vec![String::new(); 2];
+    for e in events.iter().filter(|e| e.as_str() != "[DONE]") {
+        let v: Value = serde_json::from_str(e).unwrap();
+        for c in v["choices"].as_array().unwrap() {
+            got[c["index"].as_u64().unwrap() as usize] += c["text"].as_str().unwrap();
+        }
+    }
+    assert_eq!(got, alone);
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 10, "{usage}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eight_concurrent_streams_each_get_what_they_get_alone() {
     let server = Arc::new(Server::start(None).await);
@@ -339,7 +415,8 @@ async fn bad_requests_get_openai_errors_and_the_server_stays_healthy() {
         ("/v1/completions", json!({"prompt": "x ".repeat(400)}).to_string().into_bytes(), 400, Some("prompt"), "context is 160 tokens"),
         ("/v1/completions", json!({"max_tokens": 3}).to_string().into_bytes(), 422, Some("prompt"), "prompt"),
         ("/v1/completions", json!({"prompt": [1, 2, 999999]}).to_string().into_bytes(), 400, Some("prompt"), "vocabulary"),
-        ("/v1/completions", json!({"prompt": ["a", "b"]}).to_string().into_bytes(), 400, Some("prompt"), "one per request"),
+        ("/v1/completions", json!({"prompt": [[1, 2], [3, 999999]]}).to_string().into_bytes(), 400, Some("prompt"), "vocabulary"),
+        ("/v1/completions", json!({"prompt": []}).to_string().into_bytes(), 400, Some("prompt"), "1 to 1024"),
         (chat, vec![b' '; 100 << 10], 413, None, "limit"),
     ];
     for (path, body, status, param, message) in cases {

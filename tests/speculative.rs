@@ -5,8 +5,9 @@
 
 mod common;
 use common::*;
-use dsrun::backend::wgpu::{context, GpuModel};
-use dsrun::budget::{GpuMem, GpuOptions};
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
+use dsrun::plan::budget::{GpuMem, GpuOptions};
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};

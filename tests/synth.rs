@@ -5,7 +5,8 @@
 
 mod common;
 use common::*;
-use dsrun::backend::wgpu::{context, GpuModel};
+use dsrun::backend::wgpu::context;
+use dsrun::runtime::GpuModel;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
@@ -31,7 +32,7 @@ fn tiny(dtype: SynthDtype) -> SynthOptions {
 fn synth_checkpoints_run_finitely_and_the_gpu_agrees_with_the_cpu() {
     for dtype in [SynthDtype::Bf16, SynthDtype::Fp8] {
         let dir = tempfile::tempdir().unwrap();
-        let report = synth(dir.path(), &tiny(dtype), &indicatif::ProgressBar::hidden()).unwrap();
+        let report = synth(dir.path(), &tiny(dtype), &dsrun::util::Silent).unwrap();
         assert!(report.shards > 1, "{dtype:?}: {} shard(s)", report.shards);
         let model = Model::load(dir.path()).unwrap();
         assert_eq!(model.config.num_hidden_layers, 3);
@@ -54,7 +55,7 @@ fn synth_checkpoints_run_finitely_and_the_gpu_agrees_with_the_cpu() {
         if model.weights.mtp.is_some() {
             let mut cpu = CpuEngine::new(Model::load(dir.path()).unwrap(), tokens.len()).with_mtp().unwrap();
             let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
-            let options = dsrun::budget::GpuOptions { mtp: true, ..Default::default() };
+            let options = dsrun::plan::budget::GpuOptions { mtp: true, ..Default::default() };
             let mut gpu = GpuModel::with_options(ctx, &model, tokens.len(), &options).unwrap();
             let mut drafts = Vec::new();
             for engine in [&mut cpu as &mut dyn Engine, &mut gpu] {
@@ -70,7 +71,7 @@ fn synth_checkpoints_run_finitely_and_the_gpu_agrees_with_the_cpu() {
 #[test]
 fn synth_values_depend_only_on_the_seed() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let bar = indicatif::ProgressBar::hidden();
+    let bar = dsrun::util::Silent;
     synth(a.path(), &tiny(SynthDtype::Fp8), &bar).unwrap();
     synth(b.path(), &tiny(SynthDtype::Fp8), &bar).unwrap();
     let files = |d: &std::path::Path| {

@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use openai::ApiError;
-use scheduler::{Event, Job, Refused, Scheduler};
+use scheduler::{Event, Failure, Job, Refused, Scheduler};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -231,10 +231,11 @@ async fn chat(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result<Respo
                 out
             }
             Event::PromptLogprobs(_) => vec![],
-            Event::Failed(message) => vec![ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).body()],
+            Event::Failed(failure) => vec![ApiError::from(failure).body()],
         }));
     }
-    let reply = collect(receiver).await?;
+    let mut receiver = receiver;
+    let reply = collect(&mut receiver).await?;
     let logprobs = wants_logprobs.then(|| json!({"content": reply.logprobs.iter().map(|lp| openai::chat_logprob(&app.tokenizer, lp)).collect::<Vec<_>>()}));
     Ok(Json(json!({
         "id": id,
@@ -251,84 +252,128 @@ async fn completions(State(app): State<Arc<App>>, raw: Result<Bytes, BytesReject
     completion(app, raw).await.unwrap_or_else(IntoResponse::into_response)
 }
 
+/// Most prompts one /v1/completions request may carry (each is a choice).
+const MAX_PROMPTS: usize = 1024;
+
+/// The request's prompts as token ids, one per choice: a string, an array of strings, an array
+/// of ids or an array of id arrays (lm-evaluation-harness sends the last).
+fn prompts(app: &App, request: &openai::Request) -> Result<Vec<Vec<u32>>, ApiError> {
+    let encode = |text: &str| app.tokenizer.encode(text).map_err(|e| ApiError::invalid(e.to_string(), "prompt"));
+    let prompts = match &request.prompt {
+        None => return Err(ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..ApiError::invalid("missing field `prompt`", "prompt") }),
+        Some(openai::Prompt::Text(text)) => vec![encode(text)?],
+        Some(openai::Prompt::Texts(texts)) => texts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Some(openai::Prompt::Tokens(ids)) => vec![ids.clone()],
+        Some(openai::Prompt::TokenLists(lists)) => lists.clone(),
+    };
+    if prompts.is_empty() || prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(format!("{} prompts: a request takes 1 to {MAX_PROMPTS}", prompts.len()), "prompt"));
+    }
+    // The engine's own check, made before anything streams so that the answer is a 400.
+    for ids in &prompts {
+        crate::model::check_tokens(app.vocab, ids).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))?;
+    }
+    Ok(prompts)
+}
+
+/// One prompt of a completion request on its way: its ids, its text when echoed, its events.
+struct Pending {
+    ids: Vec<u32>,
+    text: String,
+    receiver: UnboundedReceiver<Event>,
+}
+
 async fn completion(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let request = body(raw)?;
-    let prompt = match &request.prompt {
-        None => return Err(ApiError { status: StatusCode::UNPROCESSABLE_ENTITY, ..ApiError::invalid("missing field `prompt`", "prompt") }),
-        Some(openai::Prompt::Text(text)) => app.tokenizer.encode(text).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))?,
-        Some(openai::Prompt::Texts(texts)) if texts.len() == 1 => app.tokenizer.encode(&texts[0]).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))?,
-        Some(openai::Prompt::Texts(texts)) => return Err(ApiError::invalid(format!("{} prompts: this server takes one per request", texts.len()), "prompt")),
-        Some(openai::Prompt::Tokens(ids)) => {
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= app.vocab) {
-                return Err(ApiError::invalid(format!("token {bad} is outside the vocabulary of {} tokens", app.vocab), "prompt"));
-            }
-            ids.clone()
-        }
-    };
     let echo = request.echo;
-    let prompt_text = if echo { app.tokenizer.decode(&prompt).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))? } else { String::new() };
     let logprobs_wanted = request.logprobs(false)?.is_some();
-    let prompt_ids = prompt.clone();
-    let receiver = app.submit(&request, prompt, false)?;
+    let mut pending = Vec::new();
+    // Every prompt is queued before any is answered, so the scheduler runs them together; a
+    // refusal drops the ones queued (the scheduler skips jobs whose client is gone).
+    for ids in prompts(&app, &request)? {
+        let text = if echo { app.tokenizer.decode(&ids).map_err(|e| ApiError::invalid(e.to_string(), "prompt"))? } else { String::new() };
+        let receiver = app.submit(&request, ids.clone(), false)?;
+        pending.push(Pending { ids, text, receiver });
+    }
     let id = app.next_id("cmpl");
     let created = unix_time();
     let model = app.options.model_name.clone();
     if request.stream {
         let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let head = json!({"id": id, "object": "text_completion", "created": created, "model": model});
-        let tokenizer = app.tokenizer.clone();
-        let chunk = move |text: &str, logprobs: Value, finish: Value| {
-            let mut c = head.clone();
-            c["choices"] = json!([{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]);
-            c
-        };
-        let mut offset = prompt_text.len();
-        let first = if echo && !logprobs_wanted { vec![chunk(&prompt_text, Value::Null, Value::Null)] } else { vec![] };
-        let (prompt_ids, prompt_text) = (prompt_ids.clone(), prompt_text.clone());
-        return Ok(stream(receiver, first, move |event| match event {
-            Event::PromptLogprobs(scored) => {
-                let tokens: Vec<(u32, Option<&TokenLogprob>)> = prompt_ids.iter().copied().zip(scored.iter().map(Option::as_ref)).collect();
-                vec![chunk(&prompt_text, openai::completion_logprobs(&tokenizer, &tokens, 0), Value::Null)]
-            }
-            Event::Token { text, logprob } => {
-                let logprobs = match &logprob {
-                    Some(lp) => openai::completion_logprobs(&tokenizer, &[(lp.token, Some(lp))], offset),
-                    None => Value::Null,
-                };
-                offset += text.len();
-                vec![chunk(&text, logprobs, Value::Null)]
-            }
-            Event::Done { reason, prompt_tokens, cached_tokens, completion_tokens } => {
-                let mut last = chunk("", Value::Null, json!(reason.finish_reason()));
-                if include_usage {
-                    last["usage"] = openai::usage(prompt_tokens, cached_tokens, completion_tokens);
-                }
-                vec![last]
-            }
-            Event::Failed(message) => vec![ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message).body()],
-        }));
+        let usage = Arc::new(std::sync::Mutex::new((0usize, 0usize, 0usize)));
+        let streams: Vec<_> = pending.into_iter().enumerate().map(|(index, p)| completion_chunks(index, p, echo, logprobs_wanted, head.clone(), app.tokenizer.clone(), usage.clone())).collect();
+        let last = include_usage.then(|| {
+            let mut last = head.clone();
+            last["choices"] = json!([]);
+            (last, usage)
+        });
+        return Ok(stream_many(streams, last));
     }
-    let reply = collect(receiver).await?;
-    let logprobs = logprobs_wanted.then(|| {
-        let mut tokens: Vec<(u32, Option<&TokenLogprob>)> = Vec::new();
-        let mut offset = 0;
-        if let Some(scored) = &reply.prompt_logprobs {
-            tokens.extend(prompt_ids.iter().copied().zip(scored.iter().map(Option::as_ref)));
-        } else {
-            offset = prompt_text.len();
-        }
-        tokens.extend(reply.logprobs.iter().map(|lp| (lp.token, Some(lp))));
-        openai::completion_logprobs(&app.tokenizer, &tokens, offset)
-    });
+    let replies = futures_util::future::join_all(pending.iter_mut().map(|p| collect(&mut p.receiver))).await;
+    let (mut choices, mut totals) = (Vec::new(), (0, 0, 0));
+    for (index, (p, reply)) in pending.iter().zip(replies).enumerate() {
+        let reply = reply?;
+        let logprobs = logprobs_wanted.then(|| {
+            let mut tokens: Vec<(u32, Option<&TokenLogprob>)> = Vec::new();
+            let mut offset = 0;
+            if let Some(scored) = &reply.prompt_logprobs {
+                tokens.extend(p.ids.iter().copied().zip(scored.iter().map(Option::as_ref)));
+            } else {
+                offset = p.text.len();
+            }
+            tokens.extend(reply.logprobs.iter().map(|lp| (lp.token, Some(lp))));
+            openai::completion_logprobs(&app.tokenizer, &tokens, offset)
+        });
+        choices.push(json!({"text": p.text.clone() + &reply.text, "index": index, "logprobs": logprobs, "finish_reason": reply.reason.finish_reason()}));
+        totals = (totals.0 + reply.prompt_tokens, totals.1 + reply.cached_tokens, totals.2 + reply.completion_tokens);
+    }
     Ok(Json(json!({
         "id": id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"text": prompt_text + &reply.text, "index": 0, "logprobs": logprobs, "finish_reason": reply.reason.finish_reason()}],
-        "usage": openai::usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens),
+        "choices": choices,
+        "usage": openai::usage(totals.0, totals.1, totals.2),
     }))
     .into_response())
+}
+
+type Usage = Arc<std::sync::Mutex<(usize, usize, usize)>>;
+
+/// Choice `index`'s stream chunks: the echoed prompt (with its scores when asked), each
+/// token, and its finish; its usage is added to `usage` when it is done.
+fn completion_chunks(index: usize, p: Pending, echo: bool, logprobs_wanted: bool, head: Value, tokenizer: Arc<Tokenizer>, usage: Usage) -> (UnboundedReceiver<Event>, Vec<Value>, Box<dyn FnMut(Event) -> Vec<Value> + Send>) {
+    let chunk = move |text: &str, logprobs: Value, finish: Value| {
+        let mut c = head.clone();
+        c["choices"] = json!([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]);
+        c
+    };
+    let mut offset = p.text.len();
+    let first = if echo && !logprobs_wanted { vec![chunk(&p.text, Value::Null, Value::Null)] } else { vec![] };
+    let (prompt_ids, prompt_text) = (p.ids, p.text);
+    let chunks = move |event| match event {
+        Event::PromptLogprobs(scored) => {
+            let tokens: Vec<(u32, Option<&TokenLogprob>)> = prompt_ids.iter().copied().zip(scored.iter().map(Option::as_ref)).collect();
+            vec![chunk(&prompt_text, openai::completion_logprobs(&tokenizer, &tokens, 0), Value::Null)]
+        }
+        Event::Token { text, logprob } => {
+            let logprobs = match &logprob {
+                Some(lp) => openai::completion_logprobs(&tokenizer, &[(lp.token, Some(lp))], offset),
+                None => Value::Null,
+            };
+            offset += text.len();
+            vec![chunk(&text, logprobs, Value::Null)]
+        }
+        Event::Done { reason, prompt_tokens, cached_tokens, completion_tokens } => {
+            if let Ok(mut u) = usage.lock() {
+                *u = (u.0 + prompt_tokens, u.1 + cached_tokens, u.2 + completion_tokens);
+            }
+            vec![chunk("", Value::Null, json!(reason.finish_reason()))]
+        }
+        Event::Failed(failure) => vec![ApiError::from(failure).body()],
+    };
+    (p.receiver, first, Box::new(chunks))
 }
 
 /// A reply collected whole (non-streaming requests).
@@ -342,7 +387,7 @@ struct Reply {
     completion_tokens: usize,
 }
 
-async fn collect(mut receiver: UnboundedReceiver<Event>) -> Result<Reply, ApiError> {
+async fn collect(receiver: &mut UnboundedReceiver<Event>) -> Result<Reply, ApiError> {
     let mut reply = Reply { text: String::new(), logprobs: Vec::new(), prompt_logprobs: None, reason: StopReason::MaxTokens, prompt_tokens: 0, cached_tokens: 0, completion_tokens: 0 };
     while let Some(event) = receiver.recv().await {
         match event {
@@ -355,32 +400,50 @@ async fn collect(mut receiver: UnboundedReceiver<Event>) -> Result<Reply, ApiErr
                 (reply.reason, reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens) = (reason, prompt_tokens, cached_tokens, completion_tokens);
                 return Ok(reply);
             }
-            Event::Failed(message) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)),
+            Event::Failed(failure) => return Err(ApiError::from(failure)),
         }
     }
     Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the engine stopped before the reply was complete").code("shutting_down"))
 }
 
 /// Server-sent events: `first`, then each event's chunks as `data:` lines, then `[DONE]`.
-fn stream(receiver: UnboundedReceiver<Event>, first: Vec<Value>, mut chunks: impl FnMut(Event) -> Vec<Value> + Send + 'static) -> Response {
-    use futures_util::stream::{self, StreamExt};
-    let head = stream::iter(first.into_iter().map(|v| Ok::<_, std::convert::Infallible>(SseEvent::default().data(v.to_string()))));
-    let body = stream::unfold((receiver, false), move |(mut receiver, finished)| {
-        let next = if finished { None } else { Some(()) };
-        async move {
-            next?;
-            Some(match receiver.recv().await {
-                Some(event) => {
-                    let last = matches!(event, Event::Done { .. } | Event::Failed(_));
-                    (event, (receiver, last))
-                }
-                None => (Event::Failed("the engine stopped before the reply was complete".into()), (receiver, true)),
-            })
+fn stream(receiver: UnboundedReceiver<Event>, first: Vec<Value>, chunks: impl FnMut(Event) -> Vec<Value> + Send + 'static) -> Response {
+    stream_many(vec![(receiver, first, Box::new(chunks))], None)
+}
+
+/// One choice's events until it is done or failed (a closed channel is a failure).
+fn events(receiver: UnboundedReceiver<Event>) -> impl futures_util::Stream<Item = Event> {
+    futures_util::stream::unfold((receiver, false), |(mut receiver, finished)| async move {
+        if finished {
+            return None;
         }
+        Some(match receiver.recv().await {
+            Some(event) => {
+                let last = matches!(event, Event::Done { .. } | Event::Failed(_));
+                (event, (receiver, last))
+            }
+            None => (Event::Failed(Failure { message: "the engine stopped before the reply was complete".into(), request: false }), (receiver, true)),
+        })
     })
-    .flat_map(move |event| stream::iter(chunks(event).into_iter().map(|v| Ok(SseEvent::default().data(v.to_string())))));
+}
+
+/// Server-sent events of several choices as they come (each choice: `first`, then each
+/// event's chunks), then `last` with the summed usage where asked, then `[DONE]`.
+#[allow(clippy::type_complexity)]
+fn stream_many(choices: Vec<(UnboundedReceiver<Event>, Vec<Value>, Box<dyn FnMut(Event) -> Vec<Value> + Send>)>, last: Option<(Value, Usage)>) -> Response {
+    use futures_util::stream::{self, StreamExt};
+    let streams = choices.into_iter().map(|(receiver, first, mut chunks)| stream::iter(first).chain(events(receiver).flat_map(move |event| stream::iter(chunks(event)))).boxed());
+    let tail = stream::once(async move {
+        last.map(|(mut value, usage)| {
+            let (prompt, cached, completion) = usage.lock().map_or((0, 0, 0), |u| *u);
+            value["usage"] = openai::usage(prompt, cached, completion);
+            value
+        })
+    })
+    .filter_map(|v| async move { v });
+    let body = stream::select_all(streams).chain(tail).map(|v| Ok::<_, std::convert::Infallible>(SseEvent::default().data(v.to_string())));
     let done = stream::once(async { Ok(SseEvent::default().data("[DONE]")) });
-    Sse::new(head.chain(body).chain(done)).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(body.chain(done)).keep_alive(KeepAlive::default()).into_response()
 }
 
 async fn models(State(app): State<Arc<App>>) -> Json<Value> {

@@ -46,6 +46,14 @@ impl ApiError {
     }
 }
 
+/// An engine's failure: 400 where the request was at fault, 500 where the engine was.
+impl From<crate::server::scheduler::Failure> for ApiError {
+    fn from(f: crate::server::scheduler::Failure) -> ApiError {
+        let status = if f.request { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
+        ApiError::new(status, f.message)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, axum::Json(self.body())).into_response()
@@ -65,6 +73,8 @@ pub enum Prompt {
     Text(String),
     Texts(Vec<String>),
     Tokens(Vec<u32>),
+    /// Several prompts as token ids (lm-evaluation-harness' loglikelihood requests).
+    TokenLists(Vec<Vec<u32>>),
 }
 
 #[derive(Debug, Deserialize)]

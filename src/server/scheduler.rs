@@ -39,7 +39,20 @@ pub enum Event {
     PromptLogprobs(Vec<Option<TokenLogprob>>),
     Token { text: String, logprob: Option<TokenLogprob> },
     Done { reason: StopReason, prompt_tokens: usize, cached_tokens: usize, completion_tokens: usize },
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why a reply failed, and whether the request was at fault (a 4xx) or the engine (a 5xx).
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    pub request: bool,
+}
+
+impl From<&crate::error::Error> for Failure {
+    fn from(e: &crate::error::Error) -> Failure {
+        Failure { message: e.to_string(), request: e.is_request_error() }
+    }
 }
 
 /// The queue into the engine thread and what it reports about its load.
@@ -203,7 +216,7 @@ impl Worker {
             let sampler = match Sampler::new(job.sampler, self.engine.config().vocab_size) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = job.events.send(Event::Failed(e.to_string()));
+                    let _ = job.events.send(Event::Failed((&e).into()));
                     continue;
                 }
             };
@@ -279,7 +292,7 @@ impl Worker {
         };
         self.metrics.prompt_step(started.elapsed().as_secs_f64());
         match result {
-            Err(e) => self.fail(seq, &e.to_string()),
+            Err(e) => self.fail(seq, &e),
             Ok((ran, logits, id)) => {
                 let slot = &mut self.slots[seq];
                 let active = slot.active.as_ref().expect("an active slot");
@@ -307,7 +320,7 @@ impl Worker {
         let mut next = active.prompt[from + 1..].to_vec();
         next.push(first);
         match self.engine.draft(seq, &next) {
-            Err(e) => self.fail(seq, &e.to_string()),
+            Err(e) => self.fail(seq, &e),
             Ok(logits) => self.keep_draft(seq, &logits),
         }
     }
@@ -355,7 +368,7 @@ impl Worker {
         let result = self.engine.verify_batch(&verify);
         let vocab = self.engine.config().vocab_size;
         let logits = match result {
-            Err(e) => return batch.iter().for_each(|&(seq, _)| self.fail(seq, &e.to_string())),
+            Err(e) => return batch.iter().for_each(|&(seq, _)| self.fail(seq, &e)),
             Ok(l) => l,
         };
         let mut row = 0;
@@ -410,7 +423,7 @@ impl Worker {
             self.metrics.decode_step(emitted, seconds, true, &self.spec.speculating);
         }
         match result {
-            Err(e) => drafts.iter().for_each(|(seq, _)| self.fail(*seq, &e.to_string())),
+            Err(e) => drafts.iter().for_each(|(seq, _)| self.fail(*seq, &e)),
             Ok(logits) => {
                 for (i, (seq, _)) in drafts.iter().enumerate() {
                     self.keep_draft(*seq, &logits[i * vocab..(i + 1) * vocab]);
@@ -440,7 +453,7 @@ impl Worker {
         self.metrics.decode_step(batch.len(), seconds, false, &self.spec.plain);
         let vocab = self.engine.config().vocab_size;
         match result {
-            Err(e) => batch.iter().for_each(|&(seq, _)| self.fail(seq, &e.to_string())),
+            Err(e) => batch.iter().for_each(|&(seq, _)| self.fail(seq, &e)),
             Ok((logits, ids)) => {
                 for (row, &(seq, fed)) in batch.iter().enumerate() {
                     self.slots[seq].cached.push(fed);
@@ -449,7 +462,7 @@ impl Worker {
                     let token = match (&ids, row_logits) {
                         (Some(ids), _) => ids[row],
                         (None, Some(l)) if active.generation.wants_logits() => active.generation.choose(l),
-                        (None, Some(l)) => crate::backend::cpu::argmax(l) as u32,
+                        (None, Some(l)) => crate::model::math::argmax(l) as u32,
                         (None, None) => unreachable!("a step returns ids or logits"),
                     };
                     self.accept(seq, token, row_logits);
@@ -466,7 +479,7 @@ impl Worker {
         let before = active.generation.generated;
         let emitted = match active.generation.push(&self.tokenizer, token, logits) {
             Ok(e) => e,
-            Err(e) => return self.fail(seq, &e.to_string()),
+            Err(e) => return self.fail(seq, &e),
         };
         if !emitted.text.is_empty() || emitted.logprob.is_some() {
             let _ = active.events.send(Event::Token { text: emitted.text, logprob: emitted.logprob });
@@ -483,7 +496,7 @@ impl Worker {
         let active = slot.active.take().expect("an active slot");
         match tail {
             Err(e) => {
-                let _ = active.events.send(Event::Failed(e.to_string()));
+                let _ = active.events.send(Event::Failed((&e).into()));
             }
             Ok(tail) => {
                 if !tail.is_empty() {
@@ -499,9 +512,9 @@ impl Worker {
         }
     }
 
-    fn fail(&mut self, seq: usize, message: &str) {
+    fn fail(&mut self, seq: usize, error: &crate::error::Error) {
         if let Some(active) = self.slots[seq].active.take() {
-            let _ = active.events.send(Event::Failed(message.to_string()));
+            let _ = active.events.send(Event::Failed(error.into()));
         }
         // What the cache holds is unknown after a failed step.
         self.slots[seq].cached.clear();

@@ -62,7 +62,7 @@ pub fn relative_error(a: &[f32], reference: &[f32]) -> f32 {
 }
 
 pub fn argmax(x: &[f32]) -> usize {
-    dsrun::backend::cpu::argmax(x)
+    dsrun::model::math::argmax(x)
 }
 
 /// Asserts the stated tolerance and the same argmax at every position.

@@ -1,0 +1,100 @@
+//! Which compute device a command runs on (`--gpu`), and the engine that runs there.
+
+use crate::backend::wgpu::{context, WgpuBackend};
+use crate::runtime::GpuModel;
+use crate::backend::Backend;
+pub use crate::backend::GpuChoice;
+use crate::engine::{CpuEngine, Engine};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::plan::budget::{GpuMem, GpuOptions};
+use crate::quant::QuantTarget;
+use crate::util::{Progress, Silent};
+
+
+/// Opens the engine for `choice` with room for `capacity` tokens of context.
+/// `options` apply to GPU engines; the CPU reference always computes with the weights as stored.
+pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
+    open_engine_with_progress(choice, model, capacity, options, &Silent)
+}
+
+/// As [`open_engine`], reporting the weights loaded to `progress`.
+pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
+    let cpu = |model: Model| -> Result<Box<dyn Engine>> {
+        if options.quant != QuantTarget::Keep {
+            return Err(Error::Invalid("--quant applies to GPU backends; the CPU reference keeps the stored weights".into()));
+        }
+        if options.gpu_mem != GpuMem::Auto {
+            return Err(Error::Invalid("--gpu-mem applies to GPU backends; the CPU reference runs from host memory".into()));
+        }
+        let engine = CpuEngine::with_sequences(model, capacity, options.sequences);
+        Ok(Box::new(if options.mtp { engine.with_mtp()? } else { engine }))
+    };
+    match choice {
+        GpuChoice::Cpu => cpu(model),
+        GpuChoice::Cuda => cuda_engine(model, capacity, options, progress),
+        GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
+            eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
+            cpu(model)
+        }
+        _ => {
+            let ctx = context::open(choice)?;
+            if choice == GpuChoice::Auto {
+                log::info!("--gpu auto chose {}", ctx.describe());
+            }
+            Ok(Box::new(GpuModel::load(ctx, &model, capacity, options, progress)?))
+        }
+    }
+}
+
+/// The forward plan `choice`'s backend would run `model` with, as text (`dsrun inspect --plan`):
+/// the backend's limits are read from its device; nothing is uploaded.
+pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
+    fn text<B: Backend>(mut backend: B, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
+        let target = backend.target(&model.config, capacity)?;
+        let plan = crate::plan::build(model, capacity, options, &target)?;
+        Ok(format!("device     {}\n{}", backend.describe(), plan.describe()))
+    }
+    match choice {
+        GpuChoice::Cpu => Err(Error::Invalid(
+            "--plan: the CPU reference computes the model directly (src/model) without a plan; choose a GPU backend with --gpu".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
+        #[cfg(not(feature = "cuda"))]
+        GpuChoice::Cuda => Err(no_cuda()),
+        _ => text(WgpuBackend::new(context::open(choice)?)?, model, capacity, options),
+    }
+}
+
+/// `--gpu cuda`: CUDA device 0 (`DSRUN_CUDA_EMULATOR=1`: the CPU emulator instead, for testing
+/// the path where there is no NVIDIA GPU; very slow).
+#[cfg(feature = "cuda")]
+fn cuda_device() -> Result<crate::backend::cuda::Device> {
+    use crate::backend::cuda::Device;
+    let device = match std::env::var("DSRUN_CUDA_EMULATOR") {
+        Ok(v) if v == "1" => Device::emulator()?,
+        _ => Device::driver(0)?,
+    };
+    log::info!("--gpu cuda: {}", device.describe());
+    Ok(device)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
+    Ok(Box::new(crate::runtime::CudaModel::load(cuda_device()?, &model, capacity, options, progress)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_engine(_: Model, _: usize, _: &GpuOptions, _: &dyn Progress) -> Result<Box<dyn Engine>> {
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Error {
+    Error::NoDevice(
+        "--gpu cuda: this dsrun was built without CUDA; rebuild with `cargo build --release --features cuda` \
+         (no CUDA toolkit needed), or use --gpu vulkan (NVIDIA GPUs run through Vulkan too) or --gpu cpu"
+            .into(),
+    )
+}

@@ -1,0 +1,235 @@
+//! What every GPU backend agrees on: how a weight matrix (or a stack of experts) is packed for
+//! the kernels, and the shapes the model is lowered with.
+
+use crate::error::{Error, Result};
+use crate::model::weights::Matrix;
+use crate::quant::DType;
+
+/// A packed matrix's shape, as the kernels read it (`WeightLayout` in shaders/weights.wgsl and
+/// the CUDA kernels' common.cuh).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct WeightLayout {
+    pub rows: u32,
+    pub cols: u32,
+    pub expert_stride: u32,
+    pub scale_expert_stride: u32,
+    pub grid_cols: u32,
+    pub block_rows: u32,
+    pub block_cols: u32,
+    /// A row chunk of a split matrix: its first row and the whole matrix's rows.
+    pub row0: u32,
+    pub total_rows: u32,
+    pub pad: [u32; 3],
+}
+
+/// One matrix, or same-shaped experts back to back (expert e at element `e * rows * cols`), as
+/// the kernels take it: stored bytes padded to whole words, and the scales of each in turn.
+pub struct PackedStack {
+    pub layout: WeightLayout,
+    pub data: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+impl PackedStack {
+    /// Experts of a layer must share shape and dtype to stack (and q4's nibbles whole bytes).
+    pub fn check(stack: &[&Matrix]) -> Result<()> {
+        let first = stack[0];
+        if let Some(odd) = stack.iter().find(|m| m.dtype != first.dtype || m.rows != first.rows || m.cols != first.cols) {
+            return Err(Error::Invalid(format!(
+                "`{}` ({:?}, {}x{}) differs from `{}` ({:?}, {}x{}): experts of a layer must share shape and dtype",
+                odd.name, odd.dtype, odd.rows, odd.cols, first.name, first.dtype, first.rows, first.cols
+            )));
+        }
+        if first.dtype == DType::Q4 && stack.len() > 1 && (first.rows * first.cols) % 2 == 1 {
+            return Err(Error::Invalid(format!("`{}`: q4 experts need an even element count to stack", first.name)));
+        }
+        Ok(())
+    }
+
+    /// `stack` as rows `row0 ..` of a matrix of `total_rows` rows (0 and its own rows if whole).
+    pub fn new(stack: &[&Matrix], row0: usize, total_rows: usize) -> PackedStack {
+        let first = stack[0];
+        let mut data: Vec<u8> = Vec::with_capacity(stack.iter().map(|m| m.data.as_slice().len()).sum::<usize>() + 4);
+        let mut scales: Vec<f32> = Vec::new();
+        for m in stack {
+            data.extend_from_slice(m.data.as_slice());
+            if let Some(s) = &m.scales {
+                scales.extend_from_slice(&s.values);
+            }
+        }
+        data.resize(data.len().next_multiple_of(4).max(4), 0);
+        let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
+            Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
+            None => (1, 1, 1, 0),
+        };
+        if scales.is_empty() {
+            scales.push(0.0);
+        }
+        let layout = WeightLayout {
+            rows: first.rows as u32,
+            cols: first.cols as u32,
+            expert_stride: (first.rows * first.cols) as u32,
+            scale_expert_stride: scale_stride as u32,
+            grid_cols: grid_cols as u32,
+            block_rows: block_rows as u32,
+            block_cols: block_cols as u32,
+            row0: row0 as u32,
+            total_rows: total_rows as u32,
+            pad: [0; 3],
+        };
+        PackedStack { layout, data, scales }
+    }
+}
+
+/// How an expert cache lays out equal slots for matrices shaped like `template` (one expert's,
+/// in the format the GPU keeps): each slot padded to whole words so one expert is one aligned
+/// copy, and the layout that lets kernels index slot s as expert s.
+pub struct SlotLayout {
+    pub layout: WeightLayout,
+    /// Bytes between slots in the weight buffer.
+    pub data_stride: u64,
+    /// Scale values per slot.
+    pub scale_values: usize,
+}
+
+impl SlotLayout {
+    pub fn new(template: &Matrix) -> SlotLayout {
+        let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(4);
+        let scale_values = template.scales.as_ref().map_or(0, |s| s.values.len());
+        let expert_stride = data_stride as usize * 8 / template.dtype.format().bits as usize;
+        let (grid_cols, block_rows, block_cols) = match &template.scales {
+            Some(s) => (s.grid_cols, s.block_rows, s.block_cols),
+            None => (1, 1, 1),
+        };
+        let layout = WeightLayout {
+            rows: template.rows as u32,
+            cols: template.cols as u32,
+            expert_stride: expert_stride as u32,
+            scale_expert_stride: scale_values as u32,
+            grid_cols: grid_cols as u32,
+            block_rows: block_rows as u32,
+            block_cols: block_cols as u32,
+            row0: 0,
+            total_rows: template.rows as u32,
+            pad: [0; 3],
+        };
+        SlotLayout { layout, data_stride, scale_values }
+    }
+
+    /// Bytes one slot takes (weights and scales).
+    pub fn slot_bytes(&self) -> u64 {
+        self.data_stride + self.scale_values as u64 * 4
+    }
+
+    /// `m`'s stored bytes padded to the slot stride.
+    pub fn padded<'a>(&self, m: &'a Matrix) -> std::borrow::Cow<'a, [u8]> {
+        let data = m.data.as_slice();
+        if data.len() as u64 == self.data_stride {
+            return data.into();
+        }
+        let mut padded = data.to_vec();
+        padded.resize(self.data_stride as usize, 0);
+        padded.into()
+    }
+}
+
+/// How a matmul picks its input rows and its weights.
+#[derive(Clone, Copy)]
+pub struct MatmulShape {
+    /// Output slots per token (top-k for routed experts, else 1).
+    pub slots_per_token: u32,
+    /// Slot s reads input row s / x_div.
+    pub x_div: u32,
+    /// Slot s multiplies by the stacked expert ids[s].
+    pub use_ids: bool,
+    /// Compute exactly this many slots whatever the step's size (the last position's logits).
+    pub fixed_slots: Option<u32>,
+    /// ids lists (slot, expert) pairs, one per workgroup z (expert-cache pools).
+    pub slot_list: bool,
+    /// y += W x instead of y = W x (residual connections).
+    pub accumulate: bool,
+}
+
+impl MatmulShape {
+    pub const PLAIN: MatmulShape = MatmulShape { slots_per_token: 1, x_div: 1, use_ids: false, fixed_slots: None, slot_list: false, accumulate: false };
+}
+
+/// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
+pub const LATENT_NORM_EPS: f64 = 1e-6;
+
+/// How the latent cache stores its values (`--kv-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheFormat {
+    /// Half precision: half the bytes of f32, 11 significant bits.
+    F16,
+    /// bfloat16: half the bytes, f32's range, 8 significant bits.
+    Bf16,
+    /// Exact (what `dsrun logits` and the fixture tests use).
+    #[default]
+    F32,
+}
+
+crate::util::choices!(CacheFormat {
+    F16 => "f16": "half precision: half the bytes of f32",
+    Bf16 => "bf16": "bfloat16: half the bytes, f32's range",
+    F32 => "f32": "exact",
+});
+
+impl CacheFormat {
+    /// The shaders' `CACHE` constant.
+    pub fn code(self) -> u32 {
+        match self {
+            CacheFormat::F32 => 0,
+            CacheFormat::F16 => 1,
+            CacheFormat::Bf16 => 2,
+        }
+    }
+
+    /// 32-bit words that hold `values` values (16-bit formats pack two per word).
+    pub fn words(self, values: usize) -> usize {
+        match self {
+            CacheFormat::F32 => values,
+            CacheFormat::F16 | CacheFormat::Bf16 => values.div_ceil(2),
+        }
+    }
+}
+
+/// The dimensions MLA kernels need (SPEC.md's names).
+#[derive(Debug, Clone, Copy)]
+pub struct MlaShape {
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v: usize,
+    pub lora: usize,
+    /// Cache capacity in tokens (the attention scratch row length).
+    pub ctx: usize,
+    pub scale: f32,
+    pub rope_scale: f32,
+    /// How the latent cache stores its values.
+    pub cache: CacheFormat,
+}
+
+impl MlaShape {
+    /// The shape the attention's splits are sized for: V3.2's sparse attention (`topk`
+    /// positions per token at most) covers no more than `topk` rows, whatever the context.
+    pub fn attended(&self, topk: Option<usize>) -> MlaShape {
+        MlaShape { ctx: topk.map_or(self.ctx, |k| self.ctx.min(k)), ..*self }
+    }
+
+    pub fn new(c: &crate::config::ModelConfig, ctx: usize, rope: &crate::model::rope::Rope) -> MlaShape {
+        MlaShape {
+            heads: c.num_attention_heads,
+            nope: c.qk_nope_head_dim,
+            rope: c.qk_rope_head_dim,
+            v: c.v_head_dim,
+            lora: c.kv_lora_rank,
+            ctx,
+            scale: c.softmax_scale() as f32,
+            rope_scale: rope.scale,
+            cache: CacheFormat::F32,
+        }
+    }
+}
+
