@@ -244,6 +244,7 @@ async fn lm_evaluation_harness_loglikelihood_batches() {
     assert_eq!(choices.len(), prompts.len(), "{reply}");
     let model = Model::load(&dir).unwrap();
     let vocab = model.config.vocab_size;
+    use dsrun::engine::Engine;
     let mut cpu = dsrun::engine::CpuEngine::new(model, CONTEXT);
     let log_softmax = |row: &[f32], token: u32| {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -257,7 +258,7 @@ async fn lm_evaluation_harness_loglikelihood_batches() {
         assert_eq!(scores.len(), prompt.len() + 1, "prompt {i}: every prompt token and the generated one: {lp}");
         assert!(scores[0].is_null(), "the first token has no context");
         cpu.reset();
-        let logits = dsrun::engine::Engine::forward(&mut cpu, prompt, dsrun::model::Logits::All).unwrap();
+        let logits = cpu.forward(prompt, dsrun::model::Logits::All).unwrap();
         let row = |p: usize| &logits[p * vocab..(p + 1) * vocab];
         for p in 1..prompt.len() {
             let (got, want) = (scores[p].as_f64().unwrap(), log_softmax(row(p - 1), prompt[p]));
