@@ -89,7 +89,7 @@ fn rank(info: &wgpu::AdapterInfo) -> u8 {
 
 /// Why `choice` found no adapter, and what to use instead.
 fn no_adapter(choice: GpuChoice) -> String {
-    let name = choice_name(choice);
+    let name = choice.name();
     let platform = match choice {
         GpuChoice::Metal if !cfg!(any(target_os = "macos", target_os = "ios")) => Some("Metal exists only on macOS and iOS"),
         GpuChoice::Dx12 if !cfg!(windows) => Some("DirectX 12 exists only on Windows"),
@@ -98,7 +98,7 @@ fn no_adapter(choice: GpuChoice) -> String {
     let others: Vec<String> = [GpuChoice::Vulkan, GpuChoice::Metal, GpuChoice::Dx12, GpuChoice::Gl]
         .into_iter()
         .filter(|&c| c != choice && choice != GpuChoice::Auto)
-        .filter_map(|c| adapters(c).first().map(|a| format!("--gpu {} ({})", choice_name(c), a.get_info().name)))
+        .filter_map(|c| adapters(c).first().map(|a| format!("--gpu {} ({})", c.name(), a.get_info().name)))
         .collect();
     let instead = if others.is_empty() { "--gpu cpu".to_string() } else { format!("{} or --gpu cpu", others.join(", ")) };
     match platform {
@@ -190,10 +190,6 @@ fn device_memory(adapter: &wgpu::Adapter) -> Option<u64> {
         let _ = adapter;
         None
     }
-}
-
-fn choice_name(choice: GpuChoice) -> String {
-    choice.name().to_string()
 }
 
 impl GpuContext {
