@@ -130,7 +130,9 @@ fn speculative_decoding_from_the_command_line() {
     let made = dsrun(&["synth", "--out", out, "--layers", "2", "--experts", "16", "--hidden", "128", "--mtp"]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     let run = |extra: &[&str]| {
-        let mut args = vec!["--model", out, "--prompt", "Speculation", "-n", "24", "--ignore-eos", "--temperature", "0"];
+        // 64 tokens: enough rounds (the random MTP layer's drafts are all rejected) for the
+        // four plain probes a rate needs.
+        let mut args = vec!["--model", out, "--prompt", "Speculation", "-n", "64", "--ignore-eos", "--temperature", "0"];
         args.extend_from_slice(extra);
         let o = dsrun(&args);
         assert!(o.status.success(), "{extra:?}: {}", text(&o.stderr));

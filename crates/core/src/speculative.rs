@@ -34,6 +34,10 @@ pub const MAX_DRAFT: usize = 8;
 /// probe forgoes that step's accepted drafts: under 1/16 of the speed-up.
 pub const PLAIN_PROBE_EVERY: u64 = 16;
 
+/// Steps a decode rate needs before the stats line shows it: the first plain probe runs right
+/// after the prompt, on cold caches, and two such probes once read six times the speed-up.
+pub const MIN_RATE_STEPS: u64 = 4;
+
 /// Decode steps, the tokens they emitted and the seconds they took.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct DecodeRate {
@@ -105,9 +109,10 @@ impl SpecStats {
         format!("MTP draft acceptance {:.1}% ({:.2} tokens per step, {draft} drafted)", 100.0 * self.acceptance(), self.tokens_per_step())
     }
 
-    /// "decode 14.2 tok/s with speculation, 11.0 without (3 plain steps)": both measured.
+    /// "decode 14.2 tok/s with speculation, 11.0 without (4 plain steps)": both measured, each
+    /// over at least [`MIN_RATE_STEPS`] steps ("unmeasured" below).
     pub fn rates(&self) -> String {
-        let rate = |r: &DecodeRate| r.tokens_per_second().map_or("unmeasured".to_string(), |x| format!("{x:.1}"));
+        let rate = |r: &DecodeRate| r.tokens_per_second().filter(|_| r.steps >= MIN_RATE_STEPS).map_or("unmeasured".to_string(), |x| format!("{x:.1}"));
         format!("decode {} tok/s with speculation, {} without ({} plain steps)", rate(&self.speculating), rate(&self.plain), self.plain.steps)
     }
 }
@@ -221,5 +226,9 @@ mod tests {
         assert_eq!(probes, [1, 17, 33, 49]);
         assert_eq!(stats.rates(), "decode 66.7 tok/s with speculation, 100.0 without (4 plain steps)");
         assert_eq!(SpecStats::default().rates(), "decode unmeasured tok/s with speculation, unmeasured without (0 plain steps)");
+        // Too few plain steps (two probes, the first of them cold) give no rate.
+        let mut few = stats;
+        few.plain = DecodeRate { steps: MIN_RATE_STEPS - 1, tokens: 3, seconds: 0.01 };
+        assert_eq!(few.rates(), "decode 66.7 tok/s with speculation, unmeasured without (3 plain steps)");
     }
 }
