@@ -10,10 +10,10 @@ use common::values;
 use dsrun::backend::cuda::device::Launch;
 use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Op, Ops};
 use dsrun::backend::cuda::{self, sources, Arg, Device};
-use std::sync::Arc;
-use dsrun::plan::layout::MlaShape;
 use dsrun::model::weights::Matrix;
+use dsrun::plan::layout::MlaShape;
 use dsrun::quant::DType;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Seconds per run of `launches` (mean of `reps` after a warm-up).

@@ -8,8 +8,8 @@
 use clap::Parser;
 use dsrun::device::{open_engine, GpuChoice};
 use dsrun::inspect::active_weight_bytes;
-use dsrun::util::human_bytes;
 use dsrun::model::{Logits, Model};
+use dsrun::util::human_bytes;
 use std::time::Instant;
 
 #[derive(Parser)]
@@ -40,7 +40,8 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
-    let options = dsrun::plan::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch, sequences: 1, kv_cache: Default::default(), mtp: false };
+    let options =
+        dsrun::plan::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch, sequences: 1, kv_cache: Default::default(), mtp: false };
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
@@ -64,13 +65,7 @@ fn main() {
     }
     let decode = started.elapsed().as_secs_f64() / args.n as f64;
     println!("prefill {} tokens: {:.1} tok/s", args.prompt, args.prompt as f64 / prefill);
-    println!(
-        "decode: {:.2} tok/s ({:.1} ms/token); active weights {} per token -> {:.2} GB/s effective",
-        1.0 / decode,
-        decode * 1e3,
-        human_bytes(active),
-        active as f64 / decode / 1e9
-    );
+    println!("decode: {:.2} tok/s ({:.1} ms/token); active weights {} per token -> {:.2} GB/s effective", 1.0 / decode, decode * 1e3, human_bytes(active), active as f64 / decode / 1e9);
     if let Some(c) = engine.counters() {
         println!("decode counters: {c}");
     }

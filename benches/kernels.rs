@@ -51,27 +51,12 @@ fn main() {
                 _ if d[0].kernel == Kernel::Gemm => format!("GEMM {n} tokens"),
                 _ => format!("matmul {n} tokens"),
             };
-            println!(
-                "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%   {:.2} GFLOP/s",
-                format!("{what} {dtype:?} {rows}x{cols}"),
-                t * 1e3,
-                gbs,
-                100.0 * gbs / stream,
-                2.0 * (rows * cols * n) as f64 / t / 1e9
-            );
+            println!("{:<34} {:>8.3}ms {:>9.2} {:>7.0}%   {:.2} GFLOP/s", format!("{what} {dtype:?} {rows}x{cols}"), t * 1e3, gbs, 100.0 * gbs / stream, 2.0 * (rows * cols * n) as f64 / t / 1e9);
         }
     }
 
     // DeepSeek-V3's router: 256 experts in 8 groups, keep 4 groups, 8 experts per token.
-    let p = RouterParams {
-        scoring: ScoringFunc::Sigmoid,
-        method: TopkMethod::NoauxTc,
-        n_group: 8,
-        topk_group: 4,
-        top_k: 8,
-        normalize: true,
-        scaling: 2.5,
-    };
+    let p = RouterParams { scoring: ScoringFunc::Sigmoid, method: TopkMethod::NoauxTc, n_group: 8, topk_group: 4, top_k: 8, normalize: true, scaling: 2.5 };
     for n in [1usize, 64] {
         let logits = r.f32_buffer(&values(n * 256));
         let bias = r.f32_buffer(&values(256));
@@ -105,13 +90,7 @@ fn main() {
             r.set_step(1);
             let t = r.time(&d, 1, if len > 1024 { 1 } else { reps }).unwrap();
             let gbs = (len * (lora + rope) * value_bytes) as f64 / t / 1e9;
-            println!(
-                "{:<34} {:>8.3}ms {:>9.2} {:>7.0}%",
-                format!("MLA decode {cache_format:?}, {heads} heads, {}k ctx", len / 1024),
-                t * 1e3,
-                gbs,
-                100.0 * gbs / stream
-            );
+            println!("{:<34} {:>8.3}ms {:>9.2} {:>7.0}%", format!("MLA decode {cache_format:?}, {heads} heads, {}k ctx", len / 1024), t * 1e3, gbs, 100.0 * gbs / stream);
         }
     }
 }

@@ -6,9 +6,9 @@
 //!   cargo bench --bench serve -- MODEL_DIR [--gpu auto|cpu|vulkan|...] [-p 32] [-n 32] [--parallel 1,4,8]
 
 use clap::Parser;
-use dsrun::plan::budget::GpuOptions;
 use dsrun::device::{open_engine, GpuChoice};
 use dsrun::model::Model;
+use dsrun::plan::budget::GpuOptions;
 use dsrun::server::{App, ServerOptions};
 use futures_util::StreamExt;
 use serde_json::{json, Value};

@@ -48,15 +48,7 @@ impl Conversation {
 
     /// Answers `user`, streaming the reply to `emit`; the reply (even a cancelled one) joins
     /// the conversation. Returns the stats and how many prompt tokens came from the cache.
-    pub fn reply(
-        &mut self,
-        chat: &mut Chat,
-        user: &str,
-        sampler: Sampler,
-        stopping: Stopping,
-        mut emit: impl FnMut(&str) -> Result<()>,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<(Stats, usize)> {
+    pub fn reply(&mut self, chat: &mut Chat, user: &str, sampler: Sampler, stopping: Stopping, mut emit: impl FnMut(&str) -> Result<()>, cancelled: &dyn Fn() -> bool) -> Result<(Stats, usize)> {
         self.messages.push(Message::new("user", user));
         let prompt = chat.template.tokens(chat.tokenizer, &self.messages, true)?;
         // Keep what the cache shares with the new prompt; at least its last token runs.
@@ -64,10 +56,19 @@ impl Conversation {
         chat.engine.truncate(0, shared);
         self.cached.truncate(shared);
         let mut text = String::new();
-        let result = generate(&mut *chat.engine, chat.tokenizer, &prompt[shared..], sampler, stopping, chat.draft, |piece| {
-            text += piece;
-            emit(piece)
-        }, cancelled);
+        let result = generate(
+            &mut *chat.engine,
+            chat.tokenizer,
+            &prompt[shared..],
+            sampler,
+            stopping,
+            chat.draft,
+            |piece| {
+                text += piece;
+                emit(piece)
+            },
+            cancelled,
+        );
         let stats = match result {
             Ok(stats) => stats,
             Err(e) => {

@@ -42,14 +42,9 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
 fn rewrite_file(path: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
     let bytes = std::fs::read(&path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Owned)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, Owned { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() }))
-        .collect();
+    let mut tensors: Vec<(String, Owned)> = st.tensors().into_iter().map(|(n, v)| (n, Owned { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })).collect();
     edit(&mut tensors);
-    let views: Vec<(String, TensorView)> =
-        tensors.iter().map(|(n, t)| (n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, t)| (n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
@@ -190,11 +185,7 @@ fn offsets_out_of_range_and_overlapping_tensors() {
     let e = load_err(dir.path());
     assert!(e.contains("`a` ends at data byte 16") && e.contains("8 data bytes"), "{e}");
 
-    raw_safetensors(
-        &path,
-        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#,
-        24,
-    );
+    raw_safetensors(&path, r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}}"#, 24);
     let e = load_err(dir.path());
     assert!(e.contains("overlap"), "{e}");
 

@@ -64,8 +64,7 @@ fn logits_subcommand_writes_npy_matching_transformers() {
     let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
     let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
     assert!(header.contains(&format!("'shape': ({}, {})", g.tokens.len(), g.vocab)), "{header}");
-    let logits: Vec<f32> =
-        bytes[10 + header_len..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let logits: Vec<f32> = bytes[10 + header_len..].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_logits_match("dsrun logits", &logits, &g.logits, g.vocab, 1e-3);
 }
 
@@ -247,13 +246,7 @@ fn corrupt_checkpoint_fails_cleanly() {
 fn cuda_backend_generates_the_reference_text() {
     let args = ["-n", "10", "--temperature", "0", "--prompt", "The file", "-v"];
     let cwd = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dsrun"))
-        .args(args)
-        .args(["--gpu", "cuda"])
-        .env("DSRUN_CUDA_EMULATOR", "1")
-        .current_dir(cwd.path())
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).args(["--gpu", "cuda"]).env("DSRUN_CUDA_EMULATOR", "1").current_dir(cwd.path()).output().unwrap();
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("CUDA emulator") && stderr.contains("launches"), "{stderr}");

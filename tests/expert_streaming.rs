@@ -7,11 +7,11 @@
 mod common;
 use common::*;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
-use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::device::GpuChoice;
-use dsrun::plan::budget::Eviction;
 use dsrun::model::Model;
+use dsrun::plan::budget::Eviction;
+use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::runtime::GpuModel;
 
 fn ctx() -> dsrun::backend::wgpu::GpuContext {
     context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)")
@@ -36,11 +36,7 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
         assert_logits_match(family, &want[..g.logits.len()], &g.logits, g.vocab, 1e-3);
 
         let plan = resident.memory_plan();
-        let budgets = [
-            ("50%", GpuMem::ExpertShare(0.5)),
-            ("25%", GpuMem::ExpertShare(0.25)),
-            ("minimum", GpuMem::Bytes(plan.minimum())),
-        ];
+        let budgets = [("50%", GpuMem::ExpertShare(0.5)), ("25%", GpuMem::ExpertShare(0.25)), ("minimum", GpuMem::Bytes(plan.minimum()))];
         for (name, gpu_mem) in budgets {
             for (eviction, prefetch) in [(Eviction::Lru, Prefetch::On), (Eviction::Lfu, Prefetch::Off)] {
                 let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };

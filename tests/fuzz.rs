@@ -87,9 +87,27 @@ fn mutated_configs_end_in_an_error_or_finite_logits() {
         let checkpoint = Checkpoint::open(&dir).unwrap();
         let keys: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
         let values = [
-            json!(0), json!(1), json!(2), json!(-1), json!(3), json!(7), json!(1u64 << 31), json!(1u64 << 62),
-            json!(1_000_000_000_000_000_000u64), json!(u64::MAX), json!(0.5), json!(1e-30), json!(1e308), json!(-1e308),
-            json!(null), json!(true), json!("x"), json!("NaN"), json!([]), json!({}), json!({"type": "yarn", "factor": 0}),
+            json!(0),
+            json!(1),
+            json!(2),
+            json!(-1),
+            json!(3),
+            json!(7),
+            json!(1u64 << 31),
+            json!(1u64 << 62),
+            json!(1_000_000_000_000_000_000u64),
+            json!(u64::MAX),
+            json!(0.5),
+            json!(1e-30),
+            json!(1e308),
+            json!(-1e308),
+            json!(null),
+            json!(true),
+            json!("x"),
+            json!("NaN"),
+            json!([]),
+            json!({}),
+            json!({"type": "yarn", "factor": 0}),
             json!({"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "beta_fast": 0}),
         ];
         let mut rng = Rng(0x5eed);

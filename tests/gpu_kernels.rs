@@ -7,15 +7,18 @@
 
 mod common;
 use common::random;
-use dsrun::model::math;
-use dsrun::backend::wgpu::lower::{listed_grid, matmul_tiles, Builder, ExpertMatrix, MatmulShape};
-use wgpu::util::DeviceExt;
 use dsrun::backend::wgpu::kernels::Kernel;
+use dsrun::backend::wgpu::lower::{listed_grid, matmul_tiles, Builder, ExpertMatrix, MatmulShape};
 use dsrun::backend::wgpu::runner::OpRunner;
-use dsrun::backend::wgpu::{context, tensors::{GpuMatrix, SlotMatrix}};
+use dsrun::backend::wgpu::{
+    context,
+    tensors::{GpuMatrix, SlotMatrix},
+};
 use dsrun::device::GpuChoice;
+use dsrun::model::math;
 use dsrun::model::weights::Matrix;
 use dsrun::quant::DType;
+use wgpu::util::DeviceExt;
 
 const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 
@@ -58,19 +61,7 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
     // Token counts take every variant: 1 (decode), 2 and 3-4 (small batches), more (prefill).
     // 160 columns: rows of whole 16-byte units in every format but q4 (16-byte loads with GPU
     // shapes; 300 columns only in f32).
-    let cases = [
-        (37, 300, 1usize),
-        (37, 300, 2),
-        (37, 300, 3),
-        (37, 300, 8),
-        (37, 300, 13),
-        (13, 129, 1),
-        (13, 129, 4),
-        (13, 129, 9),
-        (37, 160, 1),
-        (37, 160, 3),
-        (37, 160, 9),
-    ];
+    let cases = [(37, 300, 1usize), (37, 300, 2), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 4), (13, 129, 9), (37, 160, 1), (37, 160, 3), (37, 160, 9)];
     for dtype in FORMATS {
         for (rows, cols, n) in cases {
             let m = matrix(dtype, rows, cols, 1);
@@ -98,7 +89,7 @@ fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
 fn f16_matmul_stays_within_its_rounding_bound() {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     if !ctx.shader_f16 {
-        eprintln!("skipped: {} has no SHADER_F16", ctx.describe());
+        common::skip("f16_matmul_stays_within_its_rounding_bound", &format!("{} has no SHADER_F16", ctx.describe()), false);
         return;
     }
     for cpu_shapes in [true, false] {
@@ -208,14 +199,7 @@ fn fp8_matmul_decodes_every_code_exactly() {
     let (rows, cols) = (256, 4);
     let codes: Vec<u8> = (0..rows).flat_map(|c| [c as u8; 4]).collect();
     let scales = dsrun::model::weights::BlockScales { block_rows: 128, block_cols: 128, grid_cols: 1, values: vec![1.0, 1.0] };
-    let m = Matrix {
-        name: "fp8 codes".into(),
-        rows,
-        cols,
-        dtype: DType::F8E4M3,
-        data: dsrun::checkpoint::TensorBytes::from_vec(codes),
-        scales: Some(scales),
-    };
+    let m = Matrix { name: "fp8 codes".into(), rows, cols, dtype: DType::F8E4M3, data: dsrun::checkpoint::TensorBytes::from_vec(codes), scales: Some(scales) };
     let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
     for lane in [0usize, 3] {
         let mut x = vec![0f32; cols];
@@ -247,9 +231,7 @@ fn expert_matmul_reads_expert_ids_from_the_gpu() {
         r.set_step(n as u32);
         r.run(&d, n as u32, 1).unwrap();
         let got = r.read_f32(&yb, n * k * rows).unwrap();
-        let want: Vec<f32> = (0..n * k)
-            .flat_map(|s| math::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1))
-            .collect();
+        let want: Vec<f32> = (0..n * k).flat_map(|s| math::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect();
         assert_close(&format!("{dtype:?} experts"), &got, &want);
     }
 }
@@ -450,7 +432,7 @@ fn cpu_shapes_take_the_one_subgroup_attention_on_lavapipe() {
     use dsrun::backend::wgpu::lower::{Builder, MlaShape};
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     if ctx.info.device_type != wgpu::DeviceType::Cpu || !ctx.subgroups || ctx.info.subgroup_min_size != ctx.info.subgroup_max_size {
-        eprintln!("not a CPU adapter with one subgroup size: NOT RUN");
+        common::skip("cpu_shapes_take_the_one_subgroup_attention_on_lavapipe", &format!("{} is not a CPU adapter with one subgroup size", ctx.describe()), false);
         return;
     }
     let r = OpRunner::new(ctx).unwrap();

@@ -3,12 +3,12 @@
 
 mod common;
 use common::*;
-use dsrun::util::Choice;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
+use dsrun::runtime::GpuModel;
+use dsrun::util::Choice;
 
 fn gpu(model: &Model, capacity: usize) -> GpuModel {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
@@ -157,11 +157,15 @@ fn sixteen_bit_latent_caches_hold_their_quality_floors() {
     // Perplexity of tokens[1..] and the argmax per position.
     let score = |logits: &[f32]| -> (f64, Vec<usize>) {
         let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
-        let nll: f64 = rows.iter().zip(&tokens[1..]).map(|(row, &t)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let total = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
-            total - row[t as usize] as f64
-        }).sum();
+        let nll: f64 = rows
+            .iter()
+            .zip(&tokens[1..])
+            .map(|(row, &t)| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let total = max + row.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln();
+                total - row[t as usize] as f64
+            })
+            .sum();
         ((nll / rows.len() as f64).exp(), rows.iter().map(|r| argmax(r)).collect())
     };
     let (ppl32, top32) = score(&run(CacheFormat::F32));

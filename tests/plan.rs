@@ -3,13 +3,22 @@
 //! streaming adds under a budget, all as the config says they must be.
 
 mod common;
-use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::model::weights::FeedForward;
 use dsrun::model::Model;
+use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
 use dsrun::plan::{self, BufferKind, Experts, KernelLimits, Op, Plan, Rows, Target};
 use std::collections::BTreeMap;
 
-const TARGET: Target = Target { max_chunk: 16, attention_scratch: 1234, binding_limit: 1 << 30, stack_limit: 1 << 30, private_bytes: 4096, memory: None, software: false, kernels: KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 } };
+const TARGET: Target = Target {
+    max_chunk: 16,
+    attention_scratch: 1234,
+    binding_limit: 1 << 30,
+    stack_limit: 1 << 30,
+    private_bytes: 4096,
+    memory: None,
+    software: false,
+    kernels: KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 },
+};
 const CAPACITY: usize = 40;
 
 /// How many ops of each name.
@@ -148,7 +157,14 @@ fn a_budget_streams_experts_with_a_stop_and_a_guess_per_moe_layer() {
             let want: Vec<(usize, bool)> = (0..moe).map(|j| (j, guessing && j + 1 < moe)).collect();
             assert_eq!(stops, want, "{family}: one stop per MoE layer, the next guessed but for the last");
             // The guess: the next layer's norm of the last token, its router matrix and router.
-            let last_rows = census(&plan.body.iter().filter(|op| matches!(op, Op::RmsNorm { rows: Rows::Last, .. } | Op::Matmul { rows: Rows::Last, .. } | Op::Router { rows: Rows::Last, .. })).cloned().collect::<Vec<_>>());
+            let last_rows = census(
+                &plan
+                    .body
+                    .iter()
+                    .filter(|op| matches!(op, Op::RmsNorm { rows: Rows::Last, .. } | Op::Matmul { rows: Rows::Last, .. } | Op::Router { rows: Rows::Last, .. }))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
             let guesses = if guessing { moe - 1 } else { 0 };
             assert_eq!(last_rows.values().sum::<usize>(), 3 * guesses, "{family}: {last_rows:?}");
             assert_eq!(s.guess_ids.is_some(), guessing);

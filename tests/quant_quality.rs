@@ -3,14 +3,15 @@
 //! Random-weight fixtures would say little here: quantisation error matters where a model has
 //! learned something.
 
-use dsrun::model::math::{argmax, softmax};
+mod common;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
 use dsrun::config::ModelConfig;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
+use dsrun::model::math::{argmax, softmax};
 use dsrun::model::{Logits, Model};
 use dsrun::quant::QuantTarget;
+use dsrun::runtime::GpuModel;
 use dsrun::tokenizer::Tokenizer;
 use std::path::Path;
 
@@ -72,7 +73,7 @@ fn f16_math_keeps_predictions() {
     let model = Model::load(&dir).unwrap();
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     if !ctx.shader_f16 {
-        eprintln!("skipped: {} has no SHADER_F16", ctx.describe());
+        common::skip("f16 math quality floors", &format!("{} has no SHADER_F16", ctx.describe()), false);
         return;
     }
     for quant in [QuantTarget::F16, QuantTarget::Q8] {

@@ -6,12 +6,12 @@
 
 mod common;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
-use dsrun::plan::budget::GpuOptions;
 use dsrun::chat_template::{ChatTemplate, Message};
 use dsrun::config::ModelConfig;
 use dsrun::device::GpuChoice;
 use dsrun::model::Model;
+use dsrun::plan::budget::GpuOptions;
+use dsrun::runtime::GpuModel;
 use dsrun::server::{App, ServerOptions};
 use dsrun::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -46,13 +46,7 @@ impl Server {
         let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
         let tokenizer = Tokenizer::load(&dir, &config).unwrap();
         let template = ChatTemplate::load(&dir).unwrap();
-        let options = ServerOptions {
-            model_name: "test-model".into(),
-            api_key: api_key.map(str::to_string),
-            body_limit: 64 << 10,
-            queue: 64,
-            sampling: dsrun::sample::SamplerConfig::default(),
-        };
+        let options = ServerOptions { model_name: "test-model".into(), api_key: api_key.map(str::to_string), body_limit: 64 << 10, queue: 64, sampling: dsrun::sample::SamplerConfig::default() };
         let app = Arc::new(App::new(Box::new(engine), tokenizer, template, options));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -340,10 +334,8 @@ async fn speculative_batches_give_plain_decodings_tokens() {
 
     let server = Arc::new(Server::start_with(None, true).await);
     let tasks = spawn_completions(&server, prompts.iter().map(|p| body(p)));
-    let (scored_body, sampled_body) = (
-        json!({"prompt": "Return the value", "max_tokens": 4, "echo": true, "logprobs": 1, "temperature": 0}),
-        json!({"prompt": "The module", "max_tokens": 12, "temperature": 0.8, "seed": 3}),
-    );
+    let (scored_body, sampled_body) =
+        (json!({"prompt": "Return the value", "max_tokens": 4, "echo": true, "logprobs": 1, "temperature": 0}), json!({"prompt": "The module", "max_tokens": 12, "temperature": 0.8, "seed": 3}));
     let scored = server.post("/v1/completions", &scored_body);
     let sampled = server.post("/v1/completions", &sampled_body);
     let ((scored_status, scored), (sampled_status, sampled)) = tokio::join!(scored, sampled);

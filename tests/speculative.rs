@@ -6,11 +6,11 @@
 mod common;
 use common::*;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
-use dsrun::plan::budget::{GpuMem, GpuOptions};
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
+use dsrun::plan::budget::{GpuMem, GpuOptions};
+use dsrun::runtime::GpuModel;
 use dsrun::speculative::{self, SpecStats};
 
 /// Tokens generated and compared per case (more than the fixtures' context of golden tokens).

@@ -6,10 +6,10 @@
 mod common;
 use common::*;
 use dsrun::backend::wgpu::context;
-use dsrun::runtime::GpuModel;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine};
 use dsrun::model::{Logits, Model};
+use dsrun::runtime::GpuModel;
 use dsrun::synth::{synth, Preset, SynthDtype, SynthOptions};
 
 fn tiny(dtype: SynthDtype) -> SynthOptions {

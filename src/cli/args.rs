@@ -19,8 +19,7 @@ use std::path::{Path, PathBuf};
 
 /// A value parser for a core setting chosen by name, its names and help listed by `--help`.
 pub fn choice<T: Choice + Clone + Send + Sync>() -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(T::ALL.iter().map(|&(_, name, help)| PossibleValue::new(name).help(help)))
-        .map(|name| T::from_name(&name).expect("clap accepts only the listed names"))
+    PossibleValuesParser::new(T::ALL.iter().map(|&(_, name, help)| PossibleValue::new(name).help(help))).map(|name| T::from_name(&name).expect("clap accepts only the listed names"))
 }
 
 #[derive(Args)]

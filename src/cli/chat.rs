@@ -35,9 +35,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let builder = args.device.builder(&args.model.dir())?.context(args.ctx.map(|c| c as usize)).progress(&load);
     let vocab = builder.config().vocab_size;
     let tokenizer = builder.tokenizer()?;
-    let template = builder.chat_template()?.ok_or_else(|| {
-        Error::Invalid(format!("{} has no chat template (tokenizer_config.json's chat_template): use `dsrun --prompt` to continue text", builder.dir().display()))
-    })?;
+    let template = builder
+        .chat_template()?
+        .ok_or_else(|| Error::Invalid(format!("{} has no chat template (tokenizer_config.json's chat_template): use `dsrun --prompt` to continue text", builder.dir().display())))?;
     let base = args.sampling.checked_config(&builder.generation_defaults()?, vocab)?;
     let loaded = builder.build()?;
     super::warn(&loaded.warnings);

@@ -34,9 +34,7 @@ pub fn run(args: PerplexityArgs) -> Result<()> {
     let mut engine = loaded.engine;
     let windows = dsrun::perplexity::windows(&tokens, window).len();
     let bar = indicatif::ProgressBar::new(windows as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {msg} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {msg} eta {eta}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let started = Instant::now();
     let score = dsrun::perplexity::score(engine.as_mut(), &tokenizer, &tokens, window, &mut |s| {
         bar.set_message(format!("perplexity {:.4}", s.perplexity()));

@@ -14,11 +14,7 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&self, message: &str, total: u64, bytes: bool) {
-        let template = if bytes {
-            "{msg} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}"
-        } else {
-            "{msg} {bar:40} {pos}/{len} matrices ({elapsed}, eta {eta})"
-        };
+        let template = if bytes { "{msg} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}" } else { "{msg} {bar:40} {pos}/{len} matrices ({elapsed}, eta {eta})" };
         self.0.set_draw_target(indicatif::ProgressDrawTarget::stderr());
         self.0.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
         self.0.set_length(total);

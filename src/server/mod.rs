@@ -197,9 +197,7 @@ async fn chat_completions(State(app): State<Arc<App>>, raw: Result<Bytes, BytesR
 async fn chat(app: Arc<App>, raw: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let request = body(raw)?;
     let messages = openai::messages(&request)?;
-    let template = app.template.as_ref().ok_or_else(|| {
-        ApiError::invalid("this model has no chat template (tokenizer_config.json has no chat_template): use /v1/completions", "messages")
-    })?;
+    let template = app.template.as_ref().ok_or_else(|| ApiError::invalid("this model has no chat template (tokenizer_config.json has no chat_template): use /v1/completions", "messages"))?;
     let prompt = template.tokens(&app.tokenizer, &messages, true).map_err(|e| ApiError::invalid(e.to_string(), "messages"))?;
     let receiver = app.submit(&request, prompt, true)?;
     let id = app.next_id("chatcmpl");
@@ -343,7 +341,15 @@ type Usage = Arc<std::sync::Mutex<(usize, usize, usize)>>;
 
 /// Choice `index`'s stream chunks: the echoed prompt (with its scores when asked), each
 /// token, and its finish; its usage is added to `usage` when it is done.
-fn completion_chunks(index: usize, p: Pending, echo: bool, logprobs_wanted: bool, head: Value, tokenizer: Arc<Tokenizer>, usage: Usage) -> (UnboundedReceiver<Event>, Vec<Value>, Box<dyn FnMut(Event) -> Vec<Value> + Send>) {
+fn completion_chunks(
+    index: usize,
+    p: Pending,
+    echo: bool,
+    logprobs_wanted: bool,
+    head: Value,
+    tokenizer: Arc<Tokenizer>,
+    usage: Usage,
+) -> (UnboundedReceiver<Event>, Vec<Value>, Box<dyn FnMut(Event) -> Vec<Value> + Send>) {
     let chunk = move |text: &str, logprobs: Value, finish: Value| {
         let mut c = head.clone();
         c["choices"] = json!([{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]);
@@ -460,5 +466,6 @@ async fn metrics_text(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn not_found(request: axum::extract::Request) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {}: see /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics", request.method(), request.uri().path())).code("unknown_url")
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route {} {}: see /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics", request.method(), request.uri().path()))
+        .code("unknown_url")
 }

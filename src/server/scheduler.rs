@@ -81,10 +81,7 @@ impl Scheduler {
         let (jobs, inbox) = std::sync::mpsc::sync_channel(queue);
         let load = Arc::new(Load::default());
         let thread_load = load.clone();
-        let thread = std::thread::Builder::new()
-            .name("dsrun-engine".into())
-            .spawn(move || Worker::new(engine, tokenizer, metrics, thread_load).run(inbox))
-            .expect("spawning the engine thread");
+        let thread = std::thread::Builder::new().name("dsrun-engine".into()).spawn(move || Worker::new(engine, tokenizer, metrics, thread_load).run(inbox)).expect("spawning the engine thread");
         Scheduler { jobs: Some(jobs), load, thread: Some(thread) }
     }
 
@@ -443,11 +440,7 @@ impl Worker {
         }
         let wants_logits = batch.iter().any(|&(i, _)| self.slots[i].active.as_ref().is_some_and(|a| a.generation.wants_logits()));
         let started = Instant::now();
-        let result = if wants_logits {
-            self.engine.decode_batch(&batch).map(|l| (Some(l), None))
-        } else {
-            self.engine.decode_batch_greedy(&batch).map(|ids| (None, Some(ids)))
-        };
+        let result = if wants_logits { self.engine.decode_batch(&batch).map(|l| (Some(l), None)) } else { self.engine.decode_batch_greedy(&batch).map(|ids| (None, Some(ids))) };
         let seconds = started.elapsed().as_secs_f64();
         self.spec.plain.record(batch.len(), seconds);
         self.metrics.decode_step(batch.len(), seconds, false, &self.spec.plain);

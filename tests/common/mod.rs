@@ -247,12 +247,7 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
     let rope = Rope::new(c);
     let shape = MlaShape::new(c, capacity, &rope);
     let q = match &w.q {
-        QueryProjection::LowRank { a, norm, b } => QueryWeights::LowRank {
-            a: lab.matrix(&[a], true).unwrap(),
-            norm: lab.input(norm).unwrap(),
-            b: lab.matrix(&[b], true).unwrap(),
-            rank: a.rows,
-        },
+        QueryProjection::LowRank { a, norm, b } => QueryWeights::LowRank { a: lab.matrix(&[a], true).unwrap(), norm: lab.input(norm).unwrap(), b: lab.matrix(&[b], true).unwrap(), rank: a.rows },
         QueryProjection::Direct(q) => QueryWeights::Direct(lab.matrix(&[q], true).unwrap()),
     };
     let weights = AttentionWeights {
@@ -313,5 +308,19 @@ pub fn attention_layer_matches_cpu<B: dsrun::backend::Backend>(
         let what = format!("{}: {family} attention, step {step} at position {start}", lab.backend.describe());
         assert!(err <= 1e-5, "{what}: relative error {err:e}");
         start += n;
+    }
+}
+
+/// A test that cannot run its checks here says so in one place: stderr, and the file named by
+/// `DSRUN_SKIPPED` (`.ci/run` sets it, prints it after the tests and fails on any `SKIPPED`
+/// line: a test CI is meant to run never passes by returning early). `needs_nvidia`: what it
+/// could not run needs hardware CI does not have (an NVIDIA GPU), reported as `NOT RUN`.
+pub fn skip(test: &str, why: &str, needs_nvidia: bool) {
+    let line = format!("{} {test}: {why}", if needs_nvidia { "NOT RUN" } else { "SKIPPED" });
+    eprintln!("{line}");
+    if let Some(path) = std::env::var_os("DSRUN_SKIPPED") {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).expect("DSRUN_SKIPPED is writable");
+        writeln!(file, "{line}").expect("DSRUN_SKIPPED is writable");
     }
 }

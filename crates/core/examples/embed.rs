@@ -1,7 +1,11 @@
 //! dsrun embedded in another program, with dsrun-core alone (no command line, no server):
 //! `cargo run --release -p dsrun-core --example embed -- weights "This module provides"`.
 
-use dsrun_core::{builder::EngineBuilder, generate::{generate, Stopping}, sample::{Sampler, SamplerConfig}};
+use dsrun_core::{
+    builder::EngineBuilder,
+    generate::{generate, Stopping},
+    sample::{Sampler, SamplerConfig},
+};
 
 fn main() -> dsrun_core::Result<()> {
     let mut args = std::env::args().skip(1);

@@ -59,12 +59,7 @@ impl ChatTemplate {
                     let default = named.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default"));
                     match default.and_then(|t| t.get("template")).and_then(Value::as_str) {
                         Some(s) => (s.to_string(), format!("{} (chat_template \"default\")", config_path.display())),
-                        None => {
-                            return Err(Error::Tokenizer(format!(
-                                "{}: chat_template is a list without a \"default\" template",
-                                config_path.display()
-                            )))
-                        }
+                        None => return Err(Error::Tokenizer(format!("{}: chat_template is a list without a \"default\" template", config_path.display()))),
                     }
                 }
                 Some(_) => return Err(Error::Tokenizer(format!("{}: chat_template is neither a string nor a list", config_path.display()))),
@@ -94,9 +89,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
+        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> { Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message)) });
         env.add_function("strftime_now", |format: String| -> String { strftime_now(&format) });
         env.add_template("chat_template", &self.source).map_err(|e| self.error(&e))?;
         let template = env.get_template("chat_template").map_err(|e| self.error(&e))?;
@@ -141,11 +134,7 @@ fn strftime_now(format: &str) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + (month <= 2) as i64;
     const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    format
-        .replace("%Y", &year.to_string())
-        .replace("%m", &format!("{month:02}"))
-        .replace("%d", &format!("{day:02}"))
-        .replace("%b", MONTHS[(month - 1) as usize])
+    format.replace("%Y", &year.to_string()).replace("%m", &format!("{month:02}")).replace("%d", &format!("{day:02}")).replace("%b", MONTHS[(month - 1) as usize])
 }
 
 #[cfg(test)]

@@ -100,10 +100,7 @@ impl Checkpoint {
         } else if single_path.is_file() {
             (vec![SINGLE_FILE.to_string()], None)
         } else {
-            return Err(Error::Invalid(format!(
-                "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}",
-                dir.display()
-            )));
+            return Err(Error::Invalid(format!("no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}", dir.display())));
         };
 
         let mut shards = Vec::new();
@@ -129,10 +126,7 @@ impl Checkpoint {
         if let Some(index) = &index {
             for (name, file) in index {
                 if !tensors.contains_key(name) {
-                    return Err(Error::MissingTensor {
-                        name: name.clone(),
-                        hint: format!(" ({INDEX_FILE} places it in {file}, which does not contain it)"),
-                    });
+                    return Err(Error::MissingTensor { name: name.clone(), hint: format!(" ({INDEX_FILE} places it in {file}, which does not contain it)") });
                 }
             }
         }
@@ -144,9 +138,7 @@ impl Checkpoint {
     /// the index does not list it, or it is nowhere.
     pub fn missing_hint(&self, name: &str) -> String {
         match self.unindexed.get(name) {
-            Some(file) => format!(
-                " as listed by {INDEX_FILE}: {file} holds it, but the index does not name it (a stale or incomplete index: regenerate it or add the entry)"
-            ),
+            Some(file) => format!(" as listed by {INDEX_FILE}: {file} holds it, but the index does not name it (a stale or incomplete index: regenerate it or add the entry)"),
             None => format!(" in {}", self.dir.display()),
         }
     }
@@ -174,12 +166,8 @@ impl Checkpoint {
 
 fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Invalid(format!("{}: no `weight_map` object", path.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+    let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Invalid(format!("{}: no `weight_map` object", path.display())))?;
     map.iter()
         .map(|(name, file)| {
             let file = file
@@ -210,16 +198,9 @@ fn corrupt(path: &Path, reason: String) -> Error {
 fn data_extent_mismatch(map: &[u8], header_len: u64) -> String {
     let available = map.len().saturating_sub(8 + header_len as usize);
     let header: serde_json::Value = serde_json::from_slice(&map[8..8 + header_len as usize]).unwrap_or_default();
-    let last = header
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(name, t)| Some((name, t.get("data_offsets")?.get(1)?.as_u64()? as usize)))
-        .max_by_key(|(_, end)| *end);
+    let last = header.as_object().into_iter().flatten().filter_map(|(name, t)| Some((name, t.get("data_offsets")?.get(1)?.as_u64()? as usize))).max_by_key(|(_, end)| *end);
     match last {
-        Some((name, end)) if end > available => format!(
-            "tensor `{name}` ends at data byte {end}, past the {available} data bytes in the file (truncated download?)"
-        ),
+        Some((name, end)) if end > available => format!("tensor `{name}` ends at data byte {end}, past the {available} data bytes in the file (truncated download?)"),
         Some((_, end)) => format!("{} bytes follow the last tensor's data (padded or corrupt file)", available - end),
         None => "tensor data does not end where the file ends".to_string(),
     }
@@ -258,10 +239,7 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ten
     let header_len = u64::from_le_bytes(map[..8].try_into().unwrap());
     let (n, metadata) = safetensors::SafeTensors::read_metadata(map).map_err(|e| {
         let reason = match e {
-            E::HeaderTooLarge | E::InvalidHeaderLength | E::HeaderTooSmall => format!(
-                "header length {header_len} runs past the end of the {}-byte file (truncated download?)",
-                map.len()
-            ),
+            E::HeaderTooLarge | E::InvalidHeaderLength | E::HeaderTooSmall => format!("header length {header_len} runs past the end of the {}-byte file (truncated download?)", map.len()),
             E::InvalidHeader(_) | E::InvalidHeaderDeserialization(_) | E::InvalidHeaderStart => {
                 format!("header is not valid JSON metadata ({e})")
             }
@@ -286,10 +264,7 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ten
             _ => None,
         };
         let (start, end) = info.data_offsets;
-        out.push((
-            name,
-            TensorInfo { dtype_name, dtype, shape: info.shape.clone(), shard, range: data_start + start..data_start + end },
-        ));
+        out.push((name, TensorInfo { dtype_name, dtype, shape: info.shape.clone(), shard, range: data_start + start..data_start + end }));
     }
     Ok(out)
 }

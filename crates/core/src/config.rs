@@ -101,23 +101,32 @@ pub struct ModelConfig {
 
 /// Keys of published configs that describe training or the file, not the forward pass.
 const METADATA_KEYS: [&str; 17] = [
-    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "use_cache", "initializer_range",
-    "attention_dropout", "aux_loss_alpha", "seq_aux", "ep_size", "pretraining_tp", "num_key_value_heads",
-    "_name_or_path", "pad_token_id", "model_name", "attention_bias",
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "initializer_range",
+    "attention_dropout",
+    "aux_loss_alpha",
+    "seq_aux",
+    "ep_size",
+    "pretraining_tp",
+    "num_key_value_heads",
+    "_name_or_path",
+    "pad_token_id",
+    "model_name",
+    "attention_bias",
 ];
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                " (is this a Hugging Face checkpoint directory? pass it with --model DIR)"
-            } else {
-                ""
-            };
+            let hint = if e.kind() == std::io::ErrorKind::NotFound { " (is this a Hugging Face checkpoint directory? pass it with --model DIR)" } else { "" };
             Error::Config(format!("cannot read {}: {e}{hint}", path.display()))
         })?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         Self::from_json(&value)
     }
 
@@ -129,11 +138,7 @@ impl ModelConfig {
         let family = match model_type.as_str() {
             "deepseek_v3" | "kimi_k2" | "deepseek_v32" => Family::V3,
             "deepseek_v2" => Family::V2,
-            other => {
-                return Err(Error::Config(format!(
-                    "unsupported model_type `{other}` (dsrun runs deepseek_v3 and deepseek_v2 architectures)"
-                )))
-            }
+            other => return Err(Error::Config(format!("unsupported model_type `{other}` (dsrun runs deepseek_v3 and deepseek_v2 architectures)"))),
         };
         if keys.bool("attention_bias")? == Some(true) {
             return Err(Error::Config("`attention_bias` is true: DeepSeek-architecture attention has no biases, and dsrun reads none".into()));
@@ -157,18 +162,10 @@ impl ModelConfig {
             "greedy" => TopkMethod::Greedy,
             "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
             "noaux_tc" => TopkMethod::NoauxTc,
-            other => {
-                return Err(Error::Config(format!(
-                    "unsupported topk_method `{other}` (greedy, group_limited_greedy or noaux_tc)"
-                )))
-            }
+            other => return Err(Error::Config(format!("unsupported topk_method `{other}` (greedy, group_limited_greedy or noaux_tc)"))),
         };
 
-        let rope_theta_default = keys
-            .object("rope_parameters")?
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0);
+        let rope_theta_default = keys.object("rope_parameters")?.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).unwrap_or(10000.0);
         let config = ModelConfig {
             family,
             vocab_size: keys.required_usize("vocab_size")?,
@@ -192,9 +189,7 @@ impl ModelConfig {
             scoring_func,
             topk_method,
             norm_topk_prob: keys.bool("norm_topk_prob")?.unwrap_or(family == Family::V3),
-            routed_scaling_factor: keys
-                .f64("routed_scaling_factor")?
-                .unwrap_or(if family == Family::V3 { 2.5 } else { 1.0 }),
+            routed_scaling_factor: keys.f64("routed_scaling_factor")?.unwrap_or(if family == Family::V3 { 2.5 } else { 1.0 }),
             rms_norm_eps: keys.f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta: keys.f64("rope_theta")?.unwrap_or(rope_theta_default),
             yarn: parse_rope_scaling(&keys)?,
@@ -202,11 +197,9 @@ impl ModelConfig {
             num_nextn_predict_layers: keys.usize("num_nextn_predict_layers")?.unwrap_or(0),
             // transformers' defaults for the keys V3.2's config may leave out.
             indexer: match model_type.as_str() {
-                "deepseek_v32" => Some(IndexerConfig {
-                    heads: keys.usize("index_n_heads")?.unwrap_or(64),
-                    head_dim: keys.usize("index_head_dim")?.unwrap_or(128),
-                    topk: keys.usize("index_topk")?.unwrap_or(2048),
-                }),
+                "deepseek_v32" => {
+                    Some(IndexerConfig { heads: keys.usize("index_n_heads")?.unwrap_or(64), head_dim: keys.usize("index_head_dim")?.unwrap_or(128), topk: keys.usize("index_topk")?.unwrap_or(2048) })
+                }
                 _ => None,
             },
             fp8: parse_quantization(&keys)?,
@@ -319,10 +312,7 @@ impl ModelConfig {
             }
         }
         if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
-            return Err(Error::Config(format!(
-                "`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}",
-                self.qk_rope_head_dim
-            )));
+            return Err(Error::Config(format!("`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}", self.qk_rope_head_dim)));
         }
         if self.q_lora_rank == Some(0) {
             return Err(Error::Config("`q_lora_rank` must be positive or null, found 0".into()));
@@ -345,34 +335,18 @@ impl ModelConfig {
                 return Err(Error::Config("`n_routed_experts` and `moe_intermediate_size` must be positive".into()));
             }
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.n_routed_experts {
-                return Err(Error::Config(format!(
-                    "`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})",
-                    self.num_experts_per_tok, self.n_routed_experts
-                )));
+                return Err(Error::Config(format!("`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})", self.num_experts_per_tok, self.n_routed_experts)));
             }
             if self.n_routed_experts % self.n_group != 0 {
-                return Err(Error::Config(format!(
-                    "`n_routed_experts` ({}) is not divisible by `n_group` ({})",
-                    self.n_routed_experts, self.n_group
-                )));
+                return Err(Error::Config(format!("`n_routed_experts` ({}) is not divisible by `n_group` ({})", self.n_routed_experts, self.n_group)));
             }
             if self.topk_group > self.n_group {
-                return Err(Error::Config(format!(
-                    "`topk_group` ({}) exceeds `n_group` ({})",
-                    self.topk_group, self.n_group
-                )));
+                return Err(Error::Config(format!("`topk_group` ({}) exceeds `n_group` ({})", self.topk_group, self.n_group)));
             }
             let group_limited = self.topk_method != TopkMethod::Greedy && self.n_group > 1;
-            let reachable = if group_limited {
-                self.topk_group * (self.n_routed_experts / self.n_group)
-            } else {
-                self.n_routed_experts
-            };
+            let reachable = if group_limited { self.topk_group * (self.n_routed_experts / self.n_group) } else { self.n_routed_experts };
             if self.num_experts_per_tok > reachable {
-                return Err(Error::Config(format!(
-                    "`num_experts_per_tok` ({}) exceeds the {} experts in the `topk_group` best groups",
-                    self.num_experts_per_tok, reachable
-                )));
+                return Err(Error::Config(format!("`num_experts_per_tok` ({}) exceeds the {} experts in the `topk_group` best groups", self.num_experts_per_tok, reachable)));
             }
             if self.topk_method == TopkMethod::NoauxTc && self.n_group > 1 && self.n_routed_experts / self.n_group < 2 {
                 return Err(Error::Config("noaux_tc needs at least 2 experts per group".into()));
@@ -455,10 +429,7 @@ impl Rope {
         let Some(y) = &config.yarn else {
             return Rope { inv_freq: base.iter().map(|&f| f as f32).collect(), scale: 1.0 };
         };
-        let correction = |rotations: f64| {
-            dim as f64 * (y.original_max_position_embeddings as f64 / (2.0 * std::f64::consts::PI * rotations)).ln()
-                / (2.0 * theta.ln())
-        };
+        let correction = |rotations: f64| dim as f64 * (y.original_max_position_embeddings as f64 / (2.0 * std::f64::consts::PI * rotations)).ln() / (2.0 * theta.ln());
         let low = correction(y.beta_fast).floor().max(0.0);
         let mut high = correction(y.beta_slow).ceil().min(dim as f64 - 1.0);
         if high == low {
@@ -472,12 +443,9 @@ impl Rope {
                 (f / y.factor * ramp + f * (1.0 - ramp)) as f32
             })
             .collect();
-        let scale = y
-            .attention_factor
-            .unwrap_or_else(|| yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim));
+        let scale = y.attention_factor.unwrap_or_else(|| yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim));
         Rope { inv_freq, scale: scale as f32 }
     }
-
 }
 
 /// `0.1 · m · ln(s) + 1`, or 1 when the scale does not extend the context.
@@ -508,10 +476,7 @@ impl<'a> Keys<'a> {
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, found {v}"))),
         }
     }
 
@@ -522,11 +487,7 @@ impl<'a> Keys<'a> {
     fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(Some)
-                .ok_or_else(|| Error::Config(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be a number, found {v}"))),
         }
     }
 
@@ -540,10 +501,7 @@ impl<'a> Keys<'a> {
     fn string(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| Error::Config(format!("`{key}` must be a string, found {v}"))),
+            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| Error::Config(format!("`{key}` must be a string, found {v}"))),
         }
     }
 
@@ -570,11 +528,7 @@ fn parse_rope_scaling(keys: &Keys) -> Result<Option<Yarn>> {
         other => return Err(Error::Config(format!("unsupported {key}.rope_type `{other}` (default or yarn)"))),
     }
     let field = |name: &str, default: Option<f64>| -> Result<f64> {
-        inner
-            .f64(name)
-            .map_err(|_| Error::Config(format!("`{key}.{name}` must be a number")))?
-            .or(default)
-            .ok_or_else(|| Error::Config(format!("missing key `{key}.{name}` (needed for yarn)")))
+        inner.f64(name).map_err(|_| Error::Config(format!("`{key}.{name}` must be a number")))?.or(default).ok_or_else(|| Error::Config(format!("missing key `{key}.{name}` (needed for yarn)")))
     };
     let factor = field("factor", None)?;
     if !(factor >= 1.0) {
@@ -603,9 +557,7 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
     let inner = Keys::new(q);
     let method = inner.string("quant_method")?.unwrap_or_default();
     if method != "fp8" {
-        return Err(Error::Config(format!(
-            "unsupported quantization_config.quant_method `{method}` (dsrun reads fp8 block-quantised checkpoints)"
-        )));
+        return Err(Error::Config(format!("unsupported quantization_config.quant_method `{method}` (dsrun reads fp8 block-quantised checkpoints)")));
     }
     if let Some(fmt) = inner.string("fmt")? {
         if fmt != "e4m3" {
@@ -626,15 +578,10 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
 pub(crate) fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
     match value {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(|id| vec![id as u32])
-            .ok_or_else(|| Error::Config(format!("`eos_token_id` must be a token id, found {n}"))),
-        Some(Value::Array(ids)) => ids
-            .iter()
-            .map(|v| v.as_u64().map(|id| id as u32))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Config("`eos_token_id` must be a token id or a list of them".into())),
+        Some(Value::Number(n)) => n.as_u64().map(|id| vec![id as u32]).ok_or_else(|| Error::Config(format!("`eos_token_id` must be a token id, found {n}"))),
+        Some(Value::Array(ids)) => {
+            ids.iter().map(|v| v.as_u64().map(|id| id as u32)).collect::<Option<Vec<_>>>().ok_or_else(|| Error::Config("`eos_token_id` must be a token id or a list of them".into()))
+        }
         Some(other) => Err(Error::Config(format!("`eos_token_id` must be a token id or a list, found {other}"))),
     }
 }

@@ -1,7 +1,6 @@
 //! Which compute device a command runs on (`--gpu`), and the engine that runs there.
 
 use crate::backend::wgpu::{context, WgpuBackend};
-use crate::runtime::GpuModel;
 use crate::backend::Backend;
 pub use crate::backend::GpuChoice;
 use crate::engine::{CpuEngine, Engine};
@@ -9,8 +8,8 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::budget::{GpuMem, GpuOptions};
 use crate::quant::QuantTarget;
+use crate::runtime::GpuModel;
 use crate::util::{Progress, Silent};
-
 
 /// Opens the engine for `choice` with room for `capacity` tokens of context.
 /// `options` apply to GPU engines; the CPU reference always computes with the weights as stored.
@@ -56,9 +55,7 @@ pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options:
         Ok(format!("device     {}\n{}", backend.describe(), plan.describe()))
     }
     match choice {
-        GpuChoice::Cpu => Err(Error::Invalid(
-            "--plan: the CPU reference computes the model directly (src/model) without a plan; choose a GPU backend with --gpu".into(),
-        )),
+        GpuChoice::Cpu => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a GPU backend with --gpu".into())),
         #[cfg(feature = "cuda")]
         GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
         #[cfg(not(feature = "cuda"))]

@@ -254,7 +254,12 @@ impl Engine for CpuEngine {
         let d = self.model.config.hidden_size;
         let hidden = match &m.kept[seq] {
             Some((first, h)) if *first == start && main_len <= first + h.len() / d && next.len() == main_len - start && !next.is_empty() => &h[..next.len() * d],
-            _ => return Err(Error::Invalid(format!("sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)", next.len()))),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)",
+                    next.len()
+                )))
+            }
         };
         let (logits, out) = self.model.mtp_forward(cache, next, hidden)?;
         m.chained[seq] = 0;

@@ -34,15 +34,7 @@ pub struct ExpertCache {
 impl ExpertCache {
     pub fn new(slots: usize, policy: Eviction) -> ExpertCache {
         assert!(slots > 0, "an expert cache needs at least one slot");
-        ExpertCache {
-            policy,
-            held: vec![None; slots],
-            slot_of: HashMap::new(),
-            last_used: vec![0; slots],
-            uses: vec![0; slots],
-            clock: 0,
-            loads: 0,
-        }
+        ExpertCache { policy, held: vec![None; slots], slot_of: HashMap::new(), last_used: vec![0; slots], uses: vec![0; slots], clock: 0, loads: 0 }
     }
 
     pub fn slots(&self) -> usize {
@@ -236,11 +228,7 @@ impl ExpertCache {
                         }
                     }
                 }
-                let pairs: Vec<(u32, usize)> = ids
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(s, e)| round.iter().position(|r| r == e).map(|i| (s as u32, placements[i].slot)))
-                    .collect();
+                let pairs: Vec<(u32, usize)> = ids.iter().enumerate().filter_map(|(s, e)| round.iter().position(|r| r == e).map(|i| (s as u32, placements[i].slot))).collect();
                 // Uses beyond the first of an expert within the call are hits too.
                 counters.hits += (pairs.len() - round.len()) as u64;
                 counters.rounds += 1;

@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::sample::{logprobs, Sampler, TokenLogprob};
 use crate::speculative::{self, SpecStats};
-use std::collections::VecDeque;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use std::collections::VecDeque;
 use std::time::Instant;
 
 /// Why generation ended.
@@ -82,12 +82,7 @@ impl StopMatcher {
             return (out, Some(stop));
         }
         // The longest tail of what is held that some stop string starts with stays held.
-        let keep = self
-            .held
-            .char_indices()
-            .map(|(i, _)| i)
-            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
-            .unwrap_or(self.held.len());
+        let keep = self.held.char_indices().map(|(i, _)| i).find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..]))).unwrap_or(self.held.len());
         let out = self.held[..keep].to_string();
         self.held.drain(..keep);
         (out, None)
@@ -142,7 +137,6 @@ impl Generation {
     pub fn sampler(&mut self) -> &mut Sampler {
         &mut self.sampler
     }
-
 
     /// The next token from the last position's logits.
     pub fn choose(&mut self, logits: &[f32]) -> u32 {

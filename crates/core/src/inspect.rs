@@ -1,10 +1,10 @@
 //! `dsrun inspect`: what a checkpoint is, how big, and what dsrun will not use.
 
 use crate::checkpoint::Checkpoint;
-use crate::util::{human_bytes, human_count};
 use crate::config::{Family, ModelConfig};
 use crate::model::weights::{FeedForward, Matrix, Mlp, QueryProjection, Weights};
 use crate::quant::QuantTarget;
+use crate::util::{human_bytes, human_count};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -57,9 +57,7 @@ pub fn active_weight_bytes(config: &ModelConfig, w: &Weights, quant: QuantTarget
         total += attention_bytes(&layer.attention, quant);
         total += match &layer.ffn {
             FeedForward::Dense(d) => mlp(d),
-            FeedForward::Moe(moe) => {
-                moe.router.stored_bytes() as u64 + moe.shared.as_ref().map_or(0, mlp) + mlp(&moe.experts[0]) * config.num_experts_per_tok as u64
-            }
+            FeedForward::Moe(moe) => moe.router.stored_bytes() as u64 + moe.shared.as_ref().map_or(0, mlp) + mlp(&moe.experts[0]) * config.num_experts_per_tok as u64,
         };
     }
     total
@@ -76,11 +74,7 @@ pub fn resident_weight_bytes(w: &Weights, quant: QuantTarget) -> u64 {
         total += attention_bytes(&layer.attention, quant) + vector(&layer.input_norm) + vector(&layer.post_attention_norm);
         total += match &layer.ffn {
             FeedForward::Dense(d) => mlp(d),
-            FeedForward::Moe(moe) => {
-                moe.router.stored_bytes() as u64
-                    + moe.correction_bias.as_deref().map_or(0, vector)
-                    + moe.shared.as_ref().map_or(0, mlp)
-            }
+            FeedForward::Moe(moe) => moe.router.stored_bytes() as u64 + moe.correction_bias.as_deref().map_or(0, vector) + moe.shared.as_ref().map_or(0, mlp),
         };
     }
     total
@@ -105,15 +99,7 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
     let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
     let _ = writeln!(s, "model      {}", checkpoint.dir.display());
     let _ = writeln!(s, "arch       {family}");
-    let _ = writeln!(
-        s,
-        "layers     {} ({} dense MLP, {} MoE), hidden {}, vocab {}",
-        c.num_hidden_layers,
-        c.num_hidden_layers - moe_layers,
-        moe_layers,
-        c.hidden_size,
-        c.vocab_size
-    );
+    let _ = writeln!(s, "layers     {} ({} dense MLP, {} MoE), hidden {}, vocab {}", c.num_hidden_layers, c.num_hidden_layers - moe_layers, moe_layers, c.hidden_size, c.vocab_size);
     let q = c.q_lora_rank.map_or("q_proj (no q LoRA)".to_string(), |r| format!("q_lora_rank {r}"));
     let _ = writeln!(
         s,
@@ -135,16 +121,7 @@ pub fn report(config: &ModelConfig, checkpoint: &Checkpoint, weights: &Weights, 
     let _ = writeln!(
         s,
         "experts    {} routed + {} shared, {} per token, width {}; router {:?} / {:?}, {} groups keep {}, norm_topk_prob {}, scaling {}",
-        c.n_routed_experts,
-        c.n_shared_experts,
-        c.num_experts_per_tok,
-        c.moe_intermediate_size,
-        c.scoring_func,
-        c.topk_method,
-        c.n_group,
-        c.topk_group,
-        c.norm_topk_prob,
-        c.routed_scaling_factor
+        c.n_routed_experts, c.n_shared_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.scoring_func, c.topk_method, c.n_group, c.topk_group, c.norm_topk_prob, c.routed_scaling_factor
     );
     let rope = match &c.yarn {
         Some(y) => format!(
@@ -212,11 +189,7 @@ fn summarize_ignored(c: &ModelConfig, checkpoint: &Checkpoint, ignored: &[String
     let mut lines = Vec::new();
     for name in ignored {
         let bytes = checkpoint.info(name).map_or(0, |i| i.num_bytes() as u64);
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-            .filter(|&i| i >= c.num_hidden_layers);
+        let layer = name.strip_prefix("model.layers.").and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok()).filter(|&i| i >= c.num_hidden_layers);
         match layer {
             Some(i) => {
                 let e = layers.entry(i).or_default();

@@ -31,17 +31,7 @@ pub struct SamplerConfig {
 impl Default for SamplerConfig {
     /// Greedy, nothing else.
     fn default() -> Self {
-        SamplerConfig {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repetition_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            logit_bias: Vec::new(),
-            seed: 0,
-        }
+        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, presence_penalty: 0.0, frequency_penalty: 0.0, logit_bias: Vec::new(), seed: 0 }
     }
 }
 
@@ -111,11 +101,7 @@ pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
             }
         }
     }
-    TokenLogprob {
-        token,
-        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_total),
-        top: best.into_iter().map(|(i, l)| (i, l - log_total)).collect(),
-    }
+    TokenLogprob { token, logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&l| l - log_total), top: best.into_iter().map(|(i, l)| (i, l - log_total)).collect() }
 }
 
 pub struct Sampler {
@@ -427,14 +413,16 @@ mod tests {
     fn speculative_sampling_gives_the_target_distribution() {
         const N: usize = 40_000;
         let chi2 = |counts: &[usize], p: &Dist| -> f64 {
-            (0..4u32).map(|t| {
-                let expected = N as f64 * p.prob(t) as f64;
-                if expected == 0.0 {
-                    // A token the target never gives: any count is a failure.
-                    return if counts[t as usize] == 0 { 0.0 } else { f64::INFINITY };
-                }
-                (counts[t as usize] as f64 - expected).powi(2) / expected
-            }).sum()
+            (0..4u32)
+                .map(|t| {
+                    let expected = N as f64 * p.prob(t) as f64;
+                    if expected == 0.0 {
+                        // A token the target never gives: any count is a failure.
+                        return if counts[t as usize] == 0 { 0.0 } else { f64::INFINITY };
+                    }
+                    (counts[t as usize] as f64 - expected).powi(2) / expected
+                })
+                .sum()
         };
         let target = [2.0f32, 1.0, 0.5, -1.0];
         let draft = [0.0f32, 1.5, 0.2, 0.8];

@@ -188,9 +188,7 @@ pub fn config(o: &SynthOptions) -> Result<Value> {
         let per_group = experts / groups;
         let kept_groups = c["topk_group"].as_u64().unwrap_or(1) as usize;
         if per_group * kept_groups < top_k {
-            return Err(Error::Invalid(format!(
-                "--experts {experts}: {kept_groups} of {groups} groups of {per_group} cannot supply {top_k} experts per token"
-            )));
+            return Err(Error::Invalid(format!("--experts {experts}: {kept_groups} of {groups} groups of {per_group} cannot supply {top_k} experts per token")));
         }
         c["n_routed_experts"] = json!(experts);
     }
@@ -290,13 +288,7 @@ fn tensor_plan(c: &Value, dtype: SynthDtype) -> Vec<TensorPlan> {
             let std = 1.0 / (d as f32).sqrt();
             out.push(TensorPlan { name: format!("{p}.mlp.gate.weight"), rows: experts, cols: d, dtype: "BF16", fill: Fill::Uniform { std } });
             if c["topk_method"] == "noaux_tc" {
-                out.push(TensorPlan {
-                    name: format!("{p}.mlp.gate.e_score_correction_bias"),
-                    rows: 1,
-                    cols: experts,
-                    dtype: "F32",
-                    fill: Fill::Uniform { std: 0.01 },
-                });
+                out.push(TensorPlan { name: format!("{p}.mlp.gate.e_score_correction_bias"), rows: 1, cols: experts, dtype: "F32", fill: Fill::Uniform { std: 0.01 } });
             }
             for e in 0..experts {
                 mlp(&mut out, format!("{p}.mlp.experts.{e}"), u("moe_intermediate_size"));

@@ -51,8 +51,7 @@ pub fn load(path: &Path, settings: &serde_json::Map<String, Value>) -> Result<to
     // Every split of each token into two ranked tokens, in the token's rank order.
     let mut merges = Vec::new();
     for token in tokens.iter().filter(|t| t.len() > 1) {
-        let mut splits: Vec<(u32, u32, usize)> =
-            (1..token.len()).filter_map(|i| Some((*rank.get(&token[..i])?, *rank.get(&token[i..])?, i))).collect();
+        let mut splits: Vec<(u32, u32, usize)> = (1..token.len()).filter_map(|i| Some((*rank.get(&token[..i])?, *rank.get(&token[i..])?, i))).collect();
         splits.sort_unstable();
         merges.extend(splits.into_iter().map(|(_, _, i)| (piece(&token[..i]), piece(&token[i..]))));
     }
@@ -61,14 +60,9 @@ pub fn load(path: &Path, settings: &serde_json::Map<String, Value>) -> Result<to
     for (id, name) in &special {
         vocab.insert(name.clone(), *id);
     }
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(true)
-        .build()
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(true).build().map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
     let mut tokenizer = tokenizers::Tokenizer::new(bpe);
-    let split = Split::new(SplitPattern::Regex(KIMI_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| Error::Tokenizer(format!("the tiktoken split pattern: {e}")))?;
+    let split = Split::new(SplitPattern::Regex(KIMI_PATTERN.into()), SplitDelimiterBehavior::Isolated, false).map_err(|e| Error::Tokenizer(format!("the tiktoken split pattern: {e}")))?;
     tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
     tokenizer.with_decoder(Some(ByteLevel::default()));
     let added: Vec<AddedToken> = special.into_iter().map(|(_, name)| AddedToken::from(name, true)).collect();
@@ -119,9 +113,7 @@ fn special_tokens(settings: &serde_json::Map<String, Value>, ranks: usize) -> Re
                 return Err(Error::Tokenizer(format!("tokenizer_config.json: added_tokens_decoder entry `{id}` needs a numeric id and a `content`")));
             };
             if id < ranks || id >= 1 << 24 {
-                return Err(Error::Tokenizer(format!(
-                    "tokenizer_config.json: added token `{content}` has id {id}, but tiktoken.model's {ranks} ranks end where special tokens start"
-                )));
+                return Err(Error::Tokenizer(format!("tokenizer_config.json: added token `{content}` has id {id}, but tiktoken.model's {ranks} ranks end where special tokens start")));
             }
             named.insert(id, content.to_string());
         }

@@ -24,10 +24,7 @@ impl Tokenizer {
             // Kimi-K2 and Moonlight ship their tokenizer in tiktoken's format.
             crate::tiktoken::load(&tiktoken, &settings)?
         } else {
-            return Err(Error::Tokenizer(format!(
-                "no tokenizer.json (or tiktoken.model) in {} (`dsrun logits --tokens ...` runs without one)",
-                dir.display()
-            )));
+            return Err(Error::Tokenizer(format!("no tokenizer.json (or tiktoken.model) in {} (`dsrun logits --tokens ...` runs without one)", dir.display())));
         };
         let named = |key: &str| -> Option<u32> {
             let token = settings.get(key)?;

@@ -76,11 +76,7 @@ fn paths(module: &[String], text: &str) -> Vec<Vec<String>> {
                 if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
                     continue;
                 }
-                let segments: Vec<String> = rest
-                    .split("::")
-                    .map(|s| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>())
-                    .take_while(|s| !s.is_empty())
-                    .collect();
+                let segments: Vec<String> = rest.split("::").map(|s| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>()).take_while(|s| !s.is_empty()).collect();
                 let mut base: Vec<String> = match root {
                     None => Vec::new(),
                     // `super` is the module's parent (inside a file's `mod tests`, the file's own

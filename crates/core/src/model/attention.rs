@@ -3,8 +3,8 @@
 use super::rope::Rope;
 use super::weights::{Attention, Indexer, QueryProjection};
 use super::AttentionMode;
-use crate::model::math::{axpy, dot, matmul, rms_norm, softmax};
 use crate::config::ModelConfig;
+use crate::model::math::{axpy, dot, matmul, rms_norm, softmax};
 use rayon::prelude::*;
 
 /// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
@@ -132,9 +132,7 @@ impl IndexerStep {
         let mut scored: Vec<(f32, usize)> = (0..visible)
             .map(|j| {
                 let key = &cache[j * row_len + latent..][..self.dim];
-                let score = (0..self.heads)
-                    .map(|h| self.weights[t * self.heads + h] * (dot(&self.queries[(t * self.heads + h) * self.dim..][..self.dim], key) * scale).max(0.0))
-                    .sum::<f32>();
+                let score = (0..self.heads).map(|h| self.weights[t * self.heads + h] * (dot(&self.queries[(t * self.heads + h) * self.dim..][..self.dim], key) * scale).max(0.0)).sum::<f32>();
                 (score, j)
             })
             .collect();
@@ -224,14 +222,7 @@ impl HeadWeights<'_> {
     }
 
     /// Expands every cached latent to full keys and values first, as plain multi-head attention.
-    fn naive<'q>(
-        &self,
-        queries: impl Iterator<Item = &'q [f32]>,
-        start: usize,
-        n: usize,
-        cache: &[f32],
-        scale: f32,
-    ) -> Vec<f32> {
+    fn naive<'q>(&self, queries: impl Iterator<Item = &'q [f32]>, start: usize, n: usize, cache: &[f32], scale: f32) -> Vec<f32> {
         let total = start + n;
         let mut keys = Vec::with_capacity(total * self.nope);
         let mut values = Vec::with_capacity(total * self.v_dim);
@@ -244,10 +235,7 @@ impl HeadWeights<'_> {
         for (t, query) in queries.enumerate() {
             let (q_nope, q_pe) = query.split_at(self.nope);
             let positions = self.positions(t, start + t + 1);
-            let mut scores: Vec<f32> = positions
-                .iter()
-                .map(|&j| (dot(q_nope, &keys[j * self.nope..][..self.nope]) + dot(q_pe, self.latent(cache, j).1)) * scale)
-                .collect();
+            let mut scores: Vec<f32> = positions.iter().map(|&j| (dot(q_nope, &keys[j * self.nope..][..self.nope]) + dot(q_pe, self.latent(cache, j).1)) * scale).collect();
             softmax(&mut scores);
             let mut o = vec![0.0f32; self.v_dim];
             for (&j, &p) in positions.iter().zip(&scores) {

@@ -129,21 +129,10 @@ impl Model {
 
     pub fn from_checkpoint(config: ModelConfig, checkpoint: &Checkpoint) -> Result<Model> {
         if !config.unused_keys.is_empty() {
-            log::warn!(
-                "{}: config.json keys dsrun does not use (the forward pass ignores them): {}",
-                checkpoint.dir.display(),
-                config.unused_keys.join(", ")
-            );
+            log::warn!("{}: config.json keys dsrun does not use (the forward pass ignores them): {}", checkpoint.dir.display(), config.unused_keys.join(", "));
         }
         let (weights, ignored) = Weights::load(&config, checkpoint)?;
-        Ok(Model {
-            rope: Rope::new(&config),
-            router: RouterParams::from_config(&config),
-            config,
-            weights,
-            ignored,
-            attention_mode: AttentionMode::default(),
-        })
+        Ok(Model { rope: Rope::new(&config), router: RouterParams::from_config(&config), config, weights, ignored, attention_mode: AttentionMode::default() })
     }
 
     /// An empty cache that holds up to `capacity` tokens (memory grows as tokens arrive).
@@ -162,7 +151,11 @@ impl Model {
         };
         math::rms_norm(&mut last, &self.weights.final_norm, self.config.rms_norm_eps);
         let logits = math::matmul(&self.weights.lm_head, &last, last.len() / d);
-        let first = cache.len - match which { Logits::All => n, Logits::Last => 1 };
+        let first = cache.len
+            - match which {
+                Logits::All => n,
+                Logits::Last => 1,
+            };
         check_logits(&logits, self.config.vocab_size, |r| first + r)?;
         Ok(logits)
     }

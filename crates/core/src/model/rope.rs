@@ -1,7 +1,6 @@
 //! Rotary position embedding on the `qk_rope_head_dim` dims, in interleaved pairs
 //! `(x[2j], x[2j+1])` as the published weights are laid out, with optional YaRN scaling.
 
-
 pub use crate::config::Rope;
 
 impl Rope {

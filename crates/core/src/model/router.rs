@@ -1,8 +1,8 @@
 //! Expert selection for one token: scoring (sigmoid or softmax), optional correction bias
 //! (selection only), group-limited top-k, normalisation and scaling. See SPEC.md "Router and experts".
 
-use crate::model::math::{sigmoid, softmax};
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
+use crate::model::math::{sigmoid, softmax};
 
 #[derive(Debug, Clone)]
 pub struct RouterParams {

@@ -320,17 +320,11 @@ impl Weights {
         let loader = Loader { checkpoint, fp8: config.fp8, used: RefCell::new(BTreeSet::new()) };
         let (d, v) = (config.hidden_size, config.vocab_size);
         let embed = loader.matrix("model.embed_tokens.weight", v, d)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| load_layer(&loader, config, i))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..config.num_hidden_layers).map(|i| load_layer(&loader, config, i)).collect::<Result<Vec<_>>>()?;
         let final_norm = loader.vector("model.norm.weight", d)?;
         // Tied models project with the embedding, as transformers ties them, even if a stale
         // `lm_head.weight` is also present.
-        let lm_head = if config.tie_word_embeddings {
-            embed.clone()
-        } else {
-            loader.matrix("lm_head.weight", v, d)?
-        };
+        let lm_head = if config.tie_word_embeddings { embed.clone() } else { loader.matrix("lm_head.weight", v, d)? };
         let mtp = load_mtp(&loader, config, &embed, &lm_head)?;
         let used = loader.used.into_inner();
         let ignored = checkpoint.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
@@ -385,11 +379,7 @@ fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
         q,
         kv_a: loader.matrix(&format!("{p}.self_attn.kv_a_proj_with_mqa.weight"), c.latent_dim(), d)?,
         kv_norm: loader.vector(&format!("{p}.self_attn.kv_a_layernorm.weight"), c.kv_lora_rank)?,
-        kv_b: loader.matrix(
-            &format!("{p}.self_attn.kv_b_proj.weight"),
-            heads * (c.qk_nope_head_dim + c.v_head_dim),
-            c.kv_lora_rank,
-        )?,
+        kv_b: loader.matrix(&format!("{p}.self_attn.kv_b_proj.weight"), heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)?,
         o: loader.matrix(&format!("{p}.self_attn.o_proj.weight"), d, heads * c.v_head_dim)?,
         indexer: match (&c.indexer, c.q_lora_rank) {
             (Some(ix), Some(rank)) => {
@@ -406,9 +396,7 @@ fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
         },
     };
     let ffn = if c.is_moe_layer(i) {
-        let experts = (0..c.n_routed_experts)
-            .map(|e| loader.mlp(&format!("{p}.mlp.experts.{e}"), d, c.moe_intermediate_size))
-            .collect::<Result<Vec<_>>>()?;
+        let experts = (0..c.n_routed_experts).map(|e| loader.mlp(&format!("{p}.mlp.experts.{e}"), d, c.moe_intermediate_size)).collect::<Result<Vec<_>>>()?;
         let shared = match c.n_shared_experts {
             0 => None,
             n => Some(loader.mlp(&format!("{p}.mlp.shared_experts"), d, n * c.moe_intermediate_size)?),
@@ -418,21 +406,11 @@ fn load_layer(loader: &Loader, c: &ModelConfig, i: usize) -> Result<Layer> {
             TopkMethod::NoauxTc => Some(loader.vector(&format!("{p}.mlp.gate.e_score_correction_bias"), c.n_routed_experts)?),
             _ => None,
         };
-        FeedForward::Moe(Moe {
-            router: loader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, d)?,
-            correction_bias,
-            experts,
-            shared,
-        })
+        FeedForward::Moe(Moe { router: loader.matrix(&format!("{p}.mlp.gate.weight"), c.n_routed_experts, d)?, correction_bias, experts, shared })
     } else {
         FeedForward::Dense(loader.mlp(&format!("{p}.mlp"), d, c.intermediate_size)?)
     };
-    Ok(Layer {
-        input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), d)?,
-        attention,
-        post_attention_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), d)?,
-        ffn,
-    })
+    Ok(Layer { input_norm: loader.vector(&format!("{p}.input_layernorm.weight"), d)?, attention, post_attention_norm: loader.vector(&format!("{p}.post_attention_layernorm.weight"), d)?, ffn })
 }
 
 struct Loader<'a> {
@@ -453,11 +431,7 @@ impl Loader<'_> {
 
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<Matrix> {
         let info = self.find(name, &[rows, cols])?;
-        let wrong_dtype = |expected: &str| Error::WrongDtype {
-            name: name.into(),
-            expected: expected.into(),
-            found: info.dtype_name.clone(),
-        };
+        let wrong_dtype = |expected: &str| Error::WrongDtype { name: name.into(), expected: expected.into(), found: info.dtype_name.clone() };
         let dtype = info.dtype.ok_or_else(|| wrong_dtype("F32, F16, BF16 or F8_E4M3"))?;
         let scales = if dtype == DType::F8E4M3 {
             let blocks = self.fp8.unwrap_or(Fp8Blocks { block_rows: 128, block_cols: 128 });

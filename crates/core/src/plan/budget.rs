@@ -2,8 +2,8 @@
 //! routed-expert slot cache.
 
 use crate::error::{Error, Result};
-use crate::util::human_bytes;
 use crate::quant::QuantTarget;
+use crate::util::human_bytes;
 
 /// `--gpu-mem`: what dsrun may keep on the GPU.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -3,13 +3,13 @@
 //! shared experts, combine); the final norm and lm_head; the greedy argmax.
 
 use super::*;
-use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
-use crate::plan::budget::GpuOptions;
 use crate::error::{Error, Result};
 use crate::model::rope::Rope;
 use crate::model::router::RouterParams;
 use crate::model::weights::{FeedForward, Layer, Moe, QueryProjection};
 use crate::model::Model;
+use crate::plan::budget::GpuOptions;
+use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
 use crate::util::Choice;
 
 /// How a layer's attention reads its query.
@@ -177,7 +177,13 @@ enum FfnIds<'m> {
     Dense([WeightId; 3]),
     /// `moe`: the MoE layer's index among MoE layers (the MTP layer's comes after the main
     /// model's); `weights`: its routed experts, stacked when resident.
-    Moe { moe: usize, weights: &'m Moe, router: WeightId, bias: Option<BufferId>, shared: Option<[WeightId; 3]> },
+    Moe {
+        moe: usize,
+        weights: &'m Moe,
+        router: WeightId,
+        bias: Option<BufferId>,
+        shared: Option<[WeightId; 3]>,
+    },
 }
 
 struct LayerIds<'m> {
@@ -288,10 +294,13 @@ impl Activations {
             }),
         };
         let layers: Vec<&Layer> = w.layers.iter().chain(w.mtp.as_ref().filter(|_| mtp).map(|m| &m.layer)).collect();
-        let moes: Vec<&Moe> = layers.iter().filter_map(|l| match &l.ffn {
-            FeedForward::Moe(m) => Some(m),
-            FeedForward::Dense(_) => None,
-        }).collect();
+        let moes: Vec<&Moe> = layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FeedForward::Moe(m) => Some(m),
+                FeedForward::Dense(_) => None,
+            })
+            .collect();
         let has_shared = moes.iter().any(|m| m.shared.is_some());
         let widths = layers.iter().map(|l| match &l.ffn {
             FeedForward::Dense(_) => c.intermediate_size,
@@ -306,22 +315,8 @@ impl Activations {
             expert_out: p.activation("expert out", n * k * d),
             shared_out: has_shared.then(|| p.activation("shared expert out", n * d)),
         });
-        let mtp = mtp.then(|| MtpBuffers {
-            hidden: p.activation("mtp hidden", n * d),
-            e_norm: p.activation("mtp embedding norm", n * d),
-            h_norm: p.activation("mtp hidden norm", n * d),
-        });
-        Activations {
-            tokens,
-            h,
-            xn,
-            attention,
-            ffn,
-            moe,
-            mtp,
-            logits: p.activation("logits", n * c.vocab_size),
-            argmax_ids: p.activation("argmax ids", n),
-        }
+        let mtp = mtp.then(|| MtpBuffers { hidden: p.activation("mtp hidden", n * d), e_norm: p.activation("mtp embedding norm", n * d), h_norm: p.activation("mtp hidden norm", n * d) });
+        Activations { tokens, h, xn, attention, ffn, moe, mtp, logits: p.activation("logits", n * c.vocab_size), argmax_ids: p.activation("argmax ids", n) }
     }
 }
 
@@ -469,16 +464,7 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
         ids: p.activation("guessed expert ids", c.num_experts_per_tok),
         weights: p.activation("guessed expert weights", c.num_experts_per_tok),
     });
-    let plan = StreamPlan {
-        slots,
-        pools,
-        eviction: options.eviction,
-        template,
-        ids,
-        guess_ids: guess.as_ref().map(|g| g.ids),
-        max_pairs: target.max_chunk * c.num_experts_per_tok,
-        mtp: options.mtp,
-    };
+    let plan = StreamPlan { slots, pools, eviction: options.eviction, template, ids, guess_ids: guess.as_ref().map(|g| g.ids), max_pairs: target.max_chunk * c.num_experts_per_tok, mtp: options.mtp };
     Ok((plan, guess))
 }
 
@@ -596,10 +582,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     check_kernel_limits(c, &target.kernels)?;
     let sequences = options.sequences;
     if sequences == 0 || sequences > target.max_chunk {
-        return Err(Error::Invalid(format!(
-            "{sequences} parallel sequences: this backend decodes 1 to {} sequences together",
-            target.max_chunk
-        )));
+        return Err(Error::Invalid(format!("{sequences} parallel sequences: this backend decodes 1 to {} sequences together", target.max_chunk)));
     }
     let rope = Rope::new(c);
     let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };

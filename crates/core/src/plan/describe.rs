@@ -65,13 +65,9 @@ impl Plan<'_> {
                 };
                 format!("{} by {} -> {}, {k} per token, width {width}, {which}", self.b(*x), self.b(*ids), self.b(*out))
             }
-            Op::MoeCombine { expert_out, weights, shared, h, .. } => format!(
-                "{} . {}{} +=> {}",
-                self.b(*weights),
-                self.b(*expert_out),
-                shared.map_or(String::new(), |s| format!(" + {}", self.b(s))),
-                self.b(*h)
-            ),
+            Op::MoeCombine { expert_out, weights, shared, h, .. } => {
+                format!("{} . {}{} +=> {}", self.b(*weights), self.b(*expert_out), shared.map_or(String::new(), |s| format!(" + {}", self.b(s))), self.b(*h))
+            }
             Op::Argmax { logits, ids, .. } => format!("{} -> {}", self.b(*logits), self.b(*ids)),
         };
         format!("{:<15}{detail}", op.name())
@@ -119,14 +115,7 @@ impl Plan<'_> {
             let dtype = if w.convert && self.quant != QuantTarget::Keep { format!("{:?}", self.quant).to_lowercase() } else { first.dtype.name().to_string() };
             let stack = if w.stack.len() > 1 { format!(" x {}", w.stack.len()) } else { String::new() };
             let chunks = if w.chunked { ", row chunks allowed" } else { "" };
-            let _ = writeln!(
-                s,
-                "           w{i:<4} {:<56} {dtype:<8} [{}, {}]{stack} {}{chunks}",
-                w.name,
-                first.rows,
-                first.cols,
-                human_bytes(w.device_bytes(self.quant))
-            );
+            let _ = writeln!(s, "           w{i:<4} {:<56} {dtype:<8} [{}, {}]{stack} {}{chunks}", w.name, first.rows, first.cols, human_bytes(w.device_bytes(self.quant)));
         }
         let section = |s: &mut String, title: &str, ops: &[Op]| {
             let _ = writeln!(s, "{title} ({} ops)", ops.len());

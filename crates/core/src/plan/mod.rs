@@ -18,10 +18,10 @@ pub mod ops;
 pub use build::{attention, build, AttentionBuffers, AttentionWeights, IndexerBuffers, IndexerWeights, QueryWeights};
 pub use ops::{Experts, IndexerShape, MlaShape, Op, Rows};
 
-use budget::MemoryPlan;
-use budget::Eviction;
 use crate::model::weights::{Matrix, Mlp};
 use crate::quant::QuantTarget;
+use budget::Eviction;
+use budget::MemoryPlan;
 use std::borrow::Cow;
 
 /// A buffer of the plan (an index into `Plan::buffers`).

@@ -4,8 +4,8 @@
 //! merge), but never changes what the op computes.
 
 use super::{BufferId, WeightId};
-pub use crate::plan::layout::MlaShape;
 use crate::model::router::RouterParams;
+pub use crate::plan::layout::MlaShape;
 
 /// Which of a step's tokens an op covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

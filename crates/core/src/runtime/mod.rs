@@ -11,13 +11,13 @@ pub use lab::Lab;
 pub use streaming::{StreamedLayer, Streaming};
 
 use crate::backend::{Backend, IntoBackend, Part, Resources, StepKind, StepValues};
-use crate::plan::budget::{GpuOptions, MemoryPlan};
 use crate::config::ModelConfig;
 use crate::engine::{check_batch, check_sequence, Engine};
 use crate::error::Result;
 use crate::expert_cache::StreamCounters;
 use crate::model::weights::Matrix;
 use crate::model::{check_request, Logits, Model};
+use crate::plan::budget::{GpuOptions, MemoryPlan};
 use crate::plan::{self, BufferId, Experts, Op, Plan, WeightSpec};
 use crate::quant::QuantTarget;
 use crate::util::{Choice, Progress, Silent};
@@ -683,11 +683,7 @@ impl<B: Backend> Loaded<B> {
         let argmax = lower_all(std::slice::from_ref(&plan.argmax))?;
         let mtp = match (&plan.mtp, mtp_body) {
             (Some(m), Some(body)) => {
-                let keep = [
-                    lower_all(&m.keep_hidden)?,
-                    lower_all(&[&plan.head_last[..], &m.keep_hidden[..]].concat())?,
-                    lower_all(&[&plan.head_all[..], &m.keep_hidden[..]].concat())?,
-                ];
+                let keep = [lower_all(&m.keep_hidden)?, lower_all(&[&plan.head_last[..], &m.keep_hidden[..]].concat())?, lower_all(&[&plan.head_all[..], &m.keep_hidden[..]].concat())?];
                 Some((body, [lower_all(&m.head_last)?, lower_all(&m.head_all)?], keep))
             }
             _ => None,

@@ -6,11 +6,11 @@
 use super::device::{Buffer, Device, Graph};
 use super::ops::{AttentionSplit, CudaMatrix, ExpertGroups, Op as Launchable, Ops};
 use super::pools::CudaPool;
-use crate::plan::layout::MatmulShape;
 use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues, WorkCounters};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
+use crate::plan::layout::MatmulShape;
 use crate::plan::{Experts, KernelLimits, MlaShape, Op, Rows, Target};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -183,9 +183,7 @@ impl Backend for CudaBackend {
                 out.push(self.ops.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None)?)
             }
             Op::SiluMul { width, gate, up } => out.push(self.ops.silu_mul(width, buf(gate), buf(up))?),
-            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => {
-                out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?)
-            }
+            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?),
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(positions), buf(q))?),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => {
                 self.mla_format = res.weight(kv_b).format;
@@ -201,9 +199,7 @@ impl Backend for CudaBackend {
             Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, ref shape } => {
                 out.push(self.ops.indexer_prepare(shape, [keys, queries, norm, bias, inv_freq, positions, cache].map(buf))?)
             }
-            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => {
-                out.push(self.ops.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf))?)
-            }
+            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => out.push(self.ops.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf))?),
             Op::IndexerTopK { scores, positions, selected, ref shape } => out.push(self.ops.indexer_top_k(shape, [scores, positions, selected].map(buf))?),
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)?),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {

@@ -126,10 +126,7 @@ impl Device {
                 d.bind()?;
                 let ptx = super::compile(&full, defines, &super::arch(d.compute_capability))?;
                 let module = d.ctx.load_module(ptx).map_err(d.error("loading a kernel module"))?;
-                let kernels = names
-                    .iter()
-                    .map(|n| module.load_function(n).map(Kernel::Driver).map_err(d.error("finding a kernel")))
-                    .collect::<Result<Vec<_>>>()?;
+                let kernels = names.iter().map(|n| module.load_function(n).map(Kernel::Driver).map_err(d.error("finding a kernel"))).collect::<Result<Vec<_>>>()?;
                 d.modules.lock().unwrap().push(module);
                 Ok(kernels)
             }
@@ -250,8 +247,7 @@ impl Device {
                 let [bx, by, bz] = block;
                 // SAFETY: the argument list was built for this kernel's signature by the code
                 // that made the launch; buffers are live allocations of this device.
-                unsafe { cudarc::driver::result::launch_kernel(f.cu_function(), (gx, gy, gz), (bx, by, bz), 0, d.stream.cu_stream(), params) }
-                    .map_err(d.error("launching a kernel"))
+                unsafe { cudarc::driver::result::launch_kernel(f.cu_function(), (gx, gy, gz), (bx, by, bz), 0, d.stream.cu_stream(), params) }.map_err(d.error("launching a kernel"))
             }
             (Device::Emulator(e), Kernel::Emulated(k)) => e.launch(k, grid, block, params),
             _ => Err(Error::Kernel { device: self.describe(), reason: "a kernel compiled for another device".into() }),
@@ -350,8 +346,7 @@ impl Graph {
                 // SAFETY: capture brackets launches on our own stream; the graph is destroyed
                 // after instantiation, the executable one when this Graph drops.
                 unsafe {
-                    result::stream::begin_capture(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                        .map_err(d.error("starting a graph capture"))?;
+                    result::stream::begin_capture(stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(d.error("starting a graph capture"))?;
                     let recorded = launches.iter().try_for_each(|l| rt.launch(l));
                     let graph = result::stream::end_capture(stream).map_err(d.error("ending a graph capture"))?;
                     recorded?;

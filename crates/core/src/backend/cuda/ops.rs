@@ -4,12 +4,12 @@
 
 use super::device::{Arg, Buffer, Device, Kernel, KernelCache, Launch};
 use super::sources;
-use crate::plan::layout::{MatmulShape, MlaShape, PackedStack, LATENT_NORM_EPS};
 use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::error::Result;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
+use crate::plan::layout::{MatmulShape, MlaShape, PackedStack, LATENT_NORM_EPS};
 use crate::plan::IndexerShape;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -265,16 +265,8 @@ impl Ops {
     pub fn moe_combine(&self, dim: usize, k: usize, expert_out: &Buffer, route_weights: &Buffer, shared_out: Option<&Buffer>, h: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::MOE, &[], "moe_combine")?;
         let d = dim as u32;
-        let args = vec![
-            self.step.into(),
-            expert_out.into(),
-            route_weights.into(),
-            shared_out.unwrap_or(&self.dummy).into(),
-            h.into(),
-            d.into(),
-            (k as u32).into(),
-            (shared_out.is_some() as u32).into(),
-        ];
+        let args =
+            vec![self.step.into(), expert_out.into(), route_weights.into(), shared_out.unwrap_or(&self.dummy).into(), h.into(), d.into(), (k as u32).into(), (shared_out.is_some() as u32).into()];
         Ok(self.op("moe_combine", kernel, args, Grid::new([d.div_ceil(THREADS), 0, 0, 0], |n, [x, ..]| [x, n, 1])))
     }
 
@@ -288,17 +280,7 @@ impl Ops {
     /// MLA's latent store: norm + RoPE of the step's latents into the cache.
     pub fn latent_store(&self, s: &MlaShape, kv: &Buffer, norm: &Buffer, inv_freq: &Buffer, positions: &Buffer, cache: &Buffer) -> Result<Op> {
         let kernel = self.kernel(sources::ROPE, &[("CACHE", s.cache.code())], "latent_store")?;
-        let args = vec![
-            kv.into(),
-            norm.into(),
-            inv_freq.into(),
-            positions.into(),
-            cache.into(),
-            (s.lora as u32).into(),
-            (s.rope as u32).into(),
-            (LATENT_NORM_EPS as f32).into(),
-            s.rope_scale.into(),
-        ];
+        let args = vec![kv.into(), norm.into(), inv_freq.into(), positions.into(), cache.into(), (s.lora as u32).into(), (s.rope as u32).into(), (LATENT_NORM_EPS as f32).into(), s.rope_scale.into()];
         Ok(self.op("latent_store", kernel, args, Grid::per_token()))
     }
 
@@ -359,14 +341,7 @@ impl Ops {
 
     /// The attention with its prefill split and, for single-token steps, its decode split.
     #[allow(clippy::type_complexity)]
-    pub fn mla_attention_split(
-        &self,
-        s: &MlaShape,
-        format: u32,
-        bufs: [&Buffer; 6],
-        (prefill, decode): (AttentionSplit, AttentionSplit),
-        sparse: Option<(&Buffer, usize)>,
-    ) -> Result<[Op; 2]> {
+    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit), sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
         let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill, sparse)?;
         let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode, sparse)?;
         partial.decode = Some(Box::new(decode_partial));
@@ -397,18 +372,8 @@ impl Ops {
     pub fn indexer_scores(&self, s: &IndexerShape, [queries, weights, positions, cache, scores]: [&Buffer; 5]) -> Result<Op> {
         let kernel = self.kernel(sources::INDEXER, &[("CACHE", s.cache.code())], "indexer_score")?;
         let (scale, sqrt_heads) = s.scales();
-        let args = vec![
-            queries.into(),
-            weights.into(),
-            positions.into(),
-            cache.into(),
-            scores.into(),
-            (s.heads as u32).into(),
-            (s.dim as u32).into(),
-            (s.ctx as u32).into(),
-            scale.into(),
-            sqrt_heads.into(),
-        ];
+        let args =
+            vec![queries.into(), weights.into(), positions.into(), cache.into(), scores.into(), (s.heads as u32).into(), (s.dim as u32).into(), (s.ctx as u32).into(), scale.into(), sqrt_heads.into()];
         let grid = Grid::new([(s.ctx as u32).div_ceil(THREADS), 0, 0, 0], |n, [x, ..]| [x, n, 1]);
         Ok(self.op("indexer_score", kernel, args, grid))
     }

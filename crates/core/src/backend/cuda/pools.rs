@@ -4,9 +4,9 @@
 
 use super::device::{Buffer, Device};
 use super::ops::{CudaMatrix, Op, Ops};
-use crate::plan::layout::{MatmulShape, SlotLayout};
 use crate::error::Result;
 use crate::model::weights::{Matrix, Mlp};
+use crate::plan::layout::{MatmulShape, SlotLayout};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

@@ -201,9 +201,7 @@ impl Backend for WgpuBackend {
                 out.extend(b.matmul_shaped(res.weight(w), MatmulShape { accumulate, fixed_slots, ..MatmulShape::PLAIN }, buf(x), buf(y), None))
             }
             Op::SiluMul { width, gate, up } => out.push(b.silu_mul(width, buf(gate), buf(up))),
-            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => {
-                out.push(b.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache)))
-            }
+            Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => out.push(b.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))),
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(b.rope_q(mla, buf(inv_freq), buf(positions), buf(q))),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)),
             Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
@@ -213,14 +211,10 @@ impl Backend for WgpuBackend {
             Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, ref shape } => {
                 out.push(b.indexer_prepare(shape, [keys, queries, norm, bias, inv_freq, positions, cache].map(buf)))
             }
-            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => {
-                out.push(b.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf)))
-            }
+            Op::IndexerScores { queries, weights, positions, cache, scores, ref shape } => out.push(b.indexer_scores(shape, [queries, weights, positions, cache, scores].map(buf))),
             Op::IndexerTopK { scores, positions, selected, ref shape } => out.push(b.indexer_top_k(shape, [scores, positions, selected].map(buf))),
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
-            Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
-                out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last))
-            }
+            Op::Router { ref params, experts, logits, bias, ids, weights, rows } => out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last)),
             Op::RoutedExperts { experts, k, width, x, ids, gate_out, up_out, out: o } => {
                 let k32 = k as u32;
                 let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));

@@ -1,8 +1,8 @@
 //! Adapter choice and the device/queue every wgpu op runs on.
 
 use crate::backend::GpuChoice;
-use crate::util::Choice;
 use crate::error::{Error, Result};
+use crate::util::Choice;
 
 #[derive(Clone)]
 pub struct GpuContext {
@@ -122,9 +122,7 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
         let wanted = wanted.to_lowercase();
         candidates.retain(|a| a.get_info().name.to_lowercase().contains(&wanted));
         if candidates.is_empty() {
-            return Err(Error::NoDevice(format!(
-                "WGPU_ADAPTER_NAME={wanted}: no adapter's name contains it (`dsrun devices` lists them)"
-            )));
+            return Err(Error::NoDevice(format!("WGPU_ADAPTER_NAME={wanted}: no adapter's name contains it (`dsrun devices` lists them)")));
         }
     }
     candidates.sort_by_key(|a| rank(&a.get_info()));
@@ -133,20 +131,20 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
     let limits = adapter.limits();
     // Optional speed-ups are requested only where the adapter offers them.
     let optional = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        label: Some("dsrun"),
-        required_features: optional,
-        required_limits: limits.clone(),
-        ..Default::default()
-    }))
-    .map_err(|e| Error::device(info.name.clone(), "opening the device", e))?;
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor { label: Some("dsrun"), required_features: optional, required_limits: limits.clone(), ..Default::default() }))
+            .map_err(|e| Error::device(info.name.clone(), "opening the device", e))?;
     log::info!("GPU: {} ({:?}, {:?}), optional features: {:?}", info.name, info.backend, info.device_type, optional);
     let subgroups = optional.contains(wgpu::Features::SUBGROUP) && std::env::var_os("DSRUN_NO_SUBGROUPS").is_none();
     // Software and integrated adapters draw from host memory, whatever heap they report (lavapipe
     // reports 2 GiB): `--gpu-mem auto` takes its share of what the host has available.
     let shares_host = matches!(info.device_type, wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu);
     let memory = if shares_host { host_available_memory().or_else(|| device_memory(&adapter)) } else { device_memory(&adapter) };
-    log::info!("GPU: memory for --gpu-mem auto {} ({})", memory.map_or("unknown".into(), crate::util::human_bytes), if shares_host { "the host's available memory" } else { "the largest device-local heap" });
+    log::info!(
+        "GPU: memory for --gpu-mem auto {} ({})",
+        memory.map_or("unknown".into(), crate::util::human_bytes),
+        if shares_host { "the host's available memory" } else { "the largest device-local heap" }
+    );
     let switch = |name: &str, default: bool| match std::env::var(name).as_deref() {
         Ok("0") => false,
         Ok("1") => true,
@@ -234,8 +232,7 @@ pub fn describe_adapters() -> Vec<String> {
     if all.iter().all(|a| a.get_info().backend != wgpu::Backend::Gl) {
         all.extend(adapters(GpuChoice::Gl));
     }
-    all
-        .iter()
+    all.iter()
         .map(|a| {
             let i = a.get_info();
             let l = a.limits();

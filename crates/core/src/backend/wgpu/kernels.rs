@@ -170,10 +170,7 @@ impl Pipelines {
                     full.push_str(if self.subgroups { REDUCE_SUBGROUPS } else { REDUCE_SHARED });
                 }
                 full.push_str(source);
-                self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(entry),
-                    source: wgpu::ShaderSource::Wgsl(full.into()),
-                })
+                self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(entry), source: wgpu::ShaderSource::Wgsl(full.into()) })
             })
             .clone();
         let mut constants: Vec<(&str, f64)> = format.map(|f| vec![("FORMAT", f.format().code as f64)]).unwrap_or_default();

@@ -8,9 +8,9 @@ use super::tensors::{storage_init, uniform, GpuChunk, GpuMatrix};
 use crate::backend::Grid;
 use crate::config::ScoringFunc;
 use crate::model::router::RouterParams;
+pub use crate::plan::layout::{MatmulShape, MlaShape, LATENT_NORM_EPS};
 use crate::plan::IndexerShape;
 use crate::quant::DType;
-pub use crate::plan::layout::{MatmulShape, MlaShape, LATENT_NORM_EPS};
 
 pub struct Dispatch {
     pub kernel: Kernel,
@@ -110,12 +110,7 @@ pub struct MatmulTiles {
 /// GPUs: one group of 64 lanes per workgroup; single-slot work takes many rows per workgroup
 /// (per-workgroup cost dominates small mat-vecs); grouped tiles of 2 slots (in decode batches
 /// most experts serve one or two tokens; a bigger tile leaves lanes idle).
-const GPU_TILES: MatmulTiles = MatmulTiles {
-    decode: Tile::new(16, 1, 64),
-    small: [Tile::new(16, 2, 64), Tile::new(8, 4, 64)],
-    prefill: Tile::new(4, 8, 64),
-    grouped: Tile::new(16, 2, 64),
-};
+const GPU_TILES: MatmulTiles = MatmulTiles { decode: Tile::new(16, 1, 64), small: [Tile::new(16, 2, 64), Tile::new(8, 4, 64)], prefill: Tile::new(4, 8, 64), grouped: Tile::new(16, 2, 64) };
 
 /// CPU adapters (lavapipe): groups of 4 lanes, each lane sweeping a quarter of the row's words:
 /// llvmpipe runs a workgroup's lanes one after another in 8-wide vectors, so lanes add no
@@ -124,12 +119,7 @@ const GPU_TILES: MatmulTiles = MatmulTiles {
 /// against one group of 64: decode 2.6x, prefill 2.5x faster; 8 and 2 lanes close behind, 1 and
 /// 16 slower. Grouped tiles of 4 slots (a per-slot pass re-reads an expert from memory for each
 /// of its slots).
-const CPU_TILES: MatmulTiles = MatmulTiles {
-    decode: Tile::new(16, 1, 4),
-    small: [Tile::new(16, 2, 4), Tile::new(8, 4, 4)],
-    prefill: Tile::new(8, 4, 4),
-    grouped: Tile::new(8, 4, 4),
-};
+const CPU_TILES: MatmulTiles = MatmulTiles { decode: Tile::new(16, 1, 4), small: [Tile::new(16, 2, 4), Tile::new(8, 4, 4)], prefill: Tile::new(8, 4, 4), grouped: Tile::new(8, 4, 4) };
 
 /// The matmul variants for this adapter (`GpuContext::cpu_shapes`).
 pub fn matmul_tiles(ctx: &GpuContext) -> &'static MatmulTiles {
@@ -264,13 +254,8 @@ impl Builder {
     pub fn dispatch_bound(&self, kernel: Kernel, format: Option<DType>, overrides: &[(&'static str, f64)], buffers: &[(u32, &wgpu::Buffer)], grid: Grid) -> Dispatch {
         let pipeline = self.pipelines.get_with(kernel, format, overrides);
         let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
-        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(&format!("{kernel:?}")),
-            layout: &layout,
-            entries: &entries,
-        });
+        let entries: Vec<wgpu::BindGroupEntry> = buffers.iter().map(|&(binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }).collect();
+        let bind_group = self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(&format!("{kernel:?}")), layout: &layout, entries: &entries });
         Dispatch { kernel, pipeline, bind_group, grid, decode: None, small: Vec::new(), indirect: None }
     }
 
@@ -282,15 +267,7 @@ impl Builder {
     /// (and for routed experts, whose slots each read a different expert). One dispatch per row
     /// chunk of the matrix.
     pub fn matmul_shaped(&self, w: &GpuMatrix, shape: MatmulShape, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: Option<&wgpu::Buffer>) -> Vec<Dispatch> {
-        let p = self.params(
-            "matmul",
-            &MatmulParams {
-                slots_per_token: shape.slots_per_token,
-                x_div: shape.x_div,
-                fixed_slots: shape.fixed_slots.unwrap_or(0),
-                accumulate: shape.accumulate as u32,
-            },
-        );
+        let p = self.params("matmul", &MatmulParams { slots_per_token: shape.slots_per_token, x_div: shape.x_div, fixed_slots: shape.fixed_slots.unwrap_or(0), accumulate: shape.accumulate as u32 });
         let ids = ids.unwrap_or(&self.dummy);
         let tiles = matmul_tiles(&self.ctx);
         w.chunks
@@ -308,11 +285,7 @@ impl Builder {
                 if shape.use_ids || shape.fixed_slots.is_some() {
                     return variant(tiles.decode);
                 }
-                let mut d = if self.ctx.prefill_gemm && w.whole_words {
-                    self.gemm(w, chunk, shape.accumulate, x, y)
-                } else {
-                    variant(tiles.prefill)
-                };
+                let mut d = if self.ctx.prefill_gemm && w.whole_words { self.gemm(w, chunk, shape.accumulate, x, y) } else { variant(tiles.prefill) };
                 d.decode = Some(Box::new(variant(tiles.decode)));
                 d.small = tiles.small.iter().map(|&t| (t.slots, variant(t))).collect();
                 d
@@ -411,7 +384,18 @@ impl Builder {
     /// row group through the counts `group_experts` wrote; single-token steps the per-slot
     /// `expert_matmul` over `ids`. Each slot's sums run in the same order either way.
     #[allow(clippy::too_many_arguments)]
-    pub fn grouped_expert_matmul(&self, w: &GpuMatrix, which: ExpertMatrix, k: u32, experts: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, ids: &wgpu::Buffer, groups: &wgpu::Buffer) -> Dispatch {
+    pub fn grouped_expert_matmul(
+        &self,
+        w: &GpuMatrix,
+        which: ExpertMatrix,
+        k: u32,
+        experts: u32,
+        x_div: u32,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        ids: &wgpu::Buffer,
+        groups: &wgpu::Buffer,
+    ) -> Dispatch {
         let mut per_slot = self.expert_matmul(w, k, x_div, x, y, ids);
         assert_eq!(per_slot.len(), 1, "stacked experts are one binding");
         let chunk = w.single();
@@ -440,16 +424,7 @@ impl Builder {
     /// pool-local expert) pairs, with workgroup counts read from `args` at `offset` (the host
     /// writes `listed_grid(matmul_tiles(ctx).decode, w.rows, pairs)` there).
     #[allow(clippy::too_many_arguments)]
-    pub fn listed_expert_matmul(
-        &self,
-        w: &GpuMatrix,
-        k: u32,
-        x_div: u32,
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        list: &wgpu::Buffer,
-        (args, offset): (&wgpu::Buffer, u64),
-    ) -> Dispatch {
+    pub fn listed_expert_matmul(&self, w: &GpuMatrix, k: u32, x_div: u32, x: &wgpu::Buffer, y: &wgpu::Buffer, list: &wgpu::Buffer, (args, offset): (&wgpu::Buffer, u64)) -> Dispatch {
         let shape = MatmulShape { slots_per_token: k, x_div, use_ids: true, fixed_slots: None, slot_list: true, accumulate: false };
         let mut ops = self.matmul_shaped(w, shape, x, y, Some(list));
         assert_eq!(ops.len(), 1, "expert slots are one binding");
@@ -502,16 +477,7 @@ impl Builder {
     /// (`last_row`: one token, row 0). The routing shape is fixed per model, so it is compiled
     /// in as pipeline constants.
     #[allow(clippy::too_many_arguments)]
-    pub fn router(
-        &self,
-        r: &RouterParams,
-        experts: usize,
-        logits: &wgpu::Buffer,
-        bias: Option<&wgpu::Buffer>,
-        ids: &wgpu::Buffer,
-        weights: &wgpu::Buffer,
-        last_row: bool,
-    ) -> Dispatch {
+    pub fn router(&self, r: &RouterParams, experts: usize, logits: &wgpu::Buffer, bias: Option<&wgpu::Buffer>, ids: &wgpu::Buffer, weights: &wgpu::Buffer, last_row: bool) -> Dispatch {
         let p = self.params("router", &[r.scaling, 0.0, 0.0, 0.0]);
         let overrides = [
             ("EXPERTS", experts as f64),
@@ -577,10 +543,7 @@ impl Builder {
             None => (Kernel::AttentionPartial, attention_head_group(s), split_overrides.to_vec()),
         };
         let pair = |split: AttentionSplit| {
-            let p = self.params(
-                "attention",
-                &[heads, (s.nope + s.rope) as u32, s.nope as u32, split.chunk, s.scale.to_bits(), split.splits, topk as u32, 0],
-            );
+            let p = self.params("attention", &[heads, (s.nope + s.rope) as u32, s.nope as u32, split.chunk, s.scale.to_bits(), split.splits, topk as u32, 0]);
             let grid = Grid::new([heads.div_ceil(group), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
             let buffers = [(0, &p), (1, q), (2, q_lat), (3, positions), (4, cache), (5, split_out), (7, selected)];
             let partial = self.dispatch_bound(kernel, None, &overrides, &buffers, grid);

@@ -54,10 +54,7 @@ impl SlotPool {
 
     /// The listed gate and up matmuls of `x` into (gate_out, up_out) (`k` slots per token).
     pub fn gate_up(&self, b: &Builder, k: u32, x: &wgpu::Buffer, [gate_out, up_out]: [&wgpu::Buffer; 2]) -> [Dispatch; 2] {
-        [
-            b.listed_expert_matmul(&self.gate.matrix, k, k, x, gate_out, &self.list, (&self.args, 0)),
-            b.listed_expert_matmul(&self.up.matrix, k, k, x, up_out, &self.list, (&self.args, 0)),
-        ]
+        [b.listed_expert_matmul(&self.gate.matrix, k, k, x, gate_out, &self.list, (&self.args, 0)), b.listed_expert_matmul(&self.up.matrix, k, k, x, up_out, &self.list, (&self.args, 0))]
     }
 
     /// The listed down matmul of each slot's activations into `out`.

@@ -1,11 +1,11 @@
 //! Weights and activations in GPU buffers.
 
 use super::context::GpuContext;
-use crate::plan::layout::{PackedStack, SlotLayout};
 use crate::error::Result;
-use crate::util::human_bytes;
 use crate::model::weights::Matrix;
+use crate::plan::layout::{PackedStack, SlotLayout};
 use crate::quant::DType;
+use crate::util::human_bytes;
 use wgpu::util::DeviceExt;
 
 /// One matrix, or a stack of same-shaped expert matrices, in its checkpoint format; a single
@@ -116,20 +116,10 @@ impl SlotMatrix {
         let SlotLayout { layout, data_stride, scale_values } = SlotLayout::new(template);
         let bytes = data_stride * slots as u64;
         if bytes > ctx.max_binding() {
-            return Err(ctx.limit(format!(
-                "`{}`: {slots} expert slots take {}, more than this adapter binds at once ({})",
-                template.name,
-                human_bytes(bytes),
-                human_bytes(ctx.max_binding())
-            )));
+            return Err(ctx.limit(format!("`{}`: {slots} expert slots take {}, more than this adapter binds at once ({})", template.name, human_bytes(bytes), human_bytes(ctx.max_binding()))));
         }
         let empty = |label: &str, bytes: u64| {
-            ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: bytes.max(4),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
+            ctx.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: bytes.max(4), usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false })
         };
         let chunk = GpuChunk {
             row0: 0,
@@ -138,14 +128,8 @@ impl SlotMatrix {
             weights: empty("expert slots", bytes),
             scales: empty("expert slot scales", (scale_values * slots * 4) as u64),
         };
-        let matrix = GpuMatrix {
-            format: template.dtype,
-            rows: template.rows,
-            cols: template.cols,
-            chunks: vec![chunk],
-            bytes: bytes + (scale_values * slots * 4) as u64,
-            whole_words: whole_words(template),
-        };
+        let matrix =
+            GpuMatrix { format: template.dtype, rows: template.rows, cols: template.cols, chunks: vec![chunk], bytes: bytes + (scale_values * slots * 4) as u64, whole_words: whole_words(template) };
         Ok(SlotMatrix { matrix, data_stride, scale_stride: scale_values as u64 * 4 })
     }
 
@@ -181,30 +165,18 @@ fn upload_chunk(ctx: &GpuContext, stack: &[&Matrix], row0: usize, total_rows: us
 }
 
 pub fn uniform(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buffer {
-    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-    })
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST })
 }
 
 pub fn storage_init(ctx: &GpuContext, label: &str, contents: &[u8]) -> wgpu::Buffer {
-    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-    })
+    ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC })
 }
 
 /// A zeroed f32/u32 storage buffer of `elements` values (at least one).
 pub fn storage(ctx: &GpuContext, label: &str, elements: usize) -> Result<wgpu::Buffer> {
     let size = (elements.max(1) * 4) as u64;
     if size > ctx.max_binding() {
-        return Err(ctx.limit(format!(
-            "the `{label}` buffer needs {}, more than this adapter binds at once ({}): lower --ctx",
-            human_bytes(size),
-            human_bytes(ctx.max_binding())
-        )));
+        return Err(ctx.limit(format!("the `{label}` buffer needs {}, more than this adapter binds at once ({}): lower --ctx", human_bytes(size), human_bytes(ctx.max_binding()))));
     }
     Ok(ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
