@@ -99,7 +99,7 @@ fn main() {
         // One token at the last position, in sequence 0's rows.
         let positions = rt.upload(&[ctx as u32 - 1, 0u32]).unwrap();
         rt.write(&ops.step, 0, bytemuck::cast_slice(&[1u32, 0, 0, 0])).unwrap();
-        let [partial_op, merge] = ops.mla_attention(&s, 0, [&q, &q_lat, &positions, &cache, &partial, &o_lat], split, None).unwrap();
+        let [partial_op, merge] = ops.mla_attention(&s, [&q, &q_lat, &positions, &cache, &partial, &o_lat], split, None).unwrap();
         let t = time(&rt, &[partial_op.launch(1), merge.launch(1)], reps);
         row(&format!("MLA decode, 128 heads, {ctx} positions ({} splits)", split.splits), t, (ctx * latent * 4) as f64);
     }

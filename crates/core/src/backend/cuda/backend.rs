@@ -33,9 +33,6 @@ pub struct CudaBackend {
     /// The attention's cache split for prefill and decode steps instead of the one chosen from
     /// the context (tests force several splits on short contexts).
     pub attention_split: Option<(AttentionSplit, AttentionSplit)>,
-    /// The FORMAT the MLA family was last compiled with (kv_b's, for the absorb kernels): the
-    /// attention kernels ignore it, so they take that variant rather than compiling another.
-    mla_format: u32,
     /// Captured single-token steps by kind (`DSRUN_CUDA_GRAPHS=0` turns them off).
     graphs: HashMap<StepKind, Graph>,
     use_graphs: bool,
@@ -65,7 +62,6 @@ impl CudaBackend {
             groups: None,
             max_chunk: MAX_CHUNK,
             attention_split: None,
-            mla_format: crate::quant::DType::F32.format().code,
             graphs: HashMap::new(),
             use_graphs,
             host: Vec::new(),
@@ -186,7 +182,6 @@ impl Backend for CudaBackend {
             Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?),
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(positions), buf(q))?),
             Op::QAbsorb { kv_b, q, q_lat, ref mla } => {
-                self.mla_format = res.weight(kv_b).format;
                 out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?)
             }
             Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
@@ -194,7 +189,7 @@ impl Backend for CudaBackend {
                 // Sparse attention covers at most topk positions: splits sized for that many.
                 let splits = self.splits(&mla.attended(sparse.map(|(_, topk)| topk)));
                 let sparse = sparse.map(|(selected, topk)| (buf(selected), topk));
-                out.extend(self.ops.mla_attention_split(mla, self.mla_format, bufs, splits, sparse)?)
+                out.extend(self.ops.mla_attention_split(mla, bufs, splits, sparse)?)
             }
             Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, ref shape } => {
                 out.push(self.ops.indexer_prepare(shape, [keys, queries, norm, bias, inv_freq, positions, cache].map(buf))?)

@@ -14,6 +14,10 @@ use crate::plan::IndexerShape;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+/// The FORMAT the attention kernels of the MLA family are compiled with: they read no weights,
+/// so one fixed variant serves every model (no dependence on which absorb was lowered last).
+const ATTENTION_FORMAT: u32 = 0;
+
 pub struct Op {
     pub name: &'static str,
     pub kernel: Kernel,
@@ -293,7 +297,8 @@ impl Ops {
         Ok(self.op("rope_q", kernel, args, grid))
     }
 
-    /// The MLA family compiled for `format` (kv_b's) and the model's latent widths.
+    /// The MLA family compiled for `format` (kv_b's; `ATTENTION_FORMAT` for the attention
+    /// kernels, which read no weights) and the model's latent widths.
     fn mla(&self, s: &MlaShape, format: u32, name: &str) -> Result<Kernel> {
         self.kernel(sources::MLA, &[("FORMAT", format), ("LORA", s.lora as u32), ("ROPE", s.rope as u32), ("CACHE", s.cache.code())], name)
     }
@@ -314,7 +319,7 @@ impl Ops {
     /// and merged (mla.cu); `bufs` are q, q_lat, positions, cache, partial, o_lat. `format`
     /// only picks the module variant (the family's absorb kernels read kv_b_proj).
     /// `sparse`: V3.2's selected positions and the most per token.
-    pub fn mla_attention(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], split: AttentionSplit, sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
+    pub fn mla_attention(&self, s: &MlaShape, bufs: [&Buffer; 6], split: AttentionSplit, sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
         let [q, q_lat, positions, cache, partial, o_lat] = bufs;
         let (heads, qk, nope) = (s.heads as u32, (s.nope + s.rope) as u32, s.nope as u32);
         let (selected, topk) = sparse.unwrap_or((&self.dummy, 0));
@@ -333,17 +338,17 @@ impl Ops {
             (topk as u32).into(),
         ];
         let grid = Grid::new([heads.div_ceil(HEAD_GROUP), split.splits, 0, 0], |n, [groups, splits, ..]| [groups, n, splits]);
-        let partial_op = self.op("mla_partial", self.mla(s, format, "mla_partial")?, args, grid);
+        let partial_op = self.op("mla_partial", self.mla(s, ATTENTION_FORMAT, "mla_partial")?, args, grid);
         let args = vec![partial.into(), o_lat.into(), heads.into(), split.splits.into()];
-        let merge = self.op("mla_merge", self.mla(s, format, "mla_merge")?, args, Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]));
+        let merge = self.op("mla_merge", self.mla(s, ATTENTION_FORMAT, "mla_merge")?, args, Grid::new([heads, 0, 0, 0], |n, [heads, ..]| [heads, n, 1]));
         Ok([partial_op, merge])
     }
 
     /// The attention with its prefill split and, for single-token steps, its decode split.
     #[allow(clippy::type_complexity)]
-    pub fn mla_attention_split(&self, s: &MlaShape, format: u32, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit), sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
-        let [mut partial, mut merge] = self.mla_attention(s, format, bufs, prefill, sparse)?;
-        let [decode_partial, decode_merge] = self.mla_attention(s, format, bufs, decode, sparse)?;
+    pub fn mla_attention_split(&self, s: &MlaShape, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit), sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
+        let [mut partial, mut merge] = self.mla_attention(s, bufs, prefill, sparse)?;
+        let [decode_partial, decode_merge] = self.mla_attention(s, bufs, decode, sparse)?;
         partial.decode = Some(Box::new(decode_partial));
         merge.decode = Some(Box::new(decode_merge));
         Ok([partial, merge])
