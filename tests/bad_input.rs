@@ -40,12 +40,12 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
 
 /// Rewrites the safetensors file at `path` after `edit` changes its tensors.
 fn rewrite_file(path: &Path, edit: impl FnOnce(&mut Vec<(String, Owned)>)) {
-    let bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, Owned)> = st.tensors().into_iter().map(|(n, v)| (n, Owned { dtype: v.dtype(), shape: v.shape().to_vec(), data: v.data().to_vec() })).collect();
     edit(&mut tensors);
     let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, t)| (n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap())).collect();
-    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
 
 /// A safetensors file from a literal JSON header and `data_len` zero bytes of data.

@@ -99,7 +99,7 @@ fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
     let common = dsrun::backend::cuda::device::COMMON_SOURCE;
     if !cuda::nvrtc_present() {
         common::skip("kernels_compile_with_nvrtc_for_hopper_and_older_gpus", "libnvrtc not found (pip install nvidia-cuda-nvrtc-cu12; put its lib folder on LD_LIBRARY_PATH)", false);
-        let err = compile(sources::MATMUL, &[], "compute_90").err().expect("compiling without NVRTC fails").to_string();
+        let err = compile(sources::MATMUL, &[], "compute_90").expect_err("compiling without NVRTC fails").to_string();
         assert!(err.contains("NVRTC"), "{err}");
         return;
     }

@@ -435,7 +435,6 @@ fn events(receiver: UnboundedReceiver<Event>) -> impl futures_util::Stream<Item 
 
 /// Server-sent events of several choices as they come (each choice: `first`, then each
 /// event's chunks), then `last` with the summed usage where asked, then `[DONE]`.
-#[allow(clippy::type_complexity)]
 fn stream_many(choices: Vec<(UnboundedReceiver<Event>, Vec<Value>, Box<dyn FnMut(Event) -> Vec<Value> + Send>)>, last: Option<(Value, Usage)>) -> Response {
     use futures_util::stream::{self, StreamExt};
     let streams = choices.into_iter().map(|(receiver, first, mut chunks)| stream::iter(first).chain(events(receiver).flat_map(move |event| stream::iter(chunks(event)))).boxed());

@@ -14,7 +14,19 @@ fn main() -> dsrun_core::Result<()> {
     let prompt = tokenizer.encode(&args.next().unwrap_or_else(|| "This module provides".into()))?;
     let sampler = Sampler::new(SamplerConfig { temperature: 0.0, ..SamplerConfig::default() }, builder.config().vocab_size)?;
     let stopping = Stopping { max_tokens: 32, ..Stopping::default() };
-    generate(engine.as_mut(), &tokenizer, &prompt, sampler, stopping, 0, |text| Ok(print!("{text}")), &|| false)?;
+    generate(
+        engine.as_mut(),
+        &tokenizer,
+        &prompt,
+        sampler,
+        stopping,
+        0,
+        |text| {
+            print!("{text}");
+            Ok(())
+        },
+        &|| false,
+    )?;
     println!();
     Ok(())
 }

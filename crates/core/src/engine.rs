@@ -8,6 +8,7 @@ use crate::model::{KvCache, Logits, Model};
 
 /// An engine holds `sequences()` sequences, each with its own latent cache of `capacity()`
 /// tokens. It is `Send`: a server thread may own it.
+#[allow(clippy::len_without_is_empty)] // `len` is sequence 0's cached tokens, not a container's size
 pub trait Engine: Send {
     fn config(&self) -> &ModelConfig;
     /// Sequences with their own latent cache (`serve --parallel`).

@@ -12,8 +12,6 @@ pub struct ExpertKey {
     pub expert: u32,
 }
 
-/// Which resident expert gives way when a slot is needed.
-
 /// Where an expert was placed and whether its weights must be copied there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placement {

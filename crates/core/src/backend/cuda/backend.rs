@@ -181,9 +181,7 @@ impl Backend for CudaBackend {
             Op::SiluMul { width, gate, up } => out.push(self.ops.silu_mul(width, buf(gate), buf(up))?),
             Op::LatentStore { kv, norm, inv_freq, positions, cache, ref mla } => out.push(self.ops.latent_store(mla, buf(kv), buf(norm), buf(inv_freq), buf(positions), buf(cache))?),
             Op::RopeQ { q, inv_freq, positions, ref mla } => out.push(self.ops.rope_q(mla, buf(inv_freq), buf(positions), buf(q))?),
-            Op::QAbsorb { kv_b, q, q_lat, ref mla } => {
-                out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?)
-            }
+            Op::QAbsorb { kv_b, q, q_lat, ref mla } => out.push(self.ops.absorb(mla, res.weight(kv_b), buf(q), buf(q_lat), false)?),
             Op::Attention { q, q_lat, positions, cache, scratch, o_lat, ref mla, sparse } => {
                 let bufs = [buf(q), buf(q_lat), buf(positions), buf(cache), buf(scratch), buf(o_lat)];
                 // Sparse attention covers at most topk positions: splits sized for that many.

@@ -345,7 +345,6 @@ impl Ops {
     }
 
     /// The attention with its prefill split and, for single-token steps, its decode split.
-    #[allow(clippy::type_complexity)]
     pub fn mla_attention_split(&self, s: &MlaShape, bufs: [&Buffer; 6], (prefill, decode): (AttentionSplit, AttentionSplit), sparse: Option<(&Buffer, usize)>) -> Result<[Op; 2]> {
         let [mut partial, mut merge] = self.mla_attention(s, bufs, prefill, sparse)?;
         let [decode_partial, decode_merge] = self.mla_attention(s, bufs, decode, sparse)?;

@@ -222,7 +222,7 @@ impl GpuContext {
 
     /// The largest storage buffer one binding may cover.
     pub fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 }
 
@@ -245,7 +245,7 @@ pub fn describe_adapters() -> Vec<String> {
                 i.device_type,
                 i.driver,
                 i.driver_info,
-                l.max_storage_buffer_binding_size as u64 >> 20,
+                l.max_storage_buffer_binding_size >> 20,
                 l.max_buffer_size >> 20,
                 l.max_compute_workgroup_storage_size >> 10,
                 has(wgpu::Features::SHADER_F16, "f16"),
