@@ -18,7 +18,7 @@ pub struct PerplexityArgs {
     pub file: PathBuf,
     /// Window length in tokens: each window runs from an empty cache and its second half is
     /// scored (default: min(512, max_position_embeddings), as llama-perplexity).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(3..))]
     pub ctx: Option<u64>,
 }
 

@@ -1,7 +1,9 @@
-//! `dsrun perplexity`: perplexity and bits per byte of a text, as llama-perplexity measures
-//! them: the tokens cut into windows of the context length, each run from an empty cache, and
-//! only each window's second half scored (its first half is context), so every scored token
-//! sees at least half a window before it.
+//! `dsrun perplexity`: perplexity and bits per byte of a text, by llama-perplexity's rule so the
+//! same file gives comparable figures in both: the text's tokens (BOS first where the model
+//! expects one) cut into windows of the context length `n`, each run from an empty cache with
+//! BOS in place of its first token (where the model expects one), and the logits of positions
+//! `n/2 ..= n-2` scored against the tokens after them (`n - 1 - n/2` per window: every scored
+//! token sees at least half a window).
 
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -52,19 +54,25 @@ pub fn windows(tokens: &[u32], window: usize) -> Vec<&[u32]> {
 /// Scores `tokens` in windows of `window` on sequence 0 of `engine` (its capacity at least
 /// `window`), calling `progress` after each window with the running score.
 pub fn score(engine: &mut dyn Engine, tokenizer: &Tokenizer, tokens: &[u32], window: usize, progress: &mut dyn FnMut(&Score)) -> Result<Score> {
-    if tokens.len() < 2 {
-        return Err(Error::Invalid(format!("the text is {} token(s): perplexity needs at least 2", tokens.len())));
+    if tokens.len() < 3 {
+        return Err(Error::Invalid(format!("the text is {} token(s): perplexity needs at least 3", tokens.len())));
     }
-    if window < 2 || window > engine.capacity() {
-        return Err(Error::Invalid(format!("a window of {window} tokens: it must be 2 to the context of {}", engine.capacity())));
+    if window < 3 || window > engine.capacity() {
+        return Err(Error::Invalid(format!("a window of {window} tokens: it must be 3 to the context of {}", engine.capacity())));
     }
     let vocab = engine.config().vocab_size;
     let mut total = Score::default();
+    let mut input = Vec::with_capacity(window);
     for w in windows(tokens, window) {
         engine.reset();
-        let logits = engine.forward(w, Logits::All)?;
-        // Position i predicts token i + 1; score the second half.
-        let first = (w.len() / 2).max(1) - 1;
+        input.clear();
+        input.extend_from_slice(w);
+        if let Some(bos) = tokenizer.bos_added() {
+            input[0] = bos;
+        }
+        let logits = engine.forward(&input, Logits::All)?;
+        // Position i predicts token i + 1; positions n/2 .. n-2 are scored.
+        let first = w.len() / 2;
         for i in first..w.len() - 1 {
             let row = &logits[i * vocab..(i + 1) * vocab];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -54,6 +54,11 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The BOS token `encode` puts first, if the model expects one.
+    pub fn bos_added(&self) -> Option<u32> {
+        self.bos.filter(|_| self.add_bos)
+    }
+
     /// Token ids of text that already holds its special tokens (a rendered chat template): no
     /// BOS added, special tokens in the text recognised, as transformers'
     /// `apply_chat_template(..., tokenize=True)` encodes.
