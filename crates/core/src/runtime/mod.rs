@@ -164,6 +164,11 @@ impl<B: Backend> Runtime<B> {
         })
     }
 
+    /// The backend the model runs on (its device, its compiled kernels).
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

@@ -105,6 +105,60 @@ impl Kernel {
     }
 }
 
+/// A kernel's whole WGSL module: the shared snippets it needs, then its family's file (the tiny
+/// "#define pass"). `subgroups`: reductions through subgroup operations, else workgroup memory.
+pub fn wgsl_source(kernel: Kernel, subgroups: bool) -> String {
+    let (source, _, uses_weights) = kernel.source();
+    // naga 30 takes subgroup builtins without the standard's `enable subgroups;`, which it
+    // rejects; f16 needs its `enable`, before any declaration.
+    let mut full = String::new();
+    if kernel == Kernel::MatmulF16 {
+        full.push_str("enable f16;\n");
+    }
+    full.push_str(STEP);
+    if uses_weights {
+        full.push_str(&crate::format::wgsl_constants());
+        full.push_str(WEIGHTS);
+    }
+    if let Some(arith) = kernel.arithmetic() {
+        full.push_str(arith);
+    }
+    if kernel.uses_cache() {
+        full.push_str(CACHE);
+    }
+    if kernel.stores_cache() {
+        full.push_str(CACHE_STORE);
+    }
+    if kernel.attends() {
+        full.push_str(ATTENTION_PARAMS);
+    }
+    if kernel.reduces() {
+        full.push_str("const WG: u32 = 64u;\n");
+        full.push_str(if subgroups { REDUCE_SUBGROUPS } else { REDUCE_SHARED });
+    }
+    full.push_str(source);
+    full
+}
+
+/// One pipeline a `Pipelines` built: its kernel, its module's reduction form, and its
+/// `override` constants (the weight format's `FORMAT` among them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    pub kernel: Kernel,
+    pub subgroups: bool,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Variant {
+    pub fn source(&self) -> String {
+        wgsl_source(self.kernel, self.subgroups)
+    }
+
+    pub fn entry_point(&self) -> &'static str {
+        self.kernel.source().1
+    }
+}
+
 /// (kernel, weight format, override constants as name=bits): one pipeline per distinct variant.
 type PipelineKey = (Kernel, Option<DType>, Vec<(&'static str, u64)>);
 
@@ -120,6 +174,19 @@ pub struct Pipelines {
 impl Pipelines {
     pub fn new(device: &wgpu::Device, subgroups: bool) -> Self {
         Pipelines { device: device.clone(), subgroups, modules: Default::default(), cache: Default::default() }
+    }
+
+    /// Every pipeline built so far.
+    pub fn variants(&self) -> Vec<Variant> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .keys()
+            .map(|(kernel, format, overrides)| {
+                let mut constants: Vec<(&'static str, f64)> = format.map(|f| vec![("FORMAT", f.format().code as f64)]).unwrap_or_default();
+                constants.extend(overrides.iter().map(|&(n, bits)| (n, f64::from_bits(bits))));
+                Variant { kernel: *kernel, subgroups: self.subgroups, constants }
+            })
+            .collect()
     }
 
     pub fn get(&self, kernel: Kernel, format: Option<DType>) -> wgpu::ComputePipeline {
@@ -141,35 +208,7 @@ impl Pipelines {
             .unwrap_or_else(|e| e.into_inner())
             .entry((source, kernel.arithmetic()))
             .or_insert_with(|| {
-                // The tiny "#define pass": shared snippets, then the kernel. (naga 30 takes
-                // subgroup builtins without the standard's `enable subgroups;`, which it rejects;
-                // f16 needs its `enable`, before any declaration.)
-                let mut full = String::new();
-                if kernel == Kernel::MatmulF16 {
-                    full.push_str("enable f16;\n");
-                }
-                full.push_str(STEP);
-                if uses_weights {
-                    full.push_str(&crate::format::wgsl_constants());
-                    full.push_str(WEIGHTS);
-                }
-                if let Some(arith) = kernel.arithmetic() {
-                    full.push_str(arith);
-                }
-                if kernel.uses_cache() {
-                    full.push_str(CACHE);
-                }
-                if kernel.stores_cache() {
-                    full.push_str(CACHE_STORE);
-                }
-                if kernel.attends() {
-                    full.push_str(ATTENTION_PARAMS);
-                }
-                if kernel.reduces() {
-                    full.push_str("const WG: u32 = 64u;\n");
-                    full.push_str(if self.subgroups { REDUCE_SUBGROUPS } else { REDUCE_SHARED });
-                }
-                full.push_str(source);
+                let full = wgsl_source(kernel, self.subgroups);
                 self.device.create_shader_module(wgpu::ShaderModuleDescriptor { label: Some(entry), source: wgpu::ShaderSource::Wgsl(full.into()) })
             })
             .clone();
