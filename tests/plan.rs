@@ -6,7 +6,7 @@ mod common;
 use dsrun::model::weights::FeedForward;
 use dsrun::model::Model;
 use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
-use dsrun::plan::{self, BufferKind, Experts, KernelLimits, Op, Plan, Rows, Target};
+use dsrun::plan::{self, BufferKind, ExpertMatrix, ExpertWeights, KernelLimits, Op, Plan, Rows, Target};
 use std::collections::BTreeMap;
 
 const TARGET: Target = Target {
@@ -18,6 +18,7 @@ const TARGET: Target = Target {
     memory: None,
     software: false,
     kernels: KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 },
+    group_experts: true,
 };
 const CAPACITY: usize = 40;
 
@@ -50,7 +51,8 @@ fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
         let indexed = c.indexer.is_some() as usize;
 
         // Ops of a step: embedding; per layer two norms, the attention (a low-rank query adds
-        // a matmul and a norm) and the feed-forward; MoE layers route, run the experts and combine.
+        // a matmul and a norm) and the feed-forward; MoE layers route, group the step's slots by
+        // expert, run the experts (gate, up, SwiGLU, down) and combine.
         let want = BTreeMap::from([
             ("embed", 1),
             ("rmsnorm", 2 * layers + low_rank * layers),
@@ -58,14 +60,15 @@ fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
             ("indexer_prepare", indexed * layers),
             ("indexer_scores", indexed * layers),
             ("indexer_top_k", indexed * layers),
-            ("silu_mul", dense + shared),
+            ("silu_mul", dense + shared + moe),
             ("latent_store", layers),
             ("rope_q", layers),
             ("q_absorb", layers),
             ("attention", layers),
             ("v_up", layers),
             ("router", moe),
-            ("routed_experts", moe),
+            ("group_experts", moe),
+            ("expert_matmul", 3 * moe),
             ("moe_combine", moe),
         ]);
         let got = census(&plan.body);
@@ -75,12 +78,23 @@ fn every_family_plans_the_ops_and_sizes_its_config_asks_for() {
             assert!(matches!(head[..], [Op::RmsNorm { rows: r1, .. }, Op::Matmul { rows: r2, .. }] if r1 == rows && r2 == rows), "{family}: head {rows:?}");
         }
         assert!(matches!(plan.argmax, Op::Argmax { vocab, .. } if vocab == c.vocab_size));
-        for op in &plan.body {
-            if let Op::RoutedExperts { experts, k, width, .. } = op {
-                assert!(matches!(experts, Experts::Resident { .. }), "{family}: everything fits an unbounded budget");
-                assert_eq!((*k, *width), (c.num_experts_per_tok, c.moe_intermediate_size));
-            }
-        }
+        let matrices: Vec<ExpertMatrix> = plan
+            .body
+            .iter()
+            .filter_map(|op| match op {
+                Op::ExpertMatmul { matrix, weights, k, grouped, .. } => {
+                    assert!(matches!(weights, ExpertWeights::Stack(_)), "{family}: everything fits an unbounded budget");
+                    assert!(*grouped && *k == c.num_experts_per_tok, "{family}");
+                    Some(*matrix)
+                }
+                Op::GroupExperts { k, experts, rows, .. } => {
+                    assert_eq!((*k, *experts, *rows), (c.num_experts_per_tok, c.n_routed_experts, [c.moe_intermediate_size, c.hidden_size]));
+                    None
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(matrices, [ExpertMatrix::Gate, ExpertMatrix::Up, ExpertMatrix::Down].repeat(moe), "{family}: each MoE layer's expert matmuls");
 
         // Buffers: activations for 16 tokens, a latent cache per layer for 40, the backend's scratch.
         let n = TARGET.max_chunk;
@@ -149,7 +163,14 @@ fn a_budget_streams_experts_with_a_stop_and_a_guess_per_moe_layer() {
                 .body
                 .iter()
                 .filter_map(|op| match op {
-                    Op::RoutedExperts { experts: Experts::Streamed { layer, predicts_next }, .. } => Some((*layer, *predicts_next)),
+                    Op::Streamed { layer, predicts_next, ops } => {
+                        // Over the pools, ungrouped: gate, up, SwiGLU of k slots per token, down.
+                        let k = c.num_experts_per_tok;
+                        let pooled = |m: Option<&Op>| matches!(m, Some(Op::ExpertMatmul { weights: ExpertWeights::Pools, grouped: false, .. }));
+                        assert!(ops.len() == 4 && pooled(ops.first()) && pooled(ops.get(1)) && pooled(ops.get(3)), "{family}: {ops:?}");
+                        assert!(matches!(ops[2], Op::SiluMul { width, .. } if width == k * c.moe_intermediate_size), "{family}");
+                        Some((*layer, *predicts_next))
+                    }
                     _ => None,
                 })
                 .collect();
@@ -185,7 +206,7 @@ fn the_plan_reads_as_text() {
         "16 tokens per step, context 40 tokens",
         "latent cache 0",
         "attention scratch",
-        "routed_experts",
+        "expert_matmul",
         "model.layers.1.mlp.experts.{0..7}.gate_proj.weight",
         "F8_E4M3",
         "head, last token (2 ops)",

@@ -1,4 +1,4 @@
-//! The DeepSeek forward pass written once as plan ops (SPEC.md): embedding; per layer RMSNorm,
+//! The DeepSeek forward pass written once as plan ops (docs/forward-pass.md): embedding; per layer RMSNorm,
 //! MLA in its absorbed form, RMSNorm, a dense MLP or a MoE block (router, routed experts,
 //! shared experts, combine); the final norm and lm_head; the greedy argmax.
 
@@ -81,7 +81,7 @@ pub struct AttentionBuffers {
     pub indexer: Option<IndexerBuffers>,
 }
 
-/// Multi-head latent attention for a step's tokens, the absorbed form SPEC.md gives: query
+/// Multi-head latent attention for a step's tokens, the absorbed form docs/forward-pass.md gives: query
 /// projections, `kv_a`, the latent store (norm + RoPE into the cache), query RoPE,
 /// `q_lat = W_UK^T q_nope`, causal attention over the cache, `W_UV`, and `o_proj` added to the
 /// residual stream. With V3.2's indexer, its keys are cached beside the latents and the
@@ -477,6 +477,8 @@ struct Forward<'a, 'm> {
     router: RouterParams,
     /// Streaming experts (and its early router's buffers, if any).
     streaming: Option<Option<&'a Guess>>,
+    /// Resident experts are grouped by expert (`Target::group_experts`).
+    group_experts: bool,
 }
 
 impl<'m> Forward<'_, 'm> {
@@ -533,10 +535,27 @@ impl<'m> Forward<'_, 'm> {
         let mb = a.moe.as_ref().expect("MoE buffers exist in a model with MoE layers");
         ops.push(Op::Matmul { w: router, x: a.xn, y: mb.logits, rows: Rows::All, accumulate: false });
         ops.push(self.route(mb.logits, bias, mb.ids, mb.weights, Rows::All));
-        let experts = match self.streaming {
+        let [gate_out, up_out] = a.ffn;
+        let k = c.num_experts_per_tok;
+        // SwiGLU of the slots' experts: gate and up from the token's row, down from the slot's.
+        let experts = |weights: [ExpertWeights; 3], grouped: bool| {
+            let [gate, up, down] = weights;
+            let matmul = |matrix, weights, x, y| Op::ExpertMatmul { matrix, weights, k, x, y, ids: mb.ids, grouped };
+            vec![
+                matmul(ExpertMatrix::Gate, gate, a.xn, gate_out),
+                matmul(ExpertMatrix::Up, up, a.xn, up_out),
+                Op::SiluMul { width: k * c.moe_intermediate_size, gate: gate_out, up: up_out },
+                matmul(ExpertMatrix::Down, down, gate_out, mb.expert_out),
+            ]
+        };
+        match self.streaming {
             None => {
-                let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| p.weight(weights.experts.iter().map(f).collect(), false, true, true);
-                Experts::Resident { gate: stack(|m| &m.gate), up: stack(|m| &m.up), down: stack(|m| &m.down) }
+                let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| ExpertWeights::Stack(p.weight(weights.experts.iter().map(f).collect(), false, true, true));
+                let stacks = [stack(|m| &m.gate), stack(|m| &m.up), stack(|m| &m.down)];
+                if self.group_experts {
+                    ops.push(Op::GroupExperts { k, experts: c.n_routed_experts, rows: [c.moe_intermediate_size, c.hidden_size], ids: mb.ids });
+                }
+                ops.extend(experts(stacks, self.group_experts));
             }
             Some(guess) => {
                 // The next MoE layer's router on this layer's hidden state (its last token): a
@@ -550,12 +569,9 @@ impl<'m> Forward<'_, 'm> {
                     }
                     _ => false,
                 };
-                Experts::Streamed { layer: moe, predicts_next }
+                ops.push(Op::Streamed { layer: moe, predicts_next, ops: experts([ExpertWeights::Pools; 3], false) });
             }
-        };
-        let [gate_out, up_out] = a.ffn;
-        let k = c.num_experts_per_tok;
-        ops.push(Op::RoutedExperts { experts, k, width: c.moe_intermediate_size, x: a.xn, ids: mb.ids, gate_out, up_out, out: mb.expert_out });
+        }
         if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
             mlp(ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
         }
@@ -617,6 +633,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         mla: MlaShape { cache: options.kv_cache, ..MlaShape::new(c, capacity, &rope) },
         router: RouterParams::from_config(c),
         streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
+        group_experts: target.group_experts,
     };
     let body = forward.body(&mut p);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));

@@ -56,14 +56,22 @@ impl Plan<'_> {
                 params.top_k,
                 rows(r)
             ),
-            Op::RoutedExperts { experts, k, width, x, ids, out, .. } => {
-                let which = match experts {
-                    Experts::Resident { gate, up, down } => format!("resident {}, {}, {}", self.w(*gate), self.w(*up), self.w(*down)),
-                    Experts::Streamed { layer, predicts_next } => {
-                        format!("streamed (MoE layer {layer}: the step stops for the router's choice{})", if *predicts_next { "; next layer guessed" } else { "" })
-                    }
+            Op::GroupExperts { k, experts, ids, .. } => format!("{} by expert: {k} per token of {experts}", self.b(*ids)),
+            Op::ExpertMatmul { matrix, weights, k, x, y, ids, grouped } => {
+                let weights = match weights {
+                    ExpertWeights::Stack(w) => format!("resident {}", self.w(*w)),
+                    ExpertWeights::Pools => "the expert cache's pools".to_string(),
                 };
-                format!("{} by {} -> {}, {k} per token, width {width}, {which}", self.b(*x), self.b(*ids), self.b(*out))
+                let grouped = if *grouped { ", grouped" } else { "" };
+                format!("{matrix:?} of {} . {} -> {}, {k} per token by {}{grouped}", weights, self.b(*x), self.b(*y), self.b(*ids))
+            }
+            Op::Streamed { layer, predicts_next, ops } => {
+                let inner: Vec<String> = ops.iter().map(|op| self.describe_op(op)).collect();
+                format!(
+                    "streamed (MoE layer {layer}: the step stops for the router's choice{}), then per round:\n                      {}",
+                    if *predicts_next { "; next layer guessed" } else { "" },
+                    inner.join("\n                      ")
+                )
             }
             Op::MoeCombine { expert_out, weights, shared, h, .. } => {
                 format!("{} . {}{} +=> {}", self.b(*weights), self.b(*expert_out), shared.map_or(String::new(), |s| format!(" + {}", self.b(s))), self.b(*h))

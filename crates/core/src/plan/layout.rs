@@ -195,7 +195,7 @@ impl CacheFormat {
     }
 }
 
-/// The dimensions MLA kernels need (SPEC.md's names).
+/// The dimensions MLA kernels need (docs/forward-pass.md's names).
 #[derive(Debug, Clone, Copy)]
 pub struct MlaShape {
     pub heads: usize,

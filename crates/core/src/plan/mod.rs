@@ -16,7 +16,7 @@ pub mod layout;
 pub mod ops;
 
 pub use build::{attention, build, AttentionBuffers, AttentionWeights, IndexerBuffers, IndexerWeights, QueryWeights};
-pub use ops::{Experts, IndexerShape, MlaShape, Op, Rows};
+pub use ops::{ExpertMatrix, ExpertWeights, IndexerShape, MlaShape, Op, Rows};
 
 use crate::model::weights::{Matrix, Mlp};
 use crate::quant::QuantTarget;
@@ -97,6 +97,8 @@ pub struct Target {
     pub software: bool,
     /// Shapes the backend's kernels hold in registers and on-chip memory.
     pub kernels: KernelLimits,
+    /// Resident routed experts are grouped by expert before their matmuls (`GroupExperts`).
+    pub group_experts: bool,
 }
 
 /// The largest routing and indexer shapes a backend's kernels take: the router keeps every

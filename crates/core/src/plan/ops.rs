@@ -41,21 +41,34 @@ impl IndexerShape {
     }
 }
 
-/// Where a MoE layer's routed experts live.
+/// Which of a MoE layer's expert matrices an `ExpertMatmul` multiplies by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Experts {
-    /// All of them on the device, stacked (expert e at element `e * rows * cols`); the
+pub enum ExpertMatrix {
+    Gate,
+    Up,
+    Down,
+}
+
+impl ExpertMatrix {
+    /// Slot s reads input row `s / x_div`: gate and up read their token's hidden row (k slots
+    /// per token), down its own slot's activations.
+    pub fn x_div(self, k: usize) -> usize {
+        match self {
+            ExpertMatrix::Gate | ExpertMatrix::Up => k,
+            ExpertMatrix::Down => 1,
+        }
+    }
+}
+
+/// Where an `ExpertMatmul`'s experts live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertWeights {
+    /// The layer's experts stacked on the device (expert e at element `e * rows * cols`): the
     /// router's choice is read on the device.
-    Resident { gate: WeightId, up: WeightId, down: WeightId },
-    /// In the expert cache's slot pools (`--gpu-mem`). The step stops before this op: the
-    /// router's choice comes back to the host, missing experts are uploaded, and the op runs
-    /// over the slots the host lists, in rounds when the choice outnumbers the slots.
-    Streamed {
-        /// The MoE layer, counted over MoE layers only.
-        layer: usize,
-        /// The step also ran the next MoE layer's router early; its guess is read at this stop.
-        predicts_next: bool,
-    },
+    Stack(WeightId),
+    /// The expert cache's slot pools (`--gpu-mem`, inside `Op::Streamed`): each pool computes
+    /// the slots the host lists for it.
+    Pools,
 }
 
 #[derive(Debug, Clone)]
@@ -96,9 +109,25 @@ pub enum Op {
     VUp { kv_b: WeightId, o_lat: BufferId, o: BufferId, mla: MlaShape },
     /// Expert choice per token: `logits [n, experts]` to `ids [n, k]` and `weights [n, k]`.
     Router { params: RouterParams, experts: usize, logits: BufferId, bias: Option<BufferId>, ids: BufferId, weights: BufferId, rows: Rows },
-    /// For each (token t, choice i): `out[t * k + i] = Expert_ids[t*k+i](x[t])`, a SwiGLU MLP
-    /// of `width` (gate and up into `gate_out` / `up_out`, then down).
-    RoutedExperts { experts: Experts, k: usize, width: usize, x: BufferId, ids: BufferId, gate_out: BufferId, up_out: BufferId, out: BufferId },
+    /// Groups the step's expert slots (`ids`, k per token, of `experts`) by expert, so grouped
+    /// `ExpertMatmul`s read each expert's weights once per tile of its slots; `rows`: the gate
+    /// (and up) and the down matrices' rows. Emitted where the target groups experts.
+    GroupExperts { k: usize, experts: usize, rows: [usize; 2], ids: BufferId },
+    /// For each of the step's slots s (k per token): `y[s] = E · x[s / x_div]`, E the `matrix`
+    /// of expert `ids[s]` (a SwiGLU MLP's gate, up or down). `grouped`: through the last
+    /// `GroupExperts`' tiles (each slot's sums in the same order either way).
+    ExpertMatmul { matrix: ExpertMatrix, weights: ExpertWeights, k: usize, x: BufferId, y: BufferId, ids: BufferId, grouped: bool },
+    /// Routed experts in the expert cache (`--gpu-mem`): the step stops here, the router's
+    /// choice comes back to the host, missing experts are uploaded, and `ops` (expert matmuls
+    /// over the pools, SwiGLU) run over the slots the host lists, in rounds when the choice
+    /// outnumbers the slots. The runtime lowers `ops` itself; backends lower what is inside.
+    Streamed {
+        /// The MoE layer, counted over MoE layers only.
+        layer: usize,
+        /// The step also ran the next MoE layer's router early; its guess is read at this stop.
+        predicts_next: bool,
+        ops: Vec<Op>,
+    },
     /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`.
     MoeCombine { dim: usize, k: usize, expert_out: BufferId, weights: BufferId, shared: Option<BufferId>, h: BufferId },
     /// `ids[r] = argmax(logits[r])` (ties to the lower index) over the rows the head computed.
@@ -122,7 +151,9 @@ impl Op {
             Op::IndexerTopK { .. } => "indexer_top_k",
             Op::VUp { .. } => "v_up",
             Op::Router { .. } => "router",
-            Op::RoutedExperts { .. } => "routed_experts",
+            Op::GroupExperts { .. } => "group_experts",
+            Op::ExpertMatmul { .. } => "expert_matmul",
+            Op::Streamed { .. } => "routed_experts",
             Op::MoeCombine { .. } => "moe_combine",
             Op::Argmax { .. } => "argmax",
         }

@@ -18,7 +18,7 @@ use crate::expert_cache::StreamCounters;
 use crate::model::weights::Matrix;
 use crate::model::{check_request, Logits, Model};
 use crate::plan::budget::{GpuOptions, MemoryPlan};
-use crate::plan::{self, BufferId, Experts, Op, Plan, WeightSpec};
+use crate::plan::{self, BufferId, Op, Plan, WeightSpec};
 use crate::quant::QuantTarget;
 use crate::util::{Choice, Progress, Silent};
 use rayon::prelude::*;
@@ -697,17 +697,18 @@ impl<B: Backend> Loaded<B> {
     }
 }
 
-/// Lowers a program's ops; each streamed MoE layer's expert op goes to `streaming.layers`
-/// (in order, with where in the program it stops) instead of the program.
+/// Lowers a program's ops; each streamed MoE layer's expert ops go to `streaming.layers` (in
+/// order, with where in the program it stops) instead of the program.
 fn lower_body<B: Backend>(b: &mut B, res: &Resources<B>, ops: &[Op], streaming: &mut Option<Streaming<B>>) -> Result<Vec<B::Op>> {
     let mut body = Vec::new();
     for op in ops {
         match (op, &mut *streaming) {
-            (Op::RoutedExperts { experts: Experts::Streamed { predicts_next, .. }, .. }, Some(s)) => {
+            (Op::Streamed { predicts_next, ops, .. }, Some(s)) => {
                 let mut lowered = Vec::new();
-                b.lower(op, res, &mut lowered)?;
+                ops.iter().try_for_each(|op| b.lower(op, res, &mut lowered))?;
                 s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops: lowered });
             }
+            (Op::Streamed { .. }, None) => return Err(crate::Error::Invalid("a plan streams experts the runtime has no cache for".into())),
             _ => b.lower(op, res, &mut body)?,
         }
     }

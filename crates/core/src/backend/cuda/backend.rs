@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
 use crate::plan::layout::MatmulShape;
-use crate::plan::{Experts, KernelLimits, MlaShape, Op, Rows, Target};
+use crate::plan::{ExpertMatrix, ExpertWeights, KernelLimits, MlaShape, Op, Rows, Target};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ pub struct CudaBackend {
     /// Prefill's routed slots grouped by expert on the device (`DSRUN_CUDA_GROUPED=0`: one
     /// slot per block, to compare on a device).
     grouped: bool,
-    /// The grouping's device buffer, made with the first resident MoE layer.
+    /// The grouping's device buffer, made with the target.
     groups: Option<ExpertGroups>,
     max_chunk: usize,
     /// The attention's cache split for prefill and decode steps instead of the one chosen from
@@ -115,7 +115,11 @@ impl Backend for CudaBackend {
         let (prefill, decode) = self.splits(&mla);
         let (heads, lora) = (mla.heads, mla.lora);
         let k = config.num_experts_per_tok;
-        let groups = if config.n_routed_experts > 0 { ExpertGroups::bytes(k, config.n_routed_experts, self.max_chunk) } else { 0 };
+        // Prefill's expert grouping: its device buffer, made with the target so every lowering
+        // finds it whatever the order ops are lowered in.
+        let grouping = self.grouped && config.n_routed_experts > 0;
+        self.groups = if grouping { Some(ExpertGroups::new(&self.ops.rt, k, config.n_routed_experts, self.max_chunk)?) } else { None };
+        let groups = if grouping { ExpertGroups::bytes(k, config.n_routed_experts, self.max_chunk) } else { 0 };
         self.reserve_host((self.max_chunk * config.vocab_size).max((self.max_chunk + 1) * k) * 4);
         Ok(Target {
             max_chunk: self.max_chunk,
@@ -126,6 +130,7 @@ impl Backend for CudaBackend {
             memory: self.device().memory(),
             software: self.device().is_emulated(),
             kernels: KERNEL_LIMITS,
+            group_experts: grouping,
         })
     }
 
@@ -198,36 +203,30 @@ impl Backend for CudaBackend {
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => {
                 out.push(self.ops.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last)?)
             }
-            Op::RoutedExperts { experts, k, width, x, ids, gate_out, up_out, out: o } => {
-                let k32 = k as u32;
-                let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));
-                match experts {
-                    Experts::Resident { gate, up, down } => {
-                        let (gate, up, down) = (res.weight(gate), res.weight(up), res.weight(down));
-                        if self.grouped && self.groups.is_none() {
-                            self.groups = Some(ExpertGroups::new(&self.ops.rt, k, gate.experts, self.max_chunk)?);
-                        }
-                        let groups = self.groups.filter(|_| self.grouped);
-                        if let Some(g) = &groups {
-                            out.push(self.ops.group_by_expert(buf(ids), g)?);
-                        }
-                        out.push(self.ops.expert_matmul(gate, k32, k32, x, act, buf(ids), groups.as_ref())?);
-                        out.push(self.ops.expert_matmul(up, k32, k32, x, up_act, buf(ids), groups.as_ref())?);
-                        out.push(self.ops.silu_mul(k * width, act, up_act)?);
-                        out.push(self.ops.expert_matmul(down, k32, 1, act, o, buf(ids), groups.as_ref())?);
+            Op::GroupExperts { ids, .. } => {
+                let groups = self.groups.as_ref().ok_or_else(|| Error::Invalid("GroupExperts on a plan this backend does not group for".into()))?;
+                out.push(self.ops.group_by_expert(buf(ids), groups)?)
+            }
+            Op::ExpertMatmul { matrix, weights, k, x, y, ids, grouped } => {
+                let (k32, x_div) = (k as u32, matrix.x_div(k) as u32);
+                match weights {
+                    ExpertWeights::Stack(w) => {
+                        let groups = self.groups.as_ref().filter(|_| grouped);
+                        out.push(self.ops.expert_matmul(res.weight(w), k32, x_div, buf(x), buf(y), buf(ids), groups)?)
                     }
-                    Experts::Streamed { .. } => {
+                    ExpertWeights::Pools => {
                         for p in &res.pools {
-                            out.push(p.listed(&self.ops, &p.gate, k32, k32, x, act)?);
-                            out.push(p.listed(&self.ops, &p.up, k32, k32, x, up_act)?);
-                        }
-                        out.push(self.ops.silu_mul(k * width, act, up_act)?);
-                        for p in &res.pools {
-                            out.push(p.listed(&self.ops, &p.down, k32, 1, act, o)?);
+                            let slots = match matrix {
+                                ExpertMatrix::Gate => &p.gate,
+                                ExpertMatrix::Up => &p.up,
+                                ExpertMatrix::Down => &p.down,
+                            };
+                            out.push(p.listed(&self.ops, slots, k32, x_div, buf(x), buf(y))?);
                         }
                     }
                 }
             }
+            Op::Streamed { .. } => unreachable!("the runtime lowers a streamed layer's ops itself"),
             Op::MoeCombine { dim, k, expert_out, weights, shared, h } => out.push(self.ops.moe_combine(dim, k, buf(expert_out), buf(weights), shared.map(buf), buf(h))?),
             Op::Argmax { vocab, logits, ids } => out.push(self.ops.argmax(vocab, buf(logits), buf(ids))?),
         }

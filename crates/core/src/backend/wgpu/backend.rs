@@ -3,7 +3,7 @@
 //! and submits once when it reads back, so a step that never stops for the host is one submit.
 
 use super::context::GpuContext;
-use super::lower::{Builder, Dispatch, ExpertMatrix, MatmulShape};
+use super::lower::{Builder, Dispatch, ExpertMatrix as GroupedMatrix, MatmulShape};
 use super::pools::SlotPool;
 use super::tensors::{storage, GpuMatrix};
 use crate::backend::{Backend, IntoBackend, Resources, StepKind, StepValues, WorkCounters};
@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hot_path::driver;
 use crate::model::weights::{Matrix, Mlp};
-use crate::plan::{Experts, KernelLimits, MlaShape, Op, Rows, Target};
+use crate::plan::{ExpertMatrix, ExpertWeights, KernelLimits, MlaShape, Op, Rows, Target};
 
 /// router.wgsl's MAX_EXPERTS, MAX_GROUPS and MAX_TOP_K; indexer.wgsl's key in workgroup memory.
 const KERNEL_LIMITS: KernelLimits = KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 };
@@ -29,8 +29,10 @@ pub struct WgpuBackend {
     /// finding hot kernels). The step's own work is then done by the profiler's runs.
     profile: Option<Profiler>,
     /// Where each MoE layer groups its step's expert slots by expert (shared by the layers,
-    /// which run one after the other), and the number of routed experts; made with the target.
-    expert_groups: Option<(wgpu::Buffer, u32)>,
+    /// which run one after the other); made with the target.
+    expert_groups: Option<wgpu::Buffer>,
+    /// Routed experts per MoE layer (the grouped matmuls' tile counts).
+    experts: u32,
 }
 
 impl IntoBackend<WgpuBackend> for GpuContext {
@@ -49,6 +51,7 @@ impl WgpuBackend {
             work: WorkCounters::new(["dispatches", "submits"]),
             profile: Profiler::from_env(),
             expert_groups: None,
+            experts: 0,
         })
     }
 
@@ -125,7 +128,8 @@ impl Backend for WgpuBackend {
         if config.n_routed_experts > 0 {
             let groups = Builder::expert_groups(&ctx, max_chunk * config.num_experts_per_tok)?;
             private += groups.size();
-            self.expert_groups = Some((groups, config.n_routed_experts as u32));
+            self.expert_groups = Some(groups);
+            self.experts = config.n_routed_experts as u32;
         }
         Ok(Target {
             max_chunk,
@@ -136,6 +140,7 @@ impl Backend for WgpuBackend {
             memory: ctx.memory,
             software: ctx.info.device_type == wgpu::DeviceType::Cpu,
             kernels: KERNEL_LIMITS,
+            group_experts: ctx.group_experts && self.expert_groups.is_some(),
         })
     }
 
@@ -215,38 +220,27 @@ impl Backend for WgpuBackend {
             Op::IndexerTopK { scores, positions, selected, ref shape } => out.push(b.indexer_top_k(shape, [scores, positions, selected].map(buf))),
             Op::VUp { kv_b, o_lat, o, ref mla } => out.push(b.absorb(mla, res.weight(kv_b), buf(o_lat), buf(o), true)),
             Op::Router { ref params, experts, logits, bias, ids, weights, rows } => out.push(b.router(params, experts, buf(logits), bias.map(buf), buf(ids), buf(weights), rows == Rows::Last)),
-            Op::RoutedExperts { experts, k, width, x, ids, gate_out, up_out, out: o } => {
-                let k32 = k as u32;
-                let (x, act, up_act, o) = (buf(x), buf(gate_out), buf(up_out), buf(o));
-                match experts {
-                    // Grouped by expert across the step's tokens where the adapter gains from it
-                    // (one group list for the three matrices), else one slot per workgroup.
-                    Experts::Resident { gate, up, down } => {
-                        let groups = match &self.expert_groups {
-                            Some((groups, experts)) if b.ctx.group_experts => {
-                                out.push(b.group_experts(k32, *experts, [res.weight(gate).rows, res.weight(down).rows], buf(ids), groups));
-                                Some((groups, experts))
-                            }
-                            _ => None,
-                        };
-                        let expert = |w, which, x_div, x, y| match groups {
-                            Some((groups, experts)) => vec![b.grouped_expert_matmul(res.weight(w), which, k32, *experts, x_div, x, y, buf(ids), groups)],
-                            None => b.expert_matmul(res.weight(w), k32, x_div, x, y, buf(ids)),
-                        };
-                        out.extend(expert(gate, ExpertMatrix::GateUp, k32, x, act));
-                        out.extend(expert(up, ExpertMatrix::GateUp, k32, x, up_act));
-                        out.push(b.silu_mul(k * width, act, up_act));
-                        out.extend(expert(down, ExpertMatrix::Down, 1, act, o));
-                    }
-                    // Each pool computes the slots its list names: gate and up per pool,
-                    // SwiGLU over all slots, down per pool.
-                    Experts::Streamed { .. } => {
-                        res.pools.iter().for_each(|p| out.extend(p.gate_up(b, k32, x, [act, up_act])));
-                        out.push(b.silu_mul(k * width, act, up_act));
-                        res.pools.iter().for_each(|p| out.push(p.down(b, k32, act, o)));
-                    }
+            Op::GroupExperts { k, experts, rows, ids } => {
+                let groups = self.expert_groups.as_ref().ok_or_else(|| crate::error::Error::Invalid("GroupExperts on a plan for a model without routed experts".into()))?;
+                out.push(b.group_experts(k as u32, experts as u32, rows, buf(ids), groups))
+            }
+            Op::ExpertMatmul { matrix, weights, k, x, y, ids, grouped } => {
+                let (k32, x_div) = (k as u32, matrix.x_div(k) as u32);
+                match weights {
+                    // Grouped by expert across the step's tokens (the tiles `GroupExperts` wrote),
+                    // else one slot per workgroup.
+                    ExpertWeights::Stack(w) => match (&self.expert_groups, grouped) {
+                        (Some(groups), true) => {
+                            let which = if matrix == ExpertMatrix::Down { GroupedMatrix::Down } else { GroupedMatrix::GateUp };
+                            out.push(b.grouped_expert_matmul(res.weight(w), which, k32, self.experts, x_div, buf(x), buf(y), buf(ids), groups))
+                        }
+                        _ => out.extend(b.expert_matmul(res.weight(w), k32, x_div, buf(x), buf(y), buf(ids))),
+                    },
+                    // Each pool computes the slots its list names.
+                    ExpertWeights::Pools => res.pools.iter().for_each(|p| out.push(p.matmul(b, matrix, k32, buf(x), buf(y)))),
                 }
             }
+            Op::Streamed { .. } => unreachable!("the runtime lowers a streamed layer's ops itself"),
             Op::MoeCombine { dim, k, expert_out, weights, shared, h } => out.push(b.moe_combine(dim, k, buf(expert_out), buf(weights), shared.map(buf), buf(h))),
             Op::Argmax { vocab, logits, ids } => out.push(b.argmax(vocab, buf(logits), buf(ids))),
         }

@@ -6,6 +6,7 @@ use super::lower::{listed_grid, matmul_tiles, Builder, Dispatch, Tile};
 use super::tensors::{storage, SlotMatrix};
 use crate::error::Result;
 use crate::model::weights::Mlp;
+use crate::plan::ExpertMatrix;
 
 pub struct SlotPool {
     pub gate: SlotMatrix,
@@ -52,13 +53,15 @@ impl SlotPool {
         queue.write_buffer(&self.args, 0, bytemuck::cast_slice(&[gate_up, down]));
     }
 
-    /// The listed gate and up matmuls of `x` into (gate_out, up_out) (`k` slots per token).
-    pub fn gate_up(&self, b: &Builder, k: u32, x: &wgpu::Buffer, [gate_out, up_out]: [&wgpu::Buffer; 2]) -> [Dispatch; 2] {
-        [b.listed_expert_matmul(&self.gate.matrix, k, k, x, gate_out, &self.list, (&self.args, 0)), b.listed_expert_matmul(&self.up.matrix, k, k, x, up_out, &self.list, (&self.args, 0))]
-    }
-
-    /// The listed down matmul of each slot's activations into `out`.
-    pub fn down(&self, b: &Builder, k: u32, act: &wgpu::Buffer, out: &wgpu::Buffer) -> Dispatch {
-        b.listed_expert_matmul(&self.down.matrix, k, 1, act, out, &self.list, (&self.args, 12))
+    /// The listed slots' `matrix` matmul of `x` into `y` (`k` slots per token): gate and up
+    /// read the token's row and take the dispatch sizes at offset 0, down the slot's own row
+    /// at offset 12.
+    pub fn matmul(&self, b: &Builder, matrix: ExpertMatrix, k: u32, x: &wgpu::Buffer, y: &wgpu::Buffer) -> Dispatch {
+        let (slots, x_div, offset) = match matrix {
+            ExpertMatrix::Gate => (&self.gate, k, 0),
+            ExpertMatrix::Up => (&self.up, k, 0),
+            ExpertMatrix::Down => (&self.down, 1, 12),
+        };
+        b.listed_expert_matmul(&slots.matrix, k, x_div, x, y, &self.list, (&self.args, offset))
     }
 }
