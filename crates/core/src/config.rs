@@ -411,7 +411,7 @@ impl ModelConfig {
 }
 
 /// Rotary position embedding's parameters on the `qk_rope_head_dim` dims: one frequency per
-/// rotated pair and a scale, with optional YaRN (SPEC: "RoPE and YaRN").
+/// rotated pair and a scale, with optional YaRN (docs/forward-pass.md, "RoPE and YaRN").
 #[derive(Debug, Clone)]
 pub struct Rope {
     /// One frequency per rotated pair, rounded to f32 as transformers stores them.
@@ -623,7 +623,7 @@ mod tests {
         assert!(!c.is_moe_layer(2) && c.is_moe_layer(3) && c.is_moe_layer(60));
         assert_eq!(c.num_nextn_predict_layers, 1);
         assert_eq!(c.eos_token_ids, vec![1]);
-        // SPEC.md: 192^-0.5 * (0.1 ln 40 + 1)^2; transformers gives 0.1352337788608801.
+        // docs/forward-pass.md: 192^-0.5 * (0.1 ln 40 + 1)^2; transformers gives 0.1352337788608801.
         assert!((c.softmax_scale() - 0.1352337788608801).abs() < 1e-12);
     }
 

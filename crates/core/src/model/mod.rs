@@ -1,4 +1,4 @@
-//! The DeepSeek-V2/V3 forward pass (SPEC.md), over weights in their stored formats.
+//! The DeepSeek-V2/V3 forward pass (docs/forward-pass.md), over weights in their stored formats.
 
 pub mod attention;
 mod ffn;

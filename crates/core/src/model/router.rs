@@ -1,5 +1,5 @@
 //! Expert selection for one token: scoring (sigmoid or softmax), optional correction bias
-//! (selection only), group-limited top-k, normalisation and scaling. See SPEC.md "Router and experts".
+//! (selection only), group-limited top-k, normalisation and scaling. See docs/forward-pass.md, "Router and experts".
 
 use crate::config::{ModelConfig, ScoringFunc, TopkMethod};
 use crate::model::math::{sigmoid, softmax};

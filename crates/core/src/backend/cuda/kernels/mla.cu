@@ -1,4 +1,4 @@
-// Multi-head latent attention in the absorbed form (SPEC.md), for a step's tokens t, each at
+// Multi-head latent attention in the absorbed form (docs/forward-pass.md), for a step's tokens t, each at
 // its position over its sequence's rows of the latent cache ([rows, LORA + ROPE]: c_kv then
 // k_pe); `positions` holds (position, first cache row of the sequence) per token.
 // LORA and ROPE are compile-time (shared-memory tiles are sized by them).
