@@ -269,6 +269,19 @@ async fn lm_evaluation_harness_loglikelihood_batches() {
     let n: usize = prompts.iter().map(Vec::len).sum();
     assert_eq!(reply["usage"]["prompt_tokens"], n, "{reply}");
 
+    // When the token after the prompt is EOS (forced here by a bias), it is still reported:
+    // the harness drops the last entry, which must not be a prompt token's.
+    let eos = *tokenizer.eos_ids().first().expect("the bundled model has an EOS");
+    let mut forced = body.clone();
+    forced["prompt"] = json!(&prompts[..1]);
+    forced["logit_bias"] = json!({eos.to_string(): 100});
+    let (status, reply) = server.post("/v1/completions", &forced).await;
+    assert_eq!(status, 200, "{reply}");
+    let lp = &reply["choices"][0]["logprobs"];
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), prompts[0].len() + 1, "{lp}");
+    assert_eq!(lp["tokens"][prompts[0].len()].as_str().unwrap(), tokenizer.token_text(eos), "{lp}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "stop", "{reply}");
+
     // Several text prompts, streamed: each choice's chunks carry its index, and the texts are
     // what each prompt gets alone.
     let alone: Vec<String> = {

@@ -98,7 +98,7 @@ impl StopMatcher {
 #[derive(Debug, Default, Clone)]
 pub struct Emitted {
     pub text: String,
-    /// The token's log-probability (when asked for; absent for an EOS that ends the reply).
+    /// The token's log-probability, when asked for (an EOS that ends the reply has one too).
     pub logprob: Option<TokenLogprob>,
 }
 
@@ -155,8 +155,10 @@ impl Generation {
             _ => None,
         };
         if tokenizer.is_eos(token) && !self.stopping.ignore_eos {
+            // The EOS is not part of the reply's text, but it is the token chosen: its
+            // log-probability is reported (lm-evaluation-harness drops the last one it gets).
             self.stop = Some(StopReason::EndOfSequence);
-            return Ok(Emitted { text: String::new(), logprob: None });
+            return Ok(Emitted { text: String::new(), logprob });
         }
         self.generated += 1;
         self.sampler.accept(token);
