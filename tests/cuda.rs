@@ -261,6 +261,16 @@ fn router_matches_the_cpu_rules() {
 /// One MLA attention layer against the CPU reference over several steps (prefill, single
 /// tokens, a short chunk), with the cache split into 24-position chunks so several splits are
 /// live and merged.
+/// The conformance harness (tests/common/conformance.rs) on each CUDA runtime.
+#[test]
+fn conformance_of_every_op_on_cuda() {
+    for rt in runtimes() {
+        let what = rt.describe();
+        let mut lab = dsrun::runtime::Lab::<CudaBackend>::new(rt).unwrap();
+        common::conformance::run_all(&mut lab, &what);
+    }
+}
+
 #[test]
 fn mla_attention_layer_matches_cpu_across_splits() {
     for rt in runtimes() {

@@ -482,3 +482,18 @@ fn argmax_and_moe_combine() {
         assert_close(&format!("moe_combine shared={with_shared}"), &r.read_f32(&hb, n * dim).unwrap(), &want);
     }
 }
+
+/// The conformance harness (tests/common/conformance.rs) on wgpu, in both kernel shapes, with
+/// and without subgroups, with and without grouped experts and the tiled GEMM.
+#[test]
+fn conformance_of_every_op_on_wgpu() {
+    use dsrun::backend::wgpu::WgpuBackend;
+    let base = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let settings = [(true, base.subgroups, true, false), (false, false, false, true), (false, base.subgroups, true, true)];
+    for (cpu_shapes, subgroups, group_experts, prefill_gemm) in settings {
+        let ctx = context::GpuContext { cpu_shapes, subgroups, group_experts, prefill_gemm, ..base.clone() };
+        let what = format!("wgpu {} (CPU shapes {cpu_shapes}, subgroups {subgroups}, grouped {group_experts}, GEMM {prefill_gemm})", ctx.describe());
+        let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
+        common::conformance::run_all(&mut lab, &what);
+    }
+}

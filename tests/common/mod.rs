@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: golden fixtures and logits comparison.
 #![allow(dead_code)]
 
+pub mod conformance;
+
 use std::path::{Path, PathBuf};
 
 /// Every fixture family; `v32` is DeepSeek-V3.2 (sparse attention: its indexer picks 5 positions).

@@ -65,6 +65,15 @@ impl<B: Backend> Lab<B> {
         Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
     }
 
+    pub fn read_u32(&mut self, id: BufferId, words: usize) -> Result<Vec<u32>> {
+        Ok(bytemuck::pod_collect_to_vec(self.read_bytes(id, words)?))
+    }
+
+    /// The backend's limits for `config` (and what it makes with them: expert grouping).
+    pub fn target(&mut self, config: &crate::config::ModelConfig, capacity: usize) -> Result<crate::plan::Target> {
+        self.backend.target(config, capacity)
+    }
+
     fn read_bytes(&mut self, id: BufferId, words: usize) -> Result<&[u8]> {
         self.backend.read(&[(self.res.buf(id), words * 4)])
     }

@@ -1,0 +1,213 @@
+//! One conformance harness for every backend (ggml's test-backend-ops is the model): plan ops
+//! lowered by a backend through `runtime::Lab` and run on seeded random inputs, every weight
+//! format, shapes that are multiples of no tile (rows 37 and 13, columns 300, 129 and 160,
+//! 1 to 17 tokens), each against the CPU reference (`model`). `tests/gpu_kernels.rs`
+//! instantiates it for wgpu, `tests/cuda.rs` for the CUDA emulator (and a device where there
+//! is one); the attention layer's ops run through `attention_layer_matches_cpu` beside it.
+//!
+//! Tolerance: 1e-5 of each output's scale. Both sides decode the weights exactly and sum in
+//! f32; only the order of the sums differs (~1e-7 relative per term over a few hundred terms).
+//! Ids (the router's, the argmax's) must be equal.
+
+use super::{random, relative_error, router_cases};
+use dsrun::backend::Backend;
+use dsrun::model::math;
+use dsrun::model::weights::Matrix;
+use dsrun::plan::{ExpertMatrix, ExpertWeights, Op, Rows};
+use dsrun::quant::DType;
+use dsrun::runtime::Lab;
+
+pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
+
+/// (rows, columns): rows not a multiple of 4 or of a 64-row tile; columns with a partial FP8
+/// block and lane sweep (300), rows not word-aligned in 16-bit formats (129), rows of whole
+/// 16-byte units (160).
+const SHAPES: [(usize, usize); 3] = [(37, 300), (13, 129), (37, 160)];
+/// Token counts: decode, small batches (2, 3-4), prefill tiles and past them.
+const TOKENS: [usize; 6] = [1, 2, 3, 5, 9, 17];
+
+fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
+    Matrix::from_values(&format!("w{seed}"), rows, cols, dtype, &random(seed, rows * cols), (128, 128))
+}
+
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    let err = relative_error(got, want);
+    assert!(err <= 1e-5, "{what}: relative error {err:e}");
+}
+
+/// Runs `ops` as a step of `n` tokens.
+fn run<B: Backend>(lab: &mut Lab<B>, ops: &[Op], n: usize) {
+    let lowered = lab.lower(ops).unwrap();
+    lab.run(&lowered, n as u32).unwrap();
+}
+
+/// Every op below, on `lab`'s backend; `what` names the backend in failures.
+pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    matmul(lab, what);
+    embed(lab, what);
+    rms_norm(lab, what);
+    silu_mul(lab, what);
+    moe_combine(lab, what);
+    argmax(lab, what);
+    router(lab, what);
+    experts(lab, what);
+}
+
+/// `Matmul` in every format, shape and token count, plain, accumulating, and for the last row.
+pub fn matmul<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    for dtype in FORMATS {
+        for (rows, cols) in SHAPES {
+            let m = matrix(dtype, rows, cols, 1);
+            let w = lab.matrix(&[&m], true).unwrap();
+            for n in TOKENS {
+                let x = random(2 + n as u64, n * cols);
+                let base = random(3 + n as u64, n * rows);
+                let xb = lab.input(&x).unwrap();
+                for accumulate in [false, true] {
+                    let y = lab.input(&base).unwrap();
+                    run(lab, &[Op::Matmul { w, x: xb, y, rows: Rows::All, accumulate }], n);
+                    let mut want = math::matmul(&m, &x, n);
+                    if accumulate {
+                        math::add_in_place(&mut want, &base);
+                    }
+                    close(&format!("{what}: matmul {dtype:?} {rows}x{cols} n={n} accumulate={accumulate}"), &lab.read_f32(y, n * rows).unwrap(), &want);
+                }
+                // The last position's row (a one-row input, as the head's RmsNorm leaves it).
+                let y = lab.zeros(rows).unwrap();
+                run(lab, &[Op::Matmul { w, x: xb, y, rows: Rows::Last, accumulate: false }], n);
+                close(&format!("{what}: matmul {dtype:?} {rows}x{cols} last row of {n}"), &lab.read_f32(y, rows).unwrap(), &math::matmul(&m, &x[..cols], 1));
+            }
+        }
+    }
+}
+
+/// `Embed`: rows of a table in every format for the step's tokens (repeats, the last row).
+pub fn embed<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    for dtype in FORMATS {
+        let (vocab, dim) = (37, 160);
+        let table = matrix(dtype, vocab, dim, 5);
+        let w = lab.matrix(&[&table], true).unwrap();
+        let tokens: Vec<u32> = vec![36, 0, 5, 5, 17];
+        let tb = lab.zeros(tokens.len()).unwrap();
+        lab.write_u32(tb, &tokens).unwrap();
+        let out = lab.zeros(tokens.len() * dim).unwrap();
+        run(lab, &[Op::Embed { table: w, tokens: tb, out }], tokens.len());
+        close(&format!("{what}: embed {dtype:?}"), &lab.read_f32(out, tokens.len() * dim).unwrap(), &math::embed(&table, &tokens));
+    }
+}
+
+/// `RmsNorm` of every row, and of the last row into row 0.
+pub fn rms_norm<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    for (dim, n) in [(300, 5), (129, 1), (7168 / 16, 3)] {
+        let x: Vec<f32> = random(7, n * dim).iter().map(|v| v * 3.0).collect();
+        let weight = random(8, dim);
+        let (xb, wb) = (lab.input(&x).unwrap(), lab.input(&weight).unwrap());
+        let out = lab.zeros(n * dim).unwrap();
+        run(lab, &[Op::RmsNorm { dim, eps: 1e-6, x: xb, weight: wb, out, rows: Rows::All }], n);
+        let mut want = x.clone();
+        math::rms_norm(&mut want, &weight, 1e-6);
+        close(&format!("{what}: rmsnorm dim {dim} n={n}"), &lab.read_f32(out, n * dim).unwrap(), &want);
+        let last = lab.zeros(dim).unwrap();
+        run(lab, &[Op::RmsNorm { dim, eps: 1e-6, x: xb, weight: wb, out: last, rows: Rows::Last }], n);
+        close(&format!("{what}: rmsnorm dim {dim}, last of {n}"), &lab.read_f32(last, dim).unwrap(), &want[(n - 1) * dim..]);
+    }
+}
+
+/// `SiluMul` over a width that is no multiple of a workgroup.
+pub fn silu_mul<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    let (width, n) = (333, 3);
+    let (gate, up) = (random(9, n * width), random(10, n * width));
+    let (gb, ub) = (lab.input(&gate).unwrap(), lab.input(&up).unwrap());
+    run(lab, &[Op::SiluMul { width, gate: gb, up: ub }], n);
+    let mut want = gate.clone();
+    math::silu_mul(&mut want, &up);
+    close(&format!("{what}: silu_mul"), &lab.read_f32(gb, n * width).unwrap(), &want);
+}
+
+/// `MoeCombine`: the routed outputs weighted, the shared expert's added, into the residual.
+pub fn moe_combine<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    let (dim, k, n) = (130, 3, 4);
+    let (outs, weights, shared, h) = (random(11, n * k * dim), random(12, n * k), random(13, n * dim), random(14, n * dim));
+    for with_shared in [true, false] {
+        let (ob, wb, sb, hb) = (lab.input(&outs).unwrap(), lab.input(&weights).unwrap(), lab.input(&shared).unwrap(), lab.input(&h).unwrap());
+        run(lab, &[Op::MoeCombine { dim, k, expert_out: ob, weights: wb, shared: with_shared.then_some(sb), h: hb }], n);
+        let mut want = h.clone();
+        for t in 0..n {
+            for i in 0..k {
+                math::axpy(weights[t * k + i], &outs[(t * k + i) * dim..][..dim], &mut want[t * dim..][..dim]);
+            }
+            if with_shared {
+                math::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
+            }
+        }
+        close(&format!("{what}: moe_combine shared={with_shared}"), &lab.read_f32(hb, n * dim).unwrap(), &want);
+    }
+}
+
+/// `Argmax` of each row, ties to the lower index.
+pub fn argmax<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    let (vocab, n) = (2049, 3);
+    let mut logits = random(15, n * vocab);
+    logits[vocab + 7] = 5.0;
+    logits[vocab + 900] = 5.0;
+    let lb = lab.input(&logits).unwrap();
+    let ids = lab.zeros(n).unwrap();
+    run(lab, &[Op::Argmax { vocab, logits: lb, ids }], n);
+    let want: Vec<u32> = logits.chunks(vocab).map(|r| math::argmax(r) as u32).collect();
+    assert_eq!(lab.read_u32(ids, n).unwrap(), want, "{what}: argmax");
+}
+
+/// `Router`: every scoring function and top-k method, with and without the correction bias,
+/// a token whose logits all tie.
+pub fn router<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    for case in router_cases() {
+        let k = case.params.top_k;
+        let lb = lab.input(&case.logits).unwrap();
+        let bias = case.bias.as_ref().map(|b| lab.input(b).unwrap());
+        let (ids, weights) = (lab.zeros(case.tokens * k).unwrap(), lab.zeros(case.tokens * k).unwrap());
+        let op = Op::Router { params: case.params.clone(), experts: case.experts, logits: lb, bias, ids, weights, rows: Rows::All };
+        run(lab, &[op], case.tokens);
+        let (got_ids, got_weights) = (lab.read_u32(ids, case.tokens * k).unwrap(), lab.read_f32(weights, case.tokens * k).unwrap());
+        case.check(&format!("{what}: router {:?}/{:?}", case.params.scoring, case.params.method), &got_ids, &got_weights);
+    }
+}
+
+/// `GroupExperts` and `ExpertMatmul` over stacked experts in every format, per slot and
+/// grouped, gate/up (k slots per token reading the token's row) and down (each slot its own).
+pub fn experts<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    // The grouping's buffers are the backend's, made with its target for a model's routing.
+    let model = dsrun::model::Model::load(&super::fixture("v3_noaux")).unwrap();
+    let c = &model.config;
+    let target = lab.target(c, 32).unwrap();
+    let (experts, k) = (c.n_routed_experts, c.num_experts_per_tok);
+    for dtype in FORMATS {
+        let (rows, cols) = (19, 150);
+        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 20 + e as u64)).collect();
+        let w = lab.matrix(&stack.iter().collect::<Vec<_>>(), false).unwrap();
+        for n in [1usize, 3, 9] {
+            let ids: Vec<u32> = (0..n * k).map(|s| ((s * 5 + 3) % experts) as u32).collect();
+            let ib = lab.zeros(n * k).unwrap();
+            lab.write_u32(ib, &ids).unwrap();
+            for (matrix_kind, x_rows) in [(ExpertMatrix::Gate, n), (ExpertMatrix::Down, n * k)] {
+                let x = random(30 + n as u64, x_rows * cols);
+                let xb = lab.input(&x).unwrap();
+                let want: Vec<f32> = (0..n * k)
+                    .flat_map(|s| {
+                        let row = s / matrix_kind.x_div(k);
+                        math::matmul(&stack[ids[s] as usize], &x[row * cols..][..cols], 1)
+                    })
+                    .collect();
+                for grouped in [false, true].into_iter().filter(|&g| !g || target.group_experts) {
+                    let y = lab.zeros(n * k * rows).unwrap();
+                    let mut ops = Vec::new();
+                    if grouped {
+                        ops.push(Op::GroupExperts { k, experts, rows: [rows, rows], ids: ib });
+                    }
+                    ops.push(Op::ExpertMatmul { matrix: matrix_kind, weights: ExpertWeights::Stack(w), k, x: xb, y, ids: ib, grouped });
+                    run(lab, &ops, n);
+                    close(&format!("{what}: expert matmul {dtype:?} {matrix_kind:?} n={n} grouped={grouped}"), &lab.read_f32(y, n * k * rows).unwrap(), &want);
+                }
+            }
+        }
+    }
+}
