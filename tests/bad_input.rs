@@ -424,3 +424,24 @@ fn a_checkpoint_truncated_under_a_running_process_is_named() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("SIGBUS") && stderr.contains(dir.path().to_str().unwrap()), "{stderr}");
 }
+
+/// Config errors are typed: the key at fault and why, so a program (a server, a loader UI)
+/// can name the key without parsing the message.
+#[test]
+fn config_errors_name_their_key() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("scoring_func", serde_json::json!("relu"), "scoring_func"),
+        ("num_experts_per_tok", serde_json::json!(1000), "num_experts_per_tok"),
+        ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
+        ("hidden_size", serde_json::json!("wide"), "hidden_size"),
+        ("rope_scaling", serde_json::json!({"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 256}), "rope_scaling.factor"),
+    ];
+    for (key, value, named) in cases {
+        let dir = copy_fixture("v3_noaux");
+        edit_config(dir.path(), |c| c[key] = value.clone());
+        match dsrun::config::ModelConfig::from_file(&dir.path().join("config.json")) {
+            Err(dsrun::error::Error::Config { key: got, why }) => assert_eq!(got, named, "{key} = {value}: {why}"),
+            other => panic!("{key} = {value}: {:?}", other.map(|_| "loaded")),
+        }
+    }
+}

@@ -124,28 +124,28 @@ impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             let hint = if e.kind() == std::io::ErrorKind::NotFound { " (is this a Hugging Face checkpoint directory? pass it with --model DIR)" } else { "" };
-            Error::Config(format!("cannot read {}: {e}{hint}", path.display()))
+            Error::config("config.json", format!("cannot read {}: {e}{hint}", path.display()))
         })?;
         let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
         Self::from_json(&value)
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| Error::Config("top level is not a JSON object".into()))?;
+        let obj = value.as_object().ok_or_else(|| Error::config("config.json", "top level is not a JSON object"))?;
         let keys = Keys::new(obj);
 
-        let model_type = keys.string("model_type")?.ok_or_else(|| Error::Config("missing key `model_type`".into()))?;
+        let model_type = keys.string("model_type")?.ok_or_else(|| Error::config("model_type", "missing key `model_type`"))?;
         let family = match model_type.as_str() {
             "deepseek_v3" | "kimi_k2" | "deepseek_v32" => Family::V3,
             "deepseek_v2" => Family::V2,
-            other => return Err(Error::Config(format!("unsupported model_type `{other}` (dsrun runs deepseek_v3 and deepseek_v2 architectures)"))),
+            other => return Err(Error::config("model_type", format!("unsupported model_type `{other}` (dsrun runs deepseek_v3 and deepseek_v2 architectures)"))),
         };
         if keys.bool("attention_bias")? == Some(true) {
-            return Err(Error::Config("`attention_bias` is true: DeepSeek-architecture attention has no biases, and dsrun reads none".into()));
+            return Err(Error::config("attention_bias", "`attention_bias` is true: DeepSeek-architecture attention has no biases, and dsrun reads none"));
         }
         if let Some(act) = keys.string("hidden_act")? {
             if act != "silu" {
-                return Err(Error::Config(format!("unsupported hidden_act `{act}` (only `silu`)")));
+                return Err(Error::config("hidden_act", format!("unsupported hidden_act `{act}` (only `silu`)")));
             }
         }
 
@@ -156,13 +156,13 @@ impl ModelConfig {
         let scoring_func = match keys.string("scoring_func")?.as_deref().unwrap_or(default_scoring) {
             "sigmoid" => ScoringFunc::Sigmoid,
             "softmax" => ScoringFunc::Softmax,
-            other => return Err(Error::Config(format!("unsupported scoring_func `{other}` (sigmoid or softmax)"))),
+            other => return Err(Error::config("scoring_func", format!("unsupported scoring_func `{other}` (sigmoid or softmax)"))),
         };
         let topk_method = match keys.string("topk_method")?.as_deref().unwrap_or(default_topk) {
             "greedy" => TopkMethod::Greedy,
             "group_limited_greedy" => TopkMethod::GroupLimitedGreedy,
             "noaux_tc" => TopkMethod::NoauxTc,
-            other => return Err(Error::Config(format!("unsupported topk_method `{other}` (greedy, group_limited_greedy or noaux_tc)"))),
+            other => return Err(Error::config("topk_method", format!("unsupported topk_method `{other}` (greedy, group_limited_greedy or noaux_tc)"))),
         };
 
         let rope_theta_default = keys.object("rope_parameters")?.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).unwrap_or(10000.0);
@@ -245,7 +245,7 @@ impl ModelConfig {
     fn validate(&self) -> Result<()> {
         for (key, value, limit) in self.size_limits() {
             if value > limit {
-                return Err(Error::Config(format!("`{key}` is {value}, beyond what any DeepSeek-architecture model uses (at most {limit}): the config is corrupt")));
+                return Err(Error::config(key, format!("`{key}` is {value}, beyond what any DeepSeek-architecture model uses (at most {limit}): the config is corrupt")));
             }
         }
         self.validate_finite()?;
@@ -254,7 +254,7 @@ impl ModelConfig {
 
     /// Values that would make the forward pass non-finite, refused with the key named.
     fn validate_finite(&self) -> Result<()> {
-        let bad = |key: &str, rule: &str, value: f64| Err(Error::Config(format!("`{key}` must be {rule}, found {value}")));
+        let bad = |key: &str, rule: &str, value: f64| Err(Error::config(key, format!("`{key}` must be {rule}, found {value}")));
         if !(self.routed_scaling_factor > 0.0 && self.routed_scaling_factor <= 1e3) {
             return bad("routed_scaling_factor", "in (0, 1000]", self.routed_scaling_factor);
         }
@@ -284,11 +284,11 @@ impl ModelConfig {
         }
         let rope = Rope::new(self);
         if !(rope.scale.is_finite() && rope.scale > 0.0 && rope.inv_freq.iter().all(|f| f.is_finite())) {
-            return Err(Error::Config("`rope_theta` and `rope_scaling` give non-finite rotary frequencies or scale: the config is corrupt".into()));
+            return Err(Error::config("rope_theta", "`rope_theta` and `rope_scaling` give non-finite rotary frequencies or scale: the config is corrupt"));
         }
         let scale = self.softmax_scale();
         if !(scale > 0.0 && scale.is_finite()) {
-            return Err(Error::Config(format!("the attention softmax scale from `qk_*_head_dim` and `rope_scaling` is {scale}: the config is corrupt")));
+            return Err(Error::config("qk_nope_head_dim", format!("the attention softmax scale from `qk_*_head_dim` and `rope_scaling` is {scale}: the config is corrupt")));
         }
         Ok(())
     }
@@ -308,62 +308,62 @@ impl ModelConfig {
         ];
         for (key, value) in positive {
             if value == 0 {
-                return Err(Error::Config(format!("`{key}` must be positive, found 0")));
+                return Err(Error::config(key, format!("`{key}` must be positive, found 0")));
             }
         }
         if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
-            return Err(Error::Config(format!("`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}", self.qk_rope_head_dim)));
+            return Err(Error::config("qk_rope_head_dim", format!("`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}", self.qk_rope_head_dim)));
         }
         if self.q_lora_rank == Some(0) {
-            return Err(Error::Config("`q_lora_rank` must be positive or null, found 0".into()));
+            return Err(Error::config("q_lora_rank", "`q_lora_rank` must be positive or null, found 0"));
         }
         if let Some(ix) = &self.indexer {
             for (key, value) in [("index_n_heads", ix.heads), ("index_head_dim", ix.head_dim), ("index_topk", ix.topk)] {
                 if value == 0 || value > 1 << 20 {
-                    return Err(Error::Config(format!("`{key}` must be between 1 and {}, found {value}", 1 << 20)));
+                    return Err(Error::config(key, format!("`{key}` must be between 1 and {}, found {value}", 1 << 20)));
                 }
             }
             if ix.head_dim < self.qk_rope_head_dim {
-                return Err(Error::Config(format!("`index_head_dim` ({}) is smaller than `qk_rope_head_dim` ({}), which it rotates", ix.head_dim, self.qk_rope_head_dim)));
+                return Err(Error::config("index_head_dim", format!("`index_head_dim` ({}) is smaller than `qk_rope_head_dim` ({}), which it rotates", ix.head_dim, self.qk_rope_head_dim)));
             }
             if self.q_lora_rank.is_none() {
-                return Err(Error::Config("deepseek_v32 needs `q_lora_rank`: the indexer's queries read the query LoRA".into()));
+                return Err(Error::config("q_lora_rank", "deepseek_v32 needs `q_lora_rank`: the indexer's queries read the query LoRA"));
             }
         }
         if self.has_moe_layers() {
             if self.n_routed_experts == 0 || self.moe_intermediate_size == 0 {
-                return Err(Error::Config("`n_routed_experts` and `moe_intermediate_size` must be positive".into()));
+                return Err(Error::config("n_routed_experts", "`n_routed_experts` and `moe_intermediate_size` must be positive"));
             }
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.n_routed_experts {
-                return Err(Error::Config(format!("`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})", self.num_experts_per_tok, self.n_routed_experts)));
+                return Err(Error::config("num_experts_per_tok", format!("`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})", self.num_experts_per_tok, self.n_routed_experts)));
             }
             if self.n_routed_experts % self.n_group != 0 {
-                return Err(Error::Config(format!("`n_routed_experts` ({}) is not divisible by `n_group` ({})", self.n_routed_experts, self.n_group)));
+                return Err(Error::config("n_routed_experts", format!("`n_routed_experts` ({}) is not divisible by `n_group` ({})", self.n_routed_experts, self.n_group)));
             }
             if self.topk_group > self.n_group {
-                return Err(Error::Config(format!("`topk_group` ({}) exceeds `n_group` ({})", self.topk_group, self.n_group)));
+                return Err(Error::config("topk_group", format!("`topk_group` ({}) exceeds `n_group` ({})", self.topk_group, self.n_group)));
             }
             let group_limited = self.topk_method != TopkMethod::Greedy && self.n_group > 1;
             let reachable = if group_limited { self.topk_group * (self.n_routed_experts / self.n_group) } else { self.n_routed_experts };
             if self.num_experts_per_tok > reachable {
-                return Err(Error::Config(format!("`num_experts_per_tok` ({}) exceeds the {} experts in the `topk_group` best groups", self.num_experts_per_tok, reachable)));
+                return Err(Error::config("num_experts_per_tok", format!("`num_experts_per_tok` ({}) exceeds the {} experts in the `topk_group` best groups", self.num_experts_per_tok, reachable)));
             }
             if self.topk_method == TopkMethod::NoauxTc && self.n_group > 1 && self.n_routed_experts / self.n_group < 2 {
-                return Err(Error::Config("noaux_tc needs at least 2 experts per group".into()));
+                return Err(Error::config("topk_method", "noaux_tc needs at least 2 experts per group"));
             }
         }
         if self.has_dense_layers() && self.intermediate_size == 0 {
-            return Err(Error::Config("`intermediate_size` must be positive".into()));
+            return Err(Error::config("intermediate_size", "`intermediate_size` must be positive"));
         }
         if !(self.rms_norm_eps > 0.0) {
-            return Err(Error::Config(format!("`rms_norm_eps` must be positive, found {}", self.rms_norm_eps)));
+            return Err(Error::config("rms_norm_eps", format!("`rms_norm_eps` must be positive, found {}", self.rms_norm_eps)));
         }
         if !(self.rope_theta > 1.0) {
-            return Err(Error::Config(format!("`rope_theta` must be > 1, found {}", self.rope_theta)));
+            return Err(Error::config("rope_theta", format!("`rope_theta` must be > 1, found {}", self.rope_theta)));
         }
         if let Some(id) = self.bos_token_id {
             if id as usize >= self.vocab_size {
-                return Err(Error::Config(format!("`bos_token_id` {id} is not below vocab_size {}", self.vocab_size)));
+                return Err(Error::config("bos_token_id", format!("`bos_token_id` {id} is not below vocab_size {}", self.vocab_size)));
             }
         }
         Ok(())
@@ -476,39 +476,39 @@ impl<'a> Keys<'a> {
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::Config(format!("`{key}` must be a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| Error::config(key, format!("`{key}` must be a non-negative integer, found {v}"))),
         }
     }
 
     fn required_usize(&self, key: &str) -> Result<usize> {
-        self.usize(key)?.ok_or_else(|| Error::Config(format!("missing key `{key}`")))
+        self.usize(key)?.ok_or_else(|| Error::config(key, format!("missing key `{key}`")))
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v.as_f64().filter(|x| x.is_finite()).map(Some).ok_or_else(|| Error::config(key, format!("`{key}` must be a number, found {v}"))),
         }
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be true or false, found {v}"))),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| Error::config(key, format!("`{key}` must be true or false, found {v}"))),
         }
     }
 
     fn string(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| Error::Config(format!("`{key}` must be a string, found {v}"))),
+            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| Error::config(key, format!("`{key}` must be a string, found {v}"))),
         }
     }
 
     fn object(&self, key: &str) -> Result<Option<&'a Map<String, Value>>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_object().map(Some).ok_or_else(|| Error::Config(format!("`{key}` must be an object, found {v}"))),
+            Some(v) => v.as_object().map(Some).ok_or_else(|| Error::config(key, format!("`{key}` must be an object, found {v}"))),
         }
     }
 }
@@ -525,21 +525,25 @@ fn parse_rope_scaling(keys: &Keys) -> Result<Option<Yarn>> {
     match kind.as_str() {
         "default" => return Ok(None),
         "yarn" => {}
-        other => return Err(Error::Config(format!("unsupported {key}.rope_type `{other}` (default or yarn)"))),
+        other => return Err(Error::config(format!("{key}.rope_type"), format!("unsupported {key}.rope_type `{other}` (default or yarn)"))),
     }
     let field = |name: &str, default: Option<f64>| -> Result<f64> {
-        inner.f64(name).map_err(|_| Error::Config(format!("`{key}.{name}` must be a number")))?.or(default).ok_or_else(|| Error::Config(format!("missing key `{key}.{name}` (needed for yarn)")))
+        inner
+            .f64(name)
+            .map_err(|_| Error::config(format!("{key}.{name}"), format!("`{key}.{name}` must be a number")))?
+            .or(default)
+            .ok_or_else(|| Error::config(format!("{key}.{name}"), format!("missing key `{key}.{name}` (needed for yarn)")))
     };
     let factor = field("factor", None)?;
     if !(factor >= 1.0) {
-        return Err(Error::Config(format!("`{key}.factor` must be >= 1, found {factor}")));
+        return Err(Error::config(format!("{key}.factor"), format!("`{key}.factor` must be >= 1, found {factor}")));
     }
     let original = inner
         .usize("original_max_position_embeddings")
-        .map_err(|_| Error::Config(format!("`{key}.original_max_position_embeddings` must be an integer")))?
-        .ok_or_else(|| Error::Config(format!("missing key `{key}.original_max_position_embeddings` (needed for yarn)")))?;
+        .map_err(|_| Error::config(format!("{key}.original_max_position_embeddings"), format!("`{key}.original_max_position_embeddings` must be an integer")))?
+        .ok_or_else(|| Error::config(format!("{key}.original_max_position_embeddings"), format!("missing key `{key}.original_max_position_embeddings` (needed for yarn)")))?;
     if original == 0 {
-        return Err(Error::Config(format!("`{key}.original_max_position_embeddings` must be positive")));
+        return Err(Error::config(format!("{key}.original_max_position_embeddings"), format!("`{key}.original_max_position_embeddings` must be positive")));
     }
     Ok(Some(Yarn {
         factor,
@@ -557,11 +561,11 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
     let inner = Keys::new(q);
     let method = inner.string("quant_method")?.unwrap_or_default();
     if method != "fp8" {
-        return Err(Error::Config(format!("unsupported quantization_config.quant_method `{method}` (dsrun reads fp8 block-quantised checkpoints)")));
+        return Err(Error::config("quantization_config.quant_method", format!("unsupported quantization_config.quant_method `{method}` (dsrun reads fp8 block-quantised checkpoints)")));
     }
     if let Some(fmt) = inner.string("fmt")? {
         if fmt != "e4m3" {
-            return Err(Error::Config(format!("unsupported quantization_config.fmt `{fmt}` (only e4m3)")));
+            return Err(Error::config("quantization_config.fmt", format!("unsupported quantization_config.fmt `{fmt}` (only e4m3)")));
         }
     }
     let block = match inner.get("weight_block_size") {
@@ -570,7 +574,7 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
             .as_array()
             .and_then(|a| a.iter().map(|x| x.as_u64().map(|n| n as usize)).collect::<Option<Vec<_>>>())
             .filter(|b| b.len() == 2 && b.iter().all(|&n| n > 0))
-            .ok_or_else(|| Error::Config(format!("`quantization_config.weight_block_size` must be two positive integers, found {v}")))?,
+            .ok_or_else(|| Error::config("quantization_config.weight_block_size", format!("`quantization_config.weight_block_size` must be two positive integers, found {v}")))?,
     };
     Ok(Some(Fp8Blocks { block_rows: block[0], block_cols: block[1] }))
 }
@@ -578,11 +582,11 @@ fn parse_quantization(keys: &Keys) -> Result<Option<Fp8Blocks>> {
 pub(crate) fn parse_eos(value: Option<&Value>) -> Result<Vec<u32>> {
     match value {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => n.as_u64().map(|id| vec![id as u32]).ok_or_else(|| Error::Config(format!("`eos_token_id` must be a token id, found {n}"))),
+        Some(Value::Number(n)) => n.as_u64().map(|id| vec![id as u32]).ok_or_else(|| Error::config("eos_token_id", format!("`eos_token_id` must be a token id, found {n}"))),
         Some(Value::Array(ids)) => {
-            ids.iter().map(|v| v.as_u64().map(|id| id as u32)).collect::<Option<Vec<_>>>().ok_or_else(|| Error::Config("`eos_token_id` must be a token id or a list of them".into()))
+            ids.iter().map(|v| v.as_u64().map(|id| id as u32)).collect::<Option<Vec<_>>>().ok_or_else(|| Error::config("eos_token_id", "`eos_token_id` must be a token id or a list of them"))
         }
-        Some(other) => Err(Error::Config(format!("`eos_token_id` must be a token id or a list, found {other}"))),
+        Some(other) => Err(Error::config("eos_token_id", format!("`eos_token_id` must be a token id or a list, found {other}"))),
     }
 }
 

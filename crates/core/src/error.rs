@@ -19,9 +19,10 @@ pub enum Error {
         source: serde_json::Error,
     },
 
-    /// A config.json key is missing, has the wrong type, or a value dsrun does not support.
-    #[error("config.json: {0}")]
-    Config(String),
+    /// A config.json key is missing, has the wrong type, or a value dsrun does not support:
+    /// `key` names it ("config.json" for the file as a whole), `why` says what is wrong.
+    #[error("config.json: {why}")]
+    Config { key: String, why: String },
 
     /// A safetensors file that cannot be trusted: truncated, bad header, overlapping data.
     #[error("{path}: corrupt safetensors file: {reason}")]
@@ -93,6 +94,11 @@ impl Error {
     /// caller can fix it: a server answers these with 4xx, everything else with 5xx.
     pub fn is_request_error(&self) -> bool {
         matches!(self, Error::Invalid(_) | Error::ContextFull { .. } | Error::TokenOutOfRange { .. } | Error::UnknownSequence { .. } | Error::NoMtp)
+    }
+
+    /// A config error about `key`.
+    pub fn config(key: impl Into<String>, why: impl Into<String>) -> Self {
+        Error::Config { key: key.into(), why: why.into() }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
