@@ -7,6 +7,7 @@
 
 use clap::Parser;
 use dsrun::device::{open_engine, GpuChoice};
+use dsrun::engine::Steps;
 use dsrun::inspect::active_weight_bytes;
 use dsrun::model::{Logits, Model};
 use dsrun::util::human_bytes;

@@ -306,7 +306,7 @@ fn non_finite_weights_are_errors_not_tokens() {
     assert!(err.contains("position 1") && err.contains("not finite") && err.contains("dsrun check"), "CPU: {err}");
     let ctx = dsrun::backend::wgpu::context::open(dsrun::device::GpuChoice::Auto).expect("a wgpu adapter");
     let mut gpu = dsrun::runtime::GpuModel::new(ctx, &model, 8, Default::default()).unwrap();
-    use dsrun::engine::Engine;
+    use dsrun::engine::Steps;
     let err = gpu.forward(&tokens, Logits::All).unwrap_err().to_string();
     assert!(err.contains("position 1") && err.contains("not finite"), "wgpu logits: {err}");
     gpu.reset();

@@ -13,7 +13,7 @@ use common::random;
 
 use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Ops};
 use dsrun::backend::cuda::{self, compile, sources, Buffer, CudaBackend, Device};
-use dsrun::engine::Engine;
+use dsrun::engine::{Engine, Steps};
 use dsrun::model::math;
 use dsrun::model::weights::Matrix;
 use dsrun::model::{Logits, Model};

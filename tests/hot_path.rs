@@ -6,7 +6,7 @@
 mod common;
 use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
-use dsrun::engine::Engine;
+use dsrun::engine::{Engine, Steps};
 use dsrun::model::{Logits, Model};
 use dsrun::runtime::GpuModel;
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -6,7 +6,7 @@
 
 mod common;
 use dsrun::config::ModelConfig;
-use dsrun::engine::{CpuEngine, Engine};
+use dsrun::engine::{CpuEngine, Steps};
 use dsrun::model::{Logits, Model};
 use dsrun::tokenizer::Tokenizer;
 

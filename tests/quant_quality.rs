@@ -7,7 +7,7 @@ mod common;
 use dsrun::backend::wgpu::context;
 use dsrun::config::ModelConfig;
 use dsrun::device::GpuChoice;
-use dsrun::engine::{CpuEngine, Engine};
+use dsrun::engine::{CpuEngine, Engine, Steps};
 use dsrun::model::math::{argmax, softmax};
 use dsrun::model::{Logits, Model};
 use dsrun::quant::QuantTarget;

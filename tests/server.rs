@@ -238,7 +238,7 @@ async fn lm_evaluation_harness_loglikelihood_batches() {
     assert_eq!(choices.len(), prompts.len(), "{reply}");
     let model = Model::load(&dir).unwrap();
     let vocab = model.config.vocab_size;
-    use dsrun::engine::Engine;
+    use dsrun::engine::Steps;
     let mut cpu = dsrun::engine::CpuEngine::new(model, CONTEXT);
     let log_softmax = |row: &[f32], token: u32| {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
-use dsrun::engine::{CpuEngine, Engine};
+use dsrun::engine::{CpuEngine, Engine, Output, Pass, Step, Steps, Want};
 use dsrun::model::{Logits, Model};
 use dsrun::plan::budget::{GpuMem, GpuOptions};
 use dsrun::runtime::GpuModel;
@@ -118,8 +118,8 @@ struct Oracle<'a> {
     /// The plain-greedy continuation and where it starts.
     want: Vec<u32>,
     prompt: usize,
-    /// Position of the token the last draft was for.
-    drafted: usize,
+    /// The last draft step's output.
+    logits: Vec<f32>,
 }
 
 impl Oracle<'_> {
@@ -141,8 +141,8 @@ impl Engine for Oracle<'_> {
     fn config(&self) -> &dsrun::config::ModelConfig {
         self.inner.config()
     }
-    fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> dsrun::error::Result<Vec<f32>> {
-        self.inner.forward_seq(seq, tokens, which)
+    fn sequences(&self) -> usize {
+        self.inner.sequences()
     }
     fn seq_len(&self, seq: usize) -> usize {
         self.inner.seq_len(seq)
@@ -156,24 +156,26 @@ impl Engine for Oracle<'_> {
     fn device_name(&self) -> String {
         self.inner.device_name()
     }
-    fn has_mtp(&self) -> bool {
-        true
-    }
-    fn forward_keep(&mut self, seq: usize, tokens: &[u32], which: Logits) -> dsrun::error::Result<Vec<f32>> {
-        self.inner.forward_keep(seq, tokens, which)
-    }
-    fn mtp_len(&self, seq: usize) -> usize {
+    fn mtp_len(&self, seq: usize) -> Option<usize> {
         self.inner.mtp_len(seq)
     }
-    fn draft(&mut self, seq: usize, next: &[u32]) -> dsrun::error::Result<Vec<f32>> {
-        self.inner.draft(seq, next)?;
-        self.drafted = self.inner.seq_len(seq) + 1;
-        Ok(self.one_hot(self.drafted))
+    fn max_step_rows(&self) -> usize {
+        self.inner.max_step_rows()
     }
-    fn draft_chained(&mut self, seq: usize, token: u32) -> dsrun::error::Result<Vec<f32>> {
-        self.inner.draft_chained(seq, token)?;
-        self.drafted += 1;
-        Ok(self.one_hot(self.drafted))
+    /// Draft steps: the inner engine's, then each span's last row replaced by the one-hot for
+    /// the token it drafts (two positions after that row's).
+    fn step(&mut self, step: &Step) -> dsrun::error::Result<Output<'_>> {
+        if step.pass != Pass::Draft {
+            return self.inner.step(step);
+        }
+        assert_eq!(step.want, Want::Logits(Logits::Last), "speculative decoding drafts from each span's last row");
+        self.inner.step(step)?;
+        self.logits.clear();
+        for span in step.spans {
+            let drafted = self.one_hot(span.position + span.tokens.len() + 1);
+            self.logits.extend(drafted);
+        }
+        Ok(Output { logits: &self.logits, ids: &[] })
     }
 }
 
@@ -190,7 +192,7 @@ fn mixed_accepted_and_rejected_drafts_keep_greedy_output_exact() {
             let mut gpu = GpuModel::with_options(ctx(), &model, capacity, &GpuOptions { mtp: true, ..Default::default() }).unwrap();
             let engines: [(&str, &mut dyn Engine); 2] = [("CPU", &mut cpu), ("wgpu", &mut gpu)];
             for (name, inner) in engines {
-                let mut oracle = Oracle { inner, want: want.clone(), prompt: prompt.len(), drafted: 0 };
+                let mut oracle = Oracle { inner, want: want.clone(), prompt: prompt.len(), logits: Vec::new() };
                 let (got, stats) = speculative_greedy(&mut oracle, prompt, GENERATED, draft);
                 let what = format!("{family} on {name}, {draft} drafted");
                 eprintln!("{what}: {}", stats.summary(draft));

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
-use dsrun::engine::{CpuEngine, Engine};
+use dsrun::engine::{CpuEngine, Engine, Steps};
 use dsrun::model::{Logits, Model};
 use dsrun::runtime::GpuModel;
 use dsrun::synth::{synth, Preset, SynthDtype, SynthOptions};

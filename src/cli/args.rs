@@ -87,7 +87,7 @@ impl DeviceArgs {
 
     /// Drafts per speculative step for an engine (0: it has no MTP layer loaded).
     pub fn draft(&self, engine: &dyn dsrun::engine::Engine) -> usize {
-        if engine.has_mtp() {
+        if dsrun::engine::Steps::has_mtp(engine) {
             self.draft as usize
         } else {
             0

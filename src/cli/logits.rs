@@ -2,6 +2,7 @@
 
 use super::args::{DeviceArgs, ModelArgs};
 use clap::Args;
+use dsrun::engine::Steps;
 use dsrun::error::Result;
 use dsrun::model::Logits;
 use dsrun::plan::layout::CacheFormat;

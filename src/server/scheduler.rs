@@ -5,11 +5,11 @@
 //! long prompt never stalls the running streams for more than a chunk.
 
 use super::metrics::Metrics;
-use crate::engine::Engine;
+use crate::engine::{Engine, Steps};
 use crate::generate::{Generation, StopReason, Stopping};
 use crate::model::Logits;
 use crate::sample::{logprobs, Dist, Sampler, SamplerConfig, TokenLogprob};
-use crate::speculative::SpecStats;
+use crate::speculative::{self, Lane, SpecStats};
 use crate::tokenizer::Tokenizer;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -208,7 +208,7 @@ impl Worker {
             if self.speculate {
                 // Only positions the MTP layer has run too (a finished reply's last verify step
                 // is not drafted from).
-                reused = reused.min(self.engine.mtp_len(seq));
+                reused = reused.min(self.engine.mtp_len(seq).unwrap_or(0));
             }
             let sampler = match Sampler::new(job.sampler, self.engine.config().vocab_size) {
                 Ok(s) => s,
@@ -307,123 +307,54 @@ impl Worker {
         }
     }
 
-    /// After a prompt: the MTP layer over its last chunk, paired with the first token, drafts
-    /// the token after it.
+    /// After a prompt: the MTP layer catches up with its last chunk, paired with the first
+    /// token, and draws the first draft.
     fn first_draft(&mut self, seq: usize, first: u32) {
-        let Some(active) = self.slots[seq].active.as_ref() else {
+        let Some(active) = self.slots[seq].active.as_mut() else {
             return;
         };
-        let from = self.engine.mtp_len(seq);
+        let Some(from) = self.engine.mtp_len(seq) else {
+            return;
+        };
         let mut next = active.prompt[from + 1..].to_vec();
         next.push(first);
-        match self.engine.draft(seq, &next) {
-            Err(e) => self.fail(seq, &e),
-            Ok(logits) => self.keep_draft(seq, &logits),
+        let max_new = active.generation.remaining();
+        let mut lane = Lane { seq, last: first, max_new, draft: 1, sampler: active.generation.sampler(), pending: &mut active.draft };
+        if let Err(e) = speculative::start(&mut *self.engine, &mut lane, &next) {
+            self.fail(seq, &e);
         }
     }
 
-    /// Draws the next draft from the MTP layer's logits with the sequence's own sampler.
-    fn keep_draft(&mut self, seq: usize, logits: &[f32]) {
-        let capacity = self.engine.capacity();
-        let slot = &mut self.slots[seq];
-        let Some(active) = slot.active.as_mut() else {
-            return;
-        };
-        // A draft needs room for itself beside the token before it, and a reply that goes on.
-        if slot.cached.len() + 2 > capacity || active.generation.remaining() < 2 {
-            active.draft = None;
-            return;
+    /// Speculative decode step: one round (`speculative::round`) over every decoding sequence,
+    /// a draft each while the step has room, then each sequence's tokens taken in order.
+    fn speculative_step(&mut self) {
+        let probe = self.spec.probe_due();
+        let mut lanes: Vec<Lane> = Vec::new();
+        for (seq, slot) in self.slots.iter_mut().enumerate() {
+            let Some(active) = slot.active.as_mut() else { continue };
+            let Some(last) = active.next else { continue };
+            let max_new = active.generation.remaining();
+            lanes.push(Lane { seq, last, max_new, draft: 1, sampler: active.generation.sampler(), pending: &mut active.draft });
         }
-        let sampler = active.generation.sampler();
-        let dist = sampler.distribution(logits, &[]);
-        active.draft = Some((sampler.draw_from(&dist), dist));
-    }
-
-    /// Speculative decode step: one verify step of every decoding sequence's next token and
-    /// draft, the acceptance rule per sequence, the rejected positions dropped, then one MTP
-    /// step drafting each sequence's next draft.
-    fn speculative_step(&mut self, batch: &[(usize, u32)]) {
-        // Drafts while the step has room for them (the rest verify their next token alone); a
-        // plain probe drafts nothing, to measure decoding without speculation.
-        let mut room = match self.spec.probe_due() {
-            true => 0,
-            false => self.engine.max_step_tokens().saturating_sub(batch.len()),
+        let fed: Vec<(usize, u32)> = lanes.iter().map(|l| (l.seq, l.last)).collect();
+        let result = speculative::round(&mut *self.engine, &mut lanes, probe, &mut self.spec);
+        drop(lanes);
+        let rounds = match result {
+            Err(e) => return fed.iter().for_each(|&(seq, _)| self.fail(seq, &e)),
+            Ok(r) => r,
         };
-        let verify: Vec<(usize, Vec<u32>)> = batch
-            .iter()
-            .map(|&(seq, next)| {
-                let active = self.slots[seq].active.as_mut().expect("a decoding slot");
-                if room == 0 {
-                    active.draft = None;
-                }
-                let draft = active.draft.as_ref().map(|(d, _)| *d);
-                room -= draft.is_some() as usize;
-                (seq, std::iter::once(next).chain(draft).collect())
-            })
-            .collect();
-        let started = Instant::now();
-        let result = self.engine.verify_batch(&verify);
-        let vocab = self.engine.config().vocab_size;
-        let logits = match result {
-            Err(e) => return batch.iter().for_each(|&(seq, _)| self.fail(seq, &e)),
-            Ok(l) => l,
-        };
-        let mut row = 0;
-        let mut drafts = Vec::with_capacity(batch.len());
-        let mut emitted = 0;
-        for (seq, tokens) in &verify {
-            let rows: Vec<&[f32]> = (0..tokens.len()).map(|i| &logits[(row + i) * vocab..(row + i + 1) * vocab]).collect();
-            row += tokens.len();
-            let len = self.slots[*seq].cached.len();
-            let Some(active) = self.slots[*seq].active.as_mut() else {
-                continue;
-            };
-            let (draft, q) = match active.draft.take() {
-                Some((d, q)) => (vec![d], vec![q]),
-                None => (Vec::new(), Vec::new()),
-            };
-            let (accepted, token) = active.generation.sampler().accept_drafts(&draft, &q, &rows);
-            self.engine.truncate(*seq, len + accepted + 1);
-            self.spec.steps += 1;
-            self.spec.drafted += draft.len() as u64;
-            self.spec.accepted += accepted as u64;
-            self.metrics.speculative(draft.len(), accepted, &self.spec);
-            // The tokens now in the cache: the one fed and the accepted draft.
-            self.slots[*seq].cached.extend_from_slice(&tokens[..accepted + 1]);
-            let mut next = tokens[1..accepted + 1].to_vec();
-            for (i, &t) in draft[..accepted].iter().enumerate() {
-                if self.slots[*seq].active.is_some() {
-                    self.accept(*seq, t, Some(rows[i]));
-                }
-            }
-            if self.slots[*seq].active.is_some() {
-                self.accept(*seq, token, Some(rows[accepted]));
-            }
-            emitted += accepted + 1;
-            next.push(token);
-            drafts.push((*seq, next));
+        match rounds.plain {
+            true => self.metrics.decode_step(rounds.emitted, rounds.verify_seconds, false, &self.spec.plain),
+            false => self.metrics.decode_step(rounds.emitted, rounds.seconds, true, &self.spec.speculating),
         }
-        let verify_seconds = started.elapsed().as_secs_f64();
-        // Every verified sequence's rows go through the MTP layer (their order must match the
-        // verify step's); only the ones still replying keep a draft.
-        let drafting = Instant::now();
-        let result = self.engine.draft_batch(&drafts);
-        let seconds = started.elapsed().as_secs_f64();
-        // A step without drafts is a plain one (its verify step alone, as plain decoding runs
-        // it); the MTP layer's catch-up after it is a cost of speculating.
-        if verify.iter().all(|(_, tokens)| tokens.len() == 1) {
-            self.spec.plain.record(emitted, verify_seconds);
-            self.spec.speculating.seconds += drafting.elapsed().as_secs_f64();
-            self.metrics.decode_step(emitted, verify_seconds, false, &self.spec.plain);
-        } else {
-            self.spec.speculating.record(emitted, seconds);
-            self.metrics.decode_step(emitted, seconds, true, &self.spec.speculating);
-        }
-        match result {
-            Err(e) => drafts.iter().for_each(|(seq, _)| self.fail(*seq, &e)),
-            Ok(logits) => {
-                for (i, (seq, _)) in drafts.iter().enumerate() {
-                    self.keep_draft(*seq, &logits[i * vocab..(i + 1) * vocab]);
+        for (&(seq, last), round) in fed.iter().zip(rounds.lanes) {
+            self.metrics.speculative(round.drafted, round.accepted, &self.spec);
+            // The tokens now in the cache: the one fed and the accepted drafts.
+            self.slots[seq].cached.push(last);
+            self.slots[seq].cached.extend_from_slice(&round.tokens[..round.accepted]);
+            for (token, logits) in round.tokens.iter().zip(&round.logits) {
+                if self.slots[seq].active.is_some() {
+                    self.accept(seq, *token, Some(logits));
                 }
             }
         }
@@ -436,7 +367,7 @@ impl Worker {
             return;
         }
         if self.speculate {
-            return self.speculative_step(&batch);
+            return self.speculative_step();
         }
         let wants_logits = batch.iter().any(|&(i, _)| self.slots[i].active.as_ref().is_some_and(|a| a.generation.wants_logits()));
         let started = Instant::now();

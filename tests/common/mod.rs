@@ -3,6 +3,7 @@
 
 pub mod conformance;
 
+use dsrun::engine::Steps;
 use std::path::{Path, PathBuf};
 
 /// Every fixture family; `v32` is DeepSeek-V3.2 (sparse attention: its indexer picks 5 positions).

@@ -1,7 +1,7 @@
 //! `dsrun bench`: prompt-processing and generation speed the way llama-bench reports it, as
 //! tokens per second, mean and standard deviation over repetitions, after a warm-up.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Steps};
 use crate::error::Result;
 use crate::model::Logits;
 use crate::speculative::{self, SpecStats};

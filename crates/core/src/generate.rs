@@ -2,11 +2,11 @@
 //! stream decoder, stop strings matched across token boundaries and never emitted, EOS,
 //! the token limit, log-probabilities), and the CLI's loop that drives it on an engine.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Steps};
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::sample::{logprobs, Sampler, TokenLogprob};
-use crate::speculative::{self, SpecStats};
+use crate::speculative::{self, Lane, SpecStats};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -260,27 +260,35 @@ pub fn generate(
     let base = engine.len();
 
     let started = Instant::now();
+    // Speculation: the next round's first draft, drawn as the MTP layer catches up.
+    let mut pending = None;
     let (mut next, mut logits) = if speculate {
         let logits = engine.forward_keep(0, prompt, Logits::Last)?;
-        (generation.choose(&logits), Some(logits))
+        let first = generation.choose(&logits);
+        // The MTP layer catches up with the prompt's last chunk, paired with the tokens after
+        // each position (the last with the first token).
+        let from = engine.mtp_len(0).ok_or(Error::NoMtp)?;
+        let mut after = prompt[from + 1 - base..].to_vec();
+        after.push(first);
+        let max_new = generation.remaining().saturating_sub(1);
+        speculative::start(engine, &mut Lane { seq: 0, last: first, sampler: generation.sampler(), draft, max_new, pending: &mut pending }, &after)?;
+        (first, Some(logits))
     } else {
         next_token(engine, &mut generation, prompt)?
     };
     stats.prompt_seconds = started.elapsed().as_secs_f64();
 
-    // Speculation: the sequence's tokens from `base` (the last not yet run), and the tokens a
-    // round accepted beyond the first, waiting their turn.
-    let mut history: Vec<u32> = prompt.to_vec();
+    // The tokens a round accepted beyond the first, waiting their turn.
     let mut queued: VecDeque<(u32, Vec<f32>)> = VecDeque::new();
     let mut spec = SpecStats::default();
     let started = Instant::now();
     let mut reason = StopReason::MaxTokens;
+    // Tokens chosen: the cache holds all but the last.
+    let mut chosen = 0;
     loop {
         let emitted = generation.push(tokenizer, next, logits.as_deref())?;
+        chosen += 1;
         emit(&emitted.text)?;
-        if speculate {
-            history.push(next);
-        }
         if generation.done() {
             break;
         }
@@ -294,9 +302,10 @@ pub fn generate(
                     reason = StopReason::ContextFull;
                     break;
                 }
-                let remaining = generation.remaining();
                 let probe = spec.probe_due();
-                let round = speculative::round(engine, 0, generation.sampler(), &history, base, draft, remaining, probe, &mut spec)?;
+                let max_new = generation.remaining();
+                let mut lane = Lane { seq: 0, last: next, sampler: generation.sampler(), draft, max_new, pending: &mut pending };
+                let round = speculative::round(engine, std::slice::from_mut(&mut lane), probe, &mut spec)?.lanes.remove(0);
                 queued.extend(round.tokens.into_iter().zip(round.logits));
             }
             // A round's accepted drafts already sit in the cache; its last token is run by the
@@ -312,7 +321,9 @@ pub fn generate(
         (next, logits) = next_token(engine, &mut generation, &[next])?;
     }
     if speculate {
-        speculative::finish(engine, 0, &history, base)?;
+        // Leave the sequence as plain decoding would: the cache holds every token emitted but
+        // the last (accepted drafts past the end are dropped); the MTP layer has kept up.
+        engine.truncate(0, base + prompt.len() + chosen - 1);
     }
     let tail = generation.finish(tokenizer, reason)?;
     emit(&tail)?;

@@ -5,7 +5,7 @@
 //! `n/2 ..= n-2` scored against the tokens after them (`n - 1 - n/2` per window: every scored
 //! token sees at least half a window).
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Steps};
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::tokenizer::Tokenizer;

@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Pass, Span, Step, Steps, Want};
 use crate::error::{Error, Result};
 use crate::model::Logits;
 use crate::sample::{Dist, Sampler};
@@ -117,93 +117,169 @@ impl SpecStats {
     }
 }
 
-/// One round's result: the tokens to emit in order (the accepted drafts, then the token
-/// after them) and, for each, the target's logits it was chosen from.
+/// A sequence decoded speculatively, as a round sees it.
+pub struct Lane<'a> {
+    pub seq: usize,
+    /// The token chosen last, not yet run (the round's verify step runs it first).
+    pub last: u32,
+    pub sampler: &'a mut Sampler,
+    /// Most drafts a round verifies (`--draft`); beyond the first they are chained, which only
+    /// a round of one lane does (a chained draft follows a draft step of one sequence).
+    pub draft: usize,
+    /// Tokens the reply may still take after `last`.
+    pub max_new: usize,
+    /// The next round's first draft and the distribution it was drawn from: drawn by the
+    /// catch-up that ends each round (and [`start`]), None where there is no room for one.
+    pub pending: &'a mut Option<(u32, Dist)>,
+}
+
+/// One lane's result of a round: the tokens to emit in order (the accepted drafts, then the
+/// token after them), for each the target's logits it was chosen from, and the drafts.
 pub struct Round {
     pub tokens: Vec<u32>,
     pub logits: Vec<Vec<f32>>,
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
-/// One speculative round on sequence `seq`. `history` holds the sequence's tokens from
-/// position `base` on, ending with the token chosen last (not yet run through the model);
-/// every earlier position has been run with `forward_keep`. Drafts up to `draft` tokens
-/// (fewer near the end of the context or of `max_new` tokens still wanted), verifies them with
-/// one step and keeps the accepted positions in the caches. `probe`: draft nothing this round
-/// and time the step as plain decoding ([`PLAIN_PROBE_EVERY`]).
-#[allow(clippy::too_many_arguments)]
-pub fn round(engine: &mut dyn Engine, seq: usize, sampler: &mut Sampler, history: &[u32], base: usize, draft: usize, max_new: usize, probe: bool, stats: &mut SpecStats) -> Result<Round> {
-    let (len, drafted_from) = (engine.seq_len(seq), engine.mtp_len(seq));
-    if history.len() != len + 1 - base || drafted_from < base || drafted_from > len {
-        return Err(Error::Invalid(format!("speculative decoding: {} tokens of history from position {base} for a sequence of {len}", history.len())));
+/// A round over several lanes: each lane's result, in order, and the time it took; `plain`:
+/// no lane drafted (the verify step alone, `verify_seconds`, is what plain decoding costs).
+pub struct Rounds {
+    pub lanes: Vec<Round>,
+    pub emitted: usize,
+    pub seconds: f64,
+    pub verify_seconds: f64,
+    pub plain: bool,
+}
+
+/// After a prompt run with kept hidden states and its first token chosen (`lane.last`): the
+/// MTP layer catches up with the prompt's last kept positions, `next` being the tokens after
+/// them (ending with `lane.last`), and draws the lane's first draft.
+pub fn start(engine: &mut dyn Engine, lane: &mut Lane, next: &[u32]) -> Result<()> {
+    catch_up(engine, std::slice::from_mut(lane), &[next])
+}
+
+/// The MTP layer over each lane's positions since its last catch-up (one draft step for all),
+/// paired with `next` (the tokens after them); each lane with room draws its next first draft.
+fn catch_up(engine: &mut dyn Engine, lanes: &mut [Lane], next: &[&[u32]]) -> Result<()> {
+    let mut spans = Vec::with_capacity(lanes.len());
+    for (lane, tokens) in lanes.iter().zip(next) {
+        spans.push(Span { seq: lane.seq, position: engine.mtp_len(lane.seq).ok_or(Error::NoMtp)?, tokens });
     }
-    let last = history[history.len() - 1];
-    let started = Instant::now();
-    // The MTP layer catches up with the positions the last step ran (pairing each with the
-    // token after it); its draft is for the token after `last`.
-    let next = &history[drafted_from + 1 - base..];
-    // Nothing to draft from before the first position has run (an empty cache).
-    let (mut draft_logits, k) = match next.is_empty() {
-        true => (Vec::new(), 0),
-        false => (engine.draft(seq, next)?, if probe { 0 } else { draft }.min(engine.capacity().saturating_sub(len + 1)).min(max_new.saturating_sub(1))),
-    };
-    let mut drafts = Vec::with_capacity(k);
-    let mut q = Vec::with_capacity(k);
-    for j in 0..k {
-        if j > 0 {
-            draft_logits = engine.draft_chained(seq, drafts[j - 1])?;
-        }
-        let dist: Dist = sampler.distribution(&draft_logits, &drafts);
-        drafts.push(sampler.draw_from(&dist));
-        q.push(dist);
-    }
-    let mut step = Vec::with_capacity(k + 1);
-    step.push(last);
-    step.extend_from_slice(&drafts);
-    let verifying = Instant::now();
-    let logits = engine.forward_keep(seq, &step, Logits::All)?;
+    // A draft needs room beside the token before it, and a reply that goes on past both.
+    let room: Vec<bool> = lanes.iter().map(|l| engine.seq_len(l.seq) + 2 <= engine.capacity() && l.max_new >= 2).collect();
     let vocab = engine.config().vocab_size;
-    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
-    let (accepted, token) = sampler.accept_drafts(&drafts, &q, &rows);
-    engine.truncate(seq, len + accepted + 1);
-    stats.steps += 1;
-    stats.drafted += k as u64;
-    stats.accepted += accepted as u64;
-    if k == 0 {
-        stats.plain.record(1, verifying.elapsed().as_secs_f64());
-        stats.speculating.seconds += (verifying - started).as_secs_f64();
-    } else {
-        stats.speculating.record(accepted + 1, started.elapsed().as_secs_f64());
+    let out = engine.step(&Step { pass: Pass::Draft, spans: &spans, want: Want::Logits(Logits::Last) })?;
+    for (i, lane) in lanes.iter_mut().enumerate() {
+        *lane.pending = room[i].then(|| {
+            let dist = lane.sampler.distribution(&out.logits[i * vocab..(i + 1) * vocab], &[]);
+            (lane.sampler.draw_from(&dist), dist)
+        });
     }
-    let mut tokens = drafts[..accepted].to_vec();
-    tokens.push(token);
-    Ok(Round { tokens, logits: rows[..=accepted].iter().map(|r| r.to_vec()).collect() })
+    Ok(())
+}
+
+/// One speculative round over `lanes` (distinct sequences whose MTP layer has caught up, as
+/// [`start`] and every round leave it): each lane's pending draft (and, in a round of one
+/// lane, up to `draft - 1` more chained on it, fewer near the end of the context, of the reply
+/// or of the step's rows), one verify step of every lane's last token and drafts, the
+/// acceptance rule per lane (`Sampler::accept_drafts`: output distributed as plain decoding's),
+/// the rejected positions dropped, then the MTP layer's catch-up drawing the next round's first
+/// drafts. `probe`: verify no drafts this round and time it as plain decoding
+/// ([`PLAIN_PROBE_EVERY`]).
+pub fn round(engine: &mut dyn Engine, lanes: &mut [Lane], probe: bool, stats: &mut SpecStats) -> Result<Rounds> {
+    let started = Instant::now();
+    let (vocab, capacity) = (engine.config().vocab_size, engine.capacity());
+    let mut room = if probe { 0 } else { engine.max_step_rows().saturating_sub(lanes.len()) };
+    let chain = lanes.len() == 1;
+    let mut steps: Vec<Vec<u32>> = Vec::with_capacity(lanes.len());
+    let mut dists: Vec<Vec<Dist>> = Vec::with_capacity(lanes.len());
+    for lane in lanes.iter_mut() {
+        let len = engine.seq_len(lane.seq);
+        if engine.mtp_len(lane.seq) != Some(len) {
+            return Err(Error::Invalid(format!("speculative decoding: sequence {}'s MTP layer has not caught up with its {len} positions", lane.seq)));
+        }
+        let k = lane.draft.min(capacity.saturating_sub(len + 1)).min(lane.max_new.saturating_sub(1)).min(room);
+        let mut tokens = vec![lane.last];
+        let mut q = Vec::with_capacity(k);
+        if let Some((first, dist)) = lane.pending.take().filter(|_| k > 0) {
+            tokens.push(first);
+            q.push(dist);
+            while chain && q.len() < k {
+                let logits = engine.draft_chained(lane.seq, len + q.len() - 1, tokens[tokens.len() - 1])?;
+                let dist = lane.sampler.distribution(&logits, &tokens[1..]);
+                tokens.push(lane.sampler.draw_from(&dist));
+                q.push(dist);
+            }
+        }
+        room -= q.len();
+        steps.push(tokens);
+        dists.push(q);
+    }
+    let verifying = Instant::now();
+    let spans: Vec<Span> = lanes.iter().zip(&steps).map(|(l, t)| Span { seq: l.seq, position: engine.seq_len(l.seq), tokens: t }).collect();
+    let logits = engine.step(&Step { pass: Pass::MainKeepingHidden, spans: &spans, want: Want::Logits(Logits::All) })?.logits.to_vec();
+    let verify_seconds = verifying.elapsed().as_secs_f64();
+    let mut rounds = Vec::with_capacity(lanes.len());
+    let mut row = 0;
+    for ((lane, tokens), q) in lanes.iter_mut().zip(&steps).zip(&dists) {
+        let rows: Vec<&[f32]> = logits[row * vocab..(row + tokens.len()) * vocab].chunks(vocab).collect();
+        row += tokens.len();
+        let drafts = &tokens[1..];
+        let (accepted, token) = lane.sampler.accept_drafts(drafts, q, &rows);
+        let len = engine.seq_len(lane.seq);
+        engine.truncate(lane.seq, len - tokens.len() + accepted + 1);
+        stats.steps += 1;
+        stats.drafted += drafts.len() as u64;
+        stats.accepted += accepted as u64;
+        let mut emitted = drafts[..accepted].to_vec();
+        emitted.push(token);
+        lane.last = token;
+        lane.max_new = lane.max_new.saturating_sub(emitted.len());
+        rounds.push(Round { tokens: emitted, logits: rows[..=accepted].iter().map(|r| r.to_vec()).collect(), drafted: drafts.len(), accepted });
+    }
+    let next: Vec<&[u32]> = rounds.iter().map(|r| &r.tokens[..]).collect();
+    catch_up(engine, lanes, &next)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let emitted = rounds.iter().map(|r| r.tokens.len()).sum();
+    let plain = rounds.iter().all(|r| r.drafted == 0);
+    // A round without drafts is a plain step (its verify step alone, as plain decoding runs
+    // it); the MTP layer's catch-up after it is a cost of speculating.
+    if plain {
+        stats.plain.record(emitted, verify_seconds);
+        stats.speculating.seconds += seconds - verify_seconds;
+    } else {
+        stats.speculating.record(emitted, seconds);
+    }
+    Ok(Rounds { lanes: rounds, emitted, seconds, verify_seconds, plain })
 }
 
 /// Greedy speculative decoding of `n` tokens on sequence `seq` (benchmarks, tests): `history`
-/// as for [`round`], extended with every token emitted; returns those tokens. No plain probes:
-/// `bench` measures plain decoding in its own test.
+/// holds the sequence's tokens from position `base` on, ending with the token chosen last (not
+/// yet run), every earlier position run with kept hidden states; it is extended with every
+/// token emitted, which are returned. No plain probes: `bench` measures plain decoding apart.
 pub fn greedy(engine: &mut dyn Engine, seq: usize, history: &mut Vec<u32>, base: usize, n: usize, draft: usize, stats: &mut SpecStats) -> Result<Vec<u32>> {
     let mut sampler = Sampler::new(crate::sample::SamplerConfig::default(), engine.config().vocab_size)?;
+    let (len, from) = (engine.seq_len(seq), engine.mtp_len(seq).ok_or(Error::NoMtp)?);
+    let last = *history.last().ok_or_else(|| Error::Invalid("speculative decoding: no token to continue from".into()))?;
+    if history.len() != len + 1 - base || from < base {
+        return Err(Error::Invalid(format!("speculative decoding: {} tokens of history from position {base} for a sequence of {len}", history.len())));
+    }
+    let mut pending = None;
+    let mut lane = Lane { seq, last, sampler: &mut sampler, draft, max_new: n, pending: &mut pending };
+    if from < len {
+        start(engine, &mut lane, &history[from + 1 - base..])?;
+    }
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let round = round(engine, seq, &mut sampler, history, base, draft, n - out.len(), false, stats)?;
-        history.extend(&round.tokens);
-        out.extend(round.tokens);
+        lane.max_new = n - out.len();
+        let mut rounds = round(engine, std::slice::from_mut(&mut lane), false, stats)?;
+        let tokens = rounds.lanes.remove(0).tokens;
+        history.extend(&tokens);
+        out.extend(tokens);
     }
+    out.truncate(n);
     Ok(out)
-}
-
-/// Leaves sequence `seq` as plain decoding would after a reply that ended: the cache holds
-/// `history` but its last token (accepted drafts past an end are dropped), and the MTP layer
-/// has caught up with every cached position, so the sequence can go on (a chat's next turn).
-pub fn finish(engine: &mut dyn Engine, seq: usize, history: &[u32], base: usize) -> Result<()> {
-    let len = base + history.len() - 1;
-    engine.truncate(seq, len);
-    let drafted_from = engine.mtp_len(seq);
-    if drafted_from < len && drafted_from >= base {
-        engine.draft(seq, &history[drafted_from + 1 - base..])?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

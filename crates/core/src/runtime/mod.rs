@@ -12,11 +12,11 @@ pub use streaming::{StreamedLayer, Streaming};
 
 use crate::backend::{Backend, IntoBackend, Part, Resources, StepKind, StepValues};
 use crate::config::ModelConfig;
-use crate::engine::{check_batch, check_sequence, Engine};
+use crate::engine::{check_step, wanted_rows, DraftSource, Engine, MtpState, Output, Pass, Span, Step, Want};
 use crate::error::Result;
 use crate::expert_cache::StreamCounters;
 use crate::model::weights::Matrix;
-use crate::model::{check_request, Logits, Model};
+use crate::model::{Logits, Model};
 use crate::plan::budget::{GpuOptions, MemoryPlan};
 use crate::plan::{self, BufferId, Op, Plan, WeightSpec};
 use crate::quant::QuantTarget;
@@ -49,15 +49,9 @@ struct MtpRuntime<B: Backend> {
     /// The main heads followed by the final norm into the MTP's input (`MtpPlan::keep_hidden`):
     /// none, last row, every row.
     keep: [Vec<B::Op>; 3],
-    /// Per sequence: positions whose MTP cache rows come from the main model's hidden states.
-    lens: Vec<usize>,
-    /// Per sequence: chained drafts beyond `lens` (their rows are dropped by the next draft).
-    chained: Vec<usize>,
-    /// The main step whose hidden states the MTP input buffer holds, in its row order:
-    /// (sequence, first position, rows) per sequence it ran.
-    kept: Vec<(usize, usize, usize)>,
-    /// The sequence whose last draft's output the buffer's row 0 holds (a chained draft's input).
-    drafted: Option<usize>,
+    /// How far each sequence's drafts have come, and which rows of the MTP input buffer hold
+    /// kept hidden states (row 0 holds the last draft's output after a one-row head).
+    state: MtpState,
 }
 
 pub struct Runtime<B: Backend> {
@@ -88,6 +82,9 @@ pub struct Runtime<B: Backend> {
     /// step allocates nothing.
     step_tokens: Vec<u32>,
     step_positions: Vec<u32>,
+    /// The last step's output (`Engine::step` lends it out).
+    out_logits: Vec<f32>,
+    out_ids: Vec<u32>,
     weight_bytes: u64,
     pub counters: RunCounters,
 }
@@ -143,22 +140,15 @@ impl<B: Backend> Runtime<B> {
             argmax_ids: plan.argmax_ids,
             streaming,
             main_stops,
-            mtp: mtp.map(|(body, [head_last, head_all], keep)| MtpRuntime {
-                body,
-                head_last,
-                head_all,
-                keep,
-                lens: vec![0; plan.sequences],
-                chained: vec![0; plan.sequences],
-                kept: Vec::new(),
-                drafted: None,
-            }),
+            mtp: mtp.map(|(body, [head_last, head_all], keep)| MtpRuntime { body, head_last, head_all, keep, state: MtpState::new(plan.sequences) }),
             memory: plan.memory,
             max_chunk: plan.max_chunk,
             capacity: plan.capacity,
             lens: vec![0; plan.sequences],
             step_tokens: Vec::with_capacity(plan.max_chunk),
             step_positions: Vec::with_capacity(2 * plan.max_chunk),
+            out_logits: Vec::new(),
+            out_ids: Vec::new(),
             weight_bytes,
             counters: RunCounters::default(),
         })
@@ -201,7 +191,7 @@ impl<B: Backend> Runtime<B> {
     /// `max_chunk`), of the main model or the MTP layer (`part`). `head`: which logits to
     /// compute, if any (the MTP layer: only the last row's); `greedy`: also take the argmax of
     /// each computed row. Returns the read-back bytes.
-    fn step(&mut self, part: Part, head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
+    fn launch(&mut self, part: Part, head: Option<Logits>, greedy: bool) -> Result<&[u8]> {
         let n = self.step_tokens.len() as u32;
         let b = &mut self.backend;
         b.begin_step(StepValues::new(n))?;
@@ -283,22 +273,33 @@ impl<B: Backend> Runtime<B> {
         Ok(read)
     }
 
-    /// Runs `tokens` of sequence `seq` in chunks, handing each chunk's read-back bytes to
-    /// `sink`; only the last chunk computes the head unless all logits are wanted (`which`
-    /// None: no head at all). `keep`: the chunks also keep their hidden states for the MTP
-    /// layer, which runs over every chunk but the last as soon as the next tokens are known
-    /// (the last chunk's rows wait for `draft`, which brings the token after the prompt).
-    fn run(&mut self, seq: usize, tokens: &[u32], which: Option<Logits>, greedy: bool, keep: bool, mut sink: impl FnMut(&[u8])) -> Result<()> {
-        check_sequence(seq, self.lens.len())?;
-        check_request(&self.config, self.lens[seq], self.capacity, tokens)?;
-        if keep {
-            self.check_mtp_caught_up(seq)?;
-        }
+    /// Runs one launch and appends what it read back to the step's output (logits, or ids when
+    /// `greedy`).
+    fn launch_into_output(&mut self, part: Part, head: Option<Logits>, greedy: bool) -> Result<()> {
+        let (mut logits, mut ids) = (std::mem::take(&mut self.out_logits), std::mem::take(&mut self.out_ids));
+        let result = self.launch(part, head, greedy).map(|bytes| match greedy {
+            true => ids.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            false => logits.extend(f32s(bytes)),
+        });
+        (self.out_logits, self.out_ids) = (logits, ids);
+        result
+    }
+
+    /// Runs `tokens` of sequence `seq` in chunks of `max_chunk`; only the last chunk computes
+    /// the head unless every row's is wanted. `keep`: the chunks also keep their hidden states
+    /// for the MTP layer, which runs over every chunk but the last as soon as the next tokens
+    /// are known (the last chunk's rows wait for a draft step, which brings the token after it).
+    fn run(&mut self, seq: usize, tokens: &[u32], want: Want, keep: bool) -> Result<()> {
         let started = Instant::now();
         self.counters.steps += 1;
         self.counters.tokens += tokens.len() as u64;
         let chunks = tokens.len().div_ceil(self.max_chunk);
         let first_row = (seq * self.capacity) as u32;
+        let (which, greedy) = match want {
+            Want::Nothing => (None, false),
+            Want::Logits(w) => (Some(w), false),
+            Want::Ids(w) => (Some(w), true),
+        };
         for (i, chunk) in tokens.chunks(self.max_chunk).enumerate() {
             let head = match which {
                 Some(Logits::All) => Some(Logits::All),
@@ -307,19 +308,16 @@ impl<B: Backend> Runtime<B> {
             };
             let start = self.lens[seq];
             self.set_step(chunk, start, first_row);
-            let part = if keep { Part::MainKeepingHidden } else { Part::Main };
-            sink(self.step(part, head, greedy)?);
+            self.launch_into_output(if keep { Part::MainKeepingHidden } else { Part::Main }, head, greedy)?;
             self.lens[seq] += chunk.len();
-            if let Some(m) = &mut self.mtp {
-                if keep {
-                    m.kept = vec![(seq, start, chunk.len())];
-                    m.drafted = None;
+            if keep {
+                let m = self.mtp.as_mut().expect("checked by the caller");
+                m.state.keep([(seq, start, chunk.len())]);
+                if i + 1 < chunks {
+                    let offset = i * self.max_chunk;
+                    let next = &tokens[offset + 1..offset + chunk.len() + 1];
+                    self.draft(&Step { pass: Pass::Draft, spans: &[Span { seq, position: start, tokens: next }], want: Want::Nothing })?;
                 }
-            }
-            if keep && i + 1 < chunks {
-                let offset = i * self.max_chunk;
-                let next = tokens[offset + 1..offset + chunk.len() + 1].to_vec();
-                self.draft_step(seq, &next, None)?;
             }
         }
         self.counters.step_seconds += started.elapsed().as_secs_f64();
@@ -335,160 +333,133 @@ impl<B: Backend> Runtime<B> {
         self.step_positions.extend((start..start + tokens.len() as u32).flat_map(|p| [p, first_row]));
     }
 
-    /// The MTP layer holds every position of `seq` the main model has run (kept steps need it).
-    fn check_mtp_caught_up(&self, seq: usize) -> Result<()> {
-        let m = self.mtp.as_ref().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
-        if m.lens[seq] != self.lens[seq] {
-            return Err(crate::Error::Invalid(format!(
-                "sequence {seq}: the MTP layer has run {} of its {} positions (their hidden states are gone); truncate it to a common length first",
-                m.lens[seq], self.lens[seq]
-            )));
-        }
-        Ok(())
-    }
-
-    /// The MTP layer over the positions of `seq` the last kept main step ran and the MTP has
-    /// not, row i paired with `next[i]` (`chain`: None), or one chained draft from the last
-    /// draft's output at the position after it (`chain`: Some(token)). Returns the last row's
-    /// draft logits where `chain` is set or `next` ends at the main model's length.
-    fn draft_step(&mut self, seq: usize, next: &[u32], chain: Option<u32>) -> Result<Vec<f32>> {
-        check_sequence(seq, self.lens.len())?;
-        let main_len = self.lens[seq];
-        let m = self.mtp.as_mut().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
-        let (tokens, start) = match chain {
-            None => {
-                let start = m.lens[seq];
-                // This sequence's rows must be the kept step's first (the MTP step reads from row 0).
-                let ok = matches!(m.kept.first(), Some(&(s, first, rows)) if s == seq && first == start && main_len <= first + rows);
-                if !ok || next.len() != main_len - start || next.is_empty() {
-                    return Err(crate::Error::Invalid(format!(
-                        "sequence {seq}: a draft needs the hidden states of positions {start}..{main_len} from the last main step and one next token for each ({} given)",
-                        next.len()
-                    )));
-                }
-                m.chained[seq] = 0;
-                (next.to_vec(), start)
-            }
-            Some(token) => {
-                if m.drafted != Some(seq) {
-                    return Err(crate::Error::Invalid(format!("sequence {seq}: a chained draft follows a draft of the same sequence")));
-                }
-                (vec![token], m.lens[seq] + m.chained[seq])
-            }
-        };
-        check_request(&self.config, start, self.capacity, &tokens)?;
-        self.set_step(&tokens, start, (seq * self.capacity) as u32);
-        let bytes = self.step(Part::Mtp, Some(Logits::Last), false)?;
-        let logits: Vec<f32> = f32s(bytes).collect();
-        let m = self.mtp.as_mut().expect("checked above");
-        match chain {
-            None => m.lens[seq] = start + tokens.len(),
-            Some(_) => m.chained[seq] += 1,
-        }
-        m.kept.clear();
-        m.drafted = Some(seq);
-        Ok(logits)
-    }
-
-    /// One verify step of several sequences (`Engine::verify_batch`): each sequence's tokens at
-    /// its next positions, every row's logits, the hidden states kept for `draft_rows`.
-    fn verify_rows(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
-        let total: usize = batch.iter().map(|(_, t)| t.len()).sum();
-        if batch.is_empty() || total > self.max_chunk {
-            return Err(crate::Error::Invalid(format!("a verify step of {total} tokens: 1 to {} per step", self.max_chunk)));
-        }
-        for (i, (seq, tokens)) in batch.iter().enumerate() {
-            check_sequence(*seq, self.lens.len())?;
-            check_request(&self.config, self.lens[*seq], self.capacity, tokens)?;
-            self.check_mtp_caught_up(*seq)?;
-            if batch[..i].iter().any(|(s, _)| s == seq) {
-                return Err(crate::Error::Invalid(format!("sequence {seq} appears twice in one batch")));
-            }
-        }
-        let started = Instant::now();
-        self.counters.steps += 1;
-        self.counters.tokens += total as u64;
-        self.step_tokens.clear();
-        self.step_positions.clear();
-        let mut kept = Vec::with_capacity(batch.len());
-        for (seq, tokens) in batch {
-            let start = self.lens[*seq];
-            self.step_tokens.extend_from_slice(tokens);
-            self.step_positions.extend((start..start + tokens.len()).flat_map(|p| [p as u32, (seq * self.capacity) as u32]));
-            kept.push((*seq, start, tokens.len()));
-        }
-        let logits: Vec<f32> = f32s(self.step(Part::MainKeepingHidden, Some(Logits::All), false)?).collect();
-        for (seq, tokens) in batch {
-            self.lens[*seq] += tokens.len();
-        }
-        let m = self.mtp.as_mut().expect("checked by check_mtp_caught_up");
-        m.kept = kept;
-        m.drafted = None;
-        self.counters.step_seconds += started.elapsed().as_secs_f64();
-        Ok(logits)
-    }
-
-    /// The MTP layer over every row of the last verify step (`Engine::draft_batch`): sequence
-    /// s's rows up to its (possibly truncated) length pair with `next`, the rows past it (its
-    /// rejected drafts, whose cache rows the next step overwrites before anything reads them)
-    /// repeat its last token; one draft row per sequence comes back.
-    fn draft_rows(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
-        let m = self.mtp.as_ref().ok_or_else(|| crate::Error::Invalid("this engine was built without the MTP layer (--speculative off)".into()))?;
-        let kept = m.kept.clone();
-        let same = kept.len() == batch.len() && kept.iter().zip(batch).all(|(k, (s, _))| k.0 == *s);
-        if !same {
-            return Err(crate::Error::Invalid("a batched draft takes the sequences of the last verify step, in its order".into()));
-        }
-        self.step_tokens.clear();
-        self.step_positions.clear();
-        let mut wanted = Vec::with_capacity(batch.len());
-        for (&(seq, first, rows), (_, next)) in kept.iter().zip(batch) {
-            let ran = self.lens[seq];
-            if m.lens[seq] != first || next.len() != ran - first || next.is_empty() || ran > first + rows {
-                return Err(crate::Error::Invalid(format!("sequence {seq}: a draft needs one next token for each of positions {first}..{ran} ({} given)", next.len())));
-            }
-            check_request(&self.config, first, self.capacity, next)?;
-            wanted.push(self.step_tokens.len() + next.len() - 1);
-            self.step_tokens.extend_from_slice(next);
-            self.step_tokens.extend(std::iter::repeat(next[next.len() - 1]).take(rows - next.len()));
-            self.step_positions.extend((first..first + rows).flat_map(|p| [p as u32, (seq * self.capacity) as u32]));
-        }
-        let vocab = self.config.vocab_size;
-        let all: Vec<f32> = f32s(self.step(Part::Mtp, Some(Logits::All), false)?).collect();
-        let m = self.mtp.as_mut().expect("checked above");
-        for (seq, _) in batch {
-            m.lens[*seq] = self.lens[*seq];
-            m.chained[*seq] = 0;
-        }
-        m.kept.clear();
-        m.drafted = None;
-        Ok(wanted.iter().flat_map(|&r| all[r * vocab..(r + 1) * vocab].iter().copied()).collect())
-    }
-
-    /// One token of each sequence in `batch` as one step: every row's logits (or argmax).
-    fn run_batch(&mut self, batch: &[(usize, u32)], greedy: bool, sink: impl FnOnce(&[u8])) -> Result<()> {
-        check_batch(batch, self.lens.len())?;
-        if batch.len() > self.max_chunk {
-            return Err(crate::Error::Invalid(format!("a batch of {} sequences: at most {} per step", batch.len(), self.max_chunk)));
-        }
-        for &(seq, token) in batch {
-            check_request(&self.config, self.lens[seq], self.capacity, &[token])?;
-        }
-        let started = Instant::now();
-        self.counters.steps += 1;
-        self.counters.tokens += batch.len() as u64;
-        self.step_tokens.clear();
-        self.step_positions.clear();
-        for &(seq, token) in batch {
+    /// Appends rows of sequence `seq` from position `start` to the step being built.
+    fn push_rows(&mut self, seq: usize, start: usize, tokens: impl Iterator<Item = u32>) {
+        let first_row = (seq * self.capacity) as u32;
+        for (i, token) in tokens.enumerate() {
             self.step_tokens.push(token);
-            self.step_positions.extend([self.lens[seq] as u32, (seq * self.capacity) as u32]);
+            self.step_positions.extend([(start + i) as u32, first_row]);
         }
-        sink(self.step(Part::Main, Some(Logits::All), greedy)?);
-        for &(seq, _) in batch {
-            self.lens[seq] += 1;
+    }
+
+    /// A main-model step of several sequences (a decode batch, a verify step), at most
+    /// `max_chunk` rows: one launch, every row's head where any row beyond a span's last is
+    /// wanted, else only where needed.
+    fn batch(&mut self, step: &Step) -> Result<()> {
+        let keep = step.pass == Pass::MainKeepingHidden;
+        let started = Instant::now();
+        self.counters.steps += 1;
+        self.step_tokens.clear();
+        self.step_positions.clear();
+        for span in step.spans {
+            self.push_rows(span.seq, span.position, span.tokens.iter().copied());
+        }
+        self.counters.tokens += self.step_tokens.len() as u64;
+        let part = if keep { Part::MainKeepingHidden } else { Part::Main };
+        let (head, greedy) = match step.want {
+            Want::Nothing => (None, false),
+            Want::Logits(_) => (Some(Logits::All), false),
+            Want::Ids(_) => (Some(Logits::All), true),
+        };
+        self.launch_into_output(part, head, greedy)?;
+        if let Want::Logits(Logits::Last) | Want::Ids(Logits::Last) = step.want {
+            self.keep_rows(step.spans, greedy);
+        }
+        for span in step.spans {
+            self.lens[span.seq] += span.tokens.len();
+        }
+        if keep {
+            let m = self.mtp.as_mut().expect("checked by the caller");
+            m.state.keep(step.spans.iter().map(|s| (s.seq, s.position, s.tokens.len())));
         }
         self.counters.step_seconds += started.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// Keeps only each span's last row of an output read back for every row.
+    fn keep_rows(&mut self, spans: &[Span], greedy: bool) {
+        let width = if greedy { 1 } else { self.config.vocab_size };
+        let mut kept = 0;
+        for (row, _) in wanted_rows(spans, Logits::Last) {
+            match greedy {
+                true => self.out_ids.copy_within(row..row + 1, kept),
+                false => self.out_logits.copy_within(row * width..(row + 1) * width, kept * width),
+            }
+            kept += 1;
+        }
+        self.out_ids.truncate(if greedy { kept } else { 0 });
+        self.out_logits.truncate(if greedy { 0 } else { kept * width });
+    }
+
+    /// The MTP layer over a draft step's spans ([`Pass::Draft`]). A catch-up reads the hidden
+    /// states of the last kept main step by row, so its rows are laid out as that step's were:
+    /// each kept sequence's rows up to the last one drafted, rows past a span's tokens (its
+    /// rejected drafts, or a sequence not drafted now) repeating its last token; their cache
+    /// rows lie past the MTP layer's length and are rewritten before anything reads them.
+    fn draft(&mut self, step: &Step) -> Result<()> {
+        let m = self.mtp.as_ref().ok_or(crate::Error::NoMtp)?;
+        let lens = &self.lens;
+        let sources = m.state.draft_sources(step, |s| lens[s])?;
+        let started = Instant::now();
+        self.step_tokens.clear();
+        self.step_positions.clear();
+        // Each span's first row in the launch, in the step's order.
+        let mut first_rows = Vec::with_capacity(step.spans.len());
+        if sources == [DraftSource::Chained] {
+            let span = step.spans[0];
+            first_rows.push(0);
+            self.push_rows(span.seq, span.position, span.tokens.iter().copied());
+        } else {
+            let kept = m.state.kept.clone();
+            let last = kept.iter().rposition(|k| step.spans.iter().any(|s| s.seq == k.seq)).expect("checked by draft_sources");
+            let mut starts = Vec::with_capacity(step.spans.len());
+            for (i, k) in kept[..=last].iter().enumerate() {
+                let span = step.spans.iter().find(|s| s.seq == k.seq);
+                let tokens = span.map_or(&[][..], |s| s.tokens);
+                let rows = if i == last { tokens.len() } else { k.rows };
+                let pad = tokens.last().copied().unwrap_or(0);
+                starts.push((k.seq, self.step_tokens.len()));
+                self.push_rows(k.seq, k.first, tokens.iter().copied().chain(std::iter::repeat(pad)).take(rows));
+            }
+            first_rows.extend(step.spans.iter().map(|s| starts.iter().find(|(seq, _)| *seq == s.seq).expect("a kept sequence").1));
+        }
+        // The last row's head alone when it is the only one wanted: its output is then what a
+        // chained draft reads.
+        let rows = self.step_tokens.len();
+        let single = step.spans.len() == 1 && first_rows[0] + step.spans[0].tokens.len() == rows;
+        let (head, greedy) = match step.want {
+            Want::Nothing => (None, false),
+            Want::Logits(Logits::Last) if single => (Some(Logits::Last), false),
+            Want::Ids(Logits::Last) if single => (Some(Logits::Last), true),
+            Want::Logits(_) => (Some(Logits::All), false),
+            Want::Ids(_) => (Some(Logits::All), true),
+        };
+        self.launch_into_output(Part::Mtp, head, greedy)?;
+        if head == Some(Logits::All) {
+            self.select_draft_rows(step, &first_rows, greedy);
+        }
+        let m = self.mtp.as_mut().expect("checked above");
+        m.state.drafted(step.spans, &sources, head == Some(Logits::Last));
+        self.counters.step_seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// From a draft launch's every row, the rows each span wants, in the step's order.
+    fn select_draft_rows(&mut self, step: &Step, first_rows: &[usize], greedy: bool) {
+        let width = if greedy { 1 } else { self.config.vocab_size };
+        let all = if greedy { bytemuck::cast_slice::<u32, f32>(&self.out_ids).to_vec() } else { std::mem::take(&mut self.out_logits) };
+        let mut out = Vec::new();
+        for (span, &first) in step.spans.iter().zip(first_rows) {
+            let rows = match step.want {
+                Want::Logits(Logits::Last) | Want::Ids(Logits::Last) => first + span.tokens.len() - 1..first + span.tokens.len(),
+                _ => first..first + span.tokens.len(),
+            };
+            out.extend_from_slice(&all[rows.start * width..rows.end * width]);
+        }
+        match greedy {
+            true => self.out_ids = bytemuck::cast_slice::<f32, u32>(&out).to_vec(),
+            false => self.out_logits = out,
+        }
     }
 }
 
@@ -506,37 +477,8 @@ impl<B: Backend> Engine for Runtime<B> {
         self.lens.len()
     }
 
-    fn forward_seq(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let rows = if which == Logits::All { tokens.len() } else { 1 };
-        let mut out = Vec::with_capacity(rows * self.config.vocab_size);
-        self.run(seq, tokens, Some(which), false, false, |bytes| out.extend(f32s(bytes)))?;
-        Ok(out)
-    }
-
-    fn prefill_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<()> {
-        self.run(seq, tokens, None, false, false, |_| {})
-    }
-
-    fn greedy_seq(&mut self, seq: usize, tokens: &[u32]) -> Result<u32> {
-        let mut id = 0;
-        self.run(seq, tokens, Some(Logits::Last), true, false, |bytes| {
-            if let Some(b) = bytes.get(..4) {
-                id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        })?;
-        Ok(id)
-    }
-
-    fn decode_batch(&mut self, batch: &[(usize, u32)]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(batch.len() * self.config.vocab_size);
-        self.run_batch(batch, false, |bytes| out.extend(f32s(bytes)))?;
-        Ok(out)
-    }
-
-    fn decode_batch_greedy(&mut self, batch: &[(usize, u32)]) -> Result<Vec<u32>> {
-        let mut ids = Vec::with_capacity(batch.len());
-        self.run_batch(batch, true, |bytes| ids.extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))))?;
-        Ok(ids)
+    fn capacity(&self) -> usize {
+        self.capacity
     }
 
     fn seq_len(&self, seq: usize) -> usize {
@@ -548,54 +490,36 @@ impl<B: Backend> Engine for Runtime<B> {
             *l = len.min(*l);
         }
         if let Some(m) = &mut self.mtp {
-            if let Some(l) = m.lens.get_mut(seq) {
-                *l = len.min(*l);
-                m.chained[seq] = 0;
-            }
+            m.state.truncate(seq, len);
         }
     }
 
-    fn has_mtp(&self) -> bool {
-        self.mtp.is_some()
-    }
-
-    fn forward_keep(&mut self, seq: usize, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
-        let rows = if which == Logits::All { tokens.len() } else { 1 };
-        let mut out = Vec::with_capacity(rows * self.config.vocab_size);
-        self.run(seq, tokens, Some(which), false, true, |bytes| out.extend(f32s(bytes)))?;
-        Ok(out)
-    }
-
-    fn mtp_len(&self, seq: usize) -> usize {
-        self.mtp.as_ref().and_then(|m| m.lens.get(seq).copied()).unwrap_or(0)
-    }
-
-    fn draft(&mut self, seq: usize, next: &[u32]) -> Result<Vec<f32>> {
-        self.draft_step(seq, next, None)
-    }
-
-    fn draft_chained(&mut self, seq: usize, token: u32) -> Result<Vec<f32>> {
-        self.draft_step(seq, &[], Some(token))
-    }
-
-    fn verify_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.verify_rows(batch)
-    }
-
-    fn max_step_tokens(&self) -> usize {
-        self.max_chunk
-    }
-
-    fn draft_batch(&mut self, batch: &[(usize, Vec<u32>)]) -> Result<Vec<f32>> {
-        self.draft_rows(batch)
-    }
-
-    fn capacity(&self) -> usize {
-        self.capacity
+    fn step(&mut self, step: &Step) -> Result<Output<'_>> {
+        let lens = &self.lens;
+        check_step(step, &self.config, lens.len(), self.capacity, self.max_chunk, |s| lens[s])?;
+        self.out_logits.clear();
+        self.out_ids.clear();
+        if step.pass == Pass::MainKeepingHidden {
+            self.mtp.as_ref().ok_or(crate::Error::NoMtp)?.state.check_keep(step.spans)?;
+        }
+        match (step.pass, step.spans) {
+            (Pass::Draft, _) => self.draft(step)?,
+            (pass, [span]) => self.run(span.seq, span.tokens, step.want, pass == Pass::MainKeepingHidden)?,
+            _ => self.batch(step)?,
+        }
+        Ok(Output { logits: &self.out_logits, ids: &self.out_ids })
     }
 
     fn device_name(&self) -> String {
         self.backend.describe()
+    }
+
+    fn max_step_rows(&self) -> usize {
+        self.max_chunk
+    }
+
+    fn mtp_len(&self, seq: usize) -> Option<usize> {
+        self.mtp.as_ref().map(|m| m.state.len(seq))
     }
 
     fn expert_cache_hit_rate(&self) -> Option<f64> {
