@@ -93,33 +93,58 @@ fn refuses_bad_steps(engine: &mut dyn Engine) {
     assert_eq!(engine.seq_len(0), 0, "{name}: a refused step ran");
 }
 
-#[test]
-fn steps_agree_on_every_engine() {
-    let ctx = || context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-    for family in MTP_FAMILIES {
-        let dir = fixture(family);
-        let model = Model::load(&dir).unwrap();
-        let vocab = model.config.vocab_size;
-        let mut cpu = CpuEngine::with_sequences(Model::load(&dir).unwrap(), CAPACITY, SEQUENCES).with_mtp().unwrap();
-        refuses_bad_steps(&mut cpu);
-        let want = scenario(&mut cpu);
-        let options = GpuOptions { mtp: true, sequences: SEQUENCES, ..Default::default() };
-        let mut resident = GpuModel::with_options(ctx(), &model, CAPACITY, &options).unwrap();
-        let streamed_options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..options };
-        let mut streamed = GpuModel::with_options(ctx(), &model, CAPACITY, &streamed_options).unwrap();
-        assert!(streamed.expert_slots().is_some(), "{family}: experts stream under a budget for 30% of them");
-        let engines: [(&str, &mut dyn Engine); 2] = [("wgpu", &mut resident), ("wgpu, experts streamed", &mut streamed)];
-        for (name, engine) in engines {
-            refuses_bad_steps(engine);
-            let got = scenario(engine);
-            for ((what, logits, ids), (_, want_logits, want_ids)) in got.iter().zip(&want) {
-                let what = format!("{family} on {name}: {what}");
-                assert_eq!(logits.len(), want_logits.len(), "{what}: logits");
-                if !want_logits.is_empty() {
-                    assert_logits_match(&what, logits, want_logits, vocab, 1e-3);
-                }
-                assert_eq!(ids, want_ids, "{what}: ids");
+/// The CPU reference's outputs of the scenario, and the engines to hold to them.
+fn check_against_cpu(family: &str, engines: Vec<(&str, Box<dyn Engine>)>) {
+    let dir = fixture(family);
+    let vocab = Model::load(&dir).unwrap().config.vocab_size;
+    let mut cpu = CpuEngine::with_sequences(Model::load(&dir).unwrap(), CAPACITY, SEQUENCES).with_mtp().unwrap();
+    refuses_bad_steps(&mut cpu);
+    let want = scenario(&mut cpu);
+    for (name, mut engine) in engines {
+        refuses_bad_steps(engine.as_mut());
+        let got = scenario(engine.as_mut());
+        for ((what, logits, ids), (_, want_logits, want_ids)) in got.iter().zip(&want) {
+            let what = format!("{family} on {name}: {what}");
+            assert_eq!(logits.len(), want_logits.len(), "{what}: logits");
+            if !want_logits.is_empty() {
+                assert_logits_match(&what, logits, want_logits, vocab, 1e-3);
             }
+            assert_eq!(ids, want_ids, "{what}: ids");
         }
     }
+}
+
+fn options() -> GpuOptions {
+    GpuOptions { mtp: true, sequences: SEQUENCES, ..Default::default() }
+}
+
+/// Experts under a budget for 30% of them: the steps stop at each MoE layer for the router.
+fn streamed() -> GpuOptions {
+    GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..options() }
+}
+
+#[test]
+fn steps_agree_on_wgpu() {
+    let ctx = || context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    for family in MTP_FAMILIES {
+        let model = Model::load(&fixture(family)).unwrap();
+        let resident = GpuModel::with_options(ctx(), &model, CAPACITY, &options()).unwrap();
+        let streamed = GpuModel::with_options(ctx(), &model, CAPACITY, &streamed()).unwrap();
+        assert!(streamed.expert_slots().is_some(), "{family}: experts stream under a budget for 30% of them");
+        check_against_cpu(family, vec![("wgpu", Box::new(resident)), ("wgpu, experts streamed", Box::new(streamed))]);
+    }
+}
+
+/// The same runtime code over the CUDA backend, on its emulator (`.ci/run` runs it with the
+/// cuda feature).
+#[cfg(feature = "cuda")]
+#[test]
+fn steps_agree_on_the_cuda_emulator() {
+    use dsrun::backend::cuda::Device;
+    use dsrun::runtime::CudaModel;
+    let device = || Device::emulator().expect("the CUDA emulator needs a C++ compiler");
+    let model = Model::load(&fixture(MTP_FAMILIES[0])).unwrap();
+    let resident = CudaModel::with_options(device(), &model, CAPACITY, &options()).unwrap();
+    let streamed = CudaModel::with_options(device(), &model, CAPACITY, &streamed()).unwrap();
+    check_against_cpu(MTP_FAMILIES[0], vec![("the CUDA emulator", Box::new(resident)), ("the CUDA emulator, experts streamed", Box::new(streamed))]);
 }
