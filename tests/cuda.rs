@@ -443,3 +443,51 @@ fn mtp_drafts_match_the_reference_and_keep_greedy_output() {
         }
     }
 }
+
+/// common.cuh's `Step` and `WeightLayout` as the CUDA compiler lays them out (sizes and field
+/// offsets read back from a kernel, on the emulator and on a device where there is one) are the
+/// host's `StepValues` and `WeightLayout`, which the runtime writes byte for byte.
+#[test]
+fn host_structs_match_common_cuh() {
+    use dsrun::backend::StepValues;
+    use dsrun::plan::layout::WeightLayout;
+    use std::mem::{offset_of, size_of};
+    const PROBE: &str = r#"
+#define OFFSET(s, f) ((u32)__builtin_offsetof(s, f))
+extern "C" __global__ void layout_probe(u32* out) {
+    u32 v[] = {
+        (u32)sizeof(Step), OFFSET(Step, n_tokens), OFFSET(Step, logits_row0),
+        (u32)sizeof(WeightLayout), OFFSET(WeightLayout, rows), OFFSET(WeightLayout, cols), OFFSET(WeightLayout, expert_stride),
+        OFFSET(WeightLayout, scale_expert_stride), OFFSET(WeightLayout, grid_cols), OFFSET(WeightLayout, block_rows),
+        OFFSET(WeightLayout, block_cols), OFFSET(WeightLayout, row0), OFFSET(WeightLayout, total_rows),
+    };
+    for (u32 i = 0; i < sizeof(v) / sizeof(v[0]); i++) out[i] = v[i];
+}
+"#;
+    let host = [
+        size_of::<StepValues>(),
+        offset_of!(StepValues, n_tokens),
+        offset_of!(StepValues, logits_row0),
+        size_of::<WeightLayout>(),
+        offset_of!(WeightLayout, rows),
+        offset_of!(WeightLayout, cols),
+        offset_of!(WeightLayout, expert_stride),
+        offset_of!(WeightLayout, scale_expert_stride),
+        offset_of!(WeightLayout, grid_cols),
+        offset_of!(WeightLayout, block_rows),
+        offset_of!(WeightLayout, block_cols),
+        offset_of!(WeightLayout, row0),
+        offset_of!(WeightLayout, total_rows),
+    ]
+    .map(|x| x as u32);
+    for rt in runtimes() {
+        let probe = rt.kernels(PROBE, &[], &["layout_probe"]).unwrap().remove(0);
+        let out = rt.alloc(host.len() * 4).unwrap();
+        rt.launch_args(&probe, [1, 1, 1], [1, 1, 1], &[out.into()]).unwrap();
+        rt.synchronize().unwrap();
+        let mut bytes = vec![0u8; host.len() * 4];
+        rt.read(&out, 0, &mut bytes).unwrap();
+        let device: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(device, host, "{}: [sizeof(Step), its offsets, sizeof(WeightLayout), its offsets] in common.cuh vs the host's", rt.describe());
+    }
+}
