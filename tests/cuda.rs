@@ -278,7 +278,7 @@ fn mla_attention_layer_matches_cpu_across_splits() {
         let split = AttentionSplit { chunk: 24, splits: 5 };
         lab.backend.attention_split = Some((split, split));
         for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn", "v32"] {
-            common::attention_layer_matches_cpu(&mut lab, family, 100, &[70, 1, 1, 20], |s, n| split.partial_floats(n, s.heads, s.lora));
+            common::conformance::attention_layer_matches_cpu(&mut lab, family, 100, &[70, 1, 1, 20], |s, n| split.partial_floats(n, s.heads, s.lora), dsrun::plan::layout::CacheFormat::F32);
         }
     }
 }

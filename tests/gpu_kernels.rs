@@ -394,38 +394,18 @@ fn matrices_split_into_row_chunks_give_the_same_result() {
     }
 }
 
-/// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
-/// output projection) on the GPU against the CPU reference, over several steps so the cache
-/// offsets and positions advance: a 70-token prefill (more than a tile, a lane sweep and the
-/// engine's chunk) and then single tokens and a short chunk; then a context of 600 positions,
-/// which single-token steps split in three (chunks of 200) and prefill steps in ones that are
-/// not multiples of the split, with positions ending mid-split and mid-tile.
+/// The attention split wgpu chooses: a 600-position context splits in three for single-token
+/// steps (the conformance harness runs such a context in both kernel shapes).
 #[test]
-fn mla_attention_layer_matches_cpu() {
-    use dsrun::backend::wgpu::lower::{AttentionSplit, Builder};
-    use dsrun::backend::wgpu::WgpuBackend;
-    // Both kernels: GPUs' (64 lanes, head groups sharing tiles) and, with CPU shapes where the
-    // adapter has subgroups of one size, one subgroup per workgroup.
-    for cpu_shapes in [false, true] {
-        let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-        ctx.cpu_shapes = cpu_shapes;
-        let binding = ctx.max_binding();
-        let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
-        let scratch = |s: &dsrun::plan::MlaShape, n: usize| Builder::attention_scratch(s, n, binding);
-        // v32: V3.2's indexer chooses 5 of the positions each token sees (sparse attention).
-        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn", "v32"] {
-            common::attention_layer_matches_cpu(&mut lab, family, 80, &[70, 1, 1, 5], scratch);
-        }
-        let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
-        assert_eq!(AttentionSplit::for_shape(&probe, binding).0, AttentionSplit { chunk: 200, splits: 3 });
-        for family in ["v3_noaux", "v2_lite", "v32"] {
-            common::attention_layer_matches_cpu(&mut lab, family, 600, &[203, 1, 250, 1, 3, 1], scratch);
-        }
-    }
+fn long_contexts_split_attention_in_chunks() {
+    use dsrun::backend::wgpu::lower::AttentionSplit;
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let probe = dsrun::plan::MlaShape { heads: 4, nope: 16, rope: 16, v: 16, lora: 32, ctx: 600, scale: 0.1, rope_scale: 1.0, cache: Default::default() };
+    assert_eq!(AttentionSplit::for_shape(&probe, ctx.max_binding()).0, AttentionSplit { chunk: 200, splits: 3 });
 }
 
 /// The one-subgroup attention is what CPU shapes on this adapter run (lavapipe: subgroups of 8),
-/// so the test above covers it.
+/// so the conformance harness's CPU-shapes setting covers it.
 #[test]
 fn cpu_shapes_take_the_one_subgroup_attention_on_lavapipe() {
     use dsrun::backend::wgpu::lower::{Builder, MlaShape};

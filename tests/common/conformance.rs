@@ -13,9 +13,11 @@ use super::{random, relative_error, router_cases};
 use dsrun::backend::Backend;
 use dsrun::model::math;
 use dsrun::model::weights::Matrix;
+use dsrun::plan::layout::CacheFormat;
 use dsrun::plan::{ExpertMatrix, ExpertWeights, Op, Rows};
 use dsrun::quant::DType;
 use dsrun::runtime::Lab;
+use dsrun::util::Choice;
 
 pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 
@@ -51,6 +53,43 @@ pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
     argmax(lab, what);
     router(lab, what);
     experts(lab, what);
+    attention(lab);
+}
+
+/// The attention layer of every fixture family (V3.2's with its indexer and sparse attention)
+/// in every cache format, with the scratch the backend states in its target: a 70-token
+/// prefill (past a tile and a lane sweep; the backend's most tokens per step where that is
+/// fewer), single tokens and a short chunk; then, for three families, a context of 600
+/// positions in steps that end mid-split and mid-tile.
+pub fn attention<B: Backend>(lab: &mut Lab<B>) {
+    for &(cache, ..) in CacheFormat::ALL {
+        for family in ["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn", "v32"] {
+            let config = dsrun::config::ModelConfig::from_file(&super::fixture(family).join("config.json")).unwrap();
+            let target = lab.target(&config, 80).unwrap();
+            let steps = [70, 1, 1, 5].map(|n: usize| n.min(target.max_chunk));
+            attention_layer_matches_cpu(lab, family, 80, &steps, |_, _| target.attention_scratch, cache);
+        }
+    }
+    for family in ["v3_noaux", "v2_lite", "v32"] {
+        let config = dsrun::config::ModelConfig::from_file(&super::fixture(family).join("config.json")).unwrap();
+        let target = lab.target(&config, 600).unwrap();
+        let steps: Vec<usize> = [203, 1, 250, 1, 3, 1].iter().map(|&n| n.min(target.max_chunk)).collect();
+        attention_layer_matches_cpu(lab, family, 600, &steps, |_, _| target.attention_scratch, CacheFormat::F32);
+    }
+}
+
+/// The attention layer's tolerance with a `cache` latent cache, relative to the output's scale.
+/// The reference stores its cache rounded as the kernels do (to nearest even), so an f32 cache
+/// and most 16-bit values agree to the order of sums (1e-5, as every kernel); but a value that
+/// lands within f32 noise of a rounding boundary can be stored one unit apart (f16 2^-11, bf16
+/// 2^-8 of itself). Allowed: a quarter of a unit (measured on lavapipe: f16 1.6e-5, bf16 1.4e-4);
+/// a kernel that rounds otherwise (always up, or not at all) moves most values and fails.
+pub fn cache_tolerance(cache: CacheFormat) -> f32 {
+    match cache {
+        CacheFormat::F32 => 1e-5,
+        CacheFormat::F16 => 2f32.powi(-11) / 4.0,
+        CacheFormat::Bf16 => 2f32.powi(-8) / 4.0,
+    }
 }
 
 /// `Matmul` in every format, shape and token count, plain, accumulating, and for the last row.
@@ -209,5 +248,92 @@ pub fn experts<B: Backend>(lab: &mut Lab<B>, what: &str) {
                 }
             }
         }
+    }
+}
+
+/// One MLA attention layer (projections, latent store with norm and RoPE, absorbed attention,
+/// output projection), as the plan writes it and `lab`'s backend lowers it, against the CPU
+/// reference over `steps` (token counts) so the cache offsets and positions advance.
+/// `scratch`: the words the backend's attention works in for a number of tokens; `cache`: the
+/// latent cache's format (and the indexer's key cache's), which the reference rounds to as the
+/// kernels do. Tolerance: [`cache_tolerance`].
+pub fn attention_layer_matches_cpu<B: Backend>(lab: &mut Lab<B>, family: &str, capacity: usize, steps: &[usize], scratch: impl Fn(&dsrun::plan::MlaShape, usize) -> usize, cache: CacheFormat) {
+    use super::{fixture, random};
+    use dsrun::model::attention::{forward, AttentionCtx};
+    use dsrun::model::rope::Rope;
+    use dsrun::model::weights::QueryProjection;
+    use dsrun::model::{AttentionMode, Model};
+    use dsrun::plan::{AttentionBuffers, AttentionWeights, MlaShape, QueryWeights};
+
+    let model = Model::load(&fixture(family)).unwrap();
+    let c = &model.config;
+    let w = &model.weights.layers[0].attention;
+    let (d, heads) = (c.hidden_size, c.num_attention_heads);
+    let max_n = steps.iter().copied().max().unwrap();
+    let rope = Rope::new(c);
+    let shape = MlaShape { cache, ..MlaShape::new(c, capacity, &rope) };
+    let q = match &w.q {
+        QueryProjection::LowRank { a, norm, b } => QueryWeights::LowRank { a: lab.matrix(&[a], true).unwrap(), norm: lab.input(norm).unwrap(), b: lab.matrix(&[b], true).unwrap(), rank: a.rows },
+        QueryProjection::Direct(q) => QueryWeights::Direct(lab.matrix(&[q], true).unwrap()),
+    };
+    let weights = AttentionWeights {
+        q,
+        kv_a: lab.matrix(&[&w.kv_a], true).unwrap(),
+        kv_norm: lab.input(&w.kv_norm).unwrap(),
+        kv_b: lab.matrix(&[&w.kv_b], false).unwrap(),
+        o: lab.matrix(&[&w.o], true).unwrap(),
+        cache: lab.zeros(capacity * c.latent_dim()).unwrap(),
+        indexer: w.indexer.as_ref().map(|ix| dsrun::plan::IndexerWeights {
+            wq_b: lab.matrix(&[&ix.wq_b], true).unwrap(),
+            wk: lab.matrix(&[&ix.wk], true).unwrap(),
+            k_norm: lab.input(&ix.k_norm).unwrap(),
+            k_norm_bias: lab.input(&ix.k_norm_bias).unwrap(),
+            weights_proj: lab.matrix(&[&ix.weights_proj], true).unwrap(),
+            cache: lab.zeros(capacity * ix.wk.rows).unwrap(),
+        }),
+    };
+    let inv_freq = lab.input(&rope.inv_freq).unwrap();
+    let mut zeros = |n: usize| lab.zeros(n).unwrap();
+    let bufs = AttentionBuffers {
+        x: zeros(max_n * d),
+        q_lora: c.q_lora_rank.map(|r| (zeros(max_n * r), zeros(max_n * r))),
+        q: zeros(max_n * heads * c.qk_head_dim()),
+        kv: zeros(max_n * c.latent_dim()),
+        q_lat: zeros(max_n * heads * c.kv_lora_rank),
+        scratch: zeros(scratch(&shape, max_n)),
+        o_lat: zeros(max_n * heads * c.kv_lora_rank),
+        o: zeros(max_n * heads * c.v_head_dim),
+        out: zeros(max_n * d),
+        positions: zeros(2 * max_n),
+        inv_freq,
+        indexer: c.indexer.map(|ix| dsrun::plan::IndexerBuffers {
+            keys: zeros(max_n * ix.head_dim),
+            queries: zeros(max_n * ix.heads * ix.head_dim),
+            weights: zeros(max_n * ix.heads),
+            scores: zeros(max_n * capacity),
+            selected: zeros(max_n * ix.topk),
+            shape: dsrun::plan::IndexerShape { heads: ix.heads, dim: ix.head_dim, rope: c.qk_rope_head_dim, topk: ix.topk, ctx: capacity, rope_scale: rope.scale, cache },
+        }),
+    };
+    let ops = lab.lower(&dsrun::plan::attention(&shape, &weights, &bufs)).unwrap();
+
+    let ctx = AttentionCtx { config: c, rope: &rope, softmax_scale: c.softmax_scale() as f32, mode: AttentionMode::Absorbed, cache };
+    let mut cpu_cache = Vec::new();
+    let mut start = 0;
+    for (step, &n) in steps.iter().enumerate() {
+        let input = random(70 + step as u64, n * d);
+        lab.write(bufs.x, &input).unwrap();
+        lab.write(bufs.out, &vec![0f32; n * d]).unwrap();
+        // One sequence, from cache row 0.
+        let positions: Vec<u32> = (start..start + n).flat_map(|p| [p as u32, 0]).collect();
+        lab.write_u32(bufs.positions, &positions).unwrap();
+        lab.run(&ops, n as u32).unwrap();
+        let got = lab.read_f32(bufs.out, n * d).unwrap();
+        let want = forward(&ctx, w, &input, n, start, &mut cpu_cache);
+        let err = relative_error(&got, &want);
+        let what = format!("{}: {family} attention, {cache:?} cache, step {step} at position {start}", lab.backend.describe());
+        let tolerance = cache_tolerance(cache);
+        assert!(err <= tolerance, "{what}: relative error {err:e} over {tolerance:e}");
+        start += n;
     }
 }

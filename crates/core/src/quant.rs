@@ -312,3 +312,49 @@ mod encode_tests {
         }
     }
 }
+
+/// How the latent cache stores its values (`--kv-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheFormat {
+    /// Half precision: half the bytes of f32, 11 significant bits.
+    F16,
+    /// bfloat16: half the bytes, f32's range, 8 significant bits.
+    Bf16,
+    /// Exact (what `dsrun logits` and the fixture tests use).
+    #[default]
+    F32,
+}
+
+crate::util::choices!(CacheFormat {
+    F16 => "f16": "half precision: half the bytes of f32",
+    Bf16 => "bf16": "bfloat16: half the bytes, f32's range",
+    F32 => "f32": "exact",
+});
+
+impl CacheFormat {
+    /// The shaders' `CACHE` constant.
+    pub fn code(self) -> u32 {
+        match self {
+            CacheFormat::F32 => 0,
+            CacheFormat::F16 => 1,
+            CacheFormat::Bf16 => 2,
+        }
+    }
+
+    /// 32-bit words that hold `values` values (16-bit formats pack two per word).
+    pub fn words(self, values: usize) -> usize {
+        match self {
+            CacheFormat::F32 => values,
+            CacheFormat::F16 | CacheFormat::Bf16 => values.div_ceil(2),
+        }
+    }
+
+    /// `x` as the cache holds it (round to nearest even, as the kernels store it).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            CacheFormat::F32 => x,
+            CacheFormat::F16 => half::f16::from_f32(x).to_f32(),
+            CacheFormat::Bf16 => half::bf16::from_f32(x).to_f32(),
+        }
+    }
+}

@@ -5,6 +5,7 @@ use super::weights::{Attention, Indexer, QueryProjection};
 use super::AttentionMode;
 use crate::config::ModelConfig;
 use crate::model::math::{axpy, dot, matmul, rms_norm, softmax};
+use crate::quant::CacheFormat;
 use rayon::prelude::*;
 
 /// transformers hard-codes this epsilon for `q_a_layernorm` and `kv_a_layernorm`.
@@ -15,6 +16,9 @@ pub struct AttentionCtx<'a> {
     pub rope: &'a Rope,
     pub softmax_scale: f32,
     pub mode: AttentionMode,
+    /// The format the latent cache (and the indexer's key cache) holds: values are rounded to
+    /// it as they are stored, as the GPU kernels store them.
+    pub cache: CacheFormat,
 }
 
 /// Attention for `n` normalised hidden states `x` at positions `start..start + n`.
@@ -49,10 +53,11 @@ pub fn forward(ctx: &AttentionCtx, w: &Attention, x: &[f32], n: usize, start: us
         (Some(ix), Some(shape), Some(cq)) => Some(IndexerStep::new(ctx, ix, shape, x, cq, n, start)),
         _ => None,
     };
+    let stored = |values: &[f32]| values.iter().map(|&x| ctx.cache.round(x)).collect::<Vec<f32>>();
     for t in 0..n {
-        cache.extend_from_slice(&kv[t * latent..(t + 1) * latent]);
+        cache.extend(stored(&kv[t * latent..(t + 1) * latent]));
         if let Some(ix) = &index {
-            cache.extend_from_slice(&ix.keys[t * ix.dim..(t + 1) * ix.dim]);
+            cache.extend(stored(&ix.keys[t * ix.dim..(t + 1) * ix.dim]));
         }
     }
     let cache = &cache[..];

@@ -10,6 +10,7 @@ pub mod weights;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::quant::CacheFormat;
 use rope::Rope;
 use router::RouterParams;
 use std::path::Path;
@@ -185,7 +186,7 @@ impl Model {
     /// One decoder layer on the residual stream `h` of `n` tokens from position `start`.
     fn layer(&self, layer: &weights::Layer, h: &mut [f32], n: usize, start: usize, layer_cache: &mut Vec<f32>) {
         let c = &self.config;
-        let attention_ctx = attention::AttentionCtx { config: c, rope: &self.rope, softmax_scale: c.softmax_scale() as f32, mode: self.attention_mode };
+        let attention_ctx = attention::AttentionCtx { config: c, rope: &self.rope, softmax_scale: c.softmax_scale() as f32, mode: self.attention_mode, cache: CacheFormat::F32 };
         let mut x = h.to_vec();
         math::rms_norm(&mut x, &layer.input_norm, c.rms_norm_eps);
         math::add_in_place(h, &attention::forward(&attention_ctx, &layer.attention, &x, n, start, layer_cache));
