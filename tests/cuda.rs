@@ -1,5 +1,7 @@
-//! The native CUDA backend (`--features cuda`): every kernel against the CPU reference, and the
-//! whole model against transformers' logits, on each CUDA runtime this machine has: an NVIDIA
+//! The native CUDA backend (`--features cuda`): every plan op against the CPU reference through
+//! the conformance harness (tests/common/conformance.rs), what only CUDA has (NVRTC builds, the
+//! attention's forced splits, common.cuh's structs), and the whole model against transformers'
+//! logits, on each CUDA runtime this machine has: an NVIDIA
 //! device through the driver, and the CPU emulator of CUDA's execution model (needs a C++
 //! compiler), which runs the same kernel sources and host code. A runtime that is missing is
 //! reported on stderr with "NOT RUN"; the emulator's absence fails the suite (CI installs g++).
@@ -9,21 +11,14 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::random;
-
-use dsrun::backend::cuda::ops::{AttentionSplit, CudaMatrix, Ops};
-use dsrun::backend::cuda::{self, compile, sources, Buffer, CudaBackend, Device};
+use dsrun::backend::cuda::ops::AttentionSplit;
+use dsrun::backend::cuda::{self, compile, sources, CudaBackend, Device};
 use dsrun::engine::{Engine, Steps};
-use dsrun::model::math;
-use dsrun::model::weights::Matrix;
 use dsrun::model::{Logits, Model};
-use dsrun::plan::layout::MatmulShape;
-use dsrun::quant::{DType, QuantTarget};
+use dsrun::quant::QuantTarget;
 use dsrun::runtime::CudaModel;
 use dsrun::util::Choice;
 use std::sync::Arc;
-
-const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 
 /// The devices to test on, named; missing ones are reported.
 fn runtimes() -> Vec<Arc<Device>> {
@@ -36,50 +31,6 @@ fn runtimes() -> Vec<Arc<Device>> {
         }
     }
     found
-}
-
-fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
-    Matrix::from_values(&format!("w{seed}"), rows, cols, dtype, &random(seed, rows * cols), (128, 128))
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
-    let err = common::relative_error(got, want);
-    assert!(err <= tolerance, "{what}: relative error {err:e}");
-}
-
-struct Harness {
-    ops: Ops,
-}
-
-impl Harness {
-    fn new(rt: &Arc<Device>) -> Harness {
-        Harness { ops: Ops::new(rt.clone()).unwrap() }
-    }
-    fn rt(&self) -> &Device {
-        &self.ops.rt
-    }
-    fn f32s(&self, values: &[f32]) -> Buffer {
-        self.rt().upload(values).unwrap()
-    }
-    fn zeros(&self, n: usize) -> Buffer {
-        self.rt().alloc(n * 4).unwrap()
-    }
-    fn set_step(&self, n: u32) {
-        self.rt().write(&self.ops.step, 0, bytemuck::cast_slice(&[n, n - 1, 0, 0])).unwrap();
-    }
-    fn run(&self, ops: &[dsrun::backend::cuda::ops::Op], n: u32) {
-        for op in ops {
-            self.rt().launch(&op.launch(n)).unwrap();
-        }
-    }
-    fn read(&self, b: &Buffer, n: usize) -> Vec<f32> {
-        self.rt().read_f32(b, n).unwrap()
-    }
-    fn read_u32(&self, b: &Buffer, n: usize) -> Vec<u32> {
-        let mut bytes = vec![0u8; n * 4];
-        self.rt().read(b, 0, &mut bytes).unwrap();
-        bytemuck::pod_collect_to_vec(&bytes)
-    }
 }
 
 #[test]
@@ -119,141 +70,6 @@ fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
                     assert_eq!(ptx.contains("cvt.rn.f16x2.e4m3x2"), format == 3 && arch == "compute_90", "{arch} format {format}");
                 }
             }
-        }
-    }
-}
-
-#[test]
-fn matmul_every_format_and_token_count() {
-    // 37 rows: not a multiple of the 8 rows per block; 512 columns: 16-byte loads per lane
-    // (every format) with a partial lane sweep for most; 300 columns: four at a time, partial
-    // FP8 blocks; 129 columns: the element-at-a-time path.
-    let cases = [(37, 512, 1usize), (37, 512, 9), (37, 300, 1), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 9)];
-    for rt in runtimes() {
-        let h = Harness::new(&rt);
-        for dtype in FORMATS {
-            for (rows, cols, n) in cases {
-                let m = matrix(dtype, rows, cols, 1);
-                let w = CudaMatrix::upload(&rt, &[&m]).unwrap();
-                let x = random(2, n * cols);
-                let (xb, yb) = (h.f32s(&x), h.zeros(n * rows));
-                h.set_step(n as u32);
-                h.run(&[h.ops.matmul(&w, &xb, &yb, false).unwrap()], n as u32);
-                let what = format!("{}: {dtype:?} {rows}x{cols}, {n} tokens", rt.describe());
-                assert_close(&what, &h.read(&yb, n * rows), &math::matmul(&m, &x, n), 1e-5);
-
-                // Accumulating into y, and the last position only.
-                h.run(&[h.ops.matmul(&w, &xb, &yb, true).unwrap()], n as u32);
-                let twice: Vec<f32> = math::matmul(&m, &x, n).iter().map(|v| 2.0 * v).collect();
-                assert_close(&format!("{what}, accumulated"), &h.read(&yb, n * rows), &twice, 1e-5);
-                let last = MatmulShape { fixed_slots: Some(1), ..MatmulShape::PLAIN };
-                let (lx, ly) = (h.f32s(&x[(n - 1) * cols..]), h.zeros(rows));
-                h.run(&[h.ops.matmul_shaped(&w, last, &lx, &ly, None).unwrap()], n as u32);
-                assert_close(&format!("{what}, last row"), &h.read(&ly, rows), &math::matmul(&m, &x[(n - 1) * cols..], 1), 1e-5);
-            }
-        }
-    }
-}
-
-/// Routed experts read their ids on the device: one slot per block for a single token, and
-/// slots grouped by expert (tiles of up to 8 slots of one expert, an expert's slots split over
-/// several tiles when it has more) for several.
-#[test]
-fn expert_matmul_reads_expert_ids_on_the_device() {
-    use dsrun::backend::cuda::ops::ExpertGroups;
-    for rt in runtimes() {
-        let h = Harness::new(&rt);
-        let (experts, rows, cols, k) = (5, 24, 256, 2);
-        let groups = ExpertGroups::new(&rt, k, experts, 13).unwrap();
-        for dtype in FORMATS {
-            let ms: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
-            let w = CudaMatrix::upload(&rt, &ms.iter().collect::<Vec<_>>()).unwrap();
-            for n in [1usize, 3, 13] {
-                // Expert 2 takes 11 of 26 slots at 13 tokens: two tiles of one expert.
-                let ids: Vec<u32> = (0..n * k).map(|s| if s % 5 < 2 { 2 } else { (s * 7 % experts) as u32 }).collect();
-                let x = random(3, n * cols);
-                let (xb, yb, ib) = (h.f32s(&x), h.zeros(n * k * rows), rt.upload(&ids).unwrap());
-                h.set_step(n as u32);
-                h.run(&[h.ops.group_by_expert(&ib, &groups).unwrap(), h.ops.expert_matmul(&w, k as u32, k as u32, &xb, &yb, &ib, Some(&groups)).unwrap()], n as u32);
-                let got = h.read(&yb, n * k * rows);
-                for (s, &e) in ids.iter().enumerate() {
-                    let want = math::matmul(&ms[e as usize], &x[(s / k) * cols..][..cols], 1);
-                    assert_close(&format!("{}: {dtype:?} {n} tokens, slot {s}", rt.describe()), &got[s * rows..][..rows], &want, 1e-5);
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn norms_elementwise_ops_and_embedding() {
-    for rt in runtimes() {
-        let h = Harness::new(&rt);
-        let (n, dim) = (3, 300);
-        let x = random(20, n * dim);
-        let w = random(21, dim);
-        let (xb, wb, yb) = (h.f32s(&x), h.f32s(&w), h.zeros(n * dim));
-        h.set_step(n as u32);
-        h.run(&[h.ops.rmsnorm(dim, 1e-6, &xb, &wb, &yb, false).unwrap()], n as u32);
-        let mut want = x.clone();
-        want.chunks_mut(dim).for_each(|row| math::rms_norm(row, &w, 1e-6));
-        assert_close("rmsnorm", &h.read(&yb, n * dim), &want, 1e-5);
-
-        let up = random(22, n * dim);
-        let ub = h.f32s(&up);
-        h.run(&[h.ops.silu_mul(dim, &xb, &ub).unwrap()], n as u32);
-        let mut want = x.clone();
-        math::silu_mul(&mut want, &up);
-        assert_close("silu_mul", &h.read(&xb, n * dim), &want, 1e-5);
-
-        for dtype in FORMATS {
-            let table = matrix(dtype, 50, 40, 23);
-            let t = CudaMatrix::upload(&rt, &[&table]).unwrap();
-            let tokens = [0u32, 49, 17];
-            let (tb, ob) = (rt.upload(&tokens).unwrap(), h.zeros(3 * 40));
-            h.run(&[h.ops.embed(&t, &tb, &ob).unwrap()], 3);
-            assert_close(&format!("{dtype:?} embed"), &h.read(&ob, 3 * 40), &math::embed(&table, &tokens), 1e-6);
-        }
-
-        // argmax over rows with ties (the first wins) and moe_combine with a shared expert.
-        let mut logits = random(24, 2 * 1000);
-        logits[1000 + 7] = 9.0;
-        logits[1000 + 900] = 9.0;
-        let (lb, ib) = (h.f32s(&logits), h.zeros(2));
-        h.run(&[h.ops.argmax(1000, &lb, &ib).unwrap()], 2);
-        assert_eq!(h.read_u32(&ib, 2), vec![common::argmax(&logits[..1000]) as u32, 7]);
-        // A row holding a NaN or an infinity is flagged, not given an index.
-        logits[333] = f32::NAN;
-        logits[1000 + 5] = f32::NEG_INFINITY;
-        let lb = h.f32s(&logits);
-        h.run(&[h.ops.argmax(1000, &lb, &ib).unwrap()], 2);
-        assert_eq!(h.read_u32(&ib, 2), vec![dsrun::model::NON_FINITE_ID; 2]);
-        let (k, d) = (2, 40);
-        let (eo, rw, sh, hh) = (random(25, n * k * d), random(26, n * k), random(27, n * d), random(28, n * d));
-        let hb = h.f32s(&hh);
-        h.run(&[h.ops.moe_combine(d, k, &h.f32s(&eo), &h.f32s(&rw), Some(&h.f32s(&sh)), &hb).unwrap()], n as u32);
-        let want: Vec<f32> = (0..n * d)
-            .map(|i| {
-                let (t, c) = (i / d, i % d);
-                hh[i] + (0..k).map(|j| rw[t * k + j] * eo[(t * k + j) * d + c]).sum::<f32>() + sh[i]
-            })
-            .collect();
-        assert_close("moe_combine", &h.read(&hb, n * d), &want, 1e-6);
-    }
-}
-
-#[test]
-fn router_matches_the_cpu_rules() {
-    for rt in runtimes() {
-        let h = Harness::new(&rt);
-        for (i, case) in common::router_cases().iter().enumerate() {
-            let (n, top_k) = (case.tokens, case.params.top_k);
-            let lb = h.f32s(&case.logits);
-            let bb = case.bias.as_ref().map(|b| h.f32s(b));
-            let (ib, wb) = (h.zeros(n * top_k), h.zeros(n * top_k));
-            h.set_step(n as u32);
-            h.run(&[h.ops.router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb, false).unwrap()], n as u32);
-            case.check(&format!("{}: config {i}", rt.describe()), &h.read_u32(&ib, n * top_k), &h.read(&wb, n * top_k));
         }
     }
 }

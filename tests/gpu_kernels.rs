@@ -1,6 +1,10 @@
-//! Each GPU kernel against the CPU reference on seeded random inputs, for every weight format,
-//! with shapes that are not multiples of the workgroup (64), row block (4), token tile (8) or
-//! FP8 block (128). Runs on whatever adapter wgpu finds (CI: lavapipe); none is a failure.
+//! The wgpu kernels: every plan op through the conformance harness (tests/common/conformance.rs)
+//! in three adapter settings, and what only wgpu has: its kernel variants (16-byte loads, the
+//! f16-arithmetic matmul, the tiled prefill GEMM, fixed and listed slots, the one-subgroup
+//! attention), expert slot pools, matrices split at the binding limit, its attention split.
+//! Seeded random inputs, shapes that are not multiples of the workgroup (64), row block (4),
+//! token tile (8) or FP8 block (128). Runs on whatever adapter wgpu finds (CI: lavapipe); none
+//! is a failure.
 //!
 //! Tolerance: 1e-5 of the output's scale. Both sides decode weights exactly and sum in f32; only
 //! the summation order differs (~1e-7 relative per term over a few hundred terms).
@@ -36,45 +40,20 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     assert!(err <= 1e-5, "{what}: relative error {err:e}");
 }
 
-/// The matmul in CPU adapters' shapes (groups of 4 lanes) and GPUs' (one group of 64, with and
-/// without the optional subgroup reduction where the adapter has subgroups): all must give the
-/// CPU's result.
+/// GPU shapes read 16 bytes per lane where a row is whole 16-byte units (every format but q4,
+/// whose rows the harness makes 160 and 512 columns wide); CPU shapes never do. The harness
+/// (`conformance_of_every_op_on_wgpu`) runs both paths' numbers.
 #[test]
-fn matmul_every_format_and_token_count() {
+fn sixteen_byte_loads_where_rows_are_whole_units() {
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
-    let mut variants = vec![(true, false), (false, false)];
-    if ctx.subgroups {
-        variants.push((false, true));
-    }
-    for (cpu_shapes, subgroups) in variants {
-        let mut ctx = ctx.clone();
-        ctx.subgroups = subgroups;
-        ctx.cpu_shapes = cpu_shapes;
-        ctx.prefill_gemm = false;
-        matmul_every_format_with(&mut OpRunner::new(ctx).unwrap(), &format!("CPU shapes {cpu_shapes}, subgroups {subgroups}"));
-    }
-}
-
-fn matmul_every_format_with(r: &mut OpRunner, shapes: &str) {
-    // 37 rows: not a multiple of 4; 300 columns: partial FP8 blocks and a partial lane sweep
-    // (word-at-a-time path); 129 columns: rows not word-aligned (element-at-a-time path).
-    // Token counts take every variant: 1 (decode), 2 and 3-4 (small batches), more (prefill).
-    // 160 columns: rows of whole 16-byte units in every format but q4 (16-byte loads with GPU
-    // shapes; 300 columns only in f32).
-    let cases = [(37, 300, 1usize), (37, 300, 2), (37, 300, 3), (37, 300, 8), (37, 300, 13), (13, 129, 1), (13, 129, 4), (13, 129, 9), (37, 160, 1), (37, 160, 3), (37, 160, 9)];
-    for dtype in FORMATS {
-        for (rows, cols, n) in cases {
-            let m = matrix(dtype, rows, cols, 1);
-            let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
-            let x = random(2 + n as u64, n * cols);
-            let (xb, yb) = (r.f32_buffer(&x), r.zeros(n * rows).unwrap());
-            let d = r.builder().matmul(&gm, &xb, &yb, false);
-            let wide = !r.ctx().cpu_shapes && dtype != DType::Q4 && (cols * dtype.format().bits as usize / 8) % 16 == 0;
-            assert_eq!(r.builder().wide_loads(&gm), wide, "{dtype:?} {rows}x{cols}, {shapes}: 16-byte loads");
-            r.set_step(n as u32);
-            r.run(&d, n as u32, 1).unwrap();
-            let got = r.read_f32(&yb, n * rows).unwrap();
-            assert_close(&format!("{dtype:?} {rows}x{cols} n={n}, {shapes}"), &got, &math::matmul(&m, &x, n));
+    for cpu_shapes in [true, false] {
+        let r = OpRunner::new(dsrun::backend::wgpu::context::GpuContext { cpu_shapes, prefill_gemm: false, ..ctx.clone() }).unwrap();
+        for dtype in FORMATS {
+            for (rows, cols) in [(37, 300), (13, 129), (37, 160), (37, 512)] {
+                let gm = GpuMatrix::upload(r.ctx(), &[&matrix(dtype, rows, cols, 1)]).unwrap();
+                let wide = !cpu_shapes && dtype != DType::Q4 && (cols * dtype.format().bits as usize / 8) % 16 == 0;
+                assert_eq!(r.builder().wide_loads(&gm), wide, "{dtype:?} {rows}x{cols}, CPU shapes {cpu_shapes}: 16-byte loads");
+            }
         }
     }
 }
@@ -190,51 +169,6 @@ fn matmul_accumulates_and_computes_fixed_slots() {
     assert_close("fixed slot", &r.read_f32(&yb, rows).unwrap(), &math::matmul(&m, &x[..cols], 1));
 }
 
-#[test]
-fn fp8_matmul_decodes_every_code_exactly() {
-    // Row r holds code r in each of its four columns (subnormals, the largest values, both
-    // signs, NaN); with x = (1, 0, 0, 0) and (0, 0, 0, 1) the outputs are the decoded values,
-    // through the four-at-a-time word path (first and last byte of a word).
-    let mut r = runner();
-    let (rows, cols) = (256, 4);
-    let codes: Vec<u8> = (0..rows).flat_map(|c| [c as u8; 4]).collect();
-    let scales = dsrun::model::weights::BlockScales { block_rows: 128, block_cols: 128, grid_cols: 1, values: vec![1.0, 1.0] };
-    let m = Matrix { name: "fp8 codes".into(), rows, cols, dtype: DType::F8E4M3, data: dsrun::checkpoint::TensorBytes::from_vec(codes), scales: Some(scales) };
-    let gm = GpuMatrix::upload(r.ctx(), &[&m]).unwrap();
-    for lane in [0usize, 3] {
-        let mut x = vec![0f32; cols];
-        x[lane] = 1.0;
-        let (xb, yb) = (r.f32_buffer(&x), r.zeros(rows).unwrap());
-        r.set_step(1);
-        r.run(&r.builder().matmul(&gm, &xb, &yb, false), 1, 1).unwrap();
-        let got = r.read_f32(&yb, rows).unwrap();
-        for (code, &g) in got.iter().enumerate() {
-            let want = dsrun::quant::fp8_e4m3_to_f32(code as u8);
-            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()) || (g == 0.0 && want == 0.0), "code {code:#04x} in byte {lane}: {g} vs {want}");
-        }
-    }
-}
-
-#[test]
-fn expert_matmul_reads_expert_ids_from_the_gpu() {
-    let mut r = runner();
-    for dtype in FORMATS {
-        let (experts, rows, cols, k, n) = (5, 19, 150, 3, 4);
-        let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 10 + e as u64)).collect();
-        let gm = GpuMatrix::upload(r.ctx(), &stack.iter().collect::<Vec<_>>()).unwrap();
-        let ids: Vec<u32> = (0..n * k).map(|s| ((s * 3 + 1) % experts) as u32).collect();
-        let x = random(20, n * cols);
-        let (xb, yb, ib) = (r.f32_buffer(&x), r.zeros(n * k * rows).unwrap(), r.u32_buffer(&ids));
-        // gate/up form: slot s reads its token's row s / k.
-        let d = r.builder().expert_matmul(&gm, k as u32, k as u32, &xb, &yb, &ib);
-        r.set_step(n as u32);
-        r.run(&d, n as u32, 1).unwrap();
-        let got = r.read_f32(&yb, n * k * rows).unwrap();
-        let want: Vec<f32> = (0..n * k).flat_map(|s| math::matmul(&stack[ids[s] as usize], &x[(s / k) * cols..][..cols], 1)).collect();
-        assert_close(&format!("{dtype:?} experts"), &got, &want);
-    }
-}
-
 /// Routed experts grouped by expert across a step's tokens: the same bits as one slot per
 /// workgroup, for groups smaller than a tile, larger than a tile (one expert taking 11 of the
 /// step's slots), experts no slot chose, in the gate/up (x_div = k) and down (x_div = 1) forms;
@@ -334,41 +268,6 @@ fn expert_slots_compute_the_same_bits_as_the_stack_for_listed_slots_only() {
 }
 
 #[test]
-fn rmsnorm_and_silu_mul() {
-    let mut r = runner();
-    let (dim, n) = (203, 3);
-    let x = random(30, n * dim);
-    let w = random(31, dim);
-    let (xb, wb, yb) = (r.f32_buffer(&x), r.f32_buffer(&w), r.zeros(n * dim).unwrap());
-    r.set_step(n as u32);
-    r.run(&[r.builder().rmsnorm(dim, 1e-6, &xb, &wb, &yb, false)], n as u32, 1).unwrap();
-    let mut want = x.clone();
-    math::rms_norm(&mut want, &w, 1e-6);
-    assert_close("rmsnorm", &r.read_f32(&yb, n * dim).unwrap(), &want);
-
-    let up = random(32, n * dim);
-    let (gb, ub) = (r.f32_buffer(&x), r.f32_buffer(&up));
-    r.run(&[r.builder().silu_mul(dim, &gb, &ub)], n as u32, 1).unwrap();
-    let mut want = x.clone();
-    math::silu_mul(&mut want, &up);
-    assert_close("silu_mul", &r.read_f32(&gb, n * dim).unwrap(), &want);
-}
-
-#[test]
-fn router_matches_the_cpu_rules() {
-    let mut r = runner();
-    for (i, case) in common::router_cases().iter().enumerate() {
-        let (n, top_k) = (case.tokens, case.params.top_k);
-        let lb = r.f32_buffer(&case.logits);
-        let bb = case.bias.as_ref().map(|b| r.f32_buffer(b));
-        let (ib, wb) = (r.zeros(n * top_k).unwrap(), r.zeros(n * top_k).unwrap());
-        r.set_step(n as u32);
-        r.run(&[r.builder().router(&case.params, case.experts, &lb, bb.as_ref(), &ib, &wb, false)], n as u32, 1).unwrap();
-        case.check(&format!("config {i}"), &r.read_u32(&ib, n * top_k).unwrap(), &r.read_f32(&wb, n * top_k).unwrap());
-    }
-}
-
-#[test]
 fn matrices_split_into_row_chunks_give_the_same_result() {
     let mut ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     // Force chunks far below any real binding limit: every matrix here becomes several chunks.
@@ -423,53 +322,15 @@ fn cpu_shapes_take_the_one_subgroup_attention_on_lavapipe() {
     assert_eq!(d[0].kernel, Kernel::AttentionPartialSubgroup);
 }
 
-#[test]
-fn argmax_and_moe_combine() {
-    let mut r = runner();
-    let (rows, vocab) = (3, 1000);
-    let mut logits = random(80, rows * vocab);
-    // Row 2: the maximum appears twice; the first index wins, as on the CPU.
-    logits[2 * vocab + 10] = 5.0;
-    logits[2 * vocab + 700] = 5.0;
-    let (lb, ib) = (r.f32_buffer(&logits), r.zeros(rows).unwrap());
-    r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
-    let want: Vec<u32> = logits.chunks(vocab).map(|row| math::argmax(row) as u32).collect();
-    assert_eq!(r.read_u32(&ib, rows).unwrap(), want);
-    assert_eq!(want[2], 10);
-    // Rows holding a NaN or an infinity are flagged (the host reports the position).
-    logits[vocab + 3] = f32::NAN;
-    logits[2 * vocab + 999] = f32::INFINITY;
-    let lb = r.f32_buffer(&logits);
-    r.run(&[r.builder().argmax(vocab, &lb, &ib)], rows as u32, 1).unwrap();
-    assert_eq!(r.read_u32(&ib, rows).unwrap(), vec![want[0], dsrun::model::NON_FINITE_ID, dsrun::model::NON_FINITE_ID]);
-
-    let (n, k, dim) = (3, 4, 77);
-    let (expert_out, weights, shared, h) = (random(81, n * k * dim), random(82, n * k), random(83, n * dim), random(84, n * dim));
-    for with_shared in [true, false] {
-        let hb = r.f32_buffer(&h);
-        let (eb, wb, sb) = (r.f32_buffer(&expert_out), r.f32_buffer(&weights), r.f32_buffer(&shared));
-        r.set_step(n as u32);
-        r.run(&[r.builder().moe_combine(dim, k, &eb, &wb, with_shared.then_some(&sb), &hb)], n as u32, 1).unwrap();
-        let mut want = h.clone();
-        for t in 0..n {
-            for i in 0..k {
-                math::axpy(weights[t * k + i], &expert_out[(t * k + i) * dim..][..dim], &mut want[t * dim..][..dim]);
-            }
-            if with_shared {
-                math::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
-            }
-        }
-        assert_close(&format!("moe_combine shared={with_shared}"), &r.read_f32(&hb, n * dim).unwrap(), &want);
-    }
-}
-
 /// The conformance harness (tests/common/conformance.rs) on wgpu, in both kernel shapes, with
 /// and without subgroups, with and without grouped experts and the tiled GEMM.
 #[test]
 fn conformance_of_every_op_on_wgpu() {
     use dsrun::backend::wgpu::WgpuBackend;
     let base = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
-    let settings = [(true, base.subgroups, true, false), (false, false, false, true), (false, base.subgroups, true, true)];
+    // CPU shapes; GPU shapes with one workgroup per row (the matvec for every token count);
+    // GPU shapes with subgroups, grouped experts and the tiled prefill GEMM.
+    let settings = [(true, base.subgroups, true, false), (false, false, false, false), (false, base.subgroups, true, true)];
     for (cpu_shapes, subgroups, group_experts, prefill_gemm) in settings {
         let ctx = context::GpuContext { cpu_shapes, subgroups, group_experts, prefill_gemm, ..base.clone() };
         let what = format!("wgpu {} (CPU shapes {cpu_shapes}, subgroups {subgroups}, grouped {group_experts}, GEMM {prefill_gemm})", ctx.describe());

@@ -23,8 +23,8 @@ pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E
 
 /// (rows, columns): rows not a multiple of 4 or of a 64-row tile; columns with a partial FP8
 /// block and lane sweep (300), rows not word-aligned in 16-bit formats (129), rows of whole
-/// 16-byte units (160).
-const SHAPES: [(usize, usize); 3] = [(37, 300), (13, 129), (37, 160)];
+/// 16-byte units (160), 16-byte loads per lane in every format with a partial sweep (512).
+const SHAPES: [(usize, usize); 4] = [(37, 300), (13, 129), (37, 160), (37, 512)];
 /// Token counts: decode, small batches (2, 3-4), prefill tiles and past them.
 const TOKENS: [usize; 6] = [1, 2, 3, 5, 9, 17];
 
@@ -46,6 +46,7 @@ fn run<B: Backend>(lab: &mut Lab<B>, ops: &[Op], n: usize) {
 /// Every op below, on `lab`'s backend; `what` names the backend in failures.
 pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
     matmul(lab, what);
+    fp8_codes(lab, what);
     embed(lab, what);
     rms_norm(lab, what);
     silu_mul(lab, what);
@@ -116,6 +117,27 @@ pub fn matmul<B: Backend>(lab: &mut Lab<B>, what: &str) {
                 run(lab, &[Op::Matmul { w, x: xb, y, rows: Rows::Last, accumulate: false }], n);
                 close(&format!("{what}: matmul {dtype:?} {rows}x{cols} last row of {n}"), &lab.read_f32(y, rows).unwrap(), &math::matmul(&m, &x[..cols], 1));
             }
+        }
+    }
+}
+
+/// FP8 e4m3: every code decodes exactly (subnormals, the largest values, both signs, NaN).
+/// Row r holds code r in each of its four columns; with x = (1, 0, 0, 0) and (0, 0, 0, 1) the
+/// outputs are the decoded values, through the first and last byte of a word.
+pub fn fp8_codes<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    let (rows, cols) = (256, 4);
+    let codes: Vec<u8> = (0..rows).flat_map(|c| [c as u8; 4]).collect();
+    let scales = dsrun::model::weights::BlockScales { block_rows: 128, block_cols: 128, grid_cols: 1, values: vec![1.0, 1.0] };
+    let m = Matrix { name: "fp8 codes".into(), rows, cols, dtype: DType::F8E4M3, data: dsrun::checkpoint::TensorBytes::from_vec(codes), scales: Some(scales) };
+    let w = lab.matrix(&[&m], true).unwrap();
+    for lane in [0usize, 3] {
+        let mut x = vec![0f32; cols];
+        x[lane] = 1.0;
+        let (xb, y) = (lab.input(&x).unwrap(), lab.zeros(rows).unwrap());
+        run(lab, &[Op::Matmul { w, x: xb, y, rows: Rows::All, accumulate: false }], 1);
+        for (code, g) in lab.read_f32(y, rows).unwrap().into_iter().enumerate() {
+            let want = dsrun::quant::fp8_e4m3_to_f32(code as u8);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()) || (g == 0.0 && want == 0.0), "{what}: FP8 code {code:#04x} in byte {lane}: {g} vs {want}");
         }
     }
 }
@@ -194,6 +216,14 @@ pub fn argmax<B: Backend>(lab: &mut Lab<B>, what: &str) {
     run(lab, &[Op::Argmax { vocab, logits: lb, ids }], n);
     let want: Vec<u32> = logits.chunks(vocab).map(|r| math::argmax(r) as u32).collect();
     assert_eq!(lab.read_u32(ids, n).unwrap(), want, "{what}: argmax");
+    assert_eq!(want[1], 7, "the first of two maxima");
+    // A row holding a NaN or an infinity is flagged, not given an index (the host names its
+    // position).
+    logits[vocab + 3] = f32::NAN;
+    logits[2 * vocab + vocab - 1] = f32::INFINITY;
+    lab.write(lb, &logits).unwrap();
+    run(lab, &[Op::Argmax { vocab, logits: lb, ids }], n);
+    assert_eq!(lab.read_u32(ids, n).unwrap(), vec![want[0], dsrun::model::NON_FINITE_ID, dsrun::model::NON_FINITE_ID], "{what}: argmax of non-finite rows");
 }
 
 /// `Router`: every scoring function and top-k method, with and without the correction bias,
@@ -223,8 +253,12 @@ pub fn experts<B: Backend>(lab: &mut Lab<B>, what: &str) {
         let (rows, cols) = (19, 150);
         let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 20 + e as u64)).collect();
         let w = lab.matrix(&stack.iter().collect::<Vec<_>>(), false).unwrap();
-        for n in [1usize, 3, 9] {
-            let ids: Vec<u32> = (0..n * k).map(|s| ((s * 5 + 3) % experts) as u32).collect();
+        for n in [1usize, 3, 9, 13] {
+            // At 13 tokens expert 2 takes 11 of 26 slots: its group spans several tiles.
+            let ids: Vec<u32> = match n {
+                13 => (0..n * k).map(|s| if s % 5 < 2 { 2 } else { (s * 7 % experts) as u32 }).collect(),
+                _ => (0..n * k).map(|s| ((s * 5 + 3) % experts) as u32).collect(),
+            };
             let ib = lab.zeros(n * k).unwrap();
             lab.write_u32(ib, &ids).unwrap();
             for (matrix_kind, x_rows) in [(ExpertMatrix::Gate, n), (ExpertMatrix::Down, n * k)] {
