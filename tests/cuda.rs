@@ -11,8 +11,9 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+use dsrun::backend::cuda::nvrtc::compile;
 use dsrun::backend::cuda::ops::AttentionSplit;
-use dsrun::backend::cuda::{self, compile, sources, CudaBackend, Device};
+use dsrun::backend::cuda::{self, sources, CudaBackend, Device};
 use dsrun::engine::{Engine, Steps};
 use dsrun::model::{Logits, Model};
 use dsrun::quant::QuantTarget;

@@ -124,7 +124,7 @@ impl Device {
         match self {
             Device::Driver(d) => {
                 d.bind()?;
-                let ptx = super::compile(&full, defines, &super::arch(d.compute_capability))?;
+                let ptx = super::nvrtc::compile(&full, defines, &super::nvrtc::arch(d.compute_capability))?;
                 let module = d.ctx.load_module(ptx).map_err(d.error("loading a kernel module"))?;
                 let kernels = names.iter().map(|n| module.load_function(n).map(Kernel::Driver).map_err(d.error("finding a kernel"))).collect::<Result<Vec<_>>>()?;
                 d.modules.lock().unwrap().push(module);

@@ -2,13 +2,13 @@
 //! `context` opens the device, `kernels` compiles pipelines, `lower` makes each op's dispatches,
 //! `tensors` and `pools` hold weights and expert slots, `backend` records and submits steps.
 
-pub mod backend;
+mod backend;
 pub mod context;
-pub mod kernels;
-pub mod lower;
-pub mod pools;
-pub mod runner;
-pub mod tensors;
+internal_mod!(kernels);
+internal_mod!(lower);
+internal_mod!(pools);
+internal_mod!(runner);
+internal_mod!(tensors);
 
 pub use backend::WgpuBackend;
 pub use context::GpuContext;
