@@ -1,5 +1,5 @@
 //! Chat templates against transformers: the published templates of DeepSeek-V3, DeepSeek-R1,
-//! DeepSeek-V2-Lite-Chat and Kimi-K2 (tests/data/chat_templates), rendered and tokenised as
+//! DeepSeek-V2-Lite-Chat and Kimi-K2 (crates/core/templates), rendered and tokenised as
 //! `apply_chat_template(..., tokenize=True)` does, must give the same text and the same ids
 //! (tests/data/chat/expected.json, made by tools/make_chat_fixtures.py).
 
@@ -18,7 +18,7 @@ fn data(path: &str) -> std::path::PathBuf {
 fn checkpoint_dir(template: &str, bos: &str, eos: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(data("chat/tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
-    let source = std::fs::read_to_string(data(&format!("chat_templates/{template}.jinja"))).unwrap();
+    let source = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("crates/core/templates/{template}.jinja"))).unwrap();
     let config = serde_json::json!({"bos_token": bos, "eos_token": {"content": eos}, "add_bos_token": false, "chat_template": source});
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/config.json"), dir.path().join("config.json")).unwrap();

@@ -8,7 +8,7 @@ Run by hand (never in CI), from the repository root (no torch needed):
 
 Writes tests/data/chat/tokenizer.json (the bundled model's tokenizer plus the special tokens the
 vendored templates use, so special-token handling is exercised) and tests/data/chat/expected.json:
-for each template in tests/data/chat_templates/ and each conversation below, the rendered text
+for each template in crates/core/templates/ and each conversation below, the rendered text
 and the token ids of `apply_chat_template(..., tokenize=True)`.
 """
 
@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATES = os.path.join(ROOT, "tests", "data", "chat_templates")
+TEMPLATES = os.path.join(ROOT, "crates", "core", "templates")
 OUT = os.path.join(ROOT, "tests", "data", "chat")
 
 DEEPSEEK = dict(bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>")

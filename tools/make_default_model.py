@@ -169,7 +169,7 @@ def main():
     tok.save(os.path.join(args.out, "tokenizer.json"))
     with open(os.path.join(args.out, "tokenizer_config.json"), "w") as f:
         # DeepSeek-V3's published chat template, so `dsrun chat` and `serve` work out of the box.
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "chat_templates", "deepseek-v3.jinja")) as t:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "crates", "core", "templates", "deepseek-v3.jinja")) as t:
             template = t.read()
         settings = {"add_bos_token": True, "bos_token": BOS, "eos_token": EOS, "model_max_length": CONFIG["max_position_embeddings"], "chat_template": template}
         json.dump(settings, f, indent=2, ensure_ascii=False)

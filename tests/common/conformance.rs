@@ -5,8 +5,9 @@
 //! instantiates it for wgpu, `tests/cuda.rs` for the CUDA emulator (and a device where there
 //! is one); the attention layer's ops run through `attention_layer_matches_cpu` beside it.
 //!
-//! Tolerance: 1e-5 of each output's scale. Both sides decode the weights exactly and sum in
-//! f32; only the order of the sums differs (~1e-7 relative per term over a few hundred terms).
+//! Tolerance: 1e-5 of each output's scale (1e-6 for the embedding and the combine, which sum
+//! little or nothing). Both sides decode the weights exactly and sum in f32; only the order of
+//! the sums differs (~1e-7 relative per term over a few hundred terms).
 //! Ids (the router's, the argmax's) must be equal.
 
 use super::{random, relative_error, router_cases};
@@ -33,8 +34,14 @@ fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
 }
 
 fn close(what: &str, got: &[f32], want: &[f32]) {
+    close_within(what, got, want, 1e-5);
+}
+
+/// Ops that sum a handful of terms (the combine) or none (the embedding's decode) are held to
+/// 1e-6.
+fn close_within(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
     let err = relative_error(got, want);
-    assert!(err <= 1e-5, "{what}: relative error {err:e}");
+    assert!(err <= tolerance, "{what}: relative error {err:e} over {tolerance:e}");
 }
 
 /// Runs `ops` as a step of `n` tokens.
@@ -153,7 +160,7 @@ pub fn embed<B: Backend>(lab: &mut Lab<B>, what: &str) {
         lab.write_u32(tb, &tokens).unwrap();
         let out = lab.zeros(tokens.len() * dim).unwrap();
         run(lab, &[Op::Embed { table: w, tokens: tb, out }], tokens.len());
-        close(&format!("{what}: embed {dtype:?}"), &lab.read_f32(out, tokens.len() * dim).unwrap(), &math::embed(&table, &tokens));
+        close_within(&format!("{what}: embed {dtype:?}"), &lab.read_f32(out, tokens.len() * dim).unwrap(), &math::embed(&table, &tokens), 1e-6);
     }
 }
 
@@ -201,7 +208,7 @@ pub fn moe_combine<B: Backend>(lab: &mut Lab<B>, what: &str) {
                 math::add_in_place(&mut want[t * dim..][..dim], &shared[t * dim..][..dim]);
             }
         }
-        close(&format!("{what}: moe_combine shared={with_shared}"), &lab.read_f32(hb, n * dim).unwrap(), &want);
+        close_within(&format!("{what}: moe_combine shared={with_shared}"), &lab.read_f32(hb, n * dim).unwrap(), &want, 1e-6);
     }
 }
 

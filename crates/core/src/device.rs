@@ -33,7 +33,7 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
         GpuChoice::Cpu => cpu(model),
         GpuChoice::Cuda => cuda_engine(model, capacity, options, progress),
         GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
-            eprintln!("dsrun: no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
+            log::warn!("no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
             cpu(model)
         }
         _ => {

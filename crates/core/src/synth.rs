@@ -455,7 +455,7 @@ pub fn synth(out: &Path, o: &SynthOptions, progress: &dyn Progress) -> Result<Sy
 
 /// DeepSeek-V3's published chat template (vendored as test data), so `chat` and `serve` run on
 /// synthetic checkpoints.
-const DEEPSEEK_V3_CHAT_TEMPLATE: &str = include_str!("../../../tests/data/chat_templates/deepseek-v3.jinja");
+const DEEPSEEK_V3_CHAT_TEMPLATE: &str = include_str!("../templates/deepseek-v3.jinja");
 
 /// A word-level tokenizer over the whole vocabulary: `<s>`/`</s>` at the config's ids, the
 /// printable ASCII characters, then `t<id>` fillers. Text tokenizes (unknown words to `<unk>`),

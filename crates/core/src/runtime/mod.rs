@@ -536,9 +536,6 @@ impl<B: Backend> Engine for Runtime<B> {
     }
 
     fn counters(&self) -> Option<String> {
-        if let Some(profile) = self.backend.profile_report() {
-            eprintln!("{profile}");
-        }
         let c = self.counters;
         let per = |x: u64| x as f64 / c.steps.max(1) as f64;
         let work = self.backend.work();
@@ -554,6 +551,10 @@ impl<B: Backend> Engine for Runtime<B> {
         if let Some(s) = &self.streaming {
             lines += "\n";
             lines += &s.summary(c.tokens, c.step_seconds);
+        }
+        if let Some(profile) = self.backend.profile_report() {
+            lines += "\n";
+            lines += &profile;
         }
         Some(lines)
     }
