@@ -39,6 +39,7 @@ impl ExpertCache {
         self.held.len()
     }
 
+    #[cfg(test)]
     pub fn slot_of(&self, key: ExpertKey) -> Option<usize> {
         self.slot_of.get(&key).copied()
     }

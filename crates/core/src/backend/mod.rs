@@ -2,21 +2,6 @@
 //! keeps expert slot pools, and records, submits and reads back a step. The model (`plan`) and
 //! the step loop, chunked prefill and expert streaming (`runtime`) are written once above them.
 
-/// A module holding a backend's kernel builders and their parts: implementation, not API.
-/// dsrun's own kernel tests and benches reach it with the `internals` feature (the root crate's
-/// dev-dependency turns it on); without it the module is private to the crate.
-macro_rules! internal_mod {
-    ($(#[$meta:meta])* $name:ident) => {
-        $(#[$meta])*
-        #[cfg(feature = "internals")]
-        pub mod $name;
-        $(#[$meta])*
-        #[cfg(not(feature = "internals"))]
-        #[allow(dead_code, unused_imports)]
-        pub(crate) mod $name;
-    };
-}
-
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod wgpu;

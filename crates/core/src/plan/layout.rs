@@ -141,7 +141,7 @@ pub struct MatmulShape {
     pub slots_per_token: u32,
     /// Slot s reads input row s / x_div.
     pub x_div: u32,
-    /// Slot s multiplies by the stacked expert ids[s].
+    /// Slot s multiplies by the stacked expert `ids[s]`.
     pub use_ids: bool,
     /// Compute exactly this many slots whatever the step's size (the last position's logits).
     pub fixed_slots: Option<u32>,
