@@ -4,9 +4,11 @@
 //! layer for the router's choice when experts are streamed), read back the logits or the greedy
 //! id. Prompts longer than a step's room run in chunks.
 
-mod lab;
+internal_mod!(lab);
 mod streaming;
 
+/// Plan ops run one by one on a backend: the conformance harness's tool (tests and benches).
+#[cfg(feature = "internals")]
 pub use lab::Lab;
 pub use streaming::{StreamedLayer, Streaming};
 
