@@ -52,6 +52,13 @@ fn run<B: Backend>(lab: &mut Lab<B>, ops: &[Op], n: usize) {
 
 /// Every op below, on `lab`'s backend; `what` names the backend in failures.
 pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    dense_and_moe(lab, what);
+    attention(lab);
+}
+
+/// Every op but attention's: the matmul in every format, the embedding, norms, SwiGLU, the
+/// combine, argmax, the router and the expert matmuls.
+pub fn dense_and_moe<B: Backend>(lab: &mut Lab<B>, what: &str) {
     matmul(lab, what);
     fp8_codes(lab, what);
     embed(lab, what);
@@ -61,7 +68,6 @@ pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
     argmax(lab, what);
     router(lab, what);
     experts(lab, what);
-    attention(lab);
 }
 
 /// The attention layer of every fixture family (V3.2's with its indexer and sparse attention)

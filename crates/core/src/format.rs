@@ -79,6 +79,7 @@ pub fn wgsl_constants() -> String {
 }
 
 /// The table as `-D` defines for the CUDA kernels (common.cuh refuses to compile without them).
+#[cfg(feature = "cuda")]
 pub fn cuda_defines() -> impl Iterator<Item = (&'static str, u32)> {
     FORMATS.iter().map(|f| (f.constant, f.code))
 }

@@ -2,6 +2,7 @@
 //! keeps expert slot pools, and records, submits and reads back a step. The model (`plan`) and
 //! the step loop, chunked prefill and expert streaming (`runtime`) are written once above them.
 
+pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod wgpu;

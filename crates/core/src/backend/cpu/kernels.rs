@@ -1,0 +1,201 @@
+//! The CPU backend's kernels: each plan op over the backend's host buffers, for `n` tokens.
+//! An op writes one buffer (its destination), which lowering checks is none of its inputs: the
+//! destination is taken out of the buffer list while the op runs, so inputs are borrowed
+//! alongside it without copies or unsafe code.
+
+use super::CpuMatrix;
+use crate::error::{Error, Result};
+use crate::model::math;
+use crate::model::router::{route, RouterParams};
+use crate::model::weights::Matrix;
+use crate::plan::Rows;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Output rows per rayon task of a matmul: enough work per task to amortise its scheduling.
+const ROWS_PER_TASK: usize = 16;
+
+/// One lowered op: buffer indices and the weights it reads.
+#[derive(Debug)]
+pub enum Kernel {
+    Embed { table: Arc<CpuMatrix>, tokens: usize, out: usize },
+    RmsNorm { dim: usize, eps: f32, x: usize, weight: usize, out: usize, rows: Rows },
+    Matmul { w: Arc<CpuMatrix>, x: usize, y: usize, rows: Rows, accumulate: bool },
+    SiluMul { width: usize, gate: usize, up: usize },
+    Router { params: RouterParams, experts: usize, logits: usize, bias: Option<usize>, ids: usize, weights: usize, rows: Rows },
+    ExpertMatmul { w: Arc<CpuMatrix>, x_div: usize, k: usize, x: usize, y: usize, ids: usize },
+    MoeCombine { dim: usize, k: usize, expert_out: usize, weights: usize, shared: Option<usize>, h: usize },
+    Argmax { vocab: usize, logits: usize, ids: usize },
+}
+
+fn f32s(words: &[u32]) -> &[f32] {
+    bytemuck::cast_slice(words)
+}
+
+fn f32s_mut(words: &mut [u32]) -> &mut [f32] {
+    bytemuck::cast_slice_mut(words)
+}
+
+/// Rows an op covers in a step of `n` tokens.
+fn rows_of(rows: Rows, n: usize) -> usize {
+    match rows {
+        Rows::All => n,
+        Rows::Last => 1,
+    }
+}
+
+impl Kernel {
+    /// The buffer the op writes, and the others it touches (the router's second output among
+    /// them: no two may be the same).
+    fn buffers(&self) -> (usize, Vec<usize>) {
+        match *self {
+            Kernel::Embed { tokens, out, .. } => (out, vec![tokens]),
+            Kernel::RmsNorm { x, weight, out, .. } => (out, vec![x, weight]),
+            Kernel::Matmul { x, y, .. } => (y, vec![x]),
+            Kernel::SiluMul { gate, up, .. } => (gate, vec![up]),
+            Kernel::Router { logits, bias, ids, weights, .. } => (ids, [logits, weights].into_iter().chain(bias).collect()),
+            Kernel::ExpertMatmul { x, y, ids, .. } => (y, vec![x, ids]),
+            Kernel::MoeCombine { expert_out, weights, shared, h, .. } => (h, [expert_out, weights].into_iter().chain(shared).collect()),
+            Kernel::Argmax { logits, ids, .. } => (ids, vec![logits]),
+        }
+    }
+
+    /// Refuses an op whose destination is also one of its inputs (the kernels read inputs while
+    /// the destination is out of the list).
+    pub fn check_aliasing(&self) -> Result<()> {
+        let (dst, srcs) = self.buffers();
+        let distinct = |a: &[usize]| a.iter().enumerate().all(|(i, x)| !a[..i].contains(x));
+        let router_outputs_apart = match self {
+            Kernel::Router { logits, bias, weights, .. } => distinct(&[Some(*logits), Some(*weights), *bias].into_iter().flatten().collect::<Vec<_>>()),
+            _ => true,
+        };
+        if srcs.contains(&dst) || !router_outputs_apart {
+            return Err(Error::Invalid(format!("CPU backend: {self:?} writes a buffer it also reads")));
+        }
+        Ok(())
+    }
+
+    /// Runs the op over `buffers` for a step of `n` tokens.
+    pub fn run(&self, buffers: &mut [Vec<u32>], n: usize) {
+        if let Kernel::Router { .. } = self {
+            return run_router(self, buffers, n);
+        }
+        let (dst, _) = self.buffers();
+        let mut out = std::mem::take(&mut buffers[dst]);
+        self.compute(buffers, &mut out, n);
+        buffers[dst] = out;
+    }
+
+    fn compute(&self, b: &[Vec<u32>], out: &mut [u32], n: usize) {
+        match self {
+            Kernel::Embed { table, tokens, .. } => {
+                let m = &table.stack[0];
+                let out = f32s_mut(out);
+                for (t, &token) in b[*tokens][..n].iter().enumerate() {
+                    m.decode_row(token as usize, &mut out[t * m.cols..(t + 1) * m.cols]);
+                }
+            }
+            Kernel::RmsNorm { dim, eps, x, weight, rows, .. } => {
+                let r = rows_of(*rows, n);
+                // Rows::Last reads the step's last row and writes row 0.
+                let first = n - r;
+                let (x, w, out) = (&f32s(&b[*x])[first * dim..n * dim], &f32s(&b[*weight])[..*dim], &mut f32s_mut(out)[..r * dim]);
+                out.copy_from_slice(x);
+                out.par_chunks_mut(*dim).for_each(|row| math::rms_norm(row, w, *eps as f64));
+            }
+            Kernel::Matmul { w, x, rows, accumulate, .. } => {
+                let m = &w.stack[0];
+                let r = rows_of(*rows, n);
+                matmul(m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
+            }
+            Kernel::SiluMul { width, up, .. } => {
+                let len = n * width;
+                math::silu_mul(&mut f32s_mut(out)[..len], &f32s(&b[*up])[..len]);
+            }
+            // Two outputs: `run` hands it to `run_router`.
+            Kernel::Router { .. } => unreachable!("the router runs through run_router"),
+            Kernel::ExpertMatmul { w, x_div, k, x, ids, .. } => {
+                let rows = w.stack[0].rows;
+                let cols = w.stack[0].cols;
+                let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], f32s_mut(out));
+                out[..n * k * rows].par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
+                    let m = &w.stack[ids[s] as usize];
+                    let xs = &x[(s / x_div) * cols..][..cols];
+                    let mut row = vec![0f32; cols];
+                    for (o, y) in y.iter_mut().enumerate() {
+                        m.decode_row(o, &mut row);
+                        *y = math::dot(&row, xs);
+                    }
+                });
+            }
+            Kernel::MoeCombine { dim, k, expert_out, weights, shared, .. } => {
+                let (eo, wt, h) = (f32s(&b[*expert_out]), f32s(&b[*weights]), f32s_mut(out));
+                for t in 0..n {
+                    let ht = &mut h[t * dim..(t + 1) * dim];
+                    for i in 0..*k {
+                        math::axpy(wt[t * k + i], &eo[(t * k + i) * dim..][..*dim], ht);
+                    }
+                    if let Some(s) = shared {
+                        math::add_in_place(ht, &f32s(&b[*s])[t * dim..(t + 1) * dim]);
+                    }
+                }
+            }
+            Kernel::Argmax { vocab, logits, .. } => {
+                let logits = f32s(&b[*logits]);
+                for (r, id) in out[..n].iter_mut().enumerate() {
+                    let row = &logits[r * vocab..(r + 1) * vocab];
+                    *id = match row.iter().all(|x| x.is_finite()) {
+                        true => math::argmax(row) as u32,
+                        false => crate::model::NON_FINITE_ID,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`: weight rows
+/// decoded from their stored format, split over the pool's threads.
+fn matmul(m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+    let (rows, cols) = (m.rows, m.cols);
+    // Each task owns a block of weight rows and computes them for every token, into its own
+    // rows-major block; the blocks are then placed token-major.
+    let mut by_row = vec![0f32; rows * n];
+    by_row.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
+        let mut row = vec![0f32; cols];
+        for (i, dst) in dst.chunks_mut(n).enumerate() {
+            m.decode_row(task * ROWS_PER_TASK + i, &mut row);
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = math::dot(&row, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+    });
+    for r in 0..rows {
+        for t in 0..n {
+            let v = by_row[r * n + t];
+            let out = &mut y[t * rows + r];
+            *out = if accumulate { *out + v } else { v };
+        }
+    }
+}
+
+/// The router: expert ids (into `ids`) and weights (into `weights`) per token, as the CPU
+/// reference chooses them.
+fn run_router(kernel: &Kernel, buffers: &mut [Vec<u32>], n: usize) {
+    let Kernel::Router { params, experts, logits, bias, ids, weights, rows } = kernel else { unreachable!("run_router takes a Router") };
+    let r = rows_of(*rows, n);
+    let k = params.top_k;
+    let (mut id_out, mut weight_out) = (std::mem::take(&mut buffers[*ids]), std::mem::take(&mut buffers[*weights]));
+    {
+        let logits = f32s(&buffers[*logits]);
+        let bias = bias.map(|b| &f32s(&buffers[b])[..*experts]);
+        for t in 0..r {
+            for (i, (e, w)) in route(&logits[t * experts..(t + 1) * experts], bias, params).into_iter().enumerate() {
+                id_out[t * k + i] = e as u32;
+                f32s_mut(&mut weight_out)[t * k + i] = w;
+            }
+        }
+    }
+    buffers[*ids] = id_out;
+    buffers[*weights] = weight_out;
+}

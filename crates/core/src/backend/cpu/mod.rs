@@ -1,0 +1,194 @@
+//! The CPU backend (issue 23, in progress): the forward plan lowered to kernels on the host's
+//! cores, computed from the memory-mapped checkpoint in its stored format (a weight "upload"
+//! keeps a reference to the mapped tensor, never a copy). Buffers are host vectors of 32-bit
+//! words; a step's ops run as they are recorded.
+//!
+//! This first step lowers the dense and MoE ops (embedding, RMSNorm, matmuls in every format,
+//! SwiGLU, the router, expert matmuls over stacked experts, the combine, argmax), each held to
+//! the CPU reference by the conformance harness; attention, V3.2's indexer and expert pools are
+//! refused with an error naming the op until they land, so no model runs on it yet and `--gpu`
+//! does not offer it. Kernels here are straightforward (rows over rayon's pool, the oracle's
+//! row decoding); the SIMD kernels come next.
+
+mod kernels;
+
+use super::{Backend, Resources, StepValues, WorkCounters};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::weights::{Matrix, Mlp};
+use crate::plan::{ExpertWeights, KernelLimits, Op, Target};
+use kernels::Kernel;
+use std::sync::Arc;
+
+/// Most tokens one step takes: prompts run in chunks of this many.
+const MAX_CHUNK: usize = 256;
+
+/// A buffer: its index among the backend's host vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuBuffer(usize);
+
+/// A weight matrix or a stack of experts, as the checkpoint stores it (sharing its mapping).
+#[derive(Debug)]
+pub struct CpuMatrix {
+    stack: Vec<Matrix>,
+}
+
+/// The host: buffers of words, the step's values, what the last read returned.
+pub struct CpuBackend {
+    buffers: Vec<Vec<u32>>,
+    step: Option<StepValues>,
+    readback: Vec<u8>,
+    work: WorkCounters,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend { buffers: Vec::new(), step: None, readback: Vec::new(), work: WorkCounters::new(["ops", "steps"]) }
+    }
+}
+
+impl CpuBackend {
+    pub fn new() -> CpuBackend {
+        CpuBackend::default()
+    }
+
+    fn index(b: &CpuBuffer) -> usize {
+        b.0
+    }
+}
+
+fn not_yet(op: &Op) -> Error {
+    Error::Invalid(format!("the CPU backend does not lower `{}` yet", op.name()))
+}
+
+impl Backend for CpuBackend {
+    type Buffer = CpuBuffer;
+    type Matrix = Arc<CpuMatrix>;
+    type Pool = ();
+    type Op = Kernel;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn target(&mut self, _config: &ModelConfig, _capacity: usize) -> Result<Target> {
+        Ok(Target {
+            max_chunk: MAX_CHUNK,
+            attention_scratch: 0,
+            binding_limit: u64::MAX,
+            stack_limit: u64::MAX,
+            private_bytes: 0,
+            memory: None,
+            software: true,
+            kernels: KernelLimits { experts: usize::MAX, groups: usize::MAX, top_k: usize::MAX, index_dim: usize::MAX },
+            group_experts: false,
+        })
+    }
+
+    fn alloc(&mut self, _name: &str, words: usize) -> Result<CpuBuffer> {
+        self.buffers.push(vec![0; words]);
+        Ok(CpuBuffer(self.buffers.len() - 1))
+    }
+
+    fn upload(&mut self, _name: &str, values: &[f32]) -> Result<CpuBuffer> {
+        self.buffers.push(bytemuck::cast_slice(values).to_vec());
+        Ok(CpuBuffer(self.buffers.len() - 1))
+    }
+
+    fn upload_matrix(&mut self, stack: &[&Matrix], _chunked: bool) -> Result<Arc<CpuMatrix>> {
+        let first = stack.first().ok_or_else(|| Error::Invalid("an empty weight stack".into()))?;
+        if stack.iter().any(|m| (m.rows, m.cols, m.dtype) != (first.rows, first.cols, first.dtype)) {
+            return Err(Error::Invalid(format!("`{}`: a stack of matrices of different shapes or formats", first.name)));
+        }
+        // Clones share the mapped bytes: nothing is copied.
+        Ok(Arc::new(CpuMatrix { stack: stack.iter().map(|m| (*m).clone()).collect() }))
+    }
+
+    fn matrix_bytes(m: &Arc<CpuMatrix>) -> u64 {
+        m.stack.iter().map(|m| m.stored_bytes() as u64).sum()
+    }
+
+    fn write(&mut self, dst: &CpuBuffer, data: &[u8]) -> Result<()> {
+        let words = &mut self.buffers[Self::index(dst)];
+        if data.len() > words.len() * 4 {
+            return Err(Error::Invalid(format!("writing {} bytes into a buffer of {}", data.len(), words.len() * 4)));
+        }
+        bytemuck::cast_slice_mut::<u32, u8>(words)[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn pool(&mut self, _expert: &Mlp, _slots: usize, _max_pairs: usize) -> Result<()> {
+        Err(Error::Invalid("the CPU backend does not stream experts through slot pools yet".into()))
+    }
+
+    fn write_expert(&mut self, _pool: &(), _slot: usize, _expert: &Mlp) -> Result<u64> {
+        Err(Error::Invalid("the CPU backend does not stream experts through slot pools yet".into()))
+    }
+
+    fn write_slot_list(&mut self, _pool: &(), _pairs: &[u32]) -> Result<()> {
+        Err(Error::Invalid("the CPU backend does not stream experts through slot pools yet".into()))
+    }
+
+    fn lower(&mut self, op: &Op, res: &Resources<Self>, out: &mut Vec<Kernel>) -> Result<()> {
+        let buf = |id| Self::index(res.buf(id));
+        let weight = |id| res.weight(id).clone();
+        let kernel = match op {
+            Op::Embed { table, tokens, out } => Kernel::Embed { table: weight(*table), tokens: buf(*tokens), out: buf(*out) },
+            Op::RmsNorm { dim, eps, x, weight: w, out, rows } => Kernel::RmsNorm { dim: *dim, eps: *eps, x: buf(*x), weight: buf(*w), out: buf(*out), rows: *rows },
+            Op::Matmul { w, x, y, rows, accumulate } => Kernel::Matmul { w: weight(*w), x: buf(*x), y: buf(*y), rows: *rows, accumulate: *accumulate },
+            Op::SiluMul { width, gate, up } => Kernel::SiluMul { width: *width, gate: buf(*gate), up: buf(*up) },
+            Op::Router { params, experts, logits, bias, ids, weights, rows } => {
+                Kernel::Router { params: params.clone(), experts: *experts, logits: buf(*logits), bias: bias.map(buf), ids: buf(*ids), weights: buf(*weights), rows: *rows }
+            }
+            Op::ExpertMatmul { matrix, weights: ExpertWeights::Stack(w), k, x, y, ids, .. } => {
+                Kernel::ExpertMatmul { w: weight(*w), x_div: matrix.x_div(*k), k: *k, x: buf(*x), y: buf(*y), ids: buf(*ids) }
+            }
+            // Experts are not grouped here (the target says so); a plan for another target may
+            // still hold the op, which then changes nothing.
+            Op::GroupExperts { .. } => return Ok(()),
+            Op::MoeCombine { dim, k, expert_out, weights, shared, h } => {
+                Kernel::MoeCombine { dim: *dim, k: *k, expert_out: buf(*expert_out), weights: buf(*weights), shared: shared.map(buf), h: buf(*h) }
+            }
+            Op::Argmax { vocab, logits, ids } => Kernel::Argmax { vocab: *vocab, logits: buf(*logits), ids: buf(*ids) },
+            _ => return Err(not_yet(op)),
+        };
+        kernel.check_aliasing()?;
+        out.push(kernel);
+        Ok(())
+    }
+
+    fn begin_step(&mut self, step: StepValues) -> Result<()> {
+        self.step = Some(step);
+        self.work.counts[1] += 1;
+        Ok(())
+    }
+
+    fn record(&mut self, ops: &[Kernel], n: u32) -> Result<()> {
+        for op in ops {
+            op.run(&mut self.buffers, n as usize);
+        }
+        self.work.counts[0] += ops.len() as u64;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn read(&mut self, parts: &[(&CpuBuffer, usize)]) -> Result<&[u8]> {
+        self.readback.clear();
+        for (b, bytes) in parts {
+            let words = &self.buffers[Self::index(b)];
+            self.readback.extend_from_slice(&bytemuck::cast_slice::<u32, u8>(words)[..*bytes]);
+        }
+        Ok(&self.readback)
+    }
+
+    fn work(&self) -> WorkCounters {
+        self.work
+    }
+
+    fn reset_work(&mut self) {
+        self.work.reset();
+    }
+}
