@@ -15,13 +15,19 @@ fn conformance_of_the_ops_the_cpu_backend_lowers() {
     common::conformance::dense_and_moe(&mut lab(), "cpu backend");
 }
 
-/// Attention is not lowered yet: a plan holding it is refused naming the op, never run wrong.
+/// MLA's attention layer in every cache format (V3.2's indexer is still to come).
+#[test]
+fn conformance_of_attention_on_the_cpu_backend() {
+    common::conformance::attention_of(&mut lab(), &["v3_noaux", "v2_lite", "v3_fp8", "v3_yarn"]);
+}
+
+/// The indexer is not lowered yet: a plan holding it is refused naming the op, never run wrong.
 #[test]
 fn ops_not_lowered_yet_are_refused_by_name() {
     let lab = &mut lab();
-    let (q, cache) = (lab.zeros(64).unwrap(), lab.zeros(64).unwrap());
-    let mla = dsrun::plan::MlaShape { heads: 1, nope: 2, rope: 2, v: 2, lora: 2, ctx: 4, scale: 1.0, rope_scale: 1.0, cache: Default::default() };
-    let op = dsrun::plan::Op::Attention { q, q_lat: q, positions: q, cache, scratch: q, o_lat: cache, mla, sparse: None };
-    let err = lab.lower(&[op]).expect_err("attention is not lowered yet").to_string();
-    assert!(err.contains("`attention`"), "{err}");
+    let (scores, positions, selected) = (lab.zeros(64).unwrap(), lab.zeros(64).unwrap(), lab.zeros(64).unwrap());
+    let shape = dsrun::plan::IndexerShape { heads: 1, dim: 4, rope: 2, topk: 2, ctx: 8, rope_scale: 1.0, cache: Default::default() };
+    let op = dsrun::plan::Op::IndexerTopK { scores, positions, selected, shape };
+    let err = lab.lower(&[op]).expect_err("the indexer is not lowered yet").to_string();
+    assert!(err.contains("`indexer_top_k`"), "{err}");
 }

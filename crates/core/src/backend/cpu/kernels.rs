@@ -3,12 +3,12 @@
 //! destination is taken out of the buffer list while the op runs, so inputs are borrowed
 //! alongside it without copies or unsafe code.
 
-use super::CpuMatrix;
+use super::{attention, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::{route, RouterParams};
 use crate::model::weights::Matrix;
-use crate::plan::Rows;
+use crate::plan::{MlaShape, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -26,6 +26,11 @@ pub enum Kernel {
     ExpertMatmul { w: Arc<CpuMatrix>, x_div: usize, k: usize, x: usize, y: usize, ids: usize },
     MoeCombine { dim: usize, k: usize, expert_out: usize, weights: usize, shared: Option<usize>, h: usize },
     Argmax { vocab: usize, logits: usize, ids: usize },
+    RopeQ { q: usize, inv_freq: usize, positions: usize, mla: MlaShape },
+    LatentStore { kv: usize, norm: usize, inv_freq: usize, positions: usize, cache: usize, mla: MlaShape },
+    QAbsorb { kv_b: Arc<CpuMatrix>, q: usize, q_lat: usize, mla: MlaShape },
+    Attention { q: usize, q_lat: usize, positions: usize, cache: usize, o_lat: usize, mla: MlaShape, sparse: Option<(usize, usize)> },
+    VUp { kv_b: Arc<CpuMatrix>, o_lat: usize, o: usize, mla: MlaShape },
 }
 
 fn f32s(words: &[u32]) -> &[f32] {
@@ -57,6 +62,11 @@ impl Kernel {
             Kernel::ExpertMatmul { x, y, ids, .. } => (y, vec![x, ids]),
             Kernel::MoeCombine { expert_out, weights, shared, h, .. } => (h, [expert_out, weights].into_iter().chain(shared).collect()),
             Kernel::Argmax { logits, ids, .. } => (ids, vec![logits]),
+            Kernel::RopeQ { q, inv_freq, positions, .. } => (q, vec![inv_freq, positions]),
+            Kernel::LatentStore { kv, norm, inv_freq, positions, cache, .. } => (cache, vec![kv, norm, inv_freq, positions]),
+            Kernel::QAbsorb { q, q_lat, .. } => (q_lat, vec![q]),
+            Kernel::Attention { q, q_lat, positions, cache, o_lat, sparse, .. } => (o_lat, [q, q_lat, positions, cache].into_iter().chain(sparse.map(|(s, _)| s)).collect()),
+            Kernel::VUp { o_lat, o, .. } => (o, vec![o_lat]),
         }
     }
 
@@ -140,6 +150,17 @@ impl Kernel {
                     }
                 }
             }
+            Kernel::RopeQ { inv_freq, positions, mla, .. } => attention::rope_q(f32s_mut(out), inv_freq_of(b, *inv_freq, mla), &b[*positions][..2 * n], mla, n),
+            Kernel::LatentStore { kv, norm, inv_freq, positions, mla, .. } => {
+                attention::latent_store(out, f32s(&b[*kv]), &f32s(&b[*norm])[..mla.lora], inv_freq_of(b, *inv_freq, mla), &b[*positions][..2 * n], mla, n)
+            }
+            Kernel::QAbsorb { kv_b, q, mla, .. } => attention::q_absorb(f32s_mut(out), &kv_b.stack[0], f32s(&b[*q]), mla, n),
+            Kernel::Attention { q, q_lat, positions, cache, mla, sparse, .. } => {
+                let cache = attention::Cache { words: &b[*cache], format: mla.cache };
+                let sparse = sparse.map(|(selected, topk)| (&b[selected][..], topk));
+                attention::attention(f32s_mut(out), f32s(&b[*q]), f32s(&b[*q_lat]), &b[*positions][..2 * n], &cache, mla, sparse, n)
+            }
+            Kernel::VUp { kv_b, o_lat, mla, .. } => attention::v_up(f32s_mut(out), &kv_b.stack[0], f32s(&b[*o_lat]), mla, n),
             Kernel::Argmax { vocab, logits, .. } => {
                 let logits = f32s(&b[*logits]);
                 for (r, id) in out[..n].iter_mut().enumerate() {
@@ -152,6 +173,11 @@ impl Kernel {
             }
         }
     }
+}
+
+/// The rotary inverse frequencies: one per rotated pair.
+fn inv_freq_of<'b>(b: &'b [Vec<u32>], inv_freq: usize, s: &MlaShape) -> &'b [f32] {
+    &f32s(&b[inv_freq])[..s.rope / 2]
 }
 
 /// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`: weight rows

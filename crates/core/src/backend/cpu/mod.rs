@@ -10,6 +10,7 @@
 //! does not offer it. Kernels here are straightforward (rows over rayon's pool, the oracle's
 //! row decoding); the SIMD kernels come next.
 
+mod attention;
 mod kernels;
 
 use super::{Backend, Resources, StepValues, WorkCounters};
@@ -150,6 +151,16 @@ impl Backend for CpuBackend {
                 Kernel::MoeCombine { dim: *dim, k: *k, expert_out: buf(*expert_out), weights: buf(*weights), shared: shared.map(buf), h: buf(*h) }
             }
             Op::Argmax { vocab, logits, ids } => Kernel::Argmax { vocab: *vocab, logits: buf(*logits), ids: buf(*ids) },
+            Op::RopeQ { q, inv_freq, positions, mla } => Kernel::RopeQ { q: buf(*q), inv_freq: buf(*inv_freq), positions: buf(*positions), mla: *mla },
+            Op::LatentStore { kv, norm, inv_freq, positions, cache, mla } => {
+                Kernel::LatentStore { kv: buf(*kv), norm: buf(*norm), inv_freq: buf(*inv_freq), positions: buf(*positions), cache: buf(*cache), mla: *mla }
+            }
+            Op::QAbsorb { kv_b, q, q_lat, mla } => Kernel::QAbsorb { kv_b: weight(*kv_b), q: buf(*q), q_lat: buf(*q_lat), mla: *mla },
+            // The scratch is the GPUs' split space: unused here.
+            Op::Attention { q, q_lat, positions, cache, o_lat, mla, sparse, .. } => {
+                Kernel::Attention { q: buf(*q), q_lat: buf(*q_lat), positions: buf(*positions), cache: buf(*cache), o_lat: buf(*o_lat), mla: *mla, sparse: sparse.map(|(s, k)| (buf(s), k)) }
+            }
+            Op::VUp { kv_b, o_lat, o, mla } => Kernel::VUp { kv_b: weight(*kv_b), o_lat: buf(*o_lat), o: buf(*o), mla: *mla },
             _ => return Err(not_yet(op)),
         };
         kernel.check_aliasing()?;
