@@ -1,5 +1,5 @@
-//! The engine's one primitive, `Engine::step`, on the CPU reference and on wgpu (experts
-//! resident and streamed): steps of several sequences with spans of several rows, given out of
+//! The engine's one primitive, `Engine::step`, on the CPU reference, on wgpu (experts
+//! resident and streamed) and on the CPU backend: steps of several sequences with spans of several rows, given out of
 //! the order the engine last kept them, each kind of output (each span's last row or every row,
 //! logits or ids), MTP catch-ups over some of a kept step's sequences (a GPU lays their rows out
 //! as the kept step's, padding the rest), a chained draft, and the steps an engine must refuse.
@@ -124,14 +124,15 @@ fn streamed() -> GpuOptions {
 }
 
 #[test]
-fn steps_agree_on_wgpu() {
+fn steps_agree_on_wgpu_and_the_cpu_backend() {
     let ctx = || context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
     for family in MTP_FAMILIES {
         let model = Model::load(&fixture(family)).unwrap();
         let resident = GpuModel::with_options(ctx(), &model, CAPACITY, &options()).unwrap();
         let streamed = GpuModel::with_options(ctx(), &model, CAPACITY, &streamed()).unwrap();
         assert!(streamed.expert_slots().is_some(), "{family}: experts stream under a budget for 30% of them");
-        check_against_cpu(family, vec![("wgpu", Box::new(resident)), ("wgpu, experts streamed", Box::new(streamed))]);
+        let cpu_backend = dsrun::runtime::Runtime::with_options(dsrun::backend::cpu::CpuBackend::new(), &model, CAPACITY, &options()).unwrap();
+        check_against_cpu(family, vec![("wgpu", Box::new(resident)), ("wgpu, experts streamed", Box::new(streamed)), ("the CPU backend", Box::new(cpu_backend))]);
     }
 }
 

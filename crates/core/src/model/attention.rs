@@ -4,7 +4,7 @@ use super::rope::Rope;
 use super::weights::{Attention, Indexer, QueryProjection};
 use super::AttentionMode;
 use crate::config::ModelConfig;
-use crate::model::math::{axpy, dot, matmul, rms_norm, softmax};
+use crate::model::math::{axpy, dot, layer_norm, matmul, rms_norm, rotate_half_split, softmax};
 use crate::quant::CacheFormat;
 use rayon::prelude::*;
 
@@ -145,28 +145,6 @@ impl IndexerStep {
         let mut chosen: Vec<usize> = scored[..self.topk].iter().map(|&(_, j)| j).collect();
         chosen.sort_unstable();
         chosen
-    }
-}
-
-/// LayerNorm with weight and bias (biased variance), as `nn.LayerNorm`.
-fn layer_norm(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
-    let n = x.len() as f32;
-    let mean = x.iter().sum::<f32>() / n;
-    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    let inv = 1.0 / (var + eps).sqrt();
-    for ((v, w), b) in x.iter_mut().zip(weight).zip(bias) {
-        *v = (*v - mean) * inv * w + b;
-    }
-}
-
-/// RoPE in transformers' half-split layout (`rotate_half`): value j pairs with j + d/2, both
-/// at pair j's angle.
-fn rotate_half_split(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let half = x.len() / 2;
-    for j in 0..half {
-        let (a, b) = (x[j], x[j + half]);
-        x[j] = a * cos[j] - b * sin[j];
-        x[j + half] = b * cos[j] + a * sin[j];
     }
 }
 

@@ -43,15 +43,18 @@ pub fn put(words: &mut [u32], format: CacheFormat, i: usize, x: f32) {
 }
 
 /// cos and sin of each rotary pair at `position`, scaled as the model's `Rope::angles`.
-fn angles(inv_freq: &[f32], position: u32, scale: f32) -> impl Iterator<Item = (f32, f32)> + '_ {
-    inv_freq.iter().map(move |&f| {
-        let angle = position as f32 * f;
-        (angle.cos() * scale, angle.sin() * scale)
-    })
+pub fn angles(inv_freq: &[f32], position: u32, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    inv_freq
+        .iter()
+        .map(|&f| {
+            let angle = position as f32 * f;
+            (angle.cos() * scale, angle.sin() * scale)
+        })
+        .unzip()
 }
 
 fn rotate(x: &mut [f32], inv_freq: &[f32], position: u32, scale: f32) {
-    let (cos, sin): (Vec<f32>, Vec<f32>) = angles(inv_freq, position, scale).unzip();
+    let (cos, sin) = angles(inv_freq, position, scale);
     Rope::apply(x, &cos, &sin);
 }
 

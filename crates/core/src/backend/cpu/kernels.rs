@@ -3,12 +3,12 @@
 //! destination is taken out of the buffer list while the op runs, so inputs are borrowed
 //! alongside it without copies or unsafe code.
 
-use super::{attention, CpuMatrix};
+use super::{attention, indexer, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::{route, RouterParams};
 use crate::model::weights::Matrix;
-use crate::plan::{MlaShape, Rows};
+use crate::plan::{IndexerShape, MlaShape, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
 
@@ -31,6 +31,9 @@ pub enum Kernel {
     QAbsorb { kv_b: Arc<CpuMatrix>, q: usize, q_lat: usize, mla: MlaShape },
     Attention { q: usize, q_lat: usize, positions: usize, cache: usize, o_lat: usize, mla: MlaShape, sparse: Option<(usize, usize)> },
     VUp { kv_b: Arc<CpuMatrix>, o_lat: usize, o: usize, mla: MlaShape },
+    IndexerPrepare { keys: usize, queries: usize, norm: usize, bias: usize, inv_freq: usize, positions: usize, cache: usize, shape: IndexerShape },
+    IndexerScores { queries: usize, weights: usize, positions: usize, cache: usize, scores: usize, shape: IndexerShape },
+    IndexerTopK { scores: usize, positions: usize, selected: usize, shape: IndexerShape },
 }
 
 fn f32s(words: &[u32]) -> &[f32] {
@@ -67,6 +70,10 @@ impl Kernel {
             Kernel::QAbsorb { q, q_lat, .. } => (q_lat, vec![q]),
             Kernel::Attention { q, q_lat, positions, cache, o_lat, sparse, .. } => (o_lat, [q, q_lat, positions, cache].into_iter().chain(sparse.map(|(s, _)| s)).collect()),
             Kernel::VUp { o_lat, o, .. } => (o, vec![o_lat]),
+            // Two outputs (the cache, the queries in place): the queries are among the others.
+            Kernel::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, .. } => (cache, vec![keys, queries, norm, bias, inv_freq, positions]),
+            Kernel::IndexerScores { queries, weights, positions, cache, scores, .. } => (scores, vec![queries, weights, positions, cache]),
+            Kernel::IndexerTopK { scores, positions, selected, .. } => (selected, vec![scores, positions]),
         }
     }
 
@@ -77,6 +84,7 @@ impl Kernel {
         let distinct = |a: &[usize]| a.iter().enumerate().all(|(i, x)| !a[..i].contains(x));
         let router_outputs_apart = match self {
             Kernel::Router { logits, bias, weights, .. } => distinct(&[Some(*logits), Some(*weights), *bias].into_iter().flatten().collect::<Vec<_>>()),
+            Kernel::IndexerPrepare { .. } => distinct(&srcs),
             _ => true,
         };
         if srcs.contains(&dst) || !router_outputs_apart {
@@ -87,8 +95,10 @@ impl Kernel {
 
     /// Runs the op over `buffers` for a step of `n` tokens.
     pub fn run(&self, buffers: &mut [Vec<u32>], n: usize) {
-        if let Kernel::Router { .. } = self {
-            return run_router(self, buffers, n);
+        match self {
+            Kernel::Router { .. } => return run_router(self, buffers, n),
+            Kernel::IndexerPrepare { .. } => return run_indexer_prepare(self, buffers, n),
+            _ => {}
         }
         let (dst, _) = self.buffers();
         let mut out = std::mem::take(&mut buffers[dst]);
@@ -122,8 +132,13 @@ impl Kernel {
                 let len = n * width;
                 math::silu_mul(&mut f32s_mut(out)[..len], &f32s(&b[*up])[..len]);
             }
-            // Two outputs: `run` hands it to `run_router`.
-            Kernel::Router { .. } => unreachable!("the router runs through run_router"),
+            // Two outputs: `run` hands them to their own functions.
+            Kernel::Router { .. } | Kernel::IndexerPrepare { .. } => unreachable!("run_router and run_indexer_prepare run these"),
+            Kernel::IndexerScores { queries, weights, positions, cache, shape, .. } => {
+                let cache = attention::Cache { words: &b[*cache], format: shape.cache };
+                indexer::scores(f32s_mut(out), f32s(&b[*queries]), f32s(&b[*weights]), &b[*positions][..2 * n], &cache, shape, n)
+            }
+            Kernel::IndexerTopK { scores, positions, shape, .. } => indexer::top_k(out, f32s(&b[*scores]), &b[*positions][..2 * n], shape, n),
             Kernel::ExpertMatmul { w, x_div, k, x, ids, .. } => {
                 let rows = w.stack[0].rows;
                 let cols = w.stack[0].cols;
@@ -224,4 +239,23 @@ fn run_router(kernel: &Kernel, buffers: &mut [Vec<u32>], n: usize) {
     }
     buffers[*ids] = id_out;
     buffers[*weights] = weight_out;
+}
+
+/// The indexer's keys into its cache, its queries rotated in place.
+fn run_indexer_prepare(kernel: &Kernel, buffers: &mut [Vec<u32>], n: usize) {
+    let Kernel::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, shape } = kernel else { unreachable!("run_indexer_prepare takes IndexerPrepare") };
+    let (mut cache_out, mut query_out) = (std::mem::take(&mut buffers[*cache]), std::mem::take(&mut buffers[*queries]));
+    indexer::prepare(
+        &mut cache_out,
+        f32s_mut(&mut query_out),
+        f32s(&buffers[*keys]),
+        &f32s(&buffers[*norm])[..shape.dim],
+        &f32s(&buffers[*bias])[..shape.dim],
+        f32s(&buffers[*inv_freq]),
+        &buffers[*positions][..2 * n],
+        shape,
+        n,
+    );
+    buffers[*cache] = cache_out;
+    buffers[*queries] = query_out;
 }

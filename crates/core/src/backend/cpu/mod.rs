@@ -1,16 +1,18 @@
-//! The CPU backend (issue 23, in progress): the forward plan lowered to kernels on the host's
+//! The CPU backend (being built): the forward plan lowered to kernels on the host's
 //! cores, computed from the memory-mapped checkpoint in its stored format (a weight "upload"
 //! keeps a reference to the mapped tensor, never a copy). Buffers are host vectors of 32-bit
 //! words; a step's ops run as they are recorded.
 //!
-//! This first step lowers the dense and MoE ops (embedding, RMSNorm, matmuls in every format,
-//! SwiGLU, the router, expert matmuls over stacked experts, the combine, argmax), each held to
-//! the CPU reference by the conformance harness; attention, V3.2's indexer and expert pools are
-//! refused with an error naming the op until they land, so no model runs on it yet and `--gpu`
-//! does not offer it. Kernels here are straightforward (rows over rayon's pool, the oracle's
-//! row decoding); the SIMD kernels come next.
+//! It lowers every plan op but expert slot pools (a `--gpu-mem`-style budget is refused naming
+//! them): the whole model, its MTP layer and V3.2's indexer run through the runtime's step loop
+//! (`Runtime<CpuBackend>`), held to transformers' logits on every fixture family
+//! (tests/cpu_backend.rs) and every op to the CPU reference by the conformance harness. The
+//! kernels are straightforward so far (rows over rayon's pool, the oracle's row decoding, a
+//! scratch vector per op): the SIMD kernels, the persistent pool, zero allocations per step and
+//! `--gpu cpu` come next.
 
 mod attention;
+mod indexer;
 mod kernels;
 
 use super::{Backend, Resources, StepValues, WorkCounters};
@@ -161,6 +163,20 @@ impl Backend for CpuBackend {
                 Kernel::Attention { q: buf(*q), q_lat: buf(*q_lat), positions: buf(*positions), cache: buf(*cache), o_lat: buf(*o_lat), mla: *mla, sparse: sparse.map(|(s, k)| (buf(s), k)) }
             }
             Op::VUp { kv_b, o_lat, o, mla } => Kernel::VUp { kv_b: weight(*kv_b), o_lat: buf(*o_lat), o: buf(*o), mla: *mla },
+            Op::IndexerPrepare { keys, queries, norm, bias, inv_freq, positions, cache, shape } => Kernel::IndexerPrepare {
+                keys: buf(*keys),
+                queries: buf(*queries),
+                norm: buf(*norm),
+                bias: buf(*bias),
+                inv_freq: buf(*inv_freq),
+                positions: buf(*positions),
+                cache: buf(*cache),
+                shape: *shape,
+            },
+            Op::IndexerScores { queries, weights, positions, cache, scores, shape } => {
+                Kernel::IndexerScores { queries: buf(*queries), weights: buf(*weights), positions: buf(*positions), cache: buf(*cache), scores: buf(*scores), shape: *shape }
+            }
+            Op::IndexerTopK { scores, positions, selected, shape } => Kernel::IndexerTopK { scores: buf(*scores), positions: buf(*positions), selected: buf(*selected), shape: *shape },
             _ => return Err(not_yet(op)),
         };
         kernel.check_aliasing()?;
