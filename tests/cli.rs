@@ -72,9 +72,11 @@ fn logits_subcommand_writes_npy_matching_transformers() {
 fn cpu_and_gpu_generate_the_same_greedy_text() {
     // Plain decoding (the bundled model would otherwise draft with its MTP layer).
     let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off"];
+    let reference = dsrun(&[&args[..], &["--gpu", "reference"]].concat());
     let cpu = dsrun(&[&args[..], &["--gpu", "cpu"]].concat());
     let gpu = dsrun(&[&args[..], &["--gpu", "vulkan"]].concat());
-    assert!(cpu.status.success() && gpu.status.success(), "{}", text(&gpu.stderr));
+    assert!(reference.status.success() && cpu.status.success() && gpu.status.success(), "{}{}", text(&cpu.stderr), text(&gpu.stderr));
+    assert_eq!(text(&reference.stdout), text(&gpu.stdout));
     assert_eq!(text(&cpu.stdout), text(&gpu.stdout));
     let stderr = text(&gpu.stderr);
     // One submit per step and only the 4-byte token id read back when decoding greedily.
@@ -193,8 +195,8 @@ fn inspect_prints_the_forward_plan() {
     let out = dsrun(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--ctx", "32", "--kv-cache", "f32"]);
     let stdout = text(&out.stdout);
     assert!(stdout.lines().any(|l| l.contains("latent cache 2 (f32)") && l.trim_end().ends_with(" 1280")), "{stdout}");
-    assert_fails(&["--gpu", "cpu", "--kv-cache", "f16"], "CPU reference keeps an f32 cache");
-    assert_fails(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--gpu", "cpu"], "without a plan");
+    assert_fails(&["--gpu", "reference", "--kv-cache", "f16"], "CPU reference keeps an f32 cache");
+    assert_fails(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--gpu", "reference"], "without a plan");
 }
 
 #[test]
@@ -216,7 +218,7 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--gpu-mem", "0"], "at least one byte");
     assert_fails(&["--gpu-mem", "150%"], "(0, 100]%");
     assert_fails(&["--gpu-mem", "1M"], "below this model's minimum of");
-    assert_fails(&["--gpu", "cpu", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
+    assert_fails(&["--gpu", "reference", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
     assert_fails(&["--expert-eviction", "random"], "invalid value 'random'");
     assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--experts", "20"], "expert groups");
     assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--layers", "0"], "--layers");

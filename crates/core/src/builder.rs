@@ -180,13 +180,15 @@ impl<'p> EngineBuilder<'p> {
     /// The options the engine is built with, after the load policy: the cache format for the
     /// device, and the MTP layer where this engine decodes and `--speculative` allows.
     pub fn resolved_options(&self, model: &Model) -> Result<GpuOptions> {
-        let reference = self.device == GpuChoice::Cpu;
+        let reference = self.device == GpuChoice::Reference;
         if let (true, Some(c)) = (reference, self.kv_cache) {
             if c != CacheFormat::F32 {
                 return Err(Error::Invalid(format!("--kv-cache {}: the CPU reference keeps an f32 cache", c.name())));
             }
         }
-        let default = self.default_kv_cache.unwrap_or(if reference { CacheFormat::F32 } else { CacheFormat::F16 });
+        // The CPU computes in f32 either way: its cache is exact unless asked otherwise.
+        let on_cpu = reference || self.device == GpuChoice::Cpu;
+        let default = self.default_kv_cache.unwrap_or(if on_cpu { CacheFormat::F32 } else { CacheFormat::F16 });
         let mtp = self.decodes && wants_mtp(self.speculative, model)?;
         Ok(GpuOptions { kv_cache: self.kv_cache.unwrap_or(default), mtp, ..self.options })
     }

@@ -12,16 +12,16 @@ use crate::runtime::GpuModel;
 use crate::util::{Progress, Silent};
 
 /// Opens the engine for `choice` with room for `capacity` tokens of context.
-/// `options` apply to GPU engines; the CPU reference always computes with the weights as stored.
+/// `options` apply to the backends; the CPU reference always computes with the weights as stored.
 pub fn open_engine(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions) -> Result<Box<dyn Engine>> {
     open_engine_with_progress(choice, model, capacity, options, &Silent)
 }
 
 /// As [`open_engine`], reporting the weights loaded to `progress`.
 pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
-    let cpu = |model: Model| -> Result<Box<dyn Engine>> {
+    let reference = |model: Model| -> Result<Box<dyn Engine>> {
         if options.quant != QuantTarget::Keep {
-            return Err(Error::Invalid("--quant applies to GPU backends; the CPU reference keeps the stored weights".into()));
+            return Err(Error::Invalid("--quant applies to the backends; the CPU reference keeps the stored weights (use --gpu cpu)".into()));
         }
         if options.gpu_mem != GpuMem::Auto {
             return Err(Error::Invalid("--gpu-mem applies to GPU backends; the CPU reference runs from host memory".into()));
@@ -29,12 +29,14 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
         let engine = CpuEngine::with_sequences(model, capacity, options.sequences);
         Ok(Box::new(if options.mtp { engine.with_mtp()? } else { engine }))
     };
+    let cpu_backend = |model: Model| -> Result<Box<dyn Engine>> { Ok(Box::new(crate::runtime::Runtime::load(crate::backend::cpu::CpuBackend::new(), &model, capacity, options, progress)?)) };
     match choice {
-        GpuChoice::Cpu => cpu(model),
+        GpuChoice::Reference => reference(model),
+        GpuChoice::Cpu => cpu_backend(model),
         GpuChoice::Cuda => cuda_engine(model, capacity, options, progress),
         GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
             log::warn!("no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
-            cpu(model)
+            cpu_backend(model)
         }
         _ => {
             let ctx = context::open(choice)?;
@@ -55,7 +57,8 @@ pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options:
         Ok(format!("device     {}\n{}", backend.describe(), plan.describe()))
     }
     match choice {
-        GpuChoice::Cpu => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a GPU backend with --gpu".into())),
+        GpuChoice::Reference => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a backend with --gpu".into())),
+        GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
         #[cfg(feature = "cuda")]
         GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
         #[cfg(not(feature = "cuda"))]

@@ -18,8 +18,10 @@ use crate::plan::{BufferId, Op, Target, WeightId};
 pub enum GpuChoice {
     /// The best GPU adapter (discrete, then integrated, then software); the CPU if there is none.
     Auto,
-    /// The f32 CPU reference.
+    /// The CPU backend: the forward plan on the host's cores.
     Cpu,
+    /// The f32 CPU reference (the oracle every backend is tested against).
+    Reference,
     Vulkan,
     Metal,
     Dx12,
@@ -30,7 +32,8 @@ pub enum GpuChoice {
 
 crate::util::choices!(GpuChoice {
     Auto => "auto": "the best GPU adapter; the CPU if there is none",
-    Cpu => "cpu": "the f32 CPU reference",
+    Cpu => "cpu": "the CPU backend: the forward plan on the host's cores",
+    Reference => "reference": "the f32 CPU reference (the oracle the backends are tested against)",
     Vulkan => "vulkan": "wgpu on Vulkan",
     Metal => "metal": "wgpu on Metal",
     Dx12 => "dx12": "wgpu on DirectX 12",
