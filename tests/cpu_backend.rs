@@ -9,7 +9,7 @@
 
 mod common;
 use common::*;
-use dsrun::backend::cpu::CpuBackend;
+use dsrun::backend::cpu::{CpuBackend, Simd};
 use dsrun::engine::Steps;
 use dsrun::model::{Logits, Model};
 use dsrun::runtime::{Lab, Runtime};
@@ -21,6 +21,22 @@ fn lab() -> Lab<CpuBackend> {
 #[test]
 fn conformance_of_every_op_on_the_cpu_backend() {
     common::conformance::run_all(&mut lab(), "cpu backend");
+}
+
+/// The matmul kernels at every SIMD level this machine runs (the highest is the default; the
+/// others are what a CPU without it runs): every format, shape and token count.
+#[test]
+fn every_simd_level_gives_the_references_results() {
+    let levels = Simd::available();
+    assert!(levels.contains(&Simd::Portable));
+    if !cfg!(target_arch = "x86_64") || levels.len() < 3 {
+        // The levels this CPU lacks need other hardware: reported, not failed.
+        common::skip("every_simd_level_gives_the_references_results", &format!("this CPU runs {levels:?} only"), true);
+    }
+    for level in levels {
+        let mut lab = Lab::new(CpuBackend::with_simd(level).unwrap()).unwrap();
+        common::conformance::dense_and_moe(&mut lab, &format!("cpu backend, {}", level.name()));
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! destination is taken out of the buffer list while the op runs, so inputs are borrowed
 //! alongside it without copies or unsafe code.
 
+use super::matmul::{self, Simd};
 use super::{attention, indexer, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
@@ -93,8 +94,8 @@ impl Kernel {
         Ok(())
     }
 
-    /// Runs the op over `buffers` for a step of `n` tokens.
-    pub fn run(&self, buffers: &mut [Vec<u32>], n: usize) {
+    /// Runs the op over `buffers` for a step of `n` tokens, matmuls at `simd`'s level.
+    pub fn run(&self, buffers: &mut [Vec<u32>], n: usize, simd: Simd) {
         match self {
             Kernel::Router { .. } => return run_router(self, buffers, n),
             Kernel::IndexerPrepare { .. } => return run_indexer_prepare(self, buffers, n),
@@ -102,11 +103,11 @@ impl Kernel {
         }
         let (dst, _) = self.buffers();
         let mut out = std::mem::take(&mut buffers[dst]);
-        self.compute(buffers, &mut out, n);
+        self.compute(buffers, &mut out, n, simd);
         buffers[dst] = out;
     }
 
-    fn compute(&self, b: &[Vec<u32>], out: &mut [u32], n: usize) {
+    fn compute(&self, b: &[Vec<u32>], out: &mut [u32], n: usize, simd: Simd) {
         match self {
             Kernel::Embed { table, tokens, .. } => {
                 let m = &table.stack[0];
@@ -126,7 +127,7 @@ impl Kernel {
             Kernel::Matmul { w, x, rows, accumulate, .. } => {
                 let m = &w.stack[0];
                 let r = rows_of(*rows, n);
-                matmul(m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
+                matmul(simd, m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
             }
             Kernel::SiluMul { width, up, .. } => {
                 let len = n * width;
@@ -144,13 +145,9 @@ impl Kernel {
                 let cols = w.stack[0].cols;
                 let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], f32s_mut(out));
                 out[..n * k * rows].par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
-                    let m = &w.stack[ids[s] as usize];
                     let xs = &x[(s / x_div) * cols..][..cols];
-                    let mut row = vec![0f32; cols];
-                    for (o, y) in y.iter_mut().enumerate() {
-                        m.decode_row(o, &mut row);
-                        *y = math::dot(&row, xs);
-                    }
+                    let mut scratch = vec![0f32; cols];
+                    matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, &mut scratch);
                 });
             }
             Kernel::MoeCombine { dim, k, expert_out, weights, shared, .. } => {
@@ -195,21 +192,24 @@ fn inv_freq_of<'b>(b: &'b [Vec<u32>], inv_freq: usize, s: &MlaShape) -> &'b [f32
     &f32s(&b[inv_freq])[..s.rope / 2]
 }
 
-/// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`: weight rows
-/// decoded from their stored format, split over the pool's threads.
-fn matmul(m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+/// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`: blocks of
+/// weight rows over the pool's threads, each computed for every token.
+fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     let (rows, cols) = (m.rows, m.cols);
+    if n == 1 && !accumulate {
+        // One token: rows-major is token-major; tasks write their rows in place.
+        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
+            let mut scratch = vec![0f32; cols];
+            matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, &mut scratch);
+        });
+        return;
+    }
     // Each task owns a block of weight rows and computes them for every token, into its own
     // rows-major block; the blocks are then placed token-major.
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
-        let mut row = vec![0f32; cols];
-        for (i, dst) in dst.chunks_mut(n).enumerate() {
-            m.decode_row(task * ROWS_PER_TASK + i, &mut row);
-            for (t, d) in dst.iter_mut().enumerate() {
-                *d = math::dot(&row, &x[t * cols..(t + 1) * cols]);
-            }
-        }
+        let mut scratch = vec![0f32; cols];
+        matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, n, dst, &mut scratch);
     });
     for r in 0..rows {
         for t in 0..n {

@@ -14,6 +14,9 @@
 mod attention;
 mod indexer;
 mod kernels;
+mod matmul;
+
+pub use matmul::Simd;
 
 use super::{Backend, Resources, StepValues, WorkCounters};
 use crate::config::ModelConfig;
@@ -38,6 +41,7 @@ pub struct CpuMatrix {
 
 /// The host: buffers of words, the step's values, what the last read returned.
 pub struct CpuBackend {
+    simd: Simd,
     buffers: Vec<Vec<u32>>,
     step: Option<StepValues>,
     readback: Vec<u8>,
@@ -46,13 +50,22 @@ pub struct CpuBackend {
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { buffers: Vec::new(), step: None, readback: Vec::new(), work: WorkCounters::new(["ops", "steps"]) }
+        CpuBackend { simd: Simd::detect(), buffers: Vec::new(), step: None, readback: Vec::new(), work: WorkCounters::new(["ops", "steps"]) }
     }
 }
 
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
+    }
+
+    /// The backend with its kernels at `simd`'s level (tests of each level), or an error where
+    /// this CPU does not run it.
+    pub fn with_simd(simd: Simd) -> Result<CpuBackend> {
+        if !Simd::available().contains(&simd) {
+            return Err(Error::Invalid(format!("this CPU does not run {} kernels", simd.name())));
+        }
+        Ok(CpuBackend { simd, ..CpuBackend::default() })
     }
 
     fn index(b: &CpuBuffer) -> usize {
@@ -71,7 +84,7 @@ impl Backend for CpuBackend {
     type Op = Kernel;
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({}, {} threads)", self.simd.name(), rayon::current_num_threads())
     }
 
     fn target(&mut self, _config: &ModelConfig, _capacity: usize) -> Result<Target> {
@@ -192,7 +205,7 @@ impl Backend for CpuBackend {
 
     fn record(&mut self, ops: &[Kernel], n: u32) -> Result<()> {
         for op in ops {
-            op.run(&mut self.buffers, n as usize);
+            op.run(&mut self.buffers, n as usize, self.simd);
         }
         self.work.counts[0] += ops.len() as u64;
         Ok(())
