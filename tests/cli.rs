@@ -73,9 +73,10 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
     // Plain decoding (the bundled model would otherwise draft with its MTP layer).
     let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off"];
     let reference = dsrun(&[&args[..], &["--gpu", "reference"]].concat());
-    let cpu = dsrun(&[&args[..], &["--gpu", "cpu"]].concat());
+    let cpu = dsrun(&[&args[..], &["--gpu", "cpu", "--threads", "1"]].concat());
     let gpu = dsrun(&[&args[..], &["--gpu", "vulkan"]].concat());
     assert!(reference.status.success() && cpu.status.success() && gpu.status.success(), "{}{}", text(&cpu.stderr), text(&gpu.stderr));
+    assert!(text(&cpu.stderr).contains(", 1 threads)"), "{}", text(&cpu.stderr));
     assert_eq!(text(&reference.stdout), text(&gpu.stdout));
     assert_eq!(text(&cpu.stdout), text(&gpu.stdout));
     let stderr = text(&gpu.stderr);
@@ -196,6 +197,7 @@ fn inspect_prints_the_forward_plan() {
     let stdout = text(&out.stdout);
     assert!(stdout.lines().any(|l| l.contains("latent cache 2 (f32)") && l.trim_end().ends_with(" 1280")), "{stdout}");
     assert_fails(&["--gpu", "reference", "--kv-cache", "f16"], "CPU reference keeps an f32 cache");
+    assert_fails(&["--gpu", "cpu", "--threads", "0"], "--threads 0: give at least 1");
     assert_fails(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--gpu", "reference"], "without a plan");
 }
 

@@ -49,6 +49,10 @@ pub struct DeviceArgs {
     /// Compute device.
     #[arg(long, default_value = "auto", value_parser = choice::<GpuChoice>())]
     pub gpu: GpuChoice,
+    /// Threads the CPU computes on (`--gpu cpu`, the reference, weight conversion) [default:
+    /// one per logical CPU].
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Weight format on the GPU: keep the checkpoint's (bf16, FP8 + block scales, ...), or convert
     /// at load to f16, q8 (int8, a scale per 32) or q4 (4-bit, scale and min per 32).
     #[arg(long, default_value = "keep", value_parser = choice::<QuantTarget>())]
@@ -81,6 +85,9 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The checkpoint in `dir` opened for loading on this device with these flags.
     pub fn builder(&self, dir: &Path) -> Result<EngineBuilder<'static>> {
+        if let Some(threads) = self.threads {
+            dsrun::backend::cpu::set_threads(threads)?;
+        }
         let options = GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, ..GpuOptions::default() };
         Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
     }

@@ -54,6 +54,15 @@ impl Default for CpuBackend {
     }
 }
 
+/// Sets the threads the CPU backend (and the reference, and weight conversion) computes on,
+/// once per process, before anything runs (`--threads`); the default is one per logical CPU.
+pub fn set_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Err(Error::Invalid("--threads 0: give at least 1".into()));
+    }
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| Error::Invalid(format!("--threads {threads}: {e}")))
+}
+
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
