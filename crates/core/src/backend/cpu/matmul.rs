@@ -27,6 +27,7 @@ pub enum Simd {
 impl Simd {
     /// Every level this machine runs, lowest first.
     pub fn available() -> Vec<Simd> {
+        #[allow(unused_mut)] // only x86-64 has more levels
         let mut levels = vec![Simd::Portable];
         #[cfg(target_arch = "x86_64")]
         {
@@ -233,6 +234,7 @@ fn rows<M: MulAdd>(m: &Matrix, first: usize, x: &[f32], n: usize, dst: &mut [f32
 }
 
 /// The kernels compiled for one level.
+#[cfg(target_arch = "x86_64")]
 macro_rules! level {
     ($name:ident, $features:literal, $muladd:ty) => {
         mod $name {
