@@ -88,6 +88,16 @@ fn a_wgpu_decode_step_allocates_nothing() {
     decode_allocates_nothing(&mut engine);
 }
 
+/// The CPU backend: the step's own code allocates nothing on the calling thread (its kernels,
+/// on the pool's threads, work in per-thread scratch kept between steps; the counter here sees
+/// this thread only, so theirs are not counted: a pool of dsrun's own will make that exact).
+#[test]
+fn a_cpu_backend_decode_step_allocates_nothing() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let mut engine = dsrun::runtime::Runtime::new(dsrun::backend::cpu::CpuBackend::new(), &model, 64, Default::default()).unwrap();
+    decode_allocates_nothing(&mut engine);
+}
+
 /// On the CUDA emulator, and on an NVIDIA device where there is one (whose decode steps replay
 /// a CUDA graph).
 #[cfg(feature = "cuda")]

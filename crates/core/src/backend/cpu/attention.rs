@@ -4,8 +4,8 @@
 //! positions), and the value projection. Each token's position and its sequence's first cache
 //! row come from the `positions` buffer, (position, first row) per token.
 
+use super::scratch::{sized, with_scratch};
 use crate::model::math;
-use crate::model::rope::Rope;
 use crate::model::weights::Matrix;
 use crate::plan::layout::{CacheFormat, MlaShape, LATENT_NORM_EPS};
 use rayon::prelude::*;
@@ -53,9 +53,15 @@ pub fn angles(inv_freq: &[f32], position: u32, scale: f32) -> (Vec<f32>, Vec<f32
         .unzip()
 }
 
+/// RoPE of interleaved pairs at `position` (`Rope::apply` with `angles`, computed in place).
 fn rotate(x: &mut [f32], inv_freq: &[f32], position: u32, scale: f32) {
-    let (cos, sin) = angles(inv_freq, position, scale);
-    Rope::apply(x, &cos, &sin);
+    for (pair, &f) in x.chunks_exact_mut(2).zip(inv_freq) {
+        let angle = position as f32 * f;
+        let (c, s) = (angle.cos() * scale, angle.sin() * scale);
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
 }
 
 /// RoPE of each head's last `rope` query values at its token's position, in place.
@@ -72,51 +78,53 @@ pub fn rope_q(q: &mut [f32], inv_freq: &[f32], positions: &[u32], s: &MlaShape, 
 /// token's row.
 pub fn latent_store(cache: &mut [u32], kv: &[f32], norm: &[f32], inv_freq: &[f32], positions: &[u32], s: &MlaShape, n: usize) {
     let latent = s.lora + s.rope;
-    let mut row = vec![0f32; latent];
-    for t in 0..n {
-        row.copy_from_slice(&kv[t * latent..(t + 1) * latent]);
-        math::rms_norm(&mut row[..s.lora], norm, LATENT_NORM_EPS);
-        let (position, first_row) = (positions[2 * t], positions[2 * t + 1]);
-        rotate(&mut row[s.lora..], inv_freq, position, s.rope_scale);
-        let base = (first_row + position) as usize * latent;
-        for (i, &x) in row.iter().enumerate() {
-            put(cache, s.cache, base + i, x);
+    with_scratch(|scratch| {
+        let row = sized(&mut scratch.row, latent);
+        for t in 0..n {
+            row.copy_from_slice(&kv[t * latent..(t + 1) * latent]);
+            math::rms_norm(&mut row[..s.lora], norm, LATENT_NORM_EPS);
+            let (position, first_row) = (positions[2 * t], positions[2 * t + 1]);
+            rotate(&mut row[s.lora..], inv_freq, position, s.rope_scale);
+            let base = (first_row + position) as usize * latent;
+            for (i, &x) in row.iter().enumerate() {
+                put(cache, s.cache, base + i, x);
+            }
         }
-    }
+    })
 }
 
-/// kv_b's rows for head `h`: its `nope` key rows, then its `v` value rows, decoded.
-fn head_rows(kv_b: &Matrix, s: &MlaShape, h: usize, first: usize, count: usize) -> Vec<f32> {
-    let mut rows = vec![0f32; count * s.lora];
-    for (i, row) in rows.chunks_mut(s.lora).enumerate() {
-        kv_b.decode_row(h * (s.nope + s.v) + first + i, row);
-    }
-    rows
+/// kv_b's row `d` of head `h`'s keys (`d < nope`) or values (`nope + d`), decoded into `row`.
+fn head_row<'r>(kv_b: &Matrix, s: &MlaShape, h: usize, d: usize, row: &'r mut Vec<f32>) -> &'r [f32] {
+    let row = sized(row, s.lora);
+    kv_b.decode_row(h * (s.nope + s.v) + d, row);
+    row
 }
 
-/// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]`.
+/// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]` (kv_b's key rows decoded as they are used).
 pub fn q_absorb(q_lat: &mut [f32], kv_b: &Matrix, q: &[f32], s: &MlaShape, n: usize) {
     let qk = s.nope + s.rope;
-    let w_uk: Vec<Vec<f32>> = (0..s.heads).map(|h| head_rows(kv_b, s, h, 0, s.nope)).collect();
     q_lat[..n * s.heads * s.lora].par_chunks_mut(s.lora).enumerate().for_each(|(th, out)| {
-        let (t, h) = (th / s.heads, th % s.heads);
+        let h = th % s.heads;
         out.fill(0.0);
-        let q_nope = &q[(t * s.heads + h) * qk..][..s.nope];
-        for (d, &qd) in q_nope.iter().enumerate() {
-            math::axpy(qd, &w_uk[h][d * s.lora..(d + 1) * s.lora], out);
-        }
+        let q_nope = &q[th * qk..][..s.nope];
+        with_scratch(|scratch| {
+            for (d, &qd) in q_nope.iter().enumerate() {
+                math::axpy(qd, head_row(kv_b, s, h, d, &mut scratch.row), out);
+            }
+        })
     });
 }
 
-/// `o[t, h] = W_UV[h] o_lat[t, h]`.
+/// `o[t, h] = W_UV[h] o_lat[t, h]` (kv_b's value rows decoded as they are used).
 pub fn v_up(o: &mut [f32], kv_b: &Matrix, o_lat: &[f32], s: &MlaShape, n: usize) {
-    let w_uv: Vec<Vec<f32>> = (0..s.heads).map(|h| head_rows(kv_b, s, h, s.nope, s.v)).collect();
     o[..n * s.heads * s.v].par_chunks_mut(s.v).enumerate().for_each(|(th, out)| {
         let h = th % s.heads;
         let latent = &o_lat[th * s.lora..(th + 1) * s.lora];
-        for (d, y) in out.iter_mut().enumerate() {
-            *y = math::dot(&w_uv[h][d * s.lora..(d + 1) * s.lora], latent);
-        }
+        with_scratch(|scratch| {
+            for (d, y) in out.iter_mut().enumerate() {
+                *y = math::dot(head_row(kv_b, s, h, s.nope + d, &mut scratch.row), latent);
+            }
+        })
     });
 }
 
@@ -129,26 +137,26 @@ pub fn attention(o_lat: &mut [f32], q: &[f32], q_lat: &[f32], positions: &[u32],
     o_lat[..n * s.heads * s.lora].par_chunks_mut(s.lora).enumerate().for_each(|(th, out)| {
         let t = th / s.heads;
         let (position, first_row) = (positions[2 * t] as usize, positions[2 * t + 1] as usize);
-        let seen: Vec<usize> = match sparse {
-            Some((selected, topk)) => selected[t * topk..][..topk.min(position + 1)].iter().map(|&j| j as usize).collect(),
-            None => (0..=position).collect(),
+        // The positions the token sees: its selected ones, or every one up to its own.
+        let (count, seen) = match sparse {
+            Some((selected, topk)) => (topk.min(position + 1), Some(&selected[t * topk..])),
+            None => (position + 1, None),
         };
+        let at = |i: usize| seen.map_or(i, |s| s[i] as usize);
         let (q_lat, q_pe) = (&q_lat[th * s.lora..(th + 1) * s.lora], &q[th * qk + s.nope..][..s.rope]);
-        let mut row = vec![0f32; latent];
-        let mut rows = Vec::with_capacity(seen.len() * latent);
-        let mut scores: Vec<f32> = seen
-            .iter()
-            .map(|&j| {
-                let base = (first_row + j) * latent;
-                row.iter_mut().enumerate().for_each(|(i, v)| *v = cache.get(base + i));
-                rows.extend_from_slice(&row);
-                (math::dot(q_lat, &row[..s.lora]) + math::dot(q_pe, &row[s.lora..])) * s.scale
-            })
-            .collect();
-        math::softmax(&mut scores);
-        out.fill(0.0);
-        for (p, cached) in scores.iter().zip(rows.chunks(latent)) {
-            math::axpy(*p, &cached[..s.lora], out);
-        }
+        with_scratch(|scratch| {
+            let rows = sized(&mut scratch.rows, count * latent);
+            let scores = sized(&mut scratch.scores, count);
+            for (i, (row, score)) in rows.chunks_mut(latent).zip(scores.iter_mut()).enumerate() {
+                let base = (first_row + at(i)) * latent;
+                row.iter_mut().enumerate().for_each(|(c, v)| *v = cache.get(base + c));
+                *score = (math::dot(q_lat, &row[..s.lora]) + math::dot(q_pe, &row[s.lora..])) * s.scale;
+            }
+            math::softmax(scores);
+            out.fill(0.0);
+            for (p, cached) in scores.iter().zip(rows.chunks(latent)) {
+                math::axpy(*p, &cached[..s.lora], out);
+            }
+        })
     });
 }

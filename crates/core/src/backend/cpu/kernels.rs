@@ -4,10 +4,11 @@
 //! alongside it without copies or unsafe code.
 
 use super::matmul::{self, Simd};
-use super::{attention, indexer, CpuMatrix};
+use super::scratch::{sized, with_scratch};
+use super::{attention, indexer, router, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
-use crate::model::router::{route, RouterParams};
+use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
 use crate::plan::{IndexerShape, MlaShape, Rows};
 use rayon::prelude::*;
@@ -54,6 +55,24 @@ fn rows_of(rows: Rows, n: usize) -> usize {
 }
 
 impl Kernel {
+    /// The buffer the op writes (without allocating: this runs every step).
+    fn dst(&self) -> usize {
+        match *self {
+            Kernel::Embed { out, .. } | Kernel::RmsNorm { out, .. } => out,
+            Kernel::Matmul { y, .. } | Kernel::ExpertMatmul { y, .. } => y,
+            Kernel::SiluMul { gate, .. } => gate,
+            Kernel::Router { ids, .. } | Kernel::Argmax { ids, .. } => ids,
+            Kernel::MoeCombine { h, .. } => h,
+            Kernel::RopeQ { q, .. } => q,
+            Kernel::LatentStore { cache, .. } | Kernel::IndexerPrepare { cache, .. } => cache,
+            Kernel::QAbsorb { q_lat, .. } => q_lat,
+            Kernel::Attention { o_lat, .. } => o_lat,
+            Kernel::VUp { o, .. } => o,
+            Kernel::IndexerScores { scores, .. } => scores,
+            Kernel::IndexerTopK { selected, .. } => selected,
+        }
+    }
+
     /// The buffer the op writes, and the others it touches (the router's second output among
     /// them: no two may be the same).
     fn buffers(&self) -> (usize, Vec<usize>) {
@@ -101,7 +120,7 @@ impl Kernel {
             Kernel::IndexerPrepare { .. } => return run_indexer_prepare(self, buffers, n),
             _ => {}
         }
-        let (dst, _) = self.buffers();
+        let dst = self.dst();
         let mut out = std::mem::take(&mut buffers[dst]);
         self.compute(buffers, &mut out, n, simd);
         buffers[dst] = out;
@@ -146,8 +165,7 @@ impl Kernel {
                 let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], f32s_mut(out));
                 out[..n * k * rows].par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
                     let xs = &x[(s / x_div) * cols..][..cols];
-                    let mut scratch = vec![0f32; cols];
-                    matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, &mut scratch);
+                    with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, sized(&mut scratch.row, cols)));
                 });
             }
             Kernel::MoeCombine { dim, k, expert_out, weights, shared, .. } => {
@@ -199,8 +217,7 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
     if n == 1 && !accumulate {
         // One token: rows-major is token-major; tasks write their rows in place.
         y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
-            let mut scratch = vec![0f32; cols];
-            matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, &mut scratch);
+            with_scratch(|scratch| matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, sized(&mut scratch.row, cols)));
         });
         return;
     }
@@ -208,8 +225,7 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
     // rows-major block; the blocks are then placed token-major.
     let mut by_row = vec![0f32; rows * n];
     by_row.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
-        let mut scratch = vec![0f32; cols];
-        matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, n, dst, &mut scratch);
+        with_scratch(|scratch| matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, n, dst, sized(&mut scratch.row, cols)));
     });
     for r in 0..rows {
         for t in 0..n {
@@ -220,8 +236,8 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
     }
 }
 
-/// The router: expert ids (into `ids`) and weights (into `weights`) per token, as the CPU
-/// reference chooses them.
+/// The router: expert ids (into `ids`) and weights (into `weights`) per token, by the CPU
+/// reference's rule.
 fn run_router(kernel: &Kernel, buffers: &mut [Vec<u32>], n: usize) {
     let Kernel::Router { params, experts, logits, bias, ids, weights, rows } = kernel else { unreachable!("run_router takes a Router") };
     let r = rows_of(*rows, n);
@@ -230,11 +246,9 @@ fn run_router(kernel: &Kernel, buffers: &mut [Vec<u32>], n: usize) {
     {
         let logits = f32s(&buffers[*logits]);
         let bias = bias.map(|b| &f32s(&buffers[b])[..*experts]);
+        let weight_out = f32s_mut(&mut weight_out);
         for t in 0..r {
-            for (i, (e, w)) in route(&logits[t * experts..(t + 1) * experts], bias, params).into_iter().enumerate() {
-                id_out[t * k + i] = e as u32;
-                f32s_mut(&mut weight_out)[t * k + i] = w;
-            }
+            router::route(&logits[t * experts..(t + 1) * experts], bias, params, &mut id_out[t * k..(t + 1) * k], &mut weight_out[t * k..(t + 1) * k]);
         }
     }
     buffers[*ids] = id_out;

@@ -15,6 +15,8 @@ mod attention;
 mod indexer;
 mod kernels;
 mod matmul;
+mod router;
+mod scratch;
 
 pub use matmul::Simd;
 
@@ -213,9 +215,17 @@ impl Backend for CpuBackend {
     }
 
     fn record(&mut self, ops: &[Kernel], n: u32) -> Result<()> {
-        for op in ops {
-            op.run(&mut self.buffers, n as usize, self.simd);
-        }
+        // The ops run on one of the pool's threads, so their parallel loops are the pool's own
+        // work: one hand-over per record, not one per op. The hand-over goes through rayon's
+        // injector queue, which allocates a block every 63 jobs: marked as a driver call.
+        let (buffers, simd) = (&mut self.buffers, self.simd);
+        crate::hot_path::driver(|| {
+            rayon::scope(|_| {
+                for op in ops {
+                    op.run(buffers, n as usize, simd);
+                }
+            })
+        });
         self.work.counts[0] += ops.len() as u64;
         Ok(())
     }
