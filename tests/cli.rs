@@ -166,6 +166,10 @@ fn devices_lists_adapters() {
     assert!(out.status.success());
     let stdout = text(&out.stdout);
     assert!(stdout.contains("max binding") && stdout.contains("workgroup storage"), "{stdout}");
+    // The CPU, with its kernels' level and a measured bandwidth (a positive figure).
+    let cpu = stdout.lines().find(|l| l.starts_with("cpu: ")).unwrap_or_else(|| panic!("{stdout}"));
+    let gbs: f64 = cpu.split("read bandwidth ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("{cpu}"));
+    assert!(cpu.contains(" kernels, ") && gbs > 0.0, "{cpu}");
 }
 
 #[test]

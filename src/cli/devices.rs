@@ -1,10 +1,11 @@
-//! `dsrun devices`: the GPU adapters wgpu can use (and the CUDA device in a `cuda` build).
+//! `dsrun devices`: the GPU adapters wgpu can use (and the CUDA device in a `cuda` build), and
+//! the CPU backend's host.
 
 use dsrun::error::Result;
 
 pub fn run() -> Result<()> {
     let adapters = dsrun::backend::wgpu::context::describe_adapters();
-    let mut out = String::new();
+    let mut out = dsrun::backend::cpu::describe_host() + "\n";
     if adapters.is_empty() {
         out += "no GPU adapters found (dsrun runs on the CPU with --gpu cpu)\n";
     }

@@ -65,6 +65,28 @@ pub fn set_threads(threads: usize) -> Result<()> {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| Error::Invalid(format!("--threads {threads}: {e}")))
 }
 
+/// The host's read bandwidth in bytes per second, measured: every thread of the pool summing its
+/// share of a 256 MiB buffer (well past the caches), the best of three passes. Decode streams
+/// each weight byte once, so this bounds it (`dsrun devices`).
+pub fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const WORDS: usize = 32 << 20;
+    let buffer: Vec<u64> = (0..WORDS as u64).collect();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let sum = buffer.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (WORDS * 8) as f64 / best
+}
+
+/// `dsrun devices`' line for the CPU: its kernels' SIMD level, threads and read bandwidth.
+pub fn describe_host() -> String {
+    format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), rayon::current_num_threads(), read_bandwidth() / 1e9)
+}
+
 impl CpuBackend {
     pub fn new() -> CpuBackend {
         CpuBackend::default()
