@@ -118,6 +118,10 @@ fn synth_then_bench_reports_tokens_per_second() {
     let table = dsrun(&["bench", "--model", out, "-p", "4", "-n", "0", "-r", "1"]);
     let stdout = text(&table.stdout);
     assert!(table.status.success() && stdout.contains("pp4") && stdout.contains("tok/s") && !stdout.contains("tg0"), "{stdout}");
+    // On the CPU backend, decode against the host's measured read bandwidth.
+    let cpu = dsrun(&["bench", "--model", out, "--gpu", "cpu", "-p", "0", "-n", "4", "-r", "1", "--speculative", "off"]);
+    let stdout = text(&cpu.stdout);
+    assert!(cpu.status.success() && stdout.contains("tg4: ") && stdout.contains("of the host's measured read bandwidth"), "{stdout}{}", text(&cpu.stderr));
 }
 
 /// `--speculative mtp` on a synth checkpoint with an MTP layer: the same greedy text as

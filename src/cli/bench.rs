@@ -3,6 +3,7 @@
 use super::args::{DeviceArgs, ModelArgs};
 use super::progress::{spinner, Bar};
 use clap::Args;
+use dsrun::device::GpuChoice;
 use dsrun::error::Result;
 use dsrun::model::Model;
 use dsrun::util::Choice;
@@ -50,6 +51,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let params = dsrun::inspect::count_params(&model.config, &model.weights).total;
     let weights = weight_dtypes(&model);
     let options = builder.resolved_options(&model)?;
+    let active = dsrun::inspect::active_weight_bytes(&model.config, &model.weights, options.quant);
     let mut engine = builder.build_from(model)?.engine;
     let draft = args.device.draft(engine.as_ref());
     let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth, draft };
@@ -63,13 +65,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
         device: engine.device_name(),
         quant: args.device.quant.name().into(),
         gpu_mem: args.device.gpu_mem.to_string(),
-        kv_cache: if engine.device_name().starts_with("cpu") { "f32".into() } else { options.kv_cache.name().into() },
+        kv_cache: options.kv_cache.name().into(),
         counters: engine.counters(),
     };
     if args.json {
         super::print(&format!("{}\n", dsrun::bench::json(&setup, &results)))
     } else {
-        super::print(&dsrun::bench::table(&setup, &results))
+        let mut out = dsrun::bench::table(&setup, &results);
+        // On the CPU backend decode streams each weight byte once a token: its rate against the
+        // host's measured read bandwidth.
+        if args.device.gpu == GpuChoice::Cpu {
+            let bandwidth = dsrun::backend::cpu::read_bandwidth();
+            for r in results.iter().filter(|r| r.name.starts_with("tg") && !r.name.contains(' ') && !r.name.contains('x')) {
+                let rate = r.mean() * active as f64;
+                out += &format!(
+                    "{}: {:.1} GB/s of weights ({} a token), {:.0}% of the host's measured read bandwidth ({:.1} GB/s)\n",
+                    r.name,
+                    rate / 1e9,
+                    dsrun::util::human_bytes(active),
+                    100.0 * rate / bandwidth,
+                    bandwidth / 1e9
+                );
+            }
+        }
+        super::print(&out)
     }
 }
 
