@@ -165,7 +165,7 @@ fn mutated_safetensors_headers_end_in_an_error_or_finite_logits() {
                     if rng.below(2) == 0 {
                         mutated.truncate(cut);
                     } else {
-                        mutated.extend(std::iter::repeat(0u8).take(cut % 4096 + 1));
+                        mutated.extend(std::iter::repeat_n(0u8, cut % 4096 + 1));
                     }
                 }
             }

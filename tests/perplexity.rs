@@ -21,7 +21,7 @@ fn perplexity_follows_llama_perplexitys_rule() {
                 argument specifies a function of one argument that is used to extract a comparison key.";
     let tokens = tokenizer.encode(text).unwrap();
     let n = 16;
-    assert!(tokens.len() > 2 * n && tokens.len() % n != 0, "two whole windows and a tail: {}", tokens.len());
+    assert!(tokens.len() > 2 * n && !tokens.len().is_multiple_of(n), "two whole windows and a tail: {}", tokens.len());
     let mut engine = CpuEngine::new(Model::load(&dir).unwrap(), n);
     let score = dsrun::perplexity::score(&mut engine, &tokenizer, &tokens, n, &mut |_| {}).unwrap();
 

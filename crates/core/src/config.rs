@@ -311,7 +311,7 @@ impl ModelConfig {
                 return Err(Error::config(key, format!("`{key}` must be positive, found 0")));
             }
         }
-        if self.qk_rope_head_dim == 0 || self.qk_rope_head_dim % 2 != 0 {
+        if self.qk_rope_head_dim == 0 || !self.qk_rope_head_dim.is_multiple_of(2) {
             return Err(Error::config("qk_rope_head_dim", format!("`qk_rope_head_dim` must be a positive even number (rotated in pairs), found {}", self.qk_rope_head_dim)));
         }
         if self.q_lora_rank == Some(0) {
@@ -337,7 +337,7 @@ impl ModelConfig {
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.n_routed_experts {
                 return Err(Error::config("num_experts_per_tok", format!("`num_experts_per_tok` ({}) must be between 1 and n_routed_experts ({})", self.num_experts_per_tok, self.n_routed_experts)));
             }
-            if self.n_routed_experts % self.n_group != 0 {
+            if !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return Err(Error::config("n_routed_experts", format!("`n_routed_experts` ({}) is not divisible by `n_group` ({})", self.n_routed_experts, self.n_group)));
             }
             if self.topk_group > self.n_group {
@@ -371,7 +371,7 @@ impl ModelConfig {
 
     /// Layers below `first_k_dense_replace` (and those skipped by `moe_layer_freq`) use a dense MLP.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.n_routed_experts > 0 && layer >= self.first_k_dense_replace && layer % self.moe_layer_freq == 0
+        self.n_routed_experts > 0 && layer >= self.first_k_dense_replace && layer.is_multiple_of(self.moe_layer_freq)
     }
 
     fn has_moe_layers(&self) -> bool {

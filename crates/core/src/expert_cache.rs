@@ -107,7 +107,7 @@ impl ExpertCache {
         self.last_used[slot] = self.clock;
         self.uses[slot] = 1;
         self.loads += 1;
-        if self.policy == Eviction::Lfu && self.loads % self.slots() as u64 == 0 {
+        if self.policy == Eviction::Lfu && self.loads.is_multiple_of(self.slots() as u64) {
             for u in &mut self.uses {
                 *u /= 2;
             }

@@ -96,6 +96,7 @@ pub fn fp8_table() -> &'static [f32; 256] {
 
 /// Decodes little-endian elements of `dtype` into `out` (one f32 per element).
 /// FP8 codes come out unscaled; block scales are the caller's business.
+#[inline(always)] // the CPU backend's kernels decode inside their SIMD-level code
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size_bytes());
     match dtype {

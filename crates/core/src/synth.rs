@@ -417,7 +417,7 @@ pub fn synth(out: &Path, o: &SynthOptions, progress: &dyn Progress) -> Result<Sy
             weight_map.insert(t.name.clone(), json!(file));
         }
         let mut text = serde_json::to_string(&header).expect("JSON of strings and numbers");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut w = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).map_err(io)?);

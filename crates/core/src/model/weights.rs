@@ -35,6 +35,7 @@ pub struct Matrix {
 impl Matrix {
     /// Decodes row `r` to f32 (FP8 rows come out with their block scales applied, q8/q4 rows
     /// with their group scales).
+    #[inline(always)] // the CPU backend's kernels decode inside their SIMD-level code
     pub fn decode_row(&self, r: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.cols);
         let data = self.data.as_slice();
@@ -115,7 +116,7 @@ impl Matrix {
     pub fn column_slice(&self, name: &str, col0: usize, cols: usize) -> Matrix {
         assert!(col0 + cols <= self.cols, "{}: columns {col0}..{} of {}", self.name, col0 + cols, self.cols);
         let plain = matches!(self.dtype, DType::F32 | DType::BF16 | DType::F16);
-        let fp8_aligned = self.dtype == DType::F8E4M3 && self.scales.as_ref().is_some_and(|s| col0 % s.block_cols == 0);
+        let fp8_aligned = self.dtype == DType::F8E4M3 && self.scales.as_ref().is_some_and(|s| col0.is_multiple_of(s.block_cols));
         if plain || fp8_aligned {
             let size = self.dtype.size_bytes();
             let data = self.data.as_slice();

@@ -606,7 +606,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         return Err(Error::Invalid("--speculative mtp: this checkpoint has no MTP layer (`dsrun inspect` shows; use --speculative off)".into()));
     }
     let a = Activations::declare(&mut p, model, target, &rope, capacity, options.kv_cache, options.mtp);
-    if options.kv_cache != CacheFormat::F32 && c.latent_dim() % 2 != 0 {
+    if options.kv_cache != CacheFormat::F32 && !c.latent_dim().is_multiple_of(2) {
         return Err(Error::Invalid(format!("--kv-cache {}: packs pairs of values, and this model's latent width {} is odd (use --kv-cache f32)", options.kv_cache.name(), c.latent_dim())));
     }
     let ids = ModelIds::declare(&mut p, model, capacity * sequences, options.kv_cache, options.mtp);

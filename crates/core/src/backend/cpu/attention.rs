@@ -4,7 +4,9 @@
 //! positions), and the value projection. Each token's position and its sequence's first cache
 //! row come from the `positions` buffer, (position, first row) per token.
 
-use super::scratch::{sized, with_scratch};
+use super::gemm::micro;
+use super::scratch::{sized, with_scratch, Scratch};
+use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::math;
 use crate::model::weights::Matrix;
 use crate::plan::layout::{CacheFormat, MlaShape, LATENT_NORM_EPS};
@@ -18,6 +20,25 @@ pub struct Cache<'a> {
 }
 
 impl Cache<'_> {
+    /// Cache row `r` (`out.len()` values wide, an even count) as f32.
+    pub fn row(&self, r: usize, out: &mut [f32]) {
+        let width = out.len();
+        match self.format {
+            CacheFormat::F32 => out.copy_from_slice(bytemuck::cast_slice(&self.words[r * width..(r + 1) * width])),
+            // Two values a word, the even one in the low half.
+            CacheFormat::F16 | CacheFormat::Bf16 => {
+                let words = &self.words[r * width / 2..(r + 1) * width / 2];
+                for (pair, &w) in out.chunks_exact_mut(2).zip(words) {
+                    let (lo, hi) = (w as u16, (w >> 16) as u16);
+                    (pair[0], pair[1]) = match self.format {
+                        CacheFormat::Bf16 => (f32::from_bits((lo as u32) << 16), f32::from_bits((hi as u32) << 16)),
+                        _ => (half::f16::from_bits(lo).to_f32(), half::f16::from_bits(hi).to_f32()),
+                    };
+                }
+            }
+        }
+    }
+
     pub fn get(&self, i: usize) -> f32 {
         let half = |i: usize| (self.words[i >> 1] >> (16 * (i & 1))) as u16;
         match self.format {
@@ -128,35 +149,187 @@ pub fn v_up(o: &mut [f32], kv_b: &Matrix, o_lat: &[f32], s: &MlaShape, n: usize)
     });
 }
 
+/// Positions a block of the attention kernel decodes and scores at a time.
+const BLOCK: usize = 16;
+
 /// Causal attention of each head's absorbed query (`q_lat`, and `q`'s rotary part) over its
 /// sequence's cached latents up to its position, or only over `sparse`'s selected positions
 /// (`[n, topk]`, ascending; the first min(topk, position + 1) are the token's).
+///
+/// Work is split into units of (token, share of its positions), enough of them to keep every
+/// thread busy in a one-token step. A unit reads each cached latent once for all the heads
+/// (the scores by the micro-kernel, the softmax online, flash-attention style) into a partial
+/// result: per head the weighted latents, the running maximum and the sum. The token's units
+/// are then merged into its output.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(o_lat: &mut [f32], q: &[f32], q_lat: &[f32], positions: &[u32], cache: &Cache, s: &MlaShape, sparse: Option<(&[u32], usize)>, n: usize) {
-    let (qk, latent) = (s.nope + s.rope, s.lora + s.rope);
-    o_lat[..n * s.heads * s.lora].par_chunks_mut(s.lora).enumerate().for_each(|(th, out)| {
-        let t = th / s.heads;
-        let (position, first_row) = (positions[2 * t] as usize, positions[2 * t + 1] as usize);
-        // The positions the token sees: its selected ones, or every one up to its own.
-        let (count, seen) = match sparse {
-            Some((selected, topk)) => (topk.min(position + 1), Some(&selected[t * topk..])),
-            None => (position + 1, None),
+pub fn attention(simd: Simd, o_lat: &mut [f32], q: &[f32], q_lat: &[f32], positions: &[u32], cache: &Cache, s: &MlaShape, sparse: Option<(&[u32], usize)>, n: usize) {
+    let part_len = s.heads * (s.lora + 2);
+    let threads = rayon::current_num_threads();
+    let shares = if n >= threads { 1 } else { threads.div_ceil(n) };
+    let mut parts = with_scratch(|scratch| std::mem::take(&mut scratch.parts));
+    let parts_all = sized(&mut parts, n * shares * part_len);
+    parts_all.par_chunks_mut(part_len).enumerate().for_each(|(unit, part)| {
+        let (t, share) = (unit / shares, unit % shares);
+        let position = positions[2 * t] as usize;
+        let seen = match sparse {
+            Some((selected, topk)) => Seen { count: topk.min(position + 1), selected: Some(&selected[t * topk..]) },
+            None => Seen { count: position + 1, selected: None },
         };
-        let at = |i: usize| seen.map_or(i, |s| s[i] as usize);
-        let (q_lat, q_pe) = (&q_lat[th * s.lora..(th + 1) * s.lora], &q[th * qk + s.nope..][..s.rope]);
-        with_scratch(|scratch| {
-            let rows = sized(&mut scratch.rows, count * latent);
-            let scores = sized(&mut scratch.scores, count);
-            for (i, (row, score)) in rows.chunks_mut(latent).zip(scores.iter_mut()).enumerate() {
-                let base = (first_row + at(i)) * latent;
-                row.iter_mut().enumerate().for_each(|(c, v)| *v = cache.get(base + c));
-                *score = (math::dot(q_lat, &row[..s.lora]) + math::dot(q_pe, &row[s.lora..])) * s.scale;
-            }
-            math::softmax(scores);
-            out.fill(0.0);
-            for (p, cached) in scores.iter().zip(rows.chunks(latent)) {
-                math::axpy(*p, &cached[..s.lora], out);
-            }
-        })
+        let (lo, hi) = (seen.count * share / shares, seen.count * (share + 1) / shares);
+        let query = Query { q_lat: &q_lat[t * s.heads * s.lora..][..s.heads * s.lora], q: &q[t * s.heads * (s.nope + s.rope)..][..s.heads * (s.nope + s.rope)] };
+        with_scratch(|scratch| dispatch(simd, Unit { part, query, cache, first_row: positions[2 * t + 1] as usize, seen, range: (lo, hi), s, scratch }));
     });
+    let parts_all = &parts_all[..];
+    o_lat[..n * s.heads * s.lora].par_chunks_mut(s.heads * s.lora).enumerate().for_each(|(t, out)| {
+        merge(out, &parts_all[t * shares * part_len..(t + 1) * shares * part_len], s);
+    });
+    with_scratch(|scratch| scratch.parts = parts);
+}
+
+/// The positions a token sees: its selected ones, or every one up to its own.
+#[derive(Clone, Copy)]
+struct Seen<'a> {
+    count: usize,
+    selected: Option<&'a [u32]>,
+}
+
+impl Seen<'_> {
+    fn at(&self, i: usize) -> usize {
+        self.selected.map_or(i, |s| s[i] as usize)
+    }
+}
+
+/// A token's queries: `[heads, lora]` absorbed, and `[heads, nope + rope]` whose rotary tail
+/// scores against the cached rotary keys.
+#[derive(Clone, Copy)]
+struct Query<'a> {
+    q_lat: &'a [f32],
+    q: &'a [f32],
+}
+
+/// One unit of [`attention`]: positions `range` of what the token sees, into `part`
+/// (`[heads, lora]` weighted latents, then `[heads]` maxima, then `[heads]` sums).
+struct Unit<'a> {
+    part: &'a mut [f32],
+    query: Query<'a>,
+    cache: &'a Cache<'a>,
+    first_row: usize,
+    seen: Seen<'a>,
+    range: (usize, usize),
+    s: &'a MlaShape,
+    scratch: &'a mut Scratch,
+}
+
+impl AtLevel for Unit<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<V: Vector>(self) {
+        let Unit { part, query, cache, first_row, seen, range, s, scratch } = self;
+        let (heads, lora, latent) = (s.heads, s.lora, s.lora + s.rope);
+        let (acc, stats) = part.split_at_mut(heads * lora);
+        let (maxima, sums) = stats.split_at_mut(heads);
+        acc.fill(0.0);
+        maxima.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        // Each head's query as one row of `latent` values, to score against cached rows.
+        let queries = sized(&mut scratch.row, heads * latent);
+        for (h, row) in queries.chunks_exact_mut(latent).enumerate() {
+            row[..lora].copy_from_slice(&query.q_lat[h * lora..(h + 1) * lora]);
+            row[lora..].copy_from_slice(&query.q[h * (s.nope + s.rope) + s.nope..][..s.rope]);
+        }
+        let rows = sized(&mut scratch.rows, BLOCK * latent);
+        let scores = sized(&mut scratch.scores, heads * BLOCK);
+        for start in (range.0..range.1).step_by(BLOCK) {
+            let b = BLOCK.min(range.1 - start);
+            for (i, row) in rows.chunks_exact_mut(latent).take(b).enumerate() {
+                cache.row(first_row + seen.at(start + i), row);
+            }
+            // SAFETY: the caller's contract.
+            unsafe { score_block::<V>(scores, queries, rows, heads, b, latent, s.scale) };
+            for h in 0..heads {
+                let scores = &mut scores[h * BLOCK..h * BLOCK + b];
+                let top = scores.iter().fold(maxima[h], |m, &x| m.max(x));
+                let rescale = (maxima[h] - top).exp();
+                let acc = &mut acc[h * lora..(h + 1) * lora];
+                if rescale != 1.0 {
+                    acc.iter_mut().for_each(|a| *a *= rescale);
+                }
+                sums[h] *= rescale;
+                maxima[h] = top;
+                for (i, score) in scores.iter_mut().enumerate() {
+                    let p = (*score - top).exp();
+                    sums[h] += p;
+                    // SAFETY: the caller's contract.
+                    unsafe { axpy::<V>(p, &rows[i * latent..i * latent + lora], acc) };
+                }
+            }
+        }
+    }
+}
+
+/// `scores[h, i] = (query_h · row_i) * scale` for `b` rows, by the matmul's micro-kernel.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn score_block<V: Vector>(scores: &mut [f32], queries: &[f32], rows: &[f32], heads: usize, b: usize, latent: usize, scale: f32) {
+    // Row i of m, the last one for rows past it (computed, not stored).
+    fn row(m: &[f32], i: usize, last: usize, latent: usize) -> &[f32] {
+        &m[i.min(last) * latent..(i.min(last) + 1) * latent]
+    }
+    for h in (0..heads).step_by(4) {
+        for i in (0..b).step_by(4) {
+            let q: [&[f32]; 4] = std::array::from_fn(|k| row(queries, h + k, heads - 1, latent));
+            let r: [&[f32]; 4] = std::array::from_fn(|k| row(rows, i + k, b - 1, latent));
+            // SAFETY: the caller's contract.
+            let dots = unsafe { micro::<V, 4, 4>(q, r) };
+            for (k, dots) in dots.iter().enumerate().take(heads - h) {
+                for (j, &d) in dots.iter().enumerate().take(b - i) {
+                    scores[(h + k) * BLOCK + i + j] = d * scale;
+                }
+            }
+        }
+    }
+}
+
+/// `y += a x`.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn axpy<V: Vector>(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    let full = x.len() / LANES * LANES;
+    // SAFETY: the level is the caller's contract; `k + LANES <= full <= len` for both.
+    unsafe {
+        let av = V::splat(a);
+        for k in (0..full).step_by(LANES) {
+            V::mul_add(av, V::load(x.as_ptr().add(k)), V::load(y.as_ptr().add(k))).store(y.as_mut_ptr().add(k));
+        }
+    }
+    for k in full..x.len() {
+        y[k] += a * x[k];
+    }
+}
+
+/// A token's output from its units' partial results: each head's weighted latents rescaled to
+/// the overall maximum and divided by the overall sum.
+fn merge(out: &mut [f32], parts: &[f32], s: &MlaShape) {
+    let (heads, lora) = (s.heads, s.lora);
+    let part_len = heads * (lora + 2);
+    for (h, out) in out.chunks_exact_mut(lora).enumerate() {
+        let stat = |p: &[f32], k: usize| p[heads * lora + k * heads + h];
+        let top = parts.chunks_exact(part_len).map(|p| stat(p, 0)).fold(f32::NEG_INFINITY, f32::max);
+        out.fill(0.0);
+        let mut sum = 0.0;
+        for p in parts.chunks_exact(part_len) {
+            if stat(p, 1) == 0.0 {
+                continue; // a unit with no positions
+            }
+            let weight = (stat(p, 0) - top).exp();
+            sum += stat(p, 1) * weight;
+            math::axpy(weight, &p[h * lora..(h + 1) * lora], out);
+        }
+        out.iter_mut().for_each(|o| *o /= sum);
+    }
 }

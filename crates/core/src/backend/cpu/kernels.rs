@@ -3,7 +3,9 @@
 //! destination is taken out of the buffer list while the op runs, so inputs are borrowed
 //! alongside it without copies or unsafe code.
 
-use super::matmul::{self, Simd};
+use super::gemm::{self, Disjoint, Slots, PANEL_ROWS};
+use super::matmul;
+use super::vector::Simd;
 use super::scratch::{sized, with_scratch};
 use super::{attention, indexer, router, CpuMatrix};
 use crate::error::{Error, Result};
@@ -14,8 +16,13 @@ use crate::plan::{IndexerShape, MlaShape, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
 
-/// Output rows per rayon task of a matmul: enough work per task to amortise its scheduling.
+/// Output rows per rayon task of a one-token matmul: enough work per task to amortise its
+/// scheduling.
 const ROWS_PER_TASK: usize = 16;
+
+/// Tokens per task of a multi-token matmul: their rows (4 KiB each at 1024 columns) stay in
+/// the core's L2 while it computes a panel of weight rows for them.
+const TOKEN_CHUNK: usize = 64;
 
 /// One lowered op: buffer indices and the weights it reads.
 #[derive(Debug)]
@@ -161,12 +168,12 @@ impl Kernel {
             Kernel::IndexerTopK { scores, positions, shape, .. } => indexer::top_k(out, f32s(&b[*scores]), &b[*positions][..2 * n], shape, n),
             Kernel::ExpertMatmul { w, x_div, k, x, ids, .. } => {
                 let rows = w.stack[0].rows;
-                let cols = w.stack[0].cols;
-                let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], f32s_mut(out));
-                out[..n * k * rows].par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
-                    let xs = &x[(s / x_div) * cols..][..cols];
-                    with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, sized(&mut scratch.row, cols)));
-                });
+                let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], &mut f32s_mut(out)[..n * k * rows]);
+                if n == 1 {
+                    expert_rows(simd, w, x, *x_div, ids, out);
+                } else {
+                    expert_blocks(simd, w, x, *x_div, ids, out);
+                }
             }
             Kernel::MoeCombine { dim, k, expert_out, weights, shared, .. } => {
                 let (eo, wt, h) = (f32s(&b[*expert_out]), f32s(&b[*weights]), f32s_mut(out));
@@ -188,7 +195,7 @@ impl Kernel {
             Kernel::Attention { q, q_lat, positions, cache, mla, sparse, .. } => {
                 let cache = attention::Cache { words: &b[*cache], format: mla.cache };
                 let sparse = sparse.map(|(selected, topk)| (&b[selected][..], topk));
-                attention::attention(f32s_mut(out), f32s(&b[*q]), f32s(&b[*q_lat]), &b[*positions][..2 * n], &cache, mla, sparse, n)
+                attention::attention(simd, f32s_mut(out), f32s(&b[*q]), f32s(&b[*q_lat]), &b[*positions][..2 * n], &cache, mla, sparse, n)
             }
             Kernel::VUp { kv_b, o_lat, mla, .. } => attention::v_up(f32s_mut(out), &kv_b.stack[0], f32s(&b[*o_lat]), mla, n),
             Kernel::Argmax { vocab, logits, .. } => {
@@ -210,30 +217,88 @@ fn inv_freq_of<'b>(b: &'b [Vec<u32>], inv_freq: usize, s: &MlaShape) -> &'b [f32
     &f32s(&b[inv_freq])[..s.rope / 2]
 }
 
-/// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`: blocks of
-/// weight rows over the pool's threads, each computed for every token.
+/// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`. One token:
+/// blocks of rows over the pool, each row a dot fused with its stored bytes. Several: tasks of
+/// a panel of weight rows by a chunk of tokens ([`gemm`]).
 fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     let (rows, cols) = (m.rows, m.cols);
-    if n == 1 && !accumulate {
-        // One token: rows-major is token-major; tasks write their rows in place.
+    if n == 1 {
         y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
-            with_scratch(|scratch| matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, sized(&mut scratch.row, cols)));
+            with_scratch(|scratch| {
+                let row = sized(&mut scratch.row, cols);
+                if !accumulate {
+                    return matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, row);
+                }
+                let mut sums = [0f32; ROWS_PER_TASK];
+                let sums = &mut sums[..dst.len()];
+                matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, sums, row);
+                math::add_in_place(dst, sums);
+            })
         });
         return;
     }
-    // Each task owns a block of weight rows and computes them for every token, into its own
-    // rows-major block; the blocks are then placed token-major.
-    let mut by_row = vec![0f32; rows * n];
-    by_row.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
-        with_scratch(|scratch| matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, n, dst, sized(&mut scratch.row, cols)));
+    let mut slots = with_scratch(|s| std::mem::take(&mut s.slots));
+    slots.clear();
+    slots.extend(0..n as u32);
+    let (chunks, panels) = (n.div_ceil(TOKEN_CHUNK), rows.div_ceil(PANEL_ROWS));
+    let out = Disjoint::new(&mut y[..n * rows]);
+    (0..chunks * panels).into_par_iter().for_each(|task| {
+        let (chunk, first) = (task / panels, (task % panels) * PANEL_ROWS);
+        let count = PANEL_ROWS.min(rows - first);
+        let slots = Slots { x, x_div: 1, slots: &slots[chunk * TOKEN_CHUNK..n.min((chunk + 1) * TOKEN_CHUNK)] };
+        with_scratch(|scratch| gemm::block_at(simd, m, first, count, slots, &out, accumulate, sized(&mut scratch.panel, count * cols)));
     });
-    for r in 0..rows {
-        for t in 0..n {
-            let v = by_row[r * n + t];
-            let out = &mut y[t * rows + r];
-            *out = if accumulate { *out + v } else { v };
-        }
+    with_scratch(|s| s.slots = slots);
+}
+
+/// One token's experts: each (token, choice) slot's rows from its expert, fused dots.
+fn expert_rows(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
+    let (rows, cols) = (w.stack[0].rows, w.stack[0].cols);
+    out.par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
+        let xs = &x[(s / x_div) * cols..][..cols];
+        with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, sized(&mut scratch.row, cols)));
+    });
+}
+
+/// Several tokens' experts, grouped by expert: the slots that chose each expert are gathered
+/// (a counting sort of `ids`), and each expert's weights are decoded once per panel for all
+/// of them ([`gemm`]), not once per slot.
+fn expert_blocks(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
+    let (experts, rows, cols) = (w.stack.len(), w.stack[0].rows, w.stack[0].cols);
+    let (mut order, mut starts) = with_scratch(|s| (std::mem::take(&mut s.slots), std::mem::take(&mut s.starts)));
+    // starts[e]..starts[e + 1]: expert e's slots in `order`.
+    starts.clear();
+    starts.resize(experts + 1, 0);
+    for &e in ids {
+        starts[e as usize + 1] += 1;
     }
+    for e in 0..experts {
+        starts[e + 1] += starts[e];
+    }
+    order.clear();
+    order.resize(ids.len(), 0);
+    for (s, &e) in ids.iter().enumerate() {
+        order[starts[e as usize] as usize] = s as u32;
+        starts[e as usize] += 1;
+    }
+    // Each start was advanced to the next expert's: shift them back.
+    for e in (1..=experts).rev() {
+        starts[e] = starts[e - 1];
+    }
+    starts[0] = 0;
+    let panels = rows.div_ceil(PANEL_ROWS);
+    let out = Disjoint::new(out);
+    (0..experts * panels).into_par_iter().for_each(|task| {
+        let (e, first) = (task / panels, (task % panels) * PANEL_ROWS);
+        let slots = &order[starts[e] as usize..starts[e + 1] as usize];
+        if slots.is_empty() {
+            return;
+        }
+        let count = PANEL_ROWS.min(rows - first);
+        let slots = Slots { x, x_div, slots };
+        with_scratch(|scratch| gemm::block_at(simd, &w.stack[e], first, count, slots, &out, false, sized(&mut scratch.panel, count * cols)));
+    });
+    with_scratch(|s| (s.slots, s.starts) = (order, starts));
 }
 
 /// The router: expert ids (into `ids`) and weights (into `weights`) per token, by the CPU

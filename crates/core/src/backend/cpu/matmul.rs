@@ -12,62 +12,10 @@
 
 use crate::model::weights::Matrix;
 use crate::quant::{fp8_table, DType};
+use super::vector::Simd;
 
 /// Lanes of the dot products' accumulators: one AVX-512 register, two AVX2 ones.
 const LANES: usize = 16;
-
-/// The instruction sets the kernels are compiled for, lowest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Simd {
-    Portable,
-    Avx2,
-    Avx512,
-}
-
-impl Simd {
-    /// Every level this machine runs, lowest first.
-    pub fn available() -> Vec<Simd> {
-        #[allow(unused_mut)] // only x86-64 has more levels
-        let mut levels = vec![Simd::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                levels.push(Simd::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("fma") {
-                levels.push(Simd::Avx512);
-            }
-        }
-        levels
-    }
-
-    /// The highest level available, or `DSRUN_CPU_SIMD` (portable, avx2, avx512) where it names
-    /// one this machine runs.
-    pub fn detect() -> Simd {
-        let available = Simd::available();
-        let best = *available.last().expect("portable is always available");
-        match std::env::var("DSRUN_CPU_SIMD").ok().as_deref().and_then(Simd::parse) {
-            Some(level) if available.contains(&level) => level,
-            Some(level) => {
-                log::warn!("DSRUN_CPU_SIMD={}: this CPU does not run it; using {}", level.name(), best.name());
-                best
-            }
-            None => best,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Simd::Portable => "portable",
-            Simd::Avx2 => "avx2",
-            Simd::Avx512 => "avx512",
-        }
-    }
-
-    fn parse(name: &str) -> Option<Simd> {
-        [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().find(|s| s.name() == name)
-    }
-}
 
 /// How a multiply-add is done: fused where the level has FMA, else a multiply and an add (a
 /// software `fma` would be far slower).

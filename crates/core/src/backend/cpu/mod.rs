@@ -12,13 +12,15 @@
 //! `--gpu cpu` come next.
 
 mod attention;
+mod gemm;
 mod indexer;
 mod kernels;
 mod matmul;
 mod router;
 mod scratch;
+mod vector;
 
-pub use matmul::Simd;
+pub use vector::Simd;
 
 use super::{Backend, Resources, StepValues, WorkCounters};
 use crate::config::ModelConfig;

@@ -12,7 +12,7 @@ use crate::model::router::RouterParams;
 fn best(values: &[f32], taken: &[bool]) -> Option<usize> {
     let mut best: Option<usize> = None;
     for (i, v) in values.iter().enumerate() {
-        if !taken[i] && best.map_or(true, |b| v.total_cmp(&values[b]).is_gt()) {
+        if !taken[i] && best.is_none_or(|b| v.total_cmp(&values[b]).is_gt()) {
             best = Some(i);
         }
     }

@@ -14,6 +14,13 @@ pub struct Scratch {
     pub scores: Vec<f32>,
     pub choice: Vec<f32>,
     pub taken: Vec<bool>,
+    /// Decoded weight rows of a multi-token matmul's block.
+    pub panel: Vec<f32>,
+    /// A multi-token matmul's slots; experts' slots ordered by expert, and where each starts.
+    pub slots: Vec<u32>,
+    pub starts: Vec<u32>,
+    /// Attention's partial results, per unit of work.
+    pub parts: Vec<f32>,
 }
 
 thread_local! {
@@ -26,9 +33,9 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 /// `v` resized to `len` (growing only), as a slice.
-pub fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) -> &mut [T] {
     if v.len() < len {
-        v.resize(len, 0.0);
+        v.resize(len, T::default());
     }
     &mut v[..len]
 }

@@ -92,7 +92,7 @@ fn elems_per_word(dtype: DType) -> usize {
 
 fn whole_words(m: &Matrix) -> bool {
     let per_word = elems_per_word(m.dtype);
-    m.cols % per_word == 0 && m.scales.as_ref().map_or(true, |s| s.block_cols % per_word == 0)
+    m.cols.is_multiple_of(per_word) && m.scales.as_ref().is_none_or(|s| s.block_cols % per_word == 0)
 }
 
 /// Room on the GPU for `slots` experts' copies of one matrix (an expert cache), each slot

@@ -1,0 +1,174 @@
+//! The CPU backend's matmul for several tokens (prefill, experts grouped by token, batched
+//! decode): a block of weight rows is decoded once into f32 (any stored format) and multiplied
+//! with the tokens by a register-blocked micro-kernel, `MR` rows by `NR` tokens at a time.
+//! Each loaded weight vector is used `NR` times and each token vector `MR` times, so the
+//! kernel runs at the FMA units' rate instead of the loads' (a dot per row and token does two
+//! loads per multiply-add). Accumulation is f32 and each sum runs over the columns in the
+//! same lane order as the one-token kernel's: the decoded weights are exact, only the order
+//! of the sums differs from the reference's.
+//!
+//! Rows and tokens past a block's end are padded by repeating the last one (computed, never
+//! stored), so every call runs the full-size kernel.
+
+use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
+use crate::model::weights::Matrix;
+use std::marker::PhantomData;
+
+/// Weight rows one task decodes and computes (a multiple of every level's `MR`).
+pub const PANEL_ROWS: usize = 16;
+
+/// The rows of `x` a block multiplies: slot `s` reads row `s / x_div` of `x` (`cols` wide) and
+/// writes row `s` of the output. A prompt's matmul has slots `0..n` and `x_div` 1; an expert's
+/// has the (token, choice) pairs that chose it and `x_div` the choices per token (gate and up
+/// read the token's row) or 1 (down reads the pair's own row).
+#[derive(Clone, Copy)]
+pub struct Slots<'a> {
+    pub x: &'a [f32],
+    pub x_div: usize,
+    pub slots: &'a [u32],
+}
+
+impl<'a> Slots<'a> {
+    #[inline(always)]
+    fn row(&self, i: usize, cols: usize) -> &'a [f32] {
+        let s = self.slots[i] as usize / self.x_div;
+        &self.x[s * cols..(s + 1) * cols]
+    }
+}
+
+/// An output that parallel tasks write at disjoint indices (each task owns a block of rows
+/// for a set of slots that no other task has), without splitting it into `&mut` pieces: a
+/// block's outputs are strided (`slot * rows + r`), not one range.
+pub struct Disjoint<'a> {
+    ptr: *mut f32,
+    len: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: tasks write disjoint indices (the callers' task split guarantees it); nothing reads
+// the output until every task has ended.
+unsafe impl Send for Disjoint<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for Disjoint<'_> {}
+
+impl<'a> Disjoint<'a> {
+    pub fn new(out: &'a mut [f32]) -> Self {
+        Disjoint { ptr: out.as_mut_ptr(), len: out.len(), _borrow: PhantomData }
+    }
+
+    /// Sets (or adds to) element `i`.
+    ///
+    /// # Safety
+    /// No other thread accesses element `i` while the `Disjoint` lives.
+    #[inline(always)]
+    unsafe fn store(&self, i: usize, v: f32, accumulate: bool) {
+        assert!(i < self.len, "output index {i} past {}", self.len);
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        let slot = unsafe { &mut *self.ptr.add(i) };
+        *slot = if accumulate { *slot + v } else { v };
+    }
+}
+
+/// `MR` weight rows times `NR` token rows, each a dot over the columns.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+pub(super) unsafe fn micro<V: Vector, const MR: usize, const NR: usize>(w: [&[f32]; MR], x: [&[f32]; NR]) -> [[f32; NR]; MR] {
+    let cols = w[0].len();
+    assert!(w.iter().all(|r| r.len() == cols) && x.iter().all(|r| r.len() == cols), "rows of one width");
+    let full = cols / LANES * LANES;
+    // SAFETY (every block below): the level is the caller's contract; loads read `LANES`
+    // values at `k < full <= cols`, inside every row (asserted above).
+    let mut acc = [[unsafe { V::zero() }; NR]; MR];
+    for k in (0..full).step_by(LANES) {
+        let wk: [V; MR] = std::array::from_fn(|i| unsafe { V::load(w[i].as_ptr().add(k)) });
+        for j in 0..NR {
+            let xk = unsafe { V::load(x[j].as_ptr().add(k)) };
+            for i in 0..MR {
+                acc[i][j] = unsafe { V::mul_add(wk[i], xk, acc[i][j]) };
+            }
+        }
+    }
+    let mut sums = [[0f32; NR]; MR];
+    for i in 0..MR {
+        for j in (0..NR).step_by(4) {
+            let four: [V; 4] = std::array::from_fn(|q| if j + q < NR { acc[i][j + q] } else { unsafe { V::zero() } });
+            let four = unsafe { V::sum4(four) };
+            let take = 4.min(NR - j);
+            sums[i][j..j + take].copy_from_slice(&four[..take]);
+        }
+        for j in 0..NR {
+            for c in full..cols {
+                sums[i][j] += w[i][c] * x[j][c];
+            }
+        }
+    }
+    sums
+}
+
+/// Rows `first..first + count` of `m` (`count` ≤ [`PANEL_ROWS`]) for every slot of `slots`,
+/// into `out[slot * m.rows + r]`. `panel`: `count * cols` values of working space.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: usize, count: usize, slots: Slots, out: &Disjoint, accumulate: bool, panel: &mut [f32]) {
+    let cols = m.cols;
+    for (i, row) in panel.chunks_exact_mut(cols).take(count).enumerate() {
+        m.decode_row(first + i, row);
+    }
+    let n = slots.slots.len();
+    for t in (0..n).step_by(NR) {
+        let x: [&[f32]; NR] = std::array::from_fn(|j| slots.row((t + j).min(n - 1), cols));
+        for r in (0..count).step_by(MR) {
+            let w: [&[f32]; MR] = std::array::from_fn(|i| {
+                let i = (r + i).min(count - 1);
+                &panel[i * cols..(i + 1) * cols]
+            });
+            // SAFETY: the caller's contract.
+            let y = unsafe { micro::<V, MR, NR>(w, x) };
+            for (j, &slot) in slots.slots[t..n.min(t + NR)].iter().enumerate() {
+                for (i, row) in y.iter().enumerate().take(count - r) {
+                    // SAFETY: this task owns rows `first..first + count` for these slots.
+                    unsafe { out.store(slot as usize * m.rows + first + r + i, row[j], accumulate) };
+                }
+            }
+        }
+    }
+}
+
+/// [`block`] at `simd`'s level.
+#[allow(clippy::too_many_arguments)] // one block's whole description; a struct would only rename it
+pub fn block_at(simd: Simd, m: &Matrix, first: usize, count: usize, slots: Slots, out: &Disjoint, accumulate: bool, panel: &mut [f32]) {
+    debug_assert!(count <= PANEL_ROWS && panel.len() >= count * m.cols);
+    dispatch(simd, Block { m, first, count, slots, out, accumulate, panel })
+}
+
+struct Block<'a, 'b> {
+    m: &'a Matrix,
+    first: usize,
+    count: usize,
+    slots: Slots<'a>,
+    out: &'a Disjoint<'b>,
+    accumulate: bool,
+    panel: &'a mut [f32],
+}
+
+impl AtLevel for Block<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<V: Vector>(self) {
+        let Block { m, first, count, slots, out, accumulate, panel } = self;
+        // Four by four keeps 16 accumulators, four weight vectors and a token vector in
+        // AVX-512's 32 registers; AVX2 (two registers per vector, 16 of them) and the
+        // fallback take two by two.
+        // SAFETY: the caller's contract.
+        unsafe {
+            match V::REGISTERS {
+                32.. => block::<V, 4, 4>(m, first, count, slots, out, accumulate, panel),
+                _ => block::<V, 2, 2>(m, first, count, slots, out, accumulate, panel),
+            }
+        }
+    }
+}
