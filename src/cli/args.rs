@@ -50,7 +50,7 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "auto", value_parser = choice::<GpuChoice>())]
     pub gpu: GpuChoice,
     /// Threads the CPU computes on (`--gpu cpu`, the reference, weight conversion) [default:
-    /// one per logical CPU].
+    /// one per physical core].
     #[arg(short = 't', long, value_name = "N")]
     pub threads: Option<usize>,
     /// Weight format on the GPU: keep the checkpoint's (bf16, FP8 + block scales, ...), or convert
@@ -85,9 +85,8 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// The checkpoint in `dir` opened for loading on this device with these flags.
     pub fn builder(&self, dir: &Path) -> Result<EngineBuilder<'static>> {
-        if let Some(threads) = self.threads {
-            dsrun::backend::cpu::set_threads(threads)?;
-        }
+        // A second thread on a core shares its FMA units and caches: the kernels gain nothing.
+        dsrun::backend::cpu::set_threads(self.threads.unwrap_or_else(dsrun::backend::cpu::physical_cores))?;
         let options = GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, ..GpuOptions::default() };
         Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
     }

@@ -10,7 +10,7 @@ use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::math;
 use crate::model::weights::Matrix;
 use crate::plan::layout::{CacheFormat, MlaShape, LATENT_NORM_EPS};
-use rayon::prelude::*;
+use super::pool::{for_each_chunk, pool};
 
 /// The latent cache's values as words in `format` (16-bit formats hold value i in the low
 /// half of word i / 2 when i is even, the high half when odd).
@@ -88,9 +88,9 @@ fn rotate(x: &mut [f32], inv_freq: &[f32], position: u32, scale: f32) {
 /// RoPE of each head's last `rope` query values at its token's position, in place.
 pub fn rope_q(q: &mut [f32], inv_freq: &[f32], positions: &[u32], s: &MlaShape, n: usize) {
     let qk = s.nope + s.rope;
-    q[..n * s.heads * qk].par_chunks_mut(s.heads * qk).zip(positions.par_chunks(2)).for_each(|(token, pos)| {
+    for_each_chunk(&mut q[..n * s.heads * qk], s.heads * qk, |t, token| {
         for head in token.chunks_mut(qk) {
-            rotate(&mut head[s.nope..], inv_freq, pos[0], s.rope_scale);
+            rotate(&mut head[s.nope..], inv_freq, positions[2 * t], s.rope_scale);
         }
     });
 }
@@ -124,7 +124,7 @@ fn head_row<'r>(kv_b: &Matrix, s: &MlaShape, h: usize, d: usize, row: &'r mut Ve
 /// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]` (kv_b's key rows decoded as they are used).
 pub fn q_absorb(q_lat: &mut [f32], kv_b: &Matrix, q: &[f32], s: &MlaShape, n: usize) {
     let qk = s.nope + s.rope;
-    q_lat[..n * s.heads * s.lora].par_chunks_mut(s.lora).enumerate().for_each(|(th, out)| {
+    for_each_chunk(&mut q_lat[..n * s.heads * s.lora], s.lora, |th, out| {
         let h = th % s.heads;
         out.fill(0.0);
         let q_nope = &q[th * qk..][..s.nope];
@@ -138,7 +138,7 @@ pub fn q_absorb(q_lat: &mut [f32], kv_b: &Matrix, q: &[f32], s: &MlaShape, n: us
 
 /// `o[t, h] = W_UV[h] o_lat[t, h]` (kv_b's value rows decoded as they are used).
 pub fn v_up(o: &mut [f32], kv_b: &Matrix, o_lat: &[f32], s: &MlaShape, n: usize) {
-    o[..n * s.heads * s.v].par_chunks_mut(s.v).enumerate().for_each(|(th, out)| {
+    for_each_chunk(&mut o[..n * s.heads * s.v], s.v, |th, out| {
         let h = th % s.heads;
         let latent = &o_lat[th * s.lora..(th + 1) * s.lora];
         with_scratch(|scratch| {
@@ -164,11 +164,11 @@ const BLOCK: usize = 16;
 #[allow(clippy::too_many_arguments)]
 pub fn attention(simd: Simd, o_lat: &mut [f32], q: &[f32], q_lat: &[f32], positions: &[u32], cache: &Cache, s: &MlaShape, sparse: Option<(&[u32], usize)>, n: usize) {
     let part_len = s.heads * (s.lora + 2);
-    let threads = rayon::current_num_threads();
+    let threads = pool().threads();
     let shares = if n >= threads { 1 } else { threads.div_ceil(n) };
     let mut parts = with_scratch(|scratch| std::mem::take(&mut scratch.parts));
     let parts_all = sized(&mut parts, n * shares * part_len);
-    parts_all.par_chunks_mut(part_len).enumerate().for_each(|(unit, part)| {
+    for_each_chunk(parts_all, part_len, |unit, part| {
         let (t, share) = (unit / shares, unit % shares);
         let position = positions[2 * t] as usize;
         let seen = match sparse {
@@ -180,7 +180,7 @@ pub fn attention(simd: Simd, o_lat: &mut [f32], q: &[f32], q_lat: &[f32], positi
         with_scratch(|scratch| dispatch(simd, Unit { part, query, cache, first_row: positions[2 * t + 1] as usize, seen, range: (lo, hi), s, scratch }));
     });
     let parts_all = &parts_all[..];
-    o_lat[..n * s.heads * s.lora].par_chunks_mut(s.heads * s.lora).enumerate().for_each(|(t, out)| {
+    for_each_chunk(&mut o_lat[..n * s.heads * s.lora], s.heads * s.lora, |t, out| {
         merge(out, &parts_all[t * shares * part_len..(t + 1) * shares * part_len], s);
     });
     with_scratch(|scratch| scratch.parts = parts);

@@ -13,10 +13,10 @@ use crate::model::math;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
 use crate::plan::{IndexerShape, MlaShape, Rows};
-use rayon::prelude::*;
+use super::pool::{for_each_chunk, pool};
 use std::sync::Arc;
 
-/// Output rows per rayon task of a one-token matmul: enough work per task to amortise its
+/// Output rows per task of a one-token matmul: enough work per task to amortise its
 /// scheduling.
 const ROWS_PER_TASK: usize = 16;
 
@@ -148,7 +148,7 @@ impl Kernel {
                 let first = n - r;
                 let (x, w, out) = (&f32s(&b[*x])[first * dim..n * dim], &f32s(&b[*weight])[..*dim], &mut f32s_mut(out)[..r * dim]);
                 out.copy_from_slice(x);
-                out.par_chunks_mut(*dim).for_each(|row| math::rms_norm(row, w, *eps as f64));
+                for_each_chunk(out, *dim, |_, row| math::rms_norm(row, w, *eps as f64));
             }
             Kernel::Matmul { w, x, rows, accumulate, .. } => {
                 let m = &w.stack[0];
@@ -223,15 +223,15 @@ fn inv_freq_of<'b>(b: &'b [Vec<u32>], inv_freq: usize, s: &MlaShape) -> &'b [f32
 fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     let (rows, cols) = (m.rows, m.cols);
     if n == 1 {
-        y.par_chunks_mut(ROWS_PER_TASK).enumerate().for_each(|(task, dst)| {
+        for_each_chunk(y, ROWS_PER_TASK, |task, dst| {
             with_scratch(|scratch| {
                 let row = sized(&mut scratch.row, cols);
                 if !accumulate {
-                    return matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, dst, row);
+                    return matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, dst, row);
                 }
                 let mut sums = [0f32; ROWS_PER_TASK];
                 let sums = &mut sums[..dst.len()];
-                matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, 1, sums, row);
+                matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, sums, row);
                 math::add_in_place(dst, sums);
             })
         });
@@ -242,7 +242,7 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
     slots.extend(0..n as u32);
     let (chunks, panels) = (n.div_ceil(TOKEN_CHUNK), rows.div_ceil(PANEL_ROWS));
     let out = Disjoint::new(&mut y[..n * rows]);
-    (0..chunks * panels).into_par_iter().for_each(|task| {
+    pool().run(chunks * panels, &|task| {
         let (chunk, first) = (task / panels, (task % panels) * PANEL_ROWS);
         let count = PANEL_ROWS.min(rows - first);
         let slots = Slots { x, x_div: 1, slots: &slots[chunk * TOKEN_CHUNK..n.min((chunk + 1) * TOKEN_CHUNK)] };
@@ -254,9 +254,9 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
 /// One token's experts: each (token, choice) slot's rows from its expert, fused dots.
 fn expert_rows(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
     let (rows, cols) = (w.stack[0].rows, w.stack[0].cols);
-    out.par_chunks_mut(rows).enumerate().for_each(|(s, y)| {
+    for_each_chunk(out, rows, |s, y| {
         let xs = &x[(s / x_div) * cols..][..cols];
-        with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, 1, y, sized(&mut scratch.row, cols)));
+        with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, y, sized(&mut scratch.row, cols)));
     });
 }
 
@@ -288,7 +288,7 @@ fn expert_blocks(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32]
     starts[0] = 0;
     let panels = rows.div_ceil(PANEL_ROWS);
     let out = Disjoint::new(out);
-    (0..experts * panels).into_par_iter().for_each(|task| {
+    pool().run(experts * panels, &|task| {
         let (e, first) = (task / panels, (task % panels) * PANEL_ROWS);
         let slots = &order[starts[e] as usize..starts[e + 1] as usize];
         if slots.is_empty() {

@@ -1,60 +1,34 @@
-//! The CPU backend's matmul: `y = W x` with W read in its stored format (f32, bf16, f16, FP8
-//! with block scales, q8, q4), rows split over the pool's threads. One token (decode) takes a
-//! fused dot per row straight from the stored bytes, so each weight byte is read once and
-//! nothing is written back; several tokens decode a row once into a per-task scratch row and
-//! dot it with each token. Sums are f32 (exact decoding; only the order of the sums differs
+//! The CPU backend's one-token matmul (decode): `y = W x` with W read in its stored format
+//! (f32, bf16, f16, FP8 with block scales, q8, q4), each row a dot fused with its stored bytes,
+//! so each weight byte is read once and nothing is written back. Several tokens take the
+//! blocked kernel in `gemm`. Sums are f32 (exact decoding; only the order of the sums differs
 //! from the reference's).
 //!
-//! The kernels are written once, generic over how a multiply-add is done, and compiled for
-//! each SIMD level with `#[target_feature]` (LLVM vectorises the 16-lane loops): AVX-512 and
-//! AVX2+FMA on x86-64, chosen at run time (`Simd::detect`; `DSRUN_CPU_SIMD` forces a lower
-//! level); the portable build elsewhere (NEON on aarch64, where FMA is baseline).
+//! Written once over the level's [`Vector`] and compiled per level by [`dispatch`]. A row's
+//! dot keeps four accumulators: one chain of multiply-adds would wait on the FMA's latency,
+//! not on memory.
 
+use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::Matrix;
 use crate::quant::{fp8_table, DType};
-use super::vector::Simd;
 
-/// Lanes of the dot products' accumulators: one AVX-512 register, two AVX2 ones.
-const LANES: usize = 16;
-
-/// How a multiply-add is done: fused where the level has FMA, else a multiply and an add (a
-/// software `fma` would be far slower).
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-#[allow(dead_code)] // x86-64's portable level does not fuse
-struct Fused;
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-#[allow(dead_code)] // aarch64 always fuses
-struct Separate;
-impl MulAdd for Separate {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a * b + c
-    }
-}
-
-#[inline(always)]
-fn reduce(acc: [f32; LANES]) -> f32 {
-    let mut half = [0f32; LANES / 2];
-    for i in 0..LANES / 2 {
-        half[i] = acc[i] + acc[i + LANES / 2];
-    }
-    half.iter().sum()
-}
-
-/// How a stored value becomes f32 (every call inlined: the kernels are compiled per SIMD level,
-/// and anything left out of line would be compiled for the baseline instead).
+/// How stored values become f32 lanes.
 trait Decode {
     const BYTES: usize;
+    /// One value.
     fn decode(b: &[u8], table: &[f32; 256]) -> f32;
+    /// `LANES` values from `p`.
+    ///
+    /// # Safety
+    /// The CPU runs `V`'s level; `p` points at `LANES * BYTES` readable bytes.
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8, table: &[f32; 256]) -> V {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, LANES * Self::BYTES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| Self::decode(&bytes[i * Self::BYTES..], table));
+        // SAFETY: as above; `lanes` holds `LANES` values.
+        unsafe { V::load(lanes.as_ptr()) }
+    }
 }
 
 struct F32s;
@@ -64,6 +38,11 @@ impl Decode for F32s {
     fn decode(b: &[u8], _: &[f32; 256]) -> f32 {
         f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8, _: &[f32; 256]) -> V {
+        // SAFETY: the caller's contract (unaligned loads).
+        unsafe { V::load(p as *const f32) }
+    }
 }
 
 struct Bf16s;
@@ -72,6 +51,11 @@ impl Decode for Bf16s {
     #[inline(always)]
     fn decode(b: &[u8], _: &[f32; 256]) -> f32 {
         f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+    }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8, _: &[f32; 256]) -> V {
+        // SAFETY: the caller's contract.
+        unsafe { V::load_bf16(p) }
     }
 }
 
@@ -92,136 +76,155 @@ impl Decode for Q8s {
     fn decode(b: &[u8], _: &[f32; 256]) -> f32 {
         b[0] as i8 as f32
     }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8, _: &[f32; 256]) -> V {
+        // SAFETY: the caller's contract.
+        unsafe { V::load_i8(p) }
+    }
 }
 
 /// `Σ decode(w_c) x_c` over one run of stored values.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
 #[inline(always)]
-fn dot_run<M: MulAdd, D: Decode>(w: &[u8], x: &[f32], table: &[f32; 256]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (wc, xc) = (w.chunks_exact(LANES * D::BYTES), x.chunks_exact(LANES));
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (w, x) in wc.zip(xc) {
-        for i in 0..LANES {
-            acc[i] = M::mul_add(D::decode(&w[i * D::BYTES..(i + 1) * D::BYTES], table), x[i], acc[i]);
+unsafe fn dot_run<V: Vector, D: Decode>(w: &[u8], x: &[f32], table: &[f32; 256]) -> f32 {
+    let len = x.len();
+    assert_eq!(w.len(), len * D::BYTES, "a row of the run's width");
+    // SAFETY (every block): the level is the caller's contract; each load reads `LANES`
+    // values at `k + LANES <= len` (asserted widths).
+    let load = |k: usize| unsafe { (D::load::<V>(w.as_ptr().add(k * D::BYTES), table), V::load(x.as_ptr().add(k))) };
+    let mut acc = [unsafe { V::zero() }; 4];
+    let mut k = 0;
+    while k + 4 * LANES <= len {
+        prefetch::<D>(w, k);
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let (w, x) = load(k + i * LANES);
+            *acc = unsafe { V::mul_add(w, x, *acc) };
         }
+        k += 4 * LANES;
     }
-    let mut sum = reduce(acc);
-    for (w, &x) in wr.chunks_exact(D::BYTES).zip(xr) {
-        sum = M::mul_add(D::decode(w, table), x, sum);
+    while k + LANES <= len {
+        let (w, x) = load(k);
+        acc[0] = unsafe { V::mul_add(w, x, acc[0]) };
+        k += LANES;
     }
-    sum
-}
-
-/// A row in format `D` dotted with `x`, each block of `s`'s scales (FP8 blocks, q8 groups)
-/// summed and scaled.
-#[inline(always)]
-fn dot_scaled<M: MulAdd, D: Decode>(row: &[u8], x: &[f32], scales: Option<(&[f32], usize)>, table: &[f32; 256]) -> f32 {
-    let Some((grid_row, block)) = scales else { return dot_run::<M, D>(row, x, table) };
-    let mut sum = 0f32;
-    let (mut w, mut x) = (row, x);
-    for &scale in grid_row {
-        let cols = block.min(x.len());
-        sum += dot_run::<M, D>(&w[..cols * D::BYTES], &x[..cols], table) * scale;
-        (w, x) = (&w[cols * D::BYTES..], &x[cols..]);
+    let mut sum: f32 = unsafe { V::sum4(acc) }.iter().sum();
+    for c in k..len {
+        sum += D::decode(&w[c * D::BYTES..], table) * x[c];
     }
     sum
 }
 
-/// Row `r` of `m` dotted with `x`, fused from the stored bytes, for the formats that decode
-/// value by value; None for the others (f16, q4: decoded into a row first).
+/// A row in format `D` dotted with `x`, each block of `scales` (FP8 blocks, q8 groups)
+/// scaled. Blocks of whole vectors are summed in vectors and added scaled into four
+/// accumulators (a horizontal sum per block would cost more than a q8 group's products).
+///
+/// # Safety
+/// The CPU runs `V`'s level.
 #[inline(always)]
-fn fused_row<M: MulAdd>(m: &Matrix, r: usize, x: &[f32]) -> Option<f32> {
-    let width = m.cols * m.dtype.size_bytes();
-    let row = m.data.as_slice().get(r * width..(r + 1) * width)?;
-    let scales = m.scales.as_ref().map(|s| (&s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols], s.block_cols));
+unsafe fn dot_scaled<V: Vector, D: Decode>(row: &[u8], x: &[f32], scales: Option<(&[f32], usize)>, table: &[f32; 256]) -> f32 {
+    // SAFETY (every block): the caller's contract.
+    let Some((grid_row, block)) = scales else { return unsafe { dot_run::<V, D>(row, x, table) } };
+    let len = x.len();
+    assert_eq!(row.len(), len * D::BYTES, "a row of the input's width");
+    if block % LANES != 0 {
+        let mut sum = 0f32;
+        for (b, &scale) in grid_row.iter().enumerate() {
+            let cols = b * block..len.min((b + 1) * block);
+            sum += unsafe { dot_run::<V, D>(&row[cols.start * D::BYTES..cols.end * D::BYTES], &x[cols], table) } * scale;
+        }
+        return sum;
+    }
+    let full = len / LANES * LANES;
+    let mut acc = [unsafe { V::zero() }; 4];
+    for (b, &scale) in grid_row.iter().enumerate().take(full.div_ceil(block)) {
+        let mut part = unsafe { V::zero() };
+        for k in (b * block..full.min((b + 1) * block)).step_by(LANES) {
+            if k % (4 * LANES) == 0 {
+                prefetch::<D>(row, k);
+            }
+            // SAFETY: `k + LANES <= full <= len` (asserted width).
+            part = unsafe { V::mul_add(D::load::<V>(row.as_ptr().add(k * D::BYTES), table), V::load(x.as_ptr().add(k)), part) };
+        }
+        acc[b % 4] = unsafe { V::mul_add(V::splat(scale), part, acc[b % 4]) };
+    }
+    let sum: f32 = unsafe { V::sum4(acc) }.iter().sum();
+    let tail: f32 = (full..len).map(|c| D::decode(&row[c * D::BYTES..], table) * x[c]).sum();
+    sum + if full < len { tail * grid_row[full / block] } else { 0.0 }
+}
+
+/// Bytes ahead of the loads a row's dot prefetches. The hardware prefetcher alone left decode
+/// at ~115 tok/s on the 0.58B synth (2 threads); 256 bytes ahead reached ~135, while 640 and
+/// more fell below 120 (rows are 0.7-2 KiB: far prefetches land in rows another thread reads).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PREFETCH_AHEAD: usize = 256;
+
+/// Prefetches the cache lines `PREFETCH_AHEAD` bytes past the `4 * LANES` values from `k` on
+/// (x86-64; a hint elsewhere left to the hardware).
+#[inline(always)]
+fn prefetch<D: Decode>(w: &[u8], k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in 0..D::BYTES {
+        let ahead = w.as_ptr().wrapping_add(k * D::BYTES + PREFETCH_AHEAD + 64 * line) as *const i8;
+        // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, k);
+}
+
+/// Row `r` of `m` dotted with `x`, fused from the stored bytes; or decoded into `scratch`
+/// first for the formats that do not decode value by value (f16, q4).
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, x: &[f32], scratch: &mut [f32]) -> f32 {
     let table = fp8_table();
-    Some(match m.dtype {
-        DType::F32 => dot_scaled::<M, F32s>(row, x, scales, table),
-        DType::BF16 => dot_scaled::<M, Bf16s>(row, x, scales, table),
-        DType::F8E4M3 => dot_scaled::<M, Fp8s>(row, x, scales, table),
-        DType::Q8 => dot_scaled::<M, Q8s>(row, x, scales, table),
-        DType::F16 | DType::Q4 => return None,
-    })
-}
-
-#[inline(always)]
-fn dot<M: MulAdd>(w: &[f32], x: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (wc, xc) = (w.chunks_exact(LANES), x.chunks_exact(LANES));
-    let (wr, xr) = (wc.remainder(), xc.remainder());
-    for (w, x) in wc.zip(xc) {
-        for i in 0..LANES {
-            acc[i] = M::mul_add(w[i], x[i], acc[i]);
-        }
-    }
-    let mut sum = reduce(acc);
-    for (&w, &x) in wr.iter().zip(xr) {
-        sum = M::mul_add(w, x, sum);
-    }
-    sum
-}
-
-/// Rows `first..first + count` of `m` for `n` tokens of `x` (`[n, cols]`) into `dst`
-/// (`[count, n]`, row-major by weight row). `scratch`: a row of `cols` values.
-#[inline(always)]
-fn rows<M: MulAdd>(m: &Matrix, first: usize, x: &[f32], n: usize, dst: &mut [f32], scratch: &mut [f32]) {
-    let cols = m.cols;
-    for (i, out) in dst.chunks_mut(n).enumerate() {
-        let r = first + i;
-        if n == 1 {
-            if let Some(v) = fused_row::<M>(m, r, x) {
-                out[0] = v;
-                continue;
-            }
-        }
+    if matches!(m.dtype, DType::F16 | DType::Q4) {
         m.decode_row(r, scratch);
-        for (t, o) in out.iter_mut().enumerate() {
-            *o = dot::<M>(scratch, &x[t * cols..(t + 1) * cols]);
+        // SAFETY: the caller's contract.
+        return unsafe { dot_run::<V, F32s>(bytemuck::cast_slice(scratch), x, table) };
+    }
+    let width = m.cols * m.dtype.size_bytes();
+    let row = &m.data.as_slice()[r * width..(r + 1) * width];
+    let scales = m.scales.as_ref().map(|s| (&s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols], s.block_cols));
+    // SAFETY (every arm): the caller's contract.
+    unsafe {
+        match m.dtype {
+            DType::F32 => dot_scaled::<V, F32s>(row, x, scales, table),
+            DType::BF16 => dot_scaled::<V, Bf16s>(row, x, scales, table),
+            DType::F8E4M3 => dot_scaled::<V, Fp8s>(row, x, scales, table),
+            DType::Q8 => dot_scaled::<V, Q8s>(row, x, scales, table),
+            DType::F16 | DType::Q4 => unreachable!("decoded above"),
         }
     }
 }
 
-/// The kernels compiled for one level.
-#[cfg(target_arch = "x86_64")]
-macro_rules! level {
-    ($name:ident, $features:literal, $muladd:ty) => {
-        mod $name {
-            use super::*;
-            /// # Safety
-            /// The CPU runs the level's instructions (`Simd::available`).
-            #[target_feature(enable = $features)]
-            pub unsafe fn rows(m: &Matrix, first: usize, x: &[f32], n: usize, dst: &mut [f32], scratch: &mut [f32]) {
-                super::rows::<$muladd>(m, first, x, n, dst, scratch)
-            }
+/// Rows `first..first + dst.len()` of `m` dotted with one token's `x`, into `dst`. `scratch`:
+/// a row of `m.cols` values.
+pub fn rows_at(simd: Simd, m: &Matrix, first: usize, x: &[f32], dst: &mut [f32], scratch: &mut [f32]) {
+    dispatch(simd, Rows { m, first, x, dst, scratch })
+}
+
+struct Rows<'a> {
+    m: &'a Matrix,
+    first: usize,
+    x: &'a [f32],
+    dst: &'a mut [f32],
+    scratch: &'a mut [f32],
+}
+
+impl AtLevel for Rows<'_> {
+    type Output = ();
+    #[inline(always)]
+    unsafe fn run<V: Vector>(self) {
+        let Rows { m, first, x, dst, scratch } = self;
+        for (i, out) in dst.iter_mut().enumerate() {
+            // SAFETY: the caller's contract.
+            *out = unsafe { row_dot::<V>(m, first + i, x, scratch) };
         }
-    };
-}
-
-#[cfg(target_arch = "x86_64")]
-level!(avx512, "avx512f,avx512bw,avx512vl,avx2,fma", Fused);
-#[cfg(target_arch = "x86_64")]
-level!(avx2, "avx2,fma", Fused);
-
-mod portable {
-    use super::*;
-    #[cfg(target_arch = "aarch64")]
-    type Native = Fused;
-    #[cfg(not(target_arch = "aarch64"))]
-    type Native = Separate;
-    pub fn rows(m: &Matrix, first: usize, x: &[f32], n: usize, dst: &mut [f32], scratch: &mut [f32]) {
-        super::rows::<Native>(m, first, x, n, dst, scratch)
     }
 }
 
-/// [`rows`] at `simd`'s level.
-pub fn rows_at(simd: Simd, m: &Matrix, first: usize, x: &[f32], n: usize, dst: &mut [f32], scratch: &mut [f32]) {
-    match simd {
-        // SAFETY: `simd` comes from `Simd::detect` or `Simd::available`: the CPU runs it.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { avx512::rows(m, first, x, n, dst, scratch) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { avx2::rows(m, first, x, n, dst, scratch) },
-        _ => portable::rows(m, first, x, n, dst, scratch),
-    }
-}

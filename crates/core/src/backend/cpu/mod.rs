@@ -6,20 +6,25 @@
 //! It lowers every plan op but expert slot pools (a `--gpu-mem`-style budget is refused naming
 //! them): the whole model, its MTP layer and V3.2's indexer run through the runtime's step loop
 //! (`Runtime<CpuBackend>`), held to transformers' logits on every fixture family
-//! (tests/cpu_backend.rs) and every op to the CPU reference by the conformance harness. The
-//! kernels are straightforward so far (rows over rayon's pool, the oracle's row decoding, a
-//! scratch vector per op): the SIMD kernels, the persistent pool, zero allocations per step and
-//! `--gpu cpu` come next.
+//! (tests/cpu_backend.rs) and every op to the CPU reference by the conformance harness.
+//!
+//! The kernels: one-token mat-vecs that stream each weight byte once (`matmul`), a
+//! register-blocked matmul for several tokens and for experts grouped by expert (`gemm`),
+//! attention that reads each cached latent once for every head (`attention`), all written over
+//! a SIMD level's vector (`vector`: AVX-512, AVX2, NEON, portable) and run on a persistent
+//! pool (`pool`) with per-thread scratch, so a decode step allocates nothing.
 
 mod attention;
 mod gemm;
 mod indexer;
 mod kernels;
 mod matmul;
+mod pool;
 mod router;
 mod scratch;
 mod vector;
 
+pub use pool::physical_cores;
 pub use vector::Simd;
 
 use super::{Backend, Resources, StepValues, WorkCounters};
@@ -28,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
 use crate::plan::{ExpertWeights, KernelLimits, Op, Target};
 use kernels::Kernel;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Most tokens one step takes: prompts run in chunks of this many.
@@ -58,25 +64,33 @@ impl Default for CpuBackend {
 }
 
 /// Sets the threads the CPU backend (and the reference, and weight conversion) computes on,
-/// once per process, before anything runs (`--threads`); the default is one per logical CPU.
+/// once per process, before anything runs (`--threads`). The default: the CPU backend one per
+/// physical core ([`physical_cores`]), the reference rayon's one per logical CPU.
 pub fn set_threads(threads: usize) -> Result<()> {
     if threads == 0 {
         return Err(Error::Invalid("--threads 0: give at least 1".into()));
     }
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| Error::Invalid(format!("--threads {threads}: {e}")))
+    pool::set_threads(threads)?;
+    match rayon::ThreadPoolBuilder::new().num_threads(threads).build_global() {
+        Err(_) if rayon::current_num_threads() == threads => Ok(()),
+        built => built.map_err(|e| Error::Invalid(format!("--threads {threads}: {e}"))),
+    }
 }
 
 /// The host's read bandwidth in bytes per second, measured: every thread of the pool summing its
 /// share of a 256 MiB buffer (well past the caches), the best of three passes. Decode streams
 /// each weight byte once, so this bounds it (`dsrun devices`).
 pub fn read_bandwidth() -> f64 {
-    use rayon::prelude::*;
     const WORDS: usize = 32 << 20;
     let buffer: Vec<u64> = (0..WORDS as u64).collect();
     let mut best = f64::MAX;
     for _ in 0..3 {
         let started = std::time::Instant::now();
-        let sum = buffer.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b))).reduce(|| 0, u64::wrapping_add);
+        let sum = AtomicU64::new(0);
+        pool::pool().run(WORDS >> 16, &|i| {
+            let part = buffer[i << 16..(i + 1) << 16].iter().fold(0u64, |a, &b| a.wrapping_add(b));
+            sum.fetch_add(part, Ordering::Relaxed);
+        });
         std::hint::black_box(sum);
         best = best.min(started.elapsed().as_secs_f64());
     }
@@ -85,7 +99,7 @@ pub fn read_bandwidth() -> f64 {
 
 /// `dsrun devices`' line for the CPU: its kernels' SIMD level, threads and read bandwidth.
 pub fn describe_host() -> String {
-    format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), rayon::current_num_threads(), read_bandwidth() / 1e9)
+    format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
 }
 
 impl CpuBackend {
@@ -118,7 +132,7 @@ impl Backend for CpuBackend {
     type Op = Kernel;
 
     fn describe(&self) -> String {
-        format!("cpu ({}, {} threads)", self.simd.name(), rayon::current_num_threads())
+        format!("cpu ({}, {} threads)", self.simd.name(), pool::pool().threads())
     }
 
     fn target(&mut self, _config: &ModelConfig, _capacity: usize) -> Result<Target> {
@@ -238,17 +252,9 @@ impl Backend for CpuBackend {
     }
 
     fn record(&mut self, ops: &[Kernel], n: u32) -> Result<()> {
-        // The ops run on one of the pool's threads, so their parallel loops are the pool's own
-        // work: one hand-over per record, not one per op. The hand-over goes through rayon's
-        // injector queue, which allocates a block every 63 jobs: marked as a driver call.
-        let (buffers, simd) = (&mut self.buffers, self.simd);
-        crate::hot_path::driver(|| {
-            rayon::scope(|_| {
-                for op in ops {
-                    op.run(buffers, n as usize, simd);
-                }
-            })
-        });
+        for op in ops {
+            op.run(&mut self.buffers, n as usize, self.simd);
+        }
         self.work.counts[0] += ops.len() as u64;
         Ok(())
     }

@@ -116,6 +116,30 @@ pub trait Vector: Copy {
     /// # Safety
     /// As [`Vector::zero`], and `p` points at `LANES` readable values.
     unsafe fn load(p: *const f32) -> Self;
+    /// `LANES` bf16 values (little-endian) from `p`, widened exactly.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `2 * LANES` readable bytes.
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u8) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, 2 * LANES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16));
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// `LANES` signed bytes from `p` as f32.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `LANES` readable bytes.
+    #[inline(always)]
+    unsafe fn load_i8(p: *const u8) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, LANES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| bytes[i] as i8 as f32);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
     /// # Safety
     /// As [`Vector::zero`], and `p` points at `LANES` writable values.
     unsafe fn store(self, p: *mut f32);
@@ -166,6 +190,18 @@ mod x86 {
             Avx512(unsafe { _mm512_loadu_ps(p) })
         }
         #[inline(always)]
+        unsafe fn load_bf16(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from `p`.
+            let halves = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+            Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves))))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             // SAFETY: the caller's contract.
             unsafe { _mm512_storeu_ps(p, self.0) }
@@ -213,6 +249,20 @@ mod x86 {
         unsafe fn load(p: *const f32) -> Self {
             // SAFETY: the caller's contract: 16 values from `p`.
             unsafe { Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from `p`.
+            let (a, b) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(p.add(16) as *const __m128i)) };
+            let widen = |h| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            Avx2(widen(a), widen(b))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
+            let widen = |q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+            Avx2(widen(a), widen(b))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
