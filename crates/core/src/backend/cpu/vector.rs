@@ -140,6 +140,18 @@ pub trait Vector: Copy {
         // SAFETY: `lanes` holds `LANES` values.
         unsafe { Self::load(lanes.as_ptr()) }
     }
+    /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (the low nibble first) as f32.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `LANES / 2` readable bytes.
+    #[inline(always)]
+    unsafe fn load_u4(p: *const u8) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, LANES / 2) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| ((bytes[i / 2] >> (4 * (i % 2))) & 0xf) as f32);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
     /// # Safety
     /// As [`Vector::zero`], and `p` points at `LANES` writable values.
     unsafe fn store(self, p: *mut f32);
@@ -175,6 +187,18 @@ mod x86 {
     use super::Vector;
     use std::arch::x86_64::*;
 
+    /// The 16 codes of 8 bytes (the low nibble first), a byte each.
+    ///
+    /// # Safety
+    /// SSE2 (baseline on x86-64); `p` points at 8 readable bytes.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m128i {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { _mm_loadl_epi64(p as *const __m128i) };
+        let mask = _mm_set1_epi8(0x0f);
+        _mm_unpacklo_epi8(_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask))
+    }
+
     #[derive(Clone, Copy)]
     pub struct Avx512(__m512);
 
@@ -200,6 +224,12 @@ mod x86 {
             // SAFETY: the caller's contract: 16 bytes from `p`.
             let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
             Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+        }
+        #[inline(always)]
+        unsafe fn load_u4(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 8 bytes from `p`.
+            let codes = unsafe { nibbles(p) };
+            Avx512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -263,6 +293,12 @@ mod x86 {
             let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
             let widen = |q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
             Avx2(widen(a), widen(b))
+        }
+        #[inline(always)]
+        unsafe fn load_u4(p: *const u8) -> Self {
+            // SAFETY: the caller's contract: 8 bytes from `p`.
+            let codes = unsafe { nibbles(p) };
+            Avx2(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
