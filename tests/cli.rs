@@ -340,7 +340,7 @@ fn perplexity_scores_a_file_the_same_on_cpu_and_gpu() {
     std::fs::write(&file, &sample).unwrap();
     let file = file.to_str().unwrap();
     let mut numbers = Vec::new();
-    for gpu in ["cpu", "auto"] {
+    for gpu in ["cpu", "vulkan"] {
         let out = dsrun(&["perplexity", "--file", file, "--ctx", "48", "--gpu", gpu]);
         let stdout = text(&out.stdout);
         assert!(out.status.success(), "{}", text(&out.stderr));

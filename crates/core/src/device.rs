@@ -34,10 +34,7 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
         GpuChoice::Reference => reference(model),
         GpuChoice::Cpu => cpu_backend(model),
         GpuChoice::Cuda => cuda_engine(model, capacity, options, progress),
-        GpuChoice::Auto if context::adapters(GpuChoice::Auto).is_empty() => {
-            log::warn!("no GPU adapter found; running on the CPU (install a Vulkan driver for the GPU path)");
-            cpu_backend(model)
-        }
+        GpuChoice::Auto if auto_takes_the_cpu(options) => cpu_backend(model),
         _ => {
             let ctx = context::open(choice)?;
             if choice == GpuChoice::Auto {
@@ -46,6 +43,24 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
             Ok(Box::new(GpuModel::load(ctx, &model, capacity, options, progress)?))
         }
     }
+}
+
+/// Whether `--gpu auto` runs on the CPU backend: where wgpu finds no adapter, or only software
+/// ones (lavapipe, llvmpipe, WARP: the same cores behind a GPU API, several times slower than
+/// the CPU backend's kernels) and no GPU memory budget was asked for (`--gpu-mem` means a GPU).
+fn auto_takes_the_cpu(options: &GpuOptions) -> bool {
+    let adapters = context::adapters(GpuChoice::Auto);
+    if adapters.is_empty() {
+        log::warn!("no GPU adapter found; running on the CPU backend (install a Vulkan driver for the GPU path)");
+        return true;
+    }
+    let software = adapters.iter().all(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
+    if software && options.gpu_mem == GpuMem::Auto {
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        log::info!("--gpu auto: only software adapters ({}); running on the CPU backend, which is faster (--gpu vulkan to use them)", names.join(", "));
+        return true;
+    }
+    false
 }
 
 /// The forward plan `choice`'s backend would run `model` with, as text (`dsrun inspect --plan`):
@@ -59,6 +74,7 @@ pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options:
     match choice {
         GpuChoice::Reference => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a backend with --gpu".into())),
         GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
+        GpuChoice::Auto if auto_takes_the_cpu(options) => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
         #[cfg(feature = "cuda")]
         GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
         #[cfg(not(feature = "cuda"))]

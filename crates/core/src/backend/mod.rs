@@ -16,7 +16,8 @@ use crate::plan::{BufferId, Op, Target, WeightId};
 /// Which compute device a command runs on (`--gpu`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GpuChoice {
-    /// The best GPU adapter (discrete, then integrated, then software); the CPU if there is none.
+    /// The best hardware GPU adapter (discrete, then integrated, then virtual); the CPU backend
+    /// where there is none, or only software adapters (slower than it) and no `--gpu-mem`.
     Auto,
     /// The CPU backend: the forward plan on the host's cores.
     Cpu,
@@ -31,7 +32,7 @@ pub enum GpuChoice {
 }
 
 crate::util::choices!(GpuChoice {
-    Auto => "auto": "the best GPU adapter; the CPU if there is none",
+    Auto => "auto": "the best GPU adapter; the CPU backend if there is none or only a software one (lavapipe)",
     Cpu => "cpu": "the CPU backend: the forward plan on the host's cores",
     Reference => "reference": "the f32 CPU reference (the oracle the backends are tested against)",
     Vulkan => "vulkan": "wgpu on Vulkan",
