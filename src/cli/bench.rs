@@ -52,6 +52,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let weights = weight_dtypes(&model);
     let options = builder.resolved_options(&model)?;
     let active = dsrun::inspect::active_weight_bytes(&model.config, &model.weights, options.quant);
+    let prefill_flops = dsrun::inspect::prompt_matmul_flops(&model.config, &model.weights);
     let mut engine = builder.build_from(model)?.engine;
     let draft = args.device.draft(engine.as_ref());
     let plan = dsrun::bench::BenchPlan { prompt: args.prompt, generate: args.generate, repetitions: args.repetitions as usize, parallel, depth: args.depth, draft };
@@ -74,7 +75,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut out = dsrun::bench::table(&setup, &results);
         // On the CPU backend decode streams each weight byte once a token: its rate against the
         // host's measured read bandwidth.
-        if args.device.gpu == GpuChoice::Cpu {
+        if dsrun::device::resolve(args.device.gpu, &options) == GpuChoice::Cpu {
             let bandwidth = dsrun::backend::cpu::read_bandwidth();
             for r in results.iter().filter(|r| r.name.starts_with("tg") && !r.name.contains(' ') && !r.name.contains('x')) {
                 let rate = r.mean() * active as f64;
@@ -85,6 +86,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     dsrun::util::human_bytes(active),
                     100.0 * rate / bandwidth,
                     bandwidth / 1e9
+                );
+            }
+            // Prefill is compute-bound: its matmuls' rate against the cores' measured FMA peak.
+            let peak = dsrun::backend::cpu::arithmetic_peak();
+            for r in results.iter().filter(|r| r.name.starts_with("pp") && !r.name.contains(' ')) {
+                let rate = r.mean() * prefill_flops as f64;
+                out += &format!(
+                    "{}: {:.1} GFLOP/s in matmuls ({:.0} MFLOP a token), {:.0}% of the cores' measured FMA peak ({:.1} GFLOP/s)\n",
+                    r.name,
+                    rate / 1e9,
+                    prefill_flops as f64 / 1e6,
+                    100.0 * rate / peak,
+                    peak / 1e9
                 );
             }
         }

@@ -34,7 +34,10 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
         GpuChoice::Reference => reference(model),
         GpuChoice::Cpu => cpu_backend(model),
         GpuChoice::Cuda => cuda_engine(model, capacity, options, progress),
-        GpuChoice::Auto if auto_takes_the_cpu(options) => cpu_backend(model),
+        GpuChoice::Auto if resolve(choice, options) == GpuChoice::Cpu => {
+            log::info!("--gpu auto: no hardware GPU adapter; running on the CPU backend (--gpu vulkan runs a software adapter, slower)");
+            cpu_backend(model)
+        }
         _ => {
             let ctx = context::open(choice)?;
             if choice == GpuChoice::Auto {
@@ -45,22 +48,20 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
     }
 }
 
-/// Whether `--gpu auto` runs on the CPU backend: where wgpu finds no adapter, or only software
-/// ones (lavapipe, llvmpipe, WARP: the same cores behind a GPU API, several times slower than
-/// the CPU backend's kernels) and no GPU memory budget was asked for (`--gpu-mem` means a GPU).
-fn auto_takes_the_cpu(options: &GpuOptions) -> bool {
+/// The device `choice` runs on: itself, or for `--gpu auto` the CPU backend where wgpu finds
+/// no adapter, or only software ones (lavapipe, llvmpipe, WARP: the same cores behind a GPU
+/// API, several times slower than the CPU backend's kernels) and no GPU memory budget was
+/// asked for (`--gpu-mem` means a GPU).
+pub fn resolve(choice: GpuChoice, options: &GpuOptions) -> GpuChoice {
+    if choice != GpuChoice::Auto {
+        return choice;
+    }
     let adapters = context::adapters(GpuChoice::Auto);
-    if adapters.is_empty() {
-        log::warn!("no GPU adapter found; running on the CPU backend (install a Vulkan driver for the GPU path)");
-        return true;
-    }
     let software = adapters.iter().all(|a| a.get_info().device_type == wgpu::DeviceType::Cpu);
-    if software && options.gpu_mem == GpuMem::Auto {
-        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
-        log::info!("--gpu auto: only software adapters ({}); running on the CPU backend, which is faster (--gpu vulkan to use them)", names.join(", "));
-        return true;
+    match software && options.gpu_mem == GpuMem::Auto {
+        true => GpuChoice::Cpu,
+        false => GpuChoice::Auto,
     }
-    false
 }
 
 /// The forward plan `choice`'s backend would run `model` with, as text (`dsrun inspect --plan`):
@@ -74,7 +75,7 @@ pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options:
     match choice {
         GpuChoice::Reference => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a backend with --gpu".into())),
         GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
-        GpuChoice::Auto if auto_takes_the_cpu(options) => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
+        GpuChoice::Auto if resolve(choice, options) == GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
         #[cfg(feature = "cuda")]
         GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
         #[cfg(not(feature = "cuda"))]

@@ -63,6 +63,16 @@ pub fn active_weight_bytes(config: &ModelConfig, w: &Weights, quant: QuantTarget
     total
 }
 
+/// Multiply-add FLOPs of a prompt token's matmuls: two per active parameter, except the
+/// embedding (a row read) and the head (computed for a prompt's last token only). Attention's
+/// scores over the cache are not counted (they grow with the position).
+pub fn prompt_matmul_flops(config: &ModelConfig, w: &Weights) -> u64 {
+    let matrix = |m: &Matrix| (m.rows * m.cols) as u64;
+    // A tied head is counted once, as the embedding.
+    let head = if w.lm_head.shares_data(&w.embed) { 0 } else { matrix(&w.lm_head) };
+    2 * (count_params(config, w).active - matrix(&w.embed) - head)
+}
+
 /// Bytes on the GPU of every weight but the routed experts (which expert streaming may keep
 /// off the GPU), in the format `quant` gives them; norms and biases as f32.
 pub fn resident_weight_bytes(w: &Weights, quant: QuantTarget) -> u64 {

@@ -97,6 +97,70 @@ pub fn read_bandwidth() -> f64 {
     (WORDS * 8) as f64 / best
 }
 
+/// The cores' multiply-add rate in FLOP/s at the detected level, measured: every thread of the
+/// pool running independent chains of vector FMAs held in registers, the best of three. The
+/// ceiling for prefill, which the blocked matmul keeps compute-bound.
+pub fn arithmetic_peak() -> f64 {
+    const ITERATIONS: usize = 1 << 20;
+    let pool = pool::pool();
+    let tasks = 8 * pool.threads();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        pool.run(tasks, &|_| {
+            std::hint::black_box(vector::dispatch(Simd::detect(), FmaChains(ITERATIONS)));
+        });
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    let flops_per_task = FmaChains::flops(ITERATIONS, Simd::detect());
+    tasks as f64 * flops_per_task / best
+}
+
+/// Independent chains of FMAs (enough to cover the FMA's latency on two pipes), as many as
+/// the level's registers hold.
+struct FmaChains(usize);
+
+impl FmaChains {
+    fn chains(registers: usize) -> usize {
+        if registers >= 32 { 12 } else { 6 }
+    }
+
+    fn flops(iterations: usize, simd: Simd) -> f64 {
+        let registers = vector::dispatch(simd, Registers);
+        (iterations * Self::chains(registers) * vector::LANES * 2) as f64
+    }
+}
+
+struct Registers;
+impl vector::AtLevel for Registers {
+    type Output = usize;
+    #[inline(always)]
+    unsafe fn run<V: vector::Vector>(self) -> usize {
+        V::REGISTERS
+    }
+}
+
+impl vector::AtLevel for FmaChains {
+    type Output = f32;
+    #[inline(always)]
+    unsafe fn run<V: vector::Vector>(self) -> f32 {
+        // SAFETY (every call): the level is the caller's contract.
+        unsafe {
+            let (a, b) = (V::splat(0.999_999), V::splat(1e-7));
+            // Distinct starts: identical chains would be computed once.
+            let mut acc: [V; 12] = std::array::from_fn(|i| V::splat(1.0 + i as f32 * 1e-3));
+            let chains = Self::chains(V::REGISTERS);
+            for _ in 0..self.0 {
+                for x in acc.iter_mut().take(chains) {
+                    *x = V::mul_add(*x, a, b);
+                }
+            }
+            // Every chain feeds the result: an unused one would not be computed.
+            acc.chunks_exact(4).map(|c| V::sum4([c[0], c[1], c[2], c[3]]).iter().sum::<f32>()).sum()
+        }
+    }
+}
+
 /// `dsrun devices`' line for the CPU: its kernels' SIMD level, threads and read bandwidth.
 pub fn describe_host() -> String {
     format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
