@@ -137,19 +137,28 @@ unsafe fn dot_scaled<V: Vector, D: Decode>(row: &[u8], x: &[f32], scales: Option
         return sum;
     }
     let full = len / LANES * LANES;
-    let mut acc = [unsafe { V::zero() }; 4];
+    // Two accumulators, even and odd blocks (a q8 group is two vectors: one chain would wait
+    // on the FMA's latency), named rather than indexed so they stay in registers.
+    let (mut even, mut odd) = (unsafe { V::zero() }, unsafe { V::zero() });
     for (b, &scale) in grid_row.iter().enumerate().take(full.div_ceil(block)) {
+        let (start, end) = (b * block, full.min((b + 1) * block));
         let mut part = unsafe { V::zero() };
-        for k in (b * block..full.min((b + 1) * block)).step_by(LANES) {
+        for v in 0..(end - start) / LANES {
+            let k = start + v * LANES;
             if k % (4 * LANES) == 0 {
                 prefetch::<D>(row, k);
             }
             // SAFETY: `k + LANES <= full <= len` (asserted width).
             part = unsafe { V::mul_add(D::load::<V>(row.as_ptr().add(k * D::BYTES), table), V::load(x.as_ptr().add(k)), part) };
         }
-        acc[b % 4] = unsafe { V::mul_add(V::splat(scale), part, acc[b % 4]) };
+        if b % 2 == 0 {
+            even = unsafe { V::mul_add(V::splat(scale), part, even) };
+        } else {
+            odd = unsafe { V::mul_add(V::splat(scale), part, odd) };
+        }
     }
-    let sum: f32 = unsafe { V::sum4(acc) }.iter().sum();
+    let zero = unsafe { V::zero() };
+    let sum: f32 = unsafe { V::sum4([even, odd, zero, zero]) }[..2].iter().sum();
     let tail: f32 = (full..len).map(|c| D::decode(&row[c * D::BYTES..], table) * x[c]).sum();
     sum + if full < len { tail * grid_row[full / block] } else { 0.0 }
 }
@@ -166,10 +175,13 @@ unsafe fn dot_q4<V: Vector>(row: &[u8], x: &[f32], groups: &[f32], block: usize)
     let full = len / LANES * LANES;
     // SAFETY (every block): the level is the caller's contract; loads read `LANES` values (and
     // `LANES / 2` bytes) at `k + LANES <= full <= len`.
-    let (mut acc, one) = ([unsafe { V::zero() }; 4], unsafe { V::splat(1.0) });
+    // Fixed accumulators (scaled sums, minima's sums), so they stay in registers.
+    let (mut scaled, mut shifted, one) = (unsafe { V::zero() }, unsafe { V::zero() }, unsafe { V::splat(1.0) });
     for (g, group) in groups.chunks_exact(2).enumerate().take(full.div_ceil(block)) {
+        let (start, end) = (g * block, full.min((g + 1) * block));
         let (mut part, mut sum) = (unsafe { V::zero() }, unsafe { V::zero() });
-        for k in (g * block..full.min((g + 1) * block)).step_by(LANES) {
+        for v in 0..(end - start) / LANES {
+            let k = start + v * LANES;
             if k % (4 * LANES) == 0 {
                 prefetch::<Q8s>(row, k / 2);
             }
@@ -177,11 +189,11 @@ unsafe fn dot_q4<V: Vector>(row: &[u8], x: &[f32], groups: &[f32], block: usize)
             part = unsafe { V::mul_add(V::load_u4(row.as_ptr().add(k / 2)), xv, part) };
             sum = unsafe { V::mul_add(one, xv, sum) };
         }
-        let i = 2 * (g % 2);
-        acc[i] = unsafe { V::mul_add(V::splat(group[0]), part, acc[i]) };
-        acc[i + 1] = unsafe { V::mul_add(V::splat(group[1]), sum, acc[i + 1]) };
+        scaled = unsafe { V::mul_add(V::splat(group[0]), part, scaled) };
+        shifted = unsafe { V::mul_add(V::splat(group[1]), sum, shifted) };
     }
-    let mut total: f32 = unsafe { V::sum4(acc) }.iter().sum();
+    let zero = unsafe { V::zero() };
+    let mut total: f32 = unsafe { V::sum4([scaled, shifted, zero, zero]) }[..2].iter().sum();
     for c in full..len {
         let (q, group) = ((row[c / 2] >> (4 * (c % 2))) & 0xf, &groups[2 * (c / block)..]);
         total += (q as f32 * group[0] + group[1]) * x[c];
