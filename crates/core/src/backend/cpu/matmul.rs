@@ -145,7 +145,7 @@ unsafe fn dot_scaled<V: Vector, D: Decode>(row: &[u8], x: &[f32], scales: Option
         let mut part = unsafe { V::zero() };
         for v in 0..(end - start) / LANES {
             let k = start + v * LANES;
-            if k % (4 * LANES) == 0 {
+            if k.is_multiple_of(4 * LANES) {
                 prefetch::<D>(row, k);
             }
             // SAFETY: `k + LANES <= full <= len` (asserted width).
@@ -182,7 +182,7 @@ unsafe fn dot_q4<V: Vector>(row: &[u8], x: &[f32], groups: &[f32], block: usize)
         let (mut part, mut sum) = (unsafe { V::zero() }, unsafe { V::zero() });
         for v in 0..(end - start) / LANES {
             let k = start + v * LANES;
-            if k % (4 * LANES) == 0 {
+            if k.is_multiple_of(4 * LANES) {
                 prefetch::<Q8s>(row, k / 2);
             }
             let xv = unsafe { V::load(x.as_ptr().add(k)) };
