@@ -1,4 +1,4 @@
-//! The CPU backend (being built): the forward plan lowered to kernels on the host's
+//! The CPU backend: the forward plan lowered to kernels on the host's
 //! cores, computed from the memory-mapped checkpoint in its stored format (a weight "upload"
 //! keeps a reference to the mapped tensor, never a copy). Buffers are host vectors of 32-bit
 //! words; a step's ops run as they are recorded.
