@@ -5,12 +5,13 @@
 //! row come from the `positions` buffer, (position, first row) per token.
 
 use super::gemm::micro;
+use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch, Scratch};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::math;
 use crate::model::weights::Matrix;
 use crate::plan::layout::{CacheFormat, MlaShape, LATENT_NORM_EPS};
-use super::pool::{for_each_chunk, pool};
+use half::slice::HalfFloatSliceExt;
 
 /// The latent cache's values as words in `format` (16-bit formats hold value i in the low
 /// half of word i / 2 when i is even, the high half when odd).
@@ -25,15 +26,14 @@ impl Cache<'_> {
         let width = out.len();
         match self.format {
             CacheFormat::F32 => out.copy_from_slice(bytemuck::cast_slice(&self.words[r * width..(r + 1) * width])),
-            // Two values a word, the even one in the low half.
+            // Two values a word, the even one in the low half: on a little-endian host, the
+            // words' bytes are the values in order.
             CacheFormat::F16 | CacheFormat::Bf16 => {
-                let words = &self.words[r * width / 2..(r + 1) * width / 2];
-                for (pair, &w) in out.chunks_exact_mut(2).zip(words) {
-                    let (lo, hi) = (w as u16, (w >> 16) as u16);
-                    (pair[0], pair[1]) = match self.format {
-                        CacheFormat::Bf16 => (f32::from_bits((lo as u32) << 16), f32::from_bits((hi as u32) << 16)),
-                        _ => (half::f16::from_bits(lo).to_f32(), half::f16::from_bits(hi).to_f32()),
-                    };
+                let halves: &[u16] = bytemuck::cast_slice(&self.words[r * width / 2..(r + 1) * width / 2]);
+                match self.format {
+                    // half's slice conversion uses F16C where the CPU has it.
+                    CacheFormat::F16 => half::slice::HalfBitsSliceExt::reinterpret_cast::<half::f16>(halves).convert_to_f32_slice(out),
+                    _ => out.iter_mut().zip(halves).for_each(|(o, &h)| *o = f32::from_bits((h as u32) << 16)),
                 }
             }
         }

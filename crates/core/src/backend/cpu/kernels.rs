@@ -5,15 +5,15 @@
 
 use super::gemm::{self, Disjoint, Slots, PANEL_ROWS};
 use super::matmul;
-use super::vector::Simd;
+use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
+use super::vector::Simd;
 use super::{attention, indexer, router, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
 use crate::plan::{IndexerShape, MlaShape, Rows};
-use super::pool::{for_each_chunk, pool};
 use std::sync::Arc;
 
 /// Output rows per task of a one-token matmul: enough work per task to amortise its

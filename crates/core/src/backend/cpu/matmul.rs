@@ -281,4 +281,3 @@ impl AtLevel for Rows<'_> {
         }
     }
 }
-

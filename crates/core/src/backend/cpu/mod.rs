@@ -36,6 +36,9 @@ use kernels::Kernel;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+// The kernels read 16-bit caches and weights through little-endian views of their words.
+const _: () = assert!(cfg!(target_endian = "little"), "the CPU backend assumes a little-endian host");
+
 /// Most tokens one step takes: prompts run in chunks of this many.
 const MAX_CHUNK: usize = 256;
 
@@ -122,7 +125,11 @@ struct FmaChains(usize);
 
 impl FmaChains {
     fn chains(registers: usize) -> usize {
-        if registers >= 32 { 12 } else { 6 }
+        if registers >= 32 {
+            12
+        } else {
+            6
+        }
     }
 
     fn flops(iterations: usize, simd: Simd) -> f64 {
