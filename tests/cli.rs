@@ -367,9 +367,18 @@ fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "chat exited early");
     }
+    let mut stdout = child.stdout.take().unwrap();
     stdin.write_all(b"Tell me everything\n").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Interrupt once the reply is streaming: on the CPU backend the bundled model writes all
+    // 1000 tokens in a fraction of a second, so a fixed wait could miss it.
+    let (mut seen, mut buf) = (0, [0u8; 64]);
+    while seen < 32 {
+        let read = stdout.read(&mut buf).unwrap();
+        assert!(read > 0, "chat closed its output before replying");
+        seen += read;
+    }
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let drain = std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
     assert!(status.success());
     std::thread::sleep(std::time::Duration::from_millis(300));
     stdin.write_all(b"/exit\n").unwrap();
@@ -377,6 +386,7 @@ fn ctrl_c_stops_a_chat_reply_and_the_chat_goes_on() {
     let mut rest = String::new();
     stderr.read_to_string(&mut rest).unwrap();
     assert!(child.wait().unwrap().success(), "{rest}");
+    drain.join().unwrap().unwrap();
     assert!(rest.contains("cancelled after"), "the reply was not stopped: {rest}");
 }
 
