@@ -1,7 +1,9 @@
 //! A decode step allocates nothing on the host: the lowered ops, read-back storage and argument
 //! words are all made at load. A counting allocator counts this thread's allocations during
 //! decode steps after a warm-up, apart from those made inside driver calls (wgpu allocates as
-//! it records and submits; `dsrun::hot_path::driver` marks those calls), which are reported.
+//! it records and submits; `dsrun::hot_path::driver` marks those calls), which are reported,
+//! and the CPU backend's pool workers' (`dsrun::hot_path::is_pool_worker`). The tests that
+//! count run one at a time: the workers' count is process-wide.
 
 mod common;
 use dsrun::backend::wgpu::context;
@@ -11,6 +13,8 @@ use dsrun::model::{Logits, Model};
 use dsrun::runtime::GpuModel;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 struct Counting;
 
@@ -20,7 +24,16 @@ thread_local! {
     static DRIVERS: Cell<u64> = const { Cell::new(0) };
 }
 
+/// Counting the pool workers' allocations (process-wide), and their count.
+static WORKERS_COUNTING: AtomicBool = AtomicBool::new(false);
+static WORKERS: AtomicU64 = AtomicU64::new(0);
+/// One counting test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 fn count() {
+    if WORKERS_COUNTING.load(Ordering::Relaxed) && dsrun::hot_path::is_pool_worker() {
+        WORKERS.fetch_add(1, Ordering::Relaxed);
+    }
     if COUNTING.with(Cell::get) {
         let counter = if dsrun::hot_path::in_driver() { &DRIVERS } else { &OURS };
         counter.with(|c| c.set(c.get() + 1));
@@ -28,7 +41,7 @@ fn count() {
 }
 
 // SAFETY: forwards to the system allocator; counting touches only const-initialised
-// thread-locals without destructors (no allocation, no re-entry).
+// thread-locals without destructors and static atomics (no allocation, no re-entry).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count();
@@ -54,17 +67,22 @@ static ALLOCATOR: Counting = Counting;
 fn allocations_per_step(steps: u64, mut step: impl FnMut()) -> (f64, f64) {
     OURS.with(|c| c.set(0));
     DRIVERS.with(|c| c.set(0));
+    WORKERS.store(0, Ordering::Relaxed);
+    WORKERS_COUNTING.store(true, Ordering::Relaxed);
     COUNTING.with(|c| c.set(true));
     for _ in 0..steps {
         step();
     }
     COUNTING.with(|c| c.set(false));
-    (OURS.with(Cell::get) as f64 / steps as f64, DRIVERS.with(Cell::get) as f64 / steps as f64)
+    WORKERS_COUNTING.store(false, Ordering::Relaxed);
+    let ours = OURS.with(Cell::get) + WORKERS.load(Ordering::Relaxed);
+    (ours as f64 / steps as f64, DRIVERS.with(Cell::get) as f64 / steps as f64)
 }
 
 /// Greedy decode on `engine` after a prompt and a warm-up: dsrun allocates nothing per step;
 /// a sampled step allocates only the logits vector it returns.
 fn decode_allocates_nothing(engine: &mut dyn Engine) {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let vocab = engine.config().vocab_size as u32;
     let mut next = engine.forward_greedy(&[1, 2, 3, 4, 5]).unwrap();
     for _ in 0..3 {
@@ -88,9 +106,8 @@ fn a_wgpu_decode_step_allocates_nothing() {
     decode_allocates_nothing(&mut engine);
 }
 
-/// The CPU backend: the step's own code allocates nothing on the calling thread (its kernels,
-/// on the pool's threads, work in per-thread scratch kept between steps; the counter here sees
-/// this thread only, so theirs are not counted: a pool of dsrun's own will make that exact).
+/// The CPU backend: nothing on the calling thread nor on its pool's workers (every kernel works
+/// in per-thread scratch kept between steps).
 #[test]
 fn a_cpu_backend_decode_step_allocates_nothing() {
     let model = Model::load(&common::fixture("v3_noaux")).unwrap();

@@ -156,6 +156,7 @@ fn claim(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
 /// A worker: waits for each epoch (spinning, then asleep), runs its share, reports done.
 fn work(s: &Shared, w: usize) {
     IN_JOB.with(|j| j.set(true));
+    crate::hot_path::mark_pool_worker();
     let mut seen = 0u64;
     loop {
         let mut idle_since = None;
