@@ -67,6 +67,11 @@ impl Decode for Fp8s {
     fn decode(b: &[u8], table: &[f32; 256]) -> f32 {
         table[b[0] as usize]
     }
+    #[inline(always)]
+    unsafe fn load<V: Vector>(p: *const u8, table: &[f32; 256]) -> V {
+        // SAFETY: the caller's contract.
+        unsafe { V::load_e4m3(p, table) }
+    }
 }
 
 struct Q8s;

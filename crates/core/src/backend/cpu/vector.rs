@@ -140,6 +140,18 @@ pub trait Vector: Copy {
         // SAFETY: `lanes` holds `LANES` values.
         unsafe { Self::load(lanes.as_ptr()) }
     }
+    /// `LANES` FP8 e4m3 values from `p`, exactly as `table` (e4m3's 256 values) decodes them.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `LANES` readable bytes.
+    #[inline(always)]
+    unsafe fn load_e4m3(p: *const u8, table: &[f32; 256]) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, LANES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| table[bytes[i] as usize]);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
     /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (the low nibble first) as f32.
     ///
     /// # Safety
@@ -232,6 +244,22 @@ mod x86 {
             Avx512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)))
         }
         #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8, _: &[f32; 256]) -> Self {
+            // e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits. Normal values move their
+            // exponent and mantissa into f32's fields and rebias (+120); subnormals (exponent
+            // 0) are m * 2^-9, computed from the integer (no f32 denormal is formed); 0x7f and
+            // 0xff are NaN.
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+            let magnitude = _mm512_and_si512(bytes, _mm512_set1_epi32(0x7f));
+            let normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32::<20>(magnitude), _mm512_set1_epi32(120 << 23)));
+            let subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.0 / 512.0));
+            let value = _mm512_mask_blend_ps(_mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(8)), normal, subnormal);
+            let value = _mm512_mask_blend_ps(_mm512_cmpeq_epu32_mask(magnitude, _mm512_set1_epi32(0x7f)), value, _mm512_set1_ps(f32::NAN));
+            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)));
+            Avx512(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign)))
+        }
+        #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
             // SAFETY: the caller's contract.
             unsafe { _mm512_storeu_ps(p, self.0) }
@@ -293,6 +321,25 @@ mod x86 {
             let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
             let widen = |q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
             Avx2(widen(a), widen(b))
+        }
+        #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8, _: &[f32; 256]) -> Self {
+            // As AVX-512's, eight lanes at a time.
+            let decode = |bytes: __m128i| {
+                let bytes = _mm256_cvtepu8_epi32(bytes);
+                let magnitude = _mm256_and_si256(bytes, _mm256_set1_epi32(0x7f));
+                let normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32::<20>(magnitude), _mm256_set1_epi32(120 << 23)));
+                let subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0 / 512.0));
+                let is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude));
+                let value = _mm256_blendv_ps(normal, subnormal, is_subnormal);
+                let is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)));
+                let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), is_nan);
+                let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(bytes, _mm256_set1_epi32(0x80)));
+                _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign))
+            };
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
+            Avx2(decode(a), decode(b))
         }
         #[inline(always)]
         unsafe fn load_u4(p: *const u8) -> Self {
@@ -414,6 +461,42 @@ mod plain {
         unsafe fn sum(self) -> f32 {
             let (low, high) = self.0.split_at(LANES / 2);
             low.iter().zip(high).map(|(a, b)| a + b).sum()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sixteen bytes decoded as e4m3 at a level, stored back as f32.
+    struct E4m3([u8; LANES]);
+
+    impl AtLevel for E4m3 {
+        type Output = [f32; LANES];
+        #[inline(always)]
+        unsafe fn run<V: Vector>(self) -> [f32; LANES] {
+            let mut out = [0f32; LANES];
+            // SAFETY: the level is dispatch's; 16 bytes in, 16 values out.
+            unsafe { V::load_e4m3(self.0.as_ptr(), crate::quant::fp8_table()).store(out.as_mut_ptr()) };
+            out
+        }
+    }
+
+    /// Every e4m3 byte (zeros, subnormals, normals, NaN, both signs) decodes at every level this
+    /// CPU runs exactly as the table does.
+    #[test]
+    fn e4m3_decodes_as_the_table_at_every_level() {
+        let table = crate::quant::fp8_table();
+        for simd in Simd::available() {
+            for first in (0..256).step_by(LANES) {
+                let bytes: [u8; LANES] = std::array::from_fn(|i| (first + i) as u8);
+                let got = dispatch(simd, E4m3(bytes));
+                for (b, v) in bytes.iter().zip(got) {
+                    let want = table[*b as usize];
+                    assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()), "{}: byte {b:#04x} gave {v}, the table {want}", simd.name());
+                }
+            }
         }
     }
 }
