@@ -12,6 +12,7 @@
 
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::Matrix;
+use crate::quant::{fp8_table, DType};
 use std::marker::PhantomData;
 
 /// Weight rows one task decodes and computes (a multiple of every level's `MR`).
@@ -116,7 +117,8 @@ pub(super) unsafe fn micro<V: Vector, const MR: usize, const NR: usize>(w: [&[f3
 unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: usize, count: usize, slots: Slots, out: &Disjoint, accumulate: bool, panel: &mut [f32]) {
     let cols = m.cols;
     for (i, row) in panel.chunks_exact_mut(cols).take(count).enumerate() {
-        m.decode_row(first + i, row);
+        // SAFETY: the caller's contract.
+        unsafe { decode_row::<V>(m, first + i, row) };
     }
     let n = slots.slots.len();
     for t in (0..n).step_by(NR) {
@@ -135,6 +137,30 @@ unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: 
                 }
             }
         }
+    }
+}
+
+/// Row `r` of `m` as f32 into `out`: FP8 with block scales through the level's vector (a table
+/// lookup a value is most of an FP8 prefill's time), every other format by `Matrix::decode_row`.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]) {
+    let Some(s) = m.scales.as_ref().filter(|s| m.dtype == DType::F8E4M3 && s.block_cols.is_multiple_of(LANES)) else {
+        return m.decode_row(r, out);
+    };
+    let (cols, table) = (m.cols, fp8_table());
+    let row = &m.data.as_slice()[r * cols..(r + 1) * cols];
+    let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
+    let full = cols / LANES * LANES;
+    for k in (0..full).step_by(LANES) {
+        // SAFETY: the level is the caller's contract; `k + LANES <= full <= cols` in `row` and
+        // `out` (both `cols` long).
+        unsafe { V::mul_add(V::load_e4m3(row.as_ptr().add(k), table), V::splat(grid_row[k / s.block_cols]), V::zero()).store(out.as_mut_ptr().add(k)) };
+    }
+    for c in full..cols {
+        out[c] = table[row[c] as usize] * grid_row[c / s.block_cols];
     }
 }
 
