@@ -38,15 +38,6 @@ impl Cache<'_> {
             }
         }
     }
-
-    pub fn get(&self, i: usize) -> f32 {
-        let half = |i: usize| (self.words[i >> 1] >> (16 * (i & 1))) as u16;
-        match self.format {
-            CacheFormat::F32 => f32::from_bits(self.words[i]),
-            CacheFormat::F16 => half::f16::from_bits(half(i)).to_f32(),
-            CacheFormat::Bf16 => half::bf16::from_bits(half(i)).to_f32(),
-        }
-    }
 }
 
 /// Stores `x` as value `i` of a cache in `format`.

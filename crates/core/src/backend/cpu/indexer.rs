@@ -34,8 +34,7 @@ pub fn scores(scores: &mut [f32], queries: &[f32], weights: &[f32], positions: &
     for t in 0..n {
         let (position, first_row) = (positions[2 * t] as usize, positions[2 * t + 1] as usize);
         for j in 0..=position {
-            let base = (first_row + j) * s.dim;
-            key.iter_mut().enumerate().for_each(|(i, k)| *k = cache.get(base + i));
+            cache.row(first_row + j, &mut key);
             scores[t * s.ctx + j] =
                 (0..s.heads).map(|h| (weights[t * s.heads + h] / sqrt_heads) * (crate::model::math::dot(&queries[(t * s.heads + h) * s.dim..][..s.dim], &key) * scale).max(0.0)).sum();
         }
