@@ -41,8 +41,16 @@ fn main() {
     let model = Model::load(&args.model).unwrap_or_else(|e| panic!("{e}"));
     let active = active_weight_bytes(&model.config, &model.weights, args.quant);
     let vocab = model.config.vocab_size as u32;
-    let options =
-        dsrun::plan::budget::GpuOptions { quant: args.quant, gpu_mem: args.gpu_mem, eviction: args.eviction, prefetch: args.prefetch, sequences: 1, kv_cache: Default::default(), mtp: false };
+    let options = dsrun::plan::budget::GpuOptions {
+        quant: args.quant,
+        gpu_mem: args.gpu_mem,
+        eviction: args.eviction,
+        prefetch: args.prefetch,
+        sequences: 1,
+        kv_cache: Default::default(),
+        mtp: false,
+        math: Default::default(),
+    };
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();

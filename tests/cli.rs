@@ -82,6 +82,11 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
     let stderr = text(&gpu.stderr);
     // One submit per step and only the 4-byte token id read back when decoding greedily.
     assert!(stderr.contains("1.00 submits") && stderr.contains(" 4 bytes read back per step"), "{stderr}");
+    // `--math fast` (int8 activations for q8 weights) runs and says so; its text is held to
+    // quality floors elsewhere (tests/quant_quality.rs), not to the exact text.
+    let fast = dsrun(&[&args[..], &["--gpu", "cpu", "--quant", "q8", "--math", "fast"]].concat());
+    assert!(fast.status.success() && text(&fast.stderr).contains("fast math"), "{}", text(&fast.stderr));
+    assert!(!text(&fast.stdout).trim().is_empty());
 }
 
 #[test]
@@ -229,6 +234,8 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--gpu-mem", "150%"], "(0, 100]%");
     assert_fails(&["--gpu-mem", "1M"], "below this model's minimum of");
     assert_fails(&["--gpu", "reference", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
+    assert_fails(&["--gpu", "reference", "--math", "fast"], "--math fast applies to the backends");
+    assert_fails(&["--math", "sloppy"], "invalid value 'sloppy'");
     assert_fails(&["--expert-eviction", "random"], "invalid value 'random'");
     assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--experts", "20"], "expert groups");
     assert_fails(&["synth", "--out", "/tmp/dsrun-never", "--layers", "0"], "--layers");

@@ -9,7 +9,7 @@ use dsrun::device::GpuChoice;
 use dsrun::error::Result;
 use dsrun::generate::Stopping;
 use dsrun::generation_config::GenerationDefaults;
-use dsrun::plan::budget::{Eviction, GpuMem, GpuOptions, Prefetch};
+use dsrun::plan::budget::{Eviction, GpuMem, GpuOptions, Math, Prefetch};
 use dsrun::plan::layout::CacheFormat;
 use dsrun::quant::QuantTarget;
 use dsrun::sample::{Sampler, SamplerConfig};
@@ -57,6 +57,11 @@ pub struct DeviceArgs {
     /// at load to f16, q8 (int8, a scale per 32) or q4 (4-bit, scale and min per 32).
     #[arg(long, default_value = "keep", value_parser = choice::<QuantTarget>())]
     pub quant: QuantTarget,
+    /// How matmuls multiply: exact (f32 activations) or fast (int8 activations for q8/q4
+    /// weights on the CPU backend, as llama.cpp's Q8_0/Q4_0; f16 arithmetic on GPUs with
+    /// SHADER_F16).
+    #[arg(long, default_value = "exact", value_parser = choice::<Math>())]
+    pub math: Math,
     /// GPU memory dsrun may use: `auto` (80% of the adapter's device memory), a size (12G,
     /// 512MiB, 3GB), or N% (that share of the routed experts, everything else resident).
     /// Routed experts that do not fit are streamed from host memory through a slot cache.
@@ -87,7 +92,7 @@ impl DeviceArgs {
     pub fn builder(&self, dir: &Path) -> Result<EngineBuilder<'static>> {
         // A second thread on a core shares its FMA units and caches: the kernels gain nothing.
         dsrun::backend::cpu::set_threads(self.threads.unwrap_or_else(dsrun::backend::cpu::physical_cores))?;
-        let options = GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, ..GpuOptions::default() };
+        let options = GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, math: self.math, ..GpuOptions::default() };
         Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
     }
 

@@ -6,7 +6,7 @@ pub use crate::backend::GpuChoice;
 use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::plan::budget::{GpuMem, GpuOptions};
+use crate::plan::budget::{GpuMem, GpuOptions, Math};
 use crate::quant::QuantTarget;
 use crate::runtime::GpuModel;
 use crate::util::{Progress, Silent};
@@ -26,10 +26,14 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
         if options.gpu_mem != GpuMem::Auto {
             return Err(Error::Invalid("--gpu-mem applies to GPU backends; the CPU reference runs from host memory".into()));
         }
+        if options.math != Math::Exact {
+            return Err(Error::Invalid("--math fast applies to the backends; the CPU reference computes exactly (use --gpu cpu)".into()));
+        }
         let engine = CpuEngine::with_sequences(model, capacity, options.sequences);
         Ok(Box::new(if options.mtp { engine.with_mtp()? } else { engine }))
     };
-    let cpu_backend = |model: Model| -> Result<Box<dyn Engine>> { Ok(Box::new(crate::runtime::Runtime::load(crate::backend::cpu::CpuBackend::new(), &model, capacity, options, progress)?)) };
+    let cpu_backend =
+        |model: Model| -> Result<Box<dyn Engine>> { Ok(Box::new(crate::runtime::Runtime::load(crate::backend::cpu::CpuBackend::new().with_math(options.math), &model, capacity, options, progress)?)) };
     match choice {
         GpuChoice::Reference => reference(model),
         GpuChoice::Cpu => cpu_backend(model),
@@ -39,7 +43,13 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
             cpu_backend(model)
         }
         _ => {
-            let ctx = context::open(choice)?;
+            let mut ctx = context::open(choice)?;
+            if options.math == Math::Fast {
+                match ctx.shader_f16 {
+                    true => ctx.f16_math = true,
+                    false => log::warn!("--math fast: {} has no SHADER_F16; its matmuls multiply in f32", ctx.describe()),
+                }
+            }
             if choice == GpuChoice::Auto {
                 log::info!("--gpu auto chose {}", ctx.describe());
             }
@@ -99,6 +109,9 @@ fn cuda_device() -> Result<crate::backend::cuda::Device> {
 
 #[cfg(feature = "cuda")]
 fn cuda_engine(model: Model, capacity: usize, options: &GpuOptions, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
+    if options.math == Math::Fast {
+        log::warn!("--math fast: the CUDA kernels have no reduced-precision path yet; they multiply exactly");
+    }
     Ok(Box::new(crate::runtime::CudaModel::load(cuda_device()?, &model, capacity, options, progress)?))
 }
 

@@ -86,7 +86,27 @@ pub struct GpuOptions {
     pub kv_cache: crate::plan::layout::CacheFormat,
     /// Load the checkpoint's MTP layer for speculative decoding (`--speculative mtp`).
     pub mtp: bool,
+    /// How matmuls multiply (`--math`).
+    pub math: Math,
 }
+
+/// How the backends' matmuls multiply (`--math`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Math {
+    /// f32 products of the stored weights and f32 activations, within the reference's tolerance.
+    #[default]
+    Exact,
+    /// Reduced-precision activations where a backend has a faster kernel for them: int8
+    /// activations for q8 and q4 weights on the CPU (as llama.cpp's Q8_0 and Q4_0 do), f16
+    /// arithmetic on wgpu adapters with SHADER_F16. Held to quality floors, not to the
+    /// reference's tolerance.
+    Fast,
+}
+
+crate::util::choices!(Math {
+    Exact => "exact": "f32 activations and products (within the reference's tolerance)",
+    Fast => "fast": "reduced-precision activations where a kernel has them: int8 for q8/q4 weights on the CPU, f16 on GPUs with SHADER_F16",
+});
 
 /// Whether expert streaming guesses and uploads the next layer's experts ahead of need.
 /// Which cached expert gives way when another must be uploaded (`--expert-eviction`).
@@ -136,7 +156,16 @@ impl Prefetch {
 
 impl Default for GpuOptions {
     fn default() -> Self {
-        GpuOptions { quant: QuantTarget::Keep, gpu_mem: GpuMem::Auto, eviction: Eviction::Lru, prefetch: Prefetch::Auto, sequences: 1, kv_cache: crate::plan::layout::CacheFormat::F32, mtp: false }
+        GpuOptions {
+            quant: QuantTarget::Keep,
+            gpu_mem: GpuMem::Auto,
+            eviction: Eviction::Lru,
+            prefetch: Prefetch::Auto,
+            sequences: 1,
+            kv_cache: crate::plan::layout::CacheFormat::F32,
+            mtp: false,
+            math: Math::Exact,
+        }
     }
 }
 

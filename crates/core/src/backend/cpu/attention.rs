@@ -9,7 +9,6 @@ use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch, Scratch};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::math;
-use crate::model::weights::Matrix;
 use crate::plan::layout::{CacheFormat, MlaShape, LATENT_NORM_EPS};
 use half::slice::HalfFloatSliceExt;
 
@@ -103,41 +102,6 @@ pub fn latent_store(cache: &mut [u32], kv: &[f32], norm: &[f32], inv_freq: &[f32
             }
         }
     })
-}
-
-/// kv_b's row `d` of head `h`'s keys (`d < nope`) or values (`nope + d`), decoded into `row`.
-fn head_row<'r>(kv_b: &Matrix, s: &MlaShape, h: usize, d: usize, row: &'r mut Vec<f32>) -> &'r [f32] {
-    let row = sized(row, s.lora);
-    kv_b.decode_row(h * (s.nope + s.v) + d, row);
-    row
-}
-
-/// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]` (kv_b's key rows decoded as they are used).
-pub fn q_absorb(q_lat: &mut [f32], kv_b: &Matrix, q: &[f32], s: &MlaShape, n: usize) {
-    let qk = s.nope + s.rope;
-    for_each_chunk(&mut q_lat[..n * s.heads * s.lora], s.lora, |th, out| {
-        let h = th % s.heads;
-        out.fill(0.0);
-        let q_nope = &q[th * qk..][..s.nope];
-        with_scratch(|scratch| {
-            for (d, &qd) in q_nope.iter().enumerate() {
-                math::axpy(qd, head_row(kv_b, s, h, d, &mut scratch.row), out);
-            }
-        })
-    });
-}
-
-/// `o[t, h] = W_UV[h] o_lat[t, h]` (kv_b's value rows decoded as they are used).
-pub fn v_up(o: &mut [f32], kv_b: &Matrix, o_lat: &[f32], s: &MlaShape, n: usize) {
-    for_each_chunk(&mut o[..n * s.heads * s.v], s.v, |th, out| {
-        let h = th % s.heads;
-        let latent = &o_lat[th * s.lora..(th + 1) * s.lora];
-        with_scratch(|scratch| {
-            for (d, y) in out.iter_mut().enumerate() {
-                *y = math::dot(head_row(kv_b, s, h, s.nope + d, &mut scratch.row), latent);
-            }
-        })
-    });
 }
 
 /// Positions a block of the attention kernel decodes and scores at a time.

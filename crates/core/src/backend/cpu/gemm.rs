@@ -146,7 +146,7 @@ unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: 
 /// # Safety
 /// The CPU runs `V`'s level.
 #[inline(always)]
-unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]) {
+pub(super) unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]) {
     let Some(s) = m.scales.as_ref().filter(|s| m.dtype == DType::F8E4M3 && s.block_cols.is_multiple_of(LANES)) else {
         return m.decode_row(r, out);
     };

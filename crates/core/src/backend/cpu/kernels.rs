@@ -4,15 +4,17 @@
 //! alongside it without copies or unsafe code.
 
 use super::gemm::{self, Disjoint, Slots, PANEL_ROWS};
+
 use super::matmul;
 use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
 use super::vector::Simd;
-use super::{attention, indexer, router, CpuMatrix};
+use super::{absorb, attention, indexer, router, CpuMatrix};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::RouterParams;
 use crate::model::weights::Matrix;
+use crate::plan::budget::Math;
 use crate::plan::{IndexerShape, MlaShape, Rows};
 use std::sync::Arc;
 
@@ -104,6 +106,37 @@ impl Kernel {
         }
     }
 
+    /// What the op is, for `DSRUN_PROFILE`: its kind, and for matmuls the weights' shape and
+    /// format, in a step of `n` tokens.
+    pub fn label(&self, n: usize) -> String {
+        let kind = match self {
+            Kernel::Embed { .. } => "Embed",
+            Kernel::RmsNorm { .. } => "RmsNorm",
+            Kernel::Matmul { .. } => "Matmul",
+            Kernel::SiluMul { .. } => "SiluMul",
+            Kernel::Router { .. } => "Router",
+            Kernel::ExpertMatmul { .. } => "ExpertMatmul",
+            Kernel::MoeCombine { .. } => "MoeCombine",
+            Kernel::Argmax { .. } => "Argmax",
+            Kernel::RopeQ { .. } => "RopeQ",
+            Kernel::LatentStore { .. } => "LatentStore",
+            Kernel::QAbsorb { .. } => "QAbsorb",
+            Kernel::Attention { .. } => "Attention",
+            Kernel::VUp { .. } => "VUp",
+            Kernel::IndexerPrepare { .. } => "IndexerPrepare",
+            Kernel::IndexerScores { .. } => "IndexerScores",
+            Kernel::IndexerTopK { .. } => "IndexerTopK",
+        };
+        let shape = match self {
+            Kernel::Matmul { w, .. } | Kernel::ExpertMatmul { w, .. } => {
+                let m = &w.stack[0];
+                format!(" {}x{} {:?}", m.rows, m.cols, m.dtype)
+            }
+            _ => String::new(),
+        };
+        format!("{kind}{shape} n={n}")
+    }
+
     /// Refuses an op whose destination is also one of its inputs (the kernels read inputs while
     /// the destination is out of the list).
     pub fn check_aliasing(&self) -> Result<()> {
@@ -120,8 +153,9 @@ impl Kernel {
         Ok(())
     }
 
-    /// Runs the op over `buffers` for a step of `n` tokens, matmuls at `simd`'s level.
-    pub fn run(&self, buffers: &mut [Vec<u32>], n: usize, simd: Simd) {
+    /// Runs the op over `buffers` for a step of `n` tokens, matmuls at `simd`'s level with
+    /// `math`'s activations.
+    pub fn run(&self, buffers: &mut [Vec<u32>], n: usize, simd: Simd, math: Math) {
         match self {
             Kernel::Router { .. } => return run_router(self, buffers, n),
             Kernel::IndexerPrepare { .. } => return run_indexer_prepare(self, buffers, n),
@@ -129,11 +163,11 @@ impl Kernel {
         }
         let dst = self.dst();
         let mut out = std::mem::take(&mut buffers[dst]);
-        self.compute(buffers, &mut out, n, simd);
+        self.compute(buffers, &mut out, n, simd, math);
         buffers[dst] = out;
     }
 
-    fn compute(&self, b: &[Vec<u32>], out: &mut [u32], n: usize, simd: Simd) {
+    fn compute(&self, b: &[Vec<u32>], out: &mut [u32], n: usize, simd: Simd, math: Math) {
         match self {
             Kernel::Embed { table, tokens, .. } => {
                 let m = &table.stack[0];
@@ -153,7 +187,7 @@ impl Kernel {
             Kernel::Matmul { w, x, rows, accumulate, .. } => {
                 let m = &w.stack[0];
                 let r = rows_of(*rows, n);
-                matmul(simd, m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
+                matmul(simd, math, m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
             }
             Kernel::SiluMul { width, up, .. } => {
                 let len = n * width;
@@ -170,7 +204,7 @@ impl Kernel {
                 let rows = w.stack[0].rows;
                 let (x, ids, out) = (f32s(&b[*x]), &b[*ids][..n * k], &mut f32s_mut(out)[..n * k * rows]);
                 if n == 1 {
-                    expert_rows(simd, w, x, *x_div, ids, out);
+                    expert_rows(simd, math, w, x, *x_div, ids, out);
                 } else {
                     expert_blocks(simd, w, x, *x_div, ids, out);
                 }
@@ -191,13 +225,13 @@ impl Kernel {
             Kernel::LatentStore { kv, norm, inv_freq, positions, mla, .. } => {
                 attention::latent_store(out, f32s(&b[*kv]), &f32s(&b[*norm])[..mla.lora], inv_freq_of(b, *inv_freq, mla), &b[*positions][..2 * n], mla, n)
             }
-            Kernel::QAbsorb { kv_b, q, mla, .. } => attention::q_absorb(f32s_mut(out), &kv_b.stack[0], f32s(&b[*q]), mla, n),
+            Kernel::QAbsorb { kv_b, q, mla, .. } => absorb::q_absorb(simd, f32s_mut(out), &kv_b.stack[0], f32s(&b[*q]), mla, n),
             Kernel::Attention { q, q_lat, positions, cache, mla, sparse, .. } => {
                 let cache = attention::Cache { words: &b[*cache], format: mla.cache };
                 let sparse = sparse.map(|(selected, topk)| (&b[selected][..], topk));
                 attention::attention(simd, f32s_mut(out), f32s(&b[*q]), f32s(&b[*q_lat]), &b[*positions][..2 * n], &cache, mla, sparse, n)
             }
-            Kernel::VUp { kv_b, o_lat, mla, .. } => attention::v_up(f32s_mut(out), &kv_b.stack[0], f32s(&b[*o_lat]), mla, n),
+            Kernel::VUp { kv_b, o_lat, mla, .. } => absorb::v_up(simd, math, f32s_mut(out), &kv_b.stack[0], f32s(&b[*o_lat]), mla, n),
             Kernel::Argmax { vocab, logits, .. } => {
                 let logits = f32s(&b[*logits]);
                 for (r, id) in out[..n].iter_mut().enumerate() {
@@ -220,21 +254,26 @@ fn inv_freq_of<'b>(b: &'b [Vec<u32>], inv_freq: usize, s: &MlaShape) -> &'b [f32
 /// `y = W x` for `n` rows of `x` (`[n, cols]` into `[n, rows]`), or `y += W x`. One token:
 /// blocks of rows over the pool, each row a dot fused with its stored bytes. Several: tasks of
 /// a panel of weight rows by a chunk of tokens ([`gemm`]).
-fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
+fn matmul(simd: Simd, math: Math, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
     let (rows, cols) = (m.rows, m.cols);
     if n == 1 {
+        // The input laid out once, on this thread, for every task (out of the scratch while the
+        // pool runs: this thread takes tasks too).
+        let mut layouts = with_scratch(|s| std::mem::take(&mut s.layouts));
+        let input = layouts.prepare(x, m, math);
         for_each_chunk(y, ROWS_PER_TASK, |task, dst| {
             with_scratch(|scratch| {
                 let row = sized(&mut scratch.row, cols);
                 if !accumulate {
-                    return matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, dst, row);
+                    return matmul::rows_at(simd, m, task * ROWS_PER_TASK, input, dst, row);
                 }
                 let mut sums = [0f32; ROWS_PER_TASK];
                 let sums = &mut sums[..dst.len()];
-                matmul::rows_at(simd, m, task * ROWS_PER_TASK, x, sums, row);
+                matmul::rows_at(simd, m, task * ROWS_PER_TASK, input, sums, row);
                 math::add_in_place(dst, sums);
             })
         });
+        with_scratch(|s| s.layouts = layouts);
         return;
     }
     let mut slots = with_scratch(|s| std::mem::take(&mut s.slots));
@@ -251,12 +290,27 @@ fn matmul(simd: Simd, m: &Matrix, x: &[f32], n: usize, y: &mut [f32], accumulate
     with_scratch(|s| s.slots = slots);
 }
 
-/// One token's experts: each (token, choice) slot's rows from its expert, fused dots.
-fn expert_rows(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
+/// One token's experts: each (token, choice) slot's rows from its expert, fused dots. The input
+/// is laid out once where every slot reads the token's row (gate and up), else by the task
+/// that computes the slot (down: each slot its own row).
+fn expert_rows(simd: Simd, math: Math, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
     let (rows, cols) = (w.stack[0].rows, w.stack[0].cols);
+    if x_div >= ids.len() {
+        // Every expert of the stack shares a format and shape: one layout serves them all.
+        let mut layouts = with_scratch(|s| std::mem::take(&mut s.layouts));
+        let input = layouts.prepare(&x[..cols], &w.stack[0], math);
+        for_each_chunk(out, rows, |s, y| {
+            with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, input, y, sized(&mut scratch.row, cols)));
+        });
+        with_scratch(|s| s.layouts = layouts);
+        return;
+    }
     for_each_chunk(out, rows, |s, y| {
-        let xs = &x[(s / x_div) * cols..][..cols];
-        with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, xs, y, sized(&mut scratch.row, cols)));
+        let (xs, m) = (&x[(s / x_div) * cols..][..cols], &w.stack[ids[s] as usize]);
+        with_scratch(|scratch| {
+            let row = sized(&mut scratch.row, cols);
+            matmul::rows_at(simd, m, 0, scratch.layouts.prepare(xs, m, math), y, row)
+        });
     });
 }
 

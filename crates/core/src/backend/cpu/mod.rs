@@ -14,9 +14,11 @@
 //! a SIMD level's vector (`vector`: AVX-512, AVX2, NEON, portable) and run on a persistent
 //! pool (`pool`) with per-thread scratch, so a decode step allocates nothing.
 
+mod absorb;
 mod attention;
 mod gemm;
 mod indexer;
+mod input;
 mod kernels;
 mod matmul;
 mod pool;
@@ -31,6 +33,7 @@ use super::{Backend, Resources, StepValues, WorkCounters};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
+use crate::plan::budget::Math;
 use crate::plan::{ExpertWeights, KernelLimits, Op, Target};
 use kernels::Kernel;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,14 +58,24 @@ pub struct CpuMatrix {
 /// The host: buffers of words, what the last read returned, the work counters.
 pub struct CpuBackend {
     simd: Simd,
+    math: Math,
     buffers: Vec<Vec<u32>>,
     readback: Vec<u8>,
     work: WorkCounters,
+    /// `DSRUN_PROFILE`: time per kind of op ("kernel shape" -> (calls, seconds)).
+    profile: Option<std::collections::BTreeMap<String, (u64, f64)>>,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        CpuBackend { simd: Simd::detect(), buffers: Vec::new(), readback: Vec::new(), work: WorkCounters::new(["ops", "steps"]) }
+        CpuBackend {
+            simd: Simd::detect(),
+            math: Math::Exact,
+            buffers: Vec::new(),
+            readback: Vec::new(),
+            work: WorkCounters::new(["ops", "steps"]),
+            profile: std::env::var_os("DSRUN_PROFILE").map(|_| Default::default()),
+        }
     }
 }
 
@@ -187,6 +200,11 @@ impl CpuBackend {
         Ok(CpuBackend { simd, ..CpuBackend::default() })
     }
 
+    /// The backend multiplying with `math`'s activations (`--math`).
+    pub fn with_math(self, math: Math) -> CpuBackend {
+        CpuBackend { math, ..self }
+    }
+
     fn index(b: &CpuBuffer) -> usize {
         b.0
     }
@@ -203,7 +221,11 @@ impl Backend for CpuBackend {
     type Op = Kernel;
 
     fn describe(&self) -> String {
-        format!("cpu ({}, {} threads)", self.simd.name(), pool::pool().threads())
+        let math = match self.math {
+            Math::Exact => "",
+            Math::Fast => ", fast math",
+        };
+        format!("cpu ({}, {} threads{math})", self.simd.name(), pool::pool().threads())
     }
 
     fn target(&mut self, _config: &ModelConfig, _capacity: usize) -> Result<Target> {
@@ -324,7 +346,13 @@ impl Backend for CpuBackend {
 
     fn record(&mut self, ops: &[Kernel], n: u32) -> Result<()> {
         for op in ops {
-            op.run(&mut self.buffers, n as usize, self.simd);
+            let started = self.profile.as_ref().map(|_| std::time::Instant::now());
+            op.run(&mut self.buffers, n as usize, self.simd, self.math);
+            if let (Some(profile), Some(started)) = (self.profile.as_mut(), started) {
+                let entry = profile.entry(op.label(n as usize)).or_default();
+                entry.0 += 1;
+                entry.1 += started.elapsed().as_secs_f64();
+            }
         }
         self.work.counts[0] += ops.len() as u64;
         Ok(())
@@ -345,6 +373,15 @@ impl Backend for CpuBackend {
 
     fn work(&self) -> WorkCounters {
         self.work
+    }
+
+    fn profile_report(&self) -> Option<String> {
+        let profile = self.profile.as_ref()?;
+        let total: f64 = profile.values().map(|(_, s)| s).sum();
+        let mut rows: Vec<_> = profile.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let lines = rows.iter().take(20).map(|(name, (calls, seconds))| format!("{:>9.3} ms {:>5.1}% {calls:>7} x  {name}", seconds * 1e3, 100.0 * seconds / total));
+        Some(lines.collect::<Vec<_>>().join("\n"))
     }
 
     fn reset_work(&mut self) {

@@ -21,6 +21,8 @@ pub struct Scratch {
     pub starts: Vec<u32>,
     /// Attention's partial results, per unit of work.
     pub parts: Vec<f32>,
+    /// A one-token matmul's input, laid out for its weights' kernel.
+    pub layouts: super::input::Layouts,
 }
 
 thread_local! {

@@ -128,6 +128,21 @@ pub trait Vector: Copy {
         // SAFETY: `lanes` holds `LANES` values.
         unsafe { Self::load(lanes.as_ptr()) }
     }
+    /// `2 * LANES` bf16 values (little-endian) from `p`, widened exactly: (the even-indexed
+    /// ones, the odd-indexed ones). Each 32-bit word holds a pair, so a mask and a shift widen
+    /// them without unpacking: dotted with an input stored evens-then-odds per 32 values.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `4 * LANES` readable bytes.
+    #[inline(always)]
+    unsafe fn load_bf16_pairs(p: *const u8) -> (Self, Self) {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, 4 * LANES) };
+        let value = |i: usize| f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16);
+        let (even, odd): ([f32; LANES], [f32; LANES]) = (std::array::from_fn(|i| value(2 * i)), std::array::from_fn(|i| value(2 * i + 1)));
+        // SAFETY: each holds `LANES` values.
+        unsafe { (Self::load(even.as_ptr()), Self::load(odd.as_ptr())) }
+    }
     /// `LANES` signed bytes from `p` as f32.
     ///
     /// # Safety
@@ -163,6 +178,93 @@ pub trait Vector: Copy {
         let lanes: [f32; LANES] = std::array::from_fn(|i| ((bytes[i / 2] >> (4 * (i % 2))) & 0xf) as f32);
         // SAFETY: `lanes` holds `LANES` values.
         unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// Integer dot products of 64 signed bytes of weights `w` and activations `x`, four bytes
+    /// a lane: lane `l` is `Σ_{j<4} w[4l+j] x[4l+j]` (exact: at most 4 * 127 * 128), as f32.
+    /// Lanes 0..8 cover bytes 0..32, lanes 8..16 bytes 32..64.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `w`, `x` point at 64 readable bytes; `x` holds no -128 (the
+    /// x86 kernels negate it).
+    #[inline(always)]
+    unsafe fn dot_i8(w: *const u8, x: *const i8) -> Self {
+        // SAFETY: the caller's contract.
+        let (w, x) = unsafe { (std::slice::from_raw_parts(w, 4 * LANES), std::slice::from_raw_parts(x, 4 * LANES)) };
+        let lanes: [f32; LANES] = std::array::from_fn(|l| (0..4).map(|j| w[4 * l + j] as i8 as i32 * x[4 * l + j] as i32).sum::<i32>() as f32);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// As [`Vector::dot_i8`] for 4-bit weight codes (0..15): 32 bytes `w` of two groups of 32,
+    /// each group's 16 bytes unpacked low nibbles then high nibbles, so lanes 0..8 cover the
+    /// first group (its even-indexed values, then its odd ones) and 8..16 the second; `x` holds
+    /// each group's activations in that order.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `w` points at 32 readable bytes, `x` at 64.
+    #[inline(always)]
+    unsafe fn dot_u4(w: *const u8, x: *const i8) -> Self {
+        // SAFETY: the caller's contract.
+        let (w, x) = unsafe { (std::slice::from_raw_parts(w, 2 * LANES), std::slice::from_raw_parts(x, 4 * LANES)) };
+        let code = |i: usize| {
+            let (group, k) = (i / 32, i % 32);
+            let byte = w[16 * group + k % 16];
+            (if k < 16 { byte & 0xf } else { byte >> 4 }) as i32
+        };
+        let lanes: [f32; LANES] = std::array::from_fn(|l| (0..4).map(|j| code(4 * l + j) * x[4 * l + j] as i32).sum::<i32>() as f32);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// [`Vector::dot_i8`] of 32 bytes of each into lanes 0..8; lanes 8..16 are zero (a row's
+    /// last group when it has an odd number).
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 32 readable bytes at each.
+    #[inline(always)]
+    unsafe fn dot_i8_half(w: *const u8, x: *const i8) -> Self {
+        let (mut w64, mut x64) = ([0u8; 64], [0i8; 64]);
+        // SAFETY: the caller's contract: 32 bytes each.
+        unsafe {
+            std::ptr::copy_nonoverlapping(w, w64.as_mut_ptr(), 32);
+            std::ptr::copy_nonoverlapping(x, x64.as_mut_ptr(), 32);
+            Self::dot_i8(w64.as_ptr(), x64.as_ptr())
+        }
+    }
+    /// [`Vector::dot_u4`] of one group (16 bytes of `w`, 32 of `x`) into lanes 0..8; lanes
+    /// 8..16 are zero.
+    ///
+    /// # Safety
+    /// As [`Vector::dot_u4`], with 16 readable bytes at `w` and 32 at `x`.
+    #[inline(always)]
+    unsafe fn dot_u4_half(w: *const u8, x: *const i8) -> Self {
+        let (mut w32, mut x64) = ([0u8; 32], [0i8; 64]);
+        // SAFETY: the caller's contract.
+        unsafe {
+            std::ptr::copy_nonoverlapping(w, w32.as_mut_ptr(), 16);
+            std::ptr::copy_nonoverlapping(x, x64.as_mut_ptr(), 32);
+            Self::dot_u4(w32.as_ptr(), x64.as_ptr())
+        }
+    }
+    /// `p[0]` in lanes 0..8 and `p[stride]` in lanes 8..16 (two groups' scales, matching the
+    /// int8 dots' lanes).
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p[0]`, `p[stride]` are readable.
+    #[inline(always)]
+    unsafe fn expand_pair(p: *const f32, stride: usize) -> Self {
+        // SAFETY: the caller's contract.
+        let (a, b) = unsafe { (*p, *p.add(stride)) };
+        let lanes: [f32; LANES] = std::array::from_fn(|l| if l < LANES / 2 { a } else { b });
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// `a * b`, lane by lane.
+    ///
+    /// # Safety
+    /// As [`Vector::zero`].
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { Self::mul_add(a, b, Self::zero()) }
     }
     /// # Safety
     /// As [`Vector::zero`], and `p` points at `LANES` writable values.
@@ -211,6 +313,16 @@ mod x86 {
         _mm_unpacklo_epi8(_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask))
     }
 
+    /// Sums of four products of unsigned bytes `u` and signed bytes `s` per 32-bit lane (the
+    /// pairs' 16-bit sums cannot saturate: `u` <= 128 and `|s|` <= 127).
+    ///
+    /// # Safety
+    /// AVX-512 BW.
+    #[inline(always)]
+    unsafe fn sum_bytes(u: __m512i, s: __m512i) -> __m512i {
+        _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1))
+    }
+
     #[derive(Clone, Copy)]
     pub struct Avx512(__m512);
 
@@ -232,10 +344,59 @@ mod x86 {
             Avx512(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves))))
         }
         #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u8) -> (Self, Self) {
+            // SAFETY: the caller's contract: 64 bytes from `p`.
+            let pairs = unsafe { _mm512_loadu_si512(p as *const _) };
+            let even = _mm512_slli_epi32::<16>(pairs);
+            let odd = _mm512_and_si512(pairs, _mm512_set1_epi32(0xffff_0000u32 as i32));
+            (Avx512(_mm512_castsi512_ps(even)), Avx512(_mm512_castsi512_ps(odd)))
+        }
+        #[inline(always)]
         unsafe fn load_i8(p: *const u8) -> Self {
             // SAFETY: the caller's contract: 16 bytes from `p`.
             let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
             Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)))
+        }
+        #[inline(always)]
+        unsafe fn dot_i8(w: *const u8, x: *const i8) -> Self {
+            // |w| times x with w's sign (u8 x i8 is what the byte multiply-add takes).
+            // SAFETY: the caller's contract: 64 bytes from each.
+            let (w, x) = unsafe { (_mm512_loadu_si512(w as *const _), _mm512_loadu_si512(x as *const _)) };
+            let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_u4(w: *const u8, x: *const i8) -> Self {
+            // The 32 bytes as 128-bit lanes (first 16, first 16, last 16, last 16), lanes 1 and
+            // 3 shifted to their high nibbles.
+            // SAFETY: the caller's contract: 32 bytes from `w`, 64 from `x`.
+            let (bytes, x) = unsafe { (_mm256_loadu_si256(w as *const __m256i), _mm512_loadu_si512(x as *const _)) };
+            let wide = _mm512_castsi256_si512(bytes);
+            let doubled = _mm512_shuffle_i64x2::<0b01_01_00_00>(wide, wide);
+            let shifted = _mm512_mask_srli_epi16::<4>(doubled, 0xff00_ff00, doubled);
+            let codes = _mm512_and_si512(shifted, _mm512_set1_epi8(0x0f));
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(codes, x)))
+        }
+        #[inline(always)]
+        unsafe fn dot_i8_half(w: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from each.
+            let (w, x) = unsafe { (_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(x as *const __m256i)) };
+            let (w, x) = (_mm512_zextsi256_si512(w), _mm512_zextsi256_si512(x));
+            let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_u4_half(w: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `w`, 32 from `x`.
+            let (bytes, x) = unsafe { (_mm_loadu_si128(w as *const __m128i), _mm256_loadu_si256(x as *const __m256i)) };
+            let codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), _mm256_set1_epi8(0x0f));
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_zextsi256_si512(codes), _mm512_zextsi256_si512(x))))
+        }
+        #[inline(always)]
+        unsafe fn expand_pair(p: *const f32, stride: usize) -> Self {
+            // SAFETY: the caller's contract.
+            let (a, b) = unsafe { (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(stride))) };
+            Avx512(_mm512_mask_blend_ps(0xff00, a, b))
         }
         #[inline(always)]
         unsafe fn load_u4(p: *const u8) -> Self {
@@ -316,11 +477,54 @@ mod x86 {
             Avx2(widen(a), widen(b))
         }
         #[inline(always)]
+        unsafe fn load_bf16_pairs(p: *const u8) -> (Self, Self) {
+            // SAFETY: the caller's contract: 64 bytes from `p`.
+            let (a, b) = unsafe { (_mm256_loadu_si256(p as *const __m256i), _mm256_loadu_si256(p.add(32) as *const __m256i)) };
+            let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+            let even = |w| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w));
+            let odd = |w| _mm256_castsi256_ps(_mm256_and_si256(w, high));
+            (Avx2(even(a), even(b)), Avx2(odd(a), odd(b)))
+        }
+        #[inline(always)]
         unsafe fn load_i8(p: *const u8) -> Self {
             // SAFETY: the caller's contract: 16 bytes from `p`.
             let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
             let widen = |q| _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
             Avx2(widen(a), widen(b))
+        }
+        #[inline(always)]
+        unsafe fn dot_i8(w: *const u8, x: *const i8) -> Self {
+            // As AVX-512's, 32 bytes at a time.
+            let dot = |w: __m256i, x: __m256i| {
+                let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(products, _mm256_set1_epi16(1)))
+            };
+            // SAFETY: the caller's contract: 64 bytes from each.
+            unsafe {
+                let (w0, w1) = (_mm256_loadu_si256(w as *const __m256i), _mm256_loadu_si256(w.add(32) as *const __m256i));
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot(w0, x0), dot(w1, x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot_u4(w: *const u8, x: *const i8) -> Self {
+            // A group's 16 bytes: low nibbles then high nibbles, 32 codes against 32 bytes of x.
+            let dot = |bytes: __m128i, x: __m256i| {
+                let codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes), _mm256_set1_epi8(0x0f));
+                let products = _mm256_maddubs_epi16(codes, x);
+                _mm256_cvtepi32_ps(_mm256_madd_epi16(products, _mm256_set1_epi16(1)))
+            };
+            // SAFETY: the caller's contract: 32 bytes from `w`, 64 from `x`.
+            unsafe {
+                let (b0, b1) = (_mm_loadu_si128(w as *const __m128i), _mm_loadu_si128(w.add(16) as *const __m128i));
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot(b0, x0), dot(b1, x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn expand_pair(p: *const f32, stride: usize) -> Self {
+            // SAFETY: the caller's contract.
+            unsafe { Avx2(_mm256_set1_ps(*p), _mm256_set1_ps(*p.add(stride))) }
         }
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8, _: &[f32; 256]) -> Self {
