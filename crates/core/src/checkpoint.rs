@@ -58,9 +58,39 @@ impl TensorBytes {
         TensorBytes { map: self.map.clone(), range: self.range.start + range.start..self.range.start + range.end }
     }
 
+    /// Bytes made in memory (converted weights), moved to a cache-line-aligned buffer: the
+    /// CPU kernels' 64-byte loads of a row would otherwise straddle two cache lines each
+    /// (large allocations start 16 bytes into a page), which halved q8 decode's load rate.
     pub fn from_vec(bytes: Vec<u8>) -> TensorBytes {
         let range = 0..bytes.len();
-        TensorBytes { map: Arc::new(bytes), range }
+        TensorBytes { map: Arc::new(Aligned::from(bytes)), range }
+    }
+}
+
+/// Bytes starting on a 64-byte boundary.
+struct Aligned {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Line([u8; 64]);
+
+impl From<Vec<u8>> for Aligned {
+    fn from(bytes: Vec<u8>) -> Aligned {
+        let mut lines = vec![Line([0; 64]); bytes.len().div_ceil(64)];
+        for (line, chunk) in lines.iter_mut().zip(bytes.chunks(64)) {
+            line.0[..chunk.len()].copy_from_slice(chunk);
+        }
+        Aligned { lines, len: bytes.len() }
+    }
+}
+
+impl AsRef<[u8]> for Aligned {
+    fn as_ref(&self) -> &[u8] {
+        let lines: &[u8] = bytemuck::cast_slice(&self.lines);
+        &lines[..self.len]
     }
 }
 
