@@ -17,7 +17,9 @@
 #    merges), and the converter's unknown-pre-tokenizer error falls back to "deepseek-v3"
 #    (GGUF_PRE_FALLBACK). Neither touches the weights; the benchmark feeds token ids.
 # 3. Pairs, each llama.cpp then dsrun, same thread count: BF16 / keep, Q8_0 / q8, Q4_0 / q4 at
-#    pp512 and tg64; then BF16 decode at depth 0 and 4000.
+#    pp512 and tg64 (q8 and q4 exact, then with --math fast: int8 activations, as llama.cpp's
+#    Q8_0 and Q4_0 kernels multiply); then BF16 decode at depth 0 and 4000 (both with their
+#    default f16 caches).
 #
 # Needs: python3 with torch and transformers (PYTHONPATH), cmake, a C++ compiler, and a release
 # build of dsrun (cargo build --release).
@@ -77,6 +79,11 @@ for pair in "bf16 keep" "Q8_0 q8" "Q4_0 q4"; do
   "$bin/llama-bench" -m "$work/$name-$1.gguf" -t "$threads" -p 512 -n 64 -r 3 2>&1 | grep -E "pp512|tg64"
   echo "== dsrun --quant $2"
   "$dsrun" bench --model "$ckpt" --gpu cpu -t "$threads" --quant "$2" -p 512 -n 64 --speculative off 2>&1 | grep -E "pp512|tg64"
+  if [ "$2" != keep ]; then
+    # llama.cpp's Q8_0 and Q4_0 multiply int8 activations: dsrun's --math fast does too.
+    echo "== dsrun --quant $2 --math fast"
+    "$dsrun" bench --model "$ckpt" --gpu cpu -t "$threads" --quant "$2" --math fast -p 512 -n 64 --speculative off 2>&1 | grep -E "pp512|tg64"
+  fi
 done
 echo "== llama.cpp BF16 at depth"
 "$bin/llama-bench" -m "$bf16" -t "$threads" -p 0 -n 32 -d 0,4000 -r 3 2>&1 | grep tg32

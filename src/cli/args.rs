@@ -74,8 +74,8 @@ pub struct DeviceArgs {
     /// auto: on, except on software adapters.
     #[arg(long, default_value = "auto", value_parser = choice::<Prefetch>())]
     pub prefetch: Prefetch,
-    /// How the latent cache stores its values [default: f16 on a GPU (half the memory and
-    /// bytes per step); f32 for `logits` and on the CPU].
+    /// How the latent cache stores its values [default: f16 on the backends (half the memory
+    /// and bytes per step); f32 for `logits` and on the CPU reference].
     #[arg(long, value_parser = choice::<CacheFormat>())]
     pub kv_cache: Option<CacheFormat>,
     /// Speculative decoding: draft tokens with the checkpoint's multi-token-prediction layer

@@ -186,9 +186,10 @@ impl<'p> EngineBuilder<'p> {
                 return Err(Error::Invalid(format!("--kv-cache {}: the CPU reference keeps an f32 cache", c.name())));
             }
         }
-        // The CPU computes in f32 either way: its cache is exact unless asked otherwise.
-        let on_cpu = reference || self.device == GpuChoice::Cpu;
-        let default = self.default_kv_cache.unwrap_or(if on_cpu { CacheFormat::F32 } else { CacheFormat::F16 });
+        // The reference keeps an exact cache. The backends, the CPU's among them, keep 16-bit
+        // latents by default: half the memory and the bytes attention reads per token (on the
+        // CPU, decode at depth 4096 kept 80% of depth 0's speed with f16, 76% with f32).
+        let default = self.default_kv_cache.unwrap_or(if reference { CacheFormat::F32 } else { CacheFormat::F16 });
         let mtp = self.decodes && wants_mtp(self.speculative, model)?;
         Ok(GpuOptions { kv_cache: self.kv_cache.unwrap_or(default), mtp, ..self.options })
     }

@@ -8,11 +8,13 @@
 //! (`Runtime<CpuBackend>`), held to transformers' logits on every fixture family
 //! (tests/cpu_backend.rs) and every op to the CPU reference by the conformance harness.
 //!
-//! The kernels: one-token mat-vecs that stream each weight byte once (`matmul`), a
+//! The kernels: one-token mat-vecs that stream each weight byte once (`matmul`, reading the
+//! input as `input` lays it out: bf16 word pairs, or int8 activations under `--math fast`), a
 //! register-blocked matmul for several tokens and for experts grouped by expert (`gemm`),
-//! attention that reads each cached latent once for every head (`attention`), all written over
-//! a SIMD level's vector (`vector`: AVX-512, AVX2, NEON, portable) and run on a persistent
-//! pool (`pool`) with per-thread scratch, so a decode step allocates nothing.
+//! attention that reads each cached latent once for every head (`attention`) and MLA's
+//! per-head kv_b products around it (`absorb`), all written over a SIMD level's vector
+//! (`vector`: AVX-512, AVX2, NEON, portable) and run on a persistent pool (`pool`) with
+//! per-thread scratch, so a decode step allocates nothing. `DSRUN_PROFILE=1` times each op.
 
 mod absorb;
 mod attention;
