@@ -1,23 +1,30 @@
 //! MLA's two per-head products with kv_b around attention over the latent cache: the query's
-//! no-rotary part absorbed into latent space (`q_lat = W_UKᵀ q_nope`, a transposed mat-vec:
-//! rows decoded and added, scaled) and the attended latents expanded to values
+//! no-rotary part absorbed into latent space (`q_lat = W_UKᵀ q_nope`, a transposed product: a
+//! head's rows decoded once, then scaled and summed per token) and the attended latents expanded to values
 //! (`o = W_UV o_lat`, the one-token mat-vec kernels, so `--math fast` applies to it too).
 
-use super::gemm::decode_row;
+use super::gemm::{decode_row, Disjoint};
 use super::matmul;
-use super::pool::for_each_chunk;
+use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::Matrix;
 use crate::plan::budget::Math;
 use crate::plan::layout::MlaShape;
 
-/// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]`, a (token, head) a task.
+/// Tokens per task of [`q_absorb`]: a head's key rows are decoded once per task.
+const TOKENS: usize = 32;
+
+/// `q_lat[t, h] = W_UK[h]ᵀ q_nope[t, h]`: a task per (head, run of tokens), the head's key rows
+/// decoded once into a panel for all its tokens (a prompt's tokens would otherwise decode them
+/// once each).
 pub fn q_absorb(simd: Simd, q_lat: &mut [f32], kv_b: &Matrix, q: &[f32], s: &MlaShape, n: usize) {
-    let qk = s.nope + s.rope;
-    for_each_chunk(&mut q_lat[..n * s.heads * s.lora], s.lora, |th, out| {
-        let (h, q_nope) = (th % s.heads, &q[th * qk..][..s.nope]);
-        with_scratch(|scratch| dispatch(simd, Absorb { kv_b, first: h * (s.nope + s.v), q_nope, out, row: sized(&mut scratch.row, s.lora) }));
+    let chunks = n.div_ceil(TOKENS);
+    let out = Disjoint::new(&mut q_lat[..n * s.heads * s.lora]);
+    pool().run(s.heads * chunks, &|task| {
+        let (h, chunk) = (task % s.heads, task / s.heads);
+        let tokens = chunk * TOKENS..n.min((chunk + 1) * TOKENS);
+        with_scratch(|scratch| dispatch(simd, Absorb { kv_b, h, tokens, q, s, out: &out, panel: sized(&mut scratch.panel, s.nope * s.lora) }));
     });
 }
 
@@ -32,33 +39,50 @@ pub fn v_up(simd: Simd, math: Math, o: &mut [f32], kv_b: &Matrix, o_lat: &[f32],
     });
 }
 
-/// `out = Σ_d q_nope[d] kv_b[first + d]`, rows decoded at the level.
-struct Absorb<'a> {
+/// One head's absorbed queries for a run of tokens: `out[t, h] = Σ_d q_nope[t, h, d] W_UK[h, d]`.
+struct Absorb<'a, 'b> {
     kv_b: &'a Matrix,
-    first: usize,
-    q_nope: &'a [f32],
-    out: &'a mut [f32],
-    row: &'a mut [f32],
+    h: usize,
+    tokens: std::ops::Range<usize>,
+    q: &'a [f32],
+    s: &'a MlaShape,
+    out: &'a Disjoint<'b>,
+    panel: &'a mut [f32],
 }
 
-impl AtLevel for Absorb<'_> {
+impl AtLevel for Absorb<'_, '_> {
     type Output = ();
     #[inline(always)]
     unsafe fn run<V: Vector>(self) {
-        let Absorb { kv_b, first, q_nope, out, row } = self;
-        assert!(out.len() == kv_b.cols && row.len() == kv_b.cols, "rows of the latent's width");
-        out.fill(0.0);
-        let full = out.len() / LANES * LANES;
-        for (d, &qd) in q_nope.iter().enumerate() {
-            // SAFETY (both): the level is the caller's contract; `k + LANES <= full <=` the
-            // rows' length (asserted).
-            unsafe { decode_row::<V>(kv_b, first + d, row) };
-            let scale = unsafe { V::splat(qd) };
-            for k in (0..full).step_by(LANES) {
-                unsafe { V::mul_add(scale, V::load(row.as_ptr().add(k)), V::load(out.as_ptr().add(k))).store(out.as_mut_ptr().add(k)) };
+        let Absorb { kv_b, h, tokens, q, s, out, panel } = self;
+        let (lora, qk) = (s.lora, s.nope + s.rope);
+        assert!(kv_b.cols == lora && panel.len() == s.nope * lora, "a panel of the head's key rows");
+        for (d, row) in panel.chunks_exact_mut(lora).enumerate() {
+            // SAFETY: the caller's contract.
+            unsafe { decode_row::<V>(kv_b, h * (s.nope + s.v) + d, row) };
+        }
+        let full = lora / (4 * LANES) * (4 * LANES);
+        for t in tokens {
+            let q_nope = &q[(t * s.heads + h) * qk..][..s.nope];
+            // SAFETY: this task alone owns token t's row for head h.
+            let dst = unsafe { out.slice_mut((t * s.heads + h) * lora, lora) };
+            // Four vectors of the latent at a time, summed over the head's rows in registers.
+            for b in (0..full).step_by(4 * LANES) {
+                // SAFETY (all): the level is the caller's contract; `b + 4 * LANES <= full <=
+                // lora`, the panel's rows and `dst` are `lora` long (asserted).
+                let mut acc = [unsafe { V::zero() }; 4];
+                for (d, &qd) in q_nope.iter().enumerate() {
+                    let (scale, row) = (unsafe { V::splat(qd) }, &panel[d * lora + b..]);
+                    for (v, acc) in acc.iter_mut().enumerate() {
+                        *acc = unsafe { V::mul_add(scale, V::load(row.as_ptr().add(v * LANES)), *acc) };
+                    }
+                }
+                for (v, acc) in acc.iter().enumerate() {
+                    unsafe { acc.store(dst.as_mut_ptr().add(b + v * LANES)) };
+                }
             }
-            for c in full..out.len() {
-                out[c] += qd * row[c];
+            for (c, y) in dst.iter_mut().enumerate().skip(full) {
+                *y = q_nope.iter().enumerate().map(|(d, qd)| qd * panel[d * lora + c]).sum();
             }
         }
     }

@@ -57,6 +57,17 @@ impl<'a> Disjoint<'a> {
         Disjoint { ptr: out.as_mut_ptr(), len: out.len(), _borrow: PhantomData }
     }
 
+    /// Elements `start..start + len` as a slice.
+    ///
+    /// # Safety
+    /// No other thread accesses them while the slice lives.
+    #[allow(clippy::mut_from_ref)] // the disjointness is the caller's contract, as for `store`
+    pub unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(start + len <= self.len, "output range {start}..{} past {}", start + len, self.len);
+        // SAFETY: in bounds (checked); exclusive per the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+
     /// Sets (or adds to) element `i`.
     ///
     /// # Safety

@@ -190,8 +190,9 @@ impl Kernel {
                 matmul(simd, math, m, &f32s(&b[*x])[..r * m.cols], r, &mut f32s_mut(out)[..r * m.rows], *accumulate);
             }
             Kernel::SiluMul { width, up, .. } => {
-                let len = n * width;
-                math::silu_mul(&mut f32s_mut(out)[..len], &f32s(&b[*up])[..len]);
+                // A row a task: a prompt's rows over the pool (`exp` is most of it).
+                let (len, up) = (n * width, f32s(&b[*up]));
+                for_each_chunk(&mut f32s_mut(out)[..len], *width, |t, row| math::silu_mul(row, &up[t * width..(t + 1) * width]));
             }
             // Two outputs: `run` hands them to their own functions.
             Kernel::Router { .. } | Kernel::IndexerPrepare { .. } => unreachable!("run_router and run_indexer_prepare run these"),
