@@ -11,7 +11,7 @@
 //! stored), so every call runs the full-size kernel.
 
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
-use crate::model::weights::Matrix;
+use crate::model::weights::{BlockScales, Matrix};
 use crate::quant::{fp8_table, DType};
 use std::marker::PhantomData;
 
@@ -151,27 +151,65 @@ unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: 
     }
 }
 
-/// Row `r` of `m` as f32 into `out`: FP8 with block scales through the level's vector (a table
-/// lookup a value is most of an FP8 prefill's time), every other format by `Matrix::decode_row`.
+/// Row `r` of `m` as f32 into `out`, the same values as `Matrix::decode_row`: FP8 with block
+/// scales, q8, q4 and bf16 through the level's vector (decoding a value at a time was up to a
+/// third of a q4 prompt's expert matmuls), any other format by `Matrix::decode_row`.
 ///
 /// # Safety
 /// The CPU runs `V`'s level.
 #[inline(always)]
 pub(super) unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]) {
-    let Some(s) = m.scales.as_ref().filter(|s| m.dtype == DType::F8E4M3 && s.block_cols.is_multiple_of(LANES)) else {
-        return m.decode_row(r, out);
-    };
-    let (cols, table) = (m.cols, fp8_table());
-    let row = &m.data.as_slice()[r * cols..(r + 1) * cols];
-    let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
+    let (cols, table, data) = (m.cols, fp8_table(), m.data.as_slice());
+    assert_eq!(out.len(), cols, "a row of the matrix's width");
     let full = cols / LANES * LANES;
-    for k in (0..full).step_by(LANES) {
-        // SAFETY: the level is the caller's contract; `k + LANES <= full <= cols` in `row` and
-        // `out` (both `cols` long).
-        unsafe { V::mul_add(V::load_e4m3(row.as_ptr().add(k), table), V::splat(grid_row[k / s.block_cols]), V::zero()).store(out.as_mut_ptr().add(k)) };
-    }
-    for c in full..cols {
-        out[c] = table[row[c] as usize] * grid_row[c / s.block_cols];
+    let whole_blocks = |s: &&BlockScales| s.block_cols.is_multiple_of(LANES);
+    // SAFETY (every arm's loads and stores): the level is the caller's contract; each reads
+    // `LANES` values at `k + LANES <= full <= cols` of a row and writes them into `out`
+    // (`cols` long, asserted).
+    match (m.dtype, m.scales.as_ref().filter(whole_blocks)) {
+        (DType::F8E4M3, Some(s)) => {
+            let row = &data[r * cols..(r + 1) * cols];
+            let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
+            for k in (0..full).step_by(LANES) {
+                unsafe { V::mul(V::load_e4m3(row.as_ptr().add(k), table), V::splat(grid_row[k / s.block_cols])).store(out.as_mut_ptr().add(k)) };
+            }
+            for c in full..cols {
+                out[c] = table[row[c] as usize] * grid_row[c / s.block_cols];
+            }
+        }
+        (DType::Q8, Some(s)) if s.block_rows == 1 => {
+            let (row, grid_row) = (&data[r * cols..(r + 1) * cols], &s.values[r * s.grid_cols..][..s.grid_cols]);
+            for k in (0..full).step_by(LANES) {
+                unsafe { V::mul(V::load_i8(row.as_ptr().add(k)), V::splat(grid_row[k / s.block_cols])).store(out.as_mut_ptr().add(k)) };
+            }
+            for c in full..cols {
+                out[c] = row[c] as i8 as f32 * grid_row[c / s.block_cols];
+            }
+        }
+        (DType::Q4, Some(s)) if s.block_rows == 1 && cols.is_multiple_of(2) => {
+            let (row, groups) = (&data[r * cols / 2..(r + 1) * cols / 2], &s.values[r * s.grid_cols * 2..][..s.grid_cols * 2]);
+            let one = unsafe { V::splat(1.0) };
+            for k in (0..full).step_by(LANES) {
+                let g = 2 * (k / s.block_cols);
+                // `q * scale + min` rounded twice, as the scalar decode computes it.
+                let scaled = unsafe { V::mul(V::load_u4(row.as_ptr().add(k / 2)), V::splat(groups[g])) };
+                unsafe { V::mul_add(scaled, one, V::splat(groups[g + 1])).store(out.as_mut_ptr().add(k)) };
+            }
+            for c in full..cols {
+                let (q, g) = ((row[c / 2] >> (4 * (c % 2))) & 0xf, 2 * (c / s.block_cols));
+                out[c] = q as f32 * groups[g] + groups[g + 1];
+            }
+        }
+        (DType::BF16, None) => {
+            let row = &data[r * cols * 2..(r + 1) * cols * 2];
+            for k in (0..full).step_by(LANES) {
+                unsafe { V::load_bf16(row.as_ptr().add(2 * k)).store(out.as_mut_ptr().add(k)) };
+            }
+            for c in full..cols {
+                out[c] = f32::from_bits((u16::from_le_bytes([row[2 * c], row[2 * c + 1]]) as u32) << 16);
+            }
+        }
+        _ => m.decode_row(r, out),
     }
 }
 
