@@ -543,7 +543,7 @@ impl<B: Backend> Engine for Runtime<B> {
         let work = self.backend.work();
         let ([first, second], [a, b]) = (work.names, work.counts);
         let mut lines = format!(
-            "{} steps: {:.1} {first}, {:.2} {second}, {:.0} bytes read back per step; weights on GPU {}",
+            "{} steps: {:.1} {first}, {:.2} {second}, {:.0} bytes read back per step; weights on the device {}",
             c.steps,
             per(a),
             per(b),
