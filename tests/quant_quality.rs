@@ -21,6 +21,14 @@ const TEXT: &str = "Return the number of bytes in the buffer. If the file is clo
     Create a new instance of the class with the given arguments. The object is returned unchanged if it \
     is already a string. Raise an exception if the path does not exist or cannot be read.";
 
+/// The bundled model's directory, its weights, and TEXT as its tokens.
+fn bundled() -> (std::path::PathBuf, Model, Vec<u32>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
+    (dir.clone(), Model::load(&dir).unwrap(), tokens)
+}
+
 /// (top-1 agreement with the reference, perplexity of TEXT) for one engine.
 fn measure(engine: &mut dyn Engine, tokens: &[u32], reference: Option<&[f32]>) -> (Vec<f32>, f64, f64) {
     let vocab = engine.config().vocab_size;
@@ -41,10 +49,7 @@ fn measure(engine: &mut dyn Engine, tokens: &[u32], reference: Option<&[f32]>) -
 
 #[test]
 fn quantised_weights_keep_predictions() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (dir, model, tokens) = bundled();
     let mut cpu = CpuEngine::new(Model::load(&dir).unwrap(), tokens.len());
     let (reference, _, ppl_ref) = measure(&mut cpu, &tokens, None);
     eprintln!("reference: perplexity {ppl_ref:.3} over {} tokens", tokens.len() - 1);
@@ -67,10 +72,7 @@ fn quantised_weights_keep_predictions() {
 /// per lane step, is below what `--quant f16` itself costs).
 #[test]
 fn f16_math_keeps_predictions() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (_, model, tokens) = bundled();
     let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter");
     if !ctx.shader_f16 {
         common::skip("f16 math quality floors", &format!("{} has no SHADER_F16", ctx.describe()), false);
@@ -104,10 +106,7 @@ fn cpu_int8_activations_keep_predictions() {
     use dsrun::backend::cpu::CpuBackend;
     use dsrun::plan::budget::Math;
     use dsrun::runtime::Runtime;
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
-    let config = ModelConfig::from_file(&dir.join("config.json")).unwrap();
-    let tokens = Tokenizer::load(&dir, &config).unwrap().encode(TEXT).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (dir, model, tokens) = bundled();
     let mut cpu = CpuEngine::new(Model::load(&dir).unwrap(), tokens.len());
     let (_, _, ppl_ref) = measure(&mut cpu, &tokens, None);
     for quant in [QuantTarget::Q8, QuantTarget::Q4] {

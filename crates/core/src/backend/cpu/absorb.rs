@@ -3,7 +3,7 @@
 //! head's rows decoded once, then scaled and summed per token) and the attended latents expanded to values
 //! (`o = W_UV o_lat`, the one-token mat-vec kernels, so `--math fast` applies to it too).
 
-use super::gemm::{decode_row, Disjoint};
+use super::gemm::{decode_panel, Disjoint};
 use super::matmul;
 use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
@@ -57,10 +57,8 @@ impl AtLevel for Absorb<'_, '_> {
         let Absorb { kv_b, h, tokens, q, s, out, panel } = self;
         let (lora, qk) = (s.lora, s.nope + s.rope);
         assert!(kv_b.cols == lora && panel.len() == s.nope * lora, "a panel of the head's key rows");
-        for (d, row) in panel.chunks_exact_mut(lora).enumerate() {
-            // SAFETY: the caller's contract.
-            unsafe { decode_row::<V>(kv_b, h * (s.nope + s.v) + d, row) };
-        }
+        // SAFETY: the caller's contract.
+        unsafe { decode_panel::<V>(kv_b, h * (s.nope + s.v), s.nope, panel) };
         let full = lora / (4 * LANES) * (4 * LANES);
         for t in tokens {
             let q_nope = &q[(t * s.heads + h) * qk..][..s.nope];

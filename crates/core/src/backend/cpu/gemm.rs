@@ -10,6 +10,7 @@
 //! Rows and tokens past a block's end are padded by repeating the last one (computed, never
 //! stored), so every call runs the full-size kernel.
 
+use super::matmul::{Bf16s, Decode, Fp8s, Q8s};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::{BlockScales, Matrix};
 use crate::quant::{fp8_table, DType};
@@ -127,10 +128,8 @@ pub(super) unsafe fn micro<V: Vector, const MR: usize, const NR: usize>(w: [&[f3
 #[inline(always)]
 unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: usize, count: usize, slots: Slots, out: &Disjoint, accumulate: bool, panel: &mut [f32]) {
     let cols = m.cols;
-    for (i, row) in panel.chunks_exact_mut(cols).take(count).enumerate() {
-        // SAFETY: the caller's contract.
-        unsafe { decode_row::<V>(m, first + i, row) };
-    }
+    // SAFETY: the caller's contract.
+    unsafe { decode_panel::<V>(m, first, count, panel) };
     let n = slots.slots.len();
     for t in (0..n).step_by(NR) {
         let x: [&[f32]; NR] = std::array::from_fn(|j| slots.row((t + j).min(n - 1), cols));
@@ -159,7 +158,7 @@ unsafe fn block<V: Vector, const MR: usize, const NR: usize>(m: &Matrix, first: 
 /// The CPU runs `V`'s level.
 #[inline(always)]
 pub(super) unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]) {
-    let (cols, table, data) = (m.cols, fp8_table(), m.data.as_slice());
+    let (cols, data) = (m.cols, m.data.as_slice());
     assert_eq!(out.len(), cols, "a row of the matrix's width");
     let full = cols / LANES * LANES;
     let whole_blocks = |s: &&BlockScales| s.block_cols.is_multiple_of(LANES);
@@ -168,24 +167,10 @@ pub(super) unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]
     // (`cols` long, asserted).
     match (m.dtype, m.scales.as_ref().filter(whole_blocks)) {
         (DType::F8E4M3, Some(s)) => {
-            let row = &data[r * cols..(r + 1) * cols];
             let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
-            for k in (0..full).step_by(LANES) {
-                unsafe { V::mul(V::load_e4m3(row.as_ptr().add(k), table), V::splat(grid_row[k / s.block_cols])).store(out.as_mut_ptr().add(k)) };
-            }
-            for c in full..cols {
-                out[c] = table[row[c] as usize] * grid_row[c / s.block_cols];
-            }
+            unsafe { decode_blocks::<V, Fp8s>(&data[r * cols..(r + 1) * cols], Some((grid_row, s.block_cols)), out) }
         }
-        (DType::Q8, Some(s)) if s.block_rows == 1 => {
-            let (row, grid_row) = (&data[r * cols..(r + 1) * cols], &s.values[r * s.grid_cols..][..s.grid_cols]);
-            for k in (0..full).step_by(LANES) {
-                unsafe { V::mul(V::load_i8(row.as_ptr().add(k)), V::splat(grid_row[k / s.block_cols])).store(out.as_mut_ptr().add(k)) };
-            }
-            for c in full..cols {
-                out[c] = row[c] as i8 as f32 * grid_row[c / s.block_cols];
-            }
-        }
+        (DType::Q8, Some(s)) if s.block_rows == 1 => unsafe { decode_blocks::<V, Q8s>(&data[r * cols..(r + 1) * cols], Some((&s.values[r * s.grid_cols..][..s.grid_cols], s.block_cols)), out) },
         (DType::Q4, Some(s)) if s.block_rows == 1 && cols.is_multiple_of(2) => {
             let (row, groups) = (&data[r * cols / 2..(r + 1) * cols / 2], &s.values[r * s.grid_cols * 2..][..s.grid_cols * 2]);
             let one = unsafe { V::splat(1.0) };
@@ -200,16 +185,46 @@ pub(super) unsafe fn decode_row<V: Vector>(m: &Matrix, r: usize, out: &mut [f32]
                 out[c] = q as f32 * groups[g] + groups[g + 1];
             }
         }
-        (DType::BF16, None) => {
-            let row = &data[r * cols * 2..(r + 1) * cols * 2];
-            for k in (0..full).step_by(LANES) {
-                unsafe { V::load_bf16(row.as_ptr().add(2 * k)).store(out.as_mut_ptr().add(k)) };
-            }
-            for c in full..cols {
-                out[c] = f32::from_bits((u16::from_le_bytes([row[2 * c], row[2 * c + 1]]) as u32) << 16);
-            }
-        }
+        (DType::BF16, None) => unsafe { decode_blocks::<V, Bf16s>(&data[r * cols * 2..(r + 1) * cols * 2], None, out) },
         _ => m.decode_row(r, out),
+    }
+}
+
+/// One row stored as `D` into `out`, each block of `scales` (FP8 blocks, q8 groups: a grid row
+/// and its block width) multiplied in.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn decode_blocks<V: Vector, D: Decode>(row: &[u8], scales: Option<(&[f32], usize)>, out: &mut [f32]) {
+    let (cols, table) = (out.len(), fp8_table());
+    assert_eq!(row.len(), cols * D::BYTES, "a row of the output's width");
+    let full = cols / LANES * LANES;
+    for k in (0..full).step_by(LANES) {
+        // SAFETY: the level is the caller's contract; `LANES` values at `k + LANES <= cols` of
+        // the row and of `out` (asserted widths).
+        let values = unsafe { D::load::<V>(row.as_ptr().add(k * D::BYTES), table) };
+        let values = match scales {
+            Some((grid_row, block)) => unsafe { V::mul(values, V::splat(grid_row[k / block])) },
+            None => values,
+        };
+        unsafe { values.store(out.as_mut_ptr().add(k)) };
+    }
+    for c in full..cols {
+        let value = D::decode(&row[c * D::BYTES..], table);
+        out[c] = scales.map_or(value, |(grid_row, block)| value * grid_row[c / block]);
+    }
+}
+
+/// Rows `first..` of `m` decoded into `panel`, a row every `m.cols` values.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+pub(super) unsafe fn decode_panel<V: Vector>(m: &Matrix, first: usize, count: usize, panel: &mut [f32]) {
+    for (i, row) in panel.chunks_exact_mut(m.cols).take(count).enumerate() {
+        // SAFETY: the caller's contract.
+        unsafe { decode_row::<V>(m, first + i, row) };
     }
 }
 

@@ -13,8 +13,9 @@ use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::Matrix;
 use crate::quant::{fp8_table, DType};
 
-/// How stored values become f32 lanes.
-trait Decode {
+/// How stored values become f32 lanes (the mat-vecs' fused dots; the blocked matmul's
+/// panel decode).
+pub(super) trait Decode {
     const BYTES: usize;
     /// One value.
     fn decode(b: &[u8], table: &[f32; 256]) -> f32;
@@ -32,7 +33,7 @@ trait Decode {
     }
 }
 
-struct F32s;
+pub(super) struct F32s;
 impl Decode for F32s {
     const BYTES: usize = 4;
     #[inline(always)]
@@ -46,7 +47,7 @@ impl Decode for F32s {
     }
 }
 
-struct Bf16s;
+pub(super) struct Bf16s;
 impl Decode for Bf16s {
     const BYTES: usize = 2;
     #[inline(always)]
@@ -61,7 +62,7 @@ impl Decode for Bf16s {
 }
 
 /// FP8 e4m3 through its 256-entry table.
-struct Fp8s;
+pub(super) struct Fp8s;
 impl Decode for Fp8s {
     const BYTES: usize = 1;
     #[inline(always)]
@@ -75,7 +76,7 @@ impl Decode for Fp8s {
     }
 }
 
-struct Q8s;
+pub(super) struct Q8s;
 impl Decode for Q8s {
     const BYTES: usize = 1;
     #[inline(always)]
@@ -359,18 +360,12 @@ unsafe fn int8_dot<V: Vector, const Q4: bool, const HALF: bool>(row: &[u8], k: u
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH_AHEAD: usize = 256;
 
-/// Prefetches the cache lines `PREFETCH_AHEAD` bytes past the `4 * LANES` values from `k` on
-/// (x86-64; a hint elsewhere left to the hardware).
+/// Prefetches the cache lines `PREFETCH_AHEAD` bytes past the `4 * LANES` values from `k` on.
 #[inline(always)]
 fn prefetch<D: Decode>(w: &[u8], k: usize) {
-    #[cfg(target_arch = "x86_64")]
     for line in 0..D::BYTES {
-        let ahead = w.as_ptr().wrapping_add(k * D::BYTES + PREFETCH_AHEAD + 64 * line) as *const i8;
-        // SAFETY: a prefetch is a hint: it never faults, whatever the address.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ahead) };
+        prefetch_line(w.as_ptr().wrapping_add(k * D::BYTES + PREFETCH_AHEAD + 64 * line));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, k);
 }
 
 /// Prefetches the cache line at `p` (x86-64; a hint elsewhere left to the hardware).
