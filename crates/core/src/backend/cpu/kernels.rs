@@ -9,7 +9,7 @@ use super::matmul;
 use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
 use super::vector::Simd;
-use super::{absorb, attention, indexer, router, CpuMatrix};
+use super::{absorb, attention, indexer, router};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::RouterParams;
@@ -25,6 +25,12 @@ const ROWS_PER_TASK: usize = 16;
 /// Tokens per task of a multi-token matmul: their rows (4 KiB each at 1024 columns) stay in
 /// the core's L2 while it computes a panel of weight rows for them.
 const TOKEN_CHUNK: usize = 64;
+
+/// A weight matrix or a stack of experts, as the checkpoint stores it (sharing its mapping).
+#[derive(Debug)]
+pub struct CpuMatrix {
+    pub(super) stack: Vec<Matrix>,
+}
 
 /// One lowered op: buffer indices and the weights it reads.
 #[derive(Debug)]

@@ -37,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::model::weights::{Matrix, Mlp};
 use crate::plan::budget::Math;
 use crate::plan::{ExpertWeights, KernelLimits, Op, Target};
+pub use kernels::CpuMatrix;
 use kernels::Kernel;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -50,12 +51,6 @@ const MAX_CHUNK: usize = 256;
 /// A buffer: its index among the backend's host vectors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuBuffer(usize);
-
-/// A weight matrix or a stack of experts, as the checkpoint stores it (sharing its mapping).
-#[derive(Debug)]
-pub struct CpuMatrix {
-    stack: Vec<Matrix>,
-}
 
 /// The host: buffers of words, what the last read returned, the work counters.
 pub struct CpuBackend {
