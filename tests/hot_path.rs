@@ -107,8 +107,9 @@ fn a_wgpu_decode_step_allocates_nothing() {
 }
 
 /// The CPU backend: nothing on the calling thread nor on its pool's workers (every kernel works
-/// in per-thread scratch kept between steps), with the stored weights, and with q4 weights and
-/// `--math fast` (int8 activations laid out in scratch).
+/// in per-thread scratch kept between steps), with the stored weights, and under `--math
+/// fast` with q4 weights (int8 activations laid out in scratch) and the stored bf16 ones (bf16
+/// dots, where the CPU has them).
 #[test]
 fn a_cpu_backend_decode_step_allocates_nothing() {
     use dsrun::backend::cpu::CpuBackend;
@@ -117,6 +118,9 @@ fn a_cpu_backend_decode_step_allocates_nothing() {
     decode_allocates_nothing(&mut engine);
     let fast = CpuBackend::new().with_math(dsrun::plan::budget::Math::Fast);
     let mut engine = dsrun::runtime::Runtime::new(fast, &model, 64, dsrun::quant::QuantTarget::Q4).unwrap();
+    decode_allocates_nothing(&mut engine);
+    let fast = CpuBackend::new().with_math(dsrun::plan::budget::Math::Fast);
+    let mut engine = dsrun::runtime::Runtime::new(fast, &model, 64, Default::default()).unwrap();
     decode_allocates_nothing(&mut engine);
 }
 

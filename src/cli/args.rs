@@ -57,9 +57,10 @@ pub struct DeviceArgs {
     /// at load to f16, q8 (int8, a scale per 32) or q4 (4-bit, scale and min per 32).
     #[arg(long, default_value = "keep", value_parser = choice::<QuantTarget>())]
     pub quant: QuantTarget,
-    /// How matmuls multiply: exact (f32 activations) or fast (int8 activations for q8/q4
-    /// weights on the CPU backend, as llama.cpp's Q8_0/Q4_0; f16 arithmetic on GPUs with
-    /// SHADER_F16).
+    /// How matmuls multiply: exact (f32 activations) or fast (on the CPU backend int8
+    /// activations for q8/q4 weights in decode, as llama.cpp's Q8_0/Q4_0, and bf16 dots where
+    /// the CPU has AVX512-BF16: bf16 weights in decode, every format in prefill; f16
+    /// arithmetic on GPUs with SHADER_F16).
     #[arg(long, default_value = "exact", value_parser = choice::<Math>())]
     pub math: Math,
     /// GPU memory dsrun may use: `auto` (80% of the adapter's device memory), a size (12G,

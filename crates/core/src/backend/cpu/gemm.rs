@@ -23,16 +23,17 @@ pub const PANEL_ROWS: usize = 16;
 /// writes row `s` of the output. A prompt's matmul has slots `0..n` and `x_div` 1; an expert's
 /// has the (token, choice) pairs that chose it and `x_div` the choices per token (gate and up
 /// read the token's row) or 1 (down reads the pair's own row).
+/// The rows are f32, or bf16 words for [`super::bf16`]'s block.
 #[derive(Clone, Copy)]
-pub struct Slots<'a> {
-    pub x: &'a [f32],
+pub struct Slots<'a, T = f32> {
+    pub x: &'a [T],
     pub x_div: usize,
     pub slots: &'a [u32],
 }
 
-impl<'a> Slots<'a> {
+impl<'a, T> Slots<'a, T> {
     #[inline(always)]
-    fn row(&self, i: usize, cols: usize) -> &'a [f32] {
+    pub(super) fn row(&self, i: usize, cols: usize) -> &'a [T] {
         let s = self.slots[i] as usize / self.x_div;
         &self.x[s * cols..(s + 1) * cols]
     }
@@ -74,7 +75,7 @@ impl<'a> Disjoint<'a> {
     /// # Safety
     /// No other thread accesses element `i` while the `Disjoint` lives.
     #[inline(always)]
-    unsafe fn store(&self, i: usize, v: f32, accumulate: bool) {
+    pub(super) unsafe fn store(&self, i: usize, v: f32, accumulate: bool) {
         assert!(i < self.len, "output index {i} past {}", self.len);
         // SAFETY: in bounds (checked); exclusive per the caller's contract.
         let slot = unsafe { &mut *self.ptr.add(i) };
@@ -226,6 +227,21 @@ pub(super) unsafe fn decode_panel<V: Vector>(m: &Matrix, first: usize, count: us
         // SAFETY: the caller's contract.
         unsafe { decode_row::<V>(m, first + i, row) };
     }
+}
+
+/// [`decode_panel`] at `simd`'s level.
+pub fn decode_panel_at(simd: Simd, m: &Matrix, first: usize, count: usize, panel: &mut [f32]) {
+    assert!(panel.len() >= count * m.cols && first + count <= m.rows, "{count} rows from {first} of {} into {} values", m.rows, panel.len());
+    struct Panel<'a>(&'a Matrix, usize, usize, &'a mut [f32]);
+    impl AtLevel for Panel<'_> {
+        type Output = ();
+        #[inline(always)]
+        unsafe fn run<V: Vector>(self) {
+            // SAFETY: the caller's contract.
+            unsafe { decode_panel::<V>(self.0, self.1, self.2, self.3) }
+        }
+    }
+    dispatch(simd, Panel(m, first, count, panel))
 }
 
 /// [`block`] at `simd`'s level.

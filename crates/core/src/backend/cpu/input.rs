@@ -7,6 +7,8 @@
 //!   max |x| / 127, rounded to nearest, as llama.cpp's Q8_0 activations), so a row's dot is
 //!   integer multiply-adds of bytes with one f32 scale per group. Not exact: held to quality
 //!   floors (tests/cpu_backend.rs).
+//! - `--math fast` with bf16 weights on a CPU with AVX512-BF16: `x` rounded to bf16 for
+//!   [`super::bf16::rows`] (the pairs layout too, for a level without the dots).
 
 use super::vector::LANES;
 use crate::model::weights::Matrix;
@@ -22,12 +24,14 @@ pub struct Input<'a> {
     pub pairs: Option<&'a [f32]>,
     /// `--math fast`, q8 and q4 weights of whole groups.
     pub int8: Option<Int8<'a>>,
+    /// `--math fast`, bf16 weights, where the CPU has bf16 dots: `x` rounded to bf16.
+    pub bf16: Option<&'a [u16]>,
 }
 
 impl<'a> Input<'a> {
     /// `x` alone: every kernel takes it.
     pub fn plain(x: &'a [f32]) -> Input<'a> {
-        Input { x, pairs: None, int8: None }
+        Input { x, pairs: None, int8: None, bf16: None }
     }
 }
 
@@ -51,6 +55,7 @@ pub struct Layouts {
     codes: Vec<i8>,
     lane_scales: Vec<f32>,
     sums: Vec<f32>,
+    bf16: Vec<u16>,
 }
 
 /// Whether `m`'s one-token kernel reads int8 activations under `math`: q8 and q4 with groups
@@ -69,6 +74,10 @@ impl Layouts {
             self.pairs.extend_from_slice(x);
             deinterleave_from(&mut self.pairs, x);
             input.pairs = Some(&self.pairs);
+            if math == Math::Fast && super::bf16::detected() {
+                super::bf16::round_into(x, &mut self.bf16);
+                input.bf16 = Some(&self.bf16);
+            }
         } else if takes_int8(m, math) {
             self.quantise(x, m.dtype == DType::Q4);
             input.int8 = Some(Int8 { codes: &self.codes, lane_scales: &self.lane_scales, sums: &self.sums });

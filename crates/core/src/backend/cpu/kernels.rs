@@ -9,7 +9,7 @@ use super::matmul;
 use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};
 use super::vector::Simd;
-use super::{absorb, attention, indexer, router};
+use super::{absorb, attention, bf16, indexer, router};
 use crate::error::{Error, Result};
 use crate::model::math;
 use crate::model::router::RouterParams;
@@ -213,7 +213,7 @@ impl Kernel {
                 if n == 1 {
                     expert_rows(simd, math, w, x, *x_div, ids, out);
                 } else {
-                    expert_blocks(simd, w, x, *x_div, ids, out);
+                    expert_blocks(simd, math, w, x, *x_div, ids, out);
                 }
             }
             Kernel::MoeCombine { dim, k, expert_out, weights, shared, .. } => {
@@ -283,18 +283,51 @@ fn matmul(simd: Simd, math: Math, m: &Matrix, x: &[f32], n: usize, y: &mut [f32]
         with_scratch(|s| s.layouts = layouts);
         return;
     }
-    let mut slots = with_scratch(|s| std::mem::take(&mut s.slots));
+    let (mut slots, mut tokens16) = with_scratch(|s| (std::mem::take(&mut s.slots), std::mem::take(&mut s.tokens16)));
     slots.clear();
     slots.extend(0..n as u32);
+    let x = &x[..n * cols];
+    let tokens = Tokens::of(simd, math, x, &mut tokens16);
     let (chunks, panels) = (n.div_ceil(TOKEN_CHUNK), rows.div_ceil(PANEL_ROWS));
     let out = Disjoint::new(&mut y[..n * rows]);
     pool().run(chunks * panels, &|task| {
         let (chunk, first) = (task / panels, (task % panels) * PANEL_ROWS);
         let count = PANEL_ROWS.min(rows - first);
-        let slots = Slots { x, x_div: 1, slots: &slots[chunk * TOKEN_CHUNK..n.min((chunk + 1) * TOKEN_CHUNK)] };
-        with_scratch(|scratch| gemm::block_at(simd, m, first, count, slots, &out, accumulate, sized(&mut scratch.panel, count * cols)));
+        tokens.block(simd, m, first, count, 1, &slots[chunk * TOKEN_CHUNK..n.min((chunk + 1) * TOKEN_CHUNK)], &out, accumulate);
     });
-    with_scratch(|s| s.slots = slots);
+    with_scratch(|s| (s.slots, s.tokens16) = (slots, tokens16));
+}
+
+/// A multi-token matmul's tokens as its blocks read them: f32, or rounded to bf16 once for
+/// bf16 dots (`--math fast` on a CPU that has them).
+#[derive(Clone, Copy)]
+enum Tokens<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Tokens<'a> {
+    /// `x` for `math` at `simd`; `rounded` holds the bf16 copy.
+    fn of(simd: Simd, math: Math, x: &'a [f32], rounded: &'a mut Vec<u16>) -> Tokens<'a> {
+        if !bf16::applies(simd, math) {
+            return Tokens::F32(x);
+        }
+        bf16::round_into(x, rounded);
+        Tokens::Bf16(rounded)
+    }
+
+    /// Rows `first..first + count` of `m` for `slots` (reading row `slot / x_div` of the
+    /// tokens), on this thread with its scratch.
+    #[allow(clippy::too_many_arguments)] // one block's whole description, as gemm::block_at's
+    fn block(self, simd: Simd, m: &Matrix, first: usize, count: usize, x_div: usize, slots: &[u32], out: &Disjoint, accumulate: bool) {
+        with_scratch(|scratch| match self {
+            Tokens::F32(x) => gemm::block_at(simd, m, first, count, Slots { x, x_div, slots }, out, accumulate, sized(&mut scratch.panel, count * m.cols)),
+            Tokens::Bf16(x) => {
+                let panel = bf16::panel(simd, m, first, count, &mut scratch.panel, &mut scratch.panel16);
+                bf16::block(simd, panel, count, Slots { x, x_div, slots }, out, m.rows, first, accumulate)
+            }
+        })
+    }
 }
 
 /// One token's experts: each (token, choice) slot's rows from its expert, fused dots. The input
@@ -324,9 +357,9 @@ fn expert_rows(simd: Simd, math: Math, w: &CpuMatrix, x: &[f32], x_div: usize, i
 /// Several tokens' experts, grouped by expert: the slots that chose each expert are gathered
 /// (a counting sort of `ids`), and each expert's weights are decoded once per panel for all
 /// of them ([`gemm`]), not once per slot.
-fn expert_blocks(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
+fn expert_blocks(simd: Simd, math: Math, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32], out: &mut [f32]) {
     let (experts, rows, cols) = (w.stack.len(), w.stack[0].rows, w.stack[0].cols);
-    let (mut order, mut starts) = with_scratch(|s| (std::mem::take(&mut s.slots), std::mem::take(&mut s.starts)));
+    let (mut order, mut starts, mut tokens16) = with_scratch(|s| (std::mem::take(&mut s.slots), std::mem::take(&mut s.starts), std::mem::take(&mut s.tokens16)));
     // starts[e]..starts[e + 1]: expert e's slots in `order`.
     starts.clear();
     starts.resize(experts + 1, 0);
@@ -347,6 +380,8 @@ fn expert_blocks(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32]
         starts[e] = starts[e - 1];
     }
     starts[0] = 0;
+    let x = &x[..ids.len().div_ceil(x_div) * cols];
+    let tokens = Tokens::of(simd, math, x, &mut tokens16);
     let panels = rows.div_ceil(PANEL_ROWS);
     let out = Disjoint::new(out);
     pool().run(experts * panels, &|task| {
@@ -355,11 +390,9 @@ fn expert_blocks(simd: Simd, w: &CpuMatrix, x: &[f32], x_div: usize, ids: &[u32]
         if slots.is_empty() {
             return;
         }
-        let count = PANEL_ROWS.min(rows - first);
-        let slots = Slots { x, x_div, slots };
-        with_scratch(|scratch| gemm::block_at(simd, &w.stack[e], first, count, slots, &out, false, sized(&mut scratch.panel, count * cols)));
+        tokens.block(simd, &w.stack[e], first, PANEL_ROWS.min(rows - first), x_div, slots, &out, false);
     });
-    with_scratch(|s| (s.slots, s.starts) = (order, starts));
+    with_scratch(|s| (s.slots, s.starts, s.tokens16) = (order, starts, tokens16));
 }
 
 /// The router: expert ids (into `ids`) and weights (into `weights`) per token, by the CPU

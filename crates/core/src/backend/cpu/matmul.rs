@@ -8,9 +8,11 @@
 //! dot keeps four accumulators: one chain of multiply-adds would wait on the FMA's latency,
 //! not on memory.
 
+use super::bf16;
 use super::input::{Input, Int8, GROUP};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
 use crate::model::weights::Matrix;
+use crate::plan::budget::Math;
 use crate::quant::{fp8_table, DType};
 
 /// How stored values become f32 lanes (the mat-vecs' fused dots; the blocked matmul's
@@ -427,6 +429,9 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
 /// [`super::input::Layouts::prepare`], or plain), into `dst`. `scratch`: a row of `m.cols`
 /// values.
 pub fn rows_at(simd: Simd, m: &Matrix, first: usize, x: Input, dst: &mut [f32], scratch: &mut [f32]) {
+    if let Some(x) = x.bf16.filter(|_| bf16::applies(simd, Math::Fast)) {
+        return bf16::rows(simd, m, first, x, dst);
+    }
     dispatch(simd, Rows { m, first, x, dst, scratch })
 }
 
@@ -521,6 +526,9 @@ mod tests {
                 let m = Matrix::from_values("w", rows, cols, dtype, &w, (128, 128));
                 let math = if dtype == DType::BF16 { Math::Exact } else { Math::Fast };
                 let mut want = reference(&m, &if math == Math::Fast { dequantised(&x) } else { x.clone() });
+                // bf16 weights under `--math fast`: the activations rounded to bf16 where the
+                // level has bf16 dots, else the exact kernel's.
+                let bf16_dots = reference(&m, &x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect::<Vec<_>>());
                 if dtype == DType::Q4 {
                     // q4's minima meet the exact activations' group sums.
                     let (exact, rounded) = (x.chunks(GROUP).map(|g| g.iter().sum::<f32>()), dequantised(&x));
@@ -538,23 +546,31 @@ mod tests {
                     })
                     .collect();
                 for simd in Simd::available() {
-                    let got = all_rows(simd, &m, &x, math);
-                    for r in 0..rows {
-                        let error = (got[r] - want[r]).abs();
-                        assert!(error <= 1e-5 * magnitude[r], "{dtype:?} {cols} columns at {}: row {r} gave {}, the reference {}", simd.name(), got[r], want[r]);
+                    let mut runs = vec![(math, &want)];
+                    if dtype == DType::BF16 {
+                        runs.push((Math::Fast, if bf16::applies(simd, Math::Fast) { &bf16_dots } else { &want }));
+                    }
+                    for (math, want) in runs {
+                        let got = all_rows(simd, &m, &x, math);
+                        for r in 0..rows {
+                            let error = (got[r] - want[r]).abs();
+                            assert!(error <= 1e-5 * magnitude[r], "{dtype:?} {math:?} {cols} columns at {}: row {r} gave {}, the reference {}", simd.name(), got[r], want[r]);
+                        }
                     }
                 }
             }
         }
     }
 
-    /// `--math fast` changes the q8/q4 results (the test above would pass an exact kernel too).
+    /// `--math fast` changes the q8/q4 results, and bf16's where the CPU has bf16 dots (the
+    /// test above would pass an exact kernel too).
     #[test]
     fn fast_math_quantises_the_activations() {
         let (rows, cols) = (4, 256);
         let w = values(rows * cols, 3);
         let x = values(cols, 11);
-        for dtype in [DType::Q8, DType::Q4] {
+        let bf16 = bf16::applies(Simd::detect(), Math::Fast).then_some(DType::BF16);
+        for dtype in [DType::Q8, DType::Q4].into_iter().chain(bf16) {
             let m = Matrix::from_values("w", rows, cols, dtype, &w, (128, 128));
             let simd = Simd::detect();
             assert_ne!(all_rows(simd, &m, &x, Math::Fast), all_rows(simd, &m, &x, Math::Exact), "{dtype:?}");

@@ -9,7 +9,8 @@
 //! (tests/cpu_backend.rs) and every op to the CPU reference by the conformance harness.
 //!
 //! The kernels: one-token mat-vecs that stream each weight byte once (`matmul`, reading the
-//! input as `input` lays it out: bf16 word pairs, or int8 activations under `--math fast`), a
+//! input as `input` lays it out: bf16 word pairs, or int8 activations or bf16 dots (`bf16`)
+//! under `--math fast`), a
 //! register-blocked matmul for several tokens and for experts grouped by expert (`gemm`),
 //! attention that reads each cached latent once for every head (`attention`) and MLA's
 //! per-head kv_b products around it (`absorb`), all written over a SIMD level's vector
@@ -18,6 +19,7 @@
 
 mod absorb;
 mod attention;
+mod bf16;
 mod gemm;
 mod indexer;
 mod input;
@@ -180,7 +182,13 @@ impl vector::AtLevel for FmaChains {
 
 /// `dsrun devices`' line for the CPU: its kernels' SIMD level, threads and read bandwidth.
 pub fn describe_host() -> String {
-    format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
+    let dots = if bf16_dots() { " (bf16 dots under --math fast)" } else { "" };
+    format!("cpu: {} kernels{dots}, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
+}
+
+/// Whether `--math fast` multiplies in bf16 dots here (AVX512-BF16 at the detected level).
+pub fn bf16_dots() -> bool {
+    bf16::applies(Simd::detect(), Math::Fast)
 }
 
 impl CpuBackend {
@@ -220,7 +228,8 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         let math = match self.math {
             Math::Exact => "",
-            Math::Fast => ", fast math",
+            Math::Fast if bf16::applies(self.simd, Math::Fast) => ", fast math: int8 and bf16 dots",
+            Math::Fast => ", fast math: int8 dots",
         };
         format!("cpu ({}, {} threads{math})", self.simd.name(), pool::pool().threads())
     }

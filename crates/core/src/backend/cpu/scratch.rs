@@ -14,8 +14,11 @@ pub struct Scratch {
     pub scores: Vec<f32>,
     pub choice: Vec<f32>,
     pub taken: Vec<bool>,
-    /// Decoded weight rows of a multi-token matmul's block.
+    /// Decoded weight rows of a multi-token matmul's block (and rounded to bf16 for bf16 dots).
     pub panel: Vec<f32>,
+    pub panel16: Vec<u16>,
+    /// A multi-token matmul's tokens rounded to bf16 for bf16 dots.
+    pub tokens16: Vec<u16>,
     /// A multi-token matmul's slots; experts' slots ordered by expert, and where each starts.
     pub slots: Vec<u32>,
     pub starts: Vec<u32>,

@@ -324,7 +324,7 @@ mod x86 {
     }
 
     #[derive(Clone, Copy)]
-    pub struct Avx512(__m512);
+    pub struct Avx512(pub __m512);
 
     impl Vector for Avx512 {
         const REGISTERS: usize = 32;
