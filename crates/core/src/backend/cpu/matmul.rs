@@ -249,92 +249,71 @@ unsafe fn dot_bf16_pairs<V: Vector>(row: &[u8], pairs: &[f32]) -> f32 {
     sum
 }
 
-/// Rows `first..first + R` of a q8 or q4 matrix (groups of 32) dotted with int8 activations:
-/// per pair of groups an integer dot per row, scaled by the weights' and the activations'
-/// group scales; for q4 `Σ_g min_g Σ x` added from the activations' group sums. `R` rows at
-/// once share the activations' loads and one reduction (rows are short: a V3 expert's down
-/// projection is 2048 columns, the 0.58B synth's 352).
+/// Row `r` of a q8 or q4 matrix (groups of 32) dotted with int8 activations: per pair of
+/// groups an integer dot, scaled by the weights' and the activations' group scales; for q4
+/// `Σ_g min_g Σ x` added from the activations' group sums.
 ///
 /// # Safety
 /// The CPU runs `V`'s level; `x` was laid out for `m` ([`super::input::takes_int8`]).
 #[inline(always)]
-unsafe fn int8_rows<V: Vector, const R: usize>(m: &Matrix, first: usize, x: Int8) -> [f32; R] {
+unsafe fn int8_row<V: Vector>(m: &Matrix, r: usize, x: Int8) -> f32 {
     // The format a constant of the loops (a run-time flag stayed in them as branches).
     // SAFETY: the caller's contract.
     match m.dtype {
-        DType::Q4 => unsafe { int8_rows_of::<V, R, true>(m, first, x) },
-        _ => unsafe { int8_rows_of::<V, R, false>(m, first, x) },
+        DType::Q4 => unsafe { int8_row_of::<V, true>(m, r, x) },
+        _ => unsafe { int8_row_of::<V, false>(m, r, x) },
     }
 }
 
-/// [`int8_rows`] for q4 (`Q4`) or q8 weights.
+/// [`int8_row`] for q4 (`Q4`) or q8 weights. A row at a time, fetching `PREFETCH_AHEAD`
+/// bytes ahead in it: four rows at once sharing the activations' loads, each fetching the
+/// next four's lines, decoded the 0.58B synth's q8 at 140-156 tok/s against this one's
+/// 173-201 (q4 the same, 191-250), once the rows were 64-byte aligned.
 ///
 /// # Safety
-/// As [`int8_rows`].
+/// As [`int8_row`].
 #[inline(always)]
-unsafe fn int8_rows_of<V: Vector, const R: usize, const Q4: bool>(m: &Matrix, first: usize, x: Int8) -> [f32; R] {
-    let (len, groups, q4) = (x.codes.len(), x.codes.len() / GROUP, Q4);
-    assert_eq!(q4, m.dtype == DType::Q4, "the matrix's format");
+unsafe fn int8_row_of<V: Vector, const Q4: bool>(m: &Matrix, r: usize, x: Int8) -> f32 {
+    let (len, groups) = (x.codes.len(), x.codes.len() / GROUP);
+    assert_eq!(Q4, m.dtype == DType::Q4, "the matrix's format");
     // Bytes of a row, and of the scales (q4: interleaved (scale, min) pairs) per group.
-    let (width, per_group) = if q4 { (len / 2, 2) } else { (len, 1) };
+    let (width, per_group) = if Q4 { (len / 2, 2) } else { (len, 1) };
     let params = &m.scales.as_ref().expect("q8 and q4 carry group scales").values;
     assert!(m.cols == len && len.is_multiple_of(GROUP) && x.lane_scales.len() == groups.div_ceil(2) * LANES && x.sums.len() == 2 * groups, "int8 activations of the matrix's width");
-    assert!(m.data.as_slice().len() >= (first + R) * width && params.len() >= (first + R) * groups * per_group, "rows inside the matrix");
-    let rows: [&[u8]; R] = std::array::from_fn(|i| &m.data.as_slice()[(first + i) * width..][..width]);
-    let scales: [&[f32]; R] = std::array::from_fn(|i| &params[(first + i) * groups * per_group..][..groups * per_group]);
-    // SAFETY (every block): the level is the caller's contract; reads stay inside the rows,
-    // the codes, the scales (asserted lengths): a pair `p` reads weight bytes
+    let (row, scales) = (&m.data.as_slice()[r * width..][..width], &params[r * groups * per_group..][..groups * per_group]);
+    // SAFETY (every block): the level is the caller's contract; reads stay inside the row,
+    // the codes, the scales (sliced and asserted lengths): a pair `p` reads weight bytes
     // `[p * 64 / per_byte, +64 / per_byte)`, codes `[64p, 64p + 64)`, lane scales
     // `[16p, 16p + 16)` and group scales `2p` and `2p + 1` (times `per_group`).
-    let mut acc = [unsafe { V::zero() }; R];
+    let mut acc = unsafe { V::zero() };
     let pairs = groups / 2;
     for pair in 0..pairs {
         let k = pair * 2 * GROUP;
-        let lane_scales = unsafe { V::load(x.lane_scales.as_ptr().add(LANES * pair)) };
-        for i in 0..R {
-            // A cache line of weights per pair (q8) or two (q4), fetched for the same place
-            // of the next R rows (contiguous): a whole group of rows ahead, so enough lines are
-            // in flight to cover memory's latency (256 bytes ahead in each row left one core
-            // at 9 GB/s).
-            if !q4 || pair % 2 == 0 {
-                prefetch_line(rows[i].as_ptr().wrapping_add(R * width + if Q4 { k / 2 } else { k }));
-            }
-            let scale = unsafe { V::mul(V::expand_pair(scales[i].as_ptr().add(2 * pair * per_group), per_group), lane_scales) };
-            acc[i] = unsafe { V::mul_add(int8_dot::<V, Q4, false>(rows[i], k, x.codes), scale, acc[i]) };
+        // A cache line of weights per pair (q8) or per two pairs (q4).
+        if !Q4 || pair % 2 == 0 {
+            prefetch_line(row.as_ptr().wrapping_add(PREFETCH_AHEAD + if Q4 { k / 2 } else { k }));
         }
+        let lane_scales = unsafe { V::load(x.lane_scales.as_ptr().add(LANES * pair)) };
+        let scale = unsafe { V::mul(V::expand_pair(scales.as_ptr().add(2 * pair * per_group), per_group), lane_scales) };
+        acc = unsafe { V::mul_add(int8_dot::<V, Q4, false>(row, k, x.codes), scale, acc) };
     }
     if !groups.is_multiple_of(2) {
         // The last group alone: its lanes 8..16 are zero.
         let k = pairs * 2 * GROUP;
         let lane_scales = unsafe { V::load(x.lane_scales.as_ptr().add(LANES * pairs)) };
-        for i in 0..R {
-            let scale = unsafe { V::mul(V::splat(scales[i][2 * pairs * per_group]), lane_scales) };
-            acc[i] = unsafe { V::mul_add(int8_dot::<V, Q4, true>(rows[i], k, x.codes), scale, acc[i]) };
-        }
+        let scale = unsafe { V::mul(V::splat(scales[2 * pairs * per_group]), lane_scales) };
+        acc = unsafe { V::mul_add(int8_dot::<V, Q4, true>(row, k, x.codes), scale, acc) };
     }
-    let mut tails = [0f32; R];
-    if q4 {
+    let mut tail = 0f32;
+    if Q4 {
         // The minima: (scale, min) pairs against (0, Σ x) pairs.
         let whole = 2 * groups / LANES * LANES;
         for c in (0..whole).step_by(LANES) {
-            let sums = unsafe { V::load(x.sums.as_ptr().add(c)) };
-            for i in 0..R {
-                acc[i] = unsafe { V::mul_add(V::load(scales[i].as_ptr().add(c)), sums, acc[i]) };
-            }
+            acc = unsafe { V::mul_add(V::load(scales.as_ptr().add(c)), V::load(x.sums.as_ptr().add(c)), acc) };
         }
-        for (tail, scales) in tails.iter_mut().zip(&scales) {
-            *tail = scales[whole..].iter().zip(&x.sums[whole..]).map(|(g, s)| g * s).sum();
-        }
+        tail = scales[whole..].iter().zip(&x.sums[whole..]).map(|(g, s)| g * s).sum();
     }
-    let mut out = [0f32; R];
-    for i in (0..R).step_by(4) {
-        let four: [V; 4] = std::array::from_fn(|q| if i + q < R { acc[i + q] } else { unsafe { V::zero() } });
-        let four = unsafe { V::sum4(four) };
-        for q in 0..4.min(R - i) {
-            out[i + q] = four[q] + tails[i + q];
-        }
-    }
-    out
+    unsafe { acc.sum() + tail }
 }
 
 /// The integer dot of a pair of groups from value `k` on (or of one group: `HALF`), q8 or q4.
@@ -359,7 +338,6 @@ unsafe fn int8_dot<V: Vector, const Q4: bool, const HALF: bool>(row: &[u8], k: u
 /// Bytes ahead of the loads a row's dot prefetches. The hardware prefetcher alone left decode
 /// at ~115 tok/s on the 0.58B synth (2 threads); 256 bytes ahead reached ~135, while 640 and
 /// more fell below 120 (rows are 0.7-2 KiB: far prefetches land in rows another thread reads).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH_AHEAD: usize = 256;
 
 /// Prefetches the cache lines `PREFETCH_AHEAD` bytes past the `4 * LANES` values from `k` on.
@@ -396,7 +374,7 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
         return unsafe { dot_bf16_pairs::<V>(&m.data.as_slice()[r * m.cols * 2..(r + 1) * m.cols * 2], pairs) };
     }
     if let Some(int8) = input.int8 {
-        return unsafe { int8_rows::<V, 1>(m, r, int8) }[0];
+        return unsafe { int8_row::<V>(m, r, int8) };
     }
     if m.dtype == DType::Q4 {
         if let Some(groups) = m.scales.as_ref().filter(|g| g.block_cols % LANES == 0 && m.cols.is_multiple_of(2)) {
@@ -447,16 +425,7 @@ impl AtLevel for Rows<'_> {
     type Output = ();
     #[inline(always)]
     unsafe fn run<V: Vector>(self) {
-        let Rows { m, first, x, mut dst, scratch } = self;
-        let mut first = first;
-        if let Some(int8) = x.int8 {
-            // Four rows at a time, then one.
-            while dst.len() >= 4 {
-                // SAFETY: the caller's contract.
-                dst[..4].copy_from_slice(&unsafe { int8_rows::<V, 4>(m, first, int8) });
-                (dst, first) = (&mut dst[4..], first + 4);
-            }
-        }
+        let Rows { m, first, x, dst, scratch } = self;
         for (i, out) in dst.iter_mut().enumerate() {
             // SAFETY: the caller's contract.
             *out = unsafe { row_dot::<V>(m, first + i, x, scratch) };
