@@ -265,8 +265,9 @@ fn exp_block(x: [f32; BLOCK]) -> [f32; BLOCK] {
     out
 }
 
-/// `acc += Σ_i weights_i rows_i[..acc.len()]`, a vector of `acc` at a time (loaded and stored
-/// once per block, not once per row).
+/// `acc += Σ_i weights_i rows_i[..acc.len()]`, eight vectors of `acc` at a time in registers
+/// (then one), each loaded and stored once per block: eight independent chains of
+/// multiply-adds, where one vector at a time waited on each FMA's latency, row after row.
 ///
 /// # Safety
 /// The CPU runs `V`'s level.
@@ -275,19 +276,43 @@ unsafe fn weighted_sum<V: Vector>(acc: &mut [f32], weights: &[f32], rows: &[f32]
     let width = acc.len();
     assert!(width <= latent && rows.len() >= weights.len() * latent, "rows of the latent's width");
     let full = width / LANES * LANES;
-    // SAFETY (the loop): the level is the caller's contract; `c + LANES <= full <= width`
-    // inside `acc` and inside each row (asserted).
-    for c in (0..full).step_by(LANES) {
-        unsafe {
-            let mut sum = V::load(acc.as_ptr().add(c));
-            for (i, &w) in weights.iter().enumerate() {
-                sum = V::mul_add(V::splat(w), V::load(rows.as_ptr().add(i * latent + c)), sum);
-            }
-            sum.store(acc.as_mut_ptr().add(c));
-        }
+    let mut c = 0;
+    // SAFETY (both loops): the level is the caller's contract; vectors at `c + K * LANES <=
+    // full <= width`, inside `acc` and inside each row (asserted).
+    while c + 8 * LANES <= full {
+        unsafe { weighted_vectors::<V, 8>(acc, c, weights, rows, latent) };
+        c += 8 * LANES;
+    }
+    while c < full {
+        unsafe { weighted_vectors::<V, 1>(acc, c, weights, rows, latent) };
+        c += LANES;
     }
     for c in full..width {
         acc[c] += weights.iter().enumerate().map(|(i, &w)| w * rows[i * latent + c]).sum::<f32>();
+    }
+}
+
+/// `K` vectors of [`weighted_sum`] from value `c`.
+///
+/// # Safety
+/// The CPU runs `V`'s level; `c + K * LANES` values lie inside `acc` and each row.
+#[inline(always)]
+unsafe fn weighted_vectors<V: Vector, const K: usize>(acc: &mut [f32], c: usize, weights: &[f32], rows: &[f32], latent: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut sums = [V::zero(); K];
+        for (k, sum) in sums.iter_mut().enumerate() {
+            *sum = V::load(acc.as_ptr().add(c + k * LANES));
+        }
+        for (i, &w) in weights.iter().enumerate() {
+            let (w, row) = (V::splat(w), rows.as_ptr().add(i * latent + c));
+            for (k, sum) in sums.iter_mut().enumerate() {
+                *sum = V::mul_add(w, V::load(row.add(k * LANES)), *sum);
+            }
+        }
+        for (k, sum) in sums.iter().enumerate() {
+            sum.store(acc.as_mut_ptr().add(c + k * LANES));
+        }
     }
 }
 
