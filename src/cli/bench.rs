@@ -88,12 +88,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
                     bandwidth / 1e9
                 );
             }
-            // Prefill is compute-bound: its matmuls' rate against the cores' measured FMA peak.
-            let peak = dsrun::backend::cpu::arithmetic_peak();
+            // Prefill is compute-bound: its matmuls' rate against the cores' measured peak of
+            // the instruction they multiply with (the FMA, or bf16 dots under --math fast).
+            let (peak, what) = dsrun::backend::cpu::prefill_peak(options.math);
             for r in results.iter().filter(|r| r.name.starts_with("pp") && !r.name.contains(' ')) {
                 let rate = r.mean() * prefill_flops as f64;
                 out += &format!(
-                    "{}: {:.1} GFLOP/s in matmuls ({:.0} MFLOP a token), {:.0}% of the cores' measured FMA peak ({:.1} GFLOP/s)\n",
+                    "{}: {:.1} GFLOP/s in matmuls ({:.0} MFLOP a token), {:.0}% of the cores' measured {what} peak ({:.1} GFLOP/s)\n",
                     r.name,
                     rate / 1e9,
                     prefill_flops as f64 / 1e6,

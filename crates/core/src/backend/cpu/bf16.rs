@@ -111,6 +111,22 @@ pub fn block(simd: Simd, panel: &[u8], count: usize, slots: Slots<u16>, out: &Di
     }
 }
 
+/// FLOP a task of [`chains`] computes: 12 chains of 32 multiply-adds an instruction.
+pub fn chain_flops(iterations: usize) -> f64 {
+    (iterations * 12 * 32 * 2) as f64
+}
+
+/// Independent chains of bf16 dots held in registers, `iterations` times (the prefill's
+/// arithmetic ceiling under bf16 dots, as `FmaChains` is the FMA's).
+pub fn chains(iterations: usize) -> f32 {
+    assert!(detected(), "bf16 dots on this CPU");
+    // SAFETY: the CPU runs AVX512-BF16 (asserted).
+    #[cfg(target_arch = "x86_64")]
+    return unsafe { x86::chains(iterations) };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no bf16 dots off x86-64: {iterations}")
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::super::gemm::{Disjoint, Slots};
@@ -135,6 +151,28 @@ mod x86 {
         for (o, &v) in out[full..].iter_mut().zip(&x[full..]) {
             *o = half::bf16::from_f32(v).to_bits();
         }
+    }
+
+    /// # Safety
+    /// The CPU runs AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn chains(iterations: usize) -> f32 {
+        let (a, b) = (_mm512_set1_epi16(0x3f80), _mm512_set1_epi16(0x3380));
+        let (a, b) = unsafe { (std::mem::transmute::<__m512i, __m512bh>(a), std::mem::transmute::<__m512i, __m512bh>(b)) };
+        let mut acc = [_mm512_setzero_ps(); 12];
+        for _ in 0..iterations {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, b);
+            }
+        }
+        // Every chain feeds the result: an unused one would not be computed.
+        let mut total = _mm512_setzero_ps();
+        for x in acc {
+            total = _mm512_add_ps(total, x);
+        }
+        // SAFETY: the level is the caller's contract.
+        let sums = unsafe { sum4(total, _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()) };
+        sums[0]
     }
 
     /// bf16 values a vector holds.

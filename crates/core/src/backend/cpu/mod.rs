@@ -131,6 +131,27 @@ pub fn arithmetic_peak() -> f64 {
     tasks as f64 * flops_per_task / best
 }
 
+/// The ceiling of the prefill's matmuls under `math`, measured (FLOP/s), and what it is: the
+/// bf16 dots' where `--math fast` multiplies in them (twice the FMA's multiply-adds an
+/// instruction), else the FMA's ([`arithmetic_peak`]).
+pub fn prefill_peak(math: Math) -> (f64, &'static str) {
+    if !(math == Math::Fast && bf16_dots()) {
+        return (arithmetic_peak(), "FMA");
+    }
+    const ITERATIONS: usize = 1 << 20;
+    let pool = pool::pool();
+    let tasks = 8 * pool.threads();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        pool.run(tasks, &|_| {
+            std::hint::black_box(bf16::chains(ITERATIONS));
+        });
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    (tasks as f64 * bf16::chain_flops(ITERATIONS) / best, "bf16-dot")
+}
+
 /// Independent chains of FMAs (enough to cover the FMA's latency on two pipes), as many as
 /// the level's registers hold.
 struct FmaChains(usize);
