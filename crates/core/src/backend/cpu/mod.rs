@@ -117,18 +117,23 @@ pub fn read_bandwidth() -> f64 {
 /// ceiling for prefill, which the blocked matmul keeps compute-bound.
 pub fn arithmetic_peak() -> f64 {
     const ITERATIONS: usize = 1 << 20;
+    let simd = Simd::detect();
+    measured_rate(FmaChains::flops(ITERATIONS, simd), &|| {
+        std::hint::black_box(vector::dispatch(simd, FmaChains(ITERATIONS)));
+    })
+}
+
+/// FLOP/s of `task` (`flops` each) run eight times per thread over the pool, the best of three.
+fn measured_rate(flops: f64, task: &(dyn Fn() + Sync)) -> f64 {
     let pool = pool::pool();
     let tasks = 8 * pool.threads();
     let mut best = f64::MAX;
     for _ in 0..3 {
         let started = std::time::Instant::now();
-        pool.run(tasks, &|_| {
-            std::hint::black_box(vector::dispatch(Simd::detect(), FmaChains(ITERATIONS)));
-        });
+        pool.run(tasks, &|_| task());
         best = best.min(started.elapsed().as_secs_f64());
     }
-    let flops_per_task = FmaChains::flops(ITERATIONS, Simd::detect());
-    tasks as f64 * flops_per_task / best
+    tasks as f64 * flops / best
 }
 
 /// The ceiling of the prefill's matmuls under `math`, measured (FLOP/s), and what it is: the
@@ -139,17 +144,10 @@ pub fn prefill_peak(math: Math) -> (f64, &'static str) {
         return (arithmetic_peak(), "FMA");
     }
     const ITERATIONS: usize = 1 << 20;
-    let pool = pool::pool();
-    let tasks = 8 * pool.threads();
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let started = std::time::Instant::now();
-        pool.run(tasks, &|_| {
-            std::hint::black_box(bf16::chains(ITERATIONS));
-        });
-        best = best.min(started.elapsed().as_secs_f64());
-    }
-    (tasks as f64 * bf16::chain_flops(ITERATIONS) / best, "bf16-dot")
+    let rate = measured_rate(bf16::chain_flops(ITERATIONS), &|| {
+        std::hint::black_box(bf16::chains(ITERATIONS));
+    });
+    (rate, "bf16-dot")
 }
 
 /// Independent chains of FMAs (enough to cover the FMA's latency on two pipes), as many as
