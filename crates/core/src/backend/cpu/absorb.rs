@@ -3,7 +3,8 @@
 //! head's rows decoded once, then scaled and summed per token) and the attended latents expanded to values
 //! (`o = W_UV o_lat`, the one-token mat-vec kernels, so `--math fast` applies to it too).
 
-use super::gemm::{decode_panel, Disjoint};
+use super::blocks::Disjoint;
+use super::gemm::decode_panel;
 use super::matmul;
 use super::pool::{for_each_chunk, pool};
 use super::scratch::{sized, with_scratch};

@@ -13,7 +13,7 @@
 //! Written with the level's intrinsics rather than over `vector::Vector`: one level runs them,
 //! and a level of its own would compile every other kernel once more.
 
-use super::gemm::{decode_panel_at, Disjoint, Slots};
+use super::blocks::{Disjoint, Slots};
 use super::vector::Simd;
 use crate::model::weights::Matrix;
 use crate::plan::budget::Math;
@@ -55,9 +55,9 @@ fn round(x: &[f32], out: &mut [u16]) {
 }
 
 /// Rows `first..first + count` of `m` as bf16, `m.cols` values a row, in bytes: a bf16
-/// matrix's stored rows as they are; any other format decoded into `decoded` and rounded into
-/// `rounded`.
-pub fn panel<'p>(simd: Simd, m: &'p Matrix, first: usize, count: usize, decoded: &'p mut Vec<f32>, rounded: &'p mut Vec<u16>) -> &'p [u8] {
+/// matrix's stored rows as they are; any other format's rows decoded by `decode` (row, out)
+/// into `decoded` and rounded into `rounded`.
+pub fn panel<'p>(m: &'p Matrix, first: usize, count: usize, decode: &dyn Fn(usize, &mut [f32]), decoded: &'p mut Vec<f32>, rounded: &'p mut Vec<u16>) -> &'p [u8] {
     let cols = m.cols;
     if m.dtype == DType::BF16 {
         return &m.data.as_slice()[first * cols * 2..(first + count) * cols * 2];
@@ -66,7 +66,7 @@ pub fn panel<'p>(simd: Simd, m: &'p Matrix, first: usize, count: usize, decoded:
     decoded.resize(cols, 0.0);
     rounded.resize(count * cols, 0);
     for (r, out) in rounded.chunks_exact_mut(cols).enumerate() {
-        decode_panel_at(simd, m, first + r, 1, decoded);
+        decode(first + r, decoded);
         round(decoded, out);
     }
     bytemuck::cast_slice(rounded)
@@ -129,7 +129,7 @@ pub fn chains(iterations: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::gemm::{Disjoint, Slots};
+    use super::super::blocks::{Disjoint, Slots};
     use super::super::vector::{Avx512, Vector};
     use std::arch::x86_64::*;
 
@@ -338,7 +338,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::{Disjoint, Slots};
+    use super::super::blocks::{Disjoint, Slots};
     use super::*;
     use crate::model::weights::Matrix;
 
@@ -369,7 +369,7 @@ mod tests {
                 let rows = count + 3;
                 let m = Matrix::from_values("w", rows, cols, dtype, &values(rows * cols, cols as u32), (128, 128));
                 let (mut decoded, mut words) = (Vec::new(), Vec::new());
-                let panel = super::panel(simd, &m, 2, count, &mut decoded, &mut words).to_vec();
+                let panel = super::panel(&m, 2, count, &|r, out| m.decode_row(r, out), &mut decoded, &mut words).to_vec();
                 let mut row = vec![0f32; cols];
                 let weights: Vec<Vec<f32>> = (0..count)
                     .map(|r| {

@@ -3,7 +3,8 @@
 //! destination is taken out of the buffer list while the op runs, so inputs are borrowed
 //! alongside it without copies or unsafe code.
 
-use super::gemm::{self, Disjoint, Slots, PANEL_ROWS};
+use super::blocks::{Disjoint, Slots};
+use super::gemm::{self, PANEL_ROWS};
 
 use super::matmul;
 use super::pool::{for_each_chunk, pool};
@@ -323,7 +324,8 @@ impl<'a> Tokens<'a> {
         with_scratch(|scratch| match self {
             Tokens::F32(x) => gemm::block_at(simd, m, first, count, Slots { x, x_div, slots }, out, accumulate, sized(&mut scratch.panel, count * m.cols)),
             Tokens::Bf16(x) => {
-                let panel = bf16::panel(simd, m, first, count, &mut scratch.panel, &mut scratch.panel16);
+                let decode = |r: usize, row: &mut [f32]| gemm::decode_panel_at(simd, m, r, 1, row);
+                let panel = bf16::panel(m, first, count, &decode, &mut scratch.panel, &mut scratch.panel16);
                 bf16::block(simd, panel, count, Slots { x, x_div, slots }, out, m.rows, first, accumulate)
             }
         })

@@ -20,6 +20,7 @@
 mod absorb;
 mod attention;
 mod bf16;
+mod blocks;
 mod gemm;
 mod indexer;
 mod input;
@@ -201,8 +202,8 @@ impl vector::AtLevel for FmaChains {
 
 /// `dsrun devices`' line for the CPU: its kernels' SIMD level, threads and read bandwidth.
 pub fn describe_host() -> String {
-    let dots = if bf16_dots() { " (bf16 dots under --math fast)" } else { "" };
-    format!("cpu: {} kernels{dots}, {} threads, read bandwidth {:.1} GB/s (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
+    let dots = if bf16_dots() { ", bf16 dots under --math fast" } else { "" };
+    format!("cpu: {} kernels, {} threads, read bandwidth {:.1} GB/s{dots} (--gpu cpu)", Simd::detect().name(), pool::pool().threads(), read_bandwidth() / 1e9)
 }
 
 /// Whether `--math fast` multiplies in bf16 dots here (AVX512-BF16 at the detected level).
