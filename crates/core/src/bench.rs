@@ -84,10 +84,14 @@ fn test_name(base: String, depth: usize) -> String {
 pub fn run(engine: &mut dyn Engine, plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> Result<Vec<TestResult>> {
     let vocab = engine.config().vocab_size;
     let prompt = prompt_tokens(plan.prompt, vocab);
-    // Warm-up: the first dispatch of each pipeline compiles on lazy drivers, and an expert cache
-    // starts cold.
+    // Warm-up: the first dispatch of each pipeline compiles on lazy drivers, an expert cache
+    // starts cold, and a memory-mapped checkpoint's pages are mapped on first touch. A prompt
+    // nearly as long as the longest test (up to 63 tokens, and one decoded after it: the
+    // capacity holds them) routes to most experts, so a decode test run alone does not pay for
+    // mapping the others' pages in its first repetition.
+    let warm = plan.prompt.max(plan.generate).clamp(9, 64) - 1;
     engine.reset();
-    engine.forward(&prompt_tokens(plan.prompt.clamp(2, 8), vocab), Logits::Last)?;
+    engine.forward(&prompt_tokens(warm, vocab), Logits::Last)?;
     engine.forward_greedy(&[1 % vocab as u32])?;
     if plan.draft > 0 {
         // The MTP layer's and the verify step's pipelines.
