@@ -25,6 +25,28 @@ impl Cache<'_> {
         self.values(r * out.len(), out)
     }
 
+    /// `out.len()` values from value `start` (both even) as f32, f16 widened by the level's
+    /// vector (through `half`, a call per eight values, it was 6% of a decode step at depth
+    /// 4000).
+    ///
+    /// # Safety
+    /// The CPU runs `V`'s level.
+    #[inline(always)]
+    unsafe fn values_at<V: Vector>(&self, start: usize, out: &mut [f32]) {
+        if self.format != CacheFormat::F16 {
+            return self.values(start, out);
+        }
+        let halves: &[u16] = &bytemuck::cast_slice::<u32, u16>(&self.words[start / 2..(start + out.len()).div_ceil(2)])[..out.len()];
+        let full = out.len() / LANES * LANES;
+        for k in (0..full).step_by(LANES) {
+            // SAFETY: the level is the caller's contract; `k + LANES <= full` inside both.
+            unsafe { V::load_f16(halves.as_ptr().add(k)).store(out.as_mut_ptr().add(k)) };
+        }
+        for (o, &h) in out[full..].iter_mut().zip(&halves[full..]) {
+            *o = half::f16::from_bits(h).to_f32();
+        }
+    }
+
     /// `out.len()` values from value `start` (both even) as f32: contiguous rows in one call.
     fn values(&self, start: usize, out: &mut [f32]) {
         let len = out.len();
@@ -202,8 +224,9 @@ impl AtLevel for Unit<'_> {
         for start in (range.0..range.1).step_by(BLOCK) {
             let b = BLOCK.min(range.1 - start);
             if seen.selected.is_none() {
-                // The block's rows are consecutive in the cache: converted in one call.
-                cache.values((first_row + start) * latent, &mut rows[..b * latent]);
+                // The block's rows are consecutive in the cache: converted in one pass.
+                // SAFETY: the caller's contract.
+                unsafe { cache.values_at::<V>((first_row + start) * latent, &mut rows[..b * latent]) };
             } else {
                 for (i, row) in rows.chunks_exact_mut(latent).take(b).enumerate() {
                     cache.row(first_row + seen.at(start + i), row);

@@ -26,7 +26,7 @@ impl Simd {
         let mut levels = vec![Simd::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
                 levels.push(Simd::Avx2);
             }
             if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("fma") {
@@ -99,9 +99,9 @@ unsafe fn at_avx512<K: AtLevel>(kernel: K) -> K::Output {
 }
 
 /// # Safety
-/// The CPU runs AVX2 and FMA.
+/// The CPU runs AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn at_avx2<K: AtLevel>(kernel: K) -> K::Output {
     // SAFETY: the caller's contract.
     unsafe { kernel.run::<Avx2>() }
@@ -116,6 +116,18 @@ pub trait Vector: Copy {
     /// # Safety
     /// As [`Vector::zero`], and `p` points at `LANES` readable values.
     unsafe fn load(p: *const f32) -> Self;
+    /// `LANES` f16 values from `p`, widened exactly (F16C's conversion on x86).
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `LANES` readable values.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        // SAFETY: the caller's contract.
+        let halves = unsafe { std::slice::from_raw_parts(p, LANES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| half::f16::from_bits(halves[i]).to_f32());
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
     /// `LANES` bf16 values (little-endian) from `p`, widened exactly.
     ///
     /// # Safety
@@ -338,6 +350,11 @@ mod x86 {
             Avx512(unsafe { _mm512_loadu_ps(p) })
         }
         #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            // SAFETY: the caller's contract: 16 values from `p`.
+            Avx512(_mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) }))
+        }
+        #[inline(always)]
         unsafe fn load_bf16(p: *const u8) -> Self {
             // SAFETY: the caller's contract: 32 bytes from `p`.
             let halves = unsafe { _mm256_loadu_si256(p as *const __m256i) };
@@ -468,6 +485,12 @@ mod x86 {
         unsafe fn load(p: *const f32) -> Self {
             // SAFETY: the caller's contract: 16 values from `p`.
             unsafe { Avx2(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            // SAFETY: the caller's contract: 16 values from `p`.
+            let (a, b) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(p.add(8) as *const __m128i)) };
+            Avx2(_mm256_cvtph_ps(a), _mm256_cvtph_ps(b))
         }
         #[inline(always)]
         unsafe fn load_bf16(p: *const u8) -> Self {
@@ -684,6 +707,36 @@ mod tests {
             // SAFETY: the level is dispatch's; 16 bytes in, 16 values out.
             unsafe { V::load_e4m3(self.0.as_ptr(), crate::quant::fp8_table()).store(out.as_mut_ptr()) };
             out
+        }
+    }
+
+    /// Sixteen f16 values widened at a level.
+    struct F16s([u16; LANES]);
+
+    impl AtLevel for F16s {
+        type Output = [f32; LANES];
+        #[inline(always)]
+        unsafe fn run<V: Vector>(self) -> [f32; LANES] {
+            let mut out = [0f32; LANES];
+            // SAFETY: the level is dispatch's; 16 values in, 16 out.
+            unsafe { V::load_f16(self.0.as_ptr()).store(out.as_mut_ptr()) };
+            out
+        }
+    }
+
+    /// Every f16 (zeros, subnormals, normals, infinities, NaN, both signs) widens at every level
+    /// this CPU runs exactly as `half` does.
+    #[test]
+    fn f16_widens_as_half_at_every_level() {
+        for simd in Simd::available() {
+            for first in (0..=u16::MAX as usize).step_by(LANES) {
+                let halves: [u16; LANES] = std::array::from_fn(|i| (first + i) as u16);
+                let got = dispatch(simd, F16s(halves));
+                for (h, v) in halves.iter().zip(got) {
+                    let want = half::f16::from_bits(*h).to_f32();
+                    assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()), "{}: {h:#06x} gave {v}, half {want}", simd.name());
+                }
+            }
         }
     }
 
