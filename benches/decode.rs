@@ -27,6 +27,11 @@ struct Args {
     eviction: dsrun::plan::budget::Eviction,
     #[arg(long, default_value = "auto")]
     prefetch: dsrun::plan::budget::Prefetch,
+    /// Routed experts of the first N MoE layers on the CPU (as dsrun's --n-cpu-moe).
+    #[arg(long, default_value_t = 0)]
+    n_cpu_moe: usize,
+    #[arg(long, default_value = "auto")]
+    expert_placement: dsrun::plan::budget::ExpertPlacement,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -50,6 +55,8 @@ fn main() {
         kv_cache: Default::default(),
         mtp: false,
         math: Default::default(),
+        cpu_moe: args.n_cpu_moe,
+        placement: args.expert_placement,
     };
     let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
     println!("{} on {}", args.model.display(), engine.device_name());

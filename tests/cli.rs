@@ -94,7 +94,7 @@ fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
     // Plain decoding: prefetch guesses are made in single-token steps.
     let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off"];
     let resident = dsrun(&args);
-    let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%", "--prefetch", "on"]].concat());
+    let streamed = dsrun(&[&args[..], &["--gpu-mem", "25%", "--expert-placement", "stream", "--prefetch", "on"]].concat());
     assert!(resident.status.success() && streamed.status.success(), "{}", text(&streamed.stderr));
     assert_eq!(text(&resident.stdout), text(&streamed.stdout));
     let stderr = text(&streamed.stderr);
@@ -197,7 +197,7 @@ fn inspect_describes_the_checkpoint() {
 #[test]
 fn inspect_prints_the_forward_plan() {
     let v3 = fixture("v3_noaux");
-    let out = dsrun(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--ctx", "32", "--gpu-mem", "25%", "--prefetch", "on"]);
+    let out = dsrun(&["inspect", "--model", v3.to_str().unwrap(), "--plan", "--ctx", "32", "--gpu-mem", "25%", "--expert-placement", "stream", "--prefetch", "on"]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     for needle in ["device ", "context 32 tokens", "experts    streamed:", "next layer guessed", "routed_experts", "head, every token (2 ops)"] {
@@ -232,7 +232,9 @@ fn bad_requests_fail_cleanly() {
     assert_fails(&["--gpu-mem", "lots"], "--gpu-mem");
     assert_fails(&["--gpu-mem", "0"], "at least one byte");
     assert_fails(&["--gpu-mem", "150%"], "(0, 100]%");
-    assert_fails(&["--gpu-mem", "1M"], "below this model's minimum of");
+    assert_fails(&["--gpu-mem", "1M", "--expert-placement", "stream"], "below this model's minimum of");
+    assert_fails(&["--gpu-mem", "1M"], "below what stays on the GPU");
+    assert_fails(&["--cpu-moe", "--n-cpu-moe", "2"], "cannot be used with");
     assert_fails(&["--gpu", "reference", "--gpu-mem", "8G"], "--gpu-mem applies to GPU backends");
     assert_fails(&["--gpu", "reference", "--math", "fast"], "--math fast applies to the backends");
     assert_fails(&["--math", "sloppy"], "invalid value 'sloppy'");

@@ -185,7 +185,7 @@ fn batched_decode_matches_each_sequence_alone() {
 #[test]
 fn streamed_experts_give_the_all_resident_logits() {
     use dsrun::plan::budget::Eviction;
-    use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
+    use dsrun::plan::budget::{ExpertPlacement, GpuMem, GpuOptions, Prefetch};
     for rt_index in 0..runtimes().len() {
         for family in ["v2_lite", "v3_fp8"] {
             let dir = common::fixture(family);
@@ -197,7 +197,7 @@ fn streamed_experts_give_the_all_resident_logits() {
             let plan = resident.memory_plan();
             let budgets = [("25%", GpuMem::ExpertShare(0.25), Eviction::Lru, Prefetch::On), ("minimum", GpuMem::Bytes(plan.minimum()), Eviction::Lfu, Prefetch::Off)];
             for (name, gpu_mem, eviction, prefetch) in budgets {
-                let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };
+                let options = GpuOptions { gpu_mem, eviction, prefetch, placement: ExpertPlacement::Stream, ..Default::default() };
                 let mut streamed = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
                 let slots = streamed.expert_slots().expect("a budget below all-resident streams");
                 let got = common::prefill_then_decode_twice(&mut streamed, &g.tokens);
@@ -213,6 +213,29 @@ fn streamed_experts_give_the_all_resident_logits() {
                     assert!(c.rounds > c.syncs, "{what}: prefill ran in one round per layer: {c:?}");
                 }
                 assert_eq!(c.predicted > 0, prefetch == Prefetch::On, "{what}: guesses made: {c:?}");
+            }
+        }
+    }
+}
+
+/// Hybrid placement on CUDA: routed experts of every MoE layer (`--cpu-moe`), or the first
+/// one's (`--n-cpu-moe 1`), computed by the CPU backend on the host, the rest on the device;
+/// logits within 1e-3 of transformers', as every backend's.
+#[test]
+fn hybrid_placement_matches_transformers() {
+    use dsrun::plan::budget::GpuOptions;
+    for rt_index in 0..runtimes().len() {
+        for family in common::FAMILIES {
+            let dir = common::fixture(family);
+            let g = common::golden(&dir);
+            let model = Model::load(&dir).unwrap();
+            for cpu_moe in [usize::MAX, 1] {
+                let options = GpuOptions { cpu_moe, ..Default::default() };
+                let mut hybrid = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
+                assert!(hybrid.host_layers().is_some());
+                let what = format!("{}: {family}, {cpu_moe} host layer(s) asked", hybrid.device_name());
+                let got = common::prefill_then_decode_twice(&mut hybrid, &g.tokens);
+                common::assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
             }
         }
     }

@@ -10,7 +10,7 @@ use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
 use dsrun::model::Model;
 use dsrun::plan::budget::Eviction;
-use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::plan::budget::{ExpertPlacement, GpuMem, GpuOptions, Prefetch};
 use dsrun::runtime::GpuModel;
 
 fn ctx() -> dsrun::backend::wgpu::GpuContext {
@@ -39,7 +39,7 @@ fn streamed_logits_equal_all_resident_logits_on_every_family() {
         let budgets = [("50%", GpuMem::ExpertShare(0.5)), ("25%", GpuMem::ExpertShare(0.25)), ("minimum", GpuMem::Bytes(plan.minimum()))];
         for (name, gpu_mem) in budgets {
             for (eviction, prefetch) in [(Eviction::Lru, Prefetch::On), (Eviction::Lfu, Prefetch::Off)] {
-                let options = GpuOptions { gpu_mem, eviction, prefetch, ..Default::default() };
+                let options = GpuOptions { gpu_mem, eviction, prefetch, placement: ExpertPlacement::Stream, ..Default::default() };
                 let mut streamed = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
                 let slots = streamed.expert_slots().expect("a budget below all-resident streams");
                 assert!(slots < plan.experts as usize);
@@ -87,7 +87,7 @@ fn streamed_logits_equal_all_resident_with_slots_split_over_many_pools() {
         };
         let mut resident = GpuModel::new(small(), &model, g.tokens.len(), Default::default()).unwrap();
         let want = prefill_then_decode_twice(&mut resident, &g.tokens);
-        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..Default::default() };
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), placement: ExpertPlacement::Stream, ..Default::default() };
         let mut streamed = GpuModel::with_options(small(), &model, g.tokens.len(), &options).unwrap();
         let pools = streamed.expert_pools().unwrap();
         assert!(pools >= 2, "{family}: {pools} pool(s)");
@@ -111,7 +111,7 @@ fn streamed_logits_equal_all_resident_with_gpu_kernel_shapes() {
         };
         let mut resident = GpuModel::new(gpu_shapes(), &model, g.tokens.len(), Default::default()).unwrap();
         let want = prefill_then_decode_twice(&mut resident, &g.tokens);
-        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..Default::default() };
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), placement: ExpertPlacement::Stream, ..Default::default() };
         let mut streamed = GpuModel::with_options(gpu_shapes(), &model, g.tokens.len(), &options).unwrap();
         let got = prefill_then_decode_twice(&mut streamed, &g.tokens);
         assert_bitwise(&format!("{family} with GPU shapes"), &got, &want);
@@ -124,10 +124,10 @@ fn a_budget_below_the_minimum_names_the_minimum() {
     let model = Model::load(&dir).unwrap();
     let resident = GpuModel::new(ctx(), &model, 16, Default::default()).unwrap();
     let minimum = resident.memory_plan().minimum();
-    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum - 1), ..Default::default() };
+    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum - 1), placement: ExpertPlacement::Stream, ..Default::default() };
     let err = GpuModel::with_options(ctx(), &model, 16, &options).err().expect("refused").to_string();
     assert!(err.contains(&format!("minimum of {minimum} bytes")), "{err}");
-    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum), ..Default::default() };
+    let options = GpuOptions { gpu_mem: GpuMem::Bytes(minimum), placement: ExpertPlacement::Stream, ..Default::default() };
     assert!(GpuModel::with_options(ctx(), &model, 16, &options).is_ok());
 }
 
@@ -139,7 +139,7 @@ fn batched_decode_with_streamed_experts_matches_each_sequence_alone() {
     for family in ["v3_noaux", "v2_lite"] {
         let model = Model::load(&fixture(family)).unwrap();
         let capacity = 9 + BATCH_STEPS + 1;
-        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), prefetch: Prefetch::On, sequences: BATCH_ORDER.len(), ..Default::default() };
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), prefetch: Prefetch::On, sequences: BATCH_ORDER.len(), placement: ExpertPlacement::Stream, ..Default::default() };
         let mut batched = GpuModel::with_options(ctx(), &model, capacity, &options).unwrap();
         assert!(batched.expert_slots().is_some(), "{family}: 30% of the experts streams");
         let mut alone = GpuModel::new(ctx(), &model, capacity, Default::default()).unwrap();

@@ -106,6 +106,18 @@ fn a_wgpu_decode_step_allocates_nothing() {
     decode_allocates_nothing(&mut engine);
 }
 
+/// Hybrid placement: the host's stop at each MoE layer (read-back, the CPU backend's experts,
+/// the routed sum written back) allocates nothing either.
+#[test]
+fn a_hybrid_decode_step_allocates_nothing() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let ctx = context::open(GpuChoice::Auto).expect("a wgpu adapter (on Debian: apt-get install mesa-vulkan-drivers)");
+    let options = dsrun::plan::budget::GpuOptions { cpu_moe: usize::MAX, ..Default::default() };
+    let mut engine = GpuModel::with_options(ctx, &model, 64, &options).unwrap();
+    assert!(engine.host_layers().is_some());
+    decode_allocates_nothing(&mut engine);
+}
+
 /// The CPU backend: nothing on the calling thread nor on its pool's workers (every kernel works
 /// in per-thread scratch kept between steps), with the stored weights, and under `--math
 /// fast` with q4 weights (int8 activations laid out in scratch) and the stored bf16 ones (bf16

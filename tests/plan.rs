@@ -5,7 +5,7 @@
 mod common;
 use dsrun::model::weights::FeedForward;
 use dsrun::model::Model;
-use dsrun::plan::budget::{GpuMem, GpuOptions, Prefetch};
+use dsrun::plan::budget::{ExpertPlacement, GpuMem, GpuOptions, Prefetch};
 use dsrun::plan::{self, BufferKind, ExpertMatrix, ExpertWeights, KernelLimits, Op, Plan, Rows, Target};
 use std::collections::BTreeMap;
 
@@ -19,6 +19,7 @@ const TARGET: Target = Target {
     software: false,
     kernels: KernelLimits { experts: 1024, groups: 64, top_k: 16, index_dim: 1024 },
     group_experts: true,
+    hybrid: true,
 };
 const CAPACITY: usize = 40;
 
@@ -149,7 +150,7 @@ fn a_budget_streams_experts_with_a_stop_and_a_guess_per_moe_layer() {
         let c = &model.config;
         let moe = model.weights.moe_layers().len();
         for prefetch in [Prefetch::On, Prefetch::Off] {
-            let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.25), prefetch, ..Default::default() };
+            let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.25), prefetch, placement: ExpertPlacement::Stream, ..Default::default() };
             // Bindings of three expert slots split the cache into pools.
             let slot = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap().memory.expert_bytes;
             let target = Target { binding_limit: slot, ..TARGET };
@@ -191,7 +192,7 @@ fn a_budget_streams_experts_with_a_stop_and_a_guess_per_moe_layer() {
             assert_eq!(s.guess_ids.is_some(), guessing);
             assert_eq!(plan.memory.minimum(), plan.memory.resident + c.num_experts_per_tok as u64 * plan.memory.expert_bytes);
         }
-        let below = GpuOptions { gpu_mem: GpuMem::Bytes(1), ..Default::default() };
+        let below = GpuOptions { gpu_mem: GpuMem::Bytes(1), placement: ExpertPlacement::Stream, ..Default::default() };
         let err = plan::build(&model, CAPACITY, &below, &TARGET).err().expect("refused").to_string();
         assert!(err.contains("below this model's minimum"), "{err}");
     }
@@ -229,8 +230,96 @@ fn stacks_beyond_the_binding_limit_stream_even_when_the_budget_holds_them() {
     let s = plan.streaming.as_ref().expect("stacks too big to bind stream");
     assert_eq!(s.slots as u64, all.experts, "one slot per expert: every expert fits the budget");
     for budget in [all.minimum(), (all.minimum() + all.all_resident()) / 2, all.all_resident(), 2 * all.all_resident()] {
-        let options = GpuOptions { gpu_mem: GpuMem::Bytes(budget), ..Default::default() };
+        let options = GpuOptions { gpu_mem: GpuMem::Bytes(budget), placement: ExpertPlacement::Stream, ..Default::default() };
         let plan = plan::build(&model, CAPACITY, &options, &target).unwrap_or_else(|e| panic!("budget {budget}: {e}"));
         assert!(plan.streaming.is_some(), "budget {budget}");
     }
+}
+
+/// The host ops of a plan's body, by MoE layer: (layer, what crosses, overlap, host op names).
+fn host_stops(plan: &Plan) -> Vec<(usize, usize, Vec<&'static str>)> {
+    plan.body
+        .iter()
+        .filter_map(|op| match op {
+            Op::HostExperts { layer, overlap, ops, .. } => Some((*layer, *overlap, ops.iter().map(|o| o.name()).collect())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `--cpu-moe` and `--n-cpu-moe N` put the first MoE layers' routed experts on the host: each
+/// a stop whose ops are the SwiGLU experts and their weighted sum over the host's own stacks,
+/// with the shared expert after it left to the GPU; none of those experts counts against the
+/// GPU's memory, and a backend that is itself the CPU never gets the ops.
+#[test]
+fn cpu_moe_puts_the_first_moe_layers_experts_on_the_host() {
+    for family in ["v3_noaux", "v2_lite"] {
+        let model = Model::load(&common::fixture(family)).unwrap();
+        let c = &model.config;
+        let moe = model.weights.moe_layers().len();
+        let all_gpu = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap();
+        assert!(all_gpu.host.is_none() && host_stops(&all_gpu).is_empty());
+        for (cpu_moe, want) in [(usize::MAX, moe), (1, 1), (moe + 5, moe)] {
+            let options = GpuOptions { cpu_moe, ..Default::default() };
+            let plan = plan::build(&model, CAPACITY, &options, &TARGET).unwrap();
+            let host = plan.host.as_ref().expect("layers on the host");
+            assert_eq!(host.layers, want, "{family}");
+            assert_eq!(host.weights.len(), 3 * want, "{family}: gate, up and down stacks per layer");
+            assert!(host.weights.iter().all(|w| w.stack.len() == c.n_routed_experts && w.routed));
+            let stops = host_stops(&plan);
+            assert_eq!(stops.iter().map(|s| s.0).collect::<Vec<_>>(), (0..want).collect::<Vec<_>>(), "{family}");
+            let shared_ops = if c.n_shared_experts > 0 { 4 } else { 0 };
+            for (_, overlap, ops) in &stops {
+                assert_eq!(*overlap, shared_ops, "{family}: the shared expert overlaps the host");
+                assert_eq!(ops, &["expert_matmul", "expert_matmul", "silu_mul", "expert_matmul", "moe_combine"]);
+            }
+            assert_eq!(plan.memory.experts, ((moe - want) * c.n_routed_experts) as u64, "{family}: the host's experts are off the GPU");
+            assert!(plan.streaming.is_none());
+            assert!(plan.describe().contains(&format!("routed experts of the first {want} MoE layer(s) on the CPU")));
+        }
+        let cpu_target = Target { hybrid: false, ..TARGET };
+        let plan = plan::build(&model, CAPACITY, &GpuOptions { cpu_moe: usize::MAX, ..Default::default() }, &cpu_target).unwrap();
+        assert!(plan.host.is_none(), "{family}: the CPU backend computes every expert itself");
+    }
+}
+
+/// Under a budget, `--expert-placement auto` (the default) keeps as many MoE layers' experts on
+/// the GPU as fit, from the last, and computes the rest on the host: no streaming; below what
+/// must stay on the GPU it is refused, naming that amount. `stream` streams as before.
+#[test]
+fn a_budget_places_whole_layers_on_the_host_until_the_rest_fit() {
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let c = &model.config;
+    let moe = model.weights.moe_layers().len();
+    assert!(moe >= 2, "the fixture has several MoE layers");
+    let all = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap().memory;
+    let per_layer = c.n_routed_experts as u64 * all.expert_bytes;
+    let routed_sum = (TARGET.max_chunk * (c.hidden_size + 1) * 4) as u64;
+    for gpu_layers in 0..moe {
+        // Room for exactly `gpu_layers` layers' experts beside what stays.
+        let budget = all.resident + routed_sum + gpu_layers as u64 * per_layer;
+        let options = GpuOptions { gpu_mem: GpuMem::Bytes(budget), ..Default::default() };
+        let plan = plan::build(&model, CAPACITY, &options, &TARGET).unwrap();
+        assert_eq!(plan.host.as_ref().map(|h| h.layers), Some(moe - gpu_layers), "budget for {gpu_layers} layer(s)");
+        assert!(plan.streaming.is_none());
+        assert!(plan.memory.all_resident() <= budget);
+        let one_less = GpuOptions { gpu_mem: GpuMem::Bytes(budget - 1), ..Default::default() };
+        let fewer = plan::build(&model, CAPACITY, &one_less, &TARGET).map(|p| p.host.map(|h| h.layers));
+        match gpu_layers {
+            0 => assert!(fewer.expect_err("refused").to_string().contains("below what stays on the GPU")),
+            _ => assert_eq!(fewer.unwrap(), Some(moe - gpu_layers + 1)),
+        }
+    }
+    let share = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.5), ..Default::default() };
+    assert!(plan::build(&model, CAPACITY, &share, &TARGET).unwrap().host.is_some());
+    let stream = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.5), placement: ExpertPlacement::Stream, ..Default::default() };
+    let plan = plan::build(&model, CAPACITY, &stream, &TARGET).unwrap();
+    assert!(plan.host.is_none() && plan.streaming.is_some());
+    // Forced host layers and streaming for the rest: the cache holds only the GPU's layers.
+    let both = GpuOptions { gpu_mem: GpuMem::ExpertShare(0.25), cpu_moe: 1, placement: ExpertPlacement::Stream, ..Default::default() };
+    let plan = plan::build(&model, CAPACITY, &both, &TARGET).unwrap();
+    assert_eq!(plan.host.as_ref().map(|h| h.layers), Some(1));
+    let s = plan.streaming.as_ref().expect("the rest streams");
+    assert_eq!(s.first_layer, 1);
+    assert_eq!(plan.memory.experts, ((moe - 1) * c.n_routed_experts) as u64);
 }

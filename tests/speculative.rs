@@ -9,7 +9,7 @@ use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine, Output, Pass, Step, Steps, Want};
 use dsrun::model::{Logits, Model};
-use dsrun::plan::budget::{GpuMem, GpuOptions};
+use dsrun::plan::budget::{ExpertPlacement, GpuMem, GpuOptions};
 use dsrun::runtime::GpuModel;
 use dsrun::speculative::{self, SpecStats};
 
@@ -75,10 +75,17 @@ fn greedy_speculation_equals_plain_greedy_on_every_mtp_family() {
             // Streamed experts: the verify step's tokens route to more experts, the MTP layer's
             // experts stream through the same cache.
             let memory = gpu.memory_plan();
-            let options = GpuOptions { mtp: true, gpu_mem: GpuMem::Bytes(memory.minimum()), ..Default::default() };
+            let options = GpuOptions { mtp: true, gpu_mem: GpuMem::Bytes(memory.minimum()), placement: ExpertPlacement::Stream, ..Default::default() };
             let mut streamed = GpuModel::with_options(ctx(), &model, capacity, &options).unwrap();
             assert!(streamed.expert_slots().is_some(), "{family}: the minimum budget streams");
             check_engine(&format!("{family} on wgpu, experts streamed"), &mut streamed, prompt, &want, draft);
+
+            // Routed experts on the host, the MTP layer's too: the verify step's tokens grouped
+            // by expert there.
+            let options = GpuOptions { mtp: true, cpu_moe: usize::MAX, ..Default::default() };
+            let mut hybrid = GpuModel::with_options(ctx(), &model, capacity, &options).unwrap();
+            assert!(hybrid.host_layers().is_some());
+            check_engine(&format!("{family} on wgpu + the host"), &mut hybrid, prompt, &want, draft);
         }
     }
 }

@@ -10,7 +10,7 @@ use dsrun::backend::wgpu::context;
 use dsrun::device::GpuChoice;
 use dsrun::engine::{CpuEngine, Engine, Pass, Span, Step, Want};
 use dsrun::model::{Logits, Model};
-use dsrun::plan::budget::{GpuMem, GpuOptions};
+use dsrun::plan::budget::{ExpertPlacement, GpuMem, GpuOptions};
 use dsrun::runtime::GpuModel;
 
 const SEQUENCES: usize = 3;
@@ -120,7 +120,13 @@ fn options() -> GpuOptions {
 
 /// Experts under a budget for 30% of them: the steps stop at each MoE layer for the router.
 fn streamed() -> GpuOptions {
-    GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), ..options() }
+    GpuOptions { gpu_mem: GpuMem::ExpertShare(0.3), placement: ExpertPlacement::Stream, ..options() }
+}
+
+/// Routed experts on the host (hybrid placement): every MoE layer's, the MTP layer's among
+/// them (`--cpu-moe`), or the first layer's only (`--n-cpu-moe 1`).
+fn hybrid(cpu_moe: usize) -> GpuOptions {
+    GpuOptions { cpu_moe, ..options() }
 }
 
 #[test]
@@ -132,7 +138,20 @@ fn steps_agree_on_wgpu_and_the_cpu_backend() {
         let streamed = GpuModel::with_options(ctx(), &model, CAPACITY, &streamed()).unwrap();
         assert!(streamed.expert_slots().is_some(), "{family}: experts stream under a budget for 30% of them");
         let cpu_backend = dsrun::runtime::Runtime::with_options(dsrun::backend::cpu::CpuBackend::new(), &model, CAPACITY, &options()).unwrap();
-        check_against_cpu(family, vec![("wgpu", Box::new(resident)), ("wgpu, experts streamed", Box::new(streamed)), ("the CPU backend", Box::new(cpu_backend))]);
+        let cpu_moe = GpuModel::with_options(ctx(), &model, CAPACITY, &hybrid(usize::MAX)).unwrap();
+        let first = GpuModel::with_options(ctx(), &model, CAPACITY, &hybrid(1)).unwrap();
+        assert_eq!(cpu_moe.host_layers(), Some(model.weights.routed_layers(true).len()), "{family}: the MTP layer's experts on the host too");
+        assert_eq!(first.host_layers(), Some(1));
+        check_against_cpu(
+            family,
+            vec![
+                ("wgpu", Box::new(resident)),
+                ("wgpu, experts streamed", Box::new(streamed)),
+                ("the CPU backend", Box::new(cpu_backend)),
+                ("wgpu + the host, --cpu-moe", Box::new(cpu_moe)),
+                ("wgpu + the host, --n-cpu-moe 1", Box::new(first)),
+            ],
+        );
     }
 }
 
@@ -147,5 +166,10 @@ fn steps_agree_on_the_cuda_emulator() {
     let model = Model::load(&fixture(MTP_FAMILIES[0])).unwrap();
     let resident = CudaModel::with_options(device(), &model, CAPACITY, &options()).unwrap();
     let streamed = CudaModel::with_options(device(), &model, CAPACITY, &streamed()).unwrap();
-    check_against_cpu(MTP_FAMILIES[0], vec![("the CUDA emulator", Box::new(resident)), ("the CUDA emulator, experts streamed", Box::new(streamed))]);
+    let cpu_moe = CudaModel::with_options(device(), &model, CAPACITY, &hybrid(usize::MAX)).unwrap();
+    assert!(cpu_moe.host_layers().is_some());
+    check_against_cpu(
+        MTP_FAMILIES[0],
+        vec![("the CUDA emulator", Box::new(resident)), ("the CUDA emulator, experts streamed", Box::new(streamed)), ("the CUDA emulator + the host, --cpu-moe", Box::new(cpu_moe))],
+    );
 }

@@ -9,7 +9,7 @@ use dsrun::device::GpuChoice;
 use dsrun::error::Result;
 use dsrun::generate::Stopping;
 use dsrun::generation_config::GenerationDefaults;
-use dsrun::plan::budget::{Eviction, GpuMem, GpuOptions, Math, Prefetch};
+use dsrun::plan::budget::{Eviction, ExpertPlacement, GpuMem, GpuOptions, Math, Prefetch};
 use dsrun::plan::layout::CacheFormat;
 use dsrun::quant::QuantTarget;
 use dsrun::sample::{Sampler, SamplerConfig};
@@ -65,9 +65,21 @@ pub struct DeviceArgs {
     pub math: Math,
     /// GPU memory dsrun may use: `auto` (80% of the adapter's device memory), a size (12G,
     /// 512MiB, 3GB), or N% (that share of the routed experts, everything else resident).
-    /// Routed experts that do not fit are streamed from host memory through a slot cache.
+    /// Routed experts that do not fit are computed on the CPU (see --expert-placement).
     #[arg(long, value_name = "BYTES|auto|N%", default_value = "auto")]
     pub gpu_mem: GpuMem,
+    /// Compute every routed expert on the CPU, from host memory; attention, shared experts,
+    /// dense layers and the head stay on the GPU (as llama.cpp's --cpu-moe).
+    #[arg(long, conflicts_with = "n_cpu_moe")]
+    pub cpu_moe: bool,
+    /// Compute the routed experts of the first N MoE layers on the CPU (as llama.cpp's --n-cpu-moe).
+    #[arg(long, value_name = "N")]
+    pub n_cpu_moe: Option<usize>,
+    /// Where routed experts that do not fit --gpu-mem go: auto (computed on the CPU, whole MoE
+    /// layers from the first), stream (copied into a GPU slot cache as the router asks), cpu
+    /// (every one on the CPU, as --cpu-moe).
+    #[arg(long, default_value = "auto", value_parser = choice::<ExpertPlacement>())]
+    pub expert_placement: ExpertPlacement,
     /// Which cached expert gives way when another must be uploaded (expert streaming).
     #[arg(long, default_value = "lru", value_parser = choice::<Eviction>())]
     pub expert_eviction: Eviction,
@@ -93,7 +105,17 @@ impl DeviceArgs {
     pub fn builder(&self, dir: &Path) -> Result<EngineBuilder<'static>> {
         // A second thread on a core shares its FMA units and caches: the kernels gain nothing.
         dsrun::backend::cpu::set_threads(self.threads.unwrap_or_else(dsrun::backend::cpu::physical_cores))?;
-        let options = GpuOptions { quant: self.quant, gpu_mem: self.gpu_mem, eviction: self.expert_eviction, prefetch: self.prefetch, math: self.math, ..GpuOptions::default() };
+        let cpu_moe = if self.cpu_moe { usize::MAX } else { self.n_cpu_moe.unwrap_or(0) };
+        let options = GpuOptions {
+            quant: self.quant,
+            gpu_mem: self.gpu_mem,
+            eviction: self.expert_eviction,
+            prefetch: self.prefetch,
+            math: self.math,
+            cpu_moe,
+            placement: self.expert_placement,
+            ..GpuOptions::default()
+        };
         Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
     }
 

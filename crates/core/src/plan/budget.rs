@@ -88,6 +88,43 @@ pub struct GpuOptions {
     pub mtp: bool,
     /// How matmuls multiply (`--math`).
     pub math: Math,
+    /// The first this many MoE layers compute their routed experts on the CPU, from host memory
+    /// (`--n-cpu-moe N`; `usize::MAX`, `--cpu-moe`: every one, the MTP layer's too). Only where
+    /// a GPU backend runs the rest.
+    pub cpu_moe: usize,
+    /// Where routed experts that do not fit `gpu_mem` go (`--expert-placement`).
+    pub placement: ExpertPlacement,
+}
+
+/// Where routed experts that do not fit the GPU budget are computed (`--expert-placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertPlacement {
+    /// On the CPU, from host memory, whole MoE layers at a time from the first (as
+    /// `--n-cpu-moe` places them): only the layer's hidden rows, the router's choice and the
+    /// routed sum cross the link, never weights.
+    #[default]
+    Auto,
+    /// Streamed through a GPU slot cache as the router asks for them.
+    Stream,
+    /// Every routed expert on the CPU, whatever fits (`--cpu-moe`).
+    Cpu,
+}
+
+crate::util::choices!(ExpertPlacement {
+    Auto => "auto": "what does not fit --gpu-mem runs on the CPU, whole MoE layers from the first",
+    Stream => "stream": "what does not fit --gpu-mem streams through a GPU slot cache",
+    Cpu => "cpu": "every routed expert runs on the CPU (as --cpu-moe)",
+});
+
+impl GpuOptions {
+    /// MoE layers (of `moe_layers`, the MTP layer's counted last) whose routed experts
+    /// `--cpu-moe`, `--n-cpu-moe` and `--expert-placement cpu` place on the CPU.
+    pub fn forced_cpu_layers(&self, moe_layers: usize) -> usize {
+        match self.placement {
+            ExpertPlacement::Cpu => moe_layers,
+            _ => self.cpu_moe.min(moe_layers),
+        }
+    }
 }
 
 /// How the backends' matmuls multiply (`--math`).
@@ -165,6 +202,8 @@ impl Default for GpuOptions {
             kv_cache: crate::plan::layout::CacheFormat::F32,
             mtp: false,
             math: Math::Exact,
+            cpu_moe: 0,
+            placement: ExpertPlacement::Auto,
         }
     }
 }

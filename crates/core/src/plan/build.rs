@@ -8,7 +8,7 @@ use crate::model::rope::Rope;
 use crate::model::router::RouterParams;
 use crate::model::weights::{FeedForward, Layer, Moe, QueryProjection};
 use crate::model::Model;
-use crate::plan::budget::GpuOptions;
+use crate::plan::budget::{ExpertPlacement, GpuMem, GpuOptions};
 use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
 use crate::util::Choice;
 
@@ -136,6 +136,8 @@ fn indexer(w: &IndexerWeights, b: &IndexerBuffers, x: BufferId, q_lora: BufferId
 struct Declare<'m> {
     buffers: Vec<BufferSpec<'m>>,
     weights: Vec<WeightSpec<'m>>,
+    /// Routed expert stacks the host computes with (`HostPlan::weights`).
+    host_weights: Vec<WeightSpec<'m>>,
 }
 
 impl<'m> Declare<'m> {
@@ -161,6 +163,15 @@ impl<'m> Declare<'m> {
         };
         self.weights.push(WeightSpec { name, stack, chunked, convert, routed });
         WeightId(self.weights.len() - 1)
+    }
+
+    /// A layer's routed experts stacked for the host (an index into `host_weights`).
+    fn host_weight(&mut self, stack: Vec<&'m Matrix>) -> WeightId {
+        let at = self.weights.len();
+        let id = self.weight(stack, false, true, true);
+        self.host_weights.push(self.weights.remove(id.0));
+        debug_assert_eq!(self.weights.len(), at);
+        WeightId(self.host_weights.len() - 1)
     }
 
     /// A matrix only matmul (or the embedding gather) reads: row chunks allowed.
@@ -445,7 +456,8 @@ fn memory_plan(p: &Declare, model: &Model, options: &GpuOptions, target: &Target
 
 /// Expert streaming through `slots` cache slots shaped like `template`: pools that each fit
 /// a binding, and the early router's buffers when prefetch is on.
-fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, slots: usize, template: Mlp, ids: BufferId) -> Result<(StreamPlan, Option<Guess>)> {
+#[allow(clippy::too_many_arguments)]
+fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, slots: usize, template: Mlp, ids: BufferId, first_layer: usize) -> Result<(StreamPlan, Option<Guess>)> {
     let c = &model.config;
     let largest = template.matrices().iter().map(|m| SlotLayout::new(m).data_stride).max().unwrap_or(1).max(1);
     let per_pool = (target.binding_limit / largest).min(slots as u64) as usize;
@@ -464,7 +476,17 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
         ids: p.activation("guessed expert ids", c.num_experts_per_tok),
         weights: p.activation("guessed expert weights", c.num_experts_per_tok),
     });
-    let plan = StreamPlan { slots, pools, eviction: options.eviction, template, ids, guess_ids: guess.as_ref().map(|g| g.ids), max_pairs: target.max_chunk * c.num_experts_per_tok, mtp: options.mtp };
+    let plan = StreamPlan {
+        slots,
+        pools,
+        eviction: options.eviction,
+        template,
+        ids,
+        guess_ids: guess.as_ref().map(|g| g.ids),
+        max_pairs: target.max_chunk * c.num_experts_per_tok,
+        mtp: options.mtp,
+        first_layer,
+    };
     Ok((plan, guess))
 }
 
@@ -479,6 +501,16 @@ struct Forward<'a, 'm> {
     streaming: Option<Option<&'a Guess>>,
     /// Resident experts are grouped by expert (`Target::group_experts`).
     group_experts: bool,
+    /// MoE layers before this one compute their routed experts on the host.
+    host_layers: usize,
+    host: Option<HostBuffers>,
+}
+
+/// The routed sum the host sends back, and the combine's weight for it (ones: the host has
+/// applied the router's weights).
+struct HostBuffers {
+    routed: BufferId,
+    ones: BufferId,
 }
 
 impl<'m> Forward<'_, 'm> {
@@ -548,6 +580,22 @@ impl<'m> Forward<'_, 'm> {
                 matmul(ExpertMatrix::Down, down, gate_out, mb.expert_out),
             ]
         };
+        if moe < self.host_layers {
+            let hb = self.host.as_ref().expect("host buffers exist where layers run on the host");
+            let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| ExpertWeights::Stack(p.host_weight(weights.experts.iter().map(f).collect()));
+            let stacks = [stack(|m| &m.gate), stack(|m| &m.up), stack(|m| &m.down)];
+            let mut host_ops = experts(stacks, false);
+            host_ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: mb.weights, shared: None, h: hb.routed });
+            let mut shared_ops = Vec::new();
+            if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
+                mlp(&mut shared_ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
+            }
+            ops.push(Op::HostExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, routed: hb.routed, overlap: shared_ops.len(), ops: host_ops });
+            ops.extend(shared_ops);
+            // The routed sum as one "expert" of weight 1: the same combine kernel on every backend.
+            ops.push(Op::MoeCombine { dim: c.hidden_size, k: 1, expert_out: hb.routed, weights: hb.ones, shared: shared.and(mb.shared_out), h: a.h });
+            return;
+        }
         match self.streaming {
             None => {
                 let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| ExpertWeights::Stack(p.weight(weights.experts.iter().map(f).collect(), false, true, true));
@@ -601,7 +649,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         return Err(Error::Invalid(format!("{sequences} parallel sequences: this backend decodes 1 to {} sequences together", target.max_chunk)));
     }
     let rope = Rope::new(c);
-    let mut p = Declare { buffers: Vec::new(), weights: Vec::new() };
+    let mut p = Declare { buffers: Vec::new(), weights: Vec::new(), host_weights: Vec::new() };
     if options.mtp && model.weights.mtp.is_none() {
         return Err(Error::Invalid("--speculative mtp: this checkpoint has no MTP layer (`dsrun inspect` shows; use --speculative off)".into()));
     }
@@ -611,9 +659,19 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     }
     let ids = ModelIds::declare(&mut p, model, capacity * sequences, options.kv_cache, options.mtp);
 
-    // What stays resident whatever the budget; then whether the experts all fit.
+    // What stays resident whatever the budget; then which MoE layers' experts the host
+    // computes, and whether the GPU's all fit.
     let (memory, template) = memory_plan(&p, model, options, target);
     let budget = memory.budget(options.gpu_mem, target.memory);
+    let per_layer: Vec<u64> = model.weights.routed_layers(options.mtp).iter().map(|m| m.experts.len() as u64).collect();
+    let host_bytes = (target.max_chunk * (c.hidden_size + 1) * 4) as u64;
+    // `N%` keeps everything but the routed experts, the host's routed sums among it.
+    let budget = match options.gpu_mem {
+        GpuMem::ExpertShare(_) if target.hybrid && options.placement != ExpertPlacement::Stream => budget + host_bytes,
+        _ => budget,
+    };
+    let (host_layers, memory) = place_experts(memory, budget, &per_layer, host_bytes, options, target)?;
+    let host = (host_layers > 0).then(|| HostBuffers { routed: p.activation("host routed sum", target.max_chunk * c.hidden_size), ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])) });
     // Every expert fits the budget, but a layer's stack of them may not fit one binding: then
     // they go through the slot cache, one slot per expert (pools split at the binding limit).
     let stacked = template.as_ref().map_or(0, |t| t.matrices().iter().map(|m| m.data.as_slice().len() as u64).max().unwrap_or(0) * c.n_routed_experts as u64);
@@ -622,7 +680,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         slots => slots,
     };
     let streaming = match (slots, template, &a.moe) {
-        (Some(slots), Some(template), Some(mb)) => Some(stream_plan(&mut p, model, options, target, slots, template, mb.ids)?),
+        (Some(slots), Some(template), Some(mb)) if host_layers < per_layer.len() => Some(stream_plan(&mut p, model, options, target, slots, template, mb.ids, host_layers)?),
         _ => None,
     };
 
@@ -634,6 +692,8 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         router: RouterParams::from_config(c),
         streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
         group_experts: target.group_experts,
+        host_layers,
+        host,
     };
     let body = forward.body(&mut p);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
@@ -647,6 +707,12 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         }),
         _ => None,
     };
+    let host = (host_layers > 0).then(|| {
+        let a = &forward.a;
+        let mb = a.moe.as_ref().expect("MoE buffers exist where layers run on the host");
+        let hb = forward.host.as_ref().expect("declared with the host layers");
+        HostPlan { layers: host_layers, weights: std::mem::take(&mut p.host_weights), buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, hb.routed], math: options.math }
+    });
     Ok(Plan {
         capacity,
         sequences,
@@ -665,6 +731,34 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         memory,
         budget,
         streaming: streaming.map(|(s, _)| s),
+        host,
         mtp,
     })
+}
+
+/// How many MoE layers, from the first, compute their routed experts on the host, and the
+/// memory plan of what the GPU then holds: the layers `--cpu-moe` / `--n-cpu-moe` force there,
+/// then under `ExpertPlacement::Auto` as many more as it takes for the rest to fit `budget`
+/// (`host_bytes`: the GPU's buffers for the host's routed sums, once any layer runs there).
+/// Only where the target is a GPU beside the host.
+fn place_experts(memory: MemoryPlan, budget: u64, per_layer: &[u64], host_bytes: u64, options: &GpuOptions, target: &Target) -> Result<(usize, MemoryPlan)> {
+    if !target.hybrid || per_layer.is_empty() {
+        return Ok((0, memory));
+    }
+    let on_gpu = |host: usize| MemoryPlan { experts: per_layer[host..].iter().sum(), resident: memory.resident + if host > 0 { host_bytes } else { 0 }, ..memory };
+    let mut host = options.forced_cpu_layers(per_layer.len());
+    if options.placement == ExpertPlacement::Auto {
+        while host < per_layer.len() && on_gpu(host).all_resident() > budget {
+            host += 1;
+        }
+        let resident = on_gpu(host).resident;
+        if budget < resident {
+            return Err(Error::Invalid(format!(
+                "--gpu-mem {} ({budget} bytes) is below what stays on the GPU with every routed expert on the CPU: {} ({resident} bytes:                  weights other than routed experts, latent KV cache, activations); raise --gpu-mem, lower --ctx, or use a smaller --quant",
+                crate::util::human_bytes(budget),
+                crate::util::human_bytes(resident),
+            )));
+        }
+    }
+    Ok((host, on_gpu(host)))
 }

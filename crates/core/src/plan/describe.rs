@@ -73,12 +73,33 @@ impl Plan<'_> {
                     inner.join("\n                      ")
                 )
             }
+            Op::HostExperts { layer, x, ids, weights, routed, overlap, ops } => {
+                let inner: Vec<String> = ops.iter().map(|op| self.describe_host_op(op)).collect();
+                format!(
+                    "on the host (MoE layer {layer}: {}, {}, {} to the host; {} back; the next {overlap} op(s) run on the GPU meanwhile):\n                      {}",
+                    self.b(*x),
+                    self.b(*ids),
+                    self.b(*weights),
+                    self.b(*routed),
+                    inner.join("\n                      ")
+                )
+            }
             Op::MoeCombine { expert_out, weights, shared, h, .. } => {
                 format!("{} . {}{} +=> {}", self.b(*weights), self.b(*expert_out), shared.map_or(String::new(), |s| format!(" + {}", self.b(s))), self.b(*h))
             }
             Op::Argmax { logits, ids, .. } => format!("{} -> {}", self.b(*logits), self.b(*ids)),
         };
         format!("{:<15}{detail}", op.name())
+    }
+
+    /// An op the host runs: its expert stacks are the host's (`HostPlan::weights`).
+    fn describe_host_op(&self, op: &Op) -> String {
+        match (op, &self.host) {
+            (Op::ExpertMatmul { matrix, weights: ExpertWeights::Stack(w), k, x, y, ids, .. }, Some(host)) => {
+                format!("{:<15}{matrix:?} of host {} . {} -> {}, {k} per token by {}", op.name(), host.weights[w.0].name, self.b(*x), self.b(*y), self.b(*ids))
+            }
+            _ => self.describe_op(op),
+        }
     }
 
     /// The whole plan as text.
@@ -112,6 +133,10 @@ impl Plan<'_> {
                 human_bytes(m.minimum())
             ),
         };
+        if let Some(host) = &self.host {
+            let bytes: u64 = host.weights.iter().map(|w| w.device_bytes(self.quant)).sum();
+            let _ = writeln!(s, "host       routed experts of the first {} MoE layer(s) on the CPU: {} from host memory", host.layers, human_bytes(bytes));
+        }
         let _ = writeln!(s, "buffers    (32-bit words)");
         for b in &self.buffers {
             let kind = format!("{:?}", b.kind).to_lowercase();

@@ -99,6 +99,9 @@ pub struct Target {
     pub kernels: KernelLimits,
     /// Resident routed experts are grouped by expert before their matmuls (`GroupExperts`).
     pub group_experts: bool,
+    /// The backend is a GPU beside the host: routed experts may be computed on the CPU
+    /// instead (`HostExperts`, hybrid placement).
+    pub hybrid: bool,
 }
 
 /// The largest routing and indexer shapes a backend's kernels take: the router keeps every
@@ -136,6 +139,21 @@ pub struct StreamPlan {
     pub max_pairs: usize,
     /// The MTP layer's routed experts stream too, as the MoE layer after the main model's.
     pub mtp: bool,
+    /// MoE layers before this one run on the host, not streamed (`HostPlan::layers`).
+    pub first_layer: usize,
+}
+
+/// Routed experts computed on the host's CPU (hybrid placement): the first `layers` MoE
+/// layers' (`--n-cpu-moe`, or what does not fit `--gpu-mem`), each a `HostExperts` op.
+#[derive(Debug, Clone)]
+pub struct HostPlan<'m> {
+    pub layers: usize,
+    /// Their expert stacks, read from the memory-mapped checkpoint (or converted by `--quant`).
+    pub weights: Vec<WeightSpec<'m>>,
+    /// The plan buffers the host's ops use: the host keeps its own copies of these.
+    pub buffers: Vec<BufferId>,
+    /// How the host's matmuls multiply (`--math`).
+    pub math: budget::Math,
 }
 
 /// The MTP layer's step (`weights::Mtp`, speculative decoding), run after a main step that kept
@@ -181,6 +199,8 @@ pub struct Plan<'m> {
     /// The budget `--gpu-mem` named, in bytes.
     pub budget: u64,
     pub streaming: Option<StreamPlan>,
+    /// Routed experts on the host, where some MoE layers' run there.
+    pub host: Option<HostPlan<'m>>,
     /// The MTP layer's step, where the options asked for it (`GpuOptions::mtp`).
     pub mtp: Option<MtpPlan>,
 }

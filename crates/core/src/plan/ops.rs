@@ -128,6 +128,22 @@ pub enum Op {
         predicts_next: bool,
         ops: Vec<Op>,
     },
+    /// Routed experts computed on the host (hybrid placement, `--cpu-moe`): the step stops
+    /// here; the `x` rows, `ids` and `weights` go to the host, whose CPU backend runs `ops`
+    /// (expert matmuls over the host's stacks, whose ids index [`HostPlan::weights`](super::HostPlan),
+    /// SwiGLU, the weighted sum into `routed`), and `routed` comes back. The `overlap` ops after
+    /// this one (the shared expert) do not read `routed`: they go to the GPU before the host
+    /// computes, so both work at once. The runtime lowers `ops` on the host.
+    HostExperts {
+        /// The MoE layer, counted over MoE layers only.
+        layer: usize,
+        x: BufferId,
+        ids: BufferId,
+        weights: BufferId,
+        routed: BufferId,
+        overlap: usize,
+        ops: Vec<Op>,
+    },
     /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`.
     MoeCombine { dim: usize, k: usize, expert_out: BufferId, weights: BufferId, shared: Option<BufferId>, h: BufferId },
     /// `ids[r] = argmax(logits[r])` (ties to the lower index) over the rows the head computed.
@@ -154,6 +170,7 @@ impl Op {
             Op::GroupExperts { .. } => "group_experts",
             Op::ExpertMatmul { .. } => "expert_matmul",
             Op::Streamed { .. } => "routed_experts",
+            Op::HostExperts { .. } => "host_experts",
             Op::MoeCombine { .. } => "moe_combine",
             Op::Argmax { .. } => "argmax",
         }

@@ -4,9 +4,11 @@
 //! layer for the router's choice when experts are streamed), read back the logits or the greedy
 //! id. Prompts longer than a step's room run in chunks.
 
+mod hybrid;
 internal_mod!(lab);
 mod streaming;
 
+pub use hybrid::{HostCounters, HostExperts};
 /// Plan ops run one by one on a backend: the conformance harness's tool (tests and benches).
 #[cfg(feature = "internals")]
 pub use lab::Lab;
@@ -70,9 +72,10 @@ pub struct Runtime<B: Backend> {
     argmax_ids: BufferId,
     /// Routed experts in a device slot cache, when they do not all fit the budget.
     streaming: Option<Streaming<B>>,
-    /// The main model's streamed MoE layers (the first of `streaming.layers`; the MTP layer's
-    /// follows).
-    main_stops: usize,
+    /// Routed experts computed on the host's CPU (hybrid placement).
+    host: Option<HostExperts>,
+    /// Where the main program and the MTP program stop for the host.
+    stops: [Vec<(usize, Stop)>; 2],
     /// The MTP layer's step, where the plan has one.
     mtp: Option<MtpRuntime<B>>,
     memory: MemoryPlan,
@@ -116,7 +119,7 @@ impl<B: Backend> Runtime<B> {
     pub fn from_plan(backend: B, model: &Model, plan: &Plan, progress: &dyn Progress) -> Result<Self> {
         let mut backend = backend;
         let loaded = backend.checked(|b| Loaded::new(b, model, plan, progress))?;
-        let Loaded { res, body, head_last, head_all, argmax, streaming, main_stops, mtp, weight_bytes } = loaded;
+        let Loaded { res, body, head_last, head_all, argmax, streaming, host, stops, mtp, weight_bytes } = loaded;
         if let Some(s) = &streaming {
             log::info!(
                 "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
@@ -127,6 +130,9 @@ impl<B: Backend> Runtime<B> {
                 crate::util::human_bytes(plan.budget),
                 crate::util::human_bytes(plan.memory.resident)
             );
+        }
+        if let Some(h) = &host {
+            log::info!("hybrid placement: the routed experts of {} MoE layer(s) on the host ({})", h.layers(), h.describe());
         }
         Ok(Runtime {
             backend,
@@ -141,7 +147,8 @@ impl<B: Backend> Runtime<B> {
             logits: plan.logits,
             argmax_ids: plan.argmax_ids,
             streaming,
-            main_stops,
+            host,
+            stops,
             mtp: mtp.map(|(body, [head_last, head_all], keep)| MtpRuntime { body, head_last, head_all, keep, state: MtpState::new(plan.sequences) }),
             memory: plan.memory,
             max_chunk: plan.max_chunk,
@@ -185,6 +192,15 @@ impl<B: Backend> Runtime<B> {
         self.streaming.as_ref().map(|s| s.pools())
     }
 
+    /// MoE layers whose routed experts the host computes (hybrid placement), if any.
+    pub fn host_layers(&self) -> Option<usize> {
+        self.host.as_ref().map(|h| h.layers())
+    }
+
+    pub fn host_counters(&self) -> Option<HostCounters> {
+        self.host.as_ref().map(|h| h.counters)
+    }
+
     pub fn stream_counters(&self) -> Option<StreamCounters> {
         self.streaming.as_ref().map(|s| s.counters)
     }
@@ -213,7 +229,7 @@ impl<B: Backend> Runtime<B> {
                     Some(Logits::Last) => &self.head_last[..],
                     Some(Logits::All) => &self.head_all[..],
                 };
-                (&self.body, head_ops, 0..self.main_stops)
+                (&self.body, head_ops, &self.stops[0])
             }
             Part::MainKeepingHidden => {
                 let keep = &mtp.ok_or_else(missing)?.keep;
@@ -222,7 +238,7 @@ impl<B: Backend> Runtime<B> {
                     Some(Logits::Last) => &keep[1],
                     Some(Logits::All) => &keep[2],
                 };
-                (&self.body, &head_ops[..], 0..self.main_stops)
+                (&self.body, &head_ops[..], &self.stops[0])
             }
             Part::Mtp => {
                 let m = mtp.ok_or_else(missing)?;
@@ -231,25 +247,29 @@ impl<B: Backend> Runtime<B> {
                     Some(Logits::Last) => &m.head_last[..],
                     Some(Logits::All) => &m.head_all[..],
                 };
-                (&m.body, head_ops, self.main_stops..self.streaming.as_ref().map_or(0, |s| s.layers.len()))
+                (&m.body, head_ops, &self.stops[1])
             }
         };
         let argmax = if greedy { &self.argmax[..] } else { &[][..] };
-        match &mut self.streaming {
-            None => b.record_step(StepKind { head, greedy, part }, [(body, n), (head_ops, n), (argmax, rows)])?,
-            Some(streaming) => {
-                // The step stops at each MoE layer's router for its choice.
-                let mut done = 0;
-                for layer in stops {
-                    let at = streaming.layers[layer].at;
-                    b.record(&body[done..at], n)?;
-                    streaming.sync(b, &self.res, layer, n)?;
-                    done = at;
-                }
-                b.record(&body[done..], n)?;
-                b.record(head_ops, n)?;
-                b.record(argmax, rows)?;
+        if stops.is_empty() {
+            b.record_step(StepKind { head, greedy, part }, [(body, n), (head_ops, n), (argmax, rows)])?;
+        } else {
+            // The step stops at each streamed or host layer's router for its choice.
+            let mut done = 0;
+            for &(at, stop) in stops {
+                b.record(&body[done..at], n)?;
+                done = at
+                    + match stop {
+                        Stop::Stream(layer) => {
+                            self.streaming.as_mut().expect("a streamed stop has a cache").sync(b, &self.res, layer, n)?;
+                            0
+                        }
+                        Stop::Host(layer) => self.host.as_mut().expect("a host stop has a host").run(b, &self.res, layer, &body[at..], n)?,
+                    };
             }
+            b.record(&body[done..], n)?;
+            b.record(head_ops, n)?;
+            b.record(argmax, rows)?;
         }
         let bytes = rows as usize * if greedy { 4 } else { self.config.vocab_size * 4 };
         self.counters.readback_bytes += bytes as u64;
@@ -535,6 +555,9 @@ impl<B: Backend> Engine for Runtime<B> {
         if let Some(s) = &mut self.streaming {
             s.counters = Default::default();
         }
+        if let Some(h) = &mut self.host {
+            h.counters = Default::default();
+        }
     }
 
     fn counters(&self) -> Option<String> {
@@ -554,6 +577,10 @@ impl<B: Backend> Engine for Runtime<B> {
             lines += "\n";
             lines += &s.summary(c.tokens, c.step_seconds);
         }
+        if let Some(h) = &self.host {
+            lines += "\n";
+            lines += &h.counters.summary(c.tokens, c.step_seconds);
+        }
         if let Some(profile) = self.backend.profile_report() {
             lines += "\n";
             lines += &profile;
@@ -570,7 +597,8 @@ struct Loaded<B: Backend> {
     head_all: Vec<B::Op>,
     argmax: Vec<B::Op>,
     streaming: Option<Streaming<B>>,
-    main_stops: usize,
+    host: Option<HostExperts>,
+    stops: [Vec<(usize, Stop)>; 2],
     /// The MTP step's body, heads (last row, every row), and the main heads keeping hidden states.
     mtp: Option<(Vec<B::Op>, [Vec<B::Op>; 2], [Vec<B::Op>; 3])>,
     weight_bytes: u64,
@@ -597,13 +625,19 @@ impl<B: Backend> Loaded<B> {
             Some(s) => Some(Streaming::new(b, &mut res, model, plan.quant, s, progress)?),
             None => None,
         };
+        let mut host = match &plan.host {
+            Some(h) => Some(HostExperts::new(plan, h, &model.config, progress)?),
+            None => None,
+        };
         progress.finish();
 
-        let body = lower_body(b, &res, &plan.body, &mut streaming)?;
-        let main_stops = streaming.as_ref().map_or(0, |s| s.layers.len());
-        let mtp_body = match &plan.mtp {
-            Some(m) => Some(lower_body(b, &res, &m.body, &mut streaming)?),
-            None => None,
+        let (body, main_stops) = lower_body(b, &res, &plan.body, &mut streaming, &mut host)?;
+        let (mtp_body, mtp_stops) = match &plan.mtp {
+            Some(m) => {
+                let (body, stops) = lower_body(b, &res, &m.body, &mut streaming, &mut host)?;
+                (Some(body), stops)
+            }
+            None => (None, Vec::new()),
         };
         let mut lower_all = |ops: &[Op]| -> Result<Vec<B::Op>> {
             let mut out = Vec::new();
@@ -620,30 +654,42 @@ impl<B: Backend> Loaded<B> {
             }
             _ => None,
         };
-        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, main_stops, mtp, weight_bytes })
+        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, host, stops: [main_stops, mtp_stops], mtp, weight_bytes })
     }
 }
 
-/// Lowers a program's ops; each streamed MoE layer's expert ops go to `streaming.layers` (in
-/// order, with where in the program it stops) instead of the program.
-fn lower_body<B: Backend>(b: &mut B, res: &Resources<B>, ops: &[Op], streaming: &mut Option<Streaming<B>>) -> Result<Vec<B::Op>> {
-    let mut body = Vec::new();
+/// Where a program stops for the host: a streamed MoE layer (an index into
+/// `Streaming::layers`) or one the host computes (into `HostExperts`' layers).
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Stream(usize),
+    Host(usize),
+}
+
+/// Lowers a program's ops; each streamed MoE layer's expert ops go to `streaming.layers`, each
+/// host layer's to `host`, instead of the program. Returns the program and where it stops (before
+/// which of its ops), in order.
+fn lower_body<B: Backend>(b: &mut B, res: &Resources<B>, ops: &[Op], streaming: &mut Option<Streaming<B>>, host: &mut Option<HostExperts>) -> Result<(Vec<B::Op>, Vec<(usize, Stop)>)> {
+    let (mut body, mut stops) = (Vec::new(), Vec::new());
     for op in ops {
-        match (op, &mut *streaming) {
-            (Op::Streamed { predicts_next, ops, .. }, Some(s)) => {
+        match (op, &mut *streaming, &mut *host) {
+            (Op::Streamed { predicts_next, ops, .. }, Some(s), _) => {
                 let mut lowered = Vec::new();
                 ops.iter().try_for_each(|op| b.lower(op, res, &mut lowered))?;
+                stops.push((body.len(), Stop::Stream(s.layers.len())));
                 s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops: lowered });
             }
-            (Op::Streamed { .. }, None) => return Err(crate::Error::Invalid("a plan streams experts the runtime has no cache for".into())),
+            (Op::Streamed { .. }, None, _) => return Err(crate::Error::Invalid("a plan streams experts the runtime has no cache for".into())),
+            (Op::HostExperts { .. }, _, Some(h)) => stops.push((body.len(), Stop::Host(h.lower(op)?))),
+            (Op::HostExperts { .. }, _, None) => return Err(crate::Error::Invalid("a plan computes experts on a host the runtime does not have".into())),
             _ => b.lower(op, res, &mut body)?,
         }
     }
-    Ok(body)
+    Ok((body, stops))
 }
 
 /// Uploads one weight of the plan in the format `quant` gives it (converted on all cores).
-fn upload_weight<B: Backend>(b: &mut B, spec: &WeightSpec, quant: QuantTarget, progress: &dyn Progress) -> Result<B::Matrix> {
+pub(super) fn upload_weight<B: Backend>(b: &mut B, spec: &WeightSpec, quant: QuantTarget, progress: &dyn Progress) -> Result<B::Matrix> {
     progress.advance(spec.stack.len() as u64);
     if !spec.convert || quant == QuantTarget::Keep {
         return b.upload_matrix(&spec.stack, spec.chunked);

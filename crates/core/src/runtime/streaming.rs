@@ -35,7 +35,8 @@ pub struct StreamedLayer<B: Backend> {
 pub struct Streaming<B: Backend> {
     cache: ExpertCache,
     pools: Vec<PoolSpec>,
-    /// [MoE layer][expert]: host copies in the device's format.
+    /// [streamed MoE layer][expert]: host copies in the device's format (the layers after
+    /// those the host computes).
     host: Vec<Vec<Mlp>>,
     pub layers: Vec<StreamedLayer<B>>,
     k: usize,
@@ -59,6 +60,7 @@ impl<B: Backend> Streaming<B> {
             .weights
             .routed_layers(plan.mtp)
             .iter()
+            .skip(plan.first_layer)
             .map(|moe| {
                 progress.advance(3 * moe.experts.len() as u64);
                 moe.experts.par_iter().map(|m| m.quantized(quant)).collect()

@@ -33,6 +33,13 @@ pub struct CpuMatrix {
     pub(super) stack: Vec<Matrix>,
 }
 
+impl CpuMatrix {
+    /// Matrices in the stack (experts, or 1).
+    pub fn count(&self) -> usize {
+        self.stack.len()
+    }
+}
+
 /// One lowered op: buffer indices and the weights it reads.
 #[derive(Debug)]
 pub enum Kernel {

@@ -265,6 +265,7 @@ impl Backend for CpuBackend {
             software: true,
             kernels: KernelLimits { experts: usize::MAX, groups: usize::MAX, top_k: usize::MAX, index_dim: usize::MAX },
             group_experts: false,
+            hybrid: false,
         })
     }
 

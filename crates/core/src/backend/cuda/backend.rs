@@ -131,6 +131,7 @@ impl Backend for CudaBackend {
             software: self.device().is_emulated(),
             kernels: KERNEL_LIMITS,
             group_experts: grouping,
+            hybrid: true,
         })
     }
 
@@ -226,7 +227,7 @@ impl Backend for CudaBackend {
                     }
                 }
             }
-            Op::Streamed { .. } => unreachable!("the runtime lowers a streamed layer's ops itself"),
+            Op::Streamed { .. } | Op::HostExperts { .. } => unreachable!("the runtime lowers a streamed or host layer's ops itself"),
             Op::MoeCombine { dim, k, expert_out, weights, shared, h } => out.push(self.ops.moe_combine(dim, k, buf(expert_out), buf(weights), shared.map(buf), buf(h))?),
             Op::Argmax { vocab, logits, ids } => out.push(self.ops.argmax(vocab, buf(logits), buf(ids))?),
         }
