@@ -32,6 +32,10 @@ struct Args {
     n_cpu_moe: usize,
     #[arg(long, default_value = "auto")]
     expert_placement: dsrun::plan::budget::ExpertPlacement,
+    /// With --gpu cpu: the CPU backend stands in for the GPU of hybrid placement, so
+    /// --n-cpu-moe hands layers to a second CPU backend (the hand-over's cost, without a GPU).
+    #[arg(long)]
+    host_stops: bool,
     #[arg(short = 'p', default_value_t = 64)]
     prompt: usize,
     #[arg(short = 'n', default_value_t = 32)]
@@ -58,7 +62,12 @@ fn main() {
         cpu_moe: args.n_cpu_moe,
         placement: args.expert_placement,
     };
-    let mut engine = open_engine(args.gpu, model, args.prompt + args.n + 1, &options).unwrap();
+    let capacity = args.prompt + args.n + 1;
+    let mut engine: Box<dyn dsrun::engine::Engine> = match (args.host_stops, args.gpu) {
+        (true, GpuChoice::Cpu) => Box::new(dsrun::runtime::Runtime::with_options(dsrun::backend::cpu::CpuBackend::new().with_host_stops(), &model, capacity, &options).unwrap()),
+        (true, _) => panic!("--host-stops goes with --gpu cpu"),
+        _ => open_engine(args.gpu, model, capacity, &options).unwrap(),
+    };
     println!("{} on {}", args.model.display(), engine.device_name());
     let prompt: Vec<u32> = (0..args.prompt as u32).map(|i| (i * 7919 + 11) % vocab).collect();
 

@@ -89,6 +89,22 @@ fn cpu_and_gpu_generate_the_same_greedy_text() {
     assert!(!text(&fast.stdout).trim().is_empty());
 }
 
+/// Hybrid placement from the command line: `--cpu-moe`, `--n-cpu-moe 1` and a budget under
+/// `--expert-placement auto` give the all-GPU text, and `-v` says what the host did.
+#[test]
+fn cpu_moe_generates_the_all_gpu_text() {
+    let args = ["-n", "12", "--temperature", "0", "--prompt", "The file", "-v", "--speculative", "off", "--gpu", "vulkan"];
+    let all_gpu = dsrun(&args);
+    assert!(all_gpu.status.success(), "{}", text(&all_gpu.stderr));
+    for extra in [&["--cpu-moe"][..], &["--n-cpu-moe", "1"], &["--gpu-mem", "25%"], &["--expert-placement", "cpu"]] {
+        let hybrid = dsrun(&[&args[..], extra].concat());
+        let stderr = text(&hybrid.stderr);
+        assert!(hybrid.status.success(), "{extra:?}: {stderr}");
+        assert_eq!(text(&hybrid.stdout), text(&all_gpu.stdout), "{extra:?}");
+        assert!(stderr.contains("host experts:") && stderr.contains("GB/s of expert weights"), "{extra:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_small_gpu_budget_streams_experts_and_generates_the_same_text() {
     // Plain decoding: prefetch guesses are made in single-token steps.
@@ -119,7 +135,9 @@ fn synth_then_bench_reports_tokens_per_second() {
         assert_eq!(t["samples"].as_array().unwrap().len(), 2);
         assert!(t["tok_per_s_mean"].as_f64().unwrap() > 0.0);
     }
-    assert!(report["counters"].as_str().unwrap().contains("expert cache"), "{report}");
+    // Half the experts' room: the first MoE layer's computed on the host (hybrid placement).
+    let counters = report["counters"].as_str().unwrap();
+    assert!(counters.contains("host experts:") && counters.contains("GB/s of expert weights from host memory"), "{report}");
     let table = dsrun(&["bench", "--model", out, "-p", "4", "-n", "0", "-r", "1"]);
     let stdout = text(&table.stdout);
     assert!(table.status.success() && stdout.contains("pp4") && stdout.contains("tok/s") && !stdout.contains("tg0"), "{stdout}");

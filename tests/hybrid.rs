@@ -91,3 +91,24 @@ fn batched_hybrid_decode_matches_each_sequence_alone() {
         batched_decode_near_alone(&format!("{family} hybrid"), &mut batched, &mut alone, &mut cpu, 1e-5);
     }
 }
+
+/// The CPU backend standing in for the GPU (`with_host_stops`, how the hand-over's cost is
+/// measured without one): the same logits within 1e-3 of transformers, the host stopping at
+/// every MoE layer.
+#[test]
+fn host_stops_on_the_cpu_backend_match_transformers() {
+    use dsrun::backend::cpu::CpuBackend;
+    use dsrun::runtime::Runtime;
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let options = GpuOptions { cpu_moe: usize::MAX, ..Default::default() };
+        let mut hybrid = Runtime::with_options(CpuBackend::new().with_host_stops(), &model, g.tokens.len(), &options).unwrap();
+        assert_eq!(hybrid.host_layers(), Some(model.weights.moe_layers().len()), "{family}");
+        let got = prefill_then_decode_twice(&mut hybrid, &g.tokens);
+        assert_logits_match(&format!("{family}, CPU backend with host stops"), &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+        let plain = Runtime::with_options(CpuBackend::new(), &model, g.tokens.len(), &options).unwrap();
+        assert_eq!(plain.host_layers(), None, "{family}: a plain CPU backend computes its experts itself");
+    }
+}

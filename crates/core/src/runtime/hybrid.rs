@@ -45,17 +45,22 @@ pub struct HostCounters {
 }
 
 impl HostCounters {
-    /// One line for `--verbose`, per generated or prompt token.
+    /// One line for `--verbose`: the step per token split into the host's expert compute, its
+    /// waits on the GPU (the GPU's work up to each host layer's router, not overlapped), and the
+    /// rest (the GPU's work after the last host layer, recording, transfers); the host's rate
+    /// over the distinct experts' bytes it read.
     pub fn summary(&self, tokens: u64, step_seconds: f64) -> String {
-        let per_layer = |s: f64| 1e3 * s / self.layers.max(1) as f64;
+        let per_token = |s: f64| 1e3 * s / tokens.max(1) as f64;
+        let rest = (step_seconds - self.compute_seconds - self.wait_seconds).max(0.0);
         format!(
-            "host experts: {:.1} layers per token, {:.2} ms computing and {:.2} ms waiting for the GPU per layer ({:.1}% and {:.1}% of step time), \
-             {:.1} GB/s of expert weights from host memory, {} to and {} from the host per token",
+            "host experts: {:.1} layers per token; per token {:.2} ms = {:.2} ms computing experts on the host + {:.2} ms waiting for the GPU ({:.3} ms per layer) + {:.2} ms the rest; \
+             {:.1} GB/s of expert weights from host memory; {} to and {} from the host per token",
             self.layers as f64 / tokens.max(1) as f64,
-            per_layer(self.compute_seconds),
-            per_layer(self.wait_seconds),
-            100.0 * self.compute_seconds / step_seconds.max(1e-9),
-            100.0 * self.wait_seconds / step_seconds.max(1e-9),
+            per_token(step_seconds),
+            per_token(self.compute_seconds),
+            per_token(self.wait_seconds),
+            1e3 * self.wait_seconds / self.layers.max(1) as f64,
+            per_token(rest),
             self.expert_bytes as f64 / self.compute_seconds.max(1e-9) / 1e9,
             crate::util::human_bytes(self.bytes_in / tokens.max(1)),
             crate::util::human_bytes(self.bytes_out / tokens.max(1)),

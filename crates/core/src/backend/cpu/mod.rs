@@ -59,6 +59,8 @@ pub struct CpuBuffer(usize);
 pub struct CpuBackend {
     simd: Simd,
     math: Math,
+    /// Plans for it stop at host layers as a GPU's do ([`CpuBackend::with_host_stops`]).
+    host_stops: bool,
     buffers: Vec<Vec<u32>>,
     readback: Vec<u8>,
     work: WorkCounters,
@@ -71,6 +73,7 @@ impl Default for CpuBackend {
         CpuBackend {
             simd: Simd::detect(),
             math: Math::Exact,
+            host_stops: false,
             buffers: Vec::new(),
             readback: Vec::new(),
             work: WorkCounters::new(["ops", "steps"]),
@@ -230,6 +233,14 @@ impl CpuBackend {
         CpuBackend { math, ..self }
     }
 
+    /// The backend standing in for a GPU in hybrid placement: plans for it hand MoE layers'
+    /// routed experts to a second CPU backend on the host (`--cpu-moe`), as they would from a
+    /// GPU. The same arithmetic with the hand-over added: its cost measured without a GPU
+    /// (`cargo bench --bench decode -- --host-stops`), and the hybrid runtime tested on it.
+    pub fn with_host_stops(self) -> CpuBackend {
+        CpuBackend { host_stops: true, ..self }
+    }
+
     fn index(b: &CpuBuffer) -> usize {
         b.0
     }
@@ -265,7 +276,7 @@ impl Backend for CpuBackend {
             software: true,
             kernels: KernelLimits { experts: usize::MAX, groups: usize::MAX, top_k: usize::MAX, index_dim: usize::MAX },
             group_experts: false,
-            hybrid: false,
+            hybrid: self.host_stops,
         })
     }
 
