@@ -8,13 +8,14 @@ use std::process::{Command, Output};
 fn dsrun(args: &[&str]) -> Output {
     // Run from an empty directory so the default model is found the way a user's would be.
     let cwd = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).output().unwrap()
+    // Expert counts (hybrid placement) go to this run's own cache directory, not the user's.
+    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).env("XDG_CACHE_HOME", cwd.path()).output().unwrap()
 }
 
 /// `dsrun args` running in an empty directory, its stdin, stdout and stderr piped.
 fn spawn(args: &[&str], cwd: &std::path::Path) -> std::process::Child {
     use std::process::Stdio;
-    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd).env("XDG_CACHE_HOME", cwd).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -103,6 +104,42 @@ fn cpu_moe_generates_the_all_gpu_text() {
         assert_eq!(text(&hybrid.stdout), text(&all_gpu.stdout), "{extra:?}");
         assert!(stderr.contains("host experts:") && stderr.contains("GB/s of expert weights"), "{extra:?}: {stderr}");
     }
+}
+
+/// The router's counts under hybrid placement: written under the cache directory after a run,
+/// added to by the next, and a corrupt file ignored with a warning and rewritten.
+#[test]
+fn expert_counts_are_kept_across_runs() {
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        let args = ["-n", "6", "--temperature", "0", "--prompt", "The file", "--speculative", "off", "--gpu", "vulkan", "--gpu-mem", "30%"];
+        let out = Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cache.path()).env("XDG_CACHE_HOME", cache.path()).output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        out
+    };
+    let file = || {
+        let dir = cache.path().join("dsrun/expert-counts");
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).map(|e| e.unwrap().path()).collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files[0].clone()
+    };
+    let tokens = |path: &std::path::Path| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v["layers"].as_array().unwrap().iter().map(|l| l["tokens"].as_u64().unwrap()).sum()
+    };
+    let first = run();
+    let path = file();
+    let after_one = tokens(&path);
+    assert!(after_one > 0, "{}", std::fs::read_to_string(&path).unwrap());
+    let second = run();
+    assert_eq!(text(&second.stdout), text(&first.stdout));
+    assert_eq!(tokens(&path), 2 * after_one, "the second run's counts are added");
+    std::fs::write(&path, "{ corrupt").unwrap();
+    let third = run();
+    let stderr = text(&third.stderr);
+    assert!(stderr.contains("expert counts:") && stderr.contains("not an expert-count file"), "{stderr}");
+    assert_eq!(text(&third.stdout), text(&first.stdout));
+    assert_eq!(tokens(&path), after_one, "rewritten from this run's counts");
 }
 
 #[test]

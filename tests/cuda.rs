@@ -220,20 +220,27 @@ fn streamed_experts_give_the_all_resident_logits() {
 
 /// Hybrid placement on CUDA: routed experts of every MoE layer (`--cpu-moe`), or the first
 /// one's (`--n-cpu-moe 1`), computed by the CPU backend on the host, the rest on the device;
-/// logits within 1e-3 of transformers', as every backend's.
+/// or, under a budget for half a layer's experts, the last layer split between the device's
+/// slot pools and the host; logits within 1e-3 of transformers', as every backend's.
 #[test]
 fn hybrid_placement_matches_transformers() {
-    use dsrun::plan::budget::GpuOptions;
+    use dsrun::plan::budget::{GpuMem, GpuOptions};
     for rt_index in 0..runtimes().len() {
         for family in common::FAMILIES {
             let dir = common::fixture(family);
             let g = common::golden(&dir);
             let model = Model::load(&dir).unwrap();
-            for cpu_moe in [usize::MAX, 1] {
-                let options = GpuOptions { cpu_moe, ..Default::default() };
+            let half_a_layer = GpuMem::ExpertShare(0.5 / model.weights.moe_layers().len() as f64);
+            let placements = [
+                ("--cpu-moe", GpuOptions { cpu_moe: usize::MAX, ..Default::default() }),
+                ("--n-cpu-moe 1", GpuOptions { cpu_moe: 1, ..Default::default() }),
+                ("split", GpuOptions { gpu_mem: half_a_layer, ..Default::default() }),
+            ];
+            for (name, options) in placements {
                 let mut hybrid = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
                 assert!(hybrid.host_layers().is_some());
-                let what = format!("{}: {family}, {cpu_moe} host layer(s) asked", hybrid.device_name());
+                assert_eq!(hybrid.split_experts().is_some(), name == "split");
+                let what = format!("{}: {family}, {name}", hybrid.device_name());
                 let got = common::prefill_then_decode_twice(&mut hybrid, &g.tokens);
                 common::assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
             }

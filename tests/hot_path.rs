@@ -116,6 +116,12 @@ fn a_hybrid_decode_step_allocates_nothing() {
     let mut engine = GpuModel::with_options(ctx, &model, 64, &options).unwrap();
     assert!(engine.host_layers().is_some());
     decode_allocates_nothing(&mut engine);
+    // A layer split between the devices: the GPU's slot lists and weights written per stop.
+    let ctx = context::open(GpuChoice::Auto).unwrap();
+    let options = dsrun::plan::budget::GpuOptions { gpu_mem: dsrun::plan::budget::GpuMem::ExpertShare(0.25), ..Default::default() };
+    let mut engine = GpuModel::with_options(ctx, &model, 64, &options).unwrap();
+    assert!(engine.split_experts().is_some());
+    decode_allocates_nothing(&mut engine);
 }
 
 /// The CPU backend: nothing on the calling thread nor on its pool's workers (every kernel works

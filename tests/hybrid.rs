@@ -112,3 +112,42 @@ fn host_stops_on_the_cpu_backend_match_transformers() {
         assert_eq!(plain.host_layers(), None, "{family}: a plain CPU backend computes its experts itself");
     }
 }
+
+/// Under a budget for half of one layer's experts the default placement splits the last MoE
+/// layer between the devices (the GPU computing its listed slots from slot pools beside the
+/// shared expert, the host the rest) and puts the others on the host: logits within 1e-3 of
+/// transformers on every family; with router counts that favour a few experts, those are the
+/// ones the GPU keeps.
+#[test]
+fn a_layer_split_between_the_devices_matches_transformers() {
+    use dsrun::plan::placement::ExpertCounts;
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let moe = model.weights.moe_layers().len();
+        let experts = model.config.n_routed_experts;
+        let share = 0.5 / moe as f64;
+        let options = GpuOptions { gpu_mem: GpuMem::ExpertShare(share), ..Default::default() };
+        let mut split = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
+        let what = format!("{family}, half a layer's experts on the GPU");
+        assert_eq!(split.host_layers(), Some(moe), "{what}");
+        assert_eq!(split.split_experts(), Some(experts.div_ceil(2)), "{what}");
+        let got = prefill_then_decode_twice(&mut split, &g.tokens);
+        assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+        let counts = split.expert_counts().unwrap();
+        assert!(counts.layers.iter().all(|l| l.tokens > 0 && l.counts.iter().sum::<u64>() == l.tokens * model.config.num_experts_per_tok as u64), "{what}: {counts:?}");
+
+        // Counts that favour the first layer's last experts: the GPU holds those instead.
+        let sizes = vec![experts; moe];
+        let mut favoured = ExpertCounts::new(&sizes, None);
+        for _ in 0..4 {
+            favoured.add(0, (experts as u32 - 2..experts as u32).chain(0..model.config.num_experts_per_tok as u32 - 2));
+        }
+        let options = GpuOptions { expert_counts: Some(std::sync::Arc::new(favoured)), ..options };
+        let mut counted = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
+        assert_eq!(counted.split_experts(), Some(experts.div_ceil(2)), "{family}");
+        let got = prefill_then_decode_twice(&mut counted, &g.tokens);
+        assert_logits_match(&format!("{what}, by counts"), &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+    }
+}

@@ -320,6 +320,40 @@ fn a_budget_places_whole_layers_on_the_host_until_the_rest_fit() {
     let plan = plan::build(&model, CAPACITY, &both, &TARGET).unwrap();
     assert_eq!(plan.host.as_ref().map(|h| h.layers), Some(1));
     let s = plan.streaming.as_ref().expect("the rest streams");
-    assert_eq!(s.first_layer, 1);
+    assert_eq!(s.layers, (1..moe).collect::<Vec<_>>());
     assert_eq!(plan.memory.experts, ((moe - 1) * c.n_routed_experts) as u64);
+}
+
+/// With router counts, the GPU's room goes to the most picked experts wherever they are: a
+/// layer split between the devices lists its GPU experts in slot pools (filled at load), its
+/// stop writing the GPU's weights; streaming stays off.
+#[test]
+fn counts_put_the_most_picked_experts_on_the_gpu() {
+    use dsrun::plan::placement::{ExpertCounts, LayerPlacement};
+    let model = Model::load(&common::fixture("v3_noaux")).unwrap();
+    let c = &model.config;
+    let moe = model.weights.moe_layers().len();
+    let experts = c.n_routed_experts;
+    let mut counts = ExpertCounts::new(&vec![experts; moe], None);
+    // Layer 0's experts 1 and 3 picked most, then layer 1's 2; the rest never.
+    for _ in 0..5 {
+        counts.add(0, [1, 3].into_iter());
+    }
+    counts.add(1, [2].into_iter());
+    let all = plan::build(&model, CAPACITY, &GpuOptions::default(), &TARGET).unwrap().memory;
+    let routed_sum = (TARGET.max_chunk * (c.hidden_size + 1) * 4) as u64;
+    let budget = all.resident + routed_sum + 3 * all.expert_bytes;
+    let options = GpuOptions { gpu_mem: GpuMem::Bytes(budget), expert_counts: Some(std::sync::Arc::new(counts.clone())), ..Default::default() };
+    let plan = plan::build(&model, CAPACITY, &options, &TARGET).unwrap();
+    let host = plan.host.as_ref().expect("layers on the host");
+    let split = host.split.as_ref().expect("split layers");
+    assert_eq!(split.slots, [(0, 1), (0, 3), (1, 2)]);
+    assert_eq!(counts.place(&vec![experts; moe], c.num_experts_per_tok, 0, 3)[..2], [LayerPlacement::Split(vec![1, 3]), LayerPlacement::Split(vec![2])]);
+    assert_eq!(host.layers, moe);
+    assert_eq!(plan.memory.experts, 3);
+    assert!(plan.streaming.is_none());
+    let stops: Vec<_> = plan.body.iter().filter_map(|op| if let Op::HostExperts { gpu_weights, overlap, .. } = op { Some((gpu_weights.is_some(), *overlap)) } else { None }).collect();
+    let shared = if c.n_shared_experts > 0 { 4 } else { 0 };
+    assert_eq!(&stops[..2], [(true, 4 + shared), (true, 4 + shared)], "each split layer's GPU experts and shared expert overlap the host");
+    assert!(plan.describe().contains("split: the GPU's slots listed"));
 }

@@ -75,9 +75,10 @@ pub struct DeviceArgs {
     /// Compute the routed experts of the first N MoE layers on the CPU (as llama.cpp's --n-cpu-moe).
     #[arg(long, value_name = "N")]
     pub n_cpu_moe: Option<usize>,
-    /// Where routed experts that do not fit --gpu-mem go: auto (computed on the CPU, whole MoE
-    /// layers from the first), stream (copied into a GPU slot cache as the router asks), cpu
-    /// (every one on the CPU, as --cpu-moe).
+    /// Where routed experts that do not fit --gpu-mem go: auto (the GPU keeps those the router
+    /// picks most, counted across runs under the cache directory; the CPU computes the rest),
+    /// stream (copied into a GPU slot cache as the router asks), cpu (every one on the CPU, as
+    /// --cpu-moe).
     #[arg(long, default_value = "auto", value_parser = choice::<ExpertPlacement>())]
     pub expert_placement: ExpertPlacement,
     /// Which cached expert gives way when another must be uploaded (expert streaming).

@@ -1,4 +1,5 @@
 // h[t, d] += sum_i w[t, i] * expert_out[t * k + i, d] + shared[t, d]: the MoE output joins the residual.
+// A zero weight adds nothing, whatever its row holds (a slot the host computes, hybrid placement).
 
 struct Params {
     dim: u32,
@@ -24,7 +25,10 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     var acc = 0.0;
     for (var i = 0u; i < p.top_k; i++) {
         let s = t * p.top_k + i;
-        acc += route_weights[s] * expert_out[s * p.dim + d];
+        let w = route_weights[s];
+        if (w != 0.0) {
+            acc += w * expert_out[s * p.dim + d];
+        }
     }
     if (p.has_shared == 1u) {
         acc += shared_out[t * p.dim + d];

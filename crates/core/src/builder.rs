@@ -27,6 +27,7 @@ use crate::generation_config::GenerationDefaults;
 use crate::model::Model;
 use crate::plan::budget::GpuOptions;
 use crate::plan::layout::CacheFormat;
+use crate::plan::placement::{counts_path, ExpertCounts};
 use crate::speculative::Speculative;
 use crate::tokenizer::Tokenizer;
 use crate::util::{Choice, Progress, Silent};
@@ -191,7 +192,7 @@ impl<'p> EngineBuilder<'p> {
         // CPU, decode at depth 4096 kept 80% of depth 0's speed with f16, 76% with f32).
         let default = self.default_kv_cache.unwrap_or(if reference { CacheFormat::F32 } else { CacheFormat::F16 });
         let mtp = self.decodes && wants_mtp(self.speculative, model)?;
-        Ok(GpuOptions { kv_cache: self.kv_cache.unwrap_or(default), mtp, ..self.options })
+        Ok(GpuOptions { kv_cache: self.kv_cache.unwrap_or(default), mtp, ..self.options.clone() })
     }
 
     /// Loads the weights and opens the engine.
@@ -215,9 +216,28 @@ impl<'p> EngineBuilder<'p> {
                 model.config.max_position_embeddings
             ));
         }
+        let options = GpuOptions { expert_counts: Some(std::sync::Arc::new(self.expert_counts(&model, &mut warnings))), ..options };
         let engine = open_engine_with_progress(self.device, model, capacity, &options, self.progress)?;
         log::info!("loaded {} in {:.2} s on {}", self.dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
         Ok(Loaded { engine, warnings, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+impl EngineBuilder<'_> {
+    /// How often the router picked each expert in earlier runs on this checkpoint (hybrid
+    /// placement keeps the most picked on the GPU), from the user's cache directory; a file
+    /// that does not parse or fit is ignored with a warning, and rewritten.
+    fn expert_counts(&self, model: &Model, warnings: &mut Vec<String>) -> ExpertCounts {
+        // The MTP layer's counts too wherever the checkpoint has one, loaded now or not, so
+        // the file fits runs with and without speculative decoding.
+        let experts: Vec<usize> = model.weights.routed_layers(true).iter().map(|m| m.experts.len()).collect();
+        let Some(path) = counts_path(&self.dir) else {
+            return ExpertCounts::new(&experts, None);
+        };
+        ExpertCounts::load(&path, &experts).unwrap_or_else(|e| {
+            warnings.push(format!("expert counts: {e}"));
+            ExpertCounts::new(&experts, Some(path))
+        })
     }
 }
 

@@ -72,7 +72,7 @@ impl std::str::FromStr for GpuMem {
 }
 
 /// How a GPU engine is built: weight format, memory budget and expert-cache policy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct GpuOptions {
     pub quant: QuantTarget,
     pub gpu_mem: GpuMem,
@@ -94,14 +94,17 @@ pub struct GpuOptions {
     pub cpu_moe: usize,
     /// Where routed experts that do not fit `gpu_mem` go (`--expert-placement`).
     pub placement: ExpertPlacement,
+    /// How often the router picked each expert in earlier runs: under a budget the GPU holds
+    /// the most picked ones (hybrid placement); None: as if alike.
+    pub expert_counts: Option<std::sync::Arc<crate::plan::placement::ExpertCounts>>,
 }
 
 /// Where routed experts that do not fit the GPU budget are computed (`--expert-placement`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ExpertPlacement {
-    /// On the CPU, from host memory, whole MoE layers at a time from the first (as
-    /// `--n-cpu-moe` places them): only the layer's hidden rows, the router's choice and the
-    /// routed sum cross the link, never weights.
+    /// On the CPU, from host memory: the GPU keeps as many experts as fit, those the router
+    /// picks most (counted across runs; without counts whole layers from the last, one layer
+    /// split), and only hidden rows, the router's choice and the routed sum cross the link.
     #[default]
     Auto,
     /// Streamed through a GPU slot cache as the router asks for them.
@@ -111,7 +114,7 @@ pub enum ExpertPlacement {
 }
 
 crate::util::choices!(ExpertPlacement {
-    Auto => "auto": "what does not fit --gpu-mem runs on the CPU, whole MoE layers from the first",
+    Auto => "auto": "the GPU keeps the experts the router picks most that fit --gpu-mem, the CPU computes the rest",
     Stream => "stream": "what does not fit --gpu-mem streams through a GPU slot cache",
     Cpu => "cpu": "every routed expert runs on the CPU (as --cpu-moe)",
 });
@@ -204,6 +207,7 @@ impl Default for GpuOptions {
             math: Math::Exact,
             cpu_moe: 0,
             placement: ExpertPlacement::Auto,
+            expert_counts: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use crate::model::weights::{FeedForward, Layer, Moe, QueryProjection};
 use crate::model::Model;
 use crate::plan::budget::{ExpertPlacement, GpuMem, GpuOptions};
 use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
+use crate::plan::placement::{ExpertCounts, LayerPlacement};
 use crate::util::Choice;
 
 /// How a layer's attention reads its query.
@@ -457,8 +458,23 @@ fn memory_plan(p: &Declare, model: &Model, options: &GpuOptions, target: &Target
 /// Expert streaming through `slots` cache slots shaped like `template`: pools that each fit
 /// a binding, and the early router's buffers when prefetch is on.
 #[allow(clippy::too_many_arguments)]
-fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, slots: usize, template: Mlp, ids: BufferId, first_layer: usize) -> Result<(StreamPlan, Option<Guess>)> {
+fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, slots: usize, template: Mlp, ids: BufferId, layers: Vec<usize>) -> Result<(StreamPlan, Option<Guess>)> {
     let c = &model.config;
+    let pools = slot_pools(&template, slots, target)?;
+    let prefetch = options.prefetch.enabled(target.software) && model.weights.moe_layers().len() >= 2;
+    let guess = prefetch.then(|| Guess {
+        xn: p.activation("guess xn", c.hidden_size),
+        logits: p.activation("guess router logits", c.n_routed_experts),
+        ids: p.activation("guessed expert ids", c.num_experts_per_tok),
+        weights: p.activation("guessed expert weights", c.num_experts_per_tok),
+    });
+    let plan =
+        StreamPlan { slots, pools, eviction: options.eviction, template, ids, guess_ids: guess.as_ref().map(|g| g.ids), max_pairs: target.max_chunk * c.num_experts_per_tok, mtp: options.mtp, layers };
+    Ok((plan, guess))
+}
+
+/// `slots` expert slots shaped like `template` in pools that each fit one binding.
+fn slot_pools(template: &Mlp, slots: usize, target: &Target) -> Result<Vec<PoolSpec>> {
     let largest = template.matrices().iter().map(|m| SlotLayout::new(m).data_stride).max().unwrap_or(1).max(1);
     let per_pool = (target.binding_limit / largest).min(slots as u64) as usize;
     if per_pool == 0 {
@@ -468,26 +484,7 @@ fn stream_plan(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Ta
             crate::util::human_bytes(target.binding_limit)
         )));
     }
-    let pools = (0..slots).step_by(per_pool).map(|first| PoolSpec { first, slots: per_pool.min(slots - first) }).collect();
-    let prefetch = options.prefetch.enabled(target.software) && model.weights.moe_layers().len() >= 2;
-    let guess = prefetch.then(|| Guess {
-        xn: p.activation("guess xn", c.hidden_size),
-        logits: p.activation("guess router logits", c.n_routed_experts),
-        ids: p.activation("guessed expert ids", c.num_experts_per_tok),
-        weights: p.activation("guessed expert weights", c.num_experts_per_tok),
-    });
-    let plan = StreamPlan {
-        slots,
-        pools,
-        eviction: options.eviction,
-        template,
-        ids,
-        guess_ids: guess.as_ref().map(|g| g.ids),
-        max_pairs: target.max_chunk * c.num_experts_per_tok,
-        mtp: options.mtp,
-        first_layer,
-    };
-    Ok((plan, guess))
+    Ok((0..slots).step_by(per_pool).map(|first| PoolSpec { first, slots: per_pool.min(slots - first) }).collect())
 }
 
 /// Writes the step's ops, layer by layer.
@@ -501,8 +498,8 @@ struct Forward<'a, 'm> {
     streaming: Option<Option<&'a Guess>>,
     /// Resident experts are grouped by expert (`Target::group_experts`).
     group_experts: bool,
-    /// MoE layers before this one compute their routed experts on the host.
-    host_layers: usize,
+    /// Where each MoE layer's routed experts are computed (all on the GPU where empty).
+    placement: &'a [LayerPlacement],
     host: Option<HostBuffers>,
 }
 
@@ -511,6 +508,9 @@ struct Forward<'a, 'm> {
 struct HostBuffers {
     routed: BufferId,
     ones: BufferId,
+    /// The router's weights of the GPU's slots only (the host's zeroed), for layers split
+    /// between the devices.
+    gpu_weights: Option<BufferId>,
 }
 
 impl<'m> Forward<'_, 'm> {
@@ -580,18 +580,29 @@ impl<'m> Forward<'_, 'm> {
                 matmul(ExpertMatrix::Down, down, gate_out, mb.expert_out),
             ]
         };
-        if moe < self.host_layers {
+        let split = match self.placement.get(moe) {
+            Some(LayerPlacement::Host) => Some(false),
+            Some(LayerPlacement::Split(_)) => Some(true),
+            _ => None,
+        };
+        if let Some(split) = split {
             let hb = self.host.as_ref().expect("host buffers exist where layers run on the host");
             let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| ExpertWeights::Stack(p.host_weight(weights.experts.iter().map(f).collect()));
             let stacks = [stack(|m| &m.gate), stack(|m| &m.up), stack(|m| &m.down)];
             let mut host_ops = experts(stacks, false);
             host_ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: mb.weights, shared: None, h: hb.routed });
-            let mut shared_ops = Vec::new();
+            // The GPU's part while the host computes: a split layer's GPU experts (over slot
+            // pools, the slots the host lists), then the shared expert.
+            let gpu_weights = hb.gpu_weights.filter(|_| split);
+            let mut gpu_ops = if split { experts([ExpertWeights::Pools; 3], false) } else { Vec::new() };
             if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
-                mlp(&mut shared_ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
+                mlp(&mut gpu_ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
             }
-            ops.push(Op::HostExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, routed: hb.routed, overlap: shared_ops.len(), ops: host_ops });
-            ops.extend(shared_ops);
+            ops.push(Op::HostExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, routed: hb.routed, gpu_weights, overlap: gpu_ops.len(), ops: host_ops });
+            ops.extend(gpu_ops);
+            if let Some(w) = gpu_weights {
+                ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: w, shared: None, h: a.h });
+            }
             // The routed sum as one "expert" of weight 1: the same combine kernel on every backend.
             ops.push(Op::MoeCombine { dim: c.hidden_size, k: 1, expert_out: hb.routed, weights: hb.ones, shared: shared.and(mb.shared_out), h: a.h });
             return;
@@ -608,7 +619,9 @@ impl<'m> Forward<'_, 'm> {
             Some(guess) => {
                 // The next MoE layer's router on this layer's hidden state (its last token): a
                 // guess at the experts it will want, uploaded early.
-                let predicts_next = match (guess, self.ids.next_moe(moe)) {
+                // Only where the next MoE layer streams too (not the host's).
+                let next_streams = self.placement.get(moe + 1).is_none_or(|p| *p == LayerPlacement::Gpu);
+                let predicts_next = match (guess, self.ids.next_moe(moe).filter(|_| next_streams)) {
                     (Some(g), Some((norm, router, bias))) => {
                         ops.push(self.norm(norm, g.xn, Rows::Last));
                         ops.push(Op::Matmul { w: router, x: g.xn, y: g.logits, rows: Rows::Last, accumulate: false });
@@ -670,8 +683,15 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         GpuMem::ExpertShare(_) if target.hybrid && options.placement != ExpertPlacement::Stream => budget + host_bytes,
         _ => budget,
     };
-    let (host_layers, memory) = place_experts(memory, budget, &per_layer, host_bytes, options, target)?;
-    let host = (host_layers > 0).then(|| HostBuffers { routed: p.activation("host routed sum", target.max_chunk * c.hidden_size), ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])) });
+    let placement = place_experts(memory, budget, &per_layer, host_bytes, options, target, c.num_experts_per_tok)?;
+    let memory = placement.memory;
+    let host_layers = placement.layers.iter().filter(|l| **l != LayerPlacement::Gpu).count();
+    let split: Vec<(usize, u32)> = placement.layers.iter().enumerate().flat_map(|(l, p)| if let LayerPlacement::Split(gpu) = p { gpu.iter().map(|&e| (l, e)).collect() } else { Vec::new() }).collect();
+    let host = (host_layers > 0).then(|| HostBuffers {
+        routed: p.activation("host routed sum", target.max_chunk * c.hidden_size),
+        ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])),
+        gpu_weights: (!split.is_empty()).then(|| p.activation("gpu expert weights", target.max_chunk * c.num_experts_per_tok)),
+    });
     // Every expert fits the budget, but a layer's stack of them may not fit one binding: then
     // they go through the slot cache, one slot per expert (pools split at the binding limit).
     let stacked = template.as_ref().map_or(0, |t| t.matrices().iter().map(|m| m.data.as_slice().len() as u64).max().unwrap_or(0) * c.n_routed_experts as u64);
@@ -679,8 +699,11 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         None if stacked > target.stack_limit => Some(memory.experts as usize),
         slots => slots,
     };
-    let streaming = match (slots, template, &a.moe) {
-        (Some(slots), Some(template), Some(mb)) if host_layers < per_layer.len() => Some(stream_plan(&mut p, model, options, target, slots, template, mb.ids, host_layers)?),
+    let streaming = match (slots, &template, &a.moe) {
+        (Some(slots), Some(template), Some(mb)) if host_layers < per_layer.len() && split.is_empty() => {
+            let streamed = placement.layers.iter().enumerate().filter(|(_, p)| **p == LayerPlacement::Gpu).map(|(l, _)| l).collect();
+            Some(stream_plan(&mut p, model, options, target, slots, template.clone(), mb.ids, streamed)?)
+        }
         _ => None,
     };
 
@@ -692,7 +715,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         router: RouterParams::from_config(c),
         streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
         group_experts: target.group_experts,
-        host_layers,
+        placement: &placement.layers,
         host,
     };
     let body = forward.body(&mut p);
@@ -711,8 +734,20 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         let a = &forward.a;
         let mb = a.moe.as_ref().expect("MoE buffers exist where layers run on the host");
         let hb = forward.host.as_ref().expect("declared with the host layers");
-        HostPlan { layers: host_layers, weights: std::mem::take(&mut p.host_weights), buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, hb.routed], math: options.math }
+        let pools = match (&template, split.is_empty()) {
+            (Some(t), false) => Some((slot_pools(t, split.len(), target)?, t.clone())),
+            _ => None,
+        };
+        Ok::<_, Error>(HostPlan {
+            layers: host_layers,
+            weights: std::mem::take(&mut p.host_weights),
+            buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, hb.routed],
+            math: options.math,
+            split: pools.map(|(pools, template)| SplitPlan { pools, template, slots: split.clone(), max_pairs: target.max_chunk * c.num_experts_per_tok }),
+            counts: options.expert_counts.clone(),
+        })
     });
+    let host = host.transpose()?;
     Ok(Plan {
         capacity,
         sequences,
@@ -736,29 +771,58 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     })
 }
 
-/// How many MoE layers, from the first, compute their routed experts on the host, and the
-/// memory plan of what the GPU then holds: the layers `--cpu-moe` / `--n-cpu-moe` force there,
-/// then under `ExpertPlacement::Auto` as many more as it takes for the rest to fit `budget`
-/// (`host_bytes`: the GPU's buffers for the host's routed sums, once any layer runs there).
-/// Only where the target is a GPU beside the host.
-fn place_experts(memory: MemoryPlan, budget: u64, per_layer: &[u64], host_bytes: u64, options: &GpuOptions, target: &Target) -> Result<(usize, MemoryPlan)> {
-    if !target.hybrid || per_layer.is_empty() {
-        return Ok((0, memory));
+/// Where each MoE layer's routed experts are computed, and the memory plan of what the GPU
+/// then holds.
+struct Placement {
+    layers: Vec<LayerPlacement>,
+    memory: MemoryPlan,
+}
+
+/// Places each MoE layer's routed experts: the layers `--cpu-moe` / `--n-cpu-moe` force onto the
+/// host there; under `ExpertPlacement::Auto`, when the rest do not fit `budget`, the GPU keeps
+/// as many experts as fit, the most often picked (`options.expert_counts`; without counts whole
+/// layers from the last, one layer split), and the host computes the others (`host_bytes`: the
+/// GPU's buffers for the host's routed sums, once any layer runs there). Only where the target
+/// is a GPU beside the host.
+#[allow(clippy::too_many_arguments)]
+fn place_experts(memory: MemoryPlan, budget: u64, per_layer: &[u64], host_bytes: u64, options: &GpuOptions, target: &Target, k: usize) -> Result<Placement> {
+    let n = per_layer.len();
+    if !target.hybrid || n == 0 {
+        return Ok(Placement { layers: vec![LayerPlacement::Gpu; n], memory });
     }
-    let on_gpu = |host: usize| MemoryPlan { experts: per_layer[host..].iter().sum(), resident: memory.resident + if host > 0 { host_bytes } else { 0 }, ..memory };
-    let mut host = options.forced_cpu_layers(per_layer.len());
-    if options.placement == ExpertPlacement::Auto {
-        while host < per_layer.len() && on_gpu(host).all_resident() > budget {
-            host += 1;
-        }
-        let resident = on_gpu(host).resident;
+    let forced = options.forced_cpu_layers(n);
+    let mut layers: Vec<LayerPlacement> = (0..n).map(|l| if l < forced { LayerPlacement::Host } else { LayerPlacement::Gpu }).collect();
+    let on_gpu = |layers: &[LayerPlacement]| {
+        let experts = layers.iter().zip(per_layer).map(|(p, &e)| match p {
+            LayerPlacement::Gpu => e,
+            LayerPlacement::Host => 0,
+            LayerPlacement::Split(gpu) => gpu.len() as u64,
+        });
+        let host = layers.iter().any(|p| *p != LayerPlacement::Gpu);
+        MemoryPlan { experts: experts.sum(), resident: memory.resident + if host { host_bytes } else { 0 }, ..memory }
+    };
+    if options.placement == ExpertPlacement::Auto && on_gpu(&layers).all_resident() > budget {
+        let resident = memory.resident + host_bytes;
         if budget < resident {
             return Err(Error::Invalid(format!(
-                "--gpu-mem {} ({budget} bytes) is below what stays on the GPU with every routed expert on the CPU: {} ({resident} bytes:                  weights other than routed experts, latent KV cache, activations); raise --gpu-mem, lower --ctx, or use a smaller --quant",
+                "--gpu-mem {} ({budget} bytes) is below what stays on the GPU with every routed expert on the CPU: {} ({resident} bytes: \
+                 weights other than routed experts, latent KV cache, activations); raise --gpu-mem, lower --ctx, or use a smaller --quant",
                 crate::util::human_bytes(budget),
                 crate::util::human_bytes(resident),
             )));
         }
+        let slots = ((budget - resident) / memory.expert_bytes.max(1)) as usize;
+        let experts: Vec<usize> = per_layer.iter().map(|&e| e as usize).collect();
+        let uniform;
+        let counts = match &options.expert_counts {
+            Some(c) => &**c,
+            None => {
+                uniform = ExpertCounts::new(&experts, None);
+                &uniform
+            }
+        };
+        layers = counts.place(&experts, k, forced, slots);
     }
-    Ok((host, on_gpu(host)))
+    let memory = on_gpu(&layers);
+    Ok(Placement { layers, memory })
 }

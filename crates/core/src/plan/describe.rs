@@ -73,10 +73,11 @@ impl Plan<'_> {
                     inner.join("\n                      ")
                 )
             }
-            Op::HostExperts { layer, x, ids, weights, routed, overlap, ops } => {
+            Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, overlap, ops } => {
                 let inner: Vec<String> = ops.iter().map(|op| self.describe_host_op(op)).collect();
+                let split = gpu_weights.map_or(String::new(), |w| format!(", split: the GPU's slots listed, their weights in {}", self.b(w)));
                 format!(
-                    "on the host (MoE layer {layer}: {}, {}, {} to the host; {} back; the next {overlap} op(s) run on the GPU meanwhile):\n                      {}",
+                    "on the host (MoE layer {layer}: {}, {}, {} to the host; {} back{split}; the next {overlap} op(s) run on the GPU meanwhile):\n                      {}",
                     self.b(*x),
                     self.b(*ids),
                     self.b(*weights),

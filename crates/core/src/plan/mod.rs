@@ -14,9 +14,10 @@ mod build;
 mod describe;
 pub mod layout;
 pub mod ops;
+pub mod placement;
 
 pub use build::{attention, build, AttentionBuffers, AttentionWeights, IndexerBuffers, IndexerWeights, QueryWeights};
-pub use ops::{ExpertMatrix, ExpertWeights, IndexerShape, MlaShape, Op, Rows};
+pub use ops::{ExpertMatrix, ExpertWeights, IndexerShape, MlaShape, Op, Rows, NOT_HERE};
 
 use crate::model::weights::{Matrix, Mlp};
 use crate::quant::QuantTarget;
@@ -139,8 +140,8 @@ pub struct StreamPlan {
     pub max_pairs: usize,
     /// The MTP layer's routed experts stream too, as the MoE layer after the main model's.
     pub mtp: bool,
-    /// MoE layers before this one run on the host, not streamed (`HostPlan::layers`).
-    pub first_layer: usize,
+    /// The MoE layers streamed, ascending (the others run on the host, `HostPlan`).
+    pub layers: Vec<usize>,
 }
 
 /// Routed experts computed on the host's CPU (hybrid placement): the first `layers` MoE
@@ -154,6 +155,23 @@ pub struct HostPlan<'m> {
     pub buffers: Vec<BufferId>,
     /// How the host's matmuls multiply (`--math`).
     pub math: budget::Math,
+    /// The GPU's experts of layers split between the devices, where any are.
+    pub split: Option<SplitPlan>,
+    /// Earlier runs' router counts, which this run's are added to and written back.
+    pub counts: Option<std::sync::Arc<placement::ExpertCounts>>,
+}
+
+/// The GPU's experts of MoE layers split between the GPU and the host: resident in slot pools
+/// (as expert streaming's, but filled once at load), each stop listing the slots the GPU computes.
+#[derive(Debug, Clone)]
+pub struct SplitPlan {
+    pub pools: Vec<PoolSpec>,
+    /// One expert in the device format: the shape of every slot.
+    pub template: Mlp,
+    /// Global slot i holds expert `slots[i].1` of MoE layer `slots[i].0`.
+    pub slots: Vec<(usize, u32)>,
+    /// Step slots one stop can list: tokens per step x experts per token.
+    pub max_pairs: usize,
 }
 
 /// The MTP layer's step (`weights::Mtp`, speculative decoding), run after a main step that kept

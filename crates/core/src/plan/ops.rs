@@ -41,6 +41,10 @@ impl IndexerShape {
     }
 }
 
+/// An expert id the CPU backend's `ExpertMatmul` skips: the slot's expert is computed on the
+/// GPU (a hybrid layer split between the devices).
+pub const NOT_HERE: u32 = u32::MAX;
+
 /// Which of a MoE layer's expert matrices an `ExpertMatmul` multiplies by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExpertMatrix {
@@ -115,7 +119,9 @@ pub enum Op {
     GroupExperts { k: usize, experts: usize, rows: [usize; 2], ids: BufferId },
     /// For each of the step's slots s (k per token): `y[s] = E · x[s / x_div]`, E the `matrix`
     /// of expert `ids[s]` (a SwiGLU MLP's gate, up or down). `grouped`: through the last
-    /// `GroupExperts`' tiles (each slot's sums in the same order either way).
+    /// `GroupExperts`' tiles (each slot's sums in the same order either way). On the host of
+    /// hybrid placement (the CPU backend) a slot whose id is [`NOT_HERE`] is another device's:
+    /// its row is zeros.
     ExpertMatmul { matrix: ExpertMatrix, weights: ExpertWeights, k: usize, x: BufferId, y: BufferId, ids: BufferId, grouped: bool },
     /// Routed experts in the expert cache (`--gpu-mem`): the step stops here, the router's
     /// choice comes back to the host, missing experts are uploaded, and `ops` (expert matmuls
@@ -141,10 +147,14 @@ pub enum Op {
         ids: BufferId,
         weights: BufferId,
         routed: BufferId,
+        /// A layer split between the devices: the router's weights with the host's slots
+        /// zeroed, which the GPU's combine of its own slots reads (the host writes it).
+        gpu_weights: Option<BufferId>,
         overlap: usize,
         ops: Vec<Op>,
     },
-    /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`.
+    /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`; a zero weight adds
+    /// nothing whatever its row holds (a slot another device computes, hybrid placement).
     MoeCombine { dim: usize, k: usize, expert_out: BufferId, weights: BufferId, shared: Option<BufferId>, h: BufferId },
     /// `ids[r] = argmax(logits[r])` (ties to the lower index) over the rows the head computed.
     Argmax { vocab: usize, logits: BufferId, ids: BufferId },

@@ -7,21 +7,34 @@
 //! GPU, the host computes the routed experts (grouped by expert when the step has several
 //! tokens) and their weighted sum, and the sum is written back before the combine. Weights
 //! never cross the link, and the step waits on the GPU once per such layer.
+//!
+//! A layer split between the devices keeps its GPU experts in slot pools filled at load: at
+//! its stop the host lists the slots whose expert the GPU holds (and their weights, the
+//! host's zeroed) for the GPU to compute beside the shared expert, and computes the others.
+//! Every stop counts the router's picks; the counts are added to earlier runs' and written
+//! back when the engine is dropped, so the next load keeps the most picked on the GPU.
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Resources};
 use crate::error::{Error, Result};
-use crate::plan::{BufferId, HostPlan, Op, Plan};
+use crate::model::Model;
+use crate::plan::placement::ExpertCounts;
+use crate::plan::{BufferId, HostPlan, Op, Plan, PoolSpec, NOT_HERE};
 use crate::util::Progress;
 use std::time::Instant;
 
 /// One MoE layer computed on the host.
 struct HostLayer {
+    /// Its index among MoE layers (for the counts and the split's slots).
+    moe: usize,
     x: BufferId,
     ids: BufferId,
     weights: BufferId,
     routed: BufferId,
-    /// Ops after the stop the GPU runs while the host computes (the shared expert).
+    /// A split layer: the GPU's copy of the weights with the host's slots zeroed.
+    gpu_weights: Option<BufferId>,
+    /// Ops after the stop the GPU runs while the host computes (a split layer's GPU experts,
+    /// the shared expert).
     overlap: usize,
     kernels: Vec<<CpuBackend as Backend>::Op>,
     experts: usize,
@@ -69,7 +82,8 @@ impl HostCounters {
 }
 
 /// The host's side: its CPU backend, its copies of the buffers its ops use, its expert stacks
-/// and each host layer's lowered ops (main model's first, then the MTP layer's).
+/// and each host layer's lowered ops (main model's first, then the MTP layer's); the GPU's
+/// slot pools of split layers; the router's counts.
 pub struct HostExperts {
     cpu: CpuBackend,
     res: Resources<CpuBackend>,
@@ -80,12 +94,29 @@ pub struct HostExperts {
     zeros: Vec<u8>,
     /// Experts already counted in the current layer (a bit each).
     seen: Vec<u64>,
+    /// [MoE layer][expert]: (pool, slot in it) where the GPU holds the expert.
+    gpu_slots: Vec<Vec<Option<(u32, u32)>>>,
+    /// The split pools' first index in the GPU's `Resources::pools`, and their count.
+    first_pool: usize,
+    /// Per step, reused: the router's choice, what the host computes (`NOT_HERE` for the
+    /// GPU's slots, whose weights are zeroed), the GPU's weights, each pool's slot list.
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    host_ids: Vec<u32>,
+    host_weights: Vec<f32>,
+    gpu_weights: Vec<f32>,
+    lists: Vec<Vec<u32>>,
+    /// This run's picks, and earlier runs' (with where they are kept).
+    counts: ExpertCounts,
+    earlier: Option<std::sync::Arc<ExpertCounts>>,
     pub counters: HostCounters,
 }
 
 impl HostExperts {
-    /// The host's buffers (only those its ops use take room) and expert stacks for `plan`.
-    pub fn new(plan: &Plan, host: &HostPlan, config: &crate::config::ModelConfig, progress: &dyn Progress) -> Result<HostExperts> {
+    /// The host's buffers (only those its ops use take room) and expert stacks for `plan`;
+    /// the GPU's pools for split layers, filled (added to `gpu.pools`).
+    pub fn new<B: Backend>(b: &mut B, gpu: &mut Resources<B>, model: &Model, plan: &Plan, host: &HostPlan, progress: &dyn Progress) -> Result<HostExperts> {
+        let config = &model.config;
         let mut cpu = CpuBackend::new().with_math(host.math);
         let mut res = Resources::default();
         for (i, spec) in plan.buffers.iter().enumerate() {
@@ -95,6 +126,26 @@ impl HostExperts {
         for spec in &host.weights {
             res.weights.push(super::upload_weight(&mut cpu, spec, plan.quant, progress)?);
         }
+        let routed = model.weights.routed_layers(plan.mtp.is_some());
+        let experts: Vec<usize> = routed.iter().map(|m| m.experts.len()).collect();
+        let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = experts.iter().map(|&e| vec![None; e]).collect();
+        let first_pool = gpu.pools.len();
+        let mut pools: &[PoolSpec] = &[];
+        if let Some(split) = &host.split {
+            pools = &split.pools;
+            for pool in pools {
+                gpu.pools.push(b.pool(&split.template, pool.slots, split.max_pairs)?);
+            }
+            b.uploads_begin()?;
+            for (slot, &(layer, expert)) in split.slots.iter().enumerate() {
+                let p = pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("a slot within a pool");
+                let local = slot - pools[p].first;
+                b.write_expert(&gpu.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
+                gpu_slots[layer][expert as usize] = Some((p as u32, local as u32));
+            }
+            b.uploads_done()?;
+        }
+        let pairs = plan.max_chunk * config.num_experts_per_tok;
         Ok(HostExperts {
             cpu,
             res,
@@ -103,13 +154,23 @@ impl HostExperts {
             k: config.num_experts_per_tok,
             zeros: vec![0; plan.max_chunk * config.hidden_size * 4],
             seen: vec![0; config.n_routed_experts.div_ceil(64)],
+            gpu_slots,
+            first_pool,
+            ids: Vec::with_capacity(pairs),
+            weights: Vec::with_capacity(pairs),
+            host_ids: Vec::with_capacity(pairs),
+            host_weights: Vec::with_capacity(pairs),
+            gpu_weights: Vec::with_capacity(pairs),
+            lists: pools.iter().map(|_| Vec::with_capacity(2 * pairs)).collect(),
+            counts: ExpertCounts::new(&experts, None),
+            earlier: host.counts.clone(),
             counters: HostCounters::default(),
         })
     }
 
     /// Lowers a `HostExperts` op on the host; returns its index among the host's layers.
     pub fn lower(&mut self, op: &Op) -> Result<usize> {
-        let Op::HostExperts { x, ids, weights, routed, overlap, ops, .. } = op else {
+        let Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, overlap, ops } = op else {
             return Err(Error::Invalid(format!("the host computes routed experts, not `{}`", op.name())));
         };
         let mut kernels = Vec::new();
@@ -118,14 +179,15 @@ impl HostExperts {
         let stacks: Vec<_> = ops.iter().filter_map(|op| if let Op::ExpertMatmul { weights: crate::plan::ExpertWeights::Stack(w), .. } = op { Some(self.res.weight(*w)) } else { None }).collect();
         let experts = stacks.first().map_or(0, |s| s.count());
         let expert_bytes = stacks.iter().map(|s| CpuBackend::matrix_bytes(s) / s.count().max(1) as u64).sum();
-        self.layers.push(HostLayer { x: *x, ids: *ids, weights: *weights, routed: *routed, overlap: *overlap, kernels, experts, expert_bytes });
+        self.layers.push(HostLayer { moe: *layer, x: *x, ids: *ids, weights: *weights, routed: *routed, gpu_weights: *gpu_weights, overlap: *overlap, kernels, experts, expert_bytes });
         Ok(self.layers.len() - 1)
     }
 
     /// Host layer `layer`'s stop in a step of `n` tokens, after the GPU's work up to its
-    /// router was recorded: brings the layer's inputs to the host, sends `after`'s first
-    /// `overlap` ops (the shared expert) to the GPU, computes the routed sum and writes it
-    /// back. Returns how many of `after`'s ops it recorded.
+    /// router was recorded: brings the layer's inputs to the host, lists a split layer's GPU
+    /// slots, sends `after`'s first `overlap` ops (those and the shared expert) to the GPU,
+    /// computes the host's experts' weighted sum and writes it back. Returns how many of
+    /// `after`'s ops it recorded.
     pub fn run<B: Backend>(&mut self, b: &mut B, res: &Resources<B>, layer: usize, after: &[B::Op], n: u32) -> Result<usize> {
         let l = &self.layers[layer];
         let (rows, choices) = (n as usize * self.hidden * 4, n as usize * self.k * 4);
@@ -134,22 +196,56 @@ impl HostExperts {
         self.counters.wait_seconds += waited.elapsed().as_secs_f64();
         let (x, rest) = bytes.split_at(rows);
         let (ids, weights) = rest.split_at(choices);
-        self.seen.iter_mut().for_each(|w| *w = 0);
-        let mut distinct = 0;
-        for id in ids.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize) {
-            if id >= l.experts {
-                return Err(Error::Invalid(format!("{}: the router chose expert {id} of {} (non-finite activations?)", b.describe(), l.experts)));
-            }
-            let (word, bit) = (id / 64, 1u64 << (id % 64));
-            distinct += u64::from(self.seen[word] & bit == 0);
-            self.seen[word] |= bit;
-        }
+        let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+        self.ids.clear();
+        self.ids.extend(ids.chunks_exact(4).map(|b| u32::from_le_bytes(word(b))));
+        self.weights.clear();
+        self.weights.extend(weights.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
         let buf = |id: BufferId| &self.res.buffers[id.0];
         self.cpu.write(buf(l.x), x)?;
-        self.cpu.write(buf(l.ids), ids)?;
-        self.cpu.write(buf(l.weights), weights)?;
+        if let Some(bad) = self.ids.iter().find(|&&e| e as usize >= l.experts) {
+            return Err(Error::Invalid(format!("{}: the router chose expert {bad} of {} (non-finite activations?)", b.describe(), l.experts)));
+        }
+        for picks in self.ids.chunks_exact(self.k) {
+            self.counts.add(l.moe, picks.iter().copied());
+        }
+
+        // Which device computes each slot; the host's distinct experts (the bytes it reads).
+        let gpu_slots = &self.gpu_slots[l.moe];
+        self.host_ids.clear();
+        self.host_weights.clear();
+        self.gpu_weights.clear();
+        self.lists.iter_mut().for_each(Vec::clear);
+        self.seen.iter_mut().for_each(|w| *w = 0);
+        let mut distinct = 0;
+        for (s, (&e, &w)) in self.ids.iter().zip(&self.weights).enumerate() {
+            match gpu_slots[e as usize].filter(|_| l.gpu_weights.is_some()) {
+                Some((pool, local)) => {
+                    self.lists[pool as usize].extend([s as u32, local]);
+                    self.host_ids.push(NOT_HERE);
+                    self.host_weights.push(0.0);
+                    self.gpu_weights.push(w);
+                }
+                None => {
+                    let (word, bit) = (e as usize / 64, 1u64 << (e % 64));
+                    distinct += u64::from(self.seen[word] & bit == 0);
+                    self.seen[word] |= bit;
+                    self.host_ids.push(e);
+                    self.host_weights.push(w);
+                    self.gpu_weights.push(0.0);
+                }
+            }
+        }
+        self.cpu.write(buf(l.ids), bytemuck::cast_slice(&self.host_ids))?;
+        self.cpu.write(buf(l.weights), bytemuck::cast_slice(&self.host_weights))?;
         self.cpu.write(buf(l.routed), &self.zeros[..rows])?;
-        // The GPU computes the shared expert while the host computes the routed ones.
+        if let Some(gpu_weights) = l.gpu_weights {
+            b.write(res.buf(gpu_weights), bytemuck::cast_slice(&self.gpu_weights))?;
+            for (p, list) in self.lists.iter().enumerate() {
+                b.write_slot_list(&res.pools[self.first_pool + p], list)?;
+            }
+        }
+        // The GPU computes its slots and the shared expert while the host computes its own.
         b.record(&after[..l.overlap], n)?;
         b.flush()?;
         let started = Instant::now();
@@ -161,8 +257,13 @@ impl HostExperts {
         c.layers += 1;
         c.expert_bytes += distinct * l.expert_bytes;
         c.bytes_in += (rows + 2 * choices) as u64;
-        c.bytes_out += rows as u64;
+        c.bytes_out += (rows + if l.gpu_weights.is_some() { choices } else { 0 }) as u64;
         Ok(l.overlap)
+    }
+
+    /// Experts the GPU computes in layers split between the devices.
+    pub fn split_experts(&self) -> usize {
+        self.gpu_slots.iter().flatten().filter(|s| s.is_some()).count()
     }
 
     /// Layers the host computes.
@@ -173,5 +274,26 @@ impl HostExperts {
     /// The host's backend, for stats lines.
     pub fn describe(&self) -> String {
         self.cpu.describe()
+    }
+
+    /// This run's router counts added to earlier runs', as written back at the end.
+    pub fn counts(&self) -> ExpertCounts {
+        let mut all = self.earlier.as_deref().cloned().unwrap_or_else(|| self.counts.clone());
+        if self.earlier.is_some() {
+            all.merge(&self.counts);
+        }
+        all
+    }
+}
+
+impl Drop for HostExperts {
+    /// Writes the router's counts back where they were read from (a warning if it cannot).
+    fn drop(&mut self) {
+        if self.earlier.as_ref().is_none_or(|e| e.path.is_none()) || self.counts.layers.iter().all(|l| l.tokens == 0) {
+            return;
+        }
+        if let Err(e) = self.counts().save() {
+            log::warn!("expert counts not kept: {e}");
+        }
     }
 }

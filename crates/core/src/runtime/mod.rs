@@ -197,6 +197,16 @@ impl<B: Backend> Runtime<B> {
         self.host.as_ref().map(|h| h.layers())
     }
 
+    /// Experts the GPU holds of MoE layers split between it and the host, if any.
+    pub fn split_experts(&self) -> Option<usize> {
+        self.host.as_ref().map(|h| h.split_experts()).filter(|&n| n > 0)
+    }
+
+    /// The router's counts so far (earlier runs' and this one's), where the host sees them.
+    pub fn expert_counts(&self) -> Option<crate::plan::placement::ExpertCounts> {
+        self.host.as_ref().map(|h| h.counts())
+    }
+
     pub fn host_counters(&self) -> Option<HostCounters> {
         self.host.as_ref().map(|h| h.counters)
     }
@@ -626,7 +636,7 @@ impl<B: Backend> Loaded<B> {
             None => None,
         };
         let mut host = match &plan.host {
-            Some(h) => Some(HostExperts::new(plan, h, &model.config, progress)?),
+            Some(h) => Some(HostExperts::new(b, &mut res, model, plan, h, progress)?),
             None => None,
         };
         progress.finish();

@@ -60,8 +60,9 @@ impl<B: Backend> Streaming<B> {
             .weights
             .routed_layers(plan.mtp)
             .iter()
-            .skip(plan.first_layer)
-            .map(|moe| {
+            .enumerate()
+            .filter(|(l, _)| plan.layers.contains(l))
+            .map(|(_, moe)| {
                 progress.advance(3 * moe.experts.len() as u64);
                 moe.experts.par_iter().map(|m| m.quantized(quant)).collect()
             })

@@ -228,7 +228,9 @@ impl Kernel {
                 let (eo, wt, h) = (f32s(&b[*expert_out]), f32s(&b[*weights]), f32s_mut(out));
                 for t in 0..n {
                     let ht = &mut h[t * dim..(t + 1) * dim];
-                    for i in 0..*k {
+                    // A zero weight adds nothing, whatever its row holds (a slot another
+                    // device computes, hybrid placement).
+                    for i in (0..*k).filter(|i| wt[t * k + i] != 0.0) {
                         math::axpy(wt[t * k + i], &eo[(t * k + i) * dim..][..*dim], ht);
                     }
                     if let Some(s) = shared {
@@ -348,14 +350,18 @@ fn expert_rows(simd: Simd, math: Math, w: &CpuMatrix, x: &[f32], x_div: usize, i
         // Every expert of the stack shares a format and shape: one layout serves them all.
         let mut layouts = with_scratch(|s| std::mem::take(&mut s.layouts));
         let input = layouts.prepare(&x[..cols], &w.stack[0], math);
-        for_each_chunk(out, rows, |s, y| {
-            with_scratch(|scratch| matmul::rows_at(simd, &w.stack[ids[s] as usize], 0, input, y, sized(&mut scratch.row, cols)));
+        for_each_chunk(out, rows, |s, y| match w.stack.get(ids[s] as usize) {
+            Some(m) => with_scratch(|scratch| matmul::rows_at(simd, m, 0, input, y, sized(&mut scratch.row, cols))),
+            None => y.fill(0.0),
         });
         with_scratch(|s| s.layouts = layouts);
         return;
     }
     for_each_chunk(out, rows, |s, y| {
-        let (xs, m) = (&x[(s / x_div) * cols..][..cols], &w.stack[ids[s] as usize]);
+        let Some(m) = w.stack.get(ids[s] as usize) else {
+            return y.fill(0.0);
+        };
+        let xs = &x[(s / x_div) * cols..][..cols];
         with_scratch(|scratch| {
             let row = sized(&mut scratch.row, cols);
             matmul::rows_at(simd, m, 0, scratch.layouts.prepare(xs, m, math), y, row)
@@ -372,15 +378,19 @@ fn expert_blocks(simd: Simd, math: Math, w: &CpuMatrix, x: &[f32], x_div: usize,
     // starts[e]..starts[e + 1]: expert e's slots in `order`.
     starts.clear();
     starts.resize(experts + 1, 0);
-    for &e in ids {
-        starts[e as usize + 1] += 1;
+    // A slot another device computes (`NOT_HERE`) is in no expert's group: its row is zeros.
+    for (s, &e) in ids.iter().enumerate() {
+        match starts.get_mut(e as usize + 1) {
+            Some(count) => *count += 1,
+            None => out[s * rows..(s + 1) * rows].fill(0.0),
+        }
     }
     for e in 0..experts {
         starts[e + 1] += starts[e];
     }
     order.clear();
-    order.resize(ids.len(), 0);
-    for (s, &e) in ids.iter().enumerate() {
+    order.resize(starts[experts] as usize, 0);
+    for (s, &e) in ids.iter().enumerate().filter(|&(_, &e)| (e as usize) < experts) {
         order[starts[e as usize] as usize] = s as u32;
         starts[e as usize] += 1;
     }

@@ -188,11 +188,13 @@ impl Backend for WgpuBackend {
     }
 
     fn write_expert(&mut self, pool: &SlotPool, slot: usize, expert: &Mlp) -> Result<u64> {
-        Ok(pool.write(&self.ctx().queue, slot, expert))
+        let queue = &self.ctx().queue;
+        Ok(driver(|| pool.write(queue, slot, expert)))
     }
 
     fn write_slot_list(&mut self, pool: &SlotPool, pairs: &[u32]) -> Result<()> {
-        pool.write_list(&self.ctx().queue, pairs);
+        let queue = &self.ctx().queue;
+        driver(|| pool.write_list(queue, pairs));
         Ok(())
     }
 

@@ -42,7 +42,11 @@ extern "C" __global__ void moe_combine(const Step* __restrict__ step, const floa
     const u32 d = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (d >= dim || t >= step->n_tokens) return;
     float acc = 0.0f;
-    for (u32 i = 0; i < top_k; i++) acc += route_weights[t * top_k + i] * expert_out[(u64)(t * top_k + i) * dim + d];
+    // A zero weight adds nothing, whatever its row holds (a slot the host computes, hybrid placement).
+    for (u32 i = 0; i < top_k; i++) {
+        const float w = route_weights[t * top_k + i];
+        if (w != 0.0f) acc += w * expert_out[(u64)(t * top_k + i) * dim + d];
+    }
     if (has_shared) acc += shared_out[(u64)t * dim + d];
     h[(u64)t * dim + d] += acc;
 }
