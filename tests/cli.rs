@@ -104,6 +104,11 @@ fn cpu_moe_generates_the_all_gpu_text() {
         assert_eq!(text(&hybrid.stdout), text(&all_gpu.stdout), "{extra:?}");
         assert!(stderr.contains("host experts:") && stderr.contains("GB/s of expert weights"), "{extra:?}: {stderr}");
     }
+    // On the CPU backend every expert is on the CPU already: said, and the same text.
+    let cpu = dsrun(&["-n", "12", "--temperature", "0", "--prompt", "The file", "--speculative", "off", "--gpu", "cpu", "--cpu-moe"]);
+    let stderr = text(&cpu.stderr);
+    assert!(cpu.status.success() && stderr.contains("computes every expert on the CPU already"), "{stderr}");
+    assert_eq!(text(&cpu.stdout), text(&all_gpu.stdout));
 }
 
 /// The router's counts under hybrid placement: written under the cache directory after a run,
