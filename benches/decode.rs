@@ -61,6 +61,7 @@ fn main() {
         math: Default::default(),
         cpu_moe: args.n_cpu_moe,
         placement: args.expert_placement,
+        prompt_uploads: Default::default(),
         expert_counts: None,
     };
     let capacity = args.prompt + args.n + 1;

@@ -221,7 +221,8 @@ fn streamed_experts_give_the_all_resident_logits() {
 /// Hybrid placement on CUDA: routed experts of every MoE layer (`--cpu-moe`), or the first
 /// one's (`--n-cpu-moe 1`), computed by the CPU backend on the host, the rest on the device;
 /// or, under a budget for half a layer's experts, the last layer split between the device's
-/// slot pools and the host; logits within 1e-3 of transformers', as every backend's.
+/// slot pools and the host; or a prompt chunk's most used experts uploaded to staging slots;
+/// logits within 1e-3 of transformers', as every backend's.
 #[test]
 fn hybrid_placement_matches_transformers() {
     use dsrun::plan::budget::{GpuMem, GpuOptions};
@@ -235,6 +236,7 @@ fn hybrid_placement_matches_transformers() {
                 ("--cpu-moe", GpuOptions { cpu_moe: usize::MAX, ..Default::default() }),
                 ("--n-cpu-moe 1", GpuOptions { cpu_moe: 1, ..Default::default() }),
                 ("split", GpuOptions { gpu_mem: half_a_layer, ..Default::default() }),
+                ("prompt uploads", GpuOptions { cpu_moe: usize::MAX, prompt_uploads: dsrun::plan::budget::PromptUploads::On, ..Default::default() }),
             ];
             for (name, options) in placements {
                 let mut hybrid = CudaModel::with_options(runtimes().swap_remove(rt_index), &model, g.tokens.len(), &options).unwrap();
@@ -243,6 +245,7 @@ fn hybrid_placement_matches_transformers() {
                 let what = format!("{}: {family}, {name}", hybrid.device_name());
                 let got = common::prefill_then_decode_twice(&mut hybrid, &g.tokens);
                 common::assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+                assert_eq!(hybrid.host_counters().unwrap().uploads > 0, name == "prompt uploads", "{what}");
             }
         }
     }

@@ -122,6 +122,11 @@ fn a_hybrid_decode_step_allocates_nothing() {
     let mut engine = GpuModel::with_options(ctx, &model, 64, &options).unwrap();
     assert!(engine.split_experts().is_some());
     decode_allocates_nothing(&mut engine);
+    // With staging slots for prompt uploads (every host layer then lists slots).
+    let ctx = context::open(GpuChoice::Auto).unwrap();
+    let options = dsrun::plan::budget::GpuOptions { cpu_moe: usize::MAX, prompt_uploads: dsrun::plan::budget::PromptUploads::On, ..Default::default() };
+    let mut engine = GpuModel::with_options(ctx, &model, 64, &options).unwrap();
+    decode_allocates_nothing(&mut engine);
 }
 
 /// The CPU backend: nothing on the calling thread nor on its pool's workers (every kernel works

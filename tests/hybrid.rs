@@ -151,3 +151,31 @@ fn a_layer_split_between_the_devices_matches_transformers() {
         assert_logits_match(&format!("{what}, by counts"), &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
     }
 }
+
+/// A prompt chunk's experts that two or more of its tokens use, uploaded to the GPU's staging
+/// slots for the chunk (`--upload-prompt-experts on`) instead of computed on the host: the
+/// same logits within 1e-3 of transformers on every family; decode steps upload nothing.
+#[test]
+fn prompt_chunks_upload_their_most_used_experts() {
+    use dsrun::plan::budget::PromptUploads;
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let options = GpuOptions { cpu_moe: usize::MAX, prompt_uploads: PromptUploads::On, ..Default::default() };
+        let mut hybrid = GpuModel::with_options(ctx(), &model, g.tokens.len(), &options).unwrap();
+        let got = prefill_then_decode_twice(&mut hybrid, &g.tokens);
+        let what = format!("{family}, prompt experts uploaded");
+        assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+        let c = hybrid.host_counters().unwrap();
+        assert!(c.uploads > 0 && c.upload_bytes > 0, "{what}: {c:?}");
+        hybrid.reset();
+        hybrid.reset_counters();
+        hybrid.forward(&g.tokens[..1], dsrun::model::Logits::Last).unwrap();
+        assert_eq!(hybrid.host_counters().unwrap().uploads, 0, "{what}: one token uploads nothing");
+        // Off on software adapters by default (the "GPU" is the host's cores).
+        let mut auto = GpuModel::with_options(ctx(), &model, g.tokens.len(), &GpuOptions { cpu_moe: usize::MAX, ..Default::default() }).unwrap();
+        prefill_then_decode_twice(&mut auto, &g.tokens);
+        assert_eq!(auto.host_counters().unwrap().uploads, 0, "{family}: lavapipe is a software adapter");
+    }
+}

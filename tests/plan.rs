@@ -263,14 +263,22 @@ fn cpu_moe_puts_the_first_moe_layers_experts_on_the_host() {
             let options = GpuOptions { cpu_moe, ..Default::default() };
             let plan = plan::build(&model, CAPACITY, &options, &TARGET).unwrap();
             let host = plan.host.as_ref().expect("layers on the host");
+            assert_eq!(host.uploads, Some(false), "{family}: uploads by measured rates on a hardware GPU");
+            let software = plan::build(&model, CAPACITY, &options, &Target { software: true, ..TARGET }).unwrap();
+            let software = software.host.as_ref().unwrap();
+            assert!(software.uploads.is_none() && software.split.is_none(), "{family}: no uploads on a software adapter");
             assert_eq!(host.layers, want, "{family}");
             assert_eq!(host.weights.len(), 3 * want, "{family}: gate, up and down stacks per layer");
             assert!(host.weights.iter().all(|w| w.stack.len() == c.n_routed_experts && w.routed));
             let stops = host_stops(&plan);
             assert_eq!(stops.iter().map(|s| s.0).collect::<Vec<_>>(), (0..want).collect::<Vec<_>>(), "{family}");
+            // A hardware GPU gets staging slots for prompt uploads: every host layer's GPU
+            // part lists slots (four ops) before the shared expert (four more).
             let shared_ops = if c.n_shared_experts > 0 { 4 } else { 0 };
+            let split = plan.host.as_ref().and_then(|h| h.split.as_ref()).expect("staging slots");
+            assert_eq!((split.staging, split.slots.len()), (c.num_experts_per_tok, 0), "{family}");
             for (_, overlap, ops) in &stops {
-                assert_eq!(*overlap, shared_ops, "{family}: the shared expert overlaps the host");
+                assert_eq!(*overlap, 4 + shared_ops, "{family}: the listed slots and the shared expert overlap the host");
                 assert_eq!(ops, &["expert_matmul", "expert_matmul", "silu_mul", "expert_matmul", "moe_combine"]);
             }
             assert_eq!(plan.memory.experts, ((moe - want) * c.n_routed_experts) as u64, "{family}: the host's experts are off the GPU");

@@ -9,7 +9,7 @@ use dsrun::device::GpuChoice;
 use dsrun::error::Result;
 use dsrun::generate::Stopping;
 use dsrun::generation_config::GenerationDefaults;
-use dsrun::plan::budget::{Eviction, ExpertPlacement, GpuMem, GpuOptions, Math, Prefetch};
+use dsrun::plan::budget::{Eviction, ExpertPlacement, GpuMem, GpuOptions, Math, Prefetch, PromptUploads};
 use dsrun::plan::layout::CacheFormat;
 use dsrun::quant::QuantTarget;
 use dsrun::sample::{Sampler, SamplerConfig};
@@ -81,6 +81,11 @@ pub struct DeviceArgs {
     /// --cpu-moe).
     #[arg(long, default_value = "auto", value_parser = choice::<ExpertPlacement>())]
     pub expert_placement: ExpertPlacement,
+    /// Upload a prompt chunk's experts that many of its tokens use to the GPU for the chunk
+    /// instead of computing them on the CPU (hybrid placement): auto (where the measured link
+    /// and CPU rates say it is faster; off on software adapters), on, off.
+    #[arg(long, default_value = "auto", value_parser = choice::<PromptUploads>())]
+    pub upload_prompt_experts: PromptUploads,
     /// Which cached expert gives way when another must be uploaded (expert streaming).
     #[arg(long, default_value = "lru", value_parser = choice::<Eviction>())]
     pub expert_eviction: Eviction,
@@ -115,6 +120,7 @@ impl DeviceArgs {
             math: self.math,
             cpu_moe,
             placement: self.expert_placement,
+            prompt_uploads: self.upload_prompt_experts,
             ..GpuOptions::default()
         };
         Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))

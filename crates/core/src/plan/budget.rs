@@ -94,6 +94,9 @@ pub struct GpuOptions {
     pub cpu_moe: usize,
     /// Where routed experts that do not fit `gpu_mem` go (`--expert-placement`).
     pub placement: ExpertPlacement,
+    /// Whether a prompt chunk's most used host experts are uploaded to the GPU for the chunk
+    /// (`--upload-prompt-experts`).
+    pub prompt_uploads: PromptUploads,
     /// How often the router picked each expert in earlier runs: under a budget the GPU holds
     /// the most picked ones (hybrid placement); None: as if alike.
     pub expert_counts: Option<std::sync::Arc<crate::plan::placement::ExpertCounts>>,
@@ -118,6 +121,37 @@ crate::util::choices!(ExpertPlacement {
     Stream => "stream": "what does not fit --gpu-mem streams through a GPU slot cache",
     Cpu => "cpu": "every routed expert runs on the CPU (as --cpu-moe)",
 });
+
+/// Whether a prompt chunk's experts that the host would compute for many of its tokens are
+/// uploaded to the GPU for the chunk instead (`--upload-prompt-experts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PromptUploads {
+    /// Where uploading an expert takes less time than the host computing its tokens, by the
+    /// expert's bytes, the link's measured rate and the host's; off on software adapters (the
+    /// "GPU" is the host's cores).
+    #[default]
+    Auto,
+    /// Every expert two or more of the chunk's tokens use, the most used first (tests).
+    On,
+    Off,
+}
+
+crate::util::choices!(PromptUploads {
+    Auto => "auto": "where the upload beats the CPU by the measured rates; off on software adapters",
+    On => "on": "the chunk's experts used by two or more of its tokens, the most used first",
+    Off => "off": "the CPU computes every host expert",
+});
+
+impl PromptUploads {
+    /// Whether uploads may happen on a device; `software`: the "GPU" is the CPU.
+    pub fn enabled(self, software: bool) -> bool {
+        match self {
+            PromptUploads::Auto => !software,
+            PromptUploads::On => true,
+            PromptUploads::Off => false,
+        }
+    }
+}
 
 impl GpuOptions {
     /// MoE layers (of `moe_layers`, the MTP layer's counted last) whose routed experts
@@ -207,6 +241,7 @@ impl Default for GpuOptions {
             math: Math::Exact,
             cpu_moe: 0,
             placement: ExpertPlacement::Auto,
+            prompt_uploads: PromptUploads::Auto,
             expert_counts: None,
         }
     }

@@ -8,7 +8,7 @@ use crate::model::rope::Rope;
 use crate::model::router::RouterParams;
 use crate::model::weights::{FeedForward, Layer, Moe, QueryProjection};
 use crate::model::Model;
-use crate::plan::budget::{ExpertPlacement, GpuMem, GpuOptions};
+use crate::plan::budget::{ExpertPlacement, GpuMem, GpuOptions, PromptUploads};
 use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
 use crate::plan::placement::{ExpertCounts, LayerPlacement};
 use crate::util::Choice;
@@ -500,6 +500,8 @@ struct Forward<'a, 'm> {
     group_experts: bool,
     /// Where each MoE layer's routed experts are computed (all on the GPU where empty).
     placement: &'a [LayerPlacement],
+    /// The GPU has staging slots for prompt chunks' uploads: every host layer lists slots.
+    staging: bool,
     host: Option<HostBuffers>,
 }
 
@@ -591,14 +593,16 @@ impl<'m> Forward<'_, 'm> {
             let stacks = [stack(|m| &m.gate), stack(|m| &m.up), stack(|m| &m.down)];
             let mut host_ops = experts(stacks, false);
             host_ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: mb.weights, shared: None, h: hb.routed });
-            // The GPU's part while the host computes: a split layer's GPU experts (over slot
-            // pools, the slots the host lists), then the shared expert.
-            let gpu_weights = hb.gpu_weights.filter(|_| split);
-            let mut gpu_ops = if split { experts([ExpertWeights::Pools; 3], false) } else { Vec::new() };
+            // The GPU's part while the host computes: the slots the host lists for it (a split
+            // layer's GPU experts, a prompt chunk's uploads) over slot pools, then the shared
+            // expert.
+            let gpu_weights = hb.gpu_weights.filter(|_| split || self.staging);
+            let mut gpu_ops = if gpu_weights.is_some() { experts([ExpertWeights::Pools; 3], false) } else { Vec::new() };
+            let listed = gpu_ops.len();
             if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
                 mlp(&mut gpu_ops, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
             }
-            ops.push(Op::HostExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, routed: hb.routed, gpu_weights, overlap: gpu_ops.len(), ops: host_ops });
+            ops.push(Op::HostExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, routed: hb.routed, gpu_weights, gpu_ops: listed, overlap: gpu_ops.len(), ops: host_ops });
             ops.extend(gpu_ops);
             if let Some(w) = gpu_weights {
                 ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: w, shared: None, h: a.h });
@@ -684,13 +688,19 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         _ => budget,
     };
     let placement = place_experts(memory, budget, &per_layer, host_bytes, options, target, c.num_experts_per_tok)?;
-    let memory = placement.memory;
+    let mut memory = placement.memory;
     let host_layers = placement.layers.iter().filter(|l| **l != LayerPlacement::Gpu).count();
     let split: Vec<(usize, u32)> = placement.layers.iter().enumerate().flat_map(|(l, p)| if let LayerPlacement::Split(gpu) = p { gpu.iter().map(|&e| (l, e)).collect() } else { Vec::new() }).collect();
+    // Staging slots for a prompt chunk's most used host experts (top-k of them), where
+    // uploads are on and the budget has room beside the rest.
+    let uploads = options.prompt_uploads.enabled(target.software) && host_layers > 0;
+    let staging_bytes = (c.num_experts_per_tok as u64) * memory.expert_bytes;
+    let staging = if uploads && memory.all_resident() + staging_bytes <= budget { c.num_experts_per_tok } else { 0 };
+    memory.resident += staging as u64 * memory.expert_bytes;
     let host = (host_layers > 0).then(|| HostBuffers {
         routed: p.activation("host routed sum", target.max_chunk * c.hidden_size),
         ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])),
-        gpu_weights: (!split.is_empty()).then(|| p.activation("gpu expert weights", target.max_chunk * c.num_experts_per_tok)),
+        gpu_weights: (!split.is_empty() || staging > 0).then(|| p.activation("gpu expert weights", target.max_chunk * c.num_experts_per_tok)),
     });
     // Every expert fits the budget, but a layer's stack of them may not fit one binding: then
     // they go through the slot cache, one slot per expert (pools split at the binding limit).
@@ -716,6 +726,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         streaming: streaming.as_ref().map(|(_, guess)| guess.as_ref()),
         group_experts: target.group_experts,
         placement: &placement.layers,
+        staging: staging > 0,
         host,
     };
     let body = forward.body(&mut p);
@@ -734,8 +745,8 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         let a = &forward.a;
         let mb = a.moe.as_ref().expect("MoE buffers exist where layers run on the host");
         let hb = forward.host.as_ref().expect("declared with the host layers");
-        let pools = match (&template, split.is_empty()) {
-            (Some(t), false) => Some((slot_pools(t, split.len(), target)?, t.clone())),
+        let pools = match (&template, split.len() + staging) {
+            (Some(t), slots) if slots > 0 => Some((slot_pools(t, slots, target)?, t.clone())),
             _ => None,
         };
         Ok::<_, Error>(HostPlan {
@@ -743,7 +754,8 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
             weights: std::mem::take(&mut p.host_weights),
             buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, hb.routed],
             math: options.math,
-            split: pools.map(|(pools, template)| SplitPlan { pools, template, slots: split.clone(), max_pairs: target.max_chunk * c.num_experts_per_tok }),
+            split: pools.map(|(pools, template)| SplitPlan { pools, template, slots: split.clone(), staging, max_pairs: target.max_chunk * c.num_experts_per_tok }),
+            uploads: (staging > 0).then_some(options.prompt_uploads == PromptUploads::On),
             counts: options.expert_counts.clone(),
         })
     });

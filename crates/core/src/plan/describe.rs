@@ -73,7 +73,7 @@ impl Plan<'_> {
                     inner.join("\n                      ")
                 )
             }
-            Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, overlap, ops } => {
+            Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, overlap, ops, .. } => {
                 let inner: Vec<String> = ops.iter().map(|op| self.describe_host_op(op)).collect();
                 let split = gpu_weights.map_or(String::new(), |w| format!(", split: the GPU's slots listed, their weights in {}", self.b(w)));
                 format!(

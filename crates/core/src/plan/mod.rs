@@ -155,8 +155,12 @@ pub struct HostPlan<'m> {
     pub buffers: Vec<BufferId>,
     /// How the host's matmuls multiply (`--math`).
     pub math: budget::Math,
-    /// The GPU's experts of layers split between the devices, where any are.
+    /// The GPU's experts of layers split between the devices and its staging slots for a
+    /// prompt chunk's uploads, where there are any.
     pub split: Option<SplitPlan>,
+    /// Whether a prompt chunk's experts may be uploaded (`PromptUploads`, resolved for the
+    /// device): `Some(on)`, `on` uploading whatever two tokens use, not by measured rates.
+    pub uploads: Option<bool>,
     /// Earlier runs' router counts, which this run's are added to and written back.
     pub counts: Option<std::sync::Arc<placement::ExpertCounts>>,
 }
@@ -170,6 +174,8 @@ pub struct SplitPlan {
     pub template: Mlp,
     /// Global slot i holds expert `slots[i].1` of MoE layer `slots[i].0`.
     pub slots: Vec<(usize, u32)>,
+    /// Slots after those, filled per prompt chunk with its most used host experts.
+    pub staging: usize,
     /// Step slots one stop can list: tokens per step x experts per token.
     pub max_pairs: usize,
 }

@@ -150,6 +150,9 @@ pub enum Op {
         /// A layer split between the devices: the router's weights with the host's slots
         /// zeroed, which the GPU's combine of its own slots reads (the host writes it).
         gpu_weights: Option<BufferId>,
+        /// Of the `overlap` ops, the first this many compute the GPU's listed slots (none
+        /// listed: the runtime skips them).
+        gpu_ops: usize,
         overlap: usize,
         ops: Vec<Op>,
     },

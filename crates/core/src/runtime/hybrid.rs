@@ -33,9 +33,14 @@ struct HostLayer {
     routed: BufferId,
     /// A split layer: the GPU's copy of the weights with the host's slots zeroed.
     gpu_weights: Option<BufferId>,
-    /// Ops after the stop the GPU runs while the host computes (a split layer's GPU experts,
-    /// the shared expert).
+    /// Ops after the stop the GPU runs while the host computes: its listed slots' experts
+    /// (the first `gpu_ops`, skipped when none is listed), the shared expert.
     overlap: usize,
+    gpu_ops: usize,
+    /// The layer's gate, up and down stacks on the host (what a prompt upload copies).
+    stacks: [std::sync::Arc<crate::backend::cpu::CpuMatrix>; 3],
+    /// Multiply-adds x 2 of one token through one expert.
+    expert_flops: f64,
     kernels: Vec<<CpuBackend as Backend>::Op>,
     experts: usize,
     /// Bytes of one expert's three matrices as the host reads them.
@@ -55,6 +60,11 @@ pub struct HostCounters {
     /// Activations moved: to the host, and back.
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Prompt chunks' experts uploaded to the GPU's staging slots instead of computed on the
+    /// host, their bytes, and the host time queuing them.
+    pub uploads: u64,
+    pub upload_bytes: u64,
+    pub upload_seconds: f64,
 }
 
 impl HostCounters {
@@ -77,7 +87,14 @@ impl HostCounters {
             self.expert_bytes as f64 / self.compute_seconds.max(1e-9) / 1e9,
             crate::util::human_bytes(self.bytes_in / tokens.max(1)),
             crate::util::human_bytes(self.bytes_out / tokens.max(1)),
-        )
+        ) + &match self.uploads {
+            0 => String::new(),
+            n => format!(
+                "; prompt chunks: {n} experts uploaded to the GPU instead of computed on the host ({}, {:.2} ms queuing)",
+                crate::util::human_bytes(self.upload_bytes),
+                1e3 * self.upload_seconds
+            ),
+        }
     }
 }
 
@@ -98,6 +115,16 @@ pub struct HostExperts {
     gpu_slots: Vec<Vec<Option<(u32, u32)>>>,
     /// The split pools' first index in the GPU's `Resources::pools`, and their count.
     first_pool: usize,
+    /// Staging slots (pool, slot in it) for a prompt chunk's uploads; whether uploads go by
+    /// count alone (`PromptUploads::On`) or by the measured rates.
+    staging: Vec<(u32, u32)>,
+    uploads_by_count: bool,
+    /// Measured: the link's upload rate (bytes/s), the host's matmul rate in prefill (FLOP/s).
+    link_rate: f64,
+    host_flops: f64,
+    /// Per stop, reused: tokens per host expert, and the chunk's candidates (count, expert).
+    tally: Vec<u32>,
+    candidates: Vec<(u32, u32)>,
     /// Per step, reused: the router's choice, what the host computes (`NOT_HERE` for the
     /// GPU's slots, whose weights are zeroed), the GPU's weights, each pool's slot list.
     ids: Vec<u32>,
@@ -131,19 +158,36 @@ impl HostExperts {
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = experts.iter().map(|&e| vec![None; e]).collect();
         let first_pool = gpu.pools.len();
         let mut pools: &[PoolSpec] = &[];
+        let (mut staging, mut link_rate, mut host_flops) = (Vec::new(), 0.0, 0.0);
         if let Some(split) = &host.split {
             pools = &split.pools;
             for pool in pools {
                 gpu.pools.push(b.pool(&split.template, pool.slots, split.max_pairs)?);
             }
+            let locate = |slot: usize| {
+                let p = pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("a slot within a pool");
+                (p as u32, (slot - pools[p].first) as u32)
+            };
             b.uploads_begin()?;
             for (slot, &(layer, expert)) in split.slots.iter().enumerate() {
-                let p = pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("a slot within a pool");
-                let local = slot - pools[p].first;
-                b.write_expert(&gpu.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
-                gpu_slots[layer][expert as usize] = Some((p as u32, local as u32));
+                let (p, local) = locate(slot);
+                b.write_expert(&gpu.pools[first_pool + p as usize], local as usize, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
+                gpu_slots[layer][expert as usize] = Some((p, local));
             }
             b.uploads_done()?;
+            staging = (split.slots.len()..split.slots.len() + split.staging).map(locate).collect();
+            if let (Some(&(p, local)), Some(false)) = (staging.first(), host.uploads) {
+                // The rates uploads are decided by: one expert's upload, timed to its end, and
+                // the host's matmuls at the share of its measured peak prefill reaches (~30%).
+                let expert = routed[0].experts[0].quantized(plan.quant);
+                let started = Instant::now();
+                b.uploads_begin()?;
+                let bytes = b.write_expert(&gpu.pools[first_pool + p as usize], local as usize, &expert)?;
+                b.uploads_done()?;
+                b.read(&[])?;
+                link_rate = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                host_flops = 0.3 * crate::backend::cpu::prefill_peak(host.math).0;
+            }
         }
         let pairs = plan.max_chunk * config.num_experts_per_tok;
         Ok(HostExperts {
@@ -162,6 +206,12 @@ impl HostExperts {
             host_weights: Vec::with_capacity(pairs),
             gpu_weights: Vec::with_capacity(pairs),
             lists: pools.iter().map(|_| Vec::with_capacity(2 * pairs)).collect(),
+            staging,
+            uploads_by_count: host.uploads == Some(true),
+            link_rate,
+            host_flops,
+            tally: vec![0; config.n_routed_experts],
+            candidates: Vec::with_capacity(config.n_routed_experts),
             counts: ExpertCounts::new(&experts, None),
             earlier: host.counts.clone(),
             counters: HostCounters::default(),
@@ -170,16 +220,35 @@ impl HostExperts {
 
     /// Lowers a `HostExperts` op on the host; returns its index among the host's layers.
     pub fn lower(&mut self, op: &Op) -> Result<usize> {
-        let Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, overlap, ops } = op else {
+        let Op::HostExperts { layer, x, ids, weights, routed, gpu_weights, gpu_ops, overlap, ops } = op else {
             return Err(Error::Invalid(format!("the host computes routed experts, not `{}`", op.name())));
         };
         let mut kernels = Vec::new();
         ops.iter().try_for_each(|op| self.cpu.lower(op, &self.res, &mut kernels))?;
         // Gate, up and down of one expert: the first three ops' stacks.
         let stacks: Vec<_> = ops.iter().filter_map(|op| if let Op::ExpertMatmul { weights: crate::plan::ExpertWeights::Stack(w), .. } = op { Some(self.res.weight(*w)) } else { None }).collect();
-        let experts = stacks.first().map_or(0, |s| s.count());
+        let [gate, up, down] = [0, 1, 2].map(|i| stacks.get(i).map(|s| (*s).clone()));
+        let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
+            return Err(Error::Invalid("a host layer without its gate, up and down experts".into()));
+        };
+        let experts = gate.count();
         let expert_bytes = stacks.iter().map(|s| CpuBackend::matrix_bytes(s) / s.count().max(1) as u64).sum();
-        self.layers.push(HostLayer { moe: *layer, x: *x, ids: *ids, weights: *weights, routed: *routed, gpu_weights: *gpu_weights, overlap: *overlap, kernels, experts, expert_bytes });
+        let expert_flops = stacks.iter().map(|s| 2.0 * (s.matrix(0).rows * s.matrix(0).cols) as f64).sum();
+        self.layers.push(HostLayer {
+            moe: *layer,
+            x: *x,
+            ids: *ids,
+            weights: *weights,
+            routed: *routed,
+            gpu_weights: *gpu_weights,
+            overlap: *overlap,
+            gpu_ops: *gpu_ops,
+            stacks: [gate, up, down],
+            expert_flops,
+            kernels,
+            experts,
+            expert_bytes,
+        });
         Ok(self.layers.len() - 1)
     }
 
@@ -236,6 +305,53 @@ impl HostExperts {
                 }
             }
         }
+        if n > 1 && !self.staging.is_empty() {
+            // A prompt chunk: its most used host experts may go to the GPU's staging slots.
+            self.candidates.clear();
+            for &e in self.host_ids.iter().filter(|&&e| e != NOT_HERE) {
+                self.tally[e as usize] += 1;
+                if self.tally[e as usize] == 2 {
+                    self.candidates.push((0, e));
+                }
+            }
+            for c in &mut self.candidates {
+                c.0 = self.tally[c.1 as usize];
+            }
+            for &e in self.host_ids.iter().filter(|&&e| e != NOT_HERE) {
+                self.tally[e as usize] = 0;
+            }
+            self.candidates.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let (link_time, host_time) = (l.expert_bytes as f64 / self.link_rate.max(1.0), l.expert_flops / self.host_flops.max(1.0));
+            let worth = |tokens: u32| self.uploads_by_count || link_time < tokens as f64 * host_time;
+            let started = Instant::now();
+            let mut begun = false;
+            for (&(tokens, e), &(pool, local)) in self.candidates.iter().zip(&self.staging) {
+                if !worth(tokens) {
+                    break;
+                }
+                if !begun {
+                    b.uploads_begin()?;
+                    begun = true;
+                }
+                let expert = crate::model::weights::Mlp { gate: l.stacks[0].matrix(e as usize).clone(), up: l.stacks[1].matrix(e as usize).clone(), down: l.stacks[2].matrix(e as usize).clone() };
+                self.counters.upload_bytes += b.write_expert(&res.pools[self.first_pool + pool as usize], local as usize, &expert)?;
+                self.counters.uploads += 1;
+                for s in 0..self.host_ids.len() {
+                    if self.host_ids[s] == e {
+                        self.lists[pool as usize].extend([s as u32, local]);
+                        self.gpu_weights[s] = self.host_weights[s];
+                        self.host_ids[s] = NOT_HERE;
+                        self.host_weights[s] = 0.0;
+                    }
+                }
+                // Its bytes are no longer read on the host.
+                distinct -= 1;
+            }
+            if begun {
+                b.uploads_done()?;
+            }
+            self.counters.upload_seconds += started.elapsed().as_secs_f64();
+        }
         self.cpu.write(buf(l.ids), bytemuck::cast_slice(&self.host_ids))?;
         self.cpu.write(buf(l.weights), bytemuck::cast_slice(&self.host_weights))?;
         self.cpu.write(buf(l.routed), &self.zeros[..rows])?;
@@ -246,7 +362,8 @@ impl HostExperts {
             }
         }
         // The GPU computes its slots and the shared expert while the host computes its own.
-        b.record(&after[..l.overlap], n)?;
+        let listed = self.lists.iter().any(|l| !l.is_empty());
+        b.record(&after[if listed { 0 } else { l.gpu_ops }..l.overlap], n)?;
         b.flush()?;
         let started = Instant::now();
         self.cpu.record(&l.kernels, n)?;

@@ -38,6 +38,11 @@ impl CpuMatrix {
     pub fn count(&self) -> usize {
         self.stack.len()
     }
+
+    /// Matrix `i` of the stack, as stored (or converted at load).
+    pub fn matrix(&self, i: usize) -> &Matrix {
+        &self.stack[i]
+    }
 }
 
 /// One lowered op: buffer indices and the weights it reads.
