@@ -241,6 +241,51 @@ fn devices_lists_adapters() {
     assert!(cpu.contains(" kernels, ") && gbs > 0.0, "{cpu}");
 }
 
+/// A GGUF file: `inspect` prints its tables, `check` scans its values, running it says dsrun
+/// does not yet, and a truncated one is refused naming the truncation.
+#[test]
+fn inspect_reads_a_gguf_and_running_one_says_not_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    // GGUF v3: one metadata entry (general.architecture = "deepseek2"), one F32 tensor of 32.
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    b.extend(1u64.to_le_bytes());
+    let key = "general.architecture";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+    b.extend(8u32.to_le_bytes());
+    b.extend(9u64.to_le_bytes());
+    b.extend(b"deepseek2");
+    b.extend(1u64.to_le_bytes());
+    b.extend(b"t");
+    b.extend(1u32.to_le_bytes());
+    b.extend(32u64.to_le_bytes());
+    b.extend(0u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32) + 128, 0);
+    std::fs::write(&path, &b).unwrap();
+    let file = path.to_str().unwrap();
+    let out = dsrun(&["inspect", "--model", file]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success() && stdout.contains("GGUF v3, architecture deepseek2, 1 tensors") && stdout.contains("F32 128 B"), "{stdout}{}", text(&out.stderr));
+    let run = dsrun(&["--model", file, "-n", "2"]);
+    assert!(!run.status.success() && text(&run.stderr).contains("does not run GGUF models yet"), "{}", text(&run.stderr));
+    // `check` scans it: finite, then a NaN in the tensor named.
+    let check = dsrun(&["check", "--model", file]);
+    assert!(check.status.success() && text(&check.stdout).contains("every value is finite"), "{}{}", text(&check.stdout), text(&check.stderr));
+    let mut nan = b.clone();
+    let at = nan.len() - 128 + 4 * 5;
+    nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&path, &nan).unwrap();
+    let check = dsrun(&["check", "--model", file]);
+    assert!(!check.status.success() && text(&check.stdout).contains("t: 1 non-finite value(s), the first NaN at element 5"), "{}", text(&check.stdout));
+    std::fs::write(&path, &b[..b.len() - 1]).unwrap();
+    let cut = dsrun(&["inspect", "--model", file]);
+    assert!(!cut.status.success() && text(&cut.stderr).contains("truncated or corrupt"), "{}", text(&cut.stderr));
+}
+
 #[test]
 fn inspect_describes_the_checkpoint() {
     let out = dsrun(&["inspect", "--model", fixture("v3_noaux").to_str().unwrap()]);

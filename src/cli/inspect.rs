@@ -22,6 +22,15 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
+    let dir = args.model.dir();
+    if dsrun::gguf::is_gguf(&dir) {
+        // A GGUF's tables; running one is the GGUF work still to come.
+        if args.plan {
+            return Err(dsrun::error::Error::Invalid(format!("{}: --plan needs a model dsrun runs, and it does not run GGUF files yet", dir.display())));
+        }
+        let (gguf, _map) = dsrun::gguf::Gguf::open(&dir)?;
+        return super::print(&gguf.describe());
+    }
     let builder = args.device.builder(&args.model.dir())?.context(args.ctx.map(|c| c as usize)).decodes(false);
     let checkpoint = Checkpoint::open(builder.dir())?;
     let model = Model::from_checkpoint(builder.config().clone(), &checkpoint)?;

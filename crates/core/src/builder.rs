@@ -66,6 +66,12 @@ impl<'p> EngineBuilder<'p> {
     /// (f32 on the CPU reference), speculative decoding where the checkpoint has an MTP layer.
     pub fn open(dir: impl Into<PathBuf>) -> Result<EngineBuilder<'static>> {
         let dir = dir.into();
+        if crate::gguf::is_gguf(&dir) {
+            return Err(Error::Invalid(format!(
+                "{}: a GGUF file; dsrun reads its tables (`dsrun inspect --model FILE`) but does not run GGUF models yet: use a safetensors checkpoint directory",
+                dir.display()
+            )));
+        }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         Ok(EngineBuilder {
             dir,

@@ -34,6 +34,7 @@ mod expert_cache;
 mod format;
 pub mod generate;
 pub mod generation_config;
+pub mod gguf;
 internal_mod!(hot_path);
 pub mod inspect;
 mod mapped;

@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     // Weight formats.
     &["quant", "format"],
     // Reading a checkpoint directory.
-    &["config", "checkpoint", "tiktoken"],
+    &["config", "checkpoint", "gguf", "tiktoken"],
     // The f32 oracle.
     &["model"],
     // The forward pass as backend-neutral ops, shapes, limits and the memory plan.
