@@ -222,12 +222,12 @@ impl<'p> EngineBuilder<'p> {
                 model.config.max_position_embeddings
             ));
         }
+        // Hybrid placement (and the router counts it keeps) only where a GPU backend may run.
+        let on_gpu = !matches!(self.device, GpuChoice::Cpu | GpuChoice::Reference);
         let forced = options.cpu_moe > 0 || options.placement == crate::plan::budget::ExpertPlacement::Cpu;
-        if forced && matches!(self.device, GpuChoice::Cpu | GpuChoice::Reference) {
+        if forced && !on_gpu {
             warnings.push(format!("--cpu-moe / --n-cpu-moe / --expert-placement cpu: --gpu {} computes every expert on the CPU already; ignored", self.device.name()));
         }
-        // Counts matter only where a GPU's placement may use them.
-        let on_gpu = !matches!(self.device, GpuChoice::Cpu | GpuChoice::Reference);
         let counts = on_gpu.then(|| std::sync::Arc::new(self.expert_counts(&model, &mut warnings)));
         let options = GpuOptions { expert_counts: counts, ..options };
         let engine = open_engine_with_progress(self.device, model, capacity, &options, self.progress)?;

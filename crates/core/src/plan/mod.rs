@@ -124,6 +124,14 @@ pub struct PoolSpec {
     pub slots: usize,
 }
 
+impl PoolSpec {
+    /// The pool of `pools` holding global slot `slot`, and the slot's index in it.
+    pub fn locate(pools: &[PoolSpec], slot: usize) -> (usize, usize) {
+        let p = pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("a slot within a pool");
+        (p, slot - pools[p].first)
+    }
+}
+
 /// Expert streaming under the budget: routed experts live in host memory and a device cache.
 #[derive(Debug, Clone)]
 pub struct StreamPlan {

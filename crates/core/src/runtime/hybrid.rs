@@ -42,7 +42,6 @@ struct HostLayer {
     /// Multiply-adds x 2 of one token through one expert.
     expert_flops: f64,
     kernels: Vec<<CpuBackend as Backend>::Op>,
-    experts: usize,
     /// Bytes of one expert's three matrices as the host reads them.
     expert_bytes: u64,
 }
@@ -165,8 +164,8 @@ impl HostExperts {
                 gpu.pools.push(b.pool(&split.template, pool.slots, split.max_pairs)?);
             }
             let locate = |slot: usize| {
-                let p = pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("a slot within a pool");
-                (p as u32, (slot - pools[p].first) as u32)
+                let (p, local) = PoolSpec::locate(pools, slot);
+                (p as u32, local as u32)
             };
             b.uploads_begin()?;
             for (slot, &(layer, expert)) in split.slots.iter().enumerate() {
@@ -225,13 +224,12 @@ impl HostExperts {
         };
         let mut kernels = Vec::new();
         ops.iter().try_for_each(|op| self.cpu.lower(op, &self.res, &mut kernels))?;
-        // Gate, up and down of one expert: the first three ops' stacks.
-        let stacks: Vec<_> = ops.iter().filter_map(|op| if let Op::ExpertMatmul { weights: crate::plan::ExpertWeights::Stack(w), .. } = op { Some(self.res.weight(*w)) } else { None }).collect();
-        let [gate, up, down] = [0, 1, 2].map(|i| stacks.get(i).map(|s| (*s).clone()));
-        let (Some(gate), Some(up), Some(down)) = (gate, up, down) else {
+        // The gate, up and down stacks its expert matmuls read.
+        let stacks: Vec<_> =
+            ops.iter().filter_map(|op| if let Op::ExpertMatmul { weights: crate::plan::ExpertWeights::Stack(w), .. } = op { Some(self.res.weight(*w).clone()) } else { None }).collect();
+        let Ok(stacks) = <[_; 3]>::try_from(stacks) else {
             return Err(Error::Invalid("a host layer without its gate, up and down experts".into()));
         };
-        let experts = gate.count();
         let expert_bytes = stacks.iter().map(|s| CpuBackend::matrix_bytes(s) / s.count().max(1) as u64).sum();
         let expert_flops = stacks.iter().map(|s| 2.0 * (s.matrix(0).rows * s.matrix(0).cols) as f64).sum();
         self.layers.push(HostLayer {
@@ -243,10 +241,9 @@ impl HostExperts {
             gpu_weights: *gpu_weights,
             overlap: *overlap,
             gpu_ops: *gpu_ops,
-            stacks: [gate, up, down],
+            stacks,
             expert_flops,
             kernels,
-            experts,
             expert_bytes,
         });
         Ok(self.layers.len() - 1)
@@ -272,8 +269,8 @@ impl HostExperts {
         self.weights.extend(weights.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
         let buf = |id: BufferId| &self.res.buffers[id.0];
         self.cpu.write(buf(l.x), x)?;
-        if let Some(bad) = self.ids.iter().find(|&&e| e as usize >= l.experts) {
-            return Err(Error::Invalid(format!("{}: the router chose expert {bad} of {} (non-finite activations?)", b.describe(), l.experts)));
+        if let Some(bad) = self.ids.iter().find(|&&e| e as usize >= l.stacks[0].count()) {
+            return Err(Error::Invalid(format!("{}: the router chose expert {bad} of {} (non-finite activations?)", b.describe(), l.stacks[0].count())));
         }
         for picks in self.ids.chunks_exact(self.k) {
             self.counts.add(l.moe, picks.iter().copied());
@@ -395,11 +392,14 @@ impl HostExperts {
 
     /// This run's router counts added to earlier runs', as written back at the end.
     pub fn counts(&self) -> ExpertCounts {
-        let mut all = self.earlier.as_deref().cloned().unwrap_or_else(|| self.counts.clone());
-        if self.earlier.is_some() {
-            all.merge(&self.counts);
+        match self.earlier.as_deref() {
+            Some(earlier) => {
+                let mut all = earlier.clone();
+                all.merge(&self.counts);
+                all
+            }
+            None => self.counts.clone(),
         }
-        all
     }
 }
 

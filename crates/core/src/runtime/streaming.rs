@@ -172,8 +172,7 @@ impl<B: Backend> Streaming<B> {
 
     /// The pool holding global slot `slot`, and the slot's index in it.
     fn locate(&self, slot: usize) -> (usize, usize) {
-        let p = self.pools.iter().position(|p| slot >= p.first && slot < p.first + p.slots).expect("slot within a pool");
-        (p, slot - self.pools[p].first)
+        PoolSpec::locate(&self.pools, slot)
     }
 
     /// Queues the copy of expert `key` into global slot `slot`.
