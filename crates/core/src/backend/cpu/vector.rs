@@ -423,19 +423,21 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8, _: &[f32; 256]) -> Self {
-            // e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits. Normal values move their
-            // exponent and mantissa into f32's fields and rebias (+120); subnormals (exponent
-            // 0) are m * 2^-9, computed from the integer (no f32 denormal is formed); 0x7f and
-            // 0xff are NaN.
+            // e4m3 (sign, 4 exponent bits of bias 7, 3 mantissa bits) moved into f16's fields:
+            // a byte in a u16's high half has its sign at bit 15 and the rest at 14..8; an
+            // arithmetic shift by one moves the rest to 13..7 (the low four bits of f16's
+            // exponent, the top three of its mantissa) and copies the sign into bit 14, which
+            // is cleared. That f16 is the e4m3 value times 2^-8 exactly, subnormals included
+            // (f16's exponent is wider), so vcvtph2ps and a multiply by 2^8 give it. Mostly
+            // 256-bit integer work: half the cycles of widening to 32-bit lanes first.
+            // 0x7f and 0xff (NaN) would read as +-480: masked.
             // SAFETY: the caller's contract: 16 bytes from `p`.
-            let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
-            let magnitude = _mm512_and_si512(bytes, _mm512_set1_epi32(0x7f));
-            let normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32::<20>(magnitude), _mm512_set1_epi32(120 << 23)));
-            let subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(magnitude), _mm512_set1_ps(1.0 / 512.0));
-            let value = _mm512_mask_blend_ps(_mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(8)), normal, subnormal);
-            let value = _mm512_mask_blend_ps(_mm512_cmpeq_epu32_mask(magnitude, _mm512_set1_epi32(0x7f)), value, _mm512_set1_ps(f32::NAN));
-            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(bytes, _mm512_set1_epi32(0x80)));
-            Avx512(_mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign)))
+            let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let words = _mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(bytes));
+            let half = _mm256_and_si256(_mm256_srai_epi16::<1>(words), _mm256_set1_epi16(!0x4000));
+            let value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0));
+            let nan = _mm_cmpeq_epi8_mask(_mm_and_si128(bytes, _mm_set1_epi8(0x7f)), _mm_set1_epi8(0x7f));
+            Avx512(_mm512_mask_blend_ps(nan, value, _mm512_set1_ps(f32::NAN)))
         }
         #[inline(always)]
         unsafe fn store(self, p: *mut f32) {
@@ -551,18 +553,14 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8, _: &[f32; 256]) -> Self {
-            // As AVX-512's, eight lanes at a time.
+            // As AVX-512's (through f16), eight lanes at a time.
             let decode = |bytes: __m128i| {
-                let bytes = _mm256_cvtepu8_epi32(bytes);
-                let magnitude = _mm256_and_si256(bytes, _mm256_set1_epi32(0x7f));
-                let normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32::<20>(magnitude), _mm256_set1_epi32(120 << 23)));
-                let subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(magnitude), _mm256_set1_ps(1.0 / 512.0));
-                let is_subnormal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), magnitude));
-                let value = _mm256_blendv_ps(normal, subnormal, is_subnormal);
-                let is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(magnitude, _mm256_set1_epi32(0x7f)));
-                let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), is_nan);
-                let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(bytes, _mm256_set1_epi32(0x80)));
-                _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign))
+                let words = _mm_slli_epi16::<8>(_mm_cvtepu8_epi16(bytes));
+                let half = _mm_and_si128(_mm_srai_epi16::<1>(words), _mm_set1_epi16(!0x4000));
+                let value = _mm256_mul_ps(_mm256_cvtph_ps(half), _mm256_set1_ps(256.0));
+                let magnitude = _mm_and_si128(bytes, _mm_set1_epi8(0x7f));
+                let is_nan = _mm256_cvtepi8_epi32(_mm_cmpeq_epi8(magnitude, _mm_set1_epi8(0x7f)));
+                _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(is_nan))
             };
             // SAFETY: the caller's contract: 16 bytes from `p`.
             let (a, b) = unsafe { (_mm_loadl_epi64(p as *const __m128i), _mm_loadl_epi64(p.add(8) as *const __m128i)) };
