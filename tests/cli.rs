@@ -18,6 +18,20 @@ fn spawn(args: &[&str], cwd: &std::path::Path) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd).env("XDG_CACHE_HOME", cwd).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
 }
 
+/// The address `dsrun serve` says it listens on (read from its stderr), and the rest of it.
+fn listening_address(stderr: std::process::ChildStderr) -> (String, std::io::BufReader<std::process::ChildStderr>) {
+    use std::io::BufRead;
+    let mut stderr = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited before listening");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            return (rest.split_whitespace().next().unwrap().to_string(), stderr);
+        }
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -244,7 +258,7 @@ fn devices_lists_adapters() {
 /// A GGUF file: `inspect` prints its tables, `check` scans its values, running it says dsrun
 /// does not yet, and a truncated one is refused naming the truncation.
 #[test]
-fn inspect_reads_a_gguf_and_running_one_says_not_yet() {
+fn inspect_reads_any_gguf_and_running_a_broken_one_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     // GGUF v3: one metadata entry (general.architecture = "deepseek2"), one F32 tensor of 32.
@@ -270,8 +284,9 @@ fn inspect_reads_a_gguf_and_running_one_says_not_yet() {
     let out = dsrun(&["inspect", "--model", file]);
     let stdout = text(&out.stdout);
     assert!(out.status.success() && stdout.contains("GGUF v3, architecture deepseek2, 1 tensors") && stdout.contains("F32 128 B"), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("dsrun cannot run this file") && stdout.contains("deepseek2.rope.dimension_count` is missing"), "{stdout}");
     let run = dsrun(&["--model", file, "-n", "2"]);
-    assert!(!run.status.success() && text(&run.stderr).contains("does not run GGUF models yet"), "{}", text(&run.stderr));
+    assert!(!run.status.success() && text(&run.stderr).contains("is missing: not a file llama.cpp's DeepSeek converter wrote"), "{}", text(&run.stderr));
     // `check` scans it: finite, then a NaN in the tensor named.
     let check = dsrun(&["check", "--model", file]);
     assert!(check.status.success() && text(&check.stdout).contains("every value is finite"), "{}{}", text(&check.stdout), text(&check.stderr));
@@ -418,18 +433,10 @@ fn chat_reads_turns_and_commands_from_a_pipe() {
 
 #[test]
 fn serve_answers_over_http_and_drains_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let cwd = tempfile::tempdir().unwrap();
     let mut child = spawn(&["serve", "--port", "0", "--parallel", "2", "--ctx", "128"], cwd.path());
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let addr = loop {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "serve exited before listening");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    let (addr, mut stderr) = listening_address(child.stderr.take().unwrap());
     // A plain HTTP/1.1 request over TCP, as any client sends it.
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
     let body = r#"{"prompt": "This module", "max_tokens": 4, "temperature": 0}"#;
@@ -536,4 +543,40 @@ fn failed_writes_fail() {
         assert!(!out.status.success(), "{args:?} into a full stdout exited 0: {stderr}");
         assert!(stderr.contains("stdout") && !stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+/// A GGUF from llama.cpp's converter (tests/fixtures/gguf) is all a user needs: `dsrun`,
+/// `dsrun chat` (the file's chat template) and `dsrun serve` run it with no other file, and
+/// `inspect` shows both its tables and what dsrun maps them to.
+#[test]
+fn a_gguf_runs_in_generate_chat_and_serve() {
+    use std::io::{Read, Write};
+    let file = fixture("gguf").join("v3_noaux-f32.gguf");
+    let file = file.to_str().unwrap();
+    let out = dsrun(&["--model", file, "--gpu", "cpu", "--prompt", "Hello world", "-n", "6", "--temperature", "0", "--ignore-eos"]);
+    assert!(out.status.success() && text(&out.stdout).starts_with("Hello world"), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stderr).contains("generated 6 tok"), "{}", text(&out.stderr));
+
+    let inspect = text(&dsrun(&["inspect", "--model", file]).stdout);
+    assert!(inspect.contains("architecture deepseek2") && inspect.contains("experts    16 routed + 1 shared"), "{inspect}");
+
+    let cwd = tempfile::tempdir().unwrap();
+    let mut chat = spawn(&["chat", "--model", file, "--gpu", "cpu", "--temperature", "0", "-n", "4", "--ignore-eos", "--stats"], cwd.path());
+    chat.stdin.take().unwrap().write_all(b"Hi\n").unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success() && text(&out.stderr).contains("generated 4 tok"), "{}", text(&out.stderr));
+
+    let mut serve = spawn(&["serve", "--model", file, "--gpu", "cpu", "--port", "0", "--ctx", "64"], cwd.path());
+    // Its stderr is kept open (and read to the end): a closed pipe would fail its last words.
+    let (addr, mut stderr) = listening_address(serve.stderr.take().unwrap());
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}"#;
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200") && response.contains("\"chat.completion\""), "{response}");
+    Command::new("kill").args(["-TERM", &serve.id().to_string()]).status().unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(serve.wait().unwrap().success(), "{rest}");
 }

@@ -341,3 +341,20 @@ extern "C" __global__ void layout_probe(u32* out) {
         assert_eq!(device, host, "{}: [sizeof(Step), its offsets, sizeof(WeightLayout), its offsets] in common.cuh vs the host's", rt.describe());
     }
 }
+
+/// GGUF files from llama.cpp's converter (tests/gguf.rs has the rest): both MLA layouts, on
+/// each CUDA runtime, against the families' transformers logits.
+#[test]
+fn gguf_models_match_transformers() {
+    for rt_index in 0..runtimes().len() {
+        for (file, family) in [("v3_noaux-f32", "v3_noaux"), ("v3_noaux-kvb-f32", "v3_noaux"), ("v2_lite-f32", "v2_lite")] {
+            let rt = runtimes().swap_remove(rt_index);
+            let name = rt.describe();
+            let g = common::golden(&common::fixture(family));
+            let model = dsrun::builder::EngineBuilder::open(common::fixture("gguf").join(format!("{file}.gguf"))).unwrap().model().unwrap();
+            let mut engine = CudaModel::new(rt, &model, g.tokens.len(), QuantTarget::Keep).unwrap();
+            let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+            common::assert_logits_match(&format!("{name} {file}"), &logits, &g.logits, g.vocab, 1e-3);
+        }
+    }
+}

@@ -2,7 +2,6 @@
 
 use super::args::{DeviceArgs, ModelArgs};
 use clap::Args;
-use dsrun::checkpoint::Checkpoint;
 use dsrun::error::Result;
 use dsrun::model::Model;
 
@@ -23,18 +22,25 @@ pub struct InspectArgs {
 
 pub fn run(args: InspectArgs) -> Result<()> {
     let dir = args.model.dir();
+    let mut out = String::new();
     if dsrun::gguf::is_gguf(&dir) {
-        // A GGUF's tables; running one is the GGUF work still to come.
-        if args.plan {
-            return Err(dsrun::error::Error::Invalid(format!("{}: --plan needs a model dsrun runs, and it does not run GGUF files yet", dir.display())));
-        }
+        // The file's own tables first; then what dsrun maps them to, as for any checkpoint, or
+        // why it cannot (the tables are worth seeing either way).
         let (gguf, _map) = dsrun::gguf::Gguf::open(&dir)?;
-        return super::print(&gguf.describe());
+        out += &gguf.describe();
+        out += "\n";
+        if let Err(e) = dsrun::gguf::deepseek2::open(&dir).and_then(|m| Model::from_checkpoint(m.config, &m.checkpoint)) {
+            if args.plan {
+                return Err(e);
+            }
+            out += &format!("dsrun cannot run this file: {e}\n");
+            return super::print(&out);
+        }
     }
-    let builder = args.device.builder(&args.model.dir())?.context(args.ctx.map(|c| c as usize)).decodes(false);
-    let checkpoint = Checkpoint::open(builder.dir())?;
+    let builder = args.device.builder(&dir)?.context(args.ctx.map(|c| c as usize)).decodes(false);
+    let checkpoint = builder.checkpoint()?;
     let model = Model::from_checkpoint(builder.config().clone(), &checkpoint)?;
-    let mut out = dsrun::inspect::report(&model.config, &checkpoint, &model.weights, &model.ignored);
+    out += &dsrun::inspect::report(&model.config, &checkpoint, &model.weights, &model.ignored);
     if args.plan {
         let options = builder.resolved_options(&model)?;
         out += &dsrun::device::describe_plan(args.device.gpu, &model, builder.capacity(), &options)?;

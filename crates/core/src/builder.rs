@@ -24,6 +24,7 @@ use crate::device::open_engine_with_progress;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generation_config::GenerationDefaults;
+use crate::gguf::Gguf;
 use crate::model::Model;
 use crate::plan::budget::GpuOptions;
 use crate::plan::layout::CacheFormat;
@@ -40,6 +41,8 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 /// A checkpoint directory opened for loading, and how to load it.
 pub struct EngineBuilder<'p> {
     dir: PathBuf,
+    /// A GGUF file's tables, where `dir` is one.
+    gguf: Option<Gguf>,
     config: ModelConfig,
     device: GpuChoice,
     options: GpuOptions,
@@ -66,15 +69,15 @@ impl<'p> EngineBuilder<'p> {
     /// (f32 on the CPU reference), speculative decoding where the checkpoint has an MTP layer.
     pub fn open(dir: impl Into<PathBuf>) -> Result<EngineBuilder<'static>> {
         let dir = dir.into();
-        if crate::gguf::is_gguf(&dir) {
-            return Err(Error::Invalid(format!(
-                "{}: a GGUF file; dsrun reads its tables (`dsrun inspect --model FILE`) but does not run GGUF models yet: use a safetensors checkpoint directory",
-                dir.display()
-            )));
-        }
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let (gguf, config) = if crate::gguf::is_gguf(&dir) {
+            let (gguf, config) = crate::gguf::deepseek2::open_config(&dir)?;
+            (Some(gguf), config)
+        } else {
+            (None, ModelConfig::from_file(&dir.join("config.json"))?)
+        };
         Ok(EngineBuilder {
             dir,
+            gguf,
             config,
             device: GpuChoice::Auto,
             options: GpuOptions::default(),
@@ -149,6 +152,7 @@ impl<'p> EngineBuilder<'p> {
     pub fn progress<'q>(self, progress: &'q dyn Progress) -> EngineBuilder<'q> {
         EngineBuilder {
             dir: self.dir,
+            gguf: self.gguf,
             config: self.config,
             device: self.device,
             options: self.options,
@@ -167,20 +171,39 @@ impl<'p> EngineBuilder<'p> {
     }
 
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::load(&self.dir, &self.config)
+        match &self.gguf {
+            Some(gguf) => Tokenizer::from_gguf(gguf, &self.config),
+            None => Tokenizer::load(&self.dir, &self.config),
+        }
     }
 
+    /// generation_config.json's sampling defaults (a GGUF carries none).
     pub fn generation_defaults(&self) -> Result<GenerationDefaults> {
-        GenerationDefaults::load(&self.dir)
+        match &self.gguf {
+            Some(_) => Ok(GenerationDefaults::default()),
+            None => GenerationDefaults::load(&self.dir),
+        }
     }
 
     pub fn chat_template(&self) -> Result<Option<ChatTemplate>> {
-        ChatTemplate::load(&self.dir)
+        match &self.gguf {
+            Some(gguf) => ChatTemplate::from_gguf(gguf, &self.dir),
+            None => ChatTemplate::load(&self.dir),
+        }
+    }
+
+    /// The checkpoint's tensors (memory-mapped) under dsrun's names: a safetensors directory's,
+    /// or a GGUF file's mapped onto them.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        match &self.gguf {
+            Some(_) => Ok(crate::gguf::deepseek2::open(&self.dir)?.checkpoint),
+            None => Checkpoint::open(&self.dir),
+        }
     }
 
     /// The checkpoint's weights (memory-mapped), checked against the config.
     pub fn model(&self) -> Result<Model> {
-        let checkpoint = Checkpoint::open(&self.dir)?;
+        let checkpoint = self.checkpoint()?;
         Model::from_checkpoint(self.config.clone(), &checkpoint)
     }
 

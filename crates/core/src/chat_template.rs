@@ -68,6 +68,15 @@ impl ChatTemplate {
         Ok(Some(ChatTemplate::new(source, origin, &config)))
     }
 
+    /// `tokenizer.chat_template` of a GGUF file, with its BOS and EOS tokens' text. None when
+    /// the file has none.
+    pub fn from_gguf(gguf: &crate::gguf::Gguf, origin: &Path) -> Result<Option<ChatTemplate>> {
+        let Some(source) = crate::gguf::tokenizer::chat_template(gguf)? else { return Ok(None) };
+        let (_, specials) = crate::gguf::tokenizer::load(gguf)?;
+        let config = serde_json::json!({"bos_token": specials.bos_text, "eos_token": specials.eos_text});
+        Ok(Some(ChatTemplate::new(source, format!("{} (tokenizer.chat_template)", origin.display()), &config)))
+    }
+
     /// `source` with the special tokens `tokenizer_config` names (as strings or AddedToken objects).
     pub fn new(source: String, origin: String, tokenizer_config: &Value) -> ChatTemplate {
         let mut special = serde_json::Map::new();

@@ -4,6 +4,10 @@
 //! Every header is validated when the checkpoint is opened (header length, offsets inside the
 //! file, no gaps or overlaps, byte counts that match dtype x shape), so later reads cannot go
 //! out of bounds. Shape checks against the model config live with the weights (`model::weights`).
+//!
+//! A GGUF file is presented as a checkpoint too (`gguf::deepseek2`): its tensors under the names
+//! a safetensors checkpoint gives them, each a range of the mapped file (or of a tensor made at
+//! load where the layouts differ).
 
 use crate::error::{Error, Result};
 use crate::quant::DType;
@@ -30,6 +34,12 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// A tensor of `shard` (an index into the shards given to [`Checkpoint::from_parts`]) at
+    /// `range` of its bytes.
+    pub fn new(dtype_name: String, dtype: Option<DType>, shape: Vec<usize>, shard: usize, range: Range<usize>) -> TensorInfo {
+        TensorInfo { dtype_name, dtype, shape, shard, range }
+    }
+
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }
@@ -100,9 +110,13 @@ impl std::fmt::Debug for TensorBytes {
     }
 }
 
+/// The bytes a checkpoint's tensors live in: a mapped file, or a buffer made at load.
+pub type ShardBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 pub struct Checkpoint {
+    /// The checkpoint directory (or the GGUF file), for messages.
     pub dir: PathBuf,
-    shards: Vec<(PathBuf, Arc<Mmap>)>,
+    shards: Vec<(PathBuf, ShardBytes)>,
     tensors: BTreeMap<String, TensorInfo>,
     /// Tensors a shard holds that the index does not list (by shard file).
     unindexed: BTreeMap<String, String>,
@@ -151,7 +165,7 @@ impl Checkpoint {
                 }
                 tensors.insert(name, info);
             }
-            shards.push((path, Arc::new(map)));
+            shards.push((path, Arc::new(map) as ShardBytes));
         }
         if let Some(index) = &index {
             for (name, file) in index {
@@ -162,6 +176,18 @@ impl Checkpoint {
         }
         crate::mapped::note_mapped(dir);
         Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors, unindexed })
+    }
+
+    /// A checkpoint of tensors already located: `tensors` index into `shards`, and each range
+    /// must lie inside its shard (checked: the caller's ranges come from a file).
+    pub fn from_parts(dir: PathBuf, shards: Vec<(PathBuf, ShardBytes)>, tensors: BTreeMap<String, TensorInfo>) -> Result<Checkpoint> {
+        for (name, info) in &tensors {
+            let len = shards.get(info.shard).map(|(_, bytes)| (**bytes).as_ref().len());
+            if len.is_none_or(|len| info.range.end > len || info.range.start > info.range.end) {
+                return Err(corrupt(&dir, format!("tensor `{name}` lies outside its file ({:?})", info.range)));
+            }
+        }
+        Ok(Checkpoint { dir, shards, tensors, unindexed: BTreeMap::new() })
     }
 
     /// Why a tensor the model needs is not there, for the error message: a shard holds it but

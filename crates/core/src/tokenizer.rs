@@ -43,6 +43,19 @@ impl Tokenizer {
         Ok(Tokenizer { inner, bos, add_bos, eos })
     }
 
+    /// The tokenizer a GGUF file carries (`tokenizer.ggml.*`), its special ids from the file
+    /// and the config made from it.
+    pub fn from_gguf(gguf: &crate::gguf::Gguf, config: &ModelConfig) -> Result<Tokenizer> {
+        let (inner, specials) = crate::gguf::tokenizer::load(gguf)?;
+        let bos = specials.bos.or(config.bos_token_id);
+        let add_bos = specials.add_bos.unwrap_or(bos.is_some());
+        let mut eos = config.eos_token_ids.clone();
+        eos.extend(specials.eos);
+        eos.sort_unstable();
+        eos.dedup();
+        Ok(Tokenizer { inner, bos, add_bos, eos })
+    }
+
     /// Token ids of `text`, with the BOS token first when the model expects one.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;

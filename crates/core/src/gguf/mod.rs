@@ -11,6 +11,9 @@
 use crate::error::{Error, Result};
 use std::path::Path;
 
+pub mod deepseek2;
+pub mod tokenizer;
+
 /// Versions read: 2 and 3 (64-bit counts; version 1's 32-bit counts are long gone).
 const VERSIONS: [u32; 2] = [2, 3];
 /// ggml tensors have at most four dimensions.

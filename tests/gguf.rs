@@ -1,0 +1,142 @@
+//! GGUF files written by llama.cpp's own converter (tools/make_gguf_fixtures.py) from the tiny
+//! fixtures: the `deepseek2` layout mapped onto dsrun's (config, tensor names, both MLA
+//! layouts), run on the reference and every backend against the fixtures' transformers logits,
+//! and the tokenizer they carry against llama.cpp's own tokenizer on the same files.
+//!
+//! Tolerance: 1e-3 of the largest reference logit, as for the safetensors fixtures
+//! (tests/fixtures.rs): the GGUFs hold the same weights in f32, exactly.
+
+mod common;
+use common::*;
+use dsrun::builder::EngineBuilder;
+use dsrun::config::ModelConfig;
+use dsrun::device::GpuChoice;
+use dsrun::engine::Steps;
+use dsrun::gguf::{deepseek2, Gguf, Value};
+use dsrun::model::Logits;
+use dsrun::util::Choice;
+use std::path::PathBuf;
+
+/// Each GGUF fixture and the safetensors family it was converted from.
+const FILES: [(&str, &str); 3] = [("v3_noaux-f32", "v3_noaux"), ("v3_noaux-kvb-f32", "v3_noaux"), ("v2_lite-f32", "v2_lite")];
+
+fn gguf(name: &str) -> PathBuf {
+    fixture("gguf").join(format!("{name}.gguf"))
+}
+
+/// What the metadata maps to is the config the file was converted from, key for key, but for
+/// the MTP layer (the converter drops it).
+#[test]
+fn the_metadata_maps_to_the_original_config() {
+    for (file, family) in FILES {
+        let from_gguf = EngineBuilder::open(gguf(file)).unwrap().config().clone();
+        let mut original = ModelConfig::from_file(&fixture(family).join("config.json")).unwrap();
+        original.num_nextn_predict_layers = 0;
+        // Both printed: every field compared, floats as written.
+        assert_eq!(format!("{from_gguf:?}"), format!("{original:?}"), "{file}");
+    }
+}
+
+#[test]
+fn gguf_models_match_transformers_on_the_reference() {
+    for (file, family) in FILES {
+        let g = golden(&fixture(family));
+        let model = EngineBuilder::open(gguf(file)).unwrap().model().unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(model.ignored.is_empty(), "{file}: unused tensors {:?}", model.ignored);
+        let logits = model.forward(&mut model.new_cache(g.tokens.len()), &g.tokens, Logits::All).unwrap();
+        eprintln!("{file}: relative error {:e}", relative_error(&logits, &g.logits));
+        assert_logits_match(file, &logits, &g.logits, g.vocab, 1e-3);
+    }
+}
+
+/// The CPU backend and wgpu (lavapipe in CI) on the same files.
+#[test]
+fn gguf_models_match_transformers_on_the_backends() {
+    for device in [GpuChoice::Cpu, GpuChoice::Vulkan] {
+        for (file, family) in FILES {
+            let g = golden(&fixture(family));
+            let builder = EngineBuilder::open(gguf(file)).unwrap().device(device).context(Some(g.tokens.len())).speculative(Some(dsrun::speculative::Speculative::Off));
+            let mut engine = builder.build().unwrap_or_else(|e| panic!("{file} on {}: {e}", device.name())).engine;
+            let logits = engine.forward(&g.tokens, Logits::All).unwrap();
+            assert_logits_match(&format!("{file} on {}", engine.device_name()), &logits, &g.logits, g.vocab, 1e-3);
+        }
+    }
+}
+
+/// The tokenizer in the file gives llama.cpp's ids (llama-tokenize on the same files, with its
+/// BOS) for every text, and decodes them back.
+#[test]
+fn the_files_tokenizer_matches_llama_cpps() {
+    let text = std::fs::read_to_string(fixture("gguf").join("tokens.json")).unwrap();
+    let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let texts: Vec<&str> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    for (file, _) in FILES {
+        let builder = EngineBuilder::open(gguf(file)).unwrap();
+        let tokenizer = builder.tokenizer().unwrap();
+        let ids = &expected["files"][format!("{file}.gguf")];
+        for (i, text) in texts.iter().enumerate() {
+            let want: Vec<u32> = ids[i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = tokenizer.encode(text).unwrap();
+            assert_eq!(got, want, "{file}: {text:?}");
+            assert_eq!(tokenizer.decode(&got).unwrap(), *text, "{file}: decoded back");
+        }
+        assert!(tokenizer.is_eos(1), "{file}: the file's EOS");
+        let template = builder.chat_template().unwrap().expect("the file's chat template");
+        let rendered = template.render(&[dsrun::chat_template::Message::new("user", "Hi")], true).unwrap();
+        assert_eq!(rendered, "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜>", "{file}");
+    }
+}
+
+fn tables(file: &str) -> Gguf {
+    Gguf::parse(&std::fs::read(gguf(file)).unwrap()).unwrap()
+}
+
+fn set(g: &mut Gguf, key: &str, value: Option<Value>) {
+    g.metadata.retain(|(k, _)| k != key);
+    if let Some(v) = value {
+        g.metadata.push((key.to_string(), v));
+    }
+}
+
+/// Files that are not DeepSeek models, or whose metadata is missing or of the wrong type, are
+/// refused with the key or the architecture named.
+#[test]
+fn bad_metadata_is_refused_by_name() {
+    let cases: [(&str, Option<Value>, &str); 5] = [
+        ("general.architecture", Some(Value::String("llama".into())), "architecture `llama`"),
+        ("deepseek2.attention.kv_lora_rank", None, "`deepseek2.attention.kv_lora_rank` is missing"),
+        ("deepseek2.expert_count", Some(Value::String("many".into())), "`deepseek2.expert_count`"),
+        ("deepseek2.expert_gating_func", Some(Value::U32(7)), "expert_gating_func` is 7"),
+        ("deepseek2.rope.scaling.type", Some(Value::String("linear".into())), "rope.scaling.type` is `linear`"),
+    ];
+    for (key, value, want) in cases {
+        let mut g = tables("v3_noaux-f32");
+        set(&mut g, key, value);
+        let e = deepseek2::config(&g).expect_err(key).to_string();
+        assert!(e.contains(want), "{key}: {e}");
+    }
+    // A size the config's own checks refuse (more experts used than exist) names its key.
+    let mut g = tables("v3_noaux-f32");
+    set(&mut g, "deepseek2.expert_used_count", Some(Value::U32(99)));
+    let e = deepseek2::config(&g).unwrap_err().to_string();
+    assert!(e.contains("num_experts_per_tok"), "{e}");
+}
+
+/// A quantised file is refused naming its formats (until they run), and the CLI says so with a
+/// non-zero exit rather than running anything.
+#[test]
+fn a_file_of_unsupported_formats_is_refused_by_name() {
+    let mut bytes = std::fs::read(gguf("v3_noaux-f32")).unwrap();
+    let g = Gguf::parse(&bytes).unwrap();
+    // Retype one f32 vector as Q8_0 with the same bytes' worth (a 64-value row is 2 blocks of
+    // 34 bytes, 68 of its 256; the rest of the range is padding) by editing its type id.
+    let t = g.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap();
+    let name_at = bytes.windows(t.name.len()).position(|w| w == t.name.as_bytes()).unwrap();
+    let type_at = name_at + t.name.len() + 4 + 8 * t.dims.len();
+    bytes[type_at..type_at + 4].copy_from_slice(&8u32.to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.gguf");
+    std::fs::write(&path, &bytes).unwrap();
+    let e = EngineBuilder::open(&path).unwrap().model().map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("Q8_0") && e.contains("not supported yet"), "{e}");
+}

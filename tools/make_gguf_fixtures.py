@@ -1,0 +1,170 @@
+"""GGUF fixtures made by llama.cpp's own converter from the tiny safetensors fixtures.
+
+Run by hand (CI never runs it); the outputs are committed under tests/fixtures/gguf/:
+
+    python -m venv /tmp/venv && /tmp/venv/bin/pip install torch transformers safetensors numpy
+    /tmp/venv/bin/pip install "$LLAMA/gguf-py"          # gguf-py from the same llama.cpp tree
+    /tmp/venv/bin/python tools/make_gguf_fixtures.py LLAMA_CPP_DIR
+
+LLAMA_CPP_DIR: llama.cpp's source as the PyPI sdist of llama-cpp-python 0.3.36 vendors it
+(`vendor/llama.cpp`), with `llama-tokenize` built in `build/bin` (tools/llama_cpp_side_by_side.sh
+builds it; add the target `llama-tokenize`).
+
+For each family (v3_noaux: sigmoid router with correction bias, query LoRA; v2_lite: softmax
+router, direct query, YaRN):
+
+1. The fixture's config and weights with a byte-level BPE tokenizer trained here (the fixtures
+   have none; the converter needs one): the two special tokens the configs name (ids 0 and 1),
+   the 256 byte tokens, merges to fill the vocabulary, DeepSeek-V3's pre-tokenizer, and a chat
+   template.
+2. `convert_hf_to_gguf.py --outtype f32`: f32 keeps every weight exactly (the fixtures are bf16
+   and f32), so the fixture's golden logits from transformers hold for the GGUF too. The
+   converter identifies a pre-tokenizer by hashing how it splits a test text; this vocabulary
+   is new to it, so an environment variable (GGUF_PRE_FALLBACK, patched into conversion/base.py
+   as tools/llama_cpp_side_by_side.sh does) names it `deepseek-v3`. It writes the current MLA
+   layout: `attn_k_b` (W_UK transposed, per head) and `attn_v_b`.
+3. v3_noaux once more in the older layout (one `attn_kv_b` per layer, as converters before
+   mid-2025 wrote it), rewritten with gguf-py from the file of step 2.
+4. `tokens.json`: llama.cpp's own tokenizer (`llama-tokenize --ids`) on each file for a few
+   texts, which dsrun's tokenizer from the same file must reproduce.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "gguf"
+FAMILIES = ["v3_noaux", "v2_lite"]
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+TEXTS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog. 12345 apples!",
+    "  leading spaces\nand lines\n\n",
+    "naïve café, 東京 and ünïcödé",
+]
+# DeepSeek-V3's tokenizer.json pre-tokenizer (llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEEPSEEK3_LLM).
+PRE_TOKENIZER = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\p{N}{1,3}"}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"Regex": "[一-龥぀-ゟ゠-ヿ]+"}, "behavior": "Isolated", "invert": False},
+        {
+            "type": "Split",
+            "pattern": {
+                "Regex": "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"
+            },
+            "behavior": "Isolated",
+            "invert": False,
+        },
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "Hello world! Hello there, the world is wide and the sea is deep. " * 4,
+    "In the beginning there were tokens, and the tokens were merged. " * 4,
+]
+
+
+def tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.decoder = decoders.ByteLevel()
+    t = json.loads(tok.to_str())
+    assert len(t["model"]["vocab"]) == vocab_size, (len(t["model"]["vocab"]), vocab_size)
+    t["pre_tokenizer"] = PRE_TOKENIZER
+    return json.dumps(t, ensure_ascii=False)
+
+
+def convert(llama: Path, family: str, work: Path) -> Path:
+    src = work / family
+    src.mkdir()
+    fixture = ROOT / "tests" / "fixtures" / family
+    config = json.loads((fixture / "config.json").read_text())
+    shutil.copy(fixture / "config.json", src / "config.json")
+    shutil.copy(fixture / "model.safetensors", src / "model.safetensors")
+    (src / "tokenizer.json").write_text(tokenizer_json(config["vocab_size"]))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "add_eos_token": False, "chat_template": CHAT_TEMPLATE, "tokenizer_class": "LlamaTokenizerFast"}, ensure_ascii=False)
+    )
+    out = OUT / f"{family}-f32.gguf"
+    env = dict(os.environ, GGUF_PRE_FALLBACK="deepseek-v3")
+    subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(src), "--outtype", "f32", "--outfile", str(out)], check=True, env=env)
+    return out
+
+
+def older_layout(path: Path, out: Path) -> None:
+    """The file again with each layer's attn_k_b / attn_v_b joined back into attn_kv_b."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(out, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_array(name, value)
+        else:
+            writer.add_key_value(name, value, vtype)
+    tensors = {t.name: t for t in reader.tensors}
+    for t in reader.tensors:
+        if t.name.endswith("attn_v_b.weight"):
+            continue
+        if t.name.endswith("attn_k_b.weight"):
+            block = t.name[: -len("attn_k_b.weight")]
+            k_b = np.asarray(t.data)  # [heads, kv_lora, nope]: W_UK transposed per head
+            v_b = np.asarray(tensors[block + "attn_v_b.weight"].data)  # [heads, v, kv_lora]
+            kv_b = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1)  # [heads, nope + v, kv_lora]
+            writer.add_tensor(block + "attn_kv_b.weight", np.ascontiguousarray(kv_b.reshape(-1, kv_b.shape[-1])))
+            continue
+        writer.add_tensor(t.name, np.asarray(t.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_tokens(llama: Path, path: Path) -> list:
+    ids = []
+    for text in TEXTS:
+        out = subprocess.run([str(llama / "build" / "bin" / "llama-tokenize"), "-m", str(path), "-p", text, "--ids", "--log-disable"], check=True, capture_output=True, text=True).stdout
+        ids.append(json.loads(out.strip().splitlines()[-1]))
+    return ids
+
+
+def main() -> None:
+    llama = Path(sys.argv[1]).resolve()
+    OUT.mkdir(parents=True, exist_ok=True)
+    tokens = {"texts": TEXTS, "files": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for family in FAMILIES:
+            path = convert(llama, family, Path(work))
+            tokens["files"][path.name] = llama_tokens(llama, path)
+        older = OUT / "v3_noaux-kvb-f32.gguf"
+        older_layout(OUT / "v3_noaux-f32.gguf", older)
+        tokens["files"][older.name] = llama_tokens(llama, older)
+    (OUT / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
