@@ -21,6 +21,7 @@ fn lab() -> Lab<CpuBackend> {
 #[test]
 fn conformance_of_every_op_on_the_cpu_backend() {
     common::conformance::run_all(&mut lab(), "cpu backend");
+    common::conformance::block_formats(&mut lab(), "cpu backend");
 }
 
 /// The matmul kernels at every SIMD level this machine runs (the highest is the default; the
@@ -36,6 +37,7 @@ fn every_simd_level_gives_the_references_results() {
     for level in levels {
         let mut lab = Lab::new(CpuBackend::with_simd(level).unwrap()).unwrap();
         common::conformance::dense_and_moe(&mut lab, &format!("cpu backend, {}", level.name()));
+        common::conformance::block_formats(&mut lab, &format!("cpu backend, {}", level.name()));
     }
 }
 

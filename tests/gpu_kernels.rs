@@ -51,7 +51,7 @@ fn sixteen_byte_loads_where_rows_are_whole_units() {
         for dtype in FORMATS {
             for (rows, cols) in [(37, 300), (13, 129), (37, 160), (37, 512)] {
                 let gm = GpuMatrix::upload(r.ctx(), &[&matrix(dtype, rows, cols, 1)]).unwrap();
-                let wide = !cpu_shapes && dtype != DType::Q4 && (cols * dtype.format().bits as usize / 8).is_multiple_of(16);
+                let wide = !cpu_shapes && dtype != DType::Q4 && dtype.format().bytes(cols).is_multiple_of(16);
                 assert_eq!(r.builder().wide_loads(&gm), wide, "{dtype:?} {rows}x{cols}, CPU shapes {cpu_shapes}: 16-byte loads");
             }
         }

@@ -27,6 +27,13 @@ router, direct query, YaRN):
    mid-2025 wrote it), rewritten with gguf-py from the file of step 2.
 4. `tokens.json`: llama.cpp's own tokenizer (`llama-tokenize --ids`) on each file for a few
    texts, which dsrun's tokenizer from the same file must reproduce.
+5. Quantised files by `llama-quantize` (its default mix for the type: tensors whose rows do not
+   hold whole blocks fall back to F16, vectors stay F32), each with its own golden logits: the
+   file's tensors dequantised by gguf-py (from the same llama.cpp tree), mapped back to
+   Hugging Face names, in transformers' float32 model (tools/make_fixtures.py's
+   `reference_model`) on the family's golden tokens: `<file>.golden.safetensors`. Only
+   v3_noaux: this llama.cpp (0.3.36's) refuses to quantise a V2-Lite-shaped file of fewer than
+   27 layers (it then wants `q_lora_rank`).
 """
 
 import json
@@ -42,6 +49,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "gguf"
 FAMILIES = ["v3_noaux", "v2_lite"]
+# (source family, llama-quantize type) for the quantised fixtures.
+QUANTISED = [("v3_noaux", "Q8_0")]
+# GGUF block tensor names -> Hugging Face names (tools side of gguf/deepseek2.rs's table).
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_q_a.weight": "self_attn.q_a_proj.weight",
+    "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn_q_b.weight": "self_attn.q_b_proj.weight",
+    "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+    "ffn_gate_shexp.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_experts.down_proj.weight",
+}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -144,6 +175,50 @@ def older_layout(path: Path, out: Path) -> None:
     writer.close()
 
 
+def dequantised(path: Path) -> dict:
+    """The file's tensors as gguf-py dequantises them, under Hugging Face names (float32)."""
+    import gguf
+    import torch
+
+    reader = gguf.GGUFReader(path)
+    values = {t.name: torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).astype(np.float32)) for t in reader.tensors}
+    out = {}
+    for name, v in values.items():
+        if name in TOP_NAMES:
+            out[TOP_NAMES[name]] = v
+            continue
+        _, layer, rest = name.split(".", 2)
+        prefix = f"model.layers.{layer}"
+        if rest.startswith("ffn_") and rest.endswith("_exps.weight"):
+            projection = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}[rest.split("_")[1]]
+            for e in range(v.shape[0]):
+                out[f"{prefix}.mlp.experts.{e}.{projection}.weight"] = v[e]
+        elif rest == "attn_k_b.weight":
+            v_b = values[f"blk.{layer}.attn_v_b.weight"]  # [heads, v, kv_lora]
+            out[f"{prefix}.self_attn.kv_b_proj.weight"] = torch.cat([v.transpose(1, 2), v_b], dim=1).reshape(-1, v.shape[1])
+        elif rest != "attn_v_b.weight":
+            out[f"{prefix}.{LAYER_NAMES[rest]}"] = v
+    return out
+
+
+def quantised_golden(llama: Path, family: str, qtype: str) -> Path:
+    """`llama-quantize` of the family's f32 file, and its golden logits from gguf-py's values."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_fixtures import reference_logits
+
+    out = OUT / f"{family}-{qtype.lower()}.gguf"
+    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(OUT / f"{family}-f32.gguf"), str(out), qtype], check=True, capture_output=True)
+    fixture = ROOT / "tests" / "fixtures" / family
+    cfg = json.loads((fixture / "config.json").read_text())
+    tokens = load_file(fixture / "golden.safetensors")["tokens"]
+    logits = reference_logits(str(fixture), cfg, dequantised(out), tokens)
+    save_file({"tokens": tokens, "logits": logits.contiguous()}, out.with_suffix(".golden.safetensors"))
+    return out
+
+
 def llama_tokens(llama: Path, path: Path) -> list:
     ids = []
     for text in TEXTS:
@@ -163,6 +238,8 @@ def main() -> None:
         older = OUT / "v3_noaux-kvb-f32.gguf"
         older_layout(OUT / "v3_noaux-f32.gguf", older)
         tokens["files"][older.name] = llama_tokens(llama, older)
+        for family, qtype in QUANTISED:
+            quantised_golden(llama, family, qtype)
     (OUT / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=1) + "\n")
 
 

@@ -21,6 +21,17 @@ use dsrun::runtime::Lab;
 use dsrun::util::Choice;
 
 pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
+/// GGUF's block formats, so far run by the CPU backend alone (`block_formats`): rows of whole
+/// blocks, so each shape's columns are rounded up to one.
+pub const BLOCK_FORMATS: [DType; 1] = [DType::Q8_0];
+
+/// `cols` as a matrix of `dtype` can have it: whole blocks for the block formats.
+fn columns(dtype: DType, cols: usize) -> usize {
+    match dtype.format().is_block() {
+        true => cols.next_multiple_of(dtype.format().values as usize),
+        false => cols,
+    }
+}
 
 /// (rows, columns): rows not a multiple of 4 or of a 64-row tile; columns with a partial FP8
 /// block and lane sweep (300), rows not word-aligned in 16-bit formats (129), rows of whole
@@ -59,15 +70,23 @@ pub fn run_all<B: Backend>(lab: &mut Lab<B>, what: &str) {
 /// Every op but attention's: the matmul in every format, the embedding, norms, SwiGLU, the
 /// combine, argmax, the router and the expert matmuls.
 pub fn dense_and_moe<B: Backend>(lab: &mut Lab<B>, what: &str) {
-    matmul(lab, what);
+    matmul(lab, what, &FORMATS);
     fp8_codes(lab, what);
-    embed(lab, what);
+    embed(lab, what, &FORMATS);
     rms_norm(lab, what);
     silu_mul(lab, what);
     moe_combine(lab, what);
     argmax(lab, what);
     router(lab, what);
-    experts(lab, what);
+    experts(lab, what, &FORMATS);
+}
+
+/// The weight ops (matmul, embedding, expert matmuls) in GGUF's block formats, for a backend
+/// that runs them.
+pub fn block_formats<B: Backend>(lab: &mut Lab<B>, what: &str) {
+    matmul(lab, what, &BLOCK_FORMATS);
+    embed(lab, what, &BLOCK_FORMATS);
+    experts(lab, what, &BLOCK_FORMATS);
 }
 
 /// The attention layer of every fixture family (V3.2's with its indexer and sparse attention)
@@ -113,9 +132,10 @@ pub fn cache_tolerance(cache: CacheFormat) -> f32 {
 }
 
 /// `Matmul` in every format, shape and token count, plain, accumulating, and for the last row.
-pub fn matmul<B: Backend>(lab: &mut Lab<B>, what: &str) {
-    for dtype in FORMATS {
+pub fn matmul<B: Backend>(lab: &mut Lab<B>, what: &str, formats: &[DType]) {
+    for &dtype in formats {
         for (rows, cols) in SHAPES {
+            let cols = columns(dtype, cols);
             let m = matrix(dtype, rows, cols, 1);
             let w = lab.matrix(&[&m], true).unwrap();
             for n in TOKENS {
@@ -162,8 +182,8 @@ pub fn fp8_codes<B: Backend>(lab: &mut Lab<B>, what: &str) {
 }
 
 /// `Embed`: rows of a table in every format for the step's tokens (repeats, the last row).
-pub fn embed<B: Backend>(lab: &mut Lab<B>, what: &str) {
-    for dtype in FORMATS {
+pub fn embed<B: Backend>(lab: &mut Lab<B>, what: &str, formats: &[DType]) {
+    for &dtype in formats {
         let (vocab, dim) = (37, 160);
         let table = matrix(dtype, vocab, dim, 5);
         let w = lab.matrix(&[&table], true).unwrap();
@@ -262,14 +282,14 @@ pub fn router<B: Backend>(lab: &mut Lab<B>, what: &str) {
 
 /// `GroupExperts` and `ExpertMatmul` over stacked experts in every format, per slot and
 /// grouped, gate/up (k slots per token reading the token's row) and down (each slot its own).
-pub fn experts<B: Backend>(lab: &mut Lab<B>, what: &str) {
+pub fn experts<B: Backend>(lab: &mut Lab<B>, what: &str, formats: &[DType]) {
     // The grouping's buffers are the backend's, made with its target for a model's routing.
     let model = dsrun::model::Model::load(&super::fixture("v3_noaux")).unwrap();
     let c = &model.config;
     let target = lab.target(c, 32).unwrap();
     let (experts, k) = (c.n_routed_experts, c.num_experts_per_tok);
-    for dtype in FORMATS {
-        let (rows, cols) = (19, 150);
+    for &dtype in formats {
+        let (rows, cols) = (19, columns(dtype, 150));
         let stack: Vec<Matrix> = (0..experts).map(|e| matrix(dtype, rows, cols, 20 + e as u64)).collect();
         let w = lab.matrix(&stack.iter().collect::<Vec<_>>(), false).unwrap();
         for n in [1usize, 3, 9, 13] {

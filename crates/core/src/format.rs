@@ -35,19 +35,23 @@ pub struct Format {
     pub code: u32,
     /// Its name in the kernels: a WGSL `const` and a CUDA define.
     pub constant: &'static str,
-    /// Bits per element as stored (q4 packs two per byte, element i in the low nibble when even).
-    pub bits: u32,
+    /// How values are stored: `values` of them in `bytes` bytes (q4 packs two a byte, element i
+    /// in the low nibble when even; ggml's Q8_0 a block of 32 codes after its f16 scale).
+    pub values: u32,
+    pub bytes: u32,
     pub block: Block,
     pub scales: Scales,
 }
 
-pub const FORMATS: [Format; 6] = [
-    Format { dtype: DType::F32, code: 0, constant: "FORMAT_F32", bits: 32, block: Block::None, scales: Scales::None },
-    Format { dtype: DType::BF16, code: 1, constant: "FORMAT_BF16", bits: 16, block: Block::None, scales: Scales::None },
-    Format { dtype: DType::F16, code: 2, constant: "FORMAT_F16", bits: 16, block: Block::None, scales: Scales::None },
-    Format { dtype: DType::F8E4M3, code: 3, constant: "FORMAT_FP8", bits: 8, block: Block::Checkpoint { default: (128, 128) }, scales: Scales::Scale },
-    Format { dtype: DType::Q8, code: 4, constant: "FORMAT_Q8", bits: 8, block: Block::Fixed(1, GROUP), scales: Scales::Scale },
-    Format { dtype: DType::Q4, code: 5, constant: "FORMAT_Q4", bits: 4, block: Block::Fixed(1, GROUP), scales: Scales::ScaleMin },
+pub const FORMATS: [Format; 7] = [
+    Format { dtype: DType::F32, code: 0, constant: "FORMAT_F32", values: 1, bytes: 4, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::BF16, code: 1, constant: "FORMAT_BF16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::F16, code: 2, constant: "FORMAT_F16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::F8E4M3, code: 3, constant: "FORMAT_FP8", values: 1, bytes: 1, block: Block::Checkpoint { default: (128, 128) }, scales: Scales::Scale },
+    Format { dtype: DType::Q8, code: 4, constant: "FORMAT_Q8", values: 1, bytes: 1, block: Block::Fixed(1, GROUP), scales: Scales::Scale },
+    Format { dtype: DType::Q4, code: 5, constant: "FORMAT_Q4", values: 2, bytes: 1, block: Block::Fixed(1, GROUP), scales: Scales::ScaleMin },
+    // GGUF files' blocks, scales inside the stored bytes. CPU backend and reference only so far.
+    Format { dtype: DType::Q8_0, code: 6, constant: "FORMAT_Q8_0", values: 32, bytes: 34, block: Block::None, scales: Scales::None },
 ];
 
 impl DType {
@@ -67,9 +71,20 @@ impl Format {
         }
     }
 
-    /// Bytes `elements` elements take as stored.
+    /// Bytes `elements` elements take as stored (block formats: whole blocks).
     pub fn bytes(&self, elements: usize) -> usize {
-        (elements * self.bits as usize).div_ceil(8)
+        elements.div_ceil(self.values as usize) * self.bytes as usize
+    }
+
+    /// Elements in `bytes` stored bytes (whole blocks).
+    pub fn elements(&self, bytes: usize) -> usize {
+        bytes / self.bytes as usize * self.values as usize
+    }
+
+    /// Whether values are stored in blocks of several with their scale inside (GGUF formats),
+    /// so a row must hold whole blocks and cannot be cut inside one.
+    pub fn is_block(&self) -> bool {
+        self.values > 2
     }
 }
 

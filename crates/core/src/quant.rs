@@ -19,6 +19,9 @@ pub enum DType {
     /// 4-bit codes packed two per byte (element i in the low nibble when i is even), with an
     /// interleaved f32 (scale, min) pair per group of 32 columns: `w = q * s + m`.
     Q4,
+    /// ggml's Q8_0, as GGUF files store it: blocks of 32 values, each an f16 scale `d` then 32
+    /// int8 codes (34 bytes): `w = q * d`.
+    Q8_0,
 }
 
 /// Columns per quantisation group of the q8/q4 formats.
@@ -55,9 +58,11 @@ impl QuantTarget {
 }
 
 impl DType {
-    /// Bytes per element, rounded up (q4 packs two elements per byte), from the format table.
+    /// Bytes per element, rounded up (q4 packs two elements per byte), from the format table;
+    /// for block formats, a block's bytes (use [`crate::format::Format::bytes`] for counts).
     pub fn size_bytes(self) -> usize {
-        (self.format().bits as usize).div_ceil(8)
+        let f = self.format();
+        (f.bytes as usize).div_ceil(if f.is_block() { 1 } else { f.values as usize })
     }
 
     pub fn name(self) -> &'static str {
@@ -68,6 +73,7 @@ impl DType {
             DType::F8E4M3 => "F8_E4M3",
             DType::Q8 => "Q8",
             DType::Q4 => "Q4",
+            DType::Q8_0 => "Q8_0",
         }
     }
 }
@@ -98,7 +104,7 @@ pub fn fp8_table() -> &'static [f32; 256] {
 /// FP8 codes come out unscaled; block scales are the caller's business.
 #[inline(always)] // the CPU backend's kernels decode inside their SIMD-level code
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
-    debug_assert_eq!(bytes.len(), out.len() * dtype.size_bytes());
+    debug_assert_eq!(bytes.len(), dtype.format().bytes(out.len()));
     match dtype {
         DType::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -127,11 +133,23 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::Q4 => unreachable!("q4 rows are decoded with their group scales (Matrix::decode_row)"),
+        DType::Q8_0 => {
+            for (o, block) in out.chunks_mut(Q8_0_BLOCK).zip(bytes.chunks_exact(Q8_0_BYTES)) {
+                let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                for (o, &q) in o.iter_mut().zip(&block[2..]) {
+                    *o = q as i8 as f32 * d;
+                }
+            }
+        }
     }
 }
 
+/// Values in a ggml Q8_0 block, and its bytes (an f16 scale, then the codes).
+pub const Q8_0_BLOCK: usize = 32;
+pub const Q8_0_BYTES: usize = 34;
+
 pub fn decode_vec(dtype: DType, bytes: &[u8]) -> Vec<f32> {
-    let mut out = vec![0.0; bytes.len() / dtype.size_bytes()];
+    let mut out = vec![0.0; dtype.format().elements(bytes.len())];
     decode_into(dtype, bytes, &mut out);
     out
 }
@@ -217,7 +235,23 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
         DType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F8E4M3 => values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect(),
         DType::Q8 | DType::Q4 => unreachable!("q8/q4 need group scales: quantize_q8 / quantize_q4"),
+        DType::Q8_0 => encode_q8_0(values),
     }
+}
+
+/// ggml's Q8_0 of whole blocks of 32 values, as its reference `quantize_row_q8_0` rounds:
+/// `d = max |x| / 127` (stored as f16), codes `round(x / d)` with halves away from zero.
+fn encode_q8_0(values: &[f32]) -> Vec<u8> {
+    assert!(values.len().is_multiple_of(Q8_0_BLOCK), "Q8_0 takes whole blocks of {Q8_0_BLOCK}");
+    let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BYTES);
+    for block in values.chunks_exact(Q8_0_BLOCK) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(half::f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend(block.iter().map(|v| (v * inverse).round() as i8 as u8));
+    }
+    out
 }
 
 /// q8 of a `[rows, cols]` matrix: (codes, one scale per group of 32 columns of each row).

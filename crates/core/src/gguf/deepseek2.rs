@@ -234,6 +234,7 @@ fn dtype(t: &GgufTensor) -> Option<DType> {
         "F32" => Some(DType::F32),
         "F16" => Some(DType::F16),
         "BF16" => Some(DType::BF16),
+        "Q8_0" => Some(DType::Q8_0),
         _ => None,
     }
 }
@@ -276,10 +277,10 @@ fn expert_projection(rest: &str) -> Option<&'static str> {
 
 /// The file's tensors under dsrun's names (`map`: the whole file).
 fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
-    let unsupported: Vec<String> = g.bytes_by_type().iter().filter(|(name, _)| !matches!(*name, "F32" | "F16" | "BF16")).map(|(name, _)| name.to_string()).collect();
+    let unsupported: Vec<String> = g.bytes_by_type().iter().filter(|(name, _)| !matches!(*name, "F32" | "F16" | "BF16" | "Q8_0")).map(|(name, _)| name.to_string()).collect();
     if !unsupported.is_empty() {
         return Err(Error::Invalid(format!(
-            "holds {} tensors: dsrun runs GGUF files of F32, F16 and BF16 weights so far (the quantised formats are not supported yet; `dsrun inspect --model FILE` lists what the file holds)",
+            "holds {} tensors: dsrun runs GGUF files of F32, F16, BF16 and Q8_0 weights so far (the other quantised formats are not supported yet; `dsrun inspect --model FILE` lists what the file holds)",
             unsupported.join(", ")
         )));
     }
@@ -329,21 +330,22 @@ fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
         let [Some(k_b), Some(v_b)] = halves else {
             return Err(Error::Invalid(format!("block {layer} has one of `attn_k_b` and `attn_v_b` without the other")));
         };
-        let joined = join_kv_b(k_b, v_b, bytes)?;
-        let (shape, len) = (joined.1.clone(), joined.0.len());
-        shards.push((path.to_path_buf(), Arc::new(joined.0) as ShardBytes));
-        tensors.insert(format!("model.layers.{layer}.self_attn.kv_b_proj.weight"), TensorInfo::new(k_b.ty.name.to_string(), dtype(k_b), shape, shards.len() - 1, 0..len));
+        let (joined, joined_type, shape) = join_kv_b(k_b, v_b, bytes)?;
+        let len = joined.len();
+        shards.push((path.to_path_buf(), Arc::new(joined) as ShardBytes));
+        tensors.insert(format!("model.layers.{layer}.self_attn.kv_b_proj.weight"), TensorInfo::new(joined_type.name().to_string(), Some(joined_type), shape, shards.len() - 1, 0..len));
     }
     Checkpoint::from_parts(path.to_path_buf(), shards, tensors)
 }
 
 /// `attn_k_b` (`[heads, kv_lora, nope]`) and `attn_v_b` (`[heads, v, kv_lora]`) as one
 /// `kv_b_proj` (`[heads * (nope + v), kv_lora]`: per head, W_UK's `nope` rows then W_UV's `v`),
-/// value for value in their own format.
-fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>, Vec<usize>)> {
-    let size = match (dtype(k_b), dtype(v_b)) {
-        (Some(a), Some(b)) if a == b => a.size_bytes(),
-        _ => return Err(Error::Invalid(format!("`{}` is {} and `{}` {}: dsrun joins the two only when both are F32, F16 or BF16 alike", k_b.name, k_b.ty.name, v_b.name, v_b.ty.name))),
+/// value for value: in their own format where both share a float one, else decoded exactly to
+/// f32 (a quantised row of `attn_k_b` runs along W_UK's columns: it cannot be moved whole).
+/// Returns the bytes, their dtype and shape.
+fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>, DType, Vec<usize>)> {
+    let (Some(k_type), Some(v_type)) = (dtype(k_b), dtype(v_b)) else {
+        return Err(Error::Invalid(format!("`{}` is {} and `{}` {}: not formats dsrun reads", k_b.name, k_b.ty.name, v_b.name, v_b.ty.name)));
     };
     let (&[nope, rank, heads], &[rank_v, v, heads_v]) = (&k_b.dims[..], &v_b.dims[..]) else {
         return Err(Error::Invalid(format!("`{}` and `{}` are not three-dimensional", k_b.name, v_b.name)));
@@ -354,6 +356,14 @@ fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>
     let (nope, rank, heads, v) = (nope as usize, rank as usize, heads as usize, v as usize);
     let k = &file[k_b.start as usize..(k_b.start + k_b.bytes) as usize];
     let vb = &file[v_b.start as usize..(v_b.start + v_b.bytes) as usize];
+    let plain = |d: DType| !d.format().is_block();
+    let (k, vb, joined) = if k_type == v_type && plain(k_type) {
+        (std::borrow::Cow::Borrowed(k), std::borrow::Cow::Borrowed(vb), k_type)
+    } else {
+        let f32s = |d: DType, bytes: &[u8]| -> Vec<u8> { crate::quant::decode_vec(d, bytes).iter().flat_map(|v| v.to_le_bytes()).collect() };
+        (std::borrow::Cow::Owned(f32s(k_type, k)), std::borrow::Cow::Owned(f32s(v_type, vb)), DType::F32)
+    };
+    let size = joined.size_bytes();
     let mut out = Vec::with_capacity(heads * (nope + v) * rank * size);
     for h in 0..heads {
         // W_UK row i, column c is k_b[h][c][i].
@@ -366,5 +376,5 @@ fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>
         let at = h * v * rank * size;
         out.extend_from_slice(&vb[at..at + v * rank * size]);
     }
-    Ok((out, vec![heads * (nope + v), rank]))
+    Ok((out, joined, vec![heads * (nope + v), rank]))
 }

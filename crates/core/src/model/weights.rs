@@ -63,7 +63,7 @@ impl Matrix {
             }
             return;
         }
-        let width = self.cols * self.dtype.size_bytes();
+        let width = self.dtype.format().bytes(self.cols);
         quant::decode_into(self.dtype, &data[r * width..(r + 1) * width], out);
         if let Some(s) = &self.scales {
             let grid_row = &s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols];
@@ -114,8 +114,8 @@ impl Matrix {
     /// Rows `row0 .. row0 + rows` as a matrix of their own (FP8: row0 on a scale-block boundary;
     /// q4: an even element offset).
     pub fn row_slice(&self, row0: usize, rows: usize) -> Matrix {
-        let bits = self.dtype.format().bits as usize;
-        let (start, end) = (row0 * self.cols * bits / 8, (row0 + rows) * self.cols * bits / 8);
+        let format = self.dtype.format();
+        let (start, end) = (format.bytes(row0 * self.cols), format.bytes((row0 + rows) * self.cols));
         let scales = self.scales.as_ref().map(|s| {
             let per_row = if self.dtype == DType::Q4 { 2 * s.grid_cols } else { s.grid_cols };
             let (g0, g1) = (row0 / s.block_rows, (row0 + rows).div_ceil(s.block_rows));
@@ -327,6 +327,41 @@ impl Weights {
             FeedForward::Dense(_) => None,
         });
         main.chain(mtp).collect()
+    }
+
+    /// The element types of every matrix (the MTP layer's included), each once.
+    pub fn dtypes(&self) -> Vec<DType> {
+        let mut seen = Vec::new();
+        let mut note = |m: &Matrix| {
+            if !seen.contains(&m.dtype) {
+                seen.push(m.dtype);
+            }
+        };
+        let layer = |l: &Layer, note: &mut dyn FnMut(&Matrix)| {
+            let a = &l.attention;
+            match &a.q {
+                QueryProjection::LowRank { a, b, .. } => [a, b].into_iter().for_each(&mut *note),
+                QueryProjection::Direct(q) => note(q),
+            }
+            [&a.kv_a, &a.kv_b, &a.o].into_iter().for_each(&mut *note);
+            if let Some(ix) = &a.indexer {
+                [&ix.wq_b, &ix.wk, &ix.weights_proj].into_iter().for_each(&mut *note);
+            }
+            match &l.ffn {
+                FeedForward::Dense(mlp) => mlp.matrices().into_iter().for_each(&mut *note),
+                FeedForward::Moe(moe) => {
+                    note(&moe.router);
+                    moe.experts.iter().chain(&moe.shared).flat_map(Mlp::matrices).for_each(&mut *note);
+                }
+            }
+        };
+        [&self.embed, &self.lm_head].into_iter().for_each(&mut note);
+        self.layers.iter().for_each(|l| layer(l, &mut note));
+        if let Some(mtp) = &self.mtp {
+            [&mtp.embed, &mtp.eh_embed, &mtp.eh_hidden, &mtp.head].into_iter().for_each(&mut note);
+            layer(&mtp.layer, &mut note);
+        }
+        seen
     }
 
     /// Looks up and checks every tensor the model needs. Returns the weights and the names of

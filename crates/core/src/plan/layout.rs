@@ -97,7 +97,7 @@ impl SlotLayout {
     pub fn new(template: &Matrix) -> SlotLayout {
         let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(4);
         let scale_values = template.scales.as_ref().map_or(0, |s| s.values.len());
-        let expert_stride = data_stride as usize * 8 / template.dtype.format().bits as usize;
+        let expert_stride = template.dtype.format().elements(data_stride as usize);
         let (grid_cols, block_rows, block_cols) = match &template.scales {
             Some(s) => (s.grid_cols, s.block_rows, s.block_cols),
             None => (1, 1, 1),

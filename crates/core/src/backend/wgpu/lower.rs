@@ -325,7 +325,7 @@ impl Builder {
     /// of every expert and slot starts on one). A matrix decides alike resident, streamed or in
     /// chunks, so each row's sums keep one order.
     pub fn wide_loads(&self, w: &GpuMatrix) -> bool {
-        !self.ctx.cpu_shapes && w.whole_words && w.format != DType::Q4 && (w.cols * w.format.format().bits as usize / 8).is_multiple_of(16)
+        !self.ctx.cpu_shapes && w.whole_words && w.format != DType::Q4 && w.format.format().bytes(w.cols).is_multiple_of(16)
     }
 
     /// The tiled prefill GEMM (gemm.wgsl) of one row chunk: 64 rows by GEMM_TOKENS tokens per
