@@ -14,6 +14,7 @@ use dsrun::device::GpuChoice;
 use dsrun::engine::Steps;
 use dsrun::gguf::{deepseek2, Gguf, Value};
 use dsrun::model::Logits;
+use dsrun::quant::DType;
 use dsrun::util::Choice;
 use std::path::PathBuf;
 
@@ -129,10 +130,7 @@ fn bad_metadata_is_refused_by_name() {
 #[test]
 fn a_q8_0_file_matches_its_dequantised_reference() {
     let path = gguf("v3_noaux-q8_0");
-    let bytes = std::fs::read(fixture("gguf").join("v3_noaux-q8_0.golden.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tokens: Vec<u32> = st.tensor("tokens").unwrap().data().chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
-    let want: Vec<f32> = st.tensor("logits").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let (tokens, want) = golden_of("v3_noaux-q8_0");
     let vocab = want.len() / tokens.len();
     let formats = tables("v3_noaux-q8_0").bytes_by_type();
     assert!(formats.iter().any(|(t, _)| *t == "Q8_0") && formats.iter().any(|(t, _)| *t == "F16"), "{formats:?}");
@@ -155,21 +153,102 @@ fn a_q8_0_file_matches_its_dequantised_reference() {
     assert!(error < 0.35, "{error}");
 }
 
+/// `formats.safetensors` (tools/make_gguf_fixtures.py): for each ggml type llama-quantize
+/// wrote, two rows as stored and gguf-py's dequantisation of them.
+fn format_samples() -> Vec<(DType, Vec<u8>, Vec<f32>, usize)> {
+    let bytes = std::fs::read(fixture("gguf").join("formats.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        let Some(ty) = name.strip_suffix(".bytes") else { continue };
+        let dtype = DType::from_ggml(ty).unwrap_or_else(|| panic!("{ty}: a ggml type dsrun reads"));
+        let values = st.tensor(&format!("{ty}.values")).unwrap();
+        let cols = values.shape()[1];
+        let values: Vec<f32> = values.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        out.push((dtype, view.data().to_vec(), values, cols));
+    }
+    out.sort_by_key(|(d, ..)| d.name());
+    out
+}
+
+/// Every GGUF block format dsrun reads decodes llama-quantize's own blocks to exactly the
+/// values gguf-py gives (the independent reference: its numpy decoders), and the CPU backend's
+/// matmul on those rows equals the reference's at every SIMD level.
+#[test]
+fn every_format_decodes_as_gguf_py_and_multiplies_on_the_cpu_backend() {
+    use dsrun::backend::cpu::{CpuBackend, Simd};
+    use dsrun::model::weights::Matrix;
+    let samples = format_samples();
+    let names: Vec<&str> = samples.iter().map(|(d, ..)| d.name()).collect();
+    assert_eq!(names, ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]);
+    for (dtype, bytes, want, cols) in &samples {
+        let got = dsrun::quant::decode_vec(*dtype, bytes);
+        assert_eq!(got.len(), want.len(), "{dtype:?}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(g.to_bits() == w.to_bits(), "{dtype:?} value {i}: dsrun {g}, gguf-py {w}");
+        }
+        let m = Matrix { name: dtype.name().into(), rows: 2, cols: *cols, dtype: *dtype, data: dsrun::checkpoint::TensorBytes::from_vec(bytes.clone()), scales: None };
+        let x = random(7, 3 * cols);
+        let reference = dsrun::model::math::matmul(&m, &x, 3);
+        for simd in Simd::available() {
+            let mut lab = dsrun::runtime::Lab::new(CpuBackend::with_simd(simd).unwrap()).unwrap();
+            let w = lab.matrix(&[&m], true).unwrap();
+            for n in [1, 3] {
+                let xb = lab.input(&x[..n * cols]).unwrap();
+                let y = lab.zeros(2 * n).unwrap();
+                let ops = lab.lower(&[dsrun::plan::Op::Matmul { w, x: xb, y, rows: dsrun::plan::Rows::All, accumulate: false }]).unwrap();
+                lab.run(&ops, n as u32).unwrap();
+                let got = lab.read_f32(y, 2 * n).unwrap();
+                let err = relative_error(&got, &reference[..2 * n]);
+                assert!(err <= 1e-5, "{dtype:?} at {} with {n} tokens: relative error {err:e}", simd.name());
+            }
+        }
+    }
+}
+
+/// llama-quantize's Q4_K_M of a model whose rows are whole 256-blocks (Q4_K and Q6_K, with
+/// Q5_0 where they are not): logits within 1e-3 of transformers on gguf-py's dequantisation,
+/// on the reference and the CPU backend.
+#[test]
+fn a_q4_k_m_file_matches_its_dequantised_reference() {
+    let path = gguf("kq-q4_k_m");
+    let formats = tables("kq-q4_k_m").bytes_by_type();
+    assert!(["Q4_K", "Q6_K"].iter().all(|t| formats.iter().any(|(f, _)| f == t)), "{formats:?}");
+    let (tokens, want) = golden_of("kq-q4_k_m");
+    let vocab = want.len() / tokens.len();
+    for device in [GpuChoice::Reference, GpuChoice::Cpu] {
+        let mut engine = EngineBuilder::open(&path).unwrap().device(device).context(Some(tokens.len())).build().unwrap().engine;
+        let logits = engine.forward(&tokens, Logits::All).unwrap();
+        eprintln!("Q4_K_M on {}: relative error {:e}", engine.device_name(), relative_error(&logits, &want));
+        assert_logits_match(&format!("Q4_K_M on {}", engine.device_name()), &logits, &want, vocab, 1e-3);
+    }
+}
+
+/// A quantised file's golden tokens and logits (`<file>.golden.safetensors`).
+fn golden_of(file: &str) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(fixture("gguf").join(format!("{file}.golden.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tokens = st.tensor("tokens").unwrap().data().chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let logits = st.tensor("logits").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (tokens, logits)
+}
+
 /// A quantised file is refused naming its formats (until they run), and the CLI says so with a
 /// non-zero exit rather than running anything.
 #[test]
 fn a_file_of_unsupported_formats_is_refused_by_name() {
     let mut bytes = std::fs::read(gguf("v3_noaux-f32")).unwrap();
     let g = Gguf::parse(&bytes).unwrap();
-    // Retype one f32 vector as Q4_0 (a 64-value row is 2 blocks of 18 bytes, 36 of its 256;
-    // the rest of the range is padding) by editing its type id.
+    // Retype one f32 vector as Q8_1 (ggml's activation format, which no model file holds: a
+    // 64-value row is 2 blocks of 36 bytes, 72 of its 256; the rest of the range is padding)
+    // by editing its type id.
     let t = g.tensors.iter().find(|t| t.name == "blk.0.attn_norm.weight").unwrap();
     let name_at = bytes.windows(t.name.len()).position(|w| w == t.name.as_bytes()).unwrap();
     let type_at = name_at + t.name.len() + 4 + 8 * t.dims.len();
-    bytes[type_at..type_at + 4].copy_from_slice(&2u32.to_le_bytes());
+    bytes[type_at..type_at + 4].copy_from_slice(&9u32.to_le_bytes());
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q4_0.gguf");
+    let path = dir.path().join("q8_1.gguf");
     std::fs::write(&path, &bytes).unwrap();
     let e = EngineBuilder::open(&path).unwrap().model().map(|_| ()).unwrap_err().to_string();
-    assert!(e.contains("Q4_0") && e.contains("not supported yet"), "{e}");
+    assert!(e.contains("Q8_1") && e.contains("not supported yet"), "{e}");
 }

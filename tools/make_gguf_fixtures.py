@@ -34,6 +34,13 @@ router, direct query, YaRN):
    `reference_model`) on the family's golden tokens: `<file>.golden.safetensors`. Only
    v3_noaux: this llama.cpp (0.3.36's) refuses to quantise a V2-Lite-shaped file of fewer than
    27 layers (it then wants `q_lora_rank`).
+6. The K-quants need rows of 256: a small V3-shaped model whose rows are whole 256-blocks (`kq`,
+   random f32 weights by tools/make_fixtures.py's `build`) converted to f32 and quantised by
+   `llama-quantize` to Q4_K_M (Q4_K and Q6_K, F16/Q8_0/Q5_0 fallbacks) with its golden logits
+   as in step 5, and to every other type this llama.cpp makes without an importance matrix.
+   `formats.safetensors`: for each ggml type met, the first two rows of the first tensor of
+   that type (`<TYPE>.bytes`, as stored) and gguf-py's dequantisation of them (`<TYPE>.values`,
+   f32 [2, cols]): each decoder in dsrun is checked against gguf-py's on llama.cpp's own output.
 """
 
 import json
@@ -49,8 +56,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "gguf"
 FAMILIES = ["v3_noaux", "v2_lite"]
-# (source family, llama-quantize type) for the quantised fixtures.
-QUANTISED = [("v3_noaux", "Q8_0")]
+# (source family, llama-quantize type) for the quantised fixtures with golden logits.
+QUANTISED = [("v3_noaux", "Q8_0"), ("kq", "Q4_K_M")]
+# llama-quantize types whose tensors feed formats.safetensors (no importance matrix needed).
+FORMAT_SOURCES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
+# A V3 shape whose matrices' rows are whole 256-value K-quant blocks (attn_k_b's are not: F16).
+KQ_FAMILY = dict(
+    storage="f32",
+    config=dict(
+        model_type="deepseek_v3", vocab_size=320, hidden_size=256, intermediate_size=256,
+        moe_intermediate_size=256, num_hidden_layers=2, first_k_dense_replace=1,
+        num_attention_heads=2, q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=32,
+        qk_rope_head_dim=32, v_head_dim=128, n_routed_experts=4, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, norm_topk_prob=True,
+        routed_scaling_factor=2.5, scoring_func="sigmoid", topk_method="noaux_tc",
+        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+)
 # GGUF block tensor names -> Hugging Face names (tools side of gguf/deepseek2.rs's table).
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -124,10 +146,11 @@ def tokenizer_json(vocab_size: int) -> str:
     return json.dumps(t, ensure_ascii=False)
 
 
-def convert(llama: Path, family: str, work: Path) -> Path:
+def convert(llama: Path, family: str, work: Path, fixture: Path | None = None) -> Path:
+    """`family`'s checkpoint (tests/fixtures/<family>, or `fixture`) as an f32 GGUF in OUT."""
     src = work / family
-    src.mkdir()
-    fixture = ROOT / "tests" / "fixtures" / family
+    src.mkdir(parents=True)
+    fixture = fixture or ROOT / "tests" / "fixtures" / family
     config = json.loads((fixture / "config.json").read_text())
     shutil.copy(fixture / "config.json", src / "config.json")
     shutil.copy(fixture / "model.safetensors", src / "model.safetensors")
@@ -201,22 +224,46 @@ def dequantised(path: Path) -> dict:
     return out
 
 
-def quantised_golden(llama: Path, family: str, qtype: str) -> Path:
+def quantise(llama: Path, source: Path, out: Path, qtype: str) -> Path:
+    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(source), str(out), qtype], check=True, capture_output=True)
+    return out
+
+
+def quantised_golden(llama: Path, family: str, qtype: str, source: Path, fixture: Path) -> Path:
     """`llama-quantize` of the family's f32 file, and its golden logits from gguf-py's values."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_fixtures import reference_logits
 
-    out = OUT / f"{family}-{qtype.lower()}.gguf"
-    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(OUT / f"{family}-f32.gguf"), str(out), qtype], check=True, capture_output=True)
-    fixture = ROOT / "tests" / "fixtures" / family
+    out = quantise(llama, source, OUT / f"{family}-{qtype.lower()}.gguf", qtype)
     cfg = json.loads((fixture / "config.json").read_text())
     tokens = load_file(fixture / "golden.safetensors")["tokens"]
     logits = reference_logits(str(fixture), cfg, dequantised(out), tokens)
     save_file({"tokens": tokens, "logits": logits.contiguous()}, out.with_suffix(".golden.safetensors"))
+    os.chmod(out.with_suffix(".golden.safetensors"), 0o644)
     return out
+
+
+def formats(files: list) -> None:
+    """formats.safetensors: two rows of the first tensor of each ggml type met in `files`."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+
+    out = {}
+    for path in files:
+        for t in gguf.GGUFReader(path).tensors:
+            name = t.tensor_type.name
+            if name in ("F32", "F16") or f"{name}.bytes" in out or len(t.data.shape) < 2:
+                continue
+            rows = np.ascontiguousarray(t.data.reshape(-1, t.data.shape[-1])[:2])
+            values = gguf.quants.dequantize(rows, t.tensor_type).astype(np.float32)
+            out[f"{name}.bytes"] = torch.from_numpy(rows.view(np.uint8).reshape(-1).copy())
+            out[f"{name}.values"] = torch.from_numpy(np.ascontiguousarray(values))
+    save_file(out, OUT / "formats.safetensors")
+    os.chmod(OUT / "formats.safetensors", 0o644)
+    print("formats:", sorted(k[: -len(".bytes")] for k in out if k.endswith(".bytes")))
 
 
 def llama_tokens(llama: Path, path: Path) -> list:
@@ -238,8 +285,18 @@ def main() -> None:
         older = OUT / "v3_noaux-kvb-f32.gguf"
         older_layout(OUT / "v3_noaux-f32.gguf", older)
         tokens["files"][older.name] = llama_tokens(llama, older)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from make_fixtures import build
+
+        build("kq", KQ_FAMILY, work, 0, 1.0)
+        kq = Path(work) / "kq"
+        kq_f32 = convert(llama, "kq", Path(work) / "src", kq)
         for family, qtype in QUANTISED:
-            quantised_golden(llama, family, qtype)
+            fixture = kq if family == "kq" else ROOT / "tests" / "fixtures" / family
+            quantised_golden(llama, family, qtype, OUT / f"{family}-f32.gguf", fixture)
+        sources = [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q) for q in FORMAT_SOURCES]
+        formats(sources)
+        kq_f32.unlink()  # not a fixture itself (the Q4_K_M file is)
     (OUT / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=1) + "\n")
 
 

@@ -43,7 +43,7 @@ pub struct Format {
     pub scales: Scales,
 }
 
-pub const FORMATS: [Format; 7] = [
+pub const FORMATS: [Format; 18] = [
     Format { dtype: DType::F32, code: 0, constant: "FORMAT_F32", values: 1, bytes: 4, block: Block::None, scales: Scales::None },
     Format { dtype: DType::BF16, code: 1, constant: "FORMAT_BF16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
     Format { dtype: DType::F16, code: 2, constant: "FORMAT_F16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
@@ -52,12 +52,30 @@ pub const FORMATS: [Format; 7] = [
     Format { dtype: DType::Q4, code: 5, constant: "FORMAT_Q4", values: 2, bytes: 1, block: Block::Fixed(1, GROUP), scales: Scales::ScaleMin },
     // GGUF files' blocks, scales inside the stored bytes. CPU backend and reference only so far.
     Format { dtype: DType::Q8_0, code: 6, constant: "FORMAT_Q8_0", values: 32, bytes: 34, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q4_0, code: 7, constant: "FORMAT_Q4_0", values: 32, bytes: 18, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q4_1, code: 8, constant: "FORMAT_Q4_1", values: 32, bytes: 20, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q5_0, code: 9, constant: "FORMAT_Q5_0", values: 32, bytes: 22, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q5_1, code: 10, constant: "FORMAT_Q5_1", values: 32, bytes: 24, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q2_K, code: 11, constant: "FORMAT_Q2_K", values: 256, bytes: 84, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q3_K, code: 12, constant: "FORMAT_Q3_K", values: 256, bytes: 110, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q4_K, code: 13, constant: "FORMAT_Q4_K", values: 256, bytes: 144, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q5_K, code: 14, constant: "FORMAT_Q5_K", values: 256, bytes: 176, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::Q6_K, code: 15, constant: "FORMAT_Q6_K", values: 256, bytes: 210, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ4_NL, code: 16, constant: "FORMAT_IQ4_NL", values: 32, bytes: 18, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ4_XS, code: 17, constant: "FORMAT_IQ4_XS", values: 256, bytes: 136, block: Block::None, scales: Scales::None },
 ];
 
 impl DType {
     /// This element type's row of the format table.
     pub fn format(self) -> &'static Format {
         FORMATS.iter().find(|f| f.dtype == self).expect("every dtype has a row in FORMATS")
+    }
+
+    /// The dtype of a ggml type name (`Q4_K`), where dsrun reads it: the float ones and the
+    /// block formats (dsrun's own q8/q4 and FP8 are no ggml types).
+    pub fn from_ggml(name: &str) -> Option<DType> {
+        let ggml = |d: &DType| matches!(d, DType::F32 | DType::F16 | DType::BF16) || d.format().is_block();
+        FORMATS.iter().map(|f| f.dtype).filter(ggml).find(|d| d.name() == name)
     }
 }
 

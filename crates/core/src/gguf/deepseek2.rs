@@ -230,13 +230,7 @@ impl Meta<'_> {
 
 /// The dtype dsrun reads a ggml type as, where it runs it.
 fn dtype(t: &GgufTensor) -> Option<DType> {
-    match t.ty.name {
-        "F32" => Some(DType::F32),
-        "F16" => Some(DType::F16),
-        "BF16" => Some(DType::BF16),
-        "Q8_0" => Some(DType::Q8_0),
-        _ => None,
-    }
+    DType::from_ggml(t.ty.name)
 }
 
 /// The Hugging Face name of a non-expert tensor of block `layer` (`blk.{layer}.{rest}`).
@@ -277,11 +271,13 @@ fn expert_projection(rest: &str) -> Option<&'static str> {
 
 /// The file's tensors under dsrun's names (`map`: the whole file).
 fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
-    let unsupported: Vec<String> = g.bytes_by_type().iter().filter(|(name, _)| !matches!(*name, "F32" | "F16" | "BF16" | "Q8_0")).map(|(name, _)| name.to_string()).collect();
+    let unsupported: Vec<String> = g.bytes_by_type().iter().filter(|(name, _)| DType::from_ggml(name).is_none()).map(|(name, _)| name.to_string()).collect();
     if !unsupported.is_empty() {
+        let known: Vec<&str> = crate::format::FORMATS.iter().map(|f| f.dtype).filter(|d| DType::from_ggml(d.name()).is_some()).map(DType::name).collect();
         return Err(Error::Invalid(format!(
-            "holds {} tensors: dsrun runs GGUF files of F32, F16, BF16 and Q8_0 weights so far (the other quantised formats are not supported yet; `dsrun inspect --model FILE` lists what the file holds)",
-            unsupported.join(", ")
+            "holds {} tensors: not supported yet (dsrun runs GGUF weights in {}; `dsrun inspect --model FILE` lists what the file holds)",
+            unsupported.join(", "),
+            known.join(", ")
         )));
     }
     let mut shards: Vec<(PathBuf, ShardBytes)> = vec![(path.to_path_buf(), map.clone())];

@@ -415,7 +415,8 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
             return unsafe { dot_q4::<V>(row, x, &groups.values[r * groups.grid_cols * 2..][..groups.grid_cols * 2], groups.block_cols) };
         }
     }
-    if matches!(m.dtype, DType::F16 | DType::Q4) {
+    // f16, q4 of odd groups and the GGUF block formats but Q8_0: decoded, then dotted.
+    if matches!(m.dtype, DType::F16 | DType::Q4) || (m.dtype.format().is_block() && m.dtype != DType::Q8_0) {
         m.decode_row(r, scratch);
         // SAFETY: the caller's contract.
         return unsafe { dot_run::<V, F32s>(bytemuck::cast_slice(scratch), x, table) };
@@ -434,7 +435,7 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
             DType::BF16 => dot_scaled::<V, Bf16s>(row, x, scales, table),
             DType::F8E4M3 => dot_scaled::<V, Fp8s>(row, x, scales, table),
             DType::Q8 => dot_scaled::<V, Q8s>(row, x, scales, table),
-            DType::F16 | DType::Q4 | DType::Q8_0 => unreachable!("decoded above"),
+            _ => unreachable!("decoded above"),
         }
     }
 }

@@ -6,9 +6,12 @@
 
 use std::sync::OnceLock;
 
+mod ggml;
+
 /// Element types of weight matrices: the checkpoint formats dsrun reads, plus the two formats it
 /// quantises to at load (`--quant q8|q4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // ggml's names for its formats, as GGUF files and llama.cpp users write them
 pub enum DType {
     F32,
     F16,
@@ -22,6 +25,19 @@ pub enum DType {
     /// ggml's Q8_0, as GGUF files store it: blocks of 32 values, each an f16 scale `d` then 32
     /// int8 codes (34 bytes): `w = q * d`.
     Q8_0,
+    /// llama.cpp's other block formats as GGUF files store them (`ggml_quants` decodes them):
+    /// the 32-value legacy ones and IQ4_NL, the 256-value K-quants and IQ4_XS.
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 /// Columns per quantisation group of the q8/q4 formats.
@@ -74,6 +90,17 @@ impl DType {
             DType::Q8 => "Q8",
             DType::Q4 => "Q4",
             DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::IQ4_NL => "IQ4_NL",
+            DType::IQ4_XS => "IQ4_XS",
         }
     }
 }
@@ -133,14 +160,7 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             }
         }
         DType::Q4 => unreachable!("q4 rows are decoded with their group scales (Matrix::decode_row)"),
-        DType::Q8_0 => {
-            for (o, block) in out.chunks_mut(Q8_0_BLOCK).zip(bytes.chunks_exact(Q8_0_BYTES)) {
-                let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-                for (o, &q) in o.iter_mut().zip(&block[2..]) {
-                    *o = q as i8 as f32 * d;
-                }
-            }
-        }
+        _ => ggml::decode(dtype, bytes, out),
     }
 }
 
@@ -236,6 +256,7 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
         DType::F8E4M3 => values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect(),
         DType::Q8 | DType::Q4 => unreachable!("q8/q4 need group scales: quantize_q8 / quantize_q4"),
         DType::Q8_0 => encode_q8_0(values),
+        _ => unreachable!("{dtype:?}: dsrun reads it, it does not write it"),
     }
 }
 
