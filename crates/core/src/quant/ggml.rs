@@ -14,11 +14,13 @@ const QK_K: usize = 256;
 /// `kvalues_iq4nl`: IQ4_NL's and IQ4_XS's 16 levels.
 const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn f16(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// The 6-bit scale and min `j` of a Q4_K / Q5_K block's 12 packed bytes (`get_scale_min_k4`).
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (d, m) = if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) };
     (d as f32, m as f32)
@@ -28,6 +30,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
 ///
 /// # Panics
 /// If `dtype` is not a GGUF block format, or `bytes` and `out` are not whole blocks of it.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     let f = dtype.format();
     let (values, size) = (f.values as usize, f.bytes as usize);
@@ -51,6 +54,7 @@ pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
 
 /// The 32-value formats: `d` (and `m`), a fifth bit per value where the format has one,
 /// nibbles low half first (`dequantize_row_q4_0` .. `q5_1`, `iq4_nl`).
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn legacy(dtype: DType, b: &[u8], y: &mut [f32]) {
     let d = f16(b, 0);
     let with_min = matches!(dtype, DType::Q4_1 | DType::Q5_1);
@@ -89,6 +93,7 @@ fn legacy(dtype: DType, b: &[u8], y: &mut [f32]) {
 }
 
 /// Q2_K: scales[16] (4-bit scale, 4-bit min), qs[64], d, dmin.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn q2_k(b: &[u8], y: &mut [f32]) {
     let (scales, qs, d, min) = (&b[0..16], &b[16..80], f16(b, 80), f16(b, 82));
     let (mut is, mut out) = (0, 0);
@@ -109,6 +114,7 @@ fn q2_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q3_K: hmask[32], qs[64], scales[12] (6-bit, unpacked as ggml's kmask dance), d.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn q3_k(b: &[u8], y: &mut [f32]) {
     let (hmask, qs, packed, d) = (&b[0..32], &b[32..96], &b[96..108], f16(b, 108));
     let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
@@ -136,6 +142,7 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// Q4_K (d, dmin, scales[12], qs[128]) and Q5_K (the same with qh[32] before qs).
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn q45_k(five: bool, b: &[u8], y: &mut [f32]) {
     let (d, min, scales) = (f16(b, 0), f16(b, 2), &b[4..16]);
     let (qh, ql) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
@@ -155,6 +162,7 @@ fn q45_k(five: bool, b: &[u8], y: &mut [f32]) {
 }
 
 /// Q6_K: ql[128], qh[64], scales[16] (i8), d.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn q6_k(b: &[u8], y: &mut [f32]) {
     let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16(b, 208));
     for n in 0..QK_K / 128 {
@@ -174,6 +182,7 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// IQ4_XS: d, scales_h (u16), scales_l[4], qs[128]: 8 sub-blocks of 32 with 6-bit scales.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
 fn iq4_xs(b: &[u8], y: &mut [f32]) {
     let (d, scales_h, scales_l, qs) = (f16(b, 0), u16::from_le_bytes([b[2], b[3]]), &b[4..8], &b[8..136]);
     for (ib, chunk) in y.chunks_exact_mut(32).enumerate() {

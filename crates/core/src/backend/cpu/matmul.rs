@@ -9,8 +9,10 @@
 //! not on memory.
 
 use super::bf16;
+use super::gguf_dot;
 use super::input::{Input, Int8, GROUP};
 use super::vector::{dispatch, AtLevel, Simd, Vector, LANES};
+use super::vector::{prefetch_line, PREFETCH_AHEAD};
 use crate::model::weights::Matrix;
 use crate::plan::budget::Math;
 use crate::quant::{fp8_table, DType};
@@ -367,29 +369,12 @@ unsafe fn int8_dot<V: Vector, const Q4: bool, const HALF: bool>(row: &[u8], k: u
     }
 }
 
-/// Bytes ahead of the loads a row's dot prefetches. The hardware prefetcher alone left decode
-/// at ~115 tok/s on the 0.58B synth (2 threads); 256 bytes ahead reached ~135, while 640 and
-/// more fell below 120 (rows are 0.7-2 KiB: far prefetches land in rows another thread reads).
-const PREFETCH_AHEAD: usize = 256;
-
 /// Prefetches the cache lines `PREFETCH_AHEAD` bytes past the `4 * LANES` values from `k` on.
 #[inline(always)]
 fn prefetch<D: Decode>(w: &[u8], k: usize) {
     for line in 0..D::BYTES {
         prefetch_line(w.as_ptr().wrapping_add(k * D::BYTES + PREFETCH_AHEAD + 64 * line));
     }
-}
-
-/// Prefetches the cache line at `p` (x86-64; a hint elsewhere left to the hardware).
-#[inline(always)]
-fn prefetch_line(p: *const u8) {
-    // SAFETY: a prefetch is a hint: it never faults, whatever the address.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// Row `r` of `m` dotted with the input, fused from the stored bytes (in the input's layout for
@@ -415,8 +400,12 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
             return unsafe { dot_q4::<V>(row, x, &groups.values[r * groups.grid_cols * 2..][..groups.grid_cols * 2], groups.block_cols) };
         }
     }
-    // f16, q4 of odd groups and the GGUF block formats but Q8_0: decoded, then dotted.
-    if matches!(m.dtype, DType::F16 | DType::Q4) || (m.dtype.format().is_block() && m.dtype != DType::Q8_0) {
+    if gguf_dot::takes(m.dtype) {
+        let width = m.dtype.format().bytes(m.cols);
+        // SAFETY: the caller's contract.
+        return unsafe { gguf_dot::dot::<V>(m.dtype, &m.data.as_slice()[r * width..(r + 1) * width], x, &mut gguf_dot::Unpacked::default()) };
+    }
+    if matches!(m.dtype, DType::F16 | DType::Q4) {
         m.decode_row(r, scratch);
         // SAFETY: the caller's contract.
         return unsafe { dot_run::<V, F32s>(bytemuck::cast_slice(scratch), x, table) };

@@ -22,6 +22,7 @@ mod attention;
 mod bf16;
 mod blocks;
 mod gemm;
+mod gguf_dot;
 mod indexer;
 mod input;
 mod kernels;

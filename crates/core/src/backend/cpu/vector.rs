@@ -179,6 +179,56 @@ pub trait Vector: Copy {
         // SAFETY: `lanes` holds `LANES` values.
         unsafe { Self::load(lanes.as_ptr()) }
     }
+    /// `LANES` bytes at `p`, each byte's low nibble (`high` false) or high nibble, as f32 (the
+    /// codes of GGUF's 4-bit formats: a block's first half from the low nibbles).
+    ///
+    /// # Safety
+    /// As [`Vector::zero`], and `p` points at `LANES` readable bytes.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8, high: bool) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { Self::map_bytes(p, |b| if high { b >> 4 } else { b & 0xf } as f32) }
+    }
+    /// `LANES` bytes at `p`, each as `f` makes it a lane (the portable form of the byte loads).
+    ///
+    /// # Safety
+    /// As [`Vector::nibbles`].
+    #[inline(always)]
+    unsafe fn map_bytes(p: *const u8, f: impl Fn(u8) -> f32) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(p, LANES) };
+        let lanes: [f32; LANES] = std::array::from_fn(|i| f(bytes[i]));
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// `LANES` bytes at `p`, the two bits of each from bit `shift` on, as f32 (Q6_K's high bits).
+    ///
+    /// # Safety
+    /// As [`Vector::nibbles`].
+    #[inline(always)]
+    unsafe fn crumbs(p: *const u8, shift: u32) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { Self::map_bytes(p, |b| ((b >> shift) & 3) as f32) }
+    }
+    /// 1.0 in lane i where bit i of `mask` is set, else 0.0 (Q5_0's fifth bits).
+    ///
+    /// # Safety
+    /// As [`Vector::zero`].
+    #[inline(always)]
+    unsafe fn bits(mask: u16) -> Self {
+        let lanes: [f32; LANES] = std::array::from_fn(|i| ((mask >> i) & 1) as f32);
+        // SAFETY: `lanes` holds `LANES` values.
+        unsafe { Self::load(lanes.as_ptr()) }
+    }
+    /// 1.0 in lane i where byte i at `p` has bit `bit` set, else 0.0 (Q5_K's fifth bits).
+    ///
+    /// # Safety
+    /// As [`Vector::nibbles`].
+    #[inline(always)]
+    unsafe fn byte_bits(p: *const u8, bit: u32) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { Self::map_bytes(p, |b| ((b >> bit) & 1) as f32) }
+    }
     /// `LANES` 4-bit codes from `LANES / 2` bytes at `p` (the low nibble first) as f32.
     ///
     /// # Safety
@@ -414,6 +464,31 @@ mod x86 {
             // SAFETY: the caller's contract.
             let (a, b) = unsafe { (_mm512_set1_ps(*p), _mm512_set1_ps(*p.add(stride))) };
             Avx512(_mm512_mask_blend_ps(0xff00, a, b))
+        }
+        #[inline(always)]
+        unsafe fn nibbles(p: *const u8, high: bool) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+            let codes = if high { _mm512_srli_epi32::<4>(bytes) } else { _mm512_and_si512(bytes, _mm512_set1_epi32(0xf)) };
+            Avx512(_mm512_cvtepi32_ps(codes))
+        }
+        #[inline(always)]
+        unsafe fn crumbs(p: *const u8, shift: u32) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
+            let codes = _mm512_and_si512(_mm512_srlv_epi32(bytes, _mm512_set1_epi32(shift as i32)), _mm512_set1_epi32(3));
+            Avx512(_mm512_cvtepi32_ps(codes))
+        }
+        #[inline(always)]
+        unsafe fn bits(mask: u16) -> Self {
+            Avx512(_mm512_maskz_mov_ps(mask, _mm512_set1_ps(1.0)))
+        }
+        #[inline(always)]
+        unsafe fn byte_bits(p: *const u8, bit: u32) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let mask = _mm_test_epi8_mask(bytes, _mm_set1_epi8((1u8 << bit) as i8));
+            Avx512(_mm512_maskz_mov_ps(mask, _mm512_set1_ps(1.0)))
         }
         #[inline(always)]
         unsafe fn load_u4(p: *const u8) -> Self {
@@ -688,6 +763,31 @@ mod plain {
             low.iter().zip(high).map(|(a, b)| a + b).sum()
         }
     }
+}
+
+/// Bytes ahead of the loads a row's dot prefetches. The hardware prefetcher alone left decode
+/// at ~115 tok/s on the 0.58B synth (2 threads); 256 bytes ahead reached ~135, while 640 and
+/// more fell below 120 (rows are 0.7-2 KiB: far prefetches land in rows another thread reads).
+pub(super) const PREFETCH_AHEAD: usize = 256;
+
+/// Prefetches the `bytes` from `PREFETCH_AHEAD` bytes past `p` on (a GGUF block's worth).
+#[inline(always)]
+pub(super) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    for line in (0..bytes).step_by(64) {
+        prefetch_line(p.wrapping_add(PREFETCH_AHEAD + line));
+    }
+}
+
+/// Prefetches the cache line at `p` (x86-64; a hint elsewhere left to the hardware).
+#[inline(always)]
+pub(super) fn prefetch_line(p: *const u8) {
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 #[cfg(test)]
