@@ -252,3 +252,27 @@ fn a_file_of_unsupported_formats_is_refused_by_name() {
     let e = EngineBuilder::open(&path).unwrap().model().map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("Q8_1") && e.contains("not supported yet"), "{e}");
 }
+
+/// Split files (llama.cpp's `llama-gguf-split --split-max-tensors 20` of the Q8_0 fixture: three
+/// files, the correction biases in later ones) load from the first as the whole file does, to
+/// the bit; a later split or a missing one is refused naming the file.
+#[test]
+fn split_files_load_as_the_whole_file() {
+    let first = fixture("gguf").join("split").join("v3_noaux-q8_0-00001-of-00003.gguf");
+    let (tokens, _) = golden_of("v3_noaux-q8_0");
+    let logits = |path: &std::path::Path| {
+        let builder = EngineBuilder::open(path).unwrap().device(GpuChoice::Cpu).context(Some(tokens.len()));
+        builder.build().unwrap().engine.forward(&tokens, Logits::All).unwrap()
+    };
+    assert_eq!(logits(&first), logits(&gguf("v3_noaux-q8_0")));
+    let second = first.with_file_name("v3_noaux-q8_0-00002-of-00003.gguf");
+    let e = EngineBuilder::open(&second).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("split 2 of 3") && e.contains("00001-of-00003"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    for n in [1, 2] {
+        let name = format!("v3_noaux-q8_0-0000{n}-of-00003.gguf");
+        std::fs::copy(first.with_file_name(&name), dir.path().join(&name)).unwrap();
+    }
+    let e = EngineBuilder::open(dir.path().join("v3_noaux-q8_0-00001-of-00003.gguf")).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("split 3 of 3") && e.contains("is missing"), "{e}");
+}

@@ -7,8 +7,9 @@ Run by hand (CI never runs it); the outputs are committed under tests/fixtures/g
     /tmp/venv/bin/python tools/make_gguf_fixtures.py LLAMA_CPP_DIR
 
 LLAMA_CPP_DIR: llama.cpp's source as the PyPI sdist of llama-cpp-python 0.3.36 vendors it
-(`vendor/llama.cpp`), with `llama-tokenize` built in `build/bin` (tools/llama_cpp_side_by_side.sh
-builds it; add the target `llama-tokenize`).
+(`vendor/llama.cpp`), with `llama-tokenize`, `llama-quantize` and `llama-gguf-split` built in
+`build/bin` (`cmake --build build --target llama-tokenize llama-quantize llama-gguf-split`, after
+tools/llama_cpp_side_by_side.sh's configure step).
 
 For each family (v3_noaux: sigmoid router with correction bias, query LoRA; v2_lite: softmax
 router, direct query, YaRN):
@@ -41,6 +42,8 @@ router, direct query, YaRN):
    `formats.safetensors`: for each ggml type met, the first two rows of the first tensor of
    that type (`<TYPE>.bytes`, as stored) and gguf-py's dequantisation of them (`<TYPE>.values`,
    f32 [2, cols]): each decoder in dsrun is checked against gguf-py's on llama.cpp's own output.
+7. `split/`: the Q8_0 file split in three by `llama-gguf-split --split-max-tensors 20` (the
+   way large models are published), which must load as the whole file.
 """
 
 import json
@@ -296,6 +299,9 @@ def main() -> None:
             quantised_golden(llama, family, qtype, OUT / f"{family}-f32.gguf", fixture)
         sources = [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q) for q in FORMAT_SOURCES]
         formats(sources)
+        # Split files, as big models ship: the Q8_0 fixture in three (`split/`).
+        (OUT / "split").mkdir(exist_ok=True)
+        subprocess.run([str(llama / "build" / "bin" / "llama-gguf-split"), "--split", "--split-max-tensors", "20", str(OUT / "v3_noaux-q8_0.gguf"), str(OUT / "split" / "v3_noaux-q8_0")], check=True, capture_output=True)
         kq_f32.unlink()  # not a fixture itself (the Q4_K_M file is)
     (OUT / "tokens.json").write_text(json.dumps(tokens, ensure_ascii=False, indent=1) + "\n")
 

@@ -41,19 +41,64 @@ pub struct GgufModel {
     pub gguf: Gguf,
 }
 
-/// Opens `path`, maps its metadata to a config and its tensors to dsrun's names.
+/// Opens `path` (a whole file, or the first of split files `NAME-00001-of-0000N.gguf`: the
+/// others are opened beside it), maps its metadata to a config and its tensors to dsrun's
+/// names.
 pub fn open(path: &Path) -> Result<GgufModel> {
-    let (gguf, map) = Gguf::open(path)?;
-    let config = config(&gguf).map_err(|e| in_file(path, e))?;
-    let checkpoint = checkpoint(path, &gguf, Arc::new(map)).map_err(|e| in_file(path, e))?;
+    let files = open_splits(path)?;
+    let config = config_of(&files).map_err(|e| in_file(path, e))?;
+    let checkpoint = checkpoint(&files).map_err(|e| in_file(path, e))?;
+    let gguf = files.into_iter().next().expect("the first file").1;
     Ok(GgufModel { config, checkpoint, gguf })
+}
+
+/// The files of a model: `path` alone, or with the rest of its splits (llama.cpp's
+/// `gguf-split`: `split.count` files named `PREFIX-%05d-of-%05d.gguf`, each saying which it
+/// is in `split.no`; the first holds the metadata).
+fn open_splits(path: &Path) -> Result<Vec<(PathBuf, Gguf, ShardBytes)>> {
+    let (first, map) = Gguf::open(path)?;
+    let split = |g: &Gguf, key: &str| g.get(key).and_then(Value::as_u64);
+    let count = split(&first, "split.count").unwrap_or(1);
+    let mut files = vec![(path.to_path_buf(), first, Arc::new(map) as ShardBytes)];
+    if count <= 1 {
+        return Ok(files);
+    }
+    let no = split(&files[0].1, "split.no").unwrap_or(0);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let suffix = format!("-{:05}-of-{count:05}.gguf", no + 1);
+    let prefix = match name.strip_suffix(&suffix) {
+        Some(prefix) if no == 0 => prefix,
+        _ => return Err(Error::Invalid(format!("{}: split {} of {count} of a model: open the first, named PREFIX-00001-of-{count:05}.gguf", path.display(), no + 1))),
+    };
+    for i in 1..count {
+        let shard = path.with_file_name(format!("{prefix}-{:05}-of-{count:05}.gguf", i + 1));
+        if !shard.is_file() {
+            return Err(Error::Invalid(format!("{}: split {} of {count}, {}, is missing", path.display(), i + 1, shard.display())));
+        }
+        let (g, map) = Gguf::open(&shard)?;
+        if split(&g, "split.no") != Some(i) || split(&g, "split.count") != Some(count) {
+            return Err(Error::Invalid(format!("{}: its `split.no` / `split.count` do not say split {} of {count}: not a split of this model", shard.display(), i + 1)));
+        }
+        files.push((shard, g, Arc::new(map) as ShardBytes));
+    }
+    let tensors: usize = files.iter().map(|(_, g, _)| g.tensors.len()).sum();
+    if let Some(want) = split(&files[0].1, "split.tensors.count").filter(|&n| n != tensors as u64) {
+        return Err(Error::Invalid(format!("{}: the splits hold {tensors} tensors, the first says {want}", path.display())));
+    }
+    Ok(files)
 }
 
 /// Only the tables and the config (no tensor is touched): what `EngineBuilder::open` needs.
 pub fn open_config(path: &Path) -> Result<(Gguf, ModelConfig)> {
-    let (gguf, _) = Gguf::open(path)?;
-    let config = config(&gguf).map_err(|e| in_file(path, e))?;
-    Ok((gguf, config))
+    let files = open_splits(path)?;
+    let config = config_of(&files).map_err(|e| in_file(path, e))?;
+    Ok((files.into_iter().next().expect("the first file").1, config))
+}
+
+/// The config of a model's files: the first's metadata, every file's tensor names.
+fn config_of(files: &[(PathBuf, Gguf, ShardBytes)]) -> Result<ModelConfig> {
+    let names: Vec<&str> = files.iter().flat_map(|(_, g, _)| g.tensors.iter().map(|t| t.name.as_str())).collect();
+    ModelConfig::from_json(&config_json(&files[0].1, &names)?)
 }
 
 fn in_file(path: &Path, e: Error) -> Error {
@@ -64,13 +109,17 @@ fn in_file(path: &Path, e: Error) -> Error {
     }
 }
 
-/// The file's metadata as the `config.json` it came from, parsed by [`ModelConfig::from_json`].
+/// A single file's metadata as the `config.json` it came from, parsed by
+/// [`ModelConfig::from_json`].
 pub fn config(g: &Gguf) -> Result<ModelConfig> {
-    ModelConfig::from_json(&config_json(g)?)
+    let names: Vec<&str> = g.tensors.iter().map(|t| t.name.as_str()).collect();
+    ModelConfig::from_json(&config_json(g, &names)?)
 }
 
-/// `deepseek2.*` keys (and the tokenizer's special ids) under their `config.json` names.
-pub fn config_json(g: &Gguf) -> Result<Json> {
+/// `deepseek2.*` keys (and the tokenizer's special ids) under their `config.json` names;
+/// `tensors`: the model's tensor names (of every split), which say whether the router has a
+/// correction bias and the head its own weights.
+pub fn config_json(g: &Gguf, tensors: &[&str]) -> Result<Json> {
     let arch = g.architecture().ok_or_else(|| Error::Invalid("no `general.architecture` in the metadata: not a model file llama.cpp wrote".into()))?;
     if arch != ARCHITECTURE {
         return Err(Error::Invalid(format!("architecture `{arch}`: dsrun runs DeepSeek-architecture models (llama.cpp's `{ARCHITECTURE}`)")));
@@ -94,7 +143,7 @@ pub fn config_json(g: &Gguf) -> Result<Json> {
         Some(other) => return Err(Error::Invalid(format!("`{arch}.expert_gating_func` is {other}: dsrun knows 1 (softmax) and 2 (sigmoid)"))),
     };
     let groups = m.uint("expert_group_count")?.unwrap_or(1);
-    let has_bias = g.tensors.iter().any(|t| t.name.ends_with(".exp_probs_b.bias"));
+    let has_bias = tensors.iter().any(|t| t.ends_with(".exp_probs_b.bias"));
     let topk_method = match (has_bias, groups) {
         (true, _) => "noaux_tc",
         (false, 1) => "greedy",
@@ -137,7 +186,7 @@ pub fn config_json(g: &Gguf) -> Result<Json> {
     c.insert("max_position_embeddings".into(), json!(m.required("context_length")?));
     c.insert("num_nextn_predict_layers".into(), json!(0));
     c.insert("hidden_act".into(), json!("silu"));
-    c.insert("tie_word_embeddings".into(), json!(!g.tensors.iter().any(|t| t.name == "output.weight")));
+    c.insert("tie_word_embeddings".into(), json!(!tensors.contains(&"output.weight")));
     match m.string("rope.scaling.type")?.as_deref() {
         None | Some("none") => {}
         Some("yarn") => {
@@ -269,9 +318,11 @@ fn expert_projection(rest: &str) -> Option<&'static str> {
     }
 }
 
-/// The file's tensors under dsrun's names (`map`: the whole file).
-fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
-    let unsupported: Vec<String> = g.bytes_by_type().iter().filter(|(name, _)| DType::from_ggml(name).is_none()).map(|(name, _)| name.to_string()).collect();
+/// The files' tensors under dsrun's names (each with its whole file's bytes).
+fn checkpoint(files: &[(PathBuf, Gguf, ShardBytes)]) -> Result<Checkpoint> {
+    let path = &files[0].0;
+    let mut unsupported: Vec<String> = files.iter().flat_map(|(_, g, _)| g.bytes_by_type()).filter(|(name, _)| DType::from_ggml(name).is_none()).map(|(name, _)| name.to_string()).collect();
+    unsupported.dedup();
     if !unsupported.is_empty() {
         let known: Vec<&str> = crate::format::FORMATS.iter().map(|f| f.dtype).filter(|d| DType::from_ggml(d.name()).is_some()).map(DType::name).collect();
         return Err(Error::Invalid(format!(
@@ -280,13 +331,18 @@ fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
             known.join(", ")
         )));
     }
-    let mut shards: Vec<(PathBuf, ShardBytes)> = vec![(path.to_path_buf(), map.clone())];
+    let mut shards: Vec<(PathBuf, ShardBytes)> = files.iter().map(|(p, _, bytes)| (p.clone(), bytes.clone())).collect();
     let mut tensors = BTreeMap::new();
-    let mut split_kv_b: BTreeMap<String, [Option<&GgufTensor>; 2]> = BTreeMap::new();
-    for t in &g.tensors {
+    let mut split_kv_b: BTreeMap<String, [Option<(&GgufTensor, &[u8])>; 2]> = BTreeMap::new();
+    let all = files.iter().enumerate().flat_map(|(shard, (_, g, bytes))| g.tensors.iter().map(move |t| (shard, t, (**bytes).as_ref())));
+    let mut seen = std::collections::BTreeSet::new();
+    for (shard, t, file) in all {
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::Invalid(format!("tensor `{}` appears twice", t.name)));
+        }
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let range = t.start as usize..(t.start + t.bytes) as usize;
-        let info = |shape: Vec<usize>, range| TensorInfo::new(t.ty.name.to_string(), dtype(t), shape, 0, range);
+        let info = |shape: Vec<usize>, range| TensorInfo::new(t.ty.name.to_string(), dtype(t), shape, shard, range);
         let name = match t.name.as_str() {
             "token_embd.weight" => "model.embed_tokens.weight".to_string(),
             "output_norm.weight" => "model.norm.weight".to_string(),
@@ -310,7 +366,7 @@ fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
                 }
                 // The split up-projection: joined below into `kv_b_proj`.
                 if let Some(half) = ["attn_k_b.weight", "attn_v_b.weight"].iter().position(|h| *h == rest) {
-                    split_kv_b.entry(layer.to_string()).or_default()[half] = Some(t);
+                    split_kv_b.entry(layer.to_string()).or_default()[half] = Some((t, file));
                     continue;
                 }
                 match layer_name(layer, rest) {
@@ -321,17 +377,16 @@ fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
         };
         tensors.insert(name, info(shape, range));
     }
-    let bytes = (*map).as_ref();
     for (layer, halves) in split_kv_b {
         let [Some(k_b), Some(v_b)] = halves else {
             return Err(Error::Invalid(format!("block {layer} has one of `attn_k_b` and `attn_v_b` without the other")));
         };
-        let (joined, joined_type, shape) = join_kv_b(k_b, v_b, bytes)?;
+        let (joined, joined_type, shape) = join_kv_b(k_b, v_b)?;
         let len = joined.len();
         shards.push((path.to_path_buf(), Arc::new(joined) as ShardBytes));
         tensors.insert(format!("model.layers.{layer}.self_attn.kv_b_proj.weight"), TensorInfo::new(joined_type.name().to_string(), Some(joined_type), shape, shards.len() - 1, 0..len));
     }
-    Checkpoint::from_parts(path.to_path_buf(), shards, tensors)
+    Checkpoint::from_parts(path.clone(), shards, tensors)
 }
 
 /// `attn_k_b` (`[heads, kv_lora, nope]`) and `attn_v_b` (`[heads, v, kv_lora]`) as one
@@ -339,7 +394,7 @@ fn checkpoint(path: &Path, g: &Gguf, map: ShardBytes) -> Result<Checkpoint> {
 /// value for value: in their own format where both share a float one, else decoded exactly to
 /// f32 (a quantised row of `attn_k_b` runs along W_UK's columns: it cannot be moved whole).
 /// Returns the bytes, their dtype and shape.
-fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>, DType, Vec<usize>)> {
+fn join_kv_b((k_b, k_file): (&GgufTensor, &[u8]), (v_b, v_file): (&GgufTensor, &[u8])) -> Result<(Vec<u8>, DType, Vec<usize>)> {
     let (Some(k_type), Some(v_type)) = (dtype(k_b), dtype(v_b)) else {
         return Err(Error::Invalid(format!("`{}` is {} and `{}` {}: not formats dsrun reads", k_b.name, k_b.ty.name, v_b.name, v_b.ty.name)));
     };
@@ -350,8 +405,8 @@ fn join_kv_b(k_b: &GgufTensor, v_b: &GgufTensor, file: &[u8]) -> Result<(Vec<u8>
         return Err(Error::Invalid(format!("`{}` ({:?}) and `{}` ({:?}) disagree on the heads or the latent rank", k_b.name, k_b.dims, v_b.name, v_b.dims)));
     }
     let (nope, rank, heads, v) = (nope as usize, rank as usize, heads as usize, v as usize);
-    let k = &file[k_b.start as usize..(k_b.start + k_b.bytes) as usize];
-    let vb = &file[v_b.start as usize..(v_b.start + v_b.bytes) as usize];
+    let k = &k_file[k_b.start as usize..(k_b.start + k_b.bytes) as usize];
+    let vb = &v_file[v_b.start as usize..(v_b.start + v_b.bytes) as usize];
     let plain = |d: DType| !d.format().is_block();
     let (k, vb, joined) = if k_type == v_type && plain(k_type) {
         (std::borrow::Cow::Borrowed(k), std::borrow::Cow::Borrowed(vb), k_type)

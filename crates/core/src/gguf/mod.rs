@@ -301,9 +301,10 @@ impl Gguf {
     }
 }
 
-/// Whether `path` names a GGUF file (by its extension; the magic is checked when it opens).
+/// Whether `path` names a GGUF file (by its extension; the magic is checked when it opens, and a
+/// missing file is reported as such then, not as a directory without config.json).
 pub fn is_gguf(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    !path.is_dir() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn bad(why: String) -> Error {
