@@ -7,6 +7,7 @@
 //! The others unpack a block's codes into signed bytes first, then load them: simpler, and
 //! slower (a vector load of bytes just stored one at a time waits for the stores).
 
+use super::input::Int8;
 use super::vector::{Vector, LANES};
 use crate::quant::DType;
 
@@ -266,6 +267,56 @@ unsafe fn legacy<V: Vector>(five: bool, b: &[u8], x: &[f32], acc: &mut V) {
         let part = V::mul_add(hi, V::load(x.as_ptr().add(16)), V::mul(lo, V::load(x.as_ptr())));
         *acc = V::mul_add(V::splat(d), part, *acc);
     }
+}
+
+/// A row of Q8_0 or Q4_K blocks dotted with int8 activations (`--math fast`, llama.cpp's
+/// arithmetic): per pair of groups of 32 an integer dot, scaled by the weights' and the
+/// activations' group scales; Q4_K's mins meet the activations' exact group sums.
+///
+/// # Safety
+/// The CPU runs `V`'s level; `x` was laid out for the row (`input::takes_int8`).
+#[inline(always)]
+pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f32 {
+    let f = dtype.format();
+    let (values, size) = (f.values as usize, f.bytes as usize);
+    let (len, groups) = (x.codes.len(), x.codes.len() / 32);
+    assert!(row.len() / size * values == len && x.lane_scales.len() == groups.div_ceil(2) * LANES && x.sums.len() == 2 * groups, "int8 activations of the row's width");
+    // SAFETY (every load): the level is the caller's contract; a pair `p` of groups reads codes
+    // `[64p, 64p + 64)` and lane scales `[16p, 16p + 16)`, weight bytes inside its block(s).
+    let mut acc = unsafe { V::zero() };
+    let mut tail = 0f32;
+    let pair = |p: usize, d: [f32; 2]| unsafe { V::mul(V::expand_pair(d.as_ptr(), 1), V::load(x.lane_scales.as_ptr().add(LANES * p))) };
+    match dtype {
+        DType::Q8_0 => {
+            let pairs = groups / 2;
+            for p in 0..pairs {
+                let (b0, b1) = (&row[2 * p * 34..], &row[(2 * p + 1) * 34..]);
+                super::vector::prefetch_ahead(b0.as_ptr(), 68);
+                let prod = unsafe { V::dot_i8_two(b0.as_ptr().add(2), b1.as_ptr().add(2), x.codes.as_ptr().add(64 * p)) };
+                acc = unsafe { V::mul_add(prod, pair(p, [f16(b0, 0), f16(b1, 0)]), acc) };
+            }
+            if groups % 2 == 1 {
+                let b = &row[2 * pairs * 34..];
+                let prod = unsafe { V::dot_i8_half(b.as_ptr().add(2), x.codes.as_ptr().add(64 * pairs)) };
+                acc = unsafe { V::mul_add(prod, pair(pairs, [f16(b, 0), 0.0]), acc) };
+            }
+        }
+        DType::Q4_K => {
+            for (i, b) in row.chunks_exact(144).enumerate() {
+                super::vector::prefetch_ahead(b.as_ptr(), 144);
+                let (d, dmin, scales) = (f16(b, 0), f16(b, 2), &b[4..16]);
+                for j in 0..4 {
+                    let (p, g) = (4 * i + j, 8 * i + 2 * j);
+                    let ((sc1, m1), (sc2, m2)) = (scale_min_k4(2 * j, scales), scale_min_k4(2 * j + 1, scales));
+                    let prod = unsafe { V::dot_nibble_pair(b.as_ptr().add(16 + 32 * j), x.codes.as_ptr().add(64 * p)) };
+                    acc = unsafe { V::mul_add(prod, pair(p, [d * sc1, d * sc2]), acc) };
+                    tail -= dmin * m1 * x.sums[2 * g + 1] + dmin * m2 * x.sums[2 * g + 3];
+                }
+            }
+        }
+        _ => unreachable!("{dtype:?} takes exact activations"),
+    }
+    unsafe { acc.sum() + tail }
 }
 
 /// Whether [`dot`] takes `dtype`.

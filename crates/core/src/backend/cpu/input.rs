@@ -59,10 +59,12 @@ pub struct Layouts {
 }
 
 /// Whether `m`'s one-token kernel reads int8 activations under `math`: q8 and q4 with groups
-/// of 32 and rows of whole groups.
+/// of 32 and rows of whole groups, and GGUF's Q8_0 and Q4_K.
 pub fn takes_int8(m: &Matrix, math: Math) -> bool {
     let grouped = m.scales.as_ref().is_some_and(|s| s.block_cols == GROUP && s.block_rows == 1);
-    math == Math::Fast && matches!(m.dtype, DType::Q8 | DType::Q4) && grouped && m.cols.is_multiple_of(GROUP)
+    // GGUF's Q8_0 and Q4_K: their blocks' groups of 32 meet the activations' (gguf_dot).
+    let gguf = matches!(m.dtype, DType::Q8_0 | DType::Q4_K);
+    math == Math::Fast && ((matches!(m.dtype, DType::Q8 | DType::Q4) && grouped) || gguf) && m.cols.is_multiple_of(GROUP)
 }
 
 impl Layouts {

@@ -291,6 +291,35 @@ pub trait Vector: Copy {
             Self::dot_i8(w64.as_ptr(), x64.as_ptr())
         }
     }
+    /// [`Vector::dot_i8`] of two runs of 32 signed weight bytes, `w0` (lanes 0..8) and `w1`
+    /// (lanes 8..16), against 64 activations (GGUF's Q8_0: a block's codes follow its scale).
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 32 readable bytes at each of `w0` and `w1`.
+    #[inline(always)]
+    unsafe fn dot_i8_two(w0: *const u8, w1: *const u8, x: *const i8) -> Self {
+        let mut w = [0u8; 64];
+        // SAFETY: the caller's contract: 32 bytes each.
+        unsafe {
+            std::ptr::copy_nonoverlapping(w0, w.as_mut_ptr(), 32);
+            std::ptr::copy_nonoverlapping(w1, w.as_mut_ptr().add(32), 32);
+            Self::dot_i8(w.as_ptr(), x)
+        }
+    }
+    /// [`Vector::dot_i8`] of 32 bytes of 4-bit codes, their low nibbles against activations
+    /// 0..32 (lanes 0..8) and their high nibbles against 32..64 (lanes 8..16): a pair of
+    /// GGUF Q4_K groups.
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 32 readable bytes at `q` and 64 at `x`.
+    #[inline(always)]
+    unsafe fn dot_nibble_pair(q: *const u8, x: *const i8) -> Self {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { std::slice::from_raw_parts(q, 32) };
+        let w: [u8; 64] = std::array::from_fn(|i| if i < 32 { bytes[i] & 0xf } else { bytes[i - 32] >> 4 });
+        // SAFETY: 64 bytes each.
+        unsafe { Self::dot_i8(w.as_ptr(), x) }
+    }
     /// [`Vector::dot_u4`] of one group (16 bytes of `w`, 32 of `x`) into lanes 0..8; lanes
     /// 8..16 are zero.
     ///
@@ -451,6 +480,23 @@ mod x86 {
             let (w, x) = (_mm512_zextsi256_si512(w), _mm512_zextsi256_si512(x));
             let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
             Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_i8_two(w0: *const u8, w1: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from each of `w0`, `w1`, 64 from `x`.
+            let (a, b, x) = unsafe { (_mm256_loadu_si256(w0 as *const __m256i), _mm256_loadu_si256(w1 as *const __m256i), _mm512_loadu_si512(x as *const _)) };
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+            let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_nibble_pair(q: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from `q`, 64 from `x`.
+            let (bytes, x) = unsafe { (_mm256_loadu_si256(q as *const __m256i), _mm512_loadu_si512(x as *const _)) };
+            let mask = _mm256_set1_epi8(0x0f);
+            let (lo, hi) = (_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask));
+            let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(codes, x)))
         }
         #[inline(always)]
         unsafe fn dot_u4_half(w: *const u8, x: *const i8) -> Self {
