@@ -269,7 +269,7 @@ unsafe fn legacy<V: Vector>(five: bool, b: &[u8], x: &[f32], acc: &mut V) {
     }
 }
 
-/// A row of Q8_0 or Q4_K blocks dotted with int8 activations (`--math fast`, llama.cpp's
+/// A row of Q8_0, Q4_K, Q5_0 or Q6_K blocks dotted with int8 activations (`--math fast`, llama.cpp's
 /// arithmetic): per pair of groups of 32 an integer dot, scaled by the weights' and the
 /// activations' group scales; Q4_K's mins meet the activations' exact group sums.
 ///
@@ -311,6 +311,40 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                     let prod = unsafe { V::dot_nibble_pair(b.as_ptr().add(16 + 32 * j), x.codes.as_ptr().add(64 * p)) };
                     acc = unsafe { V::mul_add(prod, pair(p, [d * sc1, d * sc2]), acc) };
                     tail -= dmin * m1 * x.sums[2 * g + 1] + dmin * m2 * x.sums[2 * g + 3];
+                }
+            }
+        }
+        DType::Q5_0 => {
+            let pairs = groups / 2;
+            for p in 0..pairs {
+                let (b0, b1) = (&row[2 * p * 22..], &row[(2 * p + 1) * 22..]);
+                super::vector::prefetch_ahead(b0.as_ptr(), 44);
+                let prod = unsafe { V::dot_q5_0_pair(b0.as_ptr(), b1.as_ptr(), x.codes.as_ptr().add(64 * p)) };
+                acc = unsafe { V::mul_add(prod, pair(p, [f16(b0, 0), f16(b1, 0)]), acc) };
+            }
+            if groups % 2 == 1 {
+                // The last block alone, against its 32 activations and 32 zeros.
+                let b = &row[2 * pairs * 22..];
+                let mut codes = [0i8; 64];
+                codes[..32].copy_from_slice(&x.codes[64 * pairs..64 * pairs + 32]);
+                let prod = unsafe { V::dot_q5_0_pair(b.as_ptr(), b.as_ptr(), codes.as_ptr()) };
+                acc = unsafe { V::mul_add(prod, pair(pairs, [f16(b, 0), 0.0]), acc) };
+            }
+        }
+        DType::Q6_K => {
+            for (i, b) in row.chunks_exact(210).enumerate() {
+                super::vector::prefetch_ahead(b.as_ptr(), 210);
+                let (sc, d) = (&b[192..208], f16(b, 208));
+                for n in 0..2 {
+                    let (ql, qh) = (b.as_ptr().wrapping_add(64 * n), b.as_ptr().wrapping_add(128 + 32 * n));
+                    for (half, (high, shift)) in [(false, 0), (true, 4)].into_iter().enumerate() {
+                        let p = 4 * i + 2 * n + half;
+                        // Four groups of 16, each its own scale, in the lanes' order.
+                        let s: [f32; LANES] = std::array::from_fn(|l| d * sc[8 * n + 4 * half + l / 4] as i8 as f32);
+                        let prod = unsafe { V::dot_q6_pair(ql, ql.wrapping_add(32), qh, high, shift, x.codes.as_ptr().add(64 * p)) };
+                        let scale = unsafe { V::mul(V::load(s.as_ptr()), V::load(x.lane_scales.as_ptr().add(LANES * p))) };
+                        acc = unsafe { V::mul_add(prod, scale, acc) };
+                    }
                 }
             }
         }

@@ -320,6 +320,44 @@ pub trait Vector: Copy {
         // SAFETY: 64 bytes each.
         unsafe { Self::dot_i8(w.as_ptr(), x) }
     }
+    /// [`Vector::dot_i8`] of two GGUF Q5_0 blocks' codes (`(nibble | fifth bit << 4) - 16`;
+    /// `b0`, `b1` point at whole 22-byte blocks) against 64 activations: lanes 0..8 the first.
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 22 readable bytes at each of `b0` and `b1`.
+    #[inline(always)]
+    unsafe fn dot_q5_0_pair(b0: *const u8, b1: *const u8, x: *const i8) -> Self {
+        let mut w = [0u8; 64];
+        for (half, b) in [b0, b1].into_iter().enumerate() {
+            // SAFETY: the caller's contract: a whole block.
+            let b = unsafe { std::slice::from_raw_parts(b, 22) };
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..32 {
+                let nibble = if j < 16 { b[6 + j] & 0xf } else { b[6 + j - 16] >> 4 };
+                w[32 * half + j] = ((nibble | (((qh >> j) & 1) << 4) as u8) as i8 - 16) as u8;
+            }
+        }
+        // SAFETY: 64 bytes each.
+        unsafe { Self::dot_i8(w.as_ptr(), x) }
+    }
+    /// [`Vector::dot_i8`] of 64 GGUF Q6_K codes (`(nibble | crumb << 4) - 32`): the first 32
+    /// from `ql_a`'s bytes and `qh`'s bits `shift..shift + 2`, the next 32 from `ql_b`'s and
+    /// bits `shift + 2..shift + 4`; nibbles high or low as `high` says.
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 32 readable bytes at each of `ql_a`, `ql_b` and `qh`.
+    #[inline(always)]
+    unsafe fn dot_q6_pair(ql_a: *const u8, ql_b: *const u8, qh: *const u8, high: bool, shift: u32, x: *const i8) -> Self {
+        // SAFETY: the caller's contract.
+        let (a, b, h) = unsafe { (std::slice::from_raw_parts(ql_a, 32), std::slice::from_raw_parts(ql_b, 32), std::slice::from_raw_parts(qh, 32)) };
+        let nibble = |v: u8| if high { v >> 4 } else { v & 0xf };
+        let w: [u8; 64] = std::array::from_fn(|i| {
+            let (l, (q, s)) = if i < 32 { (i, (a, shift)) } else { (i - 32, (b, shift + 2)) };
+            ((nibble(q[l]) | (((h[l] >> s) & 3) << 4)) as i8 - 32) as u8
+        });
+        // SAFETY: 64 bytes each.
+        unsafe { Self::dot_i8(w.as_ptr(), x) }
+    }
     /// [`Vector::dot_u4`] of one group (16 bytes of `w`, 32 of `x`) into lanes 0..8; lanes
     /// 8..16 are zero.
     ///
@@ -486,6 +524,37 @@ mod x86 {
             // SAFETY: the caller's contract: 32 bytes from each of `w0`, `w1`, 64 from `x`.
             let (a, b, x) = unsafe { (_mm256_loadu_si256(w0 as *const __m256i), _mm256_loadu_si256(w1 as *const __m256i), _mm512_loadu_si512(x as *const _)) };
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+            let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_q5_0_pair(b0: *const u8, b1: *const u8, x: *const i8) -> Self {
+            let codes = |b: *const u8| {
+                // SAFETY: the caller's contract: a whole 22-byte block at `b`.
+                let (qs, qh) = unsafe { (_mm_loadu_si128(b.add(6) as *const __m128i), (b.add(2) as *const u32).read_unaligned()) };
+                let mask = _mm_set1_epi8(0x0f);
+                let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask), _mm_and_si128(qs, mask));
+                let fifth = _mm256_mask_add_epi8(nibbles, qh, nibbles, _mm256_set1_epi8(16));
+                _mm256_sub_epi8(fifth, _mm256_set1_epi8(16))
+            };
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(codes(b0)), codes(b1));
+            // SAFETY: the caller's contract: 64 bytes at `x`.
+            let x = unsafe { _mm512_loadu_si512(x as *const _) };
+            let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+            Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_q6_pair(ql_a: *const u8, ql_b: *const u8, qh: *const u8, high: bool, shift: u32, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes at each of `ql_a`, `ql_b`, `qh`.
+            let (a, b, h) = unsafe { (_mm256_loadu_si256(ql_a as *const __m256i), _mm256_loadu_si256(ql_b as *const __m256i), _mm256_loadu_si256(qh as *const __m256i)) };
+            let (low4, low2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
+            let nibble = |v| if high { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4) } else { _mm256_and_si256(v, low4) };
+            let crumb = |s: u32| _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(s as i32)), low2));
+            let less = _mm256_set1_epi8(32);
+            let (ca, cb) = (_mm256_sub_epi8(_mm256_or_si256(nibble(a), crumb(shift)), less), _mm256_sub_epi8(_mm256_or_si256(nibble(b), crumb(shift + 2)), less));
+            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ca), cb);
+            // SAFETY: the caller's contract: 64 bytes at `x`.
+            let x = unsafe { _mm512_loadu_si512(x as *const _) };
             let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
             Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
         }
