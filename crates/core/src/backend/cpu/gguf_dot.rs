@@ -285,7 +285,6 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
     // `[64p, 64p + 64)` and lane scales `[16p, 16p + 16)`, weight bytes inside its block(s).
     let mut acc = unsafe { V::zero() };
     let mut tail = 0f32;
-    let pair = |p: usize, d: [f32; 2]| unsafe { V::mul(V::expand_pair(d.as_ptr(), 1), V::load(x.lane_scales.as_ptr().add(LANES * p))) };
     match dtype {
         DType::Q8_0 => {
             let pairs = groups / 2;
@@ -293,12 +292,12 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                 let (b0, b1) = (&row[2 * p * 34..], &row[(2 * p + 1) * 34..]);
                 super::vector::prefetch_ahead(b0.as_ptr(), 68);
                 let prod = unsafe { V::dot_i8_two(b0.as_ptr().add(2), b1.as_ptr().add(2), x.codes.as_ptr().add(64 * p)) };
-                acc = unsafe { V::mul_add(prod, pair(p, [f16(b0, 0), f16(b1, 0)]), acc) };
+                acc = unsafe { V::mul_add(prod, pair::<V>(&x, p, [f16(b0, 0), f16(b1, 0)]), acc) };
             }
             if groups % 2 == 1 {
                 let b = &row[2 * pairs * 34..];
                 let prod = unsafe { V::dot_i8_half(b.as_ptr().add(2), x.codes.as_ptr().add(64 * pairs)) };
-                acc = unsafe { V::mul_add(prod, pair(pairs, [f16(b, 0), 0.0]), acc) };
+                acc = unsafe { V::mul_add(prod, pair::<V>(&x, pairs, [f16(b, 0), 0.0]), acc) };
             }
         }
         DType::Q4_K => {
@@ -309,7 +308,7 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                     let (p, g) = (4 * i + j, 8 * i + 2 * j);
                     let ((sc1, m1), (sc2, m2)) = (scale_min_k4(2 * j, scales), scale_min_k4(2 * j + 1, scales));
                     let prod = unsafe { V::dot_nibble_pair(b.as_ptr().add(16 + 32 * j), x.codes.as_ptr().add(64 * p)) };
-                    acc = unsafe { V::mul_add(prod, pair(p, [d * sc1, d * sc2]), acc) };
+                    acc = unsafe { V::mul_add(prod, pair::<V>(&x, p, [d * sc1, d * sc2]), acc) };
                     tail -= dmin * m1 * x.sums[2 * g + 1] + dmin * m2 * x.sums[2 * g + 3];
                 }
             }
@@ -320,7 +319,7 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                 let (b0, b1) = (&row[2 * p * 22..], &row[(2 * p + 1) * 22..]);
                 super::vector::prefetch_ahead(b0.as_ptr(), 44);
                 let prod = unsafe { V::dot_q5_0_pair(b0.as_ptr(), b1.as_ptr(), x.codes.as_ptr().add(64 * p)) };
-                acc = unsafe { V::mul_add(prod, pair(p, [f16(b0, 0), f16(b1, 0)]), acc) };
+                acc = unsafe { V::mul_add(prod, pair::<V>(&x, p, [f16(b0, 0), f16(b1, 0)]), acc) };
             }
             if groups % 2 == 1 {
                 // The last block alone, against its 32 activations and 32 zeros.
@@ -328,7 +327,7 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                 let mut codes = [0i8; 64];
                 codes[..32].copy_from_slice(&x.codes[64 * pairs..64 * pairs + 32]);
                 let prod = unsafe { V::dot_q5_0_pair(b.as_ptr(), b.as_ptr(), codes.as_ptr()) };
-                acc = unsafe { V::mul_add(prod, pair(pairs, [f16(b, 0), 0.0]), acc) };
+                acc = unsafe { V::mul_add(prod, pair::<V>(&x, pairs, [f16(b, 0), 0.0]), acc) };
             }
         }
         DType::Q6_K => {
@@ -351,6 +350,19 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
         _ => unreachable!("{dtype:?} takes exact activations"),
     }
     unsafe { acc.sum() + tail }
+}
+
+/// The scales of activation pair `p`'s lanes times the weights' two group scales `d` (lanes
+/// 0..8 the first group, 8..16 the second). A function, not a closure: closures do not take
+/// the level's target features, and the vector ops in one would become calls.
+///
+/// # Safety
+/// The CPU runs `V`'s level; `x` holds pair `p`.
+#[inline(always)]
+unsafe fn pair<V: Vector>(x: &Int8, p: usize, d: [f32; 2]) -> V {
+    assert!(x.lane_scales.len() >= LANES * (p + 1));
+    // SAFETY: the caller's contract; the lane scales' range is asserted.
+    unsafe { V::mul(V::expand_pair(d.as_ptr(), 1), V::load(x.lane_scales.as_ptr().add(LANES * p))) }
 }
 
 /// Whether [`dot`] takes `dtype`.

@@ -442,6 +442,89 @@ mod x86 {
         _mm_unpacklo_epi8(_mm_and_si128(bytes, mask), _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask))
     }
 
+    /// 16 code bytes (0..255) as two vectors of 8 f32 lanes.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn widen16(codes: __m128i) -> (__m256, __m256) {
+        (_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(codes)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(codes))))
+    }
+
+    /// Sums of four products of signed weight bytes `w` and activation bytes `x` per 32-bit
+    /// lane, as f32 (`|w|` against `x` with `w`'s sign: maddubs takes unsigned by signed).
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn dot32(w: __m256i, x: __m256i) -> __m256 {
+        let products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(products, _mm256_set1_epi16(1)))
+    }
+
+    /// `(byte >> shift) & mask` of 16 bytes at `p`, as f32 lanes (Q6_K's crumbs, Q5_K's bits).
+    ///
+    /// # Safety
+    /// AVX2; `p` points at 16 readable bytes.
+    #[inline(always)]
+    unsafe fn bit_field(p: *const u8, shift: u32, mask: i8) -> Avx2 {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        let codes = _mm_and_si128(_mm_srl_epi16(bytes, _mm_cvtsi32_si128(shift as i32)), _mm_set1_epi8(mask));
+        let (a, b) = unsafe { widen16(codes) };
+        Avx2(a, b)
+    }
+
+    /// 1.0 in lane i where bit `i` of `mask / first` is set (`first`: 1 or 1 << 8), else 0.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn bit_lanes(mask: u16, first: i32) -> __m256 {
+        let select = _mm256_setr_epi32(first, first << 1, first << 2, first << 3, first << 4, first << 5, first << 6, first << 7);
+        let set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(mask as i32), select), select);
+        _mm256_and_ps(_mm256_castsi256_ps(set), _mm256_set1_ps(1.0))
+    }
+
+    /// A GGUF Q5_0 block's 32 codes, `(nibble | fifth bit << 4) - 16`, a byte each.
+    ///
+    /// # Safety
+    /// AVX2; `b` points at a whole 22-byte block.
+    #[inline(always)]
+    unsafe fn q5_0_codes(b: *const u8) -> __m256i {
+        // SAFETY: the caller's contract.
+        let (qs, qh) = unsafe { (_mm_loadu_si128(b.add(6) as *const __m128i), (b.add(2) as *const u32).read_unaligned()) };
+        let mask = _mm_set1_epi8(0x0f);
+        let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask), _mm_and_si128(qs, mask));
+        let fifth = _mm256_and_si256(unsafe { bit_bytes(qh) }, _mm256_set1_epi8(16));
+        _mm256_sub_epi8(_mm256_or_si256(nibbles, fifth), _mm256_set1_epi8(16))
+    }
+
+    /// 32 GGUF Q6_K codes, `(nibble | crumb << 4) - 32`: nibbles of `ql` (high or low), crumbs
+    /// of `qh` from bit `shift`.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn q6_codes(ql: __m256i, qh: __m256i, high: bool, shift: u32) -> __m256i {
+        let low4 = _mm256_set1_epi8(0x0f);
+        let nibble = if high { _mm256_and_si256(_mm256_srli_epi16::<4>(ql), low4) } else { _mm256_and_si256(ql, low4) };
+        let crumb = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32)), _mm256_set1_epi8(3)));
+        _mm256_sub_epi8(_mm256_or_si256(nibble, crumb), _mm256_set1_epi8(32))
+    }
+
+    /// Byte i is 0xff where bit i of `bits` is set, else 0.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn bit_bytes(bits: u32) -> __m256i {
+        // Byte i takes byte i / 8 of `bits` (each 128-bit half holds the whole word), then its bit.
+        let spread = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0));
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+    }
+
     /// Sums of four products of unsigned bytes `u` and signed bytes `s` per 32-bit lane (the
     /// pairs' 16-bit sums cannot saturate: `u` <= 128 and `|s|` <= 127).
     ///
@@ -529,15 +612,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn dot_q5_0_pair(b0: *const u8, b1: *const u8, x: *const i8) -> Self {
-            let codes = |b: *const u8| {
-                // SAFETY: the caller's contract: a whole 22-byte block at `b`.
-                let (qs, qh) = unsafe { (_mm_loadu_si128(b.add(6) as *const __m128i), (b.add(2) as *const u32).read_unaligned()) };
-                let mask = _mm_set1_epi8(0x0f);
-                let nibbles = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask), _mm_and_si128(qs, mask));
-                let fifth = _mm256_mask_add_epi8(nibbles, qh, nibbles, _mm256_set1_epi8(16));
-                _mm256_sub_epi8(fifth, _mm256_set1_epi8(16))
-            };
-            let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(codes(b0)), codes(b1));
+            // SAFETY: the caller's contract: whole blocks at `b0`, `b1`.
+            let w = unsafe { _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q5_0_codes(b0)), q5_0_codes(b1)) };
             // SAFETY: the caller's contract: 64 bytes at `x`.
             let x = unsafe { _mm512_loadu_si512(x as *const _) };
             let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
@@ -547,11 +623,8 @@ mod x86 {
         unsafe fn dot_q6_pair(ql_a: *const u8, ql_b: *const u8, qh: *const u8, high: bool, shift: u32, x: *const i8) -> Self {
             // SAFETY: the caller's contract: 32 bytes at each of `ql_a`, `ql_b`, `qh`.
             let (a, b, h) = unsafe { (_mm256_loadu_si256(ql_a as *const __m256i), _mm256_loadu_si256(ql_b as *const __m256i), _mm256_loadu_si256(qh as *const __m256i)) };
-            let (low4, low2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(3));
-            let nibble = |v| if high { _mm256_and_si256(_mm256_srli_epi16::<4>(v), low4) } else { _mm256_and_si256(v, low4) };
-            let crumb = |s: u32| _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(s as i32)), low2));
-            let less = _mm256_set1_epi8(32);
-            let (ca, cb) = (_mm256_sub_epi8(_mm256_or_si256(nibble(a), crumb(shift)), less), _mm256_sub_epi8(_mm256_or_si256(nibble(b), crumb(shift + 2)), less));
+            // SAFETY: the level (AVX2 within AVX-512's) is the caller's contract.
+            let (ca, cb) = unsafe { (q6_codes(a, h, high, shift), q6_codes(b, h, high, shift + 2)) };
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(ca), cb);
             // SAFETY: the caller's contract: 64 bytes at `x`.
             let x = unsafe { _mm512_loadu_si512(x as *const _) };
@@ -669,6 +742,65 @@ mod x86 {
 
     impl Vector for Avx2 {
         const REGISTERS: usize = 8;
+        #[inline(always)]
+        unsafe fn nibbles(p: *const u8, high: bool) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            let bytes = unsafe { _mm_loadu_si128(p as *const __m128i) };
+            let codes = _mm_and_si128(if high { _mm_srli_epi16::<4>(bytes) } else { bytes }, _mm_set1_epi8(0x0f));
+            let (a, b) = unsafe { widen16(codes) };
+            Avx2(a, b)
+        }
+        #[inline(always)]
+        unsafe fn crumbs(p: *const u8, shift: u32) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            unsafe { bit_field(p, shift, 3) }
+        }
+        #[inline(always)]
+        unsafe fn bits(mask: u16) -> Self {
+            // SAFETY: the level is the caller's contract.
+            unsafe { Avx2(bit_lanes(mask, 1), bit_lanes(mask, 1 << 8)) }
+        }
+        #[inline(always)]
+        unsafe fn byte_bits(p: *const u8, bit: u32) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`.
+            unsafe { bit_field(p, bit, 1) }
+        }
+        #[inline(always)]
+        unsafe fn dot_i8_two(w0: *const u8, w1: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from each of `w0`, `w1`, 64 from `x`.
+            unsafe {
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot32(_mm256_loadu_si256(w0 as *const __m256i), x0), dot32(_mm256_loadu_si256(w1 as *const __m256i), x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot_nibble_pair(q: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes from `q`, 64 from `x`.
+            unsafe {
+                let (bytes, mask) = (_mm256_loadu_si256(q as *const __m256i), _mm256_set1_epi8(0x0f));
+                let (lo, hi) = (_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask));
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot32(lo, x0), dot32(hi, x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot_q5_0_pair(b0: *const u8, b1: *const u8, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: whole blocks at `b0`, `b1`, 64 bytes from `x`.
+            unsafe {
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot32(q5_0_codes(b0), x0), dot32(q5_0_codes(b1), x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot_q6_pair(ql_a: *const u8, ql_b: *const u8, qh: *const u8, high: bool, shift: u32, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes at each of `ql_a`, `ql_b`, `qh`, 64 at `x`.
+            unsafe {
+                let (a, b, h) = (_mm256_loadu_si256(ql_a as *const __m256i), _mm256_loadu_si256(ql_b as *const __m256i), _mm256_loadu_si256(qh as *const __m256i));
+                let (ca, cb) = (q6_codes(a, h, high, shift), q6_codes(b, h, high, shift + 2));
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot32(ca, x0), dot32(cb, x1))
+            }
+        }
         #[inline(always)]
         unsafe fn zero() -> Self {
             Avx2(_mm256_setzero_ps(), _mm256_setzero_ps())
