@@ -559,6 +559,7 @@ fn a_gguf_runs_in_generate_chat_and_serve() {
 
     let inspect = text(&dsrun(&["inspect", "--model", file]).stdout);
     assert!(inspect.contains("architecture deepseek2") && inspect.contains("experts    16 routed + 1 shared"), "{inspect}");
+    assert!(inspect.contains("-> model.layers.1.mlp.experts.{0..15}.gate_proj.weight") && inspect.contains("(W_UK half, joined)"), "{inspect}");
 
     let cwd = tempfile::tempdir().unwrap();
     let mut chat = spawn(&["chat", "--model", file, "--gpu", "cpu", "--temperature", "0", "-n", "4", "--ignore-eos", "--stats"], cwd.path());

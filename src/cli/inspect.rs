@@ -28,6 +28,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         // why it cannot (the tables are worth seeing either way).
         let (gguf, _map) = dsrun::gguf::Gguf::open(&dir)?;
         out += &gguf.describe();
+        out += &dsrun::gguf::deepseek2::describe_mapping(&gguf);
         out += "\n";
         if let Err(e) = dsrun::gguf::deepseek2::open(&dir).and_then(|m| Model::from_checkpoint(m.config, &m.checkpoint)) {
             if args.plan {

@@ -282,6 +282,49 @@ fn dtype(t: &GgufTensor) -> Option<DType> {
     DType::from_ggml(t.ty.name)
 }
 
+/// What a GGUF tensor becomes among dsrun's.
+enum Mapped {
+    /// One tensor of that name (an unknown one keeps its GGUF name: unused, and listed so).
+    One(String),
+    /// Stacked experts, each a slice: `model.layers.{layer}.mlp.experts.{e}.{projection}`.
+    Experts { layer: String, projection: &'static str },
+    /// Half (0: `attn_k_b`, 1: `attn_v_b`) of the layer's `kv_b_proj`.
+    KvHalf { layer: String, half: usize },
+}
+
+fn mapped(name: &str) -> Mapped {
+    match name {
+        "token_embd.weight" => return Mapped::One("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Mapped::One("model.norm.weight".into()),
+        "output.weight" => return Mapped::One("lm_head.weight".into()),
+        _ => {}
+    }
+    let Some((layer, rest)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else { return Mapped::One(name.into()) };
+    if let Some(projection) = expert_projection(rest) {
+        return Mapped::Experts { layer: layer.into(), projection };
+    }
+    if let Some(half) = ["attn_k_b.weight", "attn_v_b.weight"].iter().position(|h| *h == rest) {
+        return Mapped::KvHalf { layer: layer.into(), half };
+    }
+    Mapped::One(layer_name(layer, rest).unwrap_or_else(|| name.into()))
+}
+
+/// Each tensor of `g` with its format, dimensions (ggml order) and what dsrun maps it to, a
+/// line each (`dsrun inspect`).
+pub fn describe_mapping(g: &Gguf) -> String {
+    let mut out = String::from("tensors    (GGUF name, format, dimensions -> dsrun's name)\n");
+    for t in &g.tensors {
+        let to = match mapped(&t.name) {
+            Mapped::One(name) if name == t.name => "(not used by the forward pass)".to_string(),
+            Mapped::One(name) => name,
+            Mapped::Experts { layer, projection } => format!("model.layers.{layer}.mlp.experts.{{0..{}}}.{projection}.weight", t.dims.last().copied().unwrap_or(1).saturating_sub(1)),
+            Mapped::KvHalf { layer, half } => format!("model.layers.{layer}.self_attn.kv_b_proj.weight ({} half, joined)", ["W_UK", "W_UV"][half]),
+        };
+        out += &format!("  {:<36} {:<6} {:<20} -> {to}\n", t.name, t.ty.name, format!("{:?}", t.dims));
+    }
+    out
+}
+
 /// The Hugging Face name of a non-expert tensor of block `layer` (`blk.{layer}.{rest}`).
 fn layer_name(layer: &str, rest: &str) -> Option<String> {
     let hf = match rest {
@@ -343,39 +386,24 @@ fn checkpoint(files: &[(PathBuf, Gguf, ShardBytes)]) -> Result<Checkpoint> {
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let range = t.start as usize..(t.start + t.bytes) as usize;
         let info = |shape: Vec<usize>, range| TensorInfo::new(t.ty.name.to_string(), dtype(t), shape, shard, range);
-        let name = match t.name.as_str() {
-            "token_embd.weight" => "model.embed_tokens.weight".to_string(),
-            "output_norm.weight" => "model.norm.weight".to_string(),
-            "output.weight" => "lm_head.weight".to_string(),
-            other => {
-                let Some((layer, rest)) = other.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
-                    tensors.insert(other.to_string(), info(shape, range));
-                    continue;
+        match mapped(&t.name) {
+            Mapped::One(name) => {
+                tensors.insert(name, info(shape, range));
+            }
+            Mapped::Experts { layer, projection } => {
+                // [experts, rows, cols]: expert e is the e-th of equal slices.
+                let [experts, rows, cols] = shape[..] else {
+                    return Err(Error::Invalid(format!("tensor `{}` has {} dimensions, not the 3 of stacked experts", t.name, shape.len())));
                 };
-                if let Some(projection) = expert_projection(rest) {
-                    // [experts, rows, cols]: expert e is the e-th of equal slices.
-                    let [experts, rows, cols] = shape[..] else {
-                        return Err(Error::Invalid(format!("tensor `{other}` has {} dimensions, not the 3 of stacked experts", shape.len())));
-                    };
-                    let each = t.bytes as usize / experts.max(1);
-                    for e in 0..experts {
-                        let start = range.start + e * each;
-                        tensors.insert(format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight"), info(vec![rows, cols], start..start + each));
-                    }
-                    continue;
-                }
-                // The split up-projection: joined below into `kv_b_proj`.
-                if let Some(half) = ["attn_k_b.weight", "attn_v_b.weight"].iter().position(|h| *h == rest) {
-                    split_kv_b.entry(layer.to_string()).or_default()[half] = Some((t, file));
-                    continue;
-                }
-                match layer_name(layer, rest) {
-                    Some(name) => name,
-                    None => other.to_string(),
+                let each = t.bytes as usize / experts.max(1);
+                for e in 0..experts {
+                    let start = range.start + e * each;
+                    tensors.insert(format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight"), info(vec![rows, cols], start..start + each));
                 }
             }
-        };
-        tensors.insert(name, info(shape, range));
+            // The split up-projection: joined below into `kv_b_proj`.
+            Mapped::KvHalf { layer, half } => split_kv_b.entry(layer).or_default()[half] = Some((t, file)),
+        }
     }
     for (layer, halves) in split_kv_b {
         let [Some(k_b), Some(v_b)] = halves else {
