@@ -227,7 +227,7 @@ fn fast_math_dot(m: &dsrun::model::weights::Matrix) {
         DType::Q8_0 | DType::Q5_0 | DType::Q6_K => (dsrun::model::math::matmul(m, &rounded, 1), 1e-5),
         // Two rows against one rounded activation vector: the rounding does not average out
         // (measured 1.0e-2); a wrong nibble half or scale is off by order 1.
-        DType::Q4_K => (dsrun::model::math::matmul(m, &x, 1), 2e-2),
+        DType::Q4_K | DType::Q5_K => (dsrun::model::math::matmul(m, &x, 1), 2e-2),
         _ => (dsrun::model::math::matmul(m, &x, 1), 1e-5),
     };
     for simd in Simd::available() {

@@ -2,7 +2,7 @@
 //! `matmul::dot_q8_0`), per group `scale * Σ code x + min * Σ x`: the products of ggml's
 //! reference decode (`quant::ggml`, `value = scale * code + min`), summed in another order.
 //!
-//! The formats of Q4_K_M / Q5_K_M files (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0) widen their codes
+//! The formats of Q4_K_M / Q5_K_M files (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q4_1, Q5_1) widen their codes
 //! straight into vectors ([`Vector::nibbles`], [`Vector::crumbs`], the fifth bits as masks).
 //! The others unpack a block's codes into signed bytes first, then load them: simpler, and
 //! slower (a vector load of bytes just stored one at a time waits for the stores).
@@ -242,36 +242,46 @@ unsafe fn k6<V: Vector>(b: &[u8], x: &[f32], acc: &mut V) {
     }
 }
 
-/// Q4_0 / Q5_0 (`five`) block of 32: codes less 8 / 16, the fifth bits from `qh`.
+/// Q4_0 / Q5_0 / Q4_1 / Q5_1 block of 32: codes less 8 / 16 (without a min) or plus `m`
+/// (with one, `m Σ x`), the fifth bits from `qh`.
 ///
 /// # Safety
 /// The CPU runs `V`'s level; `b` is a whole block and `x` its 32 inputs.
 #[inline(always)]
-unsafe fn legacy<V: Vector>(five: bool, b: &[u8], x: &[f32], acc: &mut V) {
-    assert!(b.len() >= if five { 22 } else { 18 } && x.len() == 32);
+unsafe fn legacy<V: Vector>(dtype: DType, b: &[u8], x: &[f32], acc: &mut V) {
+    let five = matches!(dtype, DType::Q5_0 | DType::Q5_1);
+    let with_min = matches!(dtype, DType::Q4_1 | DType::Q5_1);
+    let qh_at = if with_min { 4 } else { 2 };
+    let qs_at = qh_at + if five { 4 } else { 0 };
+    assert!(b.len() >= qs_at + 16 && x.len() == 32);
     let d = f16(b, 0);
     // SAFETY (every load): inside `b` and `x` (asserted lengths).
     unsafe {
         let (one, sixteen) = (V::splat(1.0), V::splat(16.0));
-        let qs = b.as_ptr().add(if five { 6 } else { 2 });
+        let qs = b.as_ptr().add(qs_at);
         let (mut lo, mut hi) = (V::nibbles(qs, false), V::nibbles(qs, true));
-        let offset = if five {
-            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        if five {
+            let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
             lo = V::mul_add(V::bits(qh as u16), sixteen, lo);
             hi = V::mul_add(V::bits((qh >> 16) as u16), sixteen, hi);
-            V::splat(-16.0)
+        }
+        let (x0, x1) = (V::load(x.as_ptr()), V::load(x.as_ptr().add(16)));
+        if with_min {
+            let part = V::mul_add(hi, x1, V::mul(lo, x0));
+            *acc = V::mul_add(V::splat(d), part, *acc);
+            *acc = V::mul_add(V::splat(f16(b, 2)), V::mul_add(x1, one, x0), *acc);
         } else {
-            V::splat(-8.0)
-        };
-        let (lo, hi) = (V::mul_add(lo, one, offset), V::mul_add(hi, one, offset));
-        let part = V::mul_add(hi, V::load(x.as_ptr().add(16)), V::mul(lo, V::load(x.as_ptr())));
-        *acc = V::mul_add(V::splat(d), part, *acc);
+            let offset = V::splat(if five { -16.0 } else { -8.0 });
+            let (lo, hi) = (V::mul_add(lo, one, offset), V::mul_add(hi, one, offset));
+            let part = V::mul_add(hi, x1, V::mul(lo, x0));
+            *acc = V::mul_add(V::splat(d), part, *acc);
+        }
     }
 }
 
-/// A row of Q8_0, Q4_K, Q5_0 or Q6_K blocks dotted with int8 activations (`--math fast`, llama.cpp's
+/// A row of Q8_0, Q4_K, Q5_K, Q5_0 or Q6_K blocks dotted with int8 activations (`--math fast`, llama.cpp's
 /// arithmetic): per pair of groups of 32 an integer dot, scaled by the weights' and the
-/// activations' group scales; Q4_K's mins meet the activations' exact group sums.
+/// activations' group scales; Q4_K's and Q5_K's mins meet the activations' exact group sums.
 ///
 /// # Safety
 /// The CPU runs `V`'s level; `x` was laid out for the row (`input::takes_int8`).
@@ -300,14 +310,19 @@ pub(super) unsafe fn dot_int8<V: Vector>(dtype: DType, row: &[u8], x: Int8) -> f
                 acc = unsafe { V::mul_add(prod, pair::<V>(&x, pairs, [f16(b, 0), 0.0]), acc) };
             }
         }
-        DType::Q4_K => {
-            for (i, b) in row.chunks_exact(144).enumerate() {
-                super::vector::prefetch_ahead(b.as_ptr(), 144);
+        DType::Q4_K | DType::Q5_K => {
+            let five = dtype == DType::Q5_K;
+            for (i, b) in row.chunks_exact(size).enumerate() {
+                super::vector::prefetch_ahead(b.as_ptr(), size);
                 let (d, dmin, scales) = (f16(b, 0), f16(b, 2), &b[4..16]);
                 for j in 0..4 {
                     let (p, g) = (4 * i + j, 8 * i + 2 * j);
                     let ((sc1, m1), (sc2, m2)) = (scale_min_k4(2 * j, scales), scale_min_k4(2 * j + 1, scales));
-                    let prod = unsafe { V::dot_nibble_pair(b.as_ptr().add(16 + 32 * j), x.codes.as_ptr().add(64 * p)) };
+                    let codes = x.codes.as_ptr().wrapping_add(64 * p);
+                    let prod = match five {
+                        true => unsafe { V::dot_q5k_pair(b.as_ptr().add(48 + 32 * j), b.as_ptr().add(16), j as u32, codes) },
+                        false => unsafe { V::dot_nibble_pair(b.as_ptr().add(16 + 32 * j), codes) },
+                    };
                     acc = unsafe { V::mul_add(prod, pair::<V>(&x, p, [d * sc1, d * sc2]), acc) };
                     tail -= dmin * m1 * x.sums[2 * g + 1] + dmin * m2 * x.sums[2 * g + 3];
                 }
@@ -390,10 +405,10 @@ pub(super) unsafe fn dot<V: Vector>(dtype: DType, row: &[u8], x: &[f32], u: &mut
         match dtype {
             DType::Q4_K | DType::Q5_K => unsafe { k45::<V>(dtype == DType::Q5_K, block, x, acc) },
             DType::Q6_K => unsafe { k6::<V>(block, x, acc) },
-            DType::Q4_0 | DType::Q5_0 => unsafe { legacy::<V>(dtype == DType::Q5_0, block, x, acc) },
+            DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1 => unsafe { legacy::<V>(dtype, block, x, acc) },
             _ => {}
         }
-        if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_0 | DType::Q5_0) {
+        if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1) {
             continue;
         }
         unpack(dtype, block, u);

@@ -59,12 +59,12 @@ pub struct Layouts {
 }
 
 /// Whether `m`'s one-token kernel reads int8 activations under `math`: q8 and q4 with groups
-/// of 32 and rows of whole groups, and GGUF's Q8_0, Q4_K, Q5_0 and Q6_K.
+/// of 32 and rows of whole groups, and GGUF's Q8_0, Q4_K, Q5_K, Q5_0 and Q6_K.
 pub fn takes_int8(m: &Matrix, math: Math) -> bool {
     let grouped = m.scales.as_ref().is_some_and(|s| s.block_cols == GROUP && s.block_rows == 1);
-    // GGUF's Q8_0, Q4_K, Q5_0 and Q6_K: their blocks' groups of 32 (Q6_K's pairs of 16) meet
+    // GGUF's Q8_0, Q4_K, Q5_K, Q5_0 and Q6_K: their blocks' groups of 32 (Q6_K's pairs of 16) meet
     // the activations' (gguf_dot).
-    let gguf = matches!(m.dtype, DType::Q8_0 | DType::Q4_K | DType::Q5_0 | DType::Q6_K);
+    let gguf = matches!(m.dtype, DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q5_0 | DType::Q6_K);
     math == Math::Fast && ((matches!(m.dtype, DType::Q8 | DType::Q4) && grouped) || gguf) && m.cols.is_multiple_of(GROUP)
 }
 

@@ -295,7 +295,7 @@ unsafe fn int8_row<V: Vector>(m: &Matrix, r: usize, x: Int8) -> f32 {
     // SAFETY: the caller's contract.
     match m.dtype {
         DType::Q4 => unsafe { int8_row_of::<V, true>(m, r, x) },
-        DType::Q8_0 | DType::Q4_K | DType::Q5_0 | DType::Q6_K => {
+        DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q5_0 | DType::Q6_K => {
             let width = m.dtype.format().bytes(m.cols);
             unsafe { gguf_dot::dot_int8::<V>(m.dtype, &m.data.as_slice()[r * width..(r + 1) * width], x) }
         }

@@ -320,6 +320,19 @@ pub trait Vector: Copy {
         // SAFETY: 64 bytes each.
         unsafe { Self::dot_i8(w.as_ptr(), x) }
     }
+    /// [`Vector::dot_nibble_pair`] with fifth bits (GGUF Q5_K): bit `2j` of each `qh` byte tops
+    /// the low nibbles' codes, bit `2j + 1` the high ones'.
+    ///
+    /// # Safety
+    /// As [`Vector::dot_i8`], with 32 readable bytes at `q` and at `qh`, 64 at `x`.
+    #[inline(always)]
+    unsafe fn dot_q5k_pair(q: *const u8, qh: *const u8, j: u32, x: *const i8) -> Self {
+        // SAFETY: the caller's contract.
+        let (q, h) = unsafe { (std::slice::from_raw_parts(q, 32), std::slice::from_raw_parts(qh, 32)) };
+        let w: [u8; 64] = std::array::from_fn(|i| if i < 32 { (q[i] & 0xf) | (((h[i] >> (2 * j)) & 1) << 4) } else { (q[i - 32] >> 4) | (((h[i - 32] >> (2 * j + 1)) & 1) << 4) });
+        // SAFETY: 64 bytes each.
+        unsafe { Self::dot_i8(w.as_ptr(), x) }
+    }
     /// [`Vector::dot_i8`] of two GGUF Q5_0 blocks' codes (`(nibble | fifth bit << 4) - 16`;
     /// `b0`, `b1` point at whole 22-byte blocks) against 64 activations: lanes 0..8 the first.
     ///
@@ -513,6 +526,30 @@ mod x86 {
         _mm256_sub_epi8(_mm256_or_si256(nibble, crumb), _mm256_set1_epi8(32))
     }
 
+    /// A GGUF Q5_K group pair's 64 codes (0..31): the low nibbles of `q` topped by bit `2j` of
+    /// `qh`'s bytes, the high nibbles by bit `2j + 1`.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn q5k_codes(q: __m256i, qh: __m256i, j: u32) -> (__m256i, __m256i) {
+        let low4 = _mm256_set1_epi8(0x0f);
+        // SAFETY: AVX2, the caller's contract.
+        let (b0, b1) = unsafe { (sixteens(qh, 2 * j), sixteens(qh, 2 * j + 1)) };
+        let lo = _mm256_or_si256(_mm256_and_si256(q, low4), b0);
+        let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), low4), b1);
+        (lo, hi)
+    }
+
+    /// 16 in each byte of `qh` whose bit `s` is set, else 0.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn sixteens(qh: __m256i, s: u32) -> __m256i {
+        _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s as i32)), _mm256_set1_epi8(1)))
+    }
+
     /// Byte i is 0xff where bit i of `bits` is set, else 0.
     ///
     /// # Safety
@@ -609,6 +646,16 @@ mod x86 {
             let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
             let signed = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
             Avx512(_mm512_cvtepi32_ps(sum_bytes(_mm512_abs_epi8(w), signed)))
+        }
+        #[inline(always)]
+        unsafe fn dot_q5k_pair(q: *const u8, qh: *const u8, j: u32, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes at `q` and `qh`, 64 at `x`; the level
+            // (AVX2 within AVX-512's).
+            unsafe {
+                let (lo, hi) = q5k_codes(_mm256_loadu_si256(q as *const __m256i), _mm256_loadu_si256(qh as *const __m256i), j);
+                let codes = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                Avx512(_mm512_cvtepi32_ps(sum_bytes(codes, _mm512_loadu_si512(x as *const _))))
+            }
         }
         #[inline(always)]
         unsafe fn dot_q5_0_pair(b0: *const u8, b1: *const u8, x: *const i8) -> Self {
@@ -779,6 +826,15 @@ mod x86 {
             unsafe {
                 let (bytes, mask) = (_mm256_loadu_si256(q as *const __m256i), _mm256_set1_epi8(0x0f));
                 let (lo, hi) = (_mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask));
+                let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
+                Avx2(dot32(lo, x0), dot32(hi, x1))
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot_q5k_pair(q: *const u8, qh: *const u8, j: u32, x: *const i8) -> Self {
+            // SAFETY: the caller's contract: 32 bytes at `q` and `qh`, 64 at `x`.
+            unsafe {
+                let (lo, hi) = q5k_codes(_mm256_loadu_si256(q as *const __m256i), _mm256_loadu_si256(qh as *const __m256i), j);
                 let (x0, x1) = (_mm256_loadu_si256(x as *const __m256i), _mm256_loadu_si256(x.add(32) as *const __m256i));
                 Avx2(dot32(lo, x0), dot32(hi, x1))
             }
