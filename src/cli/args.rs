@@ -24,8 +24,9 @@ pub fn choice<T: Choice + Clone + Send + Sync>() -> impl TypedValueParser<Value 
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json). Default: the bundled tiny model.
-    #[arg(long, value_name = "DIR")]
+    /// Checkpoint directory (config.json, *.safetensors, tokenizer.json), or a GGUF file
+    /// (llama.cpp's; of split files, the first). Default: the bundled tiny model.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     pub model: Option<PathBuf>,
 }
 
@@ -58,7 +59,8 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "keep", value_parser = choice::<QuantTarget>())]
     pub quant: QuantTarget,
     /// How matmuls multiply: exact (f32 activations) or fast (on the CPU backend int8
-    /// activations for q8/q4 weights in decode, as llama.cpp's Q8_0/Q4_0, and bf16 dots where
+    /// activations for q8/q4 weights and GGUF's Q8_0/Q4_K/Q5_K/Q5_0/Q6_K in decode, as
+    /// llama.cpp multiplies them, and bf16 dots where
     /// the CPU has AVX512-BF16: bf16 weights in decode, every format in prefill; f16
     /// arithmetic on GPUs with SHADER_F16).
     #[arg(long, default_value = "exact", value_parser = choice::<Math>())]
