@@ -66,9 +66,9 @@ pub const FORMATS: [Format; 18] = [
 ];
 
 impl DType {
-    /// This element type's row of the format table.
+    /// This element type's row of the format table (an index: the mat-vecs ask per row).
     pub fn format(self) -> &'static Format {
-        FORMATS.iter().find(|f| f.dtype == self).expect("every dtype has a row in FORMATS")
+        &FORMATS[self as usize]
     }
 
     /// The dtype of a ggml type name (`Q4_K`), where dsrun reads it: the float ones and the
@@ -126,6 +126,7 @@ mod tests {
         for (i, f) in FORMATS.iter().enumerate() {
             assert_eq!(f.code as usize, i, "{:?}: codes are table indices", f.dtype);
             assert_eq!(f.dtype.format().code, f.code);
+            assert_eq!(f.dtype as usize, i, "{:?}: the variant is its row", f.dtype);
             assert_eq!(f.scales == Scales::None, f.block == Block::None, "{:?}: scaled formats have blocks", f.dtype);
         }
         assert_eq!(DType::Q4.format().bytes(5), 3);

@@ -12,10 +12,11 @@ mod ggml;
 /// quantises to at load (`--quant q8|q4`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)] // ggml's names for its formats, as GGUF files and llama.cpp users write them
+/// In the order of the format table's rows (`format::FORMATS`, indexed by the variant).
 pub enum DType {
     F32,
-    F16,
     BF16,
+    F16,
     F8E4M3,
     /// int8 codes, one byte each, with an f32 scale per group of 32 columns: `w = q * s`.
     Q8,
@@ -25,7 +26,7 @@ pub enum DType {
     /// ggml's Q8_0, as GGUF files store it: blocks of 32 values, each an f16 scale `d` then 32
     /// int8 codes (34 bytes): `w = q * d`.
     Q8_0,
-    /// llama.cpp's other block formats as GGUF files store them (`ggml_quants` decodes them):
+    /// llama.cpp's other block formats as GGUF files store them (`quant::ggml` decodes them):
     /// the 32-value legacy ones and IQ4_NL, the 256-value K-quants and IQ4_XS.
     Q4_0,
     Q4_1,
