@@ -72,7 +72,8 @@ impl ChatTemplate {
     /// the file has none.
     pub fn from_gguf(gguf: &crate::gguf::Gguf, origin: &Path) -> Result<Option<ChatTemplate>> {
         let Some(source) = crate::gguf::tokenizer::chat_template(gguf)? else { return Ok(None) };
-        let (_, specials) = crate::gguf::tokenizer::load(gguf)?;
+        // The BOS and EOS tokens' text only: no tokenizer need be built for it.
+        let specials = crate::gguf::tokenizer::specials(gguf)?;
         let config = serde_json::json!({"bos_token": specials.bos_text, "eos_token": specials.eos_text});
         Ok(Some(ChatTemplate::new(source, format!("{} (tokenizer.chat_template)", origin.display()), &config)))
     }

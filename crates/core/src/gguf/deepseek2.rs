@@ -225,11 +225,17 @@ impl Meta<'_> {
         format!("{}.{k}", self.arch)
     }
 
-    fn uint_of(g: &Gguf, key: &str) -> Result<Option<u64>> {
+    /// `key`'s value as `read` takes it (None: absent); a value `read` refuses is an error
+    /// saying it is not `what`.
+    fn typed_of<T>(g: &Gguf, key: &str, what: &str, read: impl Fn(&Value) -> Option<T>) -> Result<Option<T>> {
         match g.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| Error::Invalid(format!("metadata `{key}` is {}, not a non-negative integer", v.summary()))),
+            Some(v) => read(v).map(Some).ok_or_else(|| Error::Invalid(format!("metadata `{key}` is {}, not {what}", v.summary()))),
         }
+    }
+
+    fn uint_of(g: &Gguf, key: &str) -> Result<Option<u64>> {
+        Self::typed_of(g, key, "a non-negative integer", Value::as_u64)
     }
 
     fn uint(&self, k: &str) -> Result<Option<u64>> {
@@ -241,14 +247,12 @@ impl Meta<'_> {
     }
 
     fn float(&self, k: &str) -> Result<Option<f64>> {
-        let key = self.key(k);
-        match self.g.get(&key) {
-            None => Ok(None),
+        Self::typed_of(self.g, &self.key(k), "a number", |v| match v {
             // An f32 stands for the decimal the converter was given (`1e-6`, not 9.99999997e-7):
             // its shortest round-trip form, as config.json would have it.
-            Some(Value::F32(v)) => Ok(format!("{v}").parse::<f64>().ok()),
-            Some(v) => v.as_f64().or_else(|| v.as_u64().map(|u| u as f64)).map(Some).ok_or_else(|| Error::Invalid(format!("metadata `{key}` is {}, not a number", v.summary()))),
-        }
+            Value::F32(f) => format!("{f}").parse::<f64>().ok(),
+            v => v.as_f64().or_else(|| v.as_u64().map(|u| u as f64)),
+        })
     }
 
     fn required_float(&self, k: &str) -> Result<f64> {
@@ -256,20 +260,14 @@ impl Meta<'_> {
     }
 
     fn bool(&self, k: &str) -> Result<Option<bool>> {
-        let key = self.key(k);
-        match self.g.get(&key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(Error::Invalid(format!("metadata `{key}` is {}, not a boolean", v.summary()))),
-        }
+        Self::typed_of(self.g, &self.key(k), "a boolean", |v| match v {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        })
     }
 
     fn string(&self, k: &str) -> Result<Option<String>> {
-        let key = self.key(k);
-        match self.g.get(&key) {
-            None => Ok(None),
-            Some(v) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| Error::Invalid(format!("metadata `{key}` is {}, not a string", v.summary()))),
-        }
+        Self::typed_of(self.g, &self.key(k), "a string", |v| v.as_str().map(str::to_string))
     }
 
     fn missing(&self, k: &str) -> Error {

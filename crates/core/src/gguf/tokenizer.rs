@@ -73,7 +73,8 @@ fn id(g: &Gguf, key: &str, vocab: usize) -> Result<Option<u32>> {
     }
 }
 
-fn specials(g: &Gguf) -> Result<Specials> {
+/// The file's special ids and their text.
+pub fn specials(g: &Gguf) -> Result<Specials> {
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let n = tokens.len();
     let bos = id(g, "tokenizer.ggml.bos_token_id", n)?;

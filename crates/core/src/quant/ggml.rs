@@ -12,16 +12,16 @@ use super::DType;
 const QK_K: usize = 256;
 
 /// `kvalues_iq4nl`: IQ4_NL's and IQ4_XS's 16 levels.
-const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub(crate) const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 #[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
-fn f16(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16(b: &[u8], at: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// The 6-bit scale and min `j` of a Q4_K / Q5_K block's 12 packed bytes (`get_scale_min_k4`).
 #[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
     let (d, m) = if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) };
     (d as f32, m as f32)
 }
@@ -113,15 +113,22 @@ fn q2_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// Q3_K: hmask[32], qs[64], scales[12] (6-bit, unpacked as ggml's kmask dance), d.
-#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
-fn q3_k(b: &[u8], y: &mut [f32]) {
-    let (hmask, qs, packed, d) = (&b[0..32], &b[32..96], &b[96..108], f16(b, 108));
+/// Q3_K's sixteen 6-bit scales (before their -32) from its 12 packed bytes, as ggml's kmask
+/// dance unpacks them.
+#[inline(always)]
+pub(crate) fn q3_k_scales(packed: &[u8]) -> [i8; 16] {
     let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
     let (a0, a1, tmp) = (word(0), word(1), word(2));
     let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
     let aux = [(a0 & k2) | ((tmp & k1) << 4), (a1 & k2) | (((tmp >> 2) & k1) << 4), ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4), ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4)];
-    let scales: Vec<i8> = aux.iter().flat_map(|w| w.to_le_bytes()).map(|s| s as i8).collect();
+    std::array::from_fn(|i| aux[i / 4].to_le_bytes()[i % 4] as i8)
+}
+
+/// Q3_K: hmask[32], qs[64], scales[12] (6-bit, [`q3_k_scales`]), d.
+#[inline(always)] // inside the CPU kernels' SIMD-level code, where it vectorises
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, packed, d) = (&b[0..32], &b[32..96], &b[96..108], f16(b, 108));
+    let scales = q3_k_scales(packed);
     let (mut is, mut out, mut m) = (0, 0, 1u8);
     for n in 0..QK_K / 128 {
         let q = &qs[32 * n..];

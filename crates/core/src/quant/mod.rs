@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-mod ggml;
+pub(crate) mod ggml;
 
 /// Element types of weight matrices: the checkpoint formats dsrun reads, plus the two formats it
 /// quantises to at load (`--quant q8|q4`).

@@ -1,18 +1,21 @@
-//! One-token dots of GGUF's block formats (all but Q8_0, whose codes are bytes already: see
-//! `matmul::dot_q8_0`), per group `scale * Σ code x + min * Σ x`: the products of ggml's
-//! reference decode (`quant::ggml`, `value = scale * code + min`), summed in another order.
+//! One-token dots of GGUF's block formats, per group `scale * Σ code x + min * Σ x`: the
+//! products of ggml's reference decode (`quant::ggml`, `value = scale * code + min`), summed in
+//! another order.
 //!
-//! The formats of Q4_K_M / Q5_K_M files (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q4_1, Q5_1) widen their codes
-//! straight into vectors ([`Vector::nibbles`], [`Vector::crumbs`], the fifth bits as masks).
-//! The others unpack a block's codes into signed bytes first, then load them: simpler, and
-//! slower (a vector load of bytes just stored one at a time waits for the stores).
+//! Q8_0 and the formats of Q4_K_M / Q5_K_M files (Q4_K, Q5_K, Q6_K and the four legacy ones)
+//! widen their codes straight into vectors ([`Vector::load_i8`], [`Vector::nibbles`],
+//! [`Vector::crumbs`], the fifth bits as masks). The others (Q2_K, Q3_K, IQ4_NL, IQ4_XS) unpack
+//! a block's codes into signed bytes first, then load them: simpler, and slower (a vector load
+//! of bytes just stored one at a time waits for the stores).
 
 use super::input::Int8;
 use super::vector::{Vector, LANES};
+use crate::quant::ggml::{f16, q3_k_scales, scale_min_k4, IQ4_LEVELS};
 use crate::quant::DType;
 
-/// A block's codes, and per group of `group` codes its scale and min.
-pub(super) struct Unpacked {
+/// A block's codes, and per group of `group` codes its scale and min (the byte-unpacked
+/// formats).
+struct Unpacked {
     codes: [i8; 256],
     scales: [f32; 16],
     mins: [f32; 16],
@@ -27,102 +30,17 @@ impl Default for Unpacked {
     }
 }
 
-const IQ4_LEVELS: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
-
+/// Unpacks one block of Q2_K, Q3_K, IQ4_NL or IQ4_XS (as `quant::ggml` decodes it).
 #[inline(always)]
-fn f16(b: &[u8], at: usize) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
-}
-
-#[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (f32, f32) {
-    let (d, m) = if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) };
-    (d as f32, m as f32)
-}
-
-/// Unpacks one block of `dtype` (as `quant::ggml` decodes it).
-#[inline(always)]
-pub(super) fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
+fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
     let c = &mut u.codes;
     match dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
-            let with_min = matches!(dtype, DType::Q4_1 | DType::Q5_1);
-            let at = if with_min { 4 } else { 2 };
-            let (qh, at) = match dtype {
-                DType::Q5_0 | DType::Q5_1 => (u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]), at + 4),
-                _ => (0, at),
-            };
-            let qs: &[u8; 16] = b[at..at + 16].try_into().expect("16 code bytes");
-            // Branch-free loops over fixed-size arrays: each vectorises to a few byte ops.
-            let (lo, hi) = c[..32].split_at_mut(16);
-            let (lo, hi): (&mut [i8; 16], &mut [i8; 16]) = (lo.try_into().expect("16"), hi.try_into().expect("16"));
+        DType::IQ4_NL => {
             for j in 0..16 {
-                lo[j] = (qs[j] & 0xf) as i8;
-                hi[j] = (qs[j] >> 4) as i8;
-            }
-            if matches!(dtype, DType::Q5_0 | DType::Q5_1) {
-                for j in 0..16 {
-                    lo[j] |= (((qh >> j) & 1) << 4) as i8;
-                    hi[j] |= (((qh >> (j + 16)) & 1) << 4) as i8;
-                }
-            }
-            let c: &mut [i8; 32] = (&mut c[..32]).try_into().expect("32 codes");
-            match dtype {
-                DType::Q4_0 => c.iter_mut().for_each(|v| *v -= 8),
-                DType::Q5_0 => c.iter_mut().for_each(|v| *v -= 16),
-                DType::IQ4_NL => c.iter_mut().for_each(|v| *v = IQ4_LEVELS[*v as usize]),
-                _ => {}
+                (c[j], c[j + 16]) = (IQ4_LEVELS[(b[2 + j] & 0xf) as usize], IQ4_LEVELS[(b[2 + j] >> 4) as usize]);
             }
             u.scales[0] = f16(b, 0);
-            u.mins[0] = if with_min { f16(b, 2) } else { 0.0 };
-            (u.groups, u.group, u.has_min) = (1, 32, with_min);
-        }
-        DType::Q4_K | DType::Q5_K => {
-            let five = dtype == DType::Q5_K;
-            let (d, dmin, scales) = (f16(b, 0), f16(b, 2), &b[4..16]);
-            let ql = if five { &b[48..176] } else { &b[16..144] };
-            // Fixed-size arrays and branch-free loops: each vectorises to a few byte ops.
-            for j in 0..4 {
-                let q: &[u8; 32] = ql[32 * j..32 * j + 32].try_into().expect("32 code bytes");
-                let (lo, hi) = c[64 * j..64 * j + 64].split_at_mut(32);
-                let (lo, hi): (&mut [i8; 32], &mut [i8; 32]) = (lo.try_into().expect("32"), hi.try_into().expect("32"));
-                for l in 0..32 {
-                    lo[l] = (q[l] & 0xf) as i8;
-                    hi[l] = (q[l] >> 4) as i8;
-                }
-                if five {
-                    let qh: &[u8; 32] = b[16..48].try_into().expect("32 high-bit bytes");
-                    for l in 0..32 {
-                        lo[l] |= (((qh[l] >> (2 * j)) & 1) << 4) as i8;
-                        hi[l] |= (((qh[l] >> (2 * j + 1)) & 1) << 4) as i8;
-                    }
-                }
-                for (k, g) in [2 * j, 2 * j + 1].into_iter().enumerate() {
-                    let (sc, m) = scale_min_k4(g, scales);
-                    u.scales[2 * j + k] = d * sc;
-                    u.mins[2 * j + k] = -(dmin * m);
-                }
-            }
-            (u.groups, u.group, u.has_min) = (8, 32, true);
-        }
-        DType::Q6_K => {
-            let (sc, d) = (&b[192..208], f16(b, 208));
-            for n in 0..2 {
-                let ql: &[u8; 64] = b[64 * n..64 * n + 64].try_into().expect("64 low-bit bytes");
-                let qh: &[u8; 32] = b[128 + 32 * n..128 + 32 * n + 32].try_into().expect("32 high-bit bytes");
-                let c: &mut [i8; 128] = (&mut c[128 * n..128 * n + 128]).try_into().expect("128 codes");
-                for l in 0..32 {
-                    c[l] = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i8 - 32;
-                    c[l + 32] = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                    c[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                    c[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
-                }
-                // Groups of 16 in value order: within a chunk of 128, group g has scale g.
-                for g in 0..8 {
-                    u.scales[8 * n + g] = d * sc[8 * n + g] as i8 as f32;
-                }
-            }
-            (u.groups, u.group, u.has_min) = (16, 16, false);
+            (u.groups, u.group, u.has_min) = (1, 32, false);
         }
         DType::Q2_K => {
             let (scales, qs, d, min) = (&b[0..16], &b[16..80], f16(b, 80), f16(b, 82));
@@ -130,9 +48,8 @@ pub(super) fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
                 for (s, shift) in (0..8).step_by(2).enumerate() {
                     for half in 0..2 {
                         let g = 8 * n + 2 * s + half;
-                        let out = &mut c[16 * g..16 * g + 16];
-                        for l in 0..16 {
-                            out[l] = ((qs[32 * n + 16 * half + l] >> shift) & 3) as i8;
+                        for (l, out) in c[16 * g..16 * g + 16].iter_mut().enumerate() {
+                            *out = ((qs[32 * n + 16 * half + l] >> shift) & 3) as i8;
                         }
                         u.scales[g] = d * (scales[g] & 0xf) as f32;
                         u.mins[g] = -(min * (scales[g] >> 4) as f32);
@@ -142,11 +59,8 @@ pub(super) fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
             (u.groups, u.group, u.has_min) = (16, 16, true);
         }
         DType::Q3_K => {
-            let (hmask, qs, packed, d) = (&b[0..32], &b[32..96], &b[96..108], f16(b, 108));
-            let word = |i: usize| u32::from_le_bytes([packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]]);
-            let (a0, a1, tmp) = (word(0), word(1), word(2));
-            let (k1, k2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
-            let aux = [(a0 & k2) | ((tmp & k1) << 4), (a1 & k2) | (((tmp >> 2) & k1) << 4), ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4), ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4)];
+            let (hmask, qs, d) = (&b[0..32], &b[32..96], f16(b, 108));
+            let scales = q3_k_scales(&b[96..108]);
             for n in 0..2 {
                 for (s, shift) in (0..8).step_by(2).enumerate() {
                     let m = 1u8 << (4 * n + s);
@@ -156,8 +70,7 @@ pub(super) fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
                             let i = 16 * half + l;
                             *out = ((qs[32 * n + i] >> shift) & 3) as i8 - if hmask[i] & m != 0 { 0 } else { 4 };
                         }
-                        let scale = aux[g / 4].to_le_bytes()[g % 4] as i8;
-                        u.scales[g] = d * (scale as i32 - 32) as f32;
+                        u.scales[g] = d * (scales[g] as i32 - 32) as f32;
                     }
                 }
             }
@@ -176,7 +89,52 @@ pub(super) fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
             }
             (u.groups, u.group, u.has_min) = (8, 32, false);
         }
-        _ => unreachable!("{dtype:?} has no unpacking here"),
+        _ => unreachable!("{dtype:?} widens its codes in place"),
+    }
+}
+
+/// An unpacked block's groups dotted with its 256 or 32 inputs, into `acc`.
+///
+/// # Safety
+/// The CPU runs `V`'s level; `x` is the block's inputs.
+#[inline(always)]
+unsafe fn unpacked<V: Vector>(u: &Unpacked, x: &[f32], acc: &mut V) {
+    assert!(x.len() >= u.groups * u.group);
+    // SAFETY (every load): the level is the caller's contract; a group's loads read `LANES`
+    // codes and inputs inside it (asserted length).
+    unsafe {
+        let one = V::splat(1.0);
+        for g in 0..u.groups {
+            let k0 = g * u.group;
+            let (mut part, mut sum) = (V::zero(), V::zero());
+            for v in (0..u.group).step_by(LANES) {
+                let xv = V::load(x.as_ptr().add(k0 + v));
+                part = V::mul_add(V::load_i8(u.codes.as_ptr().add(k0 + v) as *const u8), xv, part);
+                if u.has_min {
+                    sum = V::mul_add(xv, one, sum);
+                }
+            }
+            *acc = V::mul_add(V::splat(u.scales[g]), part, *acc);
+            if u.has_min {
+                *acc = V::mul_add(V::splat(u.mins[g]), sum, *acc);
+            }
+        }
+    }
+}
+
+/// Q8_0 block: `d Σ q x`, the codes already bytes.
+///
+/// # Safety
+/// The CPU runs `V`'s level; `b` is a whole block and `x` its 32 inputs.
+#[inline(always)]
+unsafe fn q8_0<V: Vector>(b: &[u8], x: &[f32], acc: &mut V) {
+    assert!(b.len() >= 34 && x.len() == 32);
+    // SAFETY (every load): inside `b` and `x` (asserted lengths).
+    unsafe {
+        let codes = b.as_ptr().add(2);
+        let part = V::mul_add(V::load_i8(codes), V::load(x.as_ptr()), V::zero());
+        let part = V::mul_add(V::load_i8(codes.add(LANES)), V::load(x.as_ptr().add(LANES)), part);
+        *acc = V::mul_add(V::splat(f16(b, 0)), part, *acc);
     }
 }
 
@@ -380,53 +338,39 @@ unsafe fn pair<V: Vector>(x: &Int8, p: usize, d: [f32; 2]) -> V {
     unsafe { V::mul(V::expand_pair(d.as_ptr(), 1), V::load(x.lane_scales.as_ptr().add(LANES * p))) }
 }
 
-/// Whether [`dot`] takes `dtype`.
+/// Whether [`dot`] takes `dtype` (every GGUF block format).
 pub(super) fn takes(dtype: DType) -> bool {
-    dtype.format().is_block() && dtype != DType::Q8_0
+    dtype.format().is_block()
 }
 
-/// A row of `dtype` blocks dotted with `x`.
+/// A row of `dtype` blocks dotted with `x`: blocks alternate between two accumulators (one
+/// chain of multiply-adds would wait on the FMA's latency).
 ///
 /// # Safety
 /// The CPU runs `V`'s level.
 #[inline(always)]
-pub(super) unsafe fn dot<V: Vector>(dtype: DType, row: &[u8], x: &[f32], u: &mut Unpacked) -> f32 {
+pub(super) unsafe fn dot<V: Vector>(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
     let f = dtype.format();
     let (values, size) = (f.values as usize, f.bytes as usize);
     assert_eq!(row.len() / size * values, x.len(), "a row of whole blocks of the input's width");
-    // SAFETY (every vector op): the level is the caller's contract; loads read `LANES` codes
-    // and inputs inside a group (groups are 16 or 32 values, within the block and `x`).
+    // Only the byte-unpacked formats need the buffer (400 bytes: not zeroed per row for the rest).
+    let mut u = matches!(dtype, DType::Q2_K | DType::Q3_K | DType::IQ4_NL | DType::IQ4_XS).then(Unpacked::default);
+    // SAFETY (every block's dot): the level is the caller's contract; `block` and `x` are one
+    // block's.
     let (mut even, mut odd) = (unsafe { V::zero() }, unsafe { V::zero() });
-    let one = unsafe { V::splat(1.0) };
     for (i, (block, x)) in row.chunks_exact(size).zip(x.chunks_exact(values)).enumerate() {
         super::vector::prefetch_ahead(block.as_ptr(), size);
-        // SAFETY (the widening dots): the caller's contract; `block` and `x` are one block's.
         let acc = if i % 2 == 0 { &mut even } else { &mut odd };
-        match dtype {
-            DType::Q4_K | DType::Q5_K => unsafe { k45::<V>(dtype == DType::Q5_K, block, x, acc) },
-            DType::Q6_K => unsafe { k6::<V>(block, x, acc) },
-            DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1 => unsafe { legacy::<V>(dtype, block, x, acc) },
-            _ => {}
-        }
-        if matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1) {
-            continue;
-        }
-        unpack(dtype, block, u);
-        for g in 0..u.groups {
-            let k0 = g * u.group;
-            let (mut part, mut sum) = (unsafe { V::zero() }, unsafe { V::zero() });
-            for v in (0..u.group).step_by(LANES) {
-                let xv = unsafe { V::load(x.as_ptr().add(k0 + v)) };
-                part = unsafe { V::mul_add(V::load_i8(u.codes.as_ptr().add(k0 + v) as *const u8), xv, part) };
-                if u.has_min {
-                    sum = unsafe { V::mul_add(xv, one, sum) };
-                }
+        match (dtype, u.as_mut()) {
+            (DType::Q8_0, _) => unsafe { q8_0::<V>(block, x, acc) },
+            (DType::Q4_K | DType::Q5_K, _) => unsafe { k45::<V>(dtype == DType::Q5_K, block, x, acc) },
+            (DType::Q6_K, _) => unsafe { k6::<V>(block, x, acc) },
+            (DType::Q4_0 | DType::Q5_0 | DType::Q4_1 | DType::Q5_1, _) => unsafe { legacy::<V>(dtype, block, x, acc) },
+            (_, Some(u)) => {
+                unpack(dtype, block, u);
+                unsafe { unpacked::<V>(u, x, acc) };
             }
-            let acc = if g % 2 == 0 { &mut even } else { &mut odd };
-            *acc = unsafe { V::mul_add(V::splat(u.scales[g]), part, *acc) };
-            if u.has_min {
-                *acc = unsafe { V::mul_add(V::splat(u.mins[g]), sum, *acc) };
-            }
+            (_, None) => unreachable!("{dtype:?} is not a GGUF block format"),
         }
     }
     let zero = unsafe { V::zero() };

@@ -174,38 +174,6 @@ unsafe fn dot_scaled<V: Vector, D: Decode>(row: &[u8], x: &[f32], scales: Option
     sum + if full < len { tail * grid_row[full / block] } else { 0.0 }
 }
 
-/// A ggml Q8_0 row (blocks of an f16 scale and 32 int8 codes) dotted with `x`: per block
-/// `d Σ q x`, the codes' sum in vectors (two of `LANES`), added scaled into two accumulators
-/// (even and odd blocks, as [`dot_scaled`] does).
-///
-/// # Safety
-/// The CPU runs `V`'s level.
-#[inline(always)]
-unsafe fn dot_q8_0<V: Vector>(row: &[u8], x: &[f32]) -> f32 {
-    use crate::quant::{Q8_0_BLOCK, Q8_0_BYTES};
-    const { assert!(Q8_0_BLOCK == 2 * LANES) };
-    assert_eq!(row.len() / Q8_0_BYTES * Q8_0_BLOCK, x.len(), "a row of whole blocks of the input's width");
-    // SAFETY (every block): the level is the caller's contract; each block's loads read its
-    // 32 codes and 32 inputs, inside `row` and `x` (asserted widths).
-    let (mut even, mut odd) = (unsafe { V::zero() }, unsafe { V::zero() });
-    for (b, (block, x)) in row.chunks_exact(Q8_0_BYTES).zip(x.chunks_exact(Q8_0_BLOCK)).enumerate() {
-        // A block is 34 bytes: one prefetch each covers every line.
-        prefetch_line(block.as_ptr().wrapping_add(PREFETCH_AHEAD));
-        let d = half::f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
-        let codes = block[2..].as_ptr();
-        let part = unsafe { V::mul_add(V::load_i8(codes), V::load(x.as_ptr()), V::zero()) };
-        let part = unsafe { V::mul_add(V::load_i8(codes.add(LANES)), V::load(x.as_ptr().add(LANES)), part) };
-        if b % 2 == 0 {
-            even = unsafe { V::mul_add(V::splat(d), part, even) };
-        } else {
-            odd = unsafe { V::mul_add(V::splat(d), part, odd) };
-        }
-    }
-    let zero = unsafe { V::zero() };
-    let sums = unsafe { V::sum4([even, odd, zero, zero]) };
-    sums[0] + sums[1]
-}
-
 /// A q4 row (two codes a byte, the low nibble first) dotted with `x`: per group of `block`
 /// columns `scale Σ q x + min Σ x`, both sums in vectors.
 ///
@@ -407,7 +375,7 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
     if gguf_dot::takes(m.dtype) {
         let width = m.dtype.format().bytes(m.cols);
         // SAFETY: the caller's contract.
-        return unsafe { gguf_dot::dot::<V>(m.dtype, &m.data.as_slice()[r * width..(r + 1) * width], x, &mut gguf_dot::Unpacked::default()) };
+        return unsafe { gguf_dot::dot::<V>(m.dtype, &m.data.as_slice()[r * width..(r + 1) * width], x) };
     }
     if matches!(m.dtype, DType::F16 | DType::Q4) {
         m.decode_row(r, scratch);
@@ -416,10 +384,6 @@ unsafe fn row_dot<V: Vector>(m: &Matrix, r: usize, input: Input, scratch: &mut [
     }
     let width = m.dtype.format().bytes(m.cols);
     let row = &m.data.as_slice()[r * width..(r + 1) * width];
-    if m.dtype == DType::Q8_0 {
-        // SAFETY: the caller's contract.
-        return unsafe { dot_q8_0::<V>(row, x) };
-    }
     let scales = m.scales.as_ref().map(|s| (&s.values[(r / s.block_rows) * s.grid_cols..][..s.grid_cols], s.block_cols));
     // SAFETY (every arm): the caller's contract.
     unsafe {
