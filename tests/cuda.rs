@@ -58,7 +58,7 @@ fn kernels_compile_with_nvrtc_for_hopper_and_older_gpus() {
     let router = [("EXPERTS", 256), ("TOP_K", 8), ("N_GROUP", 8), ("TOPK_GROUP", 4), ("SOFTMAX", 0), ("METHOD", 2), ("NORMALIZE", 1), ("HAS_BIAS", 1)];
     for arch in ["compute_80", "compute_90"] {
         for (source, names) in sources::ALL {
-            for format in 0..6u32 {
+            for format in 0..dsrun::format::FORMATS.len() as u32 {
                 // The latent cache's three formats ride along the weight formats.
                 let mut defines = vec![("FORMAT", format), ("TILE", 8), ("LORA", 512), ("ROPE", 64), ("CACHE", format % 3)];
                 defines.extend(router);
@@ -85,6 +85,7 @@ fn conformance_of_every_op_on_cuda() {
         let what = rt.describe();
         let mut lab = dsrun::runtime::Lab::<CudaBackend>::new(rt).unwrap();
         common::conformance::run_all(&mut lab, &what);
+        common::conformance::block_formats(&mut lab, &what);
     }
 }
 
@@ -343,7 +344,9 @@ extern "C" __global__ void layout_probe(u32* out) {
 }
 
 /// GGUF files from llama.cpp's converter (tests/gguf.rs has the rest): both MLA layouts, on
-/// each CUDA runtime, against the families' transformers logits.
+/// each CUDA runtime, against the families' transformers logits; llama-quantize's Q8_0 and
+/// Q4_K_M files (their blocks decoded in the kernels) against transformers on gguf-py's
+/// dequantisation of them.
 #[test]
 fn gguf_models_match_transformers() {
     for rt_index in 0..runtimes().len() {
@@ -355,6 +358,15 @@ fn gguf_models_match_transformers() {
             let mut engine = CudaModel::new(rt, &model, g.tokens.len(), QuantTarget::Keep).unwrap();
             let logits = engine.forward(&g.tokens, Logits::All).unwrap();
             common::assert_logits_match(&format!("{name} {file}"), &logits, &g.logits, g.vocab, 1e-3);
+        }
+        for file in ["v3_noaux-q8_0", "kq-q4_k_m"] {
+            let rt = runtimes().swap_remove(rt_index);
+            let name = rt.describe();
+            let (tokens, want) = common::golden_of(file);
+            let model = dsrun::builder::EngineBuilder::open(common::fixture("gguf").join(format!("{file}.gguf"))).unwrap().model().unwrap();
+            let mut engine = CudaModel::new(rt, &model, tokens.len(), QuantTarget::Keep).unwrap();
+            let logits = engine.forward(&tokens, Logits::All).unwrap();
+            common::assert_logits_match(&format!("{name} {file}"), &logits, &want, want.len() / tokens.len(), 1e-3);
         }
     }
 }

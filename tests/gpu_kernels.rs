@@ -336,5 +336,6 @@ fn conformance_of_every_op_on_wgpu() {
         let what = format!("wgpu {} (CPU shapes {cpu_shapes}, subgroups {subgroups}, grouped {group_experts}, GEMM {prefill_gemm})", ctx.describe());
         let mut lab = dsrun::runtime::Lab::<WgpuBackend>::new(ctx).unwrap();
         common::conformance::run_all(&mut lab, &what);
+        common::conformance::block_formats(&mut lab, &what);
     }
 }

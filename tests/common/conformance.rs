@@ -21,9 +21,9 @@ use dsrun::runtime::Lab;
 use dsrun::util::Choice;
 
 pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
-/// GGUF's block formats, so far run by the CPU backend alone (`block_formats`): rows of whole
-/// blocks, so each shape's columns are rounded up to one.
-pub const BLOCK_FORMATS: [DType; 1] = [DType::Q8_0];
+/// GGUF's block formats (`block_formats`), as random blocks (`random_blocks`: every code
+/// pattern): rows of whole blocks, so each shape's columns are rounded up to one.
+pub const BLOCK_FORMATS: [DType; 12] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS];
 
 /// `cols` as a matrix of `dtype` can have it: whole blocks for the block formats.
 fn columns(dtype: DType, cols: usize) -> usize {
@@ -41,6 +41,9 @@ const SHAPES: [(usize, usize); 4] = [(37, 300), (13, 129), (37, 160), (37, 512)]
 const TOKENS: [usize; 6] = [1, 2, 3, 5, 9, 17];
 
 fn matrix(dtype: DType, rows: usize, cols: usize, seed: u64) -> Matrix {
+    if dtype.format().is_block() {
+        return super::random_blocks(&format!("w{seed}"), dtype, rows, cols, seed);
+    }
     Matrix::from_values(&format!("w{seed}"), rows, cols, dtype, &random(seed, rows * cols), (128, 128))
 }
 
@@ -184,7 +187,7 @@ pub fn fp8_codes<B: Backend>(lab: &mut Lab<B>, what: &str) {
 /// `Embed`: rows of a table in every format for the step's tokens (repeats, the last row).
 pub fn embed<B: Backend>(lab: &mut Lab<B>, what: &str, formats: &[DType]) {
     for &dtype in formats {
-        let (vocab, dim) = (37, 160);
+        let (vocab, dim) = (37, columns(dtype, 160));
         let table = matrix(dtype, vocab, dim, 5);
         let w = lab.matrix(&[&table], true).unwrap();
         let tokens: Vec<u32> = vec![36, 0, 5, 5, 17];

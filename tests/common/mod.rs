@@ -90,6 +90,47 @@ pub fn random(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A quantised GGUF fixture's golden tokens and logits (`tests/fixtures/gguf/<file>.golden.safetensors`:
+/// transformers on gguf-py's dequantisation of the file).
+#[allow(dead_code)]
+pub fn golden_of(file: &str) -> (Vec<u32>, Vec<f32>) {
+    let bytes = std::fs::read(fixture("gguf").join(format!("{file}.golden.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tokens = st.tensor("tokens").unwrap().data().chunks(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+    let logits = st.tensor("logits").unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    (tokens, logits)
+}
+
+/// A `rows x cols` matrix of GGUF block format `dtype` (cols whole blocks) of random blocks:
+/// every code byte random, so every code, bit pair and scale pattern occurs, and the f16 fields
+/// (ggml's block structs: the scale `d`, and `dmin` or `m` where the format has one) set to
+/// random values of a few thousandths (a random f16 pattern would be inf or NaN at times).
+#[allow(dead_code)]
+pub fn random_blocks(name: &str, dtype: dsrun::quant::DType, rows: usize, cols: usize, seed: u64) -> dsrun::model::weights::Matrix {
+    use dsrun::quant::DType;
+    let format = dtype.format();
+    let halves: &[usize] = match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        _ => panic!("{dtype:?}: not a GGUF block format"),
+    };
+    assert!(cols.is_multiple_of(format.values as usize), "{dtype:?}: rows of whole blocks");
+    let size = format.bytes(rows * cols);
+    let noise = random(seed, size);
+    let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 128.0) as u8).collect();
+    let scales = random(seed + 1, size);
+    for (b, block) in bytes.chunks_exact_mut(format.bytes as usize).enumerate() {
+        for (k, &at) in halves.iter().enumerate() {
+            let d = half::f16::from_f32(0.002 + 0.004 * scales[2 * b + k].abs());
+            block[at..at + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+        }
+    }
+    dsrun::model::weights::Matrix { name: name.into(), rows, cols, dtype, data: dsrun::checkpoint::TensorBytes::from_vec(bytes), scales: None }
+}
+
 /// Router cases for GPU kernel tests: every scoring function and top-k method, with and without
 /// a correction bias, and a token whose logits all tie.
 pub struct RouterCase {

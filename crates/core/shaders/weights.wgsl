@@ -7,7 +7,8 @@
 //   q8: int8 codes with a scale per 1x32 block (W = q * s),
 //   q4: 4-bit codes, 8 per word low nibble first, with (scale, min) per 1x32 block (W = q * s + m).
 // Scales form a `[ceil(rows/block_rows), grid_cols]` grid per expert (q4: pairs), `scale_expert_stride`
-// values apart.
+// values apart. GGUF's block formats keep theirs inside the blocks (ggml_blocks.wgsl); their
+// layout's block is one row by one block's values.
 
 override FORMAT: u32 = 0u;
 
@@ -62,9 +63,12 @@ fn fp8x4(word: u32) -> vec4<f32> {
     return select(v, vec4<f32>(bitcast<f32>(0x7fc00000u)), nan);
 }
 
+// GGUF's block formats (ggml_blocks.wgsl): codes and scales inside each block's bytes.
+override BLOCKS: bool = FORMAT >= FIRST_BLOCK_FORMAT;
+
 // Elements per lane step of the matmul: a word of f32/bf16/f16, four bytes of FP8/q8, four
-// nibbles (half a word) of q4.
-override ELEMS: u32 = select(select(2u, 4u, FORMAT == FORMAT_FP8 || FORMAT == FORMAT_Q8 || FORMAT == FORMAT_Q4), 1u, FORMAT == FORMAT_F32);
+// nibbles (half a word) of q4, four values of a block format.
+override ELEMS: u32 = select(select(2u, 4u, FORMAT == FORMAT_FP8 || FORMAT == FORMAT_Q8 || FORMAT == FORMAT_Q4 || BLOCKS), 1u, FORMAT == FORMAT_F32);
 
 fn signed_byte(word: u32, shift: u32) -> f32 {
     return f32(bitcast<i32>(word << (24u - shift)) >> 24u);
@@ -78,6 +82,9 @@ fn block_scale_index(e: u32, r: u32, c: u32) -> u32 {
 // Requires rows that start on a step boundary (cols % ELEMS == 0) and blocks of whole steps.
 fn weight_word(e: u32, r: u32, wi: u32) -> vec4<f32> {
     let first = e * wl.expert_stride + r * wl.cols + wi * ELEMS;
+    if (BLOCKS) {
+        return block_step(first);
+    }
     if (FORMAT == FORMAT_Q4) {
         let word = weights[first >> 3u] >> ((first & 7u) * 4u);
         let q = vec4<f32>(f32(word & 0xfu), f32((word >> 4u) & 0xfu), f32((word >> 8u) & 0xfu), f32((word >> 12u) & 0xfu));
@@ -113,6 +120,9 @@ fn decode_word(word: u32, e: u32, r: u32, wi: u32) -> vec4<f32> {
 
 fn weight(e: u32, r: u32, c: u32) -> f32 {
     let i = e * wl.expert_stride + r * wl.cols + c;
+    if (BLOCKS) {
+        return block_step(i & ~3u)[i & 3u];
+    }
     switch FORMAT {
         case FORMAT_BF16: {
             let word = weights[i >> 1u];

@@ -34,16 +34,7 @@ pub fn open_engine_with_progress(choice: GpuChoice, model: Model, capacity: usiz
     };
     let cpu_backend =
         |model: Model| -> Result<Box<dyn Engine>> { Ok(Box::new(crate::runtime::Runtime::load(crate::backend::cpu::CpuBackend::new().with_math(options.math), &model, capacity, options, progress)?)) };
-    // GGUF block formats are decoded by the CPU kernels only, so far; converted at load
-    // (`--quant`) they run anywhere.
     let resolved = resolve(choice, options);
-    let gpu = !matches!(resolved, GpuChoice::Reference | GpuChoice::Cpu);
-    if let Some(block) = model.weights.dtypes().into_iter().find(|d| d.format().is_block()).filter(|_| gpu && options.quant == QuantTarget::Keep) {
-        return Err(Error::Invalid(format!(
-            "this model's {} weights (a GGUF format) run on the CPU backend and the CPU reference so far, not on GPU backends: use --gpu cpu, or convert them at load with --quant q8|q4|f16",
-            block.name()
-        )));
-    }
     match choice {
         GpuChoice::Reference => reference(model),
         GpuChoice::Cpu => cpu_backend(model),

@@ -50,7 +50,7 @@ pub const FORMATS: [Format; 18] = [
     Format { dtype: DType::F8E4M3, code: 3, constant: "FORMAT_FP8", values: 1, bytes: 1, block: Block::Checkpoint { default: (128, 128) }, scales: Scales::Scale },
     Format { dtype: DType::Q8, code: 4, constant: "FORMAT_Q8", values: 1, bytes: 1, block: Block::Fixed(1, GROUP), scales: Scales::Scale },
     Format { dtype: DType::Q4, code: 5, constant: "FORMAT_Q4", values: 2, bytes: 1, block: Block::Fixed(1, GROUP), scales: Scales::ScaleMin },
-    // GGUF files' blocks, scales inside the stored bytes. CPU backend and reference only so far.
+    // GGUF files' blocks, scales inside the stored bytes (shaders/ggml_blocks.wgsl decodes them).
     Format { dtype: DType::Q8_0, code: 6, constant: "FORMAT_Q8_0", values: 32, bytes: 34, block: Block::None, scales: Scales::None },
     Format { dtype: DType::Q4_0, code: 7, constant: "FORMAT_Q4_0", values: 32, bytes: 18, block: Block::None, scales: Scales::None },
     Format { dtype: DType::Q4_1, code: 8, constant: "FORMAT_Q4_1", values: 32, bytes: 20, block: Block::None, scales: Scales::None },
@@ -106,15 +106,31 @@ impl Format {
     }
 }
 
-/// The table as WGSL `const` declarations (prepended before shaders/weights.wgsl).
+/// The table as WGSL `const` declarations (prepended before shaders/weights.wgsl): each
+/// format's code, each block format's bytes per block (`FORMAT_Q4_K_BYTES`), and the first block
+/// format's code (block formats come last in the table).
 pub fn wgsl_constants() -> String {
-    FORMATS.iter().map(|f| format!("const {}: u32 = {}u;\n", f.constant, f.code)).collect()
+    let mut out: String = FORMATS.iter().map(|f| format!("const {}: u32 = {}u;\n", f.constant, f.code)).collect();
+    for f in FORMATS.iter().filter(|f| f.is_block()) {
+        out.push_str(&format!("const {}_BYTES: u32 = {}u;\n", f.constant, f.bytes));
+    }
+    out.push_str(&format!("const FIRST_BLOCK_FORMAT: u32 = {}u;\n", first_block_format()));
+    out
 }
 
-/// The table as `-D` defines for the CUDA kernels (common.cuh refuses to compile without them).
+/// The code of the first block format: every later row of the table is one too.
+fn first_block_format() -> u32 {
+    FORMATS.iter().find(|f| f.is_block()).map_or(FORMATS.len() as u32, |f| f.code)
+}
+
+/// The table as `-D` defines for the CUDA kernels (common.cuh refuses to compile without them):
+/// what [`wgsl_constants`] declares.
 #[cfg(feature = "cuda")]
-pub fn cuda_defines() -> impl Iterator<Item = (&'static str, u32)> {
-    FORMATS.iter().map(|f| (f.constant, f.code))
+pub fn cuda_defines() -> Vec<(String, u32)> {
+    let mut out: Vec<(String, u32)> = FORMATS.iter().map(|f| (f.constant.to_string(), f.code)).collect();
+    out.extend(FORMATS.iter().filter(|f| f.is_block()).map(|f| (format!("{}_BYTES", f.constant), f.bytes)));
+    out.push(("FIRST_BLOCK_FORMAT".into(), first_block_format()));
+    out
 }
 
 #[cfg(test)]
@@ -128,6 +144,9 @@ mod tests {
             assert_eq!(f.dtype.format().code, f.code);
             assert_eq!(f.dtype as usize, i, "{:?}: the variant is its row", f.dtype);
             assert_eq!(f.scales == Scales::None, f.block == Block::None, "{:?}: scaled formats have blocks", f.dtype);
+        }
+        for f in &FORMATS {
+            assert_eq!(f.is_block(), f.code >= first_block_format(), "{:?}: block formats come last (the kernels test FORMAT >= FIRST_BLOCK_FORMAT)", f.dtype);
         }
         assert_eq!(DType::Q4.format().bytes(5), 3);
         assert!(wgsl_constants().contains("const FORMAT_FP8: u32 = 3u;"));

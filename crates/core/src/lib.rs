@@ -31,7 +31,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 mod expert_cache;
-mod format;
+internal_mod!(format);
 pub mod generate;
 pub mod generation_config;
 pub mod gguf;

@@ -61,7 +61,7 @@ impl PackedStack {
         data.resize(data.len().next_multiple_of(4).max(4), 0);
         let (grid_cols, block_rows, block_cols, scale_stride) = match &first.scales {
             Some(s) => (s.grid_cols, s.block_rows, s.block_cols, s.values.len()),
-            None => (1, 1, 1, 0),
+            None => (1, 1, unscaled_block_cols(first.dtype), 0),
         };
         if scales.is_empty() {
             scales.push(0.0);
@@ -95,12 +95,19 @@ pub struct SlotLayout {
 
 impl SlotLayout {
     pub fn new(template: &Matrix) -> SlotLayout {
-        let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(4);
+        let format = template.dtype.format();
+        // Whole words, and for GGUF's block formats whole blocks too, so slot s starts at element
+        // s * expert_stride exactly.
+        let unit = match format.is_block() {
+            true => lcm(4, format.bytes as u64),
+            false => 4,
+        };
+        let data_stride = (template.data.as_slice().len() as u64).next_multiple_of(unit);
         let scale_values = template.scales.as_ref().map_or(0, |s| s.values.len());
-        let expert_stride = template.dtype.format().elements(data_stride as usize);
+        let expert_stride = format.elements(data_stride as usize);
         let (grid_cols, block_rows, block_cols) = match &template.scales {
             Some(s) => (s.grid_cols, s.block_rows, s.block_cols),
-            None => (1, 1, 1),
+            None => (1, 1, unscaled_block_cols(template.dtype)),
         };
         let layout = WeightLayout {
             rows: template.rows as u32,
@@ -132,6 +139,24 @@ impl SlotLayout {
         padded.resize(self.data_stride as usize, 0);
         padded.into()
     }
+}
+
+/// The layout's block width for a format without separate scales: a GGUF block format's values
+/// per block (its scales live inside; the kernels' word-wise paths check blocks of whole words),
+/// else 1.
+fn unscaled_block_cols(dtype: DType) -> usize {
+    match dtype.format().is_block() {
+        true => dtype.format().values as usize,
+        false => 1,
+    }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
 }
 
 /// How a matmul picks its input rows and its weights.
@@ -194,6 +219,26 @@ impl MlaShape {
             scale: c.softmax_scale() as f32,
             rope_scale: rope.scale,
             cache: CacheFormat::F32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An expert cache's slot s must start at element `s * expert_stride` as the kernels count
+    /// it: for GGUF's block formats whole blocks and whole words (a Q8_0 expert of one block,
+    /// 34 bytes, takes a 68-byte slot), for the rest whole words.
+    #[test]
+    fn slots_hold_whole_blocks_and_words() {
+        for f in crate::format::FORMATS.iter().filter(|f| f.scales == crate::format::Scales::None) {
+            let values = f.values as usize;
+            let template = Matrix { name: "t".into(), rows: 1, cols: values, dtype: f.dtype, data: crate::checkpoint::TensorBytes::from_vec(vec![0; f.bytes as usize]), scales: None };
+            let slot = SlotLayout::new(&template);
+            assert!(slot.data_stride.is_multiple_of(4) && slot.data_stride.is_multiple_of(f.bytes as u64), "{:?}: stride {}", f.dtype, slot.data_stride);
+            assert_eq!(f.bytes(slot.layout.expert_stride as usize) as u64, slot.data_stride, "{:?}", f.dtype);
+            assert_eq!(slot.layout.block_cols as usize, if f.is_block() { values } else { 1 }, "{:?}", f.dtype);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 /// Sources shared by every kernel family, prepended to each (NVRTC gets no include paths).
-pub const COMMON_SOURCE: &str = include_str!("kernels/common.cuh");
+pub const COMMON_SOURCE: &str = concat!(include_str!("kernels/common.cuh"), "\n", include_str!("kernels/ggml_blocks.cuh"));
 
 /// A compiled kernel.
 #[derive(Clone)]

@@ -18,7 +18,7 @@ pub fn compile(source: &str, defines: &[(&str, u32)], arch: &str) -> Result<cuda
                 .into(),
         ));
     }
-    let table = crate::format::cuda_defines().map(|(k, v)| format!("-D{k}={v}"));
+    let table = crate::format::cuda_defines().into_iter().map(|(k, v)| format!("-D{k}={v}"));
     let mut options: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).chain(table).collect();
     options.push(format!("--gpu-architecture={arch}"));
     let opts = cudarc::nvrtc::CompileOptions { options, ..Default::default() };

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 
 const STEP: &str = include_str!("../../../shaders/step.wgsl");
 const WEIGHTS: &str = include_str!("../../../shaders/weights.wgsl");
+const GGML_BLOCKS: &str = include_str!("../../../shaders/ggml_blocks.wgsl");
 const CACHE: &str = include_str!("../../../shaders/cache.wgsl");
 const CACHE_STORE: &str = include_str!("../../../shaders/cache_store.wgsl");
 const ATTENTION_PARAMS: &str = include_str!("../../../shaders/attention_params.wgsl");
@@ -119,6 +120,7 @@ pub fn wgsl_source(kernel: Kernel, subgroups: bool) -> String {
     if uses_weights {
         full.push_str(&crate::format::wgsl_constants());
         full.push_str(WEIGHTS);
+        full.push_str(GGML_BLOCKS);
     }
     if let Some(arith) = kernel.arithmetic() {
         full.push_str(arith);

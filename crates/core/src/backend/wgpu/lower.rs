@@ -321,11 +321,12 @@ impl Builder {
     }
 
     /// Whether matmuls of `w` take 16-byte weight loads (matmul.wgsl's WIDE): GPU shapes, a
-    /// format of one lane step per word (all but q4), rows of whole 16-byte units (so every row
+    /// format of one lane step per word (all but q4 and the GGUF block formats, decoded four
+    /// values at a time), rows of whole 16-byte units (so every row
     /// of every expert and slot starts on one). A matrix decides alike resident, streamed or in
     /// chunks, so each row's sums keep one order.
     pub fn wide_loads(&self, w: &GpuMatrix) -> bool {
-        !self.ctx.cpu_shapes && w.whole_words && w.format != DType::Q4 && w.format.format().bytes(w.cols).is_multiple_of(16)
+        !self.ctx.cpu_shapes && w.whole_words && w.format != DType::Q4 && !w.format.format().is_block() && w.format.format().bytes(w.cols).is_multiple_of(16)
     }
 
     /// The tiled prefill GEMM (gemm.wgsl) of one row chunk: 64 rows by GEMM_TOKENS tokens per

@@ -6,14 +6,15 @@
 // element type, one of the FORMAT_* defines the host passes from the format table
 // (src/format.rs), as in shaders/weights.wgsl: f32, bf16, f16, FP8 e4m3 with block scales
 // (W = code * scale[block]), q8: int8 with a scale per 1x32 block, q4: nibbles with
-// (scale, min) per 1x32 block.
+// (scale, min) per 1x32 block; GGUF's block formats (FORMAT >= FIRST_BLOCK_FORMAT) keep codes
+// and scales inside each block's bytes (ggml_blocks.cuh, appended after this file, decodes them).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#if !defined(FORMAT_F32) || !defined(FORMAT_BF16) || !defined(FORMAT_F16) || !defined(FORMAT_FP8) || !defined(FORMAT_Q8) || !defined(FORMAT_Q4)
+#if !defined(FORMAT_F32) || !defined(FORMAT_BF16) || !defined(FORMAT_F16) || !defined(FORMAT_FP8) || !defined(FORMAT_Q8) || !defined(FORMAT_Q4) || !defined(FIRST_BLOCK_FORMAT)
 #error "the FORMAT_* defines come from the host's format table (src/format.rs)"
 #endif
 #ifndef FORMAT
@@ -118,6 +119,10 @@ __device__ __forceinline__ u32 scale_index(const WeightLayout& l, u32 e, u32 r, 
     return e * l.scale_expert_stride + (r / l.block_rows) * l.grid_cols + c / l.block_cols;
 }
 
+#if FORMAT >= FIRST_BLOCK_FORMAT
+__device__ __forceinline__ float4 block_step(const u32* __restrict__ w, u64 i);
+#endif
+
 // Weights of row r of expert e at columns c .. c + 3; needs c % 4 == 0, cols % 4 == 0 and
 // blocks of whole fours (the host checks and otherwise uses `weight1`).
 __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __restrict__ w, const float* __restrict__ s, u32 e, u32 r, u32 c) {
@@ -139,6 +144,8 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
     const u32 word = w[first / 4];
     const float k = s[scale_index(l, e, r, c)];
     return make_float4(signed_byte(word, 0) * k, signed_byte(word, 8) * k, signed_byte(word, 16) * k, signed_byte(word, 24) * k);
+#elif FORMAT >= FIRST_BLOCK_FORMAT
+    return block_step(w, first);
 #else
     const u32 word = w[first / 8] >> ((u32)(first & 7u) * 4u);
     const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
@@ -155,12 +162,15 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
 #define WIDE 8u
 #elif FORMAT == FORMAT_FP8 || FORMAT == FORMAT_Q8
 #define WIDE 16u
+#elif FORMAT >= FIRST_BLOCK_FORMAT
+#define WIDE 4u // not taken: `wide_ok` is false (blocks decode four values at a time)
 #else
 #define WIDE 32u
 #endif
 
 // Whether rows, experts and scale blocks start on whole 16-byte loads (the wide path).
 __device__ __forceinline__ bool wide_ok(const WeightLayout& l) {
+    if (FORMAT >= FIRST_BLOCK_FORMAT) return false;
     return l.cols % WIDE == 0u && l.expert_stride % WIDE == 0u && (FORMAT == FORMAT_F32 || FORMAT == FORMAT_BF16 || FORMAT == FORMAT_F16 || l.block_cols % WIDE == 0u);
 }
 
@@ -194,6 +204,8 @@ __device__ __forceinline__ void weights_wide(const WeightLayout& l, const u32* _
 #elif FORMAT == FORMAT_Q8
     const float k = s[scale_index(l, e, r, c)];
     for (u32 i = 0; i < 16u; i++) out[i] = signed_byte(words[i / 4u], (i % 4u) * 8u) * k;
+#elif FORMAT >= FIRST_BLOCK_FORMAT
+    (void)words; // not taken (`wide_ok`)
 #else
     const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
     const float k = s[g], m = s[g + 1];
@@ -214,6 +226,10 @@ __device__ __forceinline__ float weight1(const WeightLayout& l, const u32* __res
     return fp8_to_f32((w[i / 4] >> ((u32)(i & 3u) * 8u)) & 0xffu) * s[scale_index(l, e, r, c)];
 #elif FORMAT == FORMAT_Q8
     return signed_byte(w[i / 4], (u32)(i & 3u) * 8u) * s[scale_index(l, e, r, c)];
+#elif FORMAT >= FIRST_BLOCK_FORMAT
+    const float4 v = block_step(w, i & ~(u64)3u);
+    const u32 k = (u32)(i & 3u);
+    return k == 0u ? v.x : k == 1u ? v.y : k == 2u ? v.z : v.w;
 #else
     const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
     return (float)((w[i / 8] >> ((u32)(i & 7u) * 4u)) & 0xfu) * s[g] + s[g + 1];
