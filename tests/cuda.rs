@@ -344,8 +344,8 @@ extern "C" __global__ void layout_probe(u32* out) {
 }
 
 /// GGUF files from llama.cpp's converter (tests/gguf.rs has the rest): both MLA layouts, on
-/// each CUDA runtime, against the families' transformers logits; llama-quantize's Q8_0 and
-/// Q4_K_M files (their blocks decoded in the kernels) against transformers on gguf-py's
+/// each CUDA runtime, against the families' transformers logits; llama-quantize's Q8_0, Q4_K_M
+/// and IQ2_XXS files (their blocks decoded in the kernels) against transformers on gguf-py's
 /// dequantisation of them.
 #[test]
 fn gguf_models_match_transformers() {
@@ -359,7 +359,7 @@ fn gguf_models_match_transformers() {
             let logits = engine.forward(&g.tokens, Logits::All).unwrap();
             common::assert_logits_match(&format!("{name} {file}"), &logits, &g.logits, g.vocab, 1e-3);
         }
-        for file in ["v3_noaux-q8_0", "kq-q4_k_m"] {
+        for file in ["v3_noaux-q8_0", "kq-q4_k_m", "kq-iq2_xxs"] {
             let rt = runtimes().swap_remove(rt_index);
             let name = rt.describe();
             let (tokens, want) = common::golden_of(file);

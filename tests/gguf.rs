@@ -178,7 +178,7 @@ fn every_format_decodes_as_gguf_py_and_multiplies_on_the_backends() {
     use dsrun::model::weights::Matrix;
     let samples = format_samples();
     let names: Vec<&str> = samples.iter().map(|(d, ..)| d.name()).collect();
-    assert_eq!(names, ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]);
+    assert_eq!(names, ["IQ1_M", "IQ1_S", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_S", "IQ3_XXS", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"]);
     for (dtype, bytes, want, cols) in &samples {
         let got = dsrun::quant::decode_vec(*dtype, bytes);
         assert_eq!(got.len(), want.len(), "{dtype:?}");
@@ -275,21 +275,24 @@ fn fast_math_on_gguf_files_stays_near_their_references() {
     }
 }
 
-/// llama-quantize's Q4_K_M of a model whose rows are whole 256-blocks (Q4_K and Q6_K, with
-/// Q5_0 where they are not): logits within 1e-3 of transformers on gguf-py's dequantisation,
+/// llama-quantize's Q4_K_M (Q4_K and Q6_K, with Q5_0 where rows are not whole 256-blocks) and
+/// IQ2_XXS mix (IQ2_XXS, Q5_K, Q2_K, IQ4_NL; made with an importance matrix) of a model whose
+/// rows are whole 256-blocks: logits within 1e-3 of transformers on gguf-py's dequantisation,
 /// on the reference, the CPU backend and wgpu.
 #[test]
-fn a_q4_k_m_file_matches_its_dequantised_reference() {
-    let path = gguf("kq-q4_k_m");
-    let formats = tables("kq-q4_k_m").bytes_by_type();
-    assert!(["Q4_K", "Q6_K"].iter().all(|t| formats.iter().any(|(f, _)| f == t)), "{formats:?}");
-    let (tokens, want) = golden_of("kq-q4_k_m");
-    let vocab = want.len() / tokens.len();
-    for device in [GpuChoice::Reference, GpuChoice::Cpu, GpuChoice::Vulkan] {
-        let mut engine = EngineBuilder::open(&path).unwrap().device(device).context(Some(tokens.len())).build().unwrap().engine;
-        let logits = engine.forward(&tokens, Logits::All).unwrap();
-        eprintln!("Q4_K_M on {}: relative error {:e}", engine.device_name(), relative_error(&logits, &want));
-        assert_logits_match(&format!("Q4_K_M on {}", engine.device_name()), &logits, &want, vocab, 1e-3);
+fn k_quant_and_i_quant_files_match_their_dequantised_references() {
+    for (file, holds) in [("kq-q4_k_m", ["Q4_K", "Q6_K"]), ("kq-iq2_xxs", ["IQ2_XXS", "Q2_K"])] {
+        let path = gguf(file);
+        let formats = tables(file).bytes_by_type();
+        assert!(holds.iter().all(|t| formats.iter().any(|(f, _)| f == t)), "{file}: {formats:?}");
+        let (tokens, want) = golden_of(file);
+        let vocab = want.len() / tokens.len();
+        for device in [GpuChoice::Reference, GpuChoice::Cpu, GpuChoice::Vulkan] {
+            let mut engine = EngineBuilder::open(&path).unwrap().device(device).context(Some(tokens.len())).build().unwrap().engine;
+            let logits = engine.forward(&tokens, Logits::All).unwrap();
+            eprintln!("{file} on {}: relative error {:e}", engine.device_name(), relative_error(&logits, &want));
+            assert_logits_match(&format!("{file} on {}", engine.device_name()), &logits, &want, vocab, 1e-3);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ Run by hand (CI never runs it); the outputs are committed under tests/fixtures/g
 
 LLAMA_CPP_DIR: llama.cpp's source as the PyPI sdist of llama-cpp-python 0.3.36 vendors it
 (`vendor/llama.cpp`), with `llama-tokenize`, `llama-quantize` and `llama-gguf-split` built in
-`build/bin` (`cmake --build build --target llama-tokenize llama-quantize llama-gguf-split`, after
+`build/bin` (`cmake --build build --target llama-tokenize llama-quantize llama-gguf-split llama-imatrix`, after
 tools/llama_cpp_side_by_side.sh's configure step).
 
 For each family (v3_noaux: sigmoid router with correction bias, query LoRA; v2_lite: softmax
@@ -38,7 +38,10 @@ router, direct query, YaRN):
 6. The K-quants need rows of 256: a small V3-shaped model whose rows are whole 256-blocks (`kq`,
    random f32 weights by tools/make_fixtures.py's `build`) converted to f32 and quantised by
    `llama-quantize` to Q4_K_M (Q4_K and Q6_K, F16/Q8_0/Q5_0 fallbacks) with its golden logits
-   as in step 5, and to every other type this llama.cpp makes without an importance matrix.
+   as in step 5, to every other type this llama.cpp makes without an importance matrix, and to
+   the i-quants (IQ1_S .. IQ3_S) with one `llama-imatrix` computes on the f32 file; the
+   IQ2_XXS mix (IQ2_XXS with Q2_K, Q4_K, IQ3_S and F16 where llama.cpp keeps more) with its
+   golden logits too.
    `formats.safetensors`: for each ggml type met, the first two rows of the first tensor of
    that type (`<TYPE>.bytes`, as stored) and gguf-py's dequantisation of them (`<TYPE>.values`,
    f32 [2, cols]): each decoder in dsrun is checked against gguf-py's on llama.cpp's own output.
@@ -60,9 +63,12 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "gguf"
 FAMILIES = ["v3_noaux", "v2_lite"]
 # (source family, llama-quantize type) for the quantised fixtures with golden logits.
-QUANTISED = [("v3_noaux", "Q8_0"), ("kq", "Q4_K_M")]
+QUANTISED = [("v3_noaux", "Q8_0"), ("kq", "Q4_K_M"), ("kq", "IQ2_XXS")]
 # llama-quantize types whose tensors feed formats.safetensors (no importance matrix needed).
 FORMAT_SOURCES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL", "IQ4_XS"]
+# The i-quants, which llama-quantize makes only with an importance matrix (`imatrix`); its
+# IQ2_M mix holds the IQ2_S tensors (its IQ2_S mix is mostly IQ2_XS).
+IQ_SOURCES = ["IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
 # A V3 shape whose matrices' rows are whole 256-value K-quant blocks (attn_k_b's are not: F16).
 KQ_FAMILY = dict(
     storage="f32",
@@ -227,19 +233,31 @@ def dequantised(path: Path) -> dict:
     return out
 
 
-def quantise(llama: Path, source: Path, out: Path, qtype: str) -> Path:
-    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(source), str(out), qtype], check=True, capture_output=True)
+def quantise(llama: Path, source: Path, out: Path, qtype: str, imatrix: Path | None = None) -> Path:
+    extra = ["--imatrix", str(imatrix)] if imatrix else []
+    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), *extra, str(source), str(out), qtype], check=True, capture_output=True)
     return out
 
 
-def quantised_golden(llama: Path, family: str, qtype: str, source: Path, fixture: Path) -> Path:
-    """`llama-quantize` of the family's f32 file, and its golden logits from gguf-py's values."""
+def imatrix(llama: Path, source: Path, work: Path) -> Path:
+    """llama-imatrix's importance matrix of `source` over the tokenizer texts repeated (its
+    values only steer the i-quants' rounding; the fixtures check decoding, not quality)."""
+    text = work / "imatrix.txt"
+    text.write_text(("\n".join(TEXTS) + "\n") * 40)
+    out = work / "imatrix.gguf"
+    subprocess.run([str(llama / "build" / "bin" / "llama-imatrix"), "-m", str(source), "-f", str(text), "-o", str(out), "-c", "64", "--chunks", "4"], check=True, capture_output=True)
+    return out
+
+
+def quantised_golden(llama: Path, family: str, qtype: str, source: Path, fixture: Path, weights: Path | None = None) -> Path:
+    """`llama-quantize` of the family's f32 file (with an importance matrix where given), and
+    its golden logits from gguf-py's values."""
     from safetensors.torch import load_file, save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_fixtures import reference_logits
 
-    out = quantise(llama, source, OUT / f"{family}-{qtype.lower()}.gguf", qtype)
+    out = quantise(llama, source, OUT / f"{family}-{qtype.lower()}.gguf", qtype, weights)
     cfg = json.loads((fixture / "config.json").read_text())
     tokens = load_file(fixture / "golden.safetensors")["tokens"]
     logits = reference_logits(str(fixture), cfg, dequantised(out), tokens)
@@ -294,10 +312,12 @@ def main() -> None:
         build("kq", KQ_FAMILY, work, 0, 1.0)
         kq = Path(work) / "kq"
         kq_f32 = convert(llama, "kq", Path(work) / "src", kq)
+        weights = imatrix(llama, kq_f32, Path(work))
         for family, qtype in QUANTISED:
             fixture = kq if family == "kq" else ROOT / "tests" / "fixtures" / family
-            quantised_golden(llama, family, qtype, OUT / f"{family}-f32.gguf", fixture)
+            quantised_golden(llama, family, qtype, OUT / f"{family}-f32.gguf", fixture, weights if qtype.startswith("IQ") else None)
         sources = [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q) for q in FORMAT_SOURCES]
+        sources += [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q, weights) for q in IQ_SOURCES]
         formats(sources)
         # Split files, as big models ship: the Q8_0 fixture in three (`split/`).
         (OUT / "split").mkdir(exist_ok=True)

@@ -23,7 +23,27 @@ use dsrun::util::Choice;
 pub const FORMATS: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::F8E4M3, DType::Q8, DType::Q4];
 /// GGUF's block formats (`block_formats`), as random blocks (`random_blocks`: every code
 /// pattern): rows of whole blocks, so each shape's columns are rounded up to one.
-pub const BLOCK_FORMATS: [DType; 12] = [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q2_K, DType::Q3_K, DType::Q4_K, DType::Q5_K, DType::Q6_K, DType::IQ4_NL, DType::IQ4_XS];
+pub const BLOCK_FORMATS: [DType; 19] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q5_0,
+    DType::Q5_1,
+    DType::Q2_K,
+    DType::Q3_K,
+    DType::Q4_K,
+    DType::Q5_K,
+    DType::Q6_K,
+    DType::IQ4_NL,
+    DType::IQ4_XS,
+    DType::IQ2_XXS,
+    DType::IQ2_XS,
+    DType::IQ2_S,
+    DType::IQ3_XXS,
+    DType::IQ3_S,
+    DType::IQ1_S,
+    DType::IQ1_M,
+];
 
 /// `cols` as a matrix of `dtype` can have it: whole blocks for the block formats.
 fn columns(dtype: DType, cols: usize) -> usize {

@@ -111,6 +111,9 @@ pub fn random_blocks(name: &str, dtype: dsrun::quant::DType, rows: usize, cols: 
     let format = dtype.format();
     let halves: &[usize] = match dtype {
         DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+        DType::IQ2_XXS | DType::IQ2_XS | DType::IQ2_S | DType::IQ3_XXS | DType::IQ3_S | DType::IQ1_S => &[0],
+        // IQ1_M's f16 is the top nibbles of its four scale words (48..56), set below.
+        DType::IQ1_M => &[],
         DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
@@ -126,6 +129,13 @@ pub fn random_blocks(name: &str, dtype: dsrun::quant::DType, rows: usize, cols: 
         for (k, &at) in halves.iter().enumerate() {
             let d = half::f16::from_f32(0.002 + 0.004 * scales[2 * b + k].abs());
             block[at..at + 2].copy_from_slice(&d.to_bits().to_le_bytes());
+        }
+        if dtype == DType::IQ1_M {
+            let d = half::f16::from_f32(0.002 + 0.004 * scales[2 * b].abs()).to_bits();
+            for k in 0..4 {
+                let word = u16::from_le_bytes([block[48 + 2 * k], block[49 + 2 * k]]) & 0x0fff | ((d >> (4 * k)) & 0xf) << 12;
+                block[48 + 2 * k..50 + 2 * k].copy_from_slice(&word.to_le_bytes());
+            }
         }
     }
     dsrun::model::weights::Matrix { name: name.into(), rows, cols, dtype, data: dsrun::checkpoint::TensorBytes::from_vec(bytes), scales: None }

@@ -65,8 +65,33 @@ fn q3_k_scale(s: u32, j: u32) -> f32 {
     return f32(i32(low | (high << 4u)) - 32);
 }
 
+// The i-quants' codebook grid (quant/iq_grids.rs), which the host puts where other formats'
+// scales go: word w of it (IQ1/IQ2 entry e is words 2e and 2e + 1, four grid bytes each; an
+// IQ3 entry is one word).
+fn grid_word(w: u32) -> u32 {
+    return bitcast<u32>(scales[w]);
+}
+
+// The signs (+-1) of values k .. k + 3 of a group of 8 from its eight sign bits.
+fn signs_of(eight: u32, k: u32) -> vec4<f32> {
+    let bits = (vec4<u32>(eight) >> (vec4<u32>(0u, 1u, 2u, 3u) + k)) & vec4<u32>(1u);
+    return select(vec4<f32>(1.0), vec4<f32>(-1.0), bits == vec4<u32>(1u));
+}
+
+// `signs_of` where 7 sign bits are stored: ggml's ksigns_iq2xs adds the eighth that makes
+// their count even.
+fn signs4(seven: u32, k: u32) -> vec4<f32> {
+    return signs_of(seven | ((countOneBits(seven) & 1u) << 7u), k);
+}
+
+// An unsigned grid word's four bytes.
+fn grid_bytes(word: u32) -> vec4<f32> {
+    return vec4<f32>(fields(word, 0u, 0xffu));
+}
+
 // Values i .. i + 3 (i a multiple of 4) of the block stream: element i of the matrix stack.
-// Four consecutive values always share a sub-block (its scales) and a code byte position.
+// Four consecutive values always share a sub-block (its scales) and a code byte position (the
+// i-quants: a group of 8, or IQ3's grid entry of 4).
 fn block_step(i: u32) -> vec4<f32> {
     switch FORMAT {
         case FORMAT_Q8_0: {
@@ -180,6 +205,93 @@ fn block_step(i: u32) -> vec4<f32> {
             let ls = ((byte_at(o + 4u + sub / 2u) >> (4u * (sub % 2u))) & 0xfu) | (((scales_high >> (2u * sub)) & 3u) << 4u);
             let codes = fields(bytes4_at(o + 8u + 16u * sub + j % 16u), 4u * ((j % 32u) / 16u), 0xfu);
             return (half_at(o) * f32(i32(ls) - 32)) * iq4_levels(codes);
+        }
+        case FORMAT_IQ2_XXS: {
+            // f16 d, per 32 values two words: four grid indices; four 7-bit signs and a 4-bit
+            // scale on top: d (0.5 + s) / 4 grid sign.
+            let o = (i / 256u) * FORMAT_IQ2_XXS_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let high = bytes4_at(o + 6u + 8u * ib);
+            let index = (bytes4_at(o + 2u + 8u * ib) >> (8u * l)) & 0xffu;
+            let db = half_at(o) * (0.5 + f32(high >> 28u)) * 0.25;
+            return db * grid_bytes(grid_word(2u * index + (j % 8u) / 4u)) * signs4((high >> (7u * l)) & 127u, j % 8u);
+        }
+        case FORMAT_IQ2_XS: {
+            // f16 d, 32 u16 (9-bit grid index, 7-bit signs), 8 bytes of two 4-bit scales per 32.
+            let o = (i / 256u) * FORMAT_IQ2_XS_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let q = bytes4_at(o + 2u + 2u * (4u * ib + l)) & 0xffffu;
+            let db = half_at(o) * (0.5 + f32((byte_at(o + 66u + ib) >> (4u * (l / 2u))) & 0xfu)) * 0.25;
+            return db * grid_bytes(grid_word(2u * (q & 511u) + (j % 8u) / 4u)) * signs4(q >> 9u, j % 8u);
+        }
+        case FORMAT_IQ2_S: {
+            // f16 d, 32 bytes of grid index low bits, 32 of signs, 8 of two-bit index tops, 8 of
+            // two 4-bit scales per 32.
+            let o = (i / 256u) * FORMAT_IQ2_S_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let index = byte_at(o + 2u + 4u * ib + l) | ((byte_at(o + 66u + ib) << (8u - 2u * l)) & 0x300u);
+            let db = half_at(o) * (0.5 + f32((byte_at(o + 74u + ib) >> (4u * (l / 2u))) & 0xfu)) * 0.25;
+            return db * grid_bytes(grid_word(2u * index + (j % 8u) / 4u)) * signs_of(byte_at(o + 34u + 4u * ib + l), j % 8u);
+        }
+        case FORMAT_IQ3_XXS: {
+            // f16 d, 64 grid indices (4 values each), per 32 values a word of four 7-bit signs
+            // and a 4-bit scale on top: d (0.5 + s) / 2 grid sign.
+            let o = (i / 256u) * FORMAT_IQ3_XXS_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let aux = bytes4_at(o + 66u + 4u * ib);
+            let db = half_at(o) * (0.5 + f32(aux >> 28u)) * 0.5;
+            let index = byte_at(o + 2u + 8u * ib + (j % 32u) / 4u);
+            return db * grid_bytes(grid_word(index)) * signs4((aux >> (7u * ((j % 32u) / 8u))) & 127u, j % 8u);
+        }
+        case FORMAT_IQ3_S: {
+            // f16 d, 64 grid index low bytes, 8 bytes of index ninth bits, 32 of signs, 4 of two
+            // 4-bit scales per 64: d (1 + 2 s) grid sign.
+            let o = (i / 256u) * FORMAT_IQ3_S_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let second = (j % 8u) / 4u;
+            let index = byte_at(o + 2u + 8u * ib + 2u * l + second) | ((byte_at(o + 66u + ib) << (8u - 2u * l - second)) & 256u);
+            let db = half_at(o) * f32(1u + 2u * ((byte_at(o + 106u + ib / 2u) >> (4u * (ib % 2u))) & 0xfu));
+            return db * grid_bytes(grid_word(index)) * signs_of(byte_at(o + 74u + 4u * ib + l), j % 8u);
+        }
+        case FORMAT_IQ1_S: {
+            // f16 d, 32 grid index low bytes, per 32 values a u16: four 3-bit index tops, a 3-bit
+            // scale, the delta's sign on top: d (2 s + 1) (grid ± 1/8), grid values -1, 0, 1.
+            let o = (i / 256u) * FORMAT_IQ1_S_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let qh = bytes4_at(o + 34u + 2u * ib) & 0xffffu;
+            let index = byte_at(o + 2u + 4u * ib + l) | (((qh >> (3u * l)) & 7u) << 8u);
+            let dl = half_at(o) * f32(2u * ((qh >> 12u) & 7u) + 1u);
+            let delta = select(0.125, -0.125, (qh & 0x8000u) != 0u);
+            return dl * (signed_bytes(grid_word(2u * index + (j % 8u) / 4u)) + delta);
+        }
+        case FORMAT_IQ1_M: {
+            // 32 grid index low bytes, per 8 values half a byte (3-bit index top, delta sign),
+            // 8 bytes of 3-bit scales per 16 values whose top nibbles form the block's f16.
+            let o = (i / 256u) * FORMAT_IQ1_M_BYTES;
+            let j = i % 256u;
+            let ib = j / 32u;
+            let l = (j % 32u) / 8u;
+            let s01 = bytes4_at(o + 48u);
+            let s23 = bytes4_at(o + 52u);
+            let bits = ((s01 >> 12u) & 0xfu) | ((s01 >> 24u) & 0xf0u) | ((s23 >> 4u) & 0xf00u) | ((s23 >> 16u) & 0xf000u);
+            let d = unpack2x16float(bits).x;
+            let half = (byte_at(o + 32u + 2u * ib + l / 2u) >> (4u * (l % 2u))) & 0xfu;
+            let index = byte_at(o + 4u * ib + l) | ((half & 7u) << 8u);
+            let sc = (select(s01, s23, ib >= 4u) >> (16u * ((ib / 2u) % 2u))) & 0xffffu;
+            let dl = d * f32(2u * ((sc >> (6u * (ib % 2u) + 3u * (l / 2u))) & 7u) + 1u);
+            let delta = select(0.125, -0.125, (half & 8u) != 0u);
+            return dl * (signed_bytes(grid_word(2u * index + (j % 8u) / 4u)) + delta);
         }
         default: {
             return vec4<f32>(0.0);

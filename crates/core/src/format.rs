@@ -43,7 +43,7 @@ pub struct Format {
     pub scales: Scales,
 }
 
-pub const FORMATS: [Format; 18] = [
+pub const FORMATS: [Format; 25] = [
     Format { dtype: DType::F32, code: 0, constant: "FORMAT_F32", values: 1, bytes: 4, block: Block::None, scales: Scales::None },
     Format { dtype: DType::BF16, code: 1, constant: "FORMAT_BF16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
     Format { dtype: DType::F16, code: 2, constant: "FORMAT_F16", values: 1, bytes: 2, block: Block::None, scales: Scales::None },
@@ -63,6 +63,15 @@ pub const FORMATS: [Format; 18] = [
     Format { dtype: DType::Q6_K, code: 15, constant: "FORMAT_Q6_K", values: 256, bytes: 210, block: Block::None, scales: Scales::None },
     Format { dtype: DType::IQ4_NL, code: 16, constant: "FORMAT_IQ4_NL", values: 32, bytes: 18, block: Block::None, scales: Scales::None },
     Format { dtype: DType::IQ4_XS, code: 17, constant: "FORMAT_IQ4_XS", values: 256, bytes: 136, block: Block::None, scales: Scales::None },
+    // The i-quants: blocks index a codebook grid (`quant::iq`), which the GPU kernels read
+    // where other formats' scales go.
+    Format { dtype: DType::IQ2_XXS, code: 18, constant: "FORMAT_IQ2_XXS", values: 256, bytes: 66, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ2_XS, code: 19, constant: "FORMAT_IQ2_XS", values: 256, bytes: 74, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ2_S, code: 20, constant: "FORMAT_IQ2_S", values: 256, bytes: 82, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ3_XXS, code: 21, constant: "FORMAT_IQ3_XXS", values: 256, bytes: 98, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ3_S, code: 22, constant: "FORMAT_IQ3_S", values: 256, bytes: 110, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ1_S, code: 23, constant: "FORMAT_IQ1_S", values: 256, bytes: 50, block: Block::None, scales: Scales::None },
+    Format { dtype: DType::IQ1_M, code: 24, constant: "FORMAT_IQ1_M", values: 256, bytes: 56, block: Block::None, scales: Scales::None },
 ];
 
 impl DType {

@@ -64,7 +64,8 @@ impl PackedStack {
             None => (1, 1, unscaled_block_cols(first.dtype), 0),
         };
         if scales.is_empty() {
-            scales.push(0.0);
+            // The i-quants' codebook goes where scales would (the kernels' `grid_word`).
+            scales = codebook(first.dtype);
         }
         let layout = WeightLayout {
             rows: first.rows as u32,
@@ -79,6 +80,15 @@ impl PackedStack {
             pad: [0; 3],
         };
         PackedStack { layout, data, scales }
+    }
+}
+
+/// What a matrix of `dtype` without scales binds as its scales: the i-quants' codebook grid (as
+/// f32 bit patterns; the kernels read the words), else one placeholder value.
+pub fn codebook(dtype: DType) -> Vec<f32> {
+    match crate::quant::iq::grid_words(dtype) {
+        Some(words) => words.iter().map(|&w| f32::from_bits(w)).collect(),
+        None => vec![0.0],
     }
 }
 

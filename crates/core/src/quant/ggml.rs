@@ -47,6 +47,7 @@ pub fn decode(dtype: DType, bytes: &[u8], out: &mut [f32]) {
             DType::Q4_K | DType::Q5_K => q45_k(dtype == DType::Q5_K, b, y),
             DType::Q6_K => q6_k(b, y),
             DType::IQ4_XS => iq4_xs(b, y),
+            _ if super::iq::is_iq(dtype) => super::iq::decode(dtype, b, y),
             _ => unreachable!("{dtype:?} is not a block format"),
         }
     }

@@ -7,6 +7,9 @@
 use std::sync::OnceLock;
 
 pub(crate) mod ggml;
+pub mod iq;
+#[rustfmt::skip]
+mod iq_grids;
 
 /// Element types of weight matrices: the checkpoint formats dsrun reads, plus the two formats it
 /// quantises to at load (`--quant q8|q4`).
@@ -39,6 +42,14 @@ pub enum DType {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    /// ggml's i-quants (`quant::iq`): codebook grids indexed per 8 or 4 values, 256-value blocks.
+    IQ2_XXS,
+    IQ2_XS,
+    IQ2_S,
+    IQ3_XXS,
+    IQ3_S,
+    IQ1_S,
+    IQ1_M,
 }
 
 /// Columns per quantisation group of the q8/q4 formats.
@@ -102,6 +113,13 @@ impl DType {
             DType::Q6_K => "Q6_K",
             DType::IQ4_NL => "IQ4_NL",
             DType::IQ4_XS => "IQ4_XS",
+            DType::IQ2_XXS => "IQ2_XXS",
+            DType::IQ2_XS => "IQ2_XS",
+            DType::IQ2_S => "IQ2_S",
+            DType::IQ3_XXS => "IQ3_XXS",
+            DType::IQ3_S => "IQ3_S",
+            DType::IQ1_S => "IQ1_S",
+            DType::IQ1_M => "IQ1_M",
         }
     }
 }

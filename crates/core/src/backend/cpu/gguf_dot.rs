@@ -30,7 +30,8 @@ impl Default for Unpacked {
     }
 }
 
-/// Unpacks one block of Q2_K, Q3_K, IQ4_NL or IQ4_XS (as `quant::ggml` decodes it).
+/// Unpacks one block of Q2_K, Q3_K, IQ4_NL, IQ4_XS or an i-quant (as `quant::ggml` and
+/// `quant::iq` decode them).
 #[inline(always)]
 fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
     let c = &mut u.codes;
@@ -88,6 +89,10 @@ fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
                 u.scales[ib] = d * (ls - 32) as f32;
             }
             (u.groups, u.group, u.has_min) = (8, 32, false);
+        }
+        _ if crate::quant::iq::is_iq(dtype) => {
+            crate::quant::iq::unpack(dtype, b, c, &mut u.scales);
+            (u.groups, u.group, u.has_min) = (16, 16, false);
         }
         _ => unreachable!("{dtype:?} widens its codes in place"),
     }

@@ -26,7 +26,12 @@ impl SlotStack {
             experts: slots,
             layout: rt.upload(&[slot.layout])?,
             weights: rt.alloc(slot.data_stride as usize * slots)?,
-            scales: rt.alloc(slot.scale_values * 4 * slots)?,
+            // Per-slot scales; formats without any bind what they read there instead, once (the
+            // i-quants' codebook).
+            scales: match slot.scale_values {
+                0 => rt.upload(&crate::plan::layout::codebook(template.dtype))?,
+                n => rt.alloc(n * 4 * slots)?,
+            },
             bytes: slot.slot_bytes() * slots as u64,
         };
         Ok(SlotStack { matrix, slot })

@@ -3,7 +3,7 @@
 use super::context::GpuContext;
 use crate::error::Result;
 use crate::model::weights::Matrix;
-use crate::plan::layout::{PackedStack, SlotLayout};
+use crate::plan::layout::{codebook, PackedStack, SlotLayout};
 use crate::quant::DType;
 use crate::util::human_bytes;
 use wgpu::util::DeviceExt;
@@ -126,7 +126,12 @@ impl SlotMatrix {
             rows: template.rows,
             layout: uniform(ctx, &template.name, bytemuck::bytes_of(&layout)),
             weights: empty("expert slots", bytes),
-            scales: empty("expert slot scales", (scale_values * slots * 4) as u64),
+            // Per-slot scales; formats without any bind what they read there instead, once (the
+            // i-quants' codebook).
+            scales: match scale_values {
+                0 => storage_init(ctx, "expert slot codebook", bytemuck::cast_slice(&codebook(template.dtype))),
+                n => empty("expert slot scales", (n * slots * 4) as u64),
+            },
         };
         let matrix =
             GpuMatrix { format: template.dtype, rows: template.rows, cols: template.cols, chunks: vec![chunk], bytes: bytes + (scale_values * slots * 4) as u64, whole_words: whole_words(template) };

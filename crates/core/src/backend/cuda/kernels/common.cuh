@@ -120,7 +120,7 @@ __device__ __forceinline__ u32 scale_index(const WeightLayout& l, u32 e, u32 r, 
 }
 
 #if FORMAT >= FIRST_BLOCK_FORMAT
-__device__ __forceinline__ float4 block_step(const u32* __restrict__ w, u64 i);
+__device__ __forceinline__ float4 block_step(const u32* __restrict__ w, const float* __restrict__ s, u64 i);
 #endif
 
 // Weights of row r of expert e at columns c .. c + 3; needs c % 4 == 0, cols % 4 == 0 and
@@ -145,7 +145,7 @@ __device__ __forceinline__ float4 weights4(const WeightLayout& l, const u32* __r
     const float k = s[scale_index(l, e, r, c)];
     return make_float4(signed_byte(word, 0) * k, signed_byte(word, 8) * k, signed_byte(word, 16) * k, signed_byte(word, 24) * k);
 #elif FORMAT >= FIRST_BLOCK_FORMAT
-    return block_step(w, first);
+    return block_step(w, s, first);
 #else
     const u32 word = w[first / 8] >> ((u32)(first & 7u) * 4u);
     const u32 g = e * l.scale_expert_stride + 2u * ((r / l.block_rows) * l.grid_cols + c / l.block_cols);
@@ -227,7 +227,7 @@ __device__ __forceinline__ float weight1(const WeightLayout& l, const u32* __res
 #elif FORMAT == FORMAT_Q8
     return signed_byte(w[i / 4], (u32)(i & 3u) * 8u) * s[scale_index(l, e, r, c)];
 #elif FORMAT >= FIRST_BLOCK_FORMAT
-    const float4 v = block_step(w, i & ~(u64)3u);
+    const float4 v = block_step(w, s, i & ~(u64)3u);
     const u32 k = (u32)(i & 3u);
     return k == 0u ? v.x : k == 1u ? v.y : k == 2u ? v.z : v.w;
 #else

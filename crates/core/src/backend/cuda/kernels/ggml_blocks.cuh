@@ -34,6 +34,20 @@
 #define BLOCK_BYTES FORMAT_IQ4_NL_BYTES
 #elif FORMAT == FORMAT_IQ4_XS
 #define BLOCK_BYTES FORMAT_IQ4_XS_BYTES
+#elif FORMAT == FORMAT_IQ2_XXS
+#define BLOCK_BYTES FORMAT_IQ2_XXS_BYTES
+#elif FORMAT == FORMAT_IQ2_XS
+#define BLOCK_BYTES FORMAT_IQ2_XS_BYTES
+#elif FORMAT == FORMAT_IQ2_S
+#define BLOCK_BYTES FORMAT_IQ2_S_BYTES
+#elif FORMAT == FORMAT_IQ3_XXS
+#define BLOCK_BYTES FORMAT_IQ3_XXS_BYTES
+#elif FORMAT == FORMAT_IQ3_S
+#define BLOCK_BYTES FORMAT_IQ3_S_BYTES
+#elif FORMAT == FORMAT_IQ1_S
+#define BLOCK_BYTES FORMAT_IQ1_S_BYTES
+#elif FORMAT == FORMAT_IQ1_M
+#define BLOCK_BYTES FORMAT_IQ1_M_BYTES
 #else
 #error "a block format without a decoder here"
 #endif
@@ -80,9 +94,34 @@ __device__ __forceinline__ float scale_min_k4(const u32* __restrict__ w, u64 s, 
                    : (float)((byte_at(w, s + j + 4u) >> 4) | ((byte_at(w, s + j) >> 6) << 4));
 }
 
+// The i-quants' codebook grid (quant/iq_grids.rs), which the host puts where other formats'
+// scales go: word k of it (IQ1/IQ2 entry e is words 2e and 2e + 1, four grid bytes each; an
+// IQ3 entry is one word).
+__device__ __forceinline__ u32 grid_word(const float* __restrict__ s, u32 k) { return __float_as_uint(s[k]); }
+
+// Sign bits k .. k + 3 of a group's eight as +-1 (IQ2_XXS, IQ2_XS, IQ3_XXS store seven; ggml's
+// ksigns_iq2xs adds the eighth that makes their count even: `signs8`).
+__device__ __forceinline__ u32 signs8(u32 seven) {
+    u32 parity = seven ^ (seven >> 4);
+    parity ^= parity >> 2;
+    parity ^= parity >> 1;
+    return seven | ((parity & 1u) << 7);
+}
+
+__device__ __forceinline__ float4 with_signs(float4 v, u32 signs, u32 k) {
+    return make_float4((signs >> k) & 1u ? -v.x : v.x, (signs >> (k + 1u)) & 1u ? -v.y : v.y, (signs >> (k + 2u)) & 1u ? -v.z : v.z,
+                       (signs >> (k + 3u)) & 1u ? -v.w : v.w);
+}
+
+// IQ1's grid bytes (-1, 0, 1) plus the group's delta.
+__device__ __forceinline__ float4 iq1_values(u32 word, float delta) {
+    return make_float4(signed_byte(word, 0) + delta, signed_byte(word, 8) + delta, signed_byte(word, 16) + delta, signed_byte(word, 24) + delta);
+}
+
 // Values i .. i + 3 (i a multiple of 4) of the block stream: element i of the matrix stack.
-// Four consecutive values always share a sub-block (its scales) and a code byte position.
-__device__ __forceinline__ float4 block_step(const u32* __restrict__ w, u64 i) {
+// Four consecutive values always share a sub-block (its scales) and a code byte position (the
+// i-quants: a group of 8, or IQ3's grid entry of 4).
+__device__ __forceinline__ float4 block_step(const u32* __restrict__ w, const float* __restrict__ s, u64 i) {
 #if FORMAT == FORMAT_Q8_0
     // f16 d, 32 signed codes.
     const u64 o = (i / 32u) * BLOCK_BYTES;
@@ -174,6 +213,67 @@ __device__ __forceinline__ float4 block_step(const u32* __restrict__ w, u64 i) {
     const u32 scales_high = byte_at(w, o + 2u) | (byte_at(w, o + 3u) << 8);
     const u32 ls = ((byte_at(w, o + 4u + sub / 2u) >> (4u * (sub % 2u))) & 0xfu) | (((scales_high >> (2u * sub)) & 3u) << 4);
     return scale4(iq4_levels(bytes4_at(w, o + 8u + 16u * sub + j % 16u), 4u * ((j % 32u) / 16u)), half_at(w, o) * (float)((int)ls - 32));
+#elif FORMAT == FORMAT_IQ2_XXS || FORMAT == FORMAT_IQ2_XS || FORMAT == FORMAT_IQ2_S
+    // f16 d; per 32 values: IQ2_XXS two words (four grid index bytes; four 7-bit signs and a
+    // 4-bit scale on top), IQ2_XS four u16 (9-bit index, 7-bit signs) and a byte of two 4-bit
+    // scales, IQ2_S four index bytes, two-bit index tops, four sign bytes, two 4-bit scales:
+    // d (0.5 + s) / 4 grid sign.
+    const u64 o = (i / 256u) * BLOCK_BYTES;
+    const u32 j = (u32)(i % 256u), ib = j / 32u, l = (j % 32u) / 8u;
+#if FORMAT == FORMAT_IQ2_XXS
+    const u32 high = bytes4_at(w, o + 6u + 8u * ib);
+    const u32 index = (bytes4_at(w, o + 2u + 8u * ib) >> (8u * l)) & 0xffu;
+    const u32 signs = signs8((high >> (7u * l)) & 127u);
+    const float db = half_at(w, o) * (0.5f + (float)(high >> 28)) * 0.25f;
+#elif FORMAT == FORMAT_IQ2_XS
+    const u32 q = bytes4_at(w, o + 2u + 2u * (4u * ib + l)) & 0xffffu;
+    const u32 index = q & 511u, signs = signs8(q >> 9);
+    const float db = half_at(w, o) * (0.5f + (float)((byte_at(w, o + 66u + ib) >> (4u * (l / 2u))) & 0xfu)) * 0.25f;
+#else
+    const u32 index = byte_at(w, o + 2u + 4u * ib + l) | ((byte_at(w, o + 66u + ib) << (8u - 2u * l)) & 0x300u);
+    const u32 signs = byte_at(w, o + 34u + 4u * ib + l);
+    const float db = half_at(w, o) * (0.5f + (float)((byte_at(w, o + 74u + ib) >> (4u * (l / 2u))) & 0xfu)) * 0.25f;
+#endif
+    return with_signs(scale4(fields(grid_word(s, 2u * index + (j % 8u) / 4u), 0u, 0xffu), db), signs, j % 8u);
+#elif FORMAT == FORMAT_IQ3_XXS || FORMAT == FORMAT_IQ3_S
+    // f16 d; IQ3_XXS: 64 grid indices (4 values each), per 32 values a word of four 7-bit signs
+    // and a 4-bit scale on top, d (0.5 + s) / 2 grid sign; IQ3_S: 64 index low bytes, 8 bytes
+    // of ninth bits, 32 of signs, 4 of two 4-bit scales per 64, d (1 + 2 s) grid sign.
+    const u64 o = (i / 256u) * BLOCK_BYTES;
+    const u32 j = (u32)(i % 256u), ib = j / 32u, l = (j % 32u) / 8u, second = (j % 8u) / 4u;
+#if FORMAT == FORMAT_IQ3_XXS
+    const u32 aux = bytes4_at(w, o + 66u + 4u * ib);
+    const u32 index = byte_at(w, o + 2u + 8u * ib + 2u * l + second);
+    const u32 signs = signs8((aux >> (7u * l)) & 127u);
+    const float db = half_at(w, o) * (0.5f + (float)(aux >> 28)) * 0.5f;
+#else
+    const u32 index = byte_at(w, o + 2u + 8u * ib + 2u * l + second) | ((byte_at(w, o + 66u + ib) << (8u - 2u * l - second)) & 256u);
+    const u32 signs = byte_at(w, o + 74u + 4u * ib + l);
+    const float db = half_at(w, o) * (float)(1u + 2u * ((byte_at(w, o + 106u + ib / 2u) >> (4u * (ib % 2u))) & 0xfu));
+#endif
+    return with_signs(scale4(fields(grid_word(s, index), 0u, 0xffu), db), signs, j % 8u);
+#elif FORMAT == FORMAT_IQ1_S || FORMAT == FORMAT_IQ1_M
+    // Grid values -1, 0, 1 plus a delta of +-1/8 per group, times d (2 s + 1). IQ1_S: f16 d,
+    // 32 index low bytes, per 32 values a u16 of four 3-bit index tops, a 3-bit scale and the
+    // delta's sign; IQ1_M: 32 index low bytes, per 8 values half a byte (3-bit index top, delta
+    // sign), 8 bytes of 3-bit scales per 16 values whose top nibbles form the block's f16.
+    const u64 o = (i / 256u) * BLOCK_BYTES;
+    const u32 j = (u32)(i % 256u), ib = j / 32u, l = (j % 32u) / 8u;
+#if FORMAT == FORMAT_IQ1_S
+    const u32 qh = bytes4_at(w, o + 34u + 2u * ib) & 0xffffu;
+    const u32 index = byte_at(w, o + 2u + 4u * ib + l) | (((qh >> (3u * l)) & 7u) << 8);
+    const float dl = half_at(w, o) * (float)(2u * ((qh >> 12) & 7u) + 1u);
+    const float delta = (qh & 0x8000u) ? -0.125f : 0.125f;
+#else
+    const u32 s01 = bytes4_at(w, o + 48u), s23 = bytes4_at(w, o + 52u);
+    const u32 bits = ((s01 >> 12) & 0xfu) | ((s01 >> 24) & 0xf0u) | ((s23 >> 4) & 0xf00u) | ((s23 >> 16) & 0xf000u);
+    const u32 half = (byte_at(w, o + 32u + 2u * ib + l / 2u) >> (4u * (l % 2u))) & 0xfu;
+    const u32 index = byte_at(w, o + 4u * ib + l) | ((half & 7u) << 8);
+    const u32 sc = ((ib >= 4u ? s23 : s01) >> (16u * ((ib / 2u) % 2u))) & 0xffffu;
+    const float dl = f16_to_f32(bits) * (float)(2u * ((sc >> (6u * (ib % 2u) + 3u * (l / 2u))) & 7u) + 1u);
+    const float delta = (half & 8u) ? -0.125f : 0.125f;
+#endif
+    return scale4(iq1_values(grid_word(s, 2u * index + (j % 8u) / 4u), delta), dl);
 #endif
 }
 
