@@ -545,19 +545,24 @@ fn failed_writes_fail() {
     }
 }
 
-/// A GGUF from llama.cpp's converter (tests/fixtures/gguf) is all a user needs: `dsrun`,
+/// A GGUF from llama.cpp's converter and llama-quantize (tests/fixtures/gguf) is all a user needs: `dsrun`,
 /// `dsrun chat` (the file's chat template) and `dsrun serve` run it with no other file, and
 /// `inspect` shows both its tables and what dsrun maps them to.
 #[test]
 fn a_gguf_runs_in_generate_chat_and_serve() {
     use std::io::{Read, Write};
-    let file = fixture("gguf").join("v3_noaux-f32.gguf");
-    let file = file.to_str().unwrap();
-    let out = dsrun(&["--model", file, "--gpu", "cpu", "--prompt", "Hello world", "-n", "6", "--temperature", "0", "--ignore-eos"]);
-    assert!(out.status.success() && text(&out.stdout).starts_with("Hello world"), "{}{}", text(&out.stdout), text(&out.stderr));
-    assert!(text(&out.stderr).contains("generated 6 tok"), "{}", text(&out.stderr));
+    // llama.cpp's converter and llama-quantize's Q4_K_M (Q4_K, Q6_K, Q5_0 blocks as stored), on
+    // the CPU backend and wgpu.
+    let quantised = fixture("gguf").join("kq-q4_k_m.gguf");
+    let file = quantised.to_str().unwrap();
+    for gpu in ["cpu", "vulkan"] {
+        let out = dsrun(&["--model", file, "--gpu", gpu, "--prompt", "Hello world", "-n", "6", "--temperature", "0", "--ignore-eos"]);
+        assert!(out.status.success() && text(&out.stdout).starts_with("Hello world"), "{gpu}: {}{}", text(&out.stdout), text(&out.stderr));
+        assert!(text(&out.stderr).contains("generated 6 tok"), "{gpu}: {}", text(&out.stderr));
+    }
 
-    let inspect = text(&dsrun(&["inspect", "--model", file]).stdout);
+    let converted = fixture("gguf").join("v3_noaux-f32.gguf");
+    let inspect = text(&dsrun(&["inspect", "--model", converted.to_str().unwrap()]).stdout);
     assert!(inspect.contains("architecture deepseek2") && inspect.contains("experts    16 routed + 1 shared"), "{inspect}");
     assert!(inspect.contains("-> model.layers.1.mlp.experts.{0..15}.gate_proj.weight") && inspect.contains("(W_UK half, joined)"), "{inspect}");
 
@@ -567,7 +572,7 @@ fn a_gguf_runs_in_generate_chat_and_serve() {
     let out = chat.wait_with_output().unwrap();
     assert!(out.status.success() && text(&out.stderr).contains("generated 4 tok"), "{}", text(&out.stderr));
 
-    let mut serve = spawn(&["serve", "--model", file, "--gpu", "cpu", "--port", "0", "--ctx", "64"], cwd.path());
+    let mut serve = spawn(&["serve", "--model", file, "--gpu", "vulkan", "--port", "0", "--ctx", "64"], cwd.path());
     // Its stderr is kept open (and read to the end): a closed pipe would fail its last words.
     let (addr, mut stderr) = listening_address(serve.stderr.take().unwrap());
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
