@@ -389,3 +389,21 @@ fn block_formats_stream_split_and_batch_on_wgpu() {
     let mut reference = EngineBuilder::open(&path).unwrap().device(GpuChoice::Reference).context(Some(ctx)).build().unwrap().engine;
     batched_decode_near_alone("Q4_K_M on wgpu", batched.as_mut(), alone.as_mut(), reference.as_mut(), 1e-3);
 }
+
+/// `dsrun quantize`'s quantisers (ggml's reference ones, ported) write llama-quantize's bytes:
+/// `llama-quantize --pure` rows of Q8_0, Q4_K and Q6_K from the f32 rows beside them
+/// (formats.safetensors, tools/make_gguf_fixtures.py).
+#[test]
+fn the_quantisers_write_llama_quantizes_bytes() {
+    let bytes = std::fs::read(fixture("gguf").join("formats.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for ty in ["Q8_0", "Q4_K", "Q6_K"] {
+        let source: Vec<f32> = st.tensor(&format!("{ty}.source")).unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let want = st.tensor(&format!("{ty}.quantised")).unwrap().data().to_vec();
+        let got = dsrun::quant::ggml_quantize::quantize(DType::from_ggml(ty).unwrap(), &source);
+        assert_eq!(got.len(), want.len(), "{ty}");
+        if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+            panic!("{ty}: byte {i} of {} is {:#04x}, llama-quantize wrote {:#04x}", want.len(), got[i], want[i]);
+        }
+    }
+}

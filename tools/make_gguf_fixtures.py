@@ -45,6 +45,8 @@ router, direct query, YaRN):
    `formats.safetensors`: for each ggml type met, the first two rows of the first tensor of
    that type (`<TYPE>.bytes`, as stored) and gguf-py's dequantisation of them (`<TYPE>.values`,
    f32 [2, cols]): each decoder in dsrun is checked against gguf-py's on llama.cpp's own output.
+   For the types `dsrun quantize` writes (Q8_0, Q4_K, Q6_K), `llama-quantize --pure` rows
+   (`<TYPE>.quantised`) beside the f32 rows they came from (`<TYPE>.source`).
 7. `split/`: the Q8_0 file split in three by `llama-gguf-split --split-max-tensors 20` (the
    way large models are published), which must load as the whole file.
 """
@@ -69,6 +71,9 @@ FORMAT_SOURCES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_
 # The i-quants, which llama-quantize makes only with an importance matrix (`imatrix`); its
 # IQ2_M mix holds the IQ2_S tensors (its IQ2_S mix is mostly IQ2_XS).
 IQ_SOURCES = ["IQ2_XXS", "IQ2_XS", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"]
+# The types `dsrun quantize` writes: llama-quantize --pure's rows of each, from the f32 rows
+# beside them, must come out of dsrun's quantisers byte for byte.
+QUANTIZE_TYPES = ["Q8_0", "Q4_K", "Q6_K"]
 # A V3 shape whose matrices' rows are whole 256-value K-quant blocks (attn_k_b's are not: F16).
 KQ_FAMILY = dict(
     storage="f32",
@@ -233,9 +238,12 @@ def dequantised(path: Path) -> dict:
     return out
 
 
-def quantise(llama: Path, source: Path, out: Path, qtype: str, imatrix: Path | None = None) -> Path:
-    extra = ["--imatrix", str(imatrix)] if imatrix else []
-    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), *extra, str(source), str(out), qtype], check=True, capture_output=True)
+def quantise(llama: Path, source: Path, out: Path, qtype: str, imatrix: Path | None = None, pure: bool = False) -> Path:
+    # The importance matrix by its bare name, from its folder: llama-quantize records the path
+    # it was given in the file (a temporary folder's name would change it at every run).
+    extra = (["--imatrix", imatrix.name] if imatrix else []) + (["--pure"] if pure else [])
+    cwd = imatrix.parent if imatrix else None
+    subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), *extra, str(source.resolve()), str(out.resolve()), qtype], check=True, capture_output=True, cwd=cwd)
     return out
 
 
@@ -266,13 +274,21 @@ def quantised_golden(llama: Path, family: str, qtype: str, source: Path, fixture
     return out
 
 
-def formats(files: list) -> None:
-    """formats.safetensors: two rows of the first tensor of each ggml type met in `files`."""
+def formats(files: list, source: Path, pure: list) -> None:
+    """formats.safetensors: two rows of the first tensor of each ggml type met in `files`; and
+    for each `--pure` file of `pure`, the first two rows of its first tensor of that type
+    (`<TYPE>.quantised`) with the same rows of the f32 `source` (`<TYPE>.source`)."""
     import gguf
     import torch
     from safetensors.torch import save_file
 
     out = {}
+    f32 = {t.name: t for t in gguf.GGUFReader(source).tensors}
+    for path, qtype in pure:
+        t = next(t for t in gguf.GGUFReader(path).tensors if t.tensor_type.name == qtype and len(t.data.shape) >= 2)
+        out[f"{qtype}.quantised"] = torch.from_numpy(np.ascontiguousarray(t.data.reshape(-1, t.data.shape[-1])[:2]).view(np.uint8).reshape(-1).copy())
+        rows = f32[t.name].data.reshape(-1, f32[t.name].data.shape[-1])[:2]
+        out[f"{qtype}.source"] = torch.from_numpy(np.ascontiguousarray(rows.astype(np.float32)))
     for path in files:
         for t in gguf.GGUFReader(path).tensors:
             name = t.tensor_type.name
@@ -318,7 +334,9 @@ def main() -> None:
             quantised_golden(llama, family, qtype, OUT / f"{family}-f32.gguf", fixture, weights if qtype.startswith("IQ") else None)
         sources = [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q) for q in FORMAT_SOURCES]
         sources += [quantise(llama, kq_f32, Path(work) / f"kq-{q}.gguf", q, weights) for q in IQ_SOURCES]
-        formats(sources)
+        # What `dsrun quantize` writes, as llama-quantize's reference quantisers make it.
+        pure = [(quantise(llama, kq_f32, Path(work) / f"kq-pure-{q}.gguf", q, pure=True), q) for q in QUANTIZE_TYPES]
+        formats(sources, kq_f32, pure)
         # Split files, as big models ship: the Q8_0 fixture in three (`split/`).
         (OUT / "split").mkdir(exist_ok=True)
         subprocess.run([str(llama / "build" / "bin" / "llama-gguf-split"), "--split", "--split-max-tensors", "20", str(OUT / "v3_noaux-q8_0.gguf"), str(OUT / "split" / "v3_noaux-q8_0")], check=True, capture_output=True)

@@ -7,6 +7,7 @@
 use std::sync::OnceLock;
 
 pub(crate) mod ggml;
+pub mod ggml_quantize;
 pub mod iq;
 #[rustfmt::skip]
 mod iq_grids;
@@ -274,24 +275,9 @@ pub fn encode(dtype: DType, values: &[f32]) -> Vec<u8> {
         DType::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         DType::F8E4M3 => values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect(),
         DType::Q8 | DType::Q4 => unreachable!("q8/q4 need group scales: quantize_q8 / quantize_q4"),
-        DType::Q8_0 => encode_q8_0(values),
+        DType::Q8_0 | DType::Q4_K | DType::Q6_K => ggml_quantize::quantize(dtype, values),
         _ => unreachable!("{dtype:?}: dsrun reads it, it does not write it"),
     }
-}
-
-/// ggml's Q8_0 of whole blocks of 32 values, as its reference `quantize_row_q8_0` rounds:
-/// `d = max |x| / 127` (stored as f16), codes `round(x / d)` with halves away from zero.
-fn encode_q8_0(values: &[f32]) -> Vec<u8> {
-    assert!(values.len().is_multiple_of(Q8_0_BLOCK), "Q8_0 takes whole blocks of {Q8_0_BLOCK}");
-    let mut out = Vec::with_capacity(values.len() / Q8_0_BLOCK * Q8_0_BYTES);
-    for block in values.chunks_exact(Q8_0_BLOCK) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inverse = if d != 0.0 { 1.0 / d } else { 0.0 };
-        out.extend(half::f16::from_f32(d).to_bits().to_le_bytes());
-        out.extend(block.iter().map(|v| (v * inverse).round() as i8 as u8));
-    }
-    out
 }
 
 /// q8 of a `[rows, cols]` matrix: (codes, one scale per group of 32 columns of each row).
