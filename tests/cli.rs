@@ -586,3 +586,22 @@ fn a_gguf_runs_in_generate_chat_and_serve() {
     stderr.read_to_string(&mut rest).unwrap();
     assert!(serve.wait().unwrap().success(), "{rest}");
 }
+
+/// `dsrun quantize` writes a GGUF that `dsrun` then runs alone; a type it does not write and an
+/// output it cannot create are refused with the reason and a non-zero exit.
+#[test]
+fn quantize_writes_a_gguf_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("bundled-q8_0.gguf");
+    let out = out_path.to_str().unwrap();
+    let written = dsrun(&["quantize", out, "Q8_0"]);
+    assert!(written.status.success() && text(&written.stderr).contains("wrote") && text(&written.stderr).contains("Q8_0"), "{}", text(&written.stderr));
+    let run = dsrun(&["--model", out, "--gpu", "cpu", "--prompt", "Hello world", "-n", "4", "--temperature", "0", "--ignore-eos"]);
+    assert!(run.status.success() && text(&run.stdout).starts_with("Hello world"), "{}{}", text(&run.stdout), text(&run.stderr));
+
+    let bad_type = dsrun(&["quantize", out, "Q3_K_S"]);
+    assert!(!bad_type.status.success() && text(&bad_type.stderr).contains("Q4_K_M"), "{}", text(&bad_type.stderr));
+    let nowhere = dir.path().join("missing").join("x.gguf");
+    let failed = dsrun(&["quantize", nowhere.to_str().unwrap(), "Q8_0"]);
+    assert!(!failed.status.success() && text(&failed.stderr).contains("missing"), "{}", text(&failed.stderr));
+}

@@ -407,3 +407,89 @@ fn the_quantisers_write_llama_quantizes_bytes() {
         }
     }
 }
+
+/// The metadata entries of a GGUF but `general.name` and `general.size_label` (what a file is
+/// called), in order.
+fn metadata_but_names(g: &Gguf) -> Vec<(String, Value)> {
+    g.metadata.iter().filter(|(k, _)| k != "general.name" && k != "general.size_label").cloned().collect()
+}
+
+/// `dsrun quantize` Q8_0 of the converter's f32 file is llama-quantize's Q8_0 of it, tensor for
+/// tensor (types, dimensions, bytes: Q8_0 where rows are whole 32s, F16 where not, F32 vectors
+/// and router) and key for key but the file's name, so llama.cpp reads it as its own.
+#[test]
+fn quantize_writes_what_llama_quantize_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8.gguf");
+    let written = dsrun::quantize::quantize(&gguf("v3_noaux-f32"), &out, dsrun::quantize::FileType::Q8_0, &dsrun::util::Silent).unwrap();
+    let (ours, theirs) = (std::fs::read(&out).unwrap(), std::fs::read(gguf("v3_noaux-q8_0")).unwrap());
+    assert_eq!(written.bytes, ours.len() as u64);
+    let (a, b) = (Gguf::parse(&ours).unwrap(), Gguf::parse(&theirs).unwrap());
+    assert_eq!(metadata_but_names(&a), metadata_but_names(&b));
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for t in &b.tensors {
+        let mine = a.tensors.iter().find(|m| m.name == t.name).unwrap_or_else(|| panic!("`{}` not written", t.name));
+        assert_eq!((mine.ty, &mine.dims), (t.ty, &t.dims), "{}", t.name);
+        let range = |t: &dsrun::gguf::TensorInfo| t.start as usize..(t.start + t.bytes) as usize;
+        assert!(ours[range(mine)] == theirs[range(t)], "`{}`: bytes differ", t.name);
+    }
+}
+
+/// A safetensors checkpoint (the bundled model: bf16, its tokenizer.json with GPT-2's split,
+/// a chat template, an MTP layer) through `dsrun quantize`: as F32 the file's logits equal
+/// the checkpoint's (every value kept); as Q8_0 and Q6_K no further from them than dsrun's own
+/// int8 conversion at load (`--quant q8`, an f32 scale per 32) lands (measured on this text:
+/// Q8_0 8.6e-2 of the largest logit, q8 1.2e-1; a wrong block or scale is order 1); the config
+/// maps back to the checkpoint's (the MTP layer dropped, as llama.cpp's converter drops it),
+/// the tokenizer gives the same ids and the chat template renders alike.
+#[test]
+fn quantize_writes_a_checkpoint_dsrun_reads_back() {
+    use dsrun::quantize::{quantize, FileType};
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights");
+    let original = EngineBuilder::open(&source).unwrap();
+    let tokens: Vec<u32> = original.tokenizer().unwrap().encode("The quick brown fox jumps over the lazy dog.").unwrap();
+    let reference = |builder: &EngineBuilder| builder.model().unwrap().forward(&mut builder.model().unwrap().new_cache(tokens.len()), &tokens, Logits::All).unwrap();
+    let want = reference(&original);
+    let q8 = dsrun::plan::budget::GpuOptions { quant: dsrun::quant::QuantTarget::Q8, ..Default::default() };
+    let mut converted = EngineBuilder::open(&source).unwrap().device(GpuChoice::Cpu).gpu_options(q8).speculative(Some(dsrun::speculative::Speculative::Off)).build().unwrap().engine;
+    let q8_error = relative_error(&converted.forward(&tokens, Logits::All).unwrap(), &want);
+    let dir = tempfile::tempdir().unwrap();
+    // Q6_K: the bundled model's rows (128, 96, 320 values) are no whole 256-blocks: its
+    // matrices fall back to Q8_0 but for those of whole 256s (none here), so Q6_K and Q8_0
+    // files hold the same formats; the Q6_K rule itself is held by the byte checks above.
+    for (ty, tolerance) in [(FileType::F32, 0.0), (FileType::Q8_0, q8_error), (FileType::Q6_K, q8_error)] {
+        let out = dir.path().join("model.gguf");
+        quantize(&source, &out, ty, &dsrun::util::Silent).unwrap();
+        let back = EngineBuilder::open(&out).unwrap();
+        let mut config = original.config().clone();
+        config.num_nextn_predict_layers = 0;
+        assert_eq!(format!("{:?}", back.config()), format!("{config:?}"), "{ty:?}");
+        let got = reference(&back);
+        let err = relative_error(&got, &want);
+        eprintln!("{ty:?}: relative error {err:e} (q8 at load: {q8_error:e})");
+        assert!(err <= tolerance, "{ty:?}: relative error {err:e} over {tolerance:e}");
+        let (a, b) = (original.tokenizer().unwrap(), back.tokenizer().unwrap());
+        for text in ["Hello world", "  leading spaces\nand lines\n\n", "naïve café, 東京 and ünïcödé 12345"] {
+            assert_eq!(a.encode(text).unwrap(), b.encode(text).unwrap(), "{ty:?}: {text:?}");
+        }
+        let chat = [dsrun::chat_template::Message::new("user", "Hi")];
+        let render = |b: &EngineBuilder| b.chat_template().unwrap().expect("a chat template").render(&chat, true).unwrap();
+        assert_eq!(render(&back), render(&original), "{ty:?}");
+    }
+}
+
+/// `dsrun quantize` refuses what llama.cpp's layout cannot hold, and an output it cannot write,
+/// by name, leaving no file behind.
+#[test]
+fn quantize_refuses_what_it_cannot_write() {
+    use dsrun::quantize::{quantize, FileType};
+    let dir = tempfile::tempdir().unwrap();
+    let e = quantize(&fixture("v32"), &dir.path().join("v32.gguf"), FileType::Q8_0, &dsrun::util::Silent).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("V3.2") && e.contains("deepseek32"), "{e}");
+    let missing = dir.path().join("no such folder").join("out.gguf");
+    let e = quantize(&gguf("v3_noaux-f32"), &missing, FileType::Q8_0, &dsrun::util::Silent).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("no such folder"), "{e}");
+    let e = quantize(&fixture("v3_noaux"), &dir.path().join("x.gguf"), FileType::Q8_0, &dsrun::util::Silent).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("no tokenizer.json"), "{e}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+}

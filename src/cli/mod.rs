@@ -12,6 +12,7 @@ mod inspect;
 mod logits;
 mod perplexity;
 mod progress;
+mod quantize;
 mod serve;
 mod synth;
 
@@ -39,6 +40,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Scan every tensor of a checkpoint for non-finite values (NaN, infinities), naming the bad ones.
     Check(check::CheckArgs),
+    /// Write a checkpoint (safetensors or GGUF) as a GGUF file of llama.cpp's layout in Q8_0,
+    /// Q6_K, Q4_K_M, F16, BF16 or F32, to load without converting again (llama.cpp reads it too).
+    Quantize(quantize::QuantizeArgs),
     /// List the GPU adapters wgpu can use, with the limits and features that matter.
     Devices,
     /// Write a random-weight checkpoint of a DeepSeek shape (config, sharded safetensors, tokenizer).
@@ -61,6 +65,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Some(Command::Logits(args)) => logits::run(args),
         Some(Command::Inspect(args)) => inspect::run(args),
         Some(Command::Check(args)) => check::run(args),
+        Some(Command::Quantize(args)) => quantize::run(args),
         Some(Command::Devices) => devices::run(),
         Some(Command::Synth(args)) => synth::run(args),
         Some(Command::Bench(args)) => bench::run(args),

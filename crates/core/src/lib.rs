@@ -43,6 +43,7 @@ pub mod npy;
 pub mod perplexity;
 pub mod plan;
 pub mod quant;
+pub mod quantize;
 pub mod runtime;
 pub mod sample;
 pub mod speculative;

@@ -32,7 +32,7 @@ const LAYERS: &[&[&str]] = &[
     // Generation over any engine.
     &["speculative", "generate", "perplexity", "bench"],
     // Loading, with its policy.
-    &["builder"],
+    &["builder", "quantize"],
 ];
 
 /// Crates for people at a terminal or on the network: they belong to the `dsrun` binary.

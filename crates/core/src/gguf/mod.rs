@@ -13,6 +13,7 @@ use std::path::Path;
 
 pub mod deepseek2;
 pub mod tokenizer;
+pub mod writer;
 
 /// Versions read: 2 and 3 (64-bit counts; version 1's 32-bit counts are long gone).
 const VERSIONS: [u32; 2] = [2, 3];
@@ -143,6 +144,10 @@ const TYPES: [(u32, &str, u64, u64); 34] = [
 impl GgmlType {
     pub fn from_id(id: u32) -> Option<GgmlType> {
         TYPES.iter().find(|t| t.0 == id && t.3 > 0).map(|&(id, name, block, block_bytes)| GgmlType { id, name, block, block_bytes })
+    }
+
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        TYPES.iter().find(|t| t.1 == name && t.3 > 0).and_then(|t| GgmlType::from_id(t.0))
     }
 }
 

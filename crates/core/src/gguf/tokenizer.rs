@@ -35,6 +35,10 @@ fn split_patterns(pre: &str) -> Option<&'static [&'static str]> {
     }
 }
 
+/// GPT-2's byte-level pre-tokenizer with its own split pattern (llama.cpp's `gpt-2`; the
+/// bundled model's).
+static GPT2_PRE_TOKENIZER: std::sync::LazyLock<Json> = std::sync::LazyLock::new(|| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}));
+
 /// What the file says about its tokenizer beyond the vocabulary.
 #[derive(Debug, Clone, Default)]
 pub struct Specials {
@@ -98,7 +102,16 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
         return Err(Error::Tokenizer(format!("the GGUF's tokenizer model is `{model}`: dsrun reads byte-level BPE tokenizers (`gpt2`, what DeepSeek models use)")));
     }
     let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-    let patterns = split_patterns(pre).ok_or_else(|| Error::Tokenizer(format!("the GGUF's pre-tokenizer `{pre}` is not one dsrun knows (deepseek-v3, deepseek-llm)")))?;
+    let pre_tokenizer = match (pre, split_patterns(pre)) {
+        // GPT-2's own split, which the byte-level pre-tokenizer applies itself.
+        ("gpt-2", _) => GPT2_PRE_TOKENIZER.clone(),
+        (_, Some(patterns)) => {
+            let mut steps: Vec<Json> = patterns.iter().map(|p| json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false})).collect();
+            steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+            json!({"type": "Sequence", "pretokenizers": steps})
+        }
+        _ => return Err(Error::Tokenizer(format!("the GGUF's pre-tokenizer `{pre}` is not one dsrun knows (deepseek-v3, deepseek-llm, gpt-2)"))),
+    };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let merges = strings(g, "tokenizer.ggml.merges")?;
     let types: Vec<u64> = match g.get("tokenizer.ggml.token_type") {
@@ -115,15 +128,13 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
             added.push(json!({"id": i, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": ty == CONTROL}));
         }
     }
-    let mut pre_tokenizers: Vec<Json> = patterns.iter().map(|p| json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated", "invert": false})).collect();
-    pre_tokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
     Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
         "normalizer": null,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+        "pre_tokenizer": pre_tokenizer,
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
@@ -148,4 +159,93 @@ pub fn chat_template(g: &Gguf) -> Result<Option<String>> {
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(v) => Err(Error::Tokenizer(format!("`tokenizer.chat_template` is {}, not a string", v.summary()))),
     }
+}
+
+/// llama.cpp's token type for ids a tokenizer.json leaves out (the converter's `[PAD{id}]`).
+const UNUSED: i32 = 5;
+
+/// The `tokenizer.*` keys llama.cpp's converter writes for a checkpoint's byte-level BPE
+/// `tokenizer.json` (and its `tokenizer_config.json`'s chat template and BOS/EOS flags), the
+/// inverse of [`tokenizer_json`]: every id below `vocab_size` (ids the tokenizer leaves out as
+/// `[PAD{id}]`, unused), its added tokens as control (special) or user-defined tokens, the
+/// pre-tokenizer named by its split patterns.
+pub fn from_checkpoint(dir: &std::path::Path, config: &crate::config::ModelConfig) -> Result<Vec<(String, Value)>> {
+    let read = |name: &str| -> Result<Option<Json>> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    };
+    let t =
+        read("tokenizer.json")?.ok_or_else(|| Error::Tokenizer(format!("{}: no tokenizer.json (dsrun quantize writes byte-level BPE tokenizers; Kimi-K2's tiktoken.model not yet)", dir.display())))?;
+    let model = &t["model"];
+    if model["type"] != "BPE" {
+        return Err(Error::Tokenizer(format!("tokenizer.json's model is {}: dsrun quantize writes byte-level BPE tokenizers", model["type"])));
+    }
+    let patterns: Vec<&str> = t["pre_tokenizer"]["pretokenizers"].as_array().map_or(vec![], |p| p.iter().filter_map(|p| p["pattern"]["Regex"].as_str()).collect());
+    let gpt2 = t["pre_tokenizer"]["type"] == "ByteLevel" && t["pre_tokenizer"]["use_regex"] == true;
+    let pre = ["deepseek-v3", "deepseek-llm"]
+        .into_iter()
+        .find(|name| split_patterns(name).is_some_and(|want| want == patterns.as_slice()))
+        .or(gpt2.then_some("gpt-2"))
+        .ok_or_else(|| Error::Tokenizer("tokenizer.json's pre-tokenizer is not DeepSeek-V3's, DeepSeek LLM's or GPT-2's (what llama.cpp names deepseek-v3, deepseek-llm and gpt-2)".into()))?;
+    let vocab = config.vocab_size;
+    let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab];
+    let mut place = |id: u64, text: &str, ty: i32| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| Error::Tokenizer(format!("token `{text}` has id {id}, past the model's vocabulary of {vocab}")))?;
+        *slot = Some((text.to_string(), ty));
+        Ok(())
+    };
+    for (text, id) in model["vocab"].as_object().into_iter().flatten() {
+        place(id.as_u64().unwrap_or(u64::MAX), text, 1)?;
+    }
+    for added in t["added_tokens"].as_array().into_iter().flatten() {
+        let ty = if added["special"].as_bool().unwrap_or(false) { CONTROL as i32 } else { USER_DEFINED as i32 };
+        place(added["id"].as_u64().unwrap_or(u64::MAX), added["content"].as_str().unwrap_or(""), ty)?;
+    }
+    let (tokens, types): (Vec<Value>, Vec<Value>) = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(id, t)| {
+            let (text, ty) = t.unwrap_or_else(|| (format!("[PAD{id}]"), UNUSED));
+            (Value::String(text), Value::I32(ty))
+        })
+        .unzip();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Json::Array(pair) => Value::String(pair.iter().filter_map(Json::as_str).collect::<Vec<_>>().join(" ")),
+            other => Value::String(other.as_str().unwrap_or("").to_string()),
+        })
+        .collect();
+    let mut out = vec![
+        ("tokenizer.ggml.model".to_string(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".to_string(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_string(), Value::Array(merges)),
+    ];
+    if let Some(bos) = config.bos_token_id {
+        out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)));
+    }
+    if let Some(&eos) = config.eos_token_ids.first() {
+        out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
+    }
+    let settings = read("tokenizer_config.json")?.unwrap_or(Json::Null);
+    out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(settings["add_bos_token"].as_bool().unwrap_or(true))));
+    out.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(settings["add_eos_token"].as_bool().unwrap_or(false))));
+    // A template is a string, or a list of named ones (the default is the one used).
+    let template = match &settings["chat_template"] {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(named) => named.iter().find(|t| t["name"] == "default").or(named.first()).and_then(|t| t["template"].as_str()).map(str::to_string),
+        _ => None,
+    };
+    if let Some(template) = template {
+        out.push(("tokenizer.chat_template".into(), Value::String(template)));
+    }
+    Ok(out)
 }
