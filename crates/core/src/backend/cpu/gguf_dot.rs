@@ -4,7 +4,7 @@
 //!
 //! Q8_0 and the formats of Q4_K_M / Q5_K_M files (Q4_K, Q5_K, Q6_K and the four legacy ones)
 //! widen their codes straight into vectors ([`Vector::load_i8`], [`Vector::nibbles`],
-//! [`Vector::crumbs`], the fifth bits as masks). The others (Q2_K, Q3_K, IQ4_NL, IQ4_XS) unpack
+//! [`Vector::crumbs`], the fifth bits as masks; IQ4_NL / IQ4_XS through [`Vector::levels`]). The others (Q2_K, Q3_K, the i-quants below IQ4) unpack
 //! a block's codes into signed bytes first, then load them: simpler, and slower (a vector load
 //! of bytes just stored one at a time waits for the stores).
 
@@ -30,19 +30,12 @@ impl Default for Unpacked {
     }
 }
 
-/// Unpacks one block of Q2_K, Q3_K, IQ4_NL, IQ4_XS or an i-quant (as `quant::ggml` and
-/// `quant::iq` decode them).
+/// Unpacks one block of Q2_K, Q3_K or an i-quant below IQ4 (as `quant::ggml` and `quant::iq`
+/// decode them).
 #[inline(always)]
 fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
     let c = &mut u.codes;
     match dtype {
-        DType::IQ4_NL => {
-            for j in 0..16 {
-                (c[j], c[j + 16]) = (IQ4_LEVELS[(b[2 + j] & 0xf) as usize], IQ4_LEVELS[(b[2 + j] >> 4) as usize]);
-            }
-            u.scales[0] = f16(b, 0);
-            (u.groups, u.group, u.has_min) = (1, 32, false);
-        }
         DType::Q2_K => {
             let (scales, qs, d, min) = (&b[0..16], &b[16..80], f16(b, 80), f16(b, 82));
             for n in 0..2 {
@@ -75,23 +68,6 @@ fn unpack(dtype: DType, b: &[u8], u: &mut Unpacked) {
                     }
                 }
             }
-            (u.groups, u.group, u.has_min) = (16, 16, false);
-        }
-        DType::IQ4_XS => {
-            let (d, scales_h, scales_l, qs) = (f16(b, 0), u16::from_le_bytes([b[2], b[3]]), &b[4..8], &b[8..136]);
-            for ib in 0..8 {
-                let q: &[u8; 16] = qs[16 * ib..16 * ib + 16].try_into().expect("16 code bytes");
-                for j in 0..16 {
-                    c[32 * ib + j] = IQ4_LEVELS[(q[j] & 0xf) as usize];
-                    c[32 * ib + j + 16] = IQ4_LEVELS[(q[j] >> 4) as usize];
-                }
-                let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0xf) as i32 | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
-                u.scales[ib] = d * (ls - 32) as f32;
-            }
-            (u.groups, u.group, u.has_min) = (8, 32, false);
-        }
-        _ if crate::quant::iq::is_iq(dtype) => {
-            crate::quant::iq::unpack(dtype, b, c, &mut u.scales);
             (u.groups, u.group, u.has_min) = (16, 16, false);
         }
         _ => unreachable!("{dtype:?} widens its codes in place"),
@@ -222,6 +198,13 @@ unsafe fn legacy<V: Vector>(dtype: DType, b: &[u8], x: &[f32], acc: &mut V) {
     unsafe {
         let (one, sixteen) = (V::splat(1.0), V::splat(16.0));
         let qs = b.as_ptr().add(qs_at);
+        if dtype == DType::IQ4_NL {
+            // The nibbles index the 16 levels: d level.
+            let (lo, hi) = (V::levels(qs, false, &IQ4_LEVELS), V::levels(qs, true, &IQ4_LEVELS));
+            let part = V::mul_add(hi, V::load(x.as_ptr().add(16)), V::mul(lo, V::load(x.as_ptr())));
+            *acc = V::mul_add(V::splat(d), part, *acc);
+            return;
+        }
         let (mut lo, mut hi) = (V::nibbles(qs, false), V::nibbles(qs, true));
         if five {
             let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
@@ -238,6 +221,27 @@ unsafe fn legacy<V: Vector>(dtype: DType, b: &[u8], x: &[f32], acc: &mut V) {
             let (lo, hi) = (V::mul_add(lo, one, offset), V::mul_add(hi, one, offset));
             let part = V::mul_add(hi, x1, V::mul(lo, x0));
             *acc = V::mul_add(V::splat(d), part, *acc);
+        }
+    }
+}
+
+/// IQ4_XS: per 32 values a 6-bit scale (low nibble and high pair) against the block's `d`,
+/// nibbles indexing the 16 levels as IQ4_NL's.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn iq4_xs<V: Vector>(b: &[u8], x: &[f32], acc: &mut V) {
+    assert!(b.len() >= 136 && x.len() == 256);
+    let (d, scales_h) = (f16(b, 0), u16::from_le_bytes([b[2], b[3]]));
+    // SAFETY (every load): inside `b` and `x` (asserted lengths).
+    unsafe {
+        for ib in 0..8 {
+            let ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xf) as i32 | ((((scales_h >> (2 * ib)) & 3) as i32) << 4);
+            let qs = b.as_ptr().add(8 + 16 * ib);
+            let (lo, hi) = (V::levels(qs, false, &IQ4_LEVELS), V::levels(qs, true, &IQ4_LEVELS));
+            let part = V::mul_add(hi, V::load(x.as_ptr().add(32 * ib + 16)), V::mul(lo, V::load(x.as_ptr().add(32 * ib))));
+            *acc = V::mul_add(V::splat(d * (ls - 32) as f32), part, *acc);
         }
     }
 }
@@ -367,6 +371,9 @@ pub(super) unsafe fn dot<V: Vector>(dtype: DType, row: &[u8], x: &[f32]) -> f32 
             DType::Q4_1 => blocks::<V, { DType::Q4_1 as usize }>(row, x),
             DType::Q5_0 => blocks::<V, { DType::Q5_0 as usize }>(row, x),
             DType::Q5_1 => blocks::<V, { DType::Q5_1 as usize }>(row, x),
+            DType::IQ4_NL => blocks::<V, { DType::IQ4_NL as usize }>(row, x),
+            DType::IQ4_XS => blocks::<V, { DType::IQ4_XS as usize }>(row, x),
+            _ if crate::quant::iq::is_iq(dtype) => iq_row::<V>(dtype, row, x),
             _ => unpacked_row::<V>(dtype, row, x),
         }
     }
@@ -418,12 +425,43 @@ unsafe fn block<V: Vector>(dtype: DType, b: &[u8], x: &[f32], acc: &mut V) {
             DType::Q8_0 => q8_0::<V>(b, x, acc),
             DType::Q4_K | DType::Q5_K => k45::<V>(dtype == DType::Q5_K, b, x, acc),
             DType::Q6_K => k6::<V>(b, x, acc),
+            DType::IQ4_XS => iq4_xs::<V>(b, x, acc),
             _ => legacy::<V>(dtype, b, x, acc),
         }
     }
 }
 
-/// A row of Q2_K, Q3_K, IQ4_NL or IQ4_XS blocks dotted with `x`, each block's codes unpacked
+/// A row of low-bit i-quant blocks (IQ1_S .. IQ3_S) dotted with `x`: each block's codes built
+/// eight at a time in a u64 from its grid entries (`quant::iq::unpack`), sixteen widened
+/// straight to lanes ([`Vector::i8_pair`]), scaled per 16.
+///
+/// # Safety
+/// The CPU runs `V`'s level.
+#[inline(always)]
+unsafe fn iq_row<V: Vector>(dtype: DType, row: &[u8], x: &[f32]) -> f32 {
+    let size = dtype.format().bytes as usize;
+    assert_eq!(row.len() / size * 256, x.len(), "a row of whole blocks of the input's width");
+    let (mut codes, mut scales) = ([0u64; 32], [0f32; 16]);
+    // SAFETY (every load): the caller's contract; a group's loads read 16 of the block's inputs.
+    let (mut even, mut odd) = unsafe { (V::zero(), V::zero()) };
+    for (block, x) in row.chunks_exact(size).zip(x.chunks_exact(256)) {
+        super::vector::prefetch_ahead(block.as_ptr(), size);
+        crate::quant::iq::unpack(dtype, block, &mut codes, &mut scales);
+        unsafe {
+            for g in (0..16).step_by(2) {
+                let w0 = V::mul(V::i8_pair(codes[2 * g], codes[2 * g + 1]), V::load(x.as_ptr().add(16 * g)));
+                let w1 = V::mul(V::i8_pair(codes[2 * g + 2], codes[2 * g + 3]), V::load(x.as_ptr().add(16 * g + 16)));
+                even = V::mul_add(V::splat(scales[g]), w0, even);
+                odd = V::mul_add(V::splat(scales[g + 1]), w1, odd);
+            }
+        }
+    }
+    let zero = unsafe { V::zero() };
+    let sums = unsafe { V::sum4([even, odd, zero, zero]) };
+    sums[0] + sums[1]
+}
+
+/// A row of Q2_K or Q3_K blocks dotted with `x`, each block's codes unpacked
 /// to bytes first.
 ///
 /// # Safety

@@ -189,6 +189,28 @@ pub trait Vector: Copy {
         // SAFETY: the caller's contract.
         unsafe { Self::map_bytes(p, |b| if high { b >> 4 } else { b & 0xf } as f32) }
     }
+    /// Sixteen signed bytes held in two u64 (`low`'s first, little-endian) as f32 lanes: codes
+    /// built in registers, never stored and reloaded (a 16-byte load of two 8-byte stores
+    /// stalls on store forwarding).
+    ///
+    /// # Safety
+    /// As [`Vector::zero`].
+    #[inline(always)]
+    unsafe fn i8_pair(low: u64, high: u64) -> Self {
+        let bytes: [u8; 16] = std::array::from_fn(|i| if i < 8 { low.to_le_bytes()[i] } else { high.to_le_bytes()[i - 8] });
+        // SAFETY: 16 bytes.
+        unsafe { Self::map_bytes(bytes.as_ptr(), |b| b as i8 as f32) }
+    }
+    /// `LANES` bytes at `p`, each byte's low nibble (`high` false) or high nibble looked up in
+    /// `table` (IQ4_NL's and IQ4_XS's 16 levels), as f32.
+    ///
+    /// # Safety
+    /// As [`Vector::nibbles`].
+    #[inline(always)]
+    unsafe fn levels(p: *const u8, high: bool, table: &[i8; 16]) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { Self::map_bytes(p, |b| table[(if high { b >> 4 } else { b & 0xf }) as usize] as f32) }
+    }
     /// `LANES` bytes at `p`, each as `f` makes it a lane (the portable form of the byte loads).
     ///
     /// # Safety
@@ -701,6 +723,17 @@ mod x86 {
             Avx512(_mm512_mask_blend_ps(0xff00, a, b))
         }
         #[inline(always)]
+        unsafe fn levels(p: *const u8, high: bool, table: &[i8; 16]) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`; the table is 16 bytes.
+            let (bytes, lut) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(table.as_ptr() as *const __m128i)) };
+            let index = _mm_and_si128(if high { _mm_srli_epi16::<4>(bytes) } else { bytes }, _mm_set1_epi8(0x0f));
+            Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(lut, index))))
+        }
+        #[inline(always)]
+        unsafe fn i8_pair(low: u64, high: u64) -> Self {
+            Avx512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_set_epi64x(high as i64, low as i64))))
+        }
+        #[inline(always)]
         unsafe fn nibbles(p: *const u8, high: bool) -> Self {
             // SAFETY: the caller's contract: 16 bytes from `p`.
             let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p as *const __m128i) });
@@ -796,6 +829,19 @@ mod x86 {
             let codes = _mm_and_si128(if high { _mm_srli_epi16::<4>(bytes) } else { bytes }, _mm_set1_epi8(0x0f));
             let (a, b) = unsafe { widen16(codes) };
             Avx2(a, b)
+        }
+        #[inline(always)]
+        unsafe fn levels(p: *const u8, high: bool, table: &[i8; 16]) -> Self {
+            // SAFETY: the caller's contract: 16 bytes from `p`; the table is 16 bytes.
+            let (bytes, lut) = unsafe { (_mm_loadu_si128(p as *const __m128i), _mm_loadu_si128(table.as_ptr() as *const __m128i)) };
+            let index = _mm_and_si128(if high { _mm_srli_epi16::<4>(bytes) } else { bytes }, _mm_set1_epi8(0x0f));
+            let levels = _mm_shuffle_epi8(lut, index);
+            Avx2(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(levels)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(levels))))
+        }
+        #[inline(always)]
+        unsafe fn i8_pair(low: u64, high: u64) -> Self {
+            let (a, b) = (_mm_cvtsi64_si128(low as i64), _mm_cvtsi64_si128(high as i64));
+            Avx2(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)))
         }
         #[inline(always)]
         unsafe fn crumbs(p: *const u8, shift: u32) -> Self {
