@@ -31,6 +31,9 @@ fn split_patterns(pre: &str) -> Option<&'static [&'static str]> {
             "[一-龥ࠀ-一가-퟿]+",
             "\\p{N}+",
         ]),
+        // Kimi-K2 (llama.cpp splits it in custom code, unicode.cpp's K2 handler, after the
+        // tiktoken pattern of Moonshot's tokenization_kimi.py, which dsrun's tiktoken reader uses).
+        "kimi-k2" => Some(&[crate::tiktoken::KIMI_PATTERN]),
         _ => None,
     }
 }
@@ -110,7 +113,7 @@ pub fn tokenizer_json(g: &Gguf) -> Result<Json> {
             steps.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
             json!({"type": "Sequence", "pretokenizers": steps})
         }
-        _ => return Err(Error::Tokenizer(format!("the GGUF's pre-tokenizer `{pre}` is not one dsrun knows (deepseek-v3, deepseek-llm, gpt-2)"))),
+        _ => return Err(Error::Tokenizer(format!("the GGUF's pre-tokenizer `{pre}` is not one dsrun knows (deepseek-v3, deepseek-llm, kimi-k2, gpt-2)"))),
     };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
     let merges = strings(g, "tokenizer.ggml.merges")?;
@@ -178,19 +181,28 @@ pub fn from_checkpoint(dir: &std::path::Path, config: &crate::config::ModelConfi
             Err(e) => Err(Error::io(path, e)),
         }
     };
-    let t =
-        read("tokenizer.json")?.ok_or_else(|| Error::Tokenizer(format!("{}: no tokenizer.json (dsrun quantize writes byte-level BPE tokenizers; Kimi-K2's tiktoken.model not yet)", dir.display())))?;
+    let settings = read("tokenizer_config.json")?.unwrap_or(Json::Null);
+    let tiktoken = dir.join("tiktoken.model");
+    let t = match read("tokenizer.json")? {
+        Some(t) => t,
+        // Kimi-K2's tiktoken.model, as dsrun reads it: the same byte-level BPE.
+        None if tiktoken.is_file() => {
+            let tokenizer = crate::tiktoken::load(&tiktoken, settings.as_object().unwrap_or(&Map::new()))?;
+            let text = tokenizer.to_string(false).map_err(|e| Error::Tokenizer(format!("{}: {e}", tiktoken.display())))?;
+            serde_json::from_str(&text).map_err(|e| Error::Tokenizer(format!("{}: {e}", tiktoken.display())))?
+        }
+        None => return Err(Error::Tokenizer(format!("{}: no tokenizer.json or tiktoken.model: dsrun quantize writes the checkpoint's tokenizer into the file", dir.display()))),
+    };
     let model = &t["model"];
     if model["type"] != "BPE" {
         return Err(Error::Tokenizer(format!("tokenizer.json's model is {}: dsrun quantize writes byte-level BPE tokenizers", model["type"])));
     }
     let patterns: Vec<&str> = t["pre_tokenizer"]["pretokenizers"].as_array().map_or(vec![], |p| p.iter().filter_map(|p| p["pattern"]["Regex"].as_str()).collect());
     let gpt2 = t["pre_tokenizer"]["type"] == "ByteLevel" && t["pre_tokenizer"]["use_regex"] == true;
-    let pre = ["deepseek-v3", "deepseek-llm"]
-        .into_iter()
-        .find(|name| split_patterns(name).is_some_and(|want| want == patterns.as_slice()))
-        .or(gpt2.then_some("gpt-2"))
-        .ok_or_else(|| Error::Tokenizer("tokenizer.json's pre-tokenizer is not DeepSeek-V3's, DeepSeek LLM's or GPT-2's (what llama.cpp names deepseek-v3, deepseek-llm and gpt-2)".into()))?;
+    let pre =
+        ["deepseek-v3", "deepseek-llm", "kimi-k2"].into_iter().find(|name| split_patterns(name).is_some_and(|want| want == patterns.as_slice())).or(gpt2.then_some("gpt-2")).ok_or_else(|| {
+            Error::Tokenizer("tokenizer.json's pre-tokenizer is not DeepSeek-V3's, DeepSeek LLM's, Kimi-K2's or GPT-2's (what llama.cpp names deepseek-v3, deepseek-llm, kimi-k2 and gpt-2)".into())
+        })?;
     let vocab = config.vocab_size;
     let mut tokens: Vec<Option<(String, i32)>> = vec![None; vocab];
     let mut place = |id: u64, text: &str, ty: i32| -> Result<()> {
@@ -235,7 +247,6 @@ pub fn from_checkpoint(dir: &std::path::Path, config: &crate::config::ModelConfi
     if let Some(&eos) = config.eos_token_ids.first() {
         out.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)));
     }
-    let settings = read("tokenizer_config.json")?.unwrap_or(Json::Null);
     out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(settings["add_bos_token"].as_bool().unwrap_or(true))));
     out.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(settings["add_eos_token"].as_bool().unwrap_or(false))));
     // A template is a string, or a list of named ones (the default is the one used).
