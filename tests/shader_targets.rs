@@ -2,8 +2,9 @@
 //! does on Metal, DX12 and GL. The laptops dsrun is for are never in CI; this is how a shader
 //! construct those backends reject is caught here.
 //!
-//! The variants are the ones real models ask for: the bundled model and the fixture families
-//! loaded on the wgpu adapter (CI: lavapipe) in every weight format, every cache format, both
+//! The variants are the ones real models ask for: the bundled model, the fixture families and
+//! GGUF files of llama.cpp's block formats loaded on the wgpu adapter (CI: lavapipe) in every
+//! weight format, every cache format, both
 //! kernel shapes, with and without subgroups, the tiled GEMM, grouped experts, f16 arithmetic
 //! and expert streaming; then each pipeline's module, with its `override` constants, is
 //! written out for each target. GL has neither subgroups nor f16: variants that need them
@@ -37,6 +38,10 @@ fn variants() -> Vec<Variant> {
         (Model::load(&common::fixture("v2_lite")).unwrap(), vec![QuantTarget::Keep]),
         (Model::load(&common::fixture("v32")).unwrap(), vec![QuantTarget::Keep]),
     ];
+    // GGUF files as llama-quantize wrote them (Q8_0; Q4_K, Q6_K, Q5_0; the i-quant mix's IQ2_XXS,
+    // Q5_K, Q2_K, IQ4_NL): the modules with the block decoders (every format's arm of them).
+    let gguf = |file: &str| dsrun::builder::EngineBuilder::open(common::fixture("gguf").join(file)).unwrap().model().unwrap();
+    let models: Vec<(Model, Vec<QuantTarget>)> = models.into_iter().chain(["v3_noaux-q8_0.gguf", "kq-q4_k_m.gguf", "kq-iq2_xxs.gguf"].map(|f| (gguf(f), vec![QuantTarget::Keep]))).collect();
     let mut found: Vec<Variant> = Vec::new();
     let mut keep = |v: Vec<Variant>| {
         for variant in v {
@@ -143,7 +148,7 @@ fn wgsl_struct(source: &str, name: &str) -> (Vec<(String, u32)>, u32) {
 fn host_structs_match_their_wgsl_layouts() {
     use dsrun::backend::wgpu::kernels::wgsl_source;
     use std::mem::{offset_of, size_of};
-    let source = wgsl_source(Kernel::Matmul, false);
+    let source = wgsl_source(Kernel::Matmul, false, false);
     let host_step = [("n_tokens", offset_of!(dsrun::backend::StepValues, n_tokens)), ("logits_row0", offset_of!(dsrun::backend::StepValues, logits_row0))];
     let (members, size) = wgsl_struct(&source, "Step");
     assert_eq!(size as usize, size_of::<dsrun::backend::StepValues>(), "Step's size");
