@@ -3,8 +3,10 @@
 //! order, in f32, no fused multiply-adds, so the values equal gguf-py's dequantisation
 //! (tests/gguf.rs checks every format against it on llama-quantize's own output).
 //!
-//! A block holds its scales beside its codes; rows are whole blocks. The one-token CPU kernels
-//! for Q8_0 read blocks in place (`backend::cpu::matmul`); the others decode rows through here (`quant::decode_into`).
+//! A block holds its scales beside its codes; rows are whole blocks. The CPU backend's
+//! one-token dots read blocks in place (`backend::cpu::gguf_dot`); the reference and the
+//! several-token panels decode rows through here (`quant::decode_into`; the i-quants through
+//! `quant::iq`).
 
 use super::DType;
 

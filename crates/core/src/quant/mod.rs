@@ -184,10 +184,6 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Values in a ggml Q8_0 block, and its bytes (an f16 scale, then the codes).
-pub const Q8_0_BLOCK: usize = 32;
-pub const Q8_0_BYTES: usize = 34;
-
 pub fn decode_vec(dtype: DType, bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0.0; dtype.format().elements(bytes.len())];
     decode_into(dtype, bytes, &mut out);

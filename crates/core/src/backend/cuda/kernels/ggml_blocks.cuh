@@ -75,10 +75,12 @@ __device__ __forceinline__ float4 scale4(float4 v, float k) { return make_float4
 // k q - m for each q (ggml's `d1 * q - m1`: one product, one rounding of the difference).
 __device__ __forceinline__ float4 scale_min4(float4 q, float k, float m) { return make_float4(k * q.x - m, k * q.y - m, k * q.z - m, k * q.w - m); }
 
-// IQ4_NL / IQ4_XS's 16 levels (ggml's kvalues_iq4nl).
+// IQ4_NL / IQ4_XS's 16 levels (ggml's kvalues_iq4nl) as signed bytes, four a word, selected
+// by shifts (a local array indexed at run time would live in a thread's local memory), as
+// shaders/ggml_blocks.wgsl does.
 __device__ __forceinline__ float iq4_level(u32 n) {
-    const signed char levels[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-    return (float)levels[n];
+    const u32 word = n < 8u ? (n < 4u ? 0xbfad9881u : 0xf6eaddcfu) : (n < 12u ? 0x26190d01u : 0x71594535u);
+    return (float)((int)(word << (24u - 8u * (n & 3u))) >> 24);
 }
 
 __device__ __forceinline__ float4 iq4_levels(u32 word, u32 shift) {
