@@ -63,6 +63,7 @@ fn main() {
         placement: args.expert_placement,
         prompt_uploads: Default::default(),
         expert_counts: None,
+        shard: None,
     };
     let capacity = args.prompt + args.n + 1;
     let mut engine: Box<dyn dsrun::engine::Engine> = match (args.host_stops, args.gpu) {

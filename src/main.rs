@@ -14,6 +14,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // A closed pipe (`dsrun | head`) is the reader's choice, not an error worth a message.
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::FAILURE,
+        // A rank other than 0 of a multi-process job: it served rank 0's steps to the end.
+        Err(Error::Followed) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

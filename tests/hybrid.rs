@@ -58,13 +58,7 @@ fn hybrid_greedy_output_equals_all_gpu() {
         let prompt = &golden(&dir).tokens[..8];
         let model = Model::load(&dir).unwrap();
         let capacity = prompt.len() + GENERATED;
-        let greedy = |engine: &mut dyn Engine| {
-            let mut out = vec![engine.forward_greedy(prompt).unwrap()];
-            while out.len() < GENERATED {
-                out.push(engine.forward_greedy(&[*out.last().unwrap()]).unwrap());
-            }
-            out
-        };
+        let greedy = |engine: &mut dyn Engine| greedy_tokens(engine, prompt, GENERATED);
         let want = greedy(&mut GpuModel::new(ctx(), &model, capacity, Default::default()).unwrap());
         for (name, options, _) in placements(model.weights.moe_layers().len()) {
             let got = greedy(&mut GpuModel::with_options(ctx(), &model, capacity, &options).unwrap());

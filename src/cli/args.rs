@@ -103,6 +103,17 @@ pub struct DeviceArgs {
     /// and verify them in one step [default: mtp where the checkpoint has the layer].
     #[arg(long, value_parser = choice::<Speculative>())]
     pub speculative: Option<Speculative>,
+    /// Divide the model among these devices (expert parallelism: each holds the weights other
+    /// than routed experts and its share of those): wgpu adapters as `dsrun devices` numbers
+    /// them (an index twice: two devices on one adapter), or CUDA ordinals. In a multi-process
+    /// job (torchrun's RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), entry LOCAL_RANK
+    /// is this rank's device [default: LOCAL_RANK].
+    #[arg(long, value_name = "I,J,...", value_delimiter = ',')]
+    pub devices: Vec<usize>,
+    /// Each device's share of the routed experts, as weights (3,1: three quarters on the first),
+    /// as llama.cpp's --tensor-split [default: equal].
+    #[arg(long, value_name = "W,W,...", value_delimiter = ',')]
+    pub tensor_split: Vec<f64>,
     /// Tokens the MTP layer drafts per step (chained on its own output beyond the first).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=dsrun::speculative::MAX_DRAFT as u64))]
     pub draft: u64,
@@ -125,7 +136,11 @@ impl DeviceArgs {
             prompt_uploads: self.upload_prompt_experts,
             ..GpuOptions::default()
         };
-        Ok(EngineBuilder::open(dir)?.device(self.gpu).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
+        let parallel = dsrun::device::Parallel { devices: self.devices.clone(), split: self.tensor_split.clone(), launch: dsrun::runtime::comm::Launch::from_env()? };
+        if !parallel.split.is_empty() && parallel.launch.is_none() && parallel.split.len() != parallel.devices.len() {
+            return Err(dsrun::error::Error::Invalid(format!("--tensor-split has {} weights for {} --devices: one per device", parallel.split.len(), parallel.devices.len())));
+        }
+        Ok(EngineBuilder::open(dir)?.device(self.gpu).parallel(parallel).gpu_options(options).kv_cache(self.kv_cache).speculative(self.speculative))
     }
 
     /// Drafts per speculative step for an engine (0: it has no MTP layer loaded).

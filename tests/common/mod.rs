@@ -208,6 +208,16 @@ pub fn prefill_then_decode_twice(engine: &mut dyn dsrun::engine::Engine, tokens:
     out
 }
 
+/// `prompt`, then greedy decoding token by token: the first `n` tokens chosen.
+#[allow(dead_code)]
+pub fn greedy_tokens(engine: &mut dyn dsrun::engine::Engine, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut out = vec![engine.forward_greedy(prompt).unwrap()];
+    while out.len() < n {
+        out.push(engine.forward_greedy(&[*out.last().unwrap()]).unwrap());
+    }
+    out
+}
+
 /// Sequences in the order batches take them (batch b decodes the first b): not 0, 1, 2.. so
 /// a sequence's cache rows are not its place in the batch.
 #[allow(dead_code)]

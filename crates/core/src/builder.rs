@@ -20,7 +20,7 @@ use crate::backend::GpuChoice;
 use crate::chat_template::ChatTemplate;
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::device::open_engine_with_progress;
+use crate::device::{open_parallel, Parallel};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::generation_config::GenerationDefaults;
@@ -45,6 +45,7 @@ pub struct EngineBuilder<'p> {
     gguf: Option<Gguf>,
     config: ModelConfig,
     device: GpuChoice,
+    parallel: Parallel,
     options: GpuOptions,
     kv_cache: Option<CacheFormat>,
     default_kv_cache: Option<CacheFormat>,
@@ -80,6 +81,7 @@ impl<'p> EngineBuilder<'p> {
             gguf,
             config,
             device: GpuChoice::Auto,
+            parallel: Parallel::default(),
             options: GpuOptions::default(),
             kv_cache: None,
             default_kv_cache: None,
@@ -100,6 +102,13 @@ impl<'p> EngineBuilder<'p> {
 
     pub fn device(mut self, device: GpuChoice) -> Self {
         self.device = device;
+        self
+    }
+
+    /// Several devices (`--devices`, `--tensor-split`) or this process's rank of a multi-process
+    /// job: the routed experts divided among them (expert parallelism).
+    pub fn parallel(mut self, parallel: Parallel) -> Self {
+        self.parallel = parallel;
         self
     }
 
@@ -155,6 +164,7 @@ impl<'p> EngineBuilder<'p> {
             gguf: self.gguf,
             config: self.config,
             device: self.device,
+            parallel: self.parallel,
             options: self.options,
             kv_cache: self.kv_cache,
             default_kv_cache: self.default_kv_cache,
@@ -253,7 +263,7 @@ impl<'p> EngineBuilder<'p> {
         }
         let counts = on_gpu.then(|| std::sync::Arc::new(self.expert_counts(&model, &mut warnings)));
         let options = GpuOptions { expert_counts: counts, ..options };
-        let engine = open_engine_with_progress(self.device, model, capacity, &options, self.progress)?;
+        let engine = open_parallel(self.device, model, capacity, &options, &self.parallel, self.progress)?;
         log::info!("loaded {} in {:.2} s on {}", self.dir.display(), started.elapsed().as_secs_f64(), engine.device_name());
         Ok(Loaded { engine, warnings, seconds: started.elapsed().as_secs_f64() })
     }

@@ -7,9 +7,50 @@ use crate::engine::{CpuEngine, Engine};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::plan::budget::{GpuMem, GpuOptions, Math};
+use crate::plan::shard::{shard_experts, ExpertShard};
 use crate::quant::QuantTarget;
+use crate::runtime::comm::{Communicator, Launch, Tcp};
 use crate::runtime::GpuModel;
-use crate::util::{Progress, Silent};
+use crate::runtime::{follow, Leader};
+use crate::util::{Choice, Progress, Silent};
+use std::sync::Arc;
+
+/// Where the model runs when it is divided among devices (expert parallelism): several devices
+/// of `--gpu`'s kind in this process (`--devices`), or this process's rank of a multi-process
+/// job (`RANK`/`WORLD_SIZE`...). The default is one device.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Parallel {
+    /// Adapters (wgpu, numbered as `dsrun devices` lists them; one index twice is two devices
+    /// on one adapter) or CUDA ordinals. In a multi-process job, entry `LOCAL_RANK` is this
+    /// rank's (default: `LOCAL_RANK` itself).
+    pub devices: Vec<usize>,
+    /// Each device's weight in dividing the routed experts (`--tensor-split`; default equal).
+    pub split: Vec<f64>,
+    /// This process's place in a multi-process job.
+    pub launch: Option<Launch>,
+}
+
+impl Parallel {
+    /// Ranks in the job: processes, or devices of this process.
+    pub fn world(&self) -> usize {
+        match &self.launch {
+            Some(l) => l.world,
+            None => self.devices.len().max(1),
+        }
+    }
+
+    /// Each rank's routed experts of `model` (the same on every rank: a pure function of the
+    /// model, the split and the router counts).
+    fn shards(&self, model: &Model, options: &GpuOptions) -> Result<Vec<ExpertShard>> {
+        let world = self.world();
+        let split = if self.split.is_empty() { vec![1.0; world] } else { self.split.clone() };
+        if split.len() != world {
+            return Err(Error::Invalid(format!("--tensor-split has {} weights for {world} devices: one per device", split.len())));
+        }
+        let experts: Vec<usize> = model.weights.routed_layers(options.mtp).iter().map(|m| m.experts.len()).collect();
+        shard_experts(&experts, &split, options.expert_counts.as_deref())
+    }
+}
 
 /// Opens the engine for `choice` with room for `capacity` tokens of context.
 /// `options` apply to the backends; the CPU reference always computes with the weights as stored.
@@ -99,13 +140,91 @@ pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options:
 /// the path where there is no NVIDIA GPU; very slow).
 #[cfg(feature = "cuda")]
 fn cuda_device() -> Result<crate::backend::cuda::Device> {
+    cuda_device_nth(0)
+}
+
+/// CUDA device `ordinal` (each emulated device is one more emulator).
+#[cfg(feature = "cuda")]
+fn cuda_device_nth(ordinal: usize) -> Result<crate::backend::cuda::Device> {
     use crate::backend::cuda::Device;
     let device = match std::env::var("DSRUN_CUDA_EMULATOR") {
         Ok(v) if v == "1" => Device::emulator()?,
-        _ => Device::driver(0)?,
+        _ => Device::driver(ordinal)?,
     };
     log::info!("--gpu cuda: {}", device.describe());
     Ok(device)
+}
+
+/// As [`open_engine_with_progress`], divided among the devices or ranks `parallel` names
+/// (one device: the same as it). A rank other than 0 of a multi-process job follows rank 0's
+/// steps here and returns `Error::Followed` when rank 0 ends the job.
+pub fn open_parallel(choice: GpuChoice, model: Model, capacity: usize, options: &GpuOptions, parallel: &Parallel, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
+    if parallel.launch.is_none() && parallel.devices.len() <= 1 {
+        if let (Some(&index), false) = (parallel.devices.first(), matches!(choice, GpuChoice::Cpu | GpuChoice::Reference | GpuChoice::Cuda)) {
+            return Ok(Box::new(GpuModel::load(context::open_nth(choice, index)?, &model, capacity, options, progress)?));
+        }
+        return open_engine_with_progress(choice, model, capacity, options, progress);
+    }
+    if matches!(choice, GpuChoice::Cpu | GpuChoice::Reference) {
+        return Err(Error::Invalid(format!("--devices / WORLD_SIZE divide a model among GPUs; --gpu {} runs on the host's cores (choose --gpu vulkan, cuda, ...)", choice.name())));
+    }
+    let shards = parallel.shards(&model, options)?;
+    let rank_options = |rank: usize| GpuOptions { shard: Some(Arc::new(shards[rank].clone())), ..options.clone() };
+    let device_of = |rank: usize| parallel.devices.get(rank).copied().unwrap_or(rank);
+    match &parallel.launch {
+        None => {
+            let leader = Leader::in_process(parallel.world(), |rank, comm| open_rank(choice, &model, capacity, &rank_options(rank), device_of(rank), comm, progress))?;
+            Ok(Box::new(leader))
+        }
+        Some(launch) => {
+            let comm = communicator(choice, launch)?;
+            let device = parallel.devices.get(launch.local_rank).copied().unwrap_or(launch.local_rank);
+            let loaded = open_rank(choice, &model, capacity, &rank_options(launch.rank), device, comm.clone(), progress);
+            let mut engine = match loaded {
+                Ok(engine) => engine,
+                Err(e) => {
+                    comm.abort(&format!("loading: {e}"));
+                    return Err(e);
+                }
+            };
+            if launch.rank == 0 {
+                return Ok(Box::new(Leader::new(engine, comm)));
+            }
+            follow(&mut *engine, &*comm)?;
+            Err(Error::Followed)
+        }
+    }
+}
+
+/// The communicator of a multi-process job: NCCL between CUDA devices (`DSRUN_COMM=tcp`:
+/// through rank 0 over TCP instead), TCP for wgpu devices.
+fn communicator(choice: GpuChoice, launch: &Launch) -> Result<Arc<dyn Communicator>> {
+    let transport = std::env::var("DSRUN_COMM").unwrap_or_default();
+    match (choice, transport.as_str()) {
+        (_, "tcp") | (_, "") if choice != GpuChoice::Cuda => Ok(Arc::new(Tcp::connect(launch)?)),
+        (GpuChoice::Cuda, "tcp") => Ok(Arc::new(Tcp::connect(launch)?)),
+        #[cfg(feature = "cuda")]
+        (GpuChoice::Cuda, "" | "nccl") => Ok(Arc::new(crate::runtime::comm::Nccl::connect(launch)?)),
+        #[cfg(not(feature = "cuda"))]
+        (GpuChoice::Cuda, "" | "nccl") => Err(no_cuda()),
+        (_, "nccl") => Err(Error::Invalid(format!("DSRUN_COMM=nccl joins CUDA devices; --gpu {} ranks use DSRUN_COMM=tcp", choice.name()))),
+        (_, other) => Err(Error::Invalid(format!("DSRUN_COMM={other}: expected nccl or tcp"))),
+    }
+}
+
+/// One rank's engine: its device (`index` among `choice`'s adapters, or its CUDA ordinal), its
+/// share of the experts in `options.shard`, its communicator.
+fn open_rank(choice: GpuChoice, model: &Model, capacity: usize, options: &GpuOptions, index: usize, comm: Arc<dyn Communicator>, progress: &dyn Progress) -> Result<Box<dyn Engine>> {
+    match choice {
+        #[cfg(feature = "cuda")]
+        GpuChoice::Cuda => Ok(Box::new(crate::runtime::CudaModel::load_rank(cuda_device_nth(index)?, model, capacity, options, comm, progress)?)),
+        #[cfg(not(feature = "cuda"))]
+        GpuChoice::Cuda => Err(no_cuda()),
+        _ => {
+            let ctx = context::open_nth(choice, index)?;
+            Ok(Box::new(GpuModel::load_rank(ctx, model, capacity, options, comm, progress)?))
+        }
+    }
 }
 
 #[cfg(feature = "cuda")]

@@ -82,6 +82,16 @@ pub enum Error {
     NoMtp,
 
     /// The model produced NaN or an infinity: its weights, not the request, are at fault.
+    /// A rank of a distributed engine failed, left or stopped answering: the whole job ends
+    /// (every rank sees this, naming the rank at fault). A server answers 503.
+    #[error("rank {rank} of {world}: {reason}")]
+    Rank { rank: usize, world: usize, reason: String },
+
+    /// Not a failure: what opening an engine returns on a rank other than 0 of a multi-process
+    /// job once it has followed rank 0's steps to the job's end (the command exits with 0).
+    #[error("this rank followed rank 0 until it ended the job")]
+    Followed,
+
     #[error(
         "the logits at position {position} are not finite (NaN or infinity): the checkpoint holds non-finite weights \
          or an activation overflowed (`dsrun check --model DIR` scans every weight)"

@@ -104,6 +104,46 @@ pub trait Engine: Send {
     }
 }
 
+/// A boxed engine is an engine (a distributed engine wraps whichever rank 0 opened).
+impl<E: Engine + ?Sized> Engine for Box<E> {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+    fn sequences(&self) -> usize {
+        (**self).sequences()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    fn seq_len(&self, seq: usize) -> usize {
+        (**self).seq_len(seq)
+    }
+    fn truncate(&mut self, seq: usize, len: usize) {
+        (**self).truncate(seq, len)
+    }
+    fn step(&mut self, step: &Step) -> Result<Output<'_>> {
+        (**self).step(step)
+    }
+    fn device_name(&self) -> String {
+        (**self).device_name()
+    }
+    fn max_step_rows(&self) -> usize {
+        (**self).max_step_rows()
+    }
+    fn mtp_len(&self, seq: usize) -> Option<usize> {
+        (**self).mtp_len(seq)
+    }
+    fn counters(&self) -> Option<String> {
+        (**self).counters()
+    }
+    fn reset_counters(&mut self) {
+        (**self).reset_counters()
+    }
+    fn expert_cache_hit_rate(&self) -> Option<f64> {
+        (**self).expert_cache_hit_rate()
+    }
+}
+
 /// The steps callers build most, over any engine.
 #[allow(clippy::len_without_is_empty)] // `len` is sequence 0's cached tokens, not a container's size
 pub trait Steps: Engine {

@@ -100,6 +100,10 @@ pub struct GpuOptions {
     /// How often the router picked each expert in earlier runs: under a budget the GPU holds
     /// the most picked ones (hybrid placement); None: as if alike.
     pub expert_counts: Option<std::sync::Arc<crate::plan::placement::ExpertCounts>>,
+    /// This device's share of the routed experts, where the model is divided among devices
+    /// (expert parallelism, `--devices`): the plan holds only these and all-reduces the
+    /// partial sums.
+    pub shard: Option<std::sync::Arc<crate::plan::shard::ExpertShard>>,
 }
 
 /// Where routed experts that do not fit the GPU budget are computed (`--expert-placement`).
@@ -243,6 +247,7 @@ impl Default for GpuOptions {
             placement: ExpertPlacement::Auto,
             prompt_uploads: PromptUploads::Auto,
             expert_counts: None,
+            shard: None,
         }
     }
 }

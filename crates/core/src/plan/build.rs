@@ -11,7 +11,9 @@ use crate::model::Model;
 use crate::plan::budget::{ExpertPlacement, GpuMem, GpuOptions, PromptUploads};
 use crate::plan::layout::{CacheFormat, SlotLayout, LATENT_NORM_EPS};
 use crate::plan::placement::{ExpertCounts, LayerPlacement};
+use crate::plan::shard::ExpertShard;
 use crate::util::Choice;
+use std::sync::Arc;
 
 /// How a layer's attention reads its query.
 #[derive(Debug, Clone, Copy)]
@@ -503,6 +505,15 @@ struct Forward<'a, 'm> {
     /// The GPU has staging slots for prompt chunks' uploads: every host layer lists slots.
     staging: bool,
     host: Option<HostBuffers>,
+    shard: Option<&'a ShardBuffers>,
+}
+
+/// A rank's routed sum (all-reduced), the combine's weight for it, and the router's weights
+/// of its own slots (the others' zeroed).
+struct ShardBuffers {
+    routed: BufferId,
+    ones: BufferId,
+    local_weights: BufferId,
 }
 
 /// The routed sum the host sends back, and the combine's weight for it (ones: the host has
@@ -582,6 +593,21 @@ impl<'m> Forward<'_, 'm> {
                 matmul(ExpertMatrix::Down, down, gate_out, mb.expert_out),
             ]
         };
+        if let Some(sb) = self.shard {
+            // This rank's slots over its pools, their weighted sum into the rank's routed sum;
+            // the shared expert; then (after the all-reduce) the routed sum as one "expert" of
+            // weight 1 with the shared expert into the residual.
+            let mut listed = experts([ExpertWeights::Pools; 3], false);
+            listed.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: sb.local_weights, shared: None, h: sb.routed });
+            let n_listed = listed.len();
+            if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
+                mlp(&mut listed, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
+            }
+            ops.push(Op::ShardExperts { layer: moe, ids: mb.ids, weights: mb.weights, local_weights: sb.local_weights, routed: sb.routed, listed: n_listed, overlap: listed.len() });
+            ops.extend(listed);
+            ops.push(Op::MoeCombine { dim: c.hidden_size, k: 1, expert_out: sb.routed, weights: sb.ones, shared: shared.and(mb.shared_out), h: a.h });
+            return;
+        }
         let split = match self.placement.get(moe) {
             Some(LayerPlacement::Host) => Some(false),
             Some(LayerPlacement::Split(_)) => Some(true),
@@ -678,7 +704,11 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
 
     // What stays resident whatever the budget; then which MoE layers' experts the host
     // computes, and whether the GPU's all fit.
-    let (memory, template) = memory_plan(&p, model, options, target);
+    let (mut memory, template) = memory_plan(&p, model, options, target);
+    let shard = match &options.shard {
+        Some(shard) => Some(shard_buffers(&mut p, model, options, target, shard, &mut memory)?),
+        None => None,
+    };
     let budget = memory.budget(options.gpu_mem, target.memory);
     let per_layer: Vec<u64> = model.weights.routed_layers(options.mtp).iter().map(|m| m.experts.len() as u64).collect();
     let host_bytes = (target.max_chunk * (c.hidden_size + 1) * 4) as u64;
@@ -687,7 +717,21 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         GpuMem::ExpertShare(_) if target.hybrid && options.placement != ExpertPlacement::Stream => budget + host_bytes,
         _ => budget,
     };
-    let placement = place_experts(memory, budget, &per_layer, host_bytes, options, target, c.num_experts_per_tok)?;
+    let placement = match &shard {
+        None => place_experts(memory, budget, &per_layer, host_bytes, options, target, c.num_experts_per_tok)?,
+        Some(_) if memory.all_resident() > budget => {
+            return Err(Error::Invalid(format!(
+                "this device's share of the model needs {} ({} routed experts of {} plus {} resident), more than its --gpu-mem budget of {}: \
+                 divide it among more devices, give this one a smaller --tensor-split weight, or use a smaller --quant",
+                crate::util::human_bytes(memory.all_resident()),
+                memory.experts,
+                crate::util::human_bytes(memory.expert_bytes),
+                crate::util::human_bytes(memory.resident),
+                crate::util::human_bytes(budget)
+            )))
+        }
+        Some(_) => Placement { layers: vec![LayerPlacement::Gpu; per_layer.len()], memory },
+    };
     let mut memory = placement.memory;
     let host_layers = placement.layers.iter().filter(|l| **l != LayerPlacement::Gpu).count();
     let split: Vec<(usize, u32)> = placement.layers.iter().enumerate().flat_map(|(l, p)| if let LayerPlacement::Split(gpu) = p { gpu.iter().map(|&e| (l, e)).collect() } else { Vec::new() }).collect();
@@ -710,7 +754,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         slots => slots,
     };
     let streaming = match (slots, &template, &a.moe) {
-        (Some(slots), Some(template), Some(mb)) if host_layers < per_layer.len() && split.is_empty() => {
+        (Some(slots), Some(template), Some(mb)) if host_layers < per_layer.len() && split.is_empty() && shard.is_none() => {
             let streamed = placement.layers.iter().enumerate().filter(|(_, p)| **p == LayerPlacement::Gpu).map(|(l, _)| l).collect();
             Some(stream_plan(&mut p, model, options, target, slots, template.clone(), mb.ids, streamed)?)
         }
@@ -728,6 +772,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         placement: &placement.layers,
         staging: staging > 0,
         host,
+        shard: shard.as_ref().map(|(b, _)| b),
     };
     let body = forward.body(&mut p);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
@@ -780,7 +825,37 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         streaming: streaming.map(|(s, _)| s),
         host,
         mtp,
+        shard: shard.map(|(_, plan)| plan),
     })
+}
+
+/// Expert parallelism: this device's routed experts (`shard`) in slot pools, and the buffers
+/// its stops use; `memory` then counts only those experts.
+fn shard_buffers(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, shard: &Arc<ExpertShard>, memory: &mut MemoryPlan) -> Result<(ShardBuffers, ShardPlan)> {
+    let c = &model.config;
+    if options.cpu_moe > 0 || options.placement == ExpertPlacement::Cpu {
+        return Err(Error::Invalid("--devices with --cpu-moe / --n-cpu-moe: hybrid placement is not combined with several devices yet (use one or the other)".into()));
+    }
+    let routed = model.weights.routed_layers(options.mtp);
+    if shard.owned.len() != routed.len() {
+        return Err(Error::Invalid(format!("an expert shard for {} MoE layers, the model has {}", shard.owned.len(), routed.len())));
+    }
+    let slots: Vec<(usize, u32)> = shard.owned.iter().enumerate().flat_map(|(l, experts)| experts.iter().map(move |&e| (l, e))).collect();
+    if let Some(&(l, e)) = slots.iter().find(|(l, e)| *e as usize >= routed[*l].experts.len()) {
+        return Err(Error::Invalid(format!("an expert shard holds expert {e} of MoE layer {l}, which has {}", routed[l].experts.len())));
+    }
+    let template = routed.first().map(|moe| moe.experts[0].quantized(options.quant)).ok_or_else(|| Error::Invalid("--devices divides routed experts; this model has none".into()))?;
+    let pools = if slots.is_empty() { Vec::new() } else { slot_pools(&template, slots.len(), target)? };
+    let k = c.num_experts_per_tok;
+    let buffers = ShardBuffers {
+        routed: p.activation("rank routed sum", target.max_chunk * c.hidden_size),
+        ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])),
+        local_weights: p.activation("rank expert weights", target.max_chunk * k),
+    };
+    memory.experts = slots.len() as u64;
+    memory.resident += (target.max_chunk * (c.hidden_size + 1 + k) * 4) as u64;
+    let plan = ShardPlan { shard: shard.clone(), pools, template, slots, max_pairs: target.max_chunk * k, reduce_bytes_per_token: c.hidden_size as u64 * 4 };
+    Ok((buffers, plan))
 }
 
 /// Where each MoE layer's routed experts are computed, and the memory plan of what the GPU

@@ -85,6 +85,15 @@ impl Plan<'_> {
                     inner.join("\n                      ")
                 )
             }
+            Op::ShardExperts { layer, ids, weights, local_weights, routed, listed, overlap } => format!(
+                "rank's experts (MoE layer {layer}: the step stops for {} and {} (rank 0's), lists this rank's slots with their weights in {}; \
+                 the next {listed} op(s) when any is listed, {} more always; then {} is all-reduced over the ranks)",
+                self.b(*ids),
+                self.b(*weights),
+                self.b(*local_weights),
+                overlap - listed,
+                self.b(*routed)
+            ),
             Op::MoeCombine { expert_out, weights, shared, h, .. } => {
                 format!("{} . {}{} +=> {}", self.b(*weights), self.b(*expert_out), shared.map_or(String::new(), |s| format!(" + {}", self.b(s))), self.b(*h))
             }

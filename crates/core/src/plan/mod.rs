@@ -15,6 +15,7 @@ mod describe;
 pub mod layout;
 pub mod ops;
 pub mod placement;
+pub mod shard;
 
 pub use build::{attention, build, AttentionBuffers, AttentionWeights, IndexerBuffers, IndexerWeights, QueryWeights};
 pub use ops::{ExpertMatrix, ExpertWeights, IndexerShape, MlaShape, Op, Rows, NOT_HERE};
@@ -188,6 +189,22 @@ pub struct SplitPlan {
     pub max_pairs: usize,
 }
 
+/// This rank's routed experts under expert parallelism: resident in slot pools filled at load
+/// (as a split hybrid layer's), each MoE layer's stop listing the slots this rank computes.
+#[derive(Debug, Clone)]
+pub struct ShardPlan {
+    pub shard: std::sync::Arc<shard::ExpertShard>,
+    pub pools: Vec<PoolSpec>,
+    /// One expert in the device format: the shape of every slot.
+    pub template: Mlp,
+    /// Global slot i holds expert `slots[i].1` of MoE layer `slots[i].0`.
+    pub slots: Vec<(usize, u32)>,
+    /// Step slots one stop can list: tokens per step x experts per token.
+    pub max_pairs: usize,
+    /// Bytes of the partial sums one MoE layer all-reduces per token (hidden size x 4).
+    pub reduce_bytes_per_token: u64,
+}
+
 /// The MTP layer's step (`weights::Mtp`, speculative decoding), run after a main step that kept
 /// its hidden states: row i of the step embeds the token after row i's position and reads
 /// `hidden` row i (the main step's, or for a chained draft the previous draft's output).
@@ -235,6 +252,8 @@ pub struct Plan<'m> {
     pub host: Option<HostPlan<'m>>,
     /// The MTP layer's step, where the options asked for it (`GpuOptions::mtp`).
     pub mtp: Option<MtpPlan>,
+    /// This device's routed experts, where they are divided among devices.
+    pub shard: Option<ShardPlan>,
 }
 
 impl<'m> Plan<'m> {

@@ -156,6 +156,23 @@ pub enum Op {
         overlap: usize,
         ops: Vec<Op>,
     },
+    /// Routed experts divided among ranks (expert parallelism, `plan::shard`): the step stops
+    /// here; the router's choice (rank 0's, broadcast) comes to the host, which lists the slots
+    /// whose expert this rank holds (in slot pools filled at load) and writes their weights to
+    /// `local_weights` (the others' zeroed) and zeros to `routed`; the first `listed` ops after
+    /// this one (the listed slots' experts over the pools, their weighted sum into `routed`) run
+    /// when any slot is listed, the rest up to `overlap` (the shared expert) always; then
+    /// `routed` is read back, all-reduced over the ranks and written back before the combine.
+    ShardExperts {
+        /// The MoE layer, counted over MoE layers only.
+        layer: usize,
+        ids: BufferId,
+        weights: BufferId,
+        local_weights: BufferId,
+        routed: BufferId,
+        listed: usize,
+        overlap: usize,
+    },
     /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`; a zero weight adds
     /// nothing whatever its row holds (a slot another device computes, hybrid placement).
     MoeCombine { dim: usize, k: usize, expert_out: BufferId, weights: BufferId, shared: Option<BufferId>, h: BufferId },
@@ -184,6 +201,7 @@ impl Op {
             Op::ExpertMatmul { .. } => "expert_matmul",
             Op::Streamed { .. } => "routed_experts",
             Op::HostExperts { .. } => "host_experts",
+            Op::ShardExperts { .. } => "shard_experts",
             Op::MoeCombine { .. } => "moe_combine",
             Op::Argmax { .. } => "argmax",
         }

@@ -4,14 +4,19 @@
 //! layer for the router's choice when experts are streamed), read back the logits or the greedy
 //! id. Prompts longer than a step's room run in chunks.
 
+pub mod comm;
 mod hybrid;
 internal_mod!(lab);
+mod parallel;
+mod shard;
 mod streaming;
 
 pub use hybrid::{HostCounters, HostExperts};
 /// Plan ops run one by one on a backend: the conformance harness's tool (tests and benches).
 #[cfg(feature = "internals")]
 pub use lab::Lab;
+pub use parallel::{follow, Leader};
+pub use shard::{ShardCounters, ShardExperts};
 pub use streaming::{StreamedLayer, Streaming};
 
 use crate::backend::{Backend, IntoBackend, Part, Resources, StepKind, StepValues};
@@ -25,7 +30,9 @@ use crate::plan::budget::{GpuOptions, MemoryPlan};
 use crate::plan::{self, BufferId, Op, Plan, WeightSpec};
 use crate::quant::QuantTarget;
 use crate::util::{Choice, Progress, Silent};
+use comm::Communicator;
 use rayon::prelude::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The model on a wgpu device.
@@ -74,6 +81,8 @@ pub struct Runtime<B: Backend> {
     streaming: Option<Streaming<B>>,
     /// Routed experts computed on the host's CPU (hybrid placement).
     host: Option<HostExperts>,
+    /// This device's share of the routed experts (expert parallelism).
+    shard: Option<ShardExperts>,
     /// Where the main program and the MTP program stop for the host.
     stops: [Vec<(usize, Stop)>; 2],
     /// The MTP layer's step, where the plan has one.
@@ -115,11 +124,24 @@ impl<B: Backend> Runtime<B> {
         Self::from_plan(backend, model, &plan, progress)
     }
 
+    /// One rank of a model divided among devices (`options.shard` says which routed experts
+    /// this device holds): its MoE layers all-reduce their partial sums through `comm`.
+    pub fn load_rank(device: impl IntoBackend<B>, model: &Model, capacity: usize, options: &GpuOptions, comm: Arc<dyn Communicator>, progress: &dyn Progress) -> Result<Self> {
+        let mut backend: B = device.into_backend()?;
+        let target = backend.target(&model.config, capacity)?;
+        let plan = plan::build(model, capacity, options, &target)?;
+        Self::from_parts(backend, model, &plan, Some(comm), progress)
+    }
+
     /// Makes `plan` (built for `model` and this backend's target) on the device and lowers it.
     pub fn from_plan(backend: B, model: &Model, plan: &Plan, progress: &dyn Progress) -> Result<Self> {
+        Self::from_parts(backend, model, plan, None, progress)
+    }
+
+    fn from_parts(backend: B, model: &Model, plan: &Plan, comm: Option<Arc<dyn Communicator>>, progress: &dyn Progress) -> Result<Self> {
         let mut backend = backend;
-        let loaded = backend.checked(|b| Loaded::new(b, model, plan, progress))?;
-        let Loaded { res, body, head_last, head_all, argmax, streaming, host, stops, mtp, weight_bytes } = loaded;
+        let loaded = backend.checked(|b| Loaded::new(b, model, plan, comm, progress))?;
+        let Loaded { res, body, head_last, head_all, argmax, streaming, host, shard, stops, mtp, weight_bytes } = loaded;
         if let Some(s) = &streaming {
             log::info!(
                 "expert streaming: {} slots of {} ({} pools) for {} experts; budget {}, resident {}",
@@ -148,6 +170,7 @@ impl<B: Backend> Runtime<B> {
             argmax_ids: plan.argmax_ids,
             streaming,
             host,
+            shard,
             stops,
             mtp: mtp.map(|(body, [head_last, head_all], keep)| MtpRuntime { body, head_last, head_all, keep, state: MtpState::new(plan.sequences) }),
             memory: plan.memory,
@@ -275,6 +298,7 @@ impl<B: Backend> Runtime<B> {
                             0
                         }
                         Stop::Host(layer) => self.host.as_mut().expect("a host stop has a host").run(b, &self.res, layer, &body[at..], n)?,
+                        Stop::Shard(layer) => self.shard.as_mut().expect("a shard stop has a shard").run(b, &self.res, layer, &body[at..], n)?,
                     };
             }
             b.record(&body[done..], n)?;
@@ -568,6 +592,9 @@ impl<B: Backend> Engine for Runtime<B> {
         if let Some(h) = &mut self.host {
             h.counters = Default::default();
         }
+        if let Some(s) = &mut self.shard {
+            s.counters = Default::default();
+        }
     }
 
     fn counters(&self) -> Option<String> {
@@ -591,6 +618,11 @@ impl<B: Backend> Engine for Runtime<B> {
             lines += "\n";
             lines += &h.counters.summary(c.tokens, c.step_seconds);
         }
+        if let Some(s) = &self.shard {
+            let comm = s.communicator();
+            lines += "\n";
+            lines += &s.counters.summary(c.tokens, comm.rank(), comm.world(), &comm.describe());
+        }
         if let Some(profile) = self.backend.profile_report() {
             lines += "\n";
             lines += &profile;
@@ -608,6 +640,7 @@ struct Loaded<B: Backend> {
     argmax: Vec<B::Op>,
     streaming: Option<Streaming<B>>,
     host: Option<HostExperts>,
+    shard: Option<ShardExperts>,
     stops: [Vec<(usize, Stop)>; 2],
     /// The MTP step's body, heads (last row, every row), and the main heads keeping hidden states.
     mtp: Option<(Vec<B::Op>, [Vec<B::Op>; 2], [Vec<B::Op>; 3])>,
@@ -615,7 +648,7 @@ struct Loaded<B: Backend> {
 }
 
 impl<B: Backend> Loaded<B> {
-    fn new(b: &mut B, model: &Model, plan: &Plan, progress: &dyn Progress) -> Result<Self> {
+    fn new(b: &mut B, model: &Model, plan: &Plan, comm: Option<Arc<dyn Communicator>>, progress: &dyn Progress) -> Result<Self> {
         let progress = load_progress(plan, progress);
         let mut res = Resources::default();
         for spec in &plan.buffers {
@@ -639,12 +672,17 @@ impl<B: Backend> Loaded<B> {
             Some(h) => Some(HostExperts::new(b, &mut res, model, plan, h, progress)?),
             None => None,
         };
+        let mut shard = match (&plan.shard, comm) {
+            (Some(s), Some(comm)) => Some(ShardExperts::new(b, &mut res, model, plan, s, comm, progress)?),
+            (Some(_), None) => return Err(crate::Error::Invalid("a plan divided among devices needs their communicator (Runtime::load_rank)".into())),
+            (None, _) => None,
+        };
         progress.finish();
 
-        let (body, main_stops) = lower_body(b, &res, &plan.body, &mut streaming, &mut host)?;
+        let (body, main_stops) = lower_body(b, &res, &plan.body, &mut streaming, &mut host, &mut shard)?;
         let (mtp_body, mtp_stops) = match &plan.mtp {
             Some(m) => {
-                let (body, stops) = lower_body(b, &res, &m.body, &mut streaming, &mut host)?;
+                let (body, stops) = lower_body(b, &res, &m.body, &mut streaming, &mut host, &mut shard)?;
                 (Some(body), stops)
             }
             None => (None, Vec::new()),
@@ -664,24 +702,38 @@ impl<B: Backend> Loaded<B> {
             }
             _ => None,
         };
-        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, host, stops: [main_stops, mtp_stops], mtp, weight_bytes })
+        Ok(Loaded { res, body, head_last, head_all, argmax, streaming, host, shard, stops: [main_stops, mtp_stops], mtp, weight_bytes })
     }
 }
 
 /// Where a program stops for the host: a streamed MoE layer (an index into
-/// `Streaming::layers`) or one the host computes (into `HostExperts`' layers).
+/// `Streaming::layers`), one the host computes (into `HostExperts`' layers), or one whose
+/// experts are divided among ranks (into `ShardExperts`' layers).
 #[derive(Debug, Clone, Copy)]
 enum Stop {
     Stream(usize),
     Host(usize),
+    Shard(usize),
 }
 
 /// Lowers a program's ops; each streamed MoE layer's expert ops go to `streaming.layers`, each
 /// host layer's to `host`, instead of the program. Returns the program and where it stops (before
 /// which of its ops), in order.
-fn lower_body<B: Backend>(b: &mut B, res: &Resources<B>, ops: &[Op], streaming: &mut Option<Streaming<B>>, host: &mut Option<HostExperts>) -> Result<(Vec<B::Op>, Vec<(usize, Stop)>)> {
+fn lower_body<B: Backend>(
+    b: &mut B,
+    res: &Resources<B>,
+    ops: &[Op],
+    streaming: &mut Option<Streaming<B>>,
+    host: &mut Option<HostExperts>,
+    shard: &mut Option<ShardExperts>,
+) -> Result<(Vec<B::Op>, Vec<(usize, Stop)>)> {
     let (mut body, mut stops) = (Vec::new(), Vec::new());
     for op in ops {
+        if let Op::ShardExperts { .. } = op {
+            let s = shard.as_mut().ok_or_else(|| crate::Error::Invalid("a plan divides experts among ranks the runtime does not have".into()))?;
+            stops.push((body.len(), Stop::Shard(s.lower(op)?)));
+            continue;
+        }
         match (op, &mut *streaming, &mut *host) {
             (Op::Streamed { predicts_next, ops, .. }, Some(s), _) => {
                 let mut lowered = Vec::new();
@@ -719,7 +771,7 @@ fn load_progress<'p>(plan: &Plan, progress: &'p dyn Progress) -> &'p dyn Progres
         return &Silent;
     }
     let weights: usize = plan.weights.iter().map(|w| w.stack.len()).sum();
-    let streamed = plan.streaming.as_ref().map_or(0, |_| plan.memory.experts as usize * 3);
+    let streamed = plan.streaming.as_ref().map_or(0, |_| plan.memory.experts as usize * 3) + plan.shard.as_ref().map_or(0, |s| s.slots.len() * 3);
     let size = crate::util::human_bytes(bytes);
     let message = match plan.quant {
         QuantTarget::Keep => format!("loading {size}"),

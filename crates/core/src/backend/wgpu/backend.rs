@@ -243,7 +243,7 @@ impl Backend for WgpuBackend {
                     ExpertWeights::Pools => res.pools.iter().for_each(|p| out.push(p.matmul(b, matrix, k32, buf(x), buf(y)))),
                 }
             }
-            Op::Streamed { .. } | Op::HostExperts { .. } => unreachable!("the runtime lowers a streamed or host layer's ops itself"),
+            Op::Streamed { .. } | Op::HostExperts { .. } | Op::ShardExperts { .. } => unreachable!("the runtime handles a streamed, host or shard layer's stop itself"),
             Op::MoeCombine { dim, k, expert_out, weights, shared, h } => out.push(b.moe_combine(dim, k, buf(expert_out), buf(weights), shared.map(buf), buf(h))),
             Op::Argmax { vocab, logits, ids } => out.push(b.argmax(vocab, buf(logits), buf(ids))),
         }

@@ -114,6 +114,12 @@ fn no_adapter(choice: GpuChoice) -> String {
 /// Picks an adapter for `choice` (honouring `WGPU_ADAPTER_NAME`) and opens a device with the
 /// adapter's own limits, not wgpu's conservative defaults.
 pub fn open(choice: GpuChoice) -> Result<GpuContext> {
+    open_nth(choice, 0)
+}
+
+/// As [`open`], the `index`-th adapter in order of preference (`dsrun devices` numbers them):
+/// `--devices` opens several, the same index twice being two devices on one adapter.
+pub fn open_nth(choice: GpuChoice, index: usize) -> Result<GpuContext> {
     let mut candidates = adapters(choice);
     if candidates.is_empty() {
         return Err(Error::NoDevice(no_adapter(choice)));
@@ -126,7 +132,10 @@ pub fn open(choice: GpuChoice) -> Result<GpuContext> {
         }
     }
     candidates.sort_by_key(|a| rank(&a.get_info()));
-    let adapter = candidates.swap_remove(0);
+    if index >= candidates.len() {
+        return Err(Error::NoDevice(format!("--devices {index}: --gpu {} has {} adapter(s), numbered from 0 (`dsrun devices` lists them)", choice.name(), candidates.len())));
+    }
+    let adapter = candidates.swap_remove(index);
     let info = adapter.get_info();
     let limits = adapter.limits();
     // Optional speed-ups are requested only where the adapter offers them.
@@ -226,20 +235,23 @@ impl GpuContext {
     }
 }
 
-/// One line per adapter for `dsrun devices`.
+/// One line per adapter for `dsrun devices`, numbered as `--devices` counts them (for
+/// `--gpu auto`; GL adapters after them where auto does not use GL).
 pub fn describe_adapters() -> Vec<String> {
     let mut all = adapters(GpuChoice::Auto);
+    all.sort_by_key(|a| rank(&a.get_info()));
     if all.iter().all(|a| a.get_info().backend != wgpu::Backend::Gl) {
         all.extend(adapters(GpuChoice::Gl));
     }
     all.iter()
-        .map(|a| {
+        .enumerate()
+        .map(|(index, a)| {
             let i = a.get_info();
             let l = a.limits();
             let f = a.features();
             let has = |flag: wgpu::Features, name: &str| if f.contains(flag) { name.to_string() } else { format!("no {name}") };
             format!(
-                "{} | {:?} {:?} | driver {} {} | max binding {} MiB, max buffer {} MiB, workgroup storage {} KiB | {}, {}, {}",
+                "[{index}] {} | {:?} {:?} | driver {} {} | max binding {} MiB, max buffer {} MiB, workgroup storage {} KiB | {}, {}, {}",
                 i.name,
                 i.backend,
                 i.device_type,

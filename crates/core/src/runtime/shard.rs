@@ -1,0 +1,209 @@
+//! Expert parallelism, one rank's side: this device holds its share of every MoE layer's routed
+//! experts (`plan::shard`) in slot pools filled at load. A step stops at each MoE layer's
+//! router (`Op::ShardExperts`): rank 0's choice (ids and weights, a few KB) is broadcast so
+//! every rank routes alike even on unlike devices, each rank lists the slots whose expert it
+//! holds and computes them and the shared expert, and the ranks' partial routed sums are
+//! all-reduced through the communicator before the combine adds them to the residual.
+//!
+//! Against one device the result differs only in the order of the routed sum's terms: each
+//! rank sums its own slots, then the ranks' sums are added in rank order.
+
+use super::comm::Communicator;
+use crate::backend::{Backend, Resources};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::plan::{BufferId, Op, Plan, PoolSpec, ShardPlan};
+use crate::util::Progress;
+use std::sync::Arc;
+use std::time::Instant;
+
+struct ShardLayer {
+    moe: usize,
+    ids: BufferId,
+    weights: BufferId,
+    local_weights: BufferId,
+    routed: BufferId,
+    listed: usize,
+    overlap: usize,
+}
+
+/// What the stops did, for `--verbose` and `dsrun bench`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardCounters {
+    pub layers: u64,
+    /// Waiting for rank 0's router choice (its device's work up to the router, the broadcast).
+    pub choice_seconds: f64,
+    /// This rank's experts and shared expert, read back, and the all-reduce (which waits for
+    /// the slowest rank).
+    pub reduce_seconds: f64,
+    /// Bytes of partial sums this rank put into all-reduces.
+    pub reduced_bytes: u64,
+    /// Step slots this rank computed, and all slots.
+    pub listed: u64,
+    pub slots: u64,
+}
+
+impl ShardCounters {
+    pub fn summary(&self, tokens: u64, rank: usize, world: usize, transport: &str) -> String {
+        let per_token = |s: f64| 1e3 * s / tokens.max(1) as f64;
+        format!(
+            "expert parallelism: rank {rank} of {world} over {transport}; {:.1} MoE layers per token; per token {:.2} ms waiting for the router's choice + {:.2} ms experts and all-reduce; \
+             {} all-reduced per token; this rank computed {:.0}% of the routed slots",
+            self.layers as f64 / tokens.max(1) as f64,
+            per_token(self.choice_seconds),
+            per_token(self.reduce_seconds),
+            crate::util::human_bytes(self.reduced_bytes / tokens.max(1)),
+            100.0 * self.listed as f64 / self.slots.max(1) as f64,
+        )
+    }
+}
+
+pub struct ShardExperts {
+    comm: Arc<dyn Communicator>,
+    layers: Vec<ShardLayer>,
+    /// [MoE layer][expert]: (pool, slot in it) where this rank holds the expert.
+    slots: Vec<Vec<Option<(u32, u32)>>>,
+    first_pool: usize,
+    pools: usize,
+    hidden: usize,
+    k: usize,
+    /// Per stop, reused: the choice's bytes, ids, weights, this rank's weights, each pool's
+    /// slot list, the partial sums, zeros.
+    choice: Vec<u8>,
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    local_weights: Vec<f32>,
+    lists: Vec<Vec<u32>>,
+    sums: Vec<f32>,
+    zeros: Vec<u8>,
+    pub counters: ShardCounters,
+}
+
+impl ShardExperts {
+    /// This rank's pools, filled with its experts (added to `res.pools`).
+    pub fn new<B: Backend>(b: &mut B, res: &mut Resources<B>, model: &Model, plan: &Plan, shard: &ShardPlan, comm: Arc<dyn Communicator>, progress: &dyn Progress) -> Result<ShardExperts> {
+        let s = &shard.shard;
+        if comm.world() != s.world || comm.rank() != s.rank {
+            return Err(Error::Invalid(format!("the plan is rank {} of {}, its communicator rank {} of {}", s.rank, s.world, comm.rank(), comm.world())));
+        }
+        let routed = model.weights.routed_layers(plan.mtp.is_some());
+        let mut slots: Vec<Vec<Option<(u32, u32)>>> = routed.iter().map(|m| vec![None; m.experts.len()]).collect();
+        let first_pool = res.pools.len();
+        for pool in &shard.pools {
+            res.pools.push(b.pool(&shard.template, pool.slots, shard.max_pairs)?);
+        }
+        b.uploads_begin()?;
+        for (slot, &(layer, expert)) in shard.slots.iter().enumerate() {
+            let (p, local) = PoolSpec::locate(&shard.pools, slot);
+            progress.advance(3);
+            b.write_expert(&res.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
+            slots[layer][expert as usize] = Some((p as u32, local as u32));
+        }
+        b.uploads_done()?;
+        let config = &model.config;
+        let pairs = plan.max_chunk * config.num_experts_per_tok;
+        Ok(ShardExperts {
+            comm,
+            layers: Vec::new(),
+            slots,
+            first_pool,
+            pools: shard.pools.len(),
+            hidden: config.hidden_size,
+            k: config.num_experts_per_tok,
+            choice: Vec::with_capacity(8 * pairs),
+            ids: Vec::with_capacity(pairs),
+            weights: Vec::with_capacity(pairs),
+            local_weights: Vec::with_capacity(pairs),
+            lists: shard.pools.iter().map(|_| Vec::with_capacity(2 * pairs)).collect(),
+            sums: Vec::with_capacity(plan.max_chunk * config.hidden_size),
+            zeros: vec![0; plan.max_chunk * config.hidden_size * 4],
+            counters: ShardCounters::default(),
+        })
+    }
+
+    /// Takes a `ShardExperts` op; returns its index among this rank's stops.
+    pub fn lower(&mut self, op: &Op) -> Result<usize> {
+        let Op::ShardExperts { layer, ids, weights, local_weights, routed, listed, overlap } = *op else {
+            return Err(Error::Invalid(format!("a rank's stop is a ShardExperts op, not `{}`", op.name())));
+        };
+        self.layers.push(ShardLayer { moe: layer, ids, weights, local_weights, routed, listed, overlap });
+        Ok(self.layers.len() - 1)
+    }
+
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// Experts this rank holds.
+    pub fn experts(&self) -> usize {
+        self.slots.iter().flatten().filter(|s| s.is_some()).count()
+    }
+
+    /// Stop `layer` of a step of `n` tokens, after the work up to its router was recorded:
+    /// the choice from rank 0, this rank's slots listed and computed with the shared expert
+    /// (`after`'s first `overlap` ops), the partial sums all-reduced and written back. Returns
+    /// how many of `after`'s ops it recorded.
+    pub fn run<B: Backend>(&mut self, b: &mut B, res: &Resources<B>, layer: usize, after: &[B::Op], n: u32) -> Result<usize> {
+        let l = &self.layers[layer];
+        let (rows, pairs) = (n as usize * self.hidden, n as usize * self.k);
+        let started = Instant::now();
+        self.choice.clear();
+        if self.comm.rank() == 0 {
+            self.choice.extend_from_slice(b.read(&[(res.buf(l.ids), pairs * 4), (res.buf(l.weights), pairs * 4)])?);
+        } else {
+            b.flush()?;
+        }
+        self.comm.broadcast(&mut self.choice)?;
+        if self.choice.len() != pairs * 8 {
+            return Err(Error::Rank { rank: 0, world: self.comm.world(), reason: format!("sent a router choice of {} bytes for {pairs} slots (ranks out of step)", self.choice.len()) });
+        }
+        let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+        let (ids, weights) = self.choice.split_at(pairs * 4);
+        self.ids.clear();
+        self.ids.extend(ids.chunks_exact(4).map(|b| u32::from_le_bytes(word(b))));
+        self.weights.clear();
+        self.weights.extend(weights.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
+        self.counters.choice_seconds += started.elapsed().as_secs_f64();
+
+        let slots = &self.slots[l.moe];
+        if let Some(bad) = self.ids.iter().find(|&&e| e as usize >= slots.len()) {
+            return Err(Error::Invalid(format!("{}: the router chose expert {bad} of {} (non-finite activations?)", b.describe(), slots.len())));
+        }
+        self.local_weights.clear();
+        self.lists.iter_mut().for_each(Vec::clear);
+        for (s, (&e, &w)) in self.ids.iter().zip(&self.weights).enumerate() {
+            match slots[e as usize] {
+                Some((pool, local)) => {
+                    self.lists[pool as usize].extend([s as u32, local]);
+                    self.local_weights.push(w);
+                }
+                None => self.local_weights.push(0.0),
+            }
+        }
+        let listed = self.lists.iter().map(|l| l.len() / 2).sum::<usize>();
+        b.write(res.buf(l.local_weights), bytemuck::cast_slice(&self.local_weights))?;
+        b.write(res.buf(l.routed), &self.zeros[..rows * 4])?;
+        for (p, list) in self.lists.iter().enumerate() {
+            b.write_slot_list(&res.pools[self.first_pool + p], list)?;
+        }
+        let started = Instant::now();
+        b.record(&after[if listed > 0 { 0 } else { l.listed }..l.overlap], n)?;
+        let partial = b.read(&[(res.buf(l.routed), rows * 4)])?;
+        self.sums.clear();
+        self.sums.extend(partial.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
+        self.comm.all_reduce_sum(&mut self.sums)?;
+        b.write(res.buf(l.routed), bytemuck::cast_slice(&self.sums))?;
+        let c = &mut self.counters;
+        c.reduce_seconds += started.elapsed().as_secs_f64();
+        c.layers += 1;
+        c.reduced_bytes += rows as u64 * 4;
+        c.listed += listed as u64;
+        c.slots += pairs as u64;
+        Ok(l.overlap)
+    }
+
+    /// Pools this rank's experts fill.
+    pub fn pools(&self) -> usize {
+        self.pools
+    }
+}

@@ -1,0 +1,166 @@
+//! Expert parallelism on lavapipe: the model divided among 2 and 3 wgpu devices of one process
+//! (several devices on the one software adapter), each holding its share of the routed experts,
+//! the partial sums all-reduced in host memory. Only the order of the routed sum's terms differs
+//! from one device (each rank sums its slots, then the ranks' sums are added in rank order), so
+//! logits are held within 1e-5 (relative) of one device's, within transformers' 1e-3 like every
+//! backend, and greedy output token for token. The CUDA emulator's 4-device run is in tests/cuda.rs,
+//! the multi-process jobs in tests/cli.rs.
+
+mod common;
+use common::*;
+use dsrun::backend::wgpu::context;
+use dsrun::device::{open_parallel, GpuChoice, Parallel};
+use dsrun::engine::{CpuEngine, Engine, Steps};
+use dsrun::model::Model;
+use dsrun::plan::budget::{GpuMem, GpuOptions};
+use dsrun::runtime::GpuModel;
+use dsrun::util::Silent;
+
+/// Relative distance allowed from one device: the routed sum regrouped by rank (f32 rounding
+/// of a reordered sum of a few terms, ~1e-7 of the largest logit, amplified through the layers
+/// that follow).
+const FROM_ONE_DEVICE: f32 = 1e-5;
+
+fn ctx() -> dsrun::backend::wgpu::GpuContext {
+    context::open(GpuChoice::Vulkan).expect("a wgpu Vulkan adapter (on Debian: apt-get install mesa-vulkan-drivers)")
+}
+
+fn devices(n: usize) -> Parallel {
+    Parallel { devices: vec![0; n], ..Default::default() }
+}
+
+fn divided(dir: &std::path::Path, capacity: usize, options: &GpuOptions, parallel: &Parallel) -> Box<dyn Engine> {
+    open_parallel(GpuChoice::Vulkan, Model::load(dir).unwrap(), capacity, options, parallel, &Silent).unwrap()
+}
+
+#[test]
+fn divided_logits_match_one_device_and_transformers_on_every_family() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let want = prefill_then_decode_twice(&mut GpuModel::new(ctx(), &model, g.tokens.len(), Default::default()).unwrap(), &g.tokens);
+        for world in [2, 3] {
+            let mut engine = divided(&dir, g.tokens.len(), &GpuOptions::default(), &devices(world));
+            let what = format!("{family} over {world} devices");
+            assert!(engine.device_name().contains(&format!("rank 0 of {world}")), "{what}: {}", engine.device_name());
+            let got = prefill_then_decode_twice(&mut engine, &g.tokens);
+            let err = relative_error(&got, &want);
+            assert!(err <= FROM_ONE_DEVICE, "{what}: {err:e} from one device");
+            assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+            // Every rank computed some of the routed slots, and the partial sums met.
+            let stats = engine.counters().unwrap();
+            assert!(stats.contains(&format!("rank 0 of {world}")) && !stats.contains("computed 0% "), "{what}: {stats}");
+        }
+    }
+}
+
+/// Greedy decoding, 48 tokens: every division of the experts picks one device's every token,
+/// unequal shares (`--tensor-split 3,1`) and shares by the router's counts among them.
+#[test]
+fn divided_greedy_output_equals_one_device() {
+    const GENERATED: usize = 48;
+    for family in ["v3_noaux", "v2_glg", "v2_lite"] {
+        let dir = fixture(family);
+        let prompt = &golden(&dir).tokens[..8];
+        let model = Model::load(&dir).unwrap();
+        let capacity = prompt.len() + GENERATED;
+        let greedy = |engine: &mut dyn Engine| greedy_tokens(engine, prompt, GENERATED);
+        let want = greedy(&mut GpuModel::new(ctx(), &model, capacity, Default::default()).unwrap());
+        let experts: Vec<usize> = model.weights.routed_layers(false).iter().map(|m| m.experts.len()).collect();
+        let mut counts = dsrun::plan::placement::ExpertCounts::new(&experts, None);
+        for (l, layer) in counts.layers.iter_mut().enumerate() {
+            layer.tokens = 10;
+            layer.counts.iter_mut().enumerate().for_each(|(e, c)| *c = ((e * 7 + l) % 5) as u64);
+        }
+        let by_counts = GpuOptions { expert_counts: Some(std::sync::Arc::new(counts)), ..Default::default() };
+        for (name, options, parallel) in [
+            ("2 devices", GpuOptions::default(), devices(2)),
+            ("3 devices", GpuOptions::default(), devices(3)),
+            ("--tensor-split 3,1", GpuOptions::default(), Parallel { split: vec![3.0, 1.0], ..devices(2) }),
+            ("3 devices by router counts", by_counts.clone(), devices(3)),
+        ] {
+            let got = greedy(&mut divided(&dir, capacity, &options, &parallel));
+            assert_eq!(got, want, "{family}, {name}: greedy output differs from one device");
+        }
+    }
+}
+
+/// Several sequences decoded together over 2 devices: each sequence's logits within 1e-5 of
+/// its own alone (one device) and 1e-3 of the CPU reference.
+#[test]
+fn divided_batched_decode_matches_each_sequence_alone() {
+    for family in ["v3_noaux", "v2_lite"] {
+        let dir = fixture(family);
+        let options = GpuOptions { sequences: 8, ..Default::default() };
+        let mut batched = divided(&dir, 32, &options, &devices(2));
+        let model = Model::load(&dir).unwrap();
+        let mut alone = GpuModel::new(ctx(), &model, 32, Default::default()).unwrap();
+        let mut cpu = CpuEngine::new(Model::load(&dir).unwrap(), 32);
+        batched_decode_near_alone(&format!("{family}, 2 devices"), &mut batched, &mut alone, &mut cpu, FROM_ONE_DEVICE);
+    }
+}
+
+/// Speculative decoding's MTP layer is a MoE layer too: its experts are divided like the
+/// others', and its draft logits match transformers'.
+#[test]
+fn divided_mtp_drafts_match_transformers() {
+    for family in MTP_FAMILIES {
+        let dir = fixture(family);
+        let g = golden_mtp(&dir).expect("an MTP fixture");
+        let options = GpuOptions { mtp: true, ..Default::default() };
+        let n = g.tokens.len();
+        let mut engine = divided(&dir, n, &options, &devices(2));
+        assert!(engine.has_mtp(), "{family}");
+        let vocab = engine.config().vocab_size;
+        // Position by position, as tests/speculative.rs on one device.
+        let mut drafts = Vec::new();
+        engine.forward_keep(0, &g.tokens[..1], dsrun::model::Logits::Last).unwrap();
+        for i in 0..n - 1 {
+            drafts.extend(engine.draft(0, &g.tokens[i + 1..i + 2]).unwrap());
+            if i + 2 < n {
+                engine.forward_keep(0, &g.tokens[i + 1..i + 2], dsrun::model::Logits::Last).unwrap();
+            }
+        }
+        assert_logits_match(&format!("{family} MTP over 2 devices"), &drafts, &g.logits, vocab, 1e-3);
+    }
+}
+
+#[test]
+fn divided_plans_refuse_what_they_cannot_do() {
+    let dir = fixture("v3_noaux");
+    let open = |options: &GpuOptions, parallel: &Parallel| open_parallel(GpuChoice::Vulkan, Model::load(&dir).unwrap(), 16, options, parallel, &Silent).err().map(|e| e.to_string());
+    let hybrid = open(&GpuOptions { cpu_moe: usize::MAX, ..Default::default() }, &devices(2)).unwrap();
+    assert!(hybrid.contains("--cpu-moe") && hybrid.contains("not combined"), "{hybrid}");
+    let split = open(&GpuOptions::default(), &Parallel { split: vec![1.0, 1.0, 1.0], ..devices(2) }).unwrap();
+    assert!(split.contains("--tensor-split has 3 weights for 2 devices"), "{split}");
+    let budget = open(&GpuOptions { gpu_mem: GpuMem::Bytes(1 << 16), ..Default::default() }, &devices(2)).unwrap();
+    assert!(budget.contains("this device's share") && budget.contains("more devices"), "{budget}");
+    let cpu = open_parallel(GpuChoice::Cpu, Model::load(&dir).unwrap(), 16, &GpuOptions::default(), &devices(2), &Silent).err().unwrap().to_string();
+    assert!(cpu.contains("--gpu cpu runs on the host"), "{cpu}");
+    let missing = open(&GpuOptions::default(), &Parallel { devices: vec![0, 7], ..Default::default() }).unwrap();
+    assert!(missing.contains("rank 1 of 2") && missing.contains("--devices 7"), "{missing}");
+}
+
+/// `inspect --plan` of a rank: its share of the experts, its memory, what it all-reduces.
+#[test]
+fn a_rank_plan_holds_its_share() {
+    let dir = fixture("v3_noaux");
+    let model = Model::load(&dir).unwrap();
+    let experts: Vec<usize> = model.weights.routed_layers(false).iter().map(|m| m.experts.len()).collect();
+    let shards = dsrun::plan::shard::shard_experts(&experts, &[1.0, 1.0], None).unwrap();
+    let mut b = dsrun::backend::wgpu::WgpuBackend::new(ctx()).unwrap();
+    let target = dsrun::backend::Backend::target(&mut b, &model.config, 16).unwrap();
+    let whole = dsrun::plan::build(&model, 16, &GpuOptions::default(), &target).unwrap();
+    let options = GpuOptions { shard: Some(std::sync::Arc::new(shards[1].clone())), ..Default::default() };
+    let plan = dsrun::plan::build(&model, 16, &options, &target).unwrap();
+    let total: usize = experts.iter().sum();
+    assert_eq!(plan.memory.experts as usize, total / 2);
+    assert_eq!(whole.memory.experts as usize, total);
+    let shard = plan.shard.as_ref().unwrap();
+    assert_eq!(shard.slots.len(), total / 2);
+    assert!(shard.slots.iter().all(|&(l, e)| shards[1].owned[l].contains(&e)));
+    let text = plan.describe();
+    assert!(text.contains("shard_experts") && text.contains("all-reduced over the ranks"), "{text}");
+    assert_eq!(text.matches("shard_experts").count(), experts.len());
+}
