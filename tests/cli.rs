@@ -605,3 +605,120 @@ fn quantize_writes_a_gguf_that_runs() {
     let failed = dsrun(&["quantize", nowhere.to_str().unwrap(), "Q8_0"]);
     assert!(!failed.status.success() && text(&failed.stderr).contains("missing"), "{}", text(&failed.stderr));
 }
+
+/// A free TCP port on 127.0.0.1 for a job's MASTER_PORT.
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string()
+}
+
+/// `dsrun args` as rank `rank` of a `world`-rank job at 127.0.0.1:`port` (torchrun's variables).
+fn spawn_rank(args: &[&str], cwd: &std::path::Path, rank: usize, world: usize, port: &str) -> std::process::Child {
+    use std::process::Stdio;
+    Command::new(env!("CARGO_BIN_EXE_dsrun"))
+        .args(args)
+        .current_dir(cwd)
+        .env("XDG_CACHE_HOME", cwd)
+        .envs([("RANK", rank.to_string()), ("LOCAL_RANK", rank.to_string()), ("WORLD_SIZE", world.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())])
+        .env("DSRUN_COMM_TIMEOUT", "30")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Several devices and several processes: `--devices 0,0,0` in one process, and a job of two
+/// processes joined over 127.0.0.1 (rank 0 generates, rank 1 follows and exits 0 when it ends),
+/// both give one device's greedy text.
+#[test]
+fn divided_among_devices_and_processes_generates_the_one_device_text() {
+    let args = ["--gpu", "vulkan", "-n", "24", "--temperature", "0", "--prompt", "The file", "--speculative", "off"];
+    let one = dsrun(&args);
+    assert!(one.status.success(), "{}", text(&one.stderr));
+    let want = text(&one.stdout);
+    let three = dsrun(&[&args[..], &["--devices", "0,0,0"]].concat());
+    assert!(three.status.success(), "{}", text(&three.stderr));
+    assert_eq!(text(&three.stdout), want);
+    assert!(text(&three.stderr).contains("rank 0 of 3"), "{}", text(&three.stderr));
+
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let ranks = [&args[..], &["--devices", "0,0"]].concat();
+    let follower = spawn_rank(&ranks, cwd.path(), 1, 2, &port);
+    let leader = spawn_rank(&ranks, cwd.path(), 0, 2, &port).wait_with_output().unwrap();
+    let follower = follower.wait_with_output().unwrap();
+    assert!(leader.status.success(), "rank 0: {}", text(&leader.stderr));
+    assert!(follower.status.success(), "rank 1: {}", text(&follower.stderr));
+    assert_eq!(text(&leader.stdout), want);
+    assert!(text(&leader.stderr).contains("rank 0 of 2, TCP"), "{}", text(&leader.stderr));
+    assert_eq!(text(&follower.stdout), "", "rank 1 prints nothing");
+
+    // A job of one rank through the TCP communicator: the whole distributed path, one device.
+    let single = Command::new(env!("CARGO_BIN_EXE_dsrun")).args(args).current_dir(cwd.path()).envs([("WORLD_SIZE", "1"), ("DSRUN_COMM", "tcp")]).output().unwrap();
+    assert!(single.status.success(), "{}", text(&single.stderr));
+    assert_eq!(text(&single.stdout), want);
+}
+
+/// A rank killed mid-generation ends rank 0 with an error naming it, at once (its sockets
+/// close); a server whose rank is killed answers 503 from then on, naming the rank.
+#[test]
+fn a_killed_rank_ends_the_job_and_the_server_answers_503() {
+    use std::io::{Read, Write};
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--gpu", "vulkan", "--devices", "0,0", "-n", "1000", "--temperature", "0", "--ignore-eos", "--speculative", "off"];
+    let mut follower = spawn_rank(&args, cwd.path(), 1, 2, &port);
+    let mut leader = spawn_rank(&args, cwd.path(), 0, 2, &port);
+    // Once rank 0 streams text, the job is in its decode loop.
+    let mut first = [0u8; 16];
+    leader.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    follower.kill().unwrap();
+    let killed = std::time::Instant::now();
+    let out = leader.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("rank 1 of 2") && stderr.contains("closed its connection"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(killed.elapsed() < std::time::Duration::from_secs(20), "{:?}", killed.elapsed());
+    follower.wait().unwrap();
+
+    let port = free_port();
+    let serve = ["serve", "--port", "0", "--ctx", "64", "--gpu", "vulkan", "--devices", "0,0", "--speculative", "off"];
+    let mut follower = spawn_rank(&serve, cwd.path(), 1, 2, &port);
+    let mut leader = spawn_rank(&serve, cwd.path(), 0, 2, &port);
+    let (addr, mut stderr) = listening_address(leader.stderr.take().unwrap());
+    let post = || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        let body = r#"{"prompt": "This module", "max_tokens": 4, "temperature": 0}"#;
+        write!(stream, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    };
+    let ok = post();
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    for _ in 0..2 {
+        let down = post();
+        assert!(down.starts_with("HTTP/1.1 503"), "{down}");
+        assert!(down.contains("rank 1 of 2") && down.contains("engine_unavailable"), "{down}");
+    }
+    let status = Command::new("kill").args(["-TERM", &leader.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    leader.wait().unwrap();
+    assert!(!rest.contains("panicked"), "{rest}");
+}
+
+#[test]
+fn bad_parallel_settings_fail_cleanly() {
+    assert_fails(&["--gpu", "vulkan", "--devices", "0,9", "-n", "2"], "--devices 9");
+    assert_fails(&["--gpu", "vulkan", "--devices", "0,0", "--tensor-split", "1", "-n", "2"], "--tensor-split has 1 weights for 2 --devices");
+    assert_fails(&["--gpu", "vulkan", "--devices", "0,0", "--tensor-split", "1,-1", "-n", "2"], "one positive weight per device");
+    assert_fails(&["--gpu", "cpu", "--devices", "0,0", "-n", "2"], "--gpu cpu runs on the host");
+    assert_fails(&["--gpu", "vulkan", "--devices", "0,0", "--gpu-mem", "1M", "-n", "2"], "this device's share");
+    let world = Command::new(env!("CARGO_BIN_EXE_dsrun")).args(["-n", "2"]).env("WORLD_SIZE", "2").env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", "1").output().unwrap();
+    assert!(!world.status.success() && text(&world.stderr).contains("RANK is not set"), "{}", text(&world.stderr));
+}

@@ -130,8 +130,8 @@ fn divided_mtp_drafts_match_transformers() {
 fn divided_plans_refuse_what_they_cannot_do() {
     let dir = fixture("v3_noaux");
     let open = |options: &GpuOptions, parallel: &Parallel| open_parallel(GpuChoice::Vulkan, Model::load(&dir).unwrap(), 16, options, parallel, &Silent).err().map(|e| e.to_string());
-    let hybrid = open(&GpuOptions { cpu_moe: usize::MAX, ..Default::default() }, &devices(2)).unwrap();
-    assert!(hybrid.contains("--cpu-moe") && hybrid.contains("not combined"), "{hybrid}");
+    let stream = open(&GpuOptions { gpu_mem: GpuMem::ExpertShare(0.5), placement: dsrun::plan::budget::ExpertPlacement::Stream, ..Default::default() }, &devices(2)).unwrap();
+    assert!(stream.contains("this device's share") && stream.contains("more devices"), "{stream}");
     let split = open(&GpuOptions::default(), &Parallel { split: vec![1.0, 1.0, 1.0], ..devices(2) }).unwrap();
     assert!(split.contains("--tensor-split has 3 weights for 2 devices"), "{split}");
     let budget = open(&GpuOptions { gpu_mem: GpuMem::Bytes(1 << 16), ..Default::default() }, &devices(2)).unwrap();
@@ -140,6 +140,36 @@ fn divided_plans_refuse_what_they_cannot_do() {
     assert!(cpu.contains("--gpu cpu runs on the host"), "{cpu}");
     let missing = open(&GpuOptions::default(), &Parallel { devices: vec![0, 7], ..Default::default() }).unwrap();
     assert!(missing.contains("rank 1 of 2") && missing.contains("--devices 7"), "{missing}");
+}
+
+/// Hybrid placement combined with expert parallelism: each rank computes the experts of its
+/// share that `--cpu-moe` / `--n-cpu-moe` put on the host, or that do not fit its budget, on the
+/// host's CPU beside its GPU's, and adds the two sums before the all-reduce. The host's kernels
+/// sum in another order than the GPU's (as hybrid placement on one device): logits within 1e-3
+/// of transformers', greedy output as one device's.
+#[test]
+fn divided_with_hybrid_placement() {
+    for family in ["v3_noaux", "v2_lite", "v3_fp8"] {
+        let dir = fixture(family);
+        let g = golden(&dir);
+        let model = Model::load(&dir).unwrap();
+        let capacity = g.tokens.len() + 24;
+        let want = greedy_tokens(&mut GpuModel::new(ctx(), &model, capacity, Default::default()).unwrap(), &g.tokens[..6], 24);
+        for (name, options) in [
+            ("--cpu-moe", GpuOptions { cpu_moe: usize::MAX, ..Default::default() }),
+            ("--n-cpu-moe 1", GpuOptions { cpu_moe: 1, ..Default::default() }),
+            ("--gpu-mem 50%", GpuOptions { gpu_mem: GpuMem::ExpertShare(0.5), ..Default::default() }),
+        ] {
+            let what = format!("{family} over 2 devices, {name}");
+            let mut engine = divided(&dir, capacity, &options, &devices(2));
+            let got = prefill_then_decode_twice(&mut engine, &g.tokens);
+            assert_logits_match(&what, &got[..g.logits.len()], &g.logits, g.vocab, 1e-3);
+            let stats = engine.counters().unwrap();
+            assert!(stats.contains("on its host's CPU"), "{what}: {stats}");
+            engine.reset();
+            assert_eq!(greedy_tokens(&mut engine, &g.tokens[..6], 24), want, "{what}: greedy output differs from one device");
+        }
+    }
 }
 
 /// `inspect --plan` of a rank: its share of the experts, its memory, what it all-reduces.
@@ -163,4 +193,27 @@ fn a_rank_plan_holds_its_share() {
     let text = plan.describe();
     assert!(text.contains("shard_experts") && text.contains("all-reduced over the ranks"), "{text}");
     assert_eq!(text.matches("shard_experts").count(), experts.len());
+}
+
+/// The published-model estimate `inspect` prints for a config.json alone agrees with what a
+/// rank's plan holds for an FP8 checkpoint of that shape (the fixture is FP8 with bf16
+/// embedding, head and router, as published).
+#[test]
+fn the_published_estimate_matches_a_rank_plan() {
+    let dir = fixture("v3_fp8");
+    let model = Model::load(&dir).unwrap();
+    let experts: Vec<usize> = model.weights.routed_layers(false).iter().map(|m| m.experts.len()).collect();
+    let shards = dsrun::plan::shard::shard_experts(&experts, &[1.0, 1.0], None).unwrap();
+    let mut b = dsrun::backend::wgpu::WgpuBackend::new(ctx()).unwrap();
+    let target = dsrun::backend::Backend::target(&mut b, &model.config, 16).unwrap();
+    let options = GpuOptions { shard: Some(std::sync::Arc::new(shards[0].clone())), ..Default::default() };
+    let plan = dsrun::plan::build(&model, 16, &options, &target).unwrap();
+    let got = plan.rank_traffic().unwrap();
+    let want = dsrun::plan::shard::published_traffic(&model.config, 2);
+    assert_eq!((got.experts, got.total_experts, got.moe_layers, got.top_k), (want.experts, want.total_experts, want.moe_layers, want.top_k));
+    let near = |a: f64, b: f64| (a - b).abs() <= 0.02 * b;
+    assert!(near(got.expert_bytes as f64, want.expert_bytes as f64), "{got:?}\n{want:?}");
+    assert!(near(got.other_weight_bytes as f64, want.other_weight_bytes as f64), "{got:?}\n{want:?}");
+    assert!(near(got.read_per_token(), want.read_per_token()), "{got:?}\n{want:?}");
+    assert_eq!((got.reduce_bytes(), got.choice_bytes()), (want.reduce_bytes(), want.choice_bytes()));
 }

@@ -60,6 +60,24 @@ echo "(the line above: CUDA graphs off)"
 DSRUN_CUDA_GROUPED=0 timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 1 -r 3 --json | tee -a "$OUT/bench.jsonl"
 echo "(the line above: prefill experts one slot per block, not grouped)"
 
+step "expert parallelism: one rank through NCCL (the whole path; its all-reduce per MoE layer in the counters), 2 ranks of one process on the GPU, 2 processes over TCP"
+# The system's NCCL (CUDA images ship libnccl2): cudarc opens libnccl.so, the package has libnccl.so.2.
+nccl=$(ldconfig -p | awk '/libnccl\.so/{print $NF; exit}')
+if [ -n "$nccl" ]; then
+    mkdir -p /tmp/nccl-link && ln -sf "$nccl" /tmp/nccl-link/libnccl.so && export LD_LIBRARY_PATH="/tmp/nccl-link:$LD_LIBRARY_PATH"
+fi
+timeout 60 $bin/dsrun devices | grep -E "^(cuda|nccl)"
+for env in "WORLD_SIZE=1" "WORLD_SIZE=1 DSRUN_COMM=nccl" "WORLD_SIZE=1 DSRUN_COMM=tcp"; do
+    echo "($env)"
+    env $env timeout 120 $bin/dsrun bench --model $synth --gpu cuda -p 128 -n 32 -r 2 --json | tee -a "$OUT/ep_bench.jsonl"
+done
+echo "(--devices 0,0: two ranks in one process on the one GPU)"
+timeout 120 $bin/dsrun bench --model $synth --gpu cuda --devices 0,0 -p 128 -n 32 -r 2 --json | tee -a "$OUT/ep_bench.jsonl"
+echo "(two processes over TCP on the one GPU)"
+port=29611
+(RANK=1 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port DSRUN_COMM=tcp timeout 120 $bin/dsrun bench --model $synth --gpu cuda --devices 0,0 -p 128 -n 32 -r 2 --json > "$OUT/ep_rank1.txt" 2>&1 &)
+RANK=0 LOCAL_RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port DSRUN_COMM=tcp timeout 120 $bin/dsrun bench --model $synth --gpu cuda --devices 0,0 -p 128 -n 32 -r 2 --json | tee -a "$OUT/ep_bench.jsonl"
+
 step "DeepSeek-V3.2 sparse attention: decode at depth 0 / 4096 / 16384, index_topk 2048 (V3.2's own), against dense V3"
 for preset in deepseek-v32 deepseek-v3; do
     rm -rf /tmp/dsrun-$preset

@@ -18,5 +18,10 @@ pub fn run() -> Result<()> {
         Ok(rt) => out += &format!("cuda: {}, {} (--gpu cuda)\n", rt.describe(), rt.memory().map_or("memory unknown".into(), dsrun::util::human_bytes)),
         Err(e) => out += &format!("cuda: none ({e})\n"),
     }
+    #[cfg(feature = "cuda")]
+    match dsrun::runtime::comm::load_nccl() {
+        Ok(version) => out += &format!("nccl: {version} (a multi-process job of CUDA devices all-reduces through it)\n"),
+        Err(e) => out += &format!("nccl: none ({e})\n"),
+    }
     super::print(&out)
 }

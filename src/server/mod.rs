@@ -428,7 +428,7 @@ fn events(receiver: UnboundedReceiver<Event>) -> impl futures_util::Stream<Item 
                 let last = matches!(event, Event::Done { .. } | Event::Failed(_));
                 (event, (receiver, last))
             }
-            None => (Event::Failed(Failure { message: "the engine stopped before the reply was complete".into(), request: false }), (receiver, true)),
+            None => (Event::Failed(Failure { message: "the engine stopped before the reply was complete".into(), request: false, unavailable: true }), (receiver, true)),
         })
     })
 }

@@ -46,11 +46,15 @@ impl ApiError {
     }
 }
 
-/// An engine's failure: 400 where the request was at fault, 500 where the engine was.
+/// An engine's failure: 400 where the request was at fault, 503 where the engine is down (a
+/// distributed engine whose rank failed), 500 where it failed otherwise.
 impl From<crate::server::scheduler::Failure> for ApiError {
     fn from(f: crate::server::scheduler::Failure) -> ApiError {
-        let status = if f.request { StatusCode::BAD_REQUEST } else { StatusCode::INTERNAL_SERVER_ERROR };
-        ApiError::new(status, f.message)
+        match (f.request, f.unavailable) {
+            (true, _) => ApiError::new(StatusCode::BAD_REQUEST, f.message),
+            (false, true) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, f.message).code("engine_unavailable"),
+            (false, false) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, f.message),
+        }
     }
 }
 

@@ -42,16 +42,18 @@ pub enum Event {
     Failed(Failure),
 }
 
-/// Why a reply failed, and whether the request was at fault (a 4xx) or the engine (a 5xx).
+/// Why a reply failed, and whether the request was at fault (a 4xx) or the engine (a 5xx);
+/// `unavailable`: the engine is down (a rank of a distributed engine failed: a 503).
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub message: String,
     pub request: bool,
+    pub unavailable: bool,
 }
 
 impl From<&crate::error::Error> for Failure {
     fn from(e: &crate::error::Error) -> Failure {
-        Failure { message: e.to_string(), request: e.is_request_error() }
+        Failure { message: e.to_string(), request: e.is_request_error(), unavailable: matches!(e, crate::error::Error::Rank { .. }) }
     }
 }
 

@@ -112,6 +112,11 @@ impl<'p> EngineBuilder<'p> {
         self
     }
 
+    /// The devices or ranks the model is divided among.
+    pub fn parallel_settings(&self) -> &Parallel {
+        &self.parallel
+    }
+
     /// Weight format, memory budget, expert eviction and prefetch (`sequences`, `kv_cache` and
     /// `mtp` are set by their own methods and the load policy).
     pub fn gpu_options(mut self, options: GpuOptions) -> Self {

@@ -119,20 +119,44 @@ pub fn resolve(choice: GpuChoice, options: &GpuOptions) -> GpuChoice {
 /// The forward plan `choice`'s backend would run `model` with, as text (`dsrun inspect --plan`):
 /// the backend's limits are read from its device; nothing is uploaded.
 pub fn describe_plan(choice: GpuChoice, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
-    fn text<B: Backend>(mut backend: B, model: &Model, capacity: usize, options: &GpuOptions) -> Result<String> {
+    describe_parallel_plan(choice, model, capacity, options, &Parallel::default())
+}
+
+/// As [`describe_plan`], divided among the ranks `parallel` names: rank 0's plan, then what
+/// each rank holds and moves per decoded token (every rank's plan built for the first device's
+/// limits).
+pub fn describe_parallel_plan(choice: GpuChoice, model: &Model, capacity: usize, options: &GpuOptions, parallel: &Parallel) -> Result<String> {
+    fn text<B: Backend>(mut backend: B, model: &Model, capacity: usize, options: &GpuOptions, parallel: &Parallel) -> Result<String> {
         let target = backend.target(&model.config, capacity)?;
-        let plan = crate::plan::build(model, capacity, options, &target)?;
-        Ok(format!("device     {}\n{}", backend.describe(), plan.describe()))
+        if parallel.world() == 1 {
+            let plan = crate::plan::build(model, capacity, options, &target)?;
+            return Ok(format!("device     {}\n{}", backend.describe(), plan.describe()));
+        }
+        let shards = parallel.shards(model, options)?;
+        let mut ranks = String::new();
+        let mut first = String::new();
+        for shard in shards {
+            let rank = shard.rank;
+            let plan = crate::plan::build(model, capacity, &GpuOptions { shard: Some(Arc::new(shard)), ..options.clone() }, &target)?;
+            if rank == 0 {
+                first = plan.describe();
+            }
+            let t = plan.rank_traffic().expect("a rank's plan is divided");
+            ranks += &format!("           {}; device memory {}\n", t.describe(), crate::util::human_bytes(plan.memory.all_resident()));
+        }
+        Ok(format!("device     {} (rank 0's limits for every rank)\nranks\n{ranks}{first}", backend.describe()))
     }
+    let first = parallel.devices.first().copied().unwrap_or(0);
     match choice {
         GpuChoice::Reference => Err(Error::Invalid("--plan: the CPU reference computes the model directly (src/model) without a plan; choose a backend with --gpu".into())),
-        GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
-        GpuChoice::Auto if resolve(choice, options) == GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options),
+        GpuChoice::Cpu if parallel.world() > 1 => Err(Error::Invalid("--devices divide a model among GPUs; --gpu cpu runs on the host's cores (choose --gpu vulkan, cuda, ...)".into())),
+        GpuChoice::Cpu => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options, parallel),
+        GpuChoice::Auto if resolve(choice, options) == GpuChoice::Cpu && parallel.world() == 1 => text(crate::backend::cpu::CpuBackend::new(), model, capacity, options, parallel),
         #[cfg(feature = "cuda")]
-        GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device()?))?, model, capacity, options),
+        GpuChoice::Cuda => text(crate::backend::cuda::CudaBackend::new(std::sync::Arc::new(cuda_device_nth(first)?))?, model, capacity, options, parallel),
         #[cfg(not(feature = "cuda"))]
         GpuChoice::Cuda => Err(no_cuda()),
-        _ => text(WgpuBackend::new(context::open(choice)?)?, model, capacity, options),
+        _ => text(WgpuBackend::new(context::open_nth(choice, first)?)?, model, capacity, options, parallel),
     }
 }
 
@@ -166,7 +190,7 @@ pub fn open_parallel(choice: GpuChoice, model: Model, capacity: usize, options: 
         return open_engine_with_progress(choice, model, capacity, options, progress);
     }
     if matches!(choice, GpuChoice::Cpu | GpuChoice::Reference) {
-        return Err(Error::Invalid(format!("--devices / WORLD_SIZE divide a model among GPUs; --gpu {} runs on the host's cores (choose --gpu vulkan, cuda, ...)", choice.name())));
+        return Err(Error::Invalid(format!("--devices divide a model among GPUs; --gpu {} runs on the host's cores (choose --gpu vulkan, cuda, ...)", choice.name())));
     }
     let shards = parallel.shards(&model, options)?;
     let rank_options = |rank: usize| GpuOptions { shard: Some(Arc::new(shards[rank].clone())), ..options.clone() };

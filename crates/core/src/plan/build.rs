@@ -514,6 +514,8 @@ struct ShardBuffers {
     routed: BufferId,
     ones: BufferId,
     local_weights: BufferId,
+    /// MoE layers some of whose experts this rank computes on its host's CPU.
+    host_layers: Vec<bool>,
 }
 
 /// The routed sum the host sends back, and the combine's weight for it (ones: the host has
@@ -603,7 +605,20 @@ impl<'m> Forward<'_, 'm> {
             if let (Some(shared), Some(shared_out)) = (shared, mb.shared_out) {
                 mlp(&mut listed, shared, c.n_shared_experts * c.moe_intermediate_size, a.xn, a.ffn, shared_out, false);
             }
-            ops.push(Op::ShardExperts { layer: moe, ids: mb.ids, weights: mb.weights, local_weights: sb.local_weights, routed: sb.routed, listed: n_listed, overlap: listed.len() });
+            // The rank's experts its host computes: over the host's copies of the same buffers,
+            // their weighted sum into the host's routed sum (added to the GPU's before the
+            // all-reduce).
+            let host_ops = match sb.host_layers.get(moe) {
+                Some(true) => {
+                    let mut stack = |f: fn(&'m Mlp) -> &'m Matrix| ExpertWeights::Stack(p.host_weight(weights.experts.iter().map(f).collect()));
+                    let stacks = [stack(|m| &m.gate), stack(|m| &m.up), stack(|m| &m.down)];
+                    let mut host_ops = experts(stacks, false);
+                    host_ops.push(Op::MoeCombine { dim: c.hidden_size, k, expert_out: mb.expert_out, weights: mb.weights, shared: None, h: sb.routed });
+                    host_ops
+                }
+                _ => Vec::new(),
+            };
+            ops.push(Op::ShardExperts { layer: moe, x: a.xn, ids: mb.ids, weights: mb.weights, local_weights: sb.local_weights, routed: sb.routed, listed: n_listed, overlap: listed.len(), host_ops });
             ops.extend(listed);
             ops.push(Op::MoeCombine { dim: c.hidden_size, k: 1, expert_out: sb.routed, weights: sb.ones, shared: shared.and(mb.shared_out), h: a.h });
             return;
@@ -705,7 +720,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
     // What stays resident whatever the budget; then which MoE layers' experts the host
     // computes, and whether the GPU's all fit.
     let (mut memory, template) = memory_plan(&p, model, options, target);
-    let shard = match &options.shard {
+    let mut shard = match &options.shard {
         Some(shard) => Some(shard_buffers(&mut p, model, options, target, shard, &mut memory)?),
         None => None,
     };
@@ -717,20 +732,12 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         GpuMem::ExpertShare(_) if target.hybrid && options.placement != ExpertPlacement::Stream => budget + host_bytes,
         _ => budget,
     };
-    let placement = match &shard {
+    let placement = match &mut shard {
         None => place_experts(memory, budget, &per_layer, host_bytes, options, target, c.num_experts_per_tok)?,
-        Some(_) if memory.all_resident() > budget => {
-            return Err(Error::Invalid(format!(
-                "this device's share of the model needs {} ({} routed experts of {} plus {} resident), more than its --gpu-mem budget of {}: \
-                 divide it among more devices, give this one a smaller --tensor-split weight, or use a smaller --quant",
-                crate::util::human_bytes(memory.all_resident()),
-                memory.experts,
-                crate::util::human_bytes(memory.expert_bytes),
-                crate::util::human_bytes(memory.resident),
-                crate::util::human_bytes(budget)
-            )))
+        Some((buffers, plan)) => {
+            let memory = divide_shard(buffers, plan, memory, budget, options, target)?;
+            Placement { layers: vec![LayerPlacement::Gpu; per_layer.len()], memory }
         }
-        Some(_) => Placement { layers: vec![LayerPlacement::Gpu; per_layer.len()], memory },
     };
     let mut memory = placement.memory;
     let host_layers = placement.layers.iter().filter(|l| **l != LayerPlacement::Gpu).count();
@@ -775,6 +782,7 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         shard: shard.as_ref().map(|(b, _)| b),
     };
     let body = forward.body(&mut p);
+    let forward_routed = shard.as_ref().map_or(a.tokens, |(b, _)| b.routed);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
     let mtp = match (&ids.mtp, &a.mtp) {
         (Some(m), Some(b)) => Some(MtpPlan {
@@ -825,17 +833,21 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         streaming: streaming.map(|(s, _)| s),
         host,
         mtp,
-        shard: shard.map(|(_, plan)| plan),
+        shard: shard.map(|(_, mut plan)| {
+            if !plan.host_slots.is_empty() {
+                let mb = a.moe.as_ref().expect("MoE buffers exist in a divided model");
+                plan.host =
+                    Some(ShardHost { weights: std::mem::take(&mut p.host_weights), buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, forward_routed], math: options.math });
+            }
+            plan
+        }),
     })
 }
 
-/// Expert parallelism: this device's routed experts (`shard`) in slot pools, and the buffers
-/// its stops use; `memory` then counts only those experts.
-fn shard_buffers(p: &mut Declare, model: &Model, options: &GpuOptions, target: &Target, shard: &Arc<ExpertShard>, memory: &mut MemoryPlan) -> Result<(ShardBuffers, ShardPlan)> {
+/// Expert parallelism: this device's routed experts (`shard`), and the buffers its stops use;
+/// `memory` then counts only those experts ([`divide_shard`] then places them).
+fn shard_buffers<'m>(p: &mut Declare, model: &'m Model, options: &GpuOptions, target: &Target, shard: &Arc<ExpertShard>, memory: &mut MemoryPlan) -> Result<(ShardBuffers, ShardPlan<'m>)> {
     let c = &model.config;
-    if options.cpu_moe > 0 || options.placement == ExpertPlacement::Cpu {
-        return Err(Error::Invalid("--devices with --cpu-moe / --n-cpu-moe: hybrid placement is not combined with several devices yet (use one or the other)".into()));
-    }
     let routed = model.weights.routed_layers(options.mtp);
     if shard.owned.len() != routed.len() {
         return Err(Error::Invalid(format!("an expert shard for {} MoE layers, the model has {}", shard.owned.len(), routed.len())));
@@ -845,17 +857,55 @@ fn shard_buffers(p: &mut Declare, model: &Model, options: &GpuOptions, target: &
         return Err(Error::Invalid(format!("an expert shard holds expert {e} of MoE layer {l}, which has {}", routed[l].experts.len())));
     }
     let template = routed.first().map(|moe| moe.experts[0].quantized(options.quant)).ok_or_else(|| Error::Invalid("--devices divides routed experts; this model has none".into()))?;
-    let pools = if slots.is_empty() { Vec::new() } else { slot_pools(&template, slots.len(), target)? };
     let k = c.num_experts_per_tok;
     let buffers = ShardBuffers {
         routed: p.activation("rank routed sum", target.max_chunk * c.hidden_size),
         ones: p.constant("ones", Cow::Owned(vec![1.0; target.max_chunk])),
         local_weights: p.activation("rank expert weights", target.max_chunk * k),
+        host_layers: Vec::new(),
     };
     memory.experts = slots.len() as u64;
     memory.resident += (target.max_chunk * (c.hidden_size + 1 + k) * 4) as u64;
-    let plan = ShardPlan { shard: shard.clone(), pools, template, slots, max_pairs: target.max_chunk * k, reduce_bytes_per_token: c.hidden_size as u64 * 4 };
+    let total_experts = routed.iter().map(|m| m.experts.len() as u64).sum();
+    let plan =
+        ShardPlan { shard: shard.clone(), pools: Vec::new(), template, slots, host_slots: Vec::new(), host: None, max_pairs: target.max_chunk * k, total_experts, top_k: k, hidden: c.hidden_size };
     Ok((buffers, plan))
+}
+
+/// Divides a rank's experts between its GPU (slot pools, within `budget`) and its host's CPU
+/// (hybrid placement, where the target is a GPU beside a host): the MoE layers `--cpu-moe` /
+/// `--n-cpu-moe` name on the host; of the rest, under `ExpertPlacement::Auto`, the most picked
+/// (by the router's counts; without counts the last layers') that fit on the GPU. Returns the
+/// GPU's memory plan.
+fn divide_shard(buffers: &mut ShardBuffers, plan: &mut ShardPlan, memory: MemoryPlan, budget: u64, options: &GpuOptions, target: &Target) -> Result<MemoryPlan> {
+    let layers = plan.shard.owned.len();
+    let forced = if target.hybrid { options.forced_cpu_layers(layers) } else { 0 };
+    let (mut gpu, mut host): (Vec<(usize, u32)>, Vec<(usize, u32)>) = plan.slots.iter().partition(|(l, _)| *l >= forced);
+    let room = budget.saturating_sub(memory.resident) / memory.expert_bytes.max(1);
+    if gpu.len() as u64 > room {
+        if !target.hybrid || options.placement == ExpertPlacement::Stream || budget < memory.resident {
+            return Err(Error::Invalid(format!(
+                "this device's share of the model needs {} ({} routed experts of {} plus {} resident), more than its --gpu-mem budget of {}: \
+                 divide it among more devices, give this one a smaller --tensor-split weight, or use a smaller --quant",
+                crate::util::human_bytes(memory.all_resident()),
+                memory.experts,
+                crate::util::human_bytes(memory.expert_bytes),
+                crate::util::human_bytes(memory.resident),
+                crate::util::human_bytes(budget)
+            )));
+        }
+        // The GPU keeps the most picked (earlier runs' counts), else the last layers'.
+        let picks = |&(l, e): &(usize, u32)| options.expert_counts.as_ref().and_then(|c| c.layers.get(l)).and_then(|c| c.counts.get(e as usize)).copied().unwrap_or(0);
+        gpu.sort_by(|a, b| picks(b).cmp(&picks(a)).then(b.0.cmp(&a.0)).then(a.1.cmp(&b.1)));
+        host.extend(gpu.drain(room as usize..));
+        gpu.sort_unstable();
+        host.sort_unstable();
+    }
+    buffers.host_layers = (0..layers).map(|l| host.iter().any(|s| s.0 == l)).collect();
+    plan.pools = if gpu.is_empty() { Vec::new() } else { slot_pools(&plan.template, gpu.len(), target)? };
+    plan.slots = gpu;
+    plan.host_slots = host;
+    Ok(MemoryPlan { experts: plan.slots.len() as u64, ..memory })
 }
 
 /// Where each MoE layer's routed experts are computed, and the memory plan of what the GPU

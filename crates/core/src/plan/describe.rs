@@ -85,13 +85,14 @@ impl Plan<'_> {
                     inner.join("\n                      ")
                 )
             }
-            Op::ShardExperts { layer, ids, weights, local_weights, routed, listed, overlap } => format!(
+            Op::ShardExperts { layer, ids, weights, local_weights, routed, listed, overlap, host_ops, .. } => format!(
                 "rank's experts (MoE layer {layer}: the step stops for {} and {} (rank 0's), lists this rank's slots with their weights in {}; \
-                 the next {listed} op(s) when any is listed, {} more always; then {} is all-reduced over the ranks)",
+                 the next {listed} op(s) when any is listed, {} more always{}; then {} is all-reduced over the ranks)",
                 self.b(*ids),
                 self.b(*weights),
                 self.b(*local_weights),
                 overlap - listed,
+                if host_ops.is_empty() { String::new() } else { format!("; the rank's other experts on its host's CPU ({} ops), their sum added", host_ops.len()) },
                 self.b(*routed)
             ),
             Op::MoeCombine { expert_out, weights, shared, h, .. } => {
@@ -110,6 +111,28 @@ impl Plan<'_> {
             }
             _ => self.describe_op(op),
         }
+    }
+
+    /// What this rank holds and moves per decoded token, where the plan is one rank's share
+    /// of a divided model.
+    pub fn rank_traffic(&self) -> Option<shard::RankTraffic> {
+        let sp = self.shard.as_ref()?;
+        let embed = self.body.iter().find_map(|op| if let Op::Embed { table, .. } = op { Some(&self.weights[table.0]) } else { None });
+        let embed_bytes = embed.map_or(0, |w| w.device_bytes(self.quant));
+        let embed_rows = embed.map_or(1, |w| w.stack[0].rows.max(1) as u64);
+        Some(shard::RankTraffic {
+            rank: sp.shard.rank,
+            world: sp.shard.world,
+            experts: sp.slots.len() as u64,
+            total_experts: sp.total_experts,
+            expert_bytes: self.memory.expert_bytes,
+            other_weight_bytes: self.resident_weight_bytes(),
+            embed_bytes,
+            embed_row_bytes: embed_bytes / embed_rows,
+            moe_layers: sp.shard.owned.len(),
+            top_k: sp.top_k,
+            hidden: sp.hidden,
+        })
     }
 
     /// The whole plan as text.
@@ -143,6 +166,9 @@ impl Plan<'_> {
                 human_bytes(m.minimum())
             ),
         };
+        if let Some(t) = self.rank_traffic() {
+            let _ = writeln!(s, "divided    {}", t.describe());
+        }
         if let Some(host) = &self.host {
             let bytes: u64 = host.weights.iter().map(|w| w.device_bytes(self.quant)).sum();
             let _ = writeln!(s, "host       routed experts of the first {} MoE layer(s) on the CPU: {} from host memory", host.layers, human_bytes(bytes));

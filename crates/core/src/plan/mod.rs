@@ -190,19 +190,35 @@ pub struct SplitPlan {
 }
 
 /// This rank's routed experts under expert parallelism: resident in slot pools filled at load
-/// (as a split hybrid layer's), each MoE layer's stop listing the slots this rank computes.
+/// (as a split hybrid layer's), each MoE layer's stop listing the slots this rank computes;
+/// those that do not fit its budget computed on its host's CPU.
 #[derive(Debug, Clone)]
-pub struct ShardPlan {
+pub struct ShardPlan<'m> {
     pub shard: std::sync::Arc<shard::ExpertShard>,
     pub pools: Vec<PoolSpec>,
     /// One expert in the device format: the shape of every slot.
     pub template: Mlp,
     /// Global slot i holds expert `slots[i].1` of MoE layer `slots[i].0`.
     pub slots: Vec<(usize, u32)>,
+    /// The rank's experts its host computes, (MoE layer, expert), and what the host needs.
+    pub host_slots: Vec<(usize, u32)>,
+    pub host: Option<ShardHost<'m>>,
     /// Step slots one stop can list: tokens per step x experts per token.
     pub max_pairs: usize,
-    /// Bytes of the partial sums one MoE layer all-reduces per token (hidden size x 4).
-    pub reduce_bytes_per_token: u64,
+    /// Routed experts of the model over every MoE layer, and per token per layer.
+    pub total_experts: u64,
+    pub top_k: usize,
+    pub hidden: usize,
+}
+
+/// What a rank's host needs for its experts: their layers' stacks (memory-mapped, or converted
+/// by `--quant`; the ops' stack ids index these), the plan buffers its ops use (the host keeps
+/// its own copies), and how its matmuls multiply.
+#[derive(Debug, Clone)]
+pub struct ShardHost<'m> {
+    pub weights: Vec<WeightSpec<'m>>,
+    pub buffers: Vec<BufferId>,
+    pub math: budget::Math,
 }
 
 /// The MTP layer's step (`weights::Mtp`, speculative decoding), run after a main step that kept
@@ -253,7 +269,7 @@ pub struct Plan<'m> {
     /// The MTP layer's step, where the options asked for it (`GpuOptions::mtp`).
     pub mtp: Option<MtpPlan>,
     /// This device's routed experts, where they are divided among devices.
-    pub shard: Option<ShardPlan>,
+    pub shard: Option<ShardPlan<'m>>,
 }
 
 impl<'m> Plan<'m> {

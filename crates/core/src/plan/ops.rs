@@ -163,15 +163,22 @@ pub enum Op {
     /// this one (the listed slots' experts over the pools, their weighted sum into `routed`) run
     /// when any slot is listed, the rest up to `overlap` (the shared expert) always; then
     /// `routed` is read back, all-reduced over the ranks and written back before the combine.
+    /// `host_ops`, where the rank computes some of its experts on its host's CPU (hybrid
+    /// placement): `x`, the ids of those slots ([`NOT_HERE`] for the others) and their weights go
+    /// to the host, whose CPU backend runs them (expert matmuls over the host's stacks, the
+    /// weighted sum into its copy of `routed`), and that sum is added to the GPU's before the
+    /// all-reduce.
     ShardExperts {
         /// The MoE layer, counted over MoE layers only.
         layer: usize,
+        x: BufferId,
         ids: BufferId,
         weights: BufferId,
         local_weights: BufferId,
         routed: BufferId,
         listed: usize,
         overlap: usize,
+        host_ops: Vec<Op>,
     },
     /// `h[t] += Σ_i weights[t, i] · expert_out[t * k + i] + shared[t]`; a zero weight adds
     /// nothing whatever its row holds (a slot another device computes, hybrid placement).

@@ -95,4 +95,129 @@ mod tests {
         assert_eq!(shards[1].owned[0], [2, 3]);
         assert!(shard_experts(&[4], &[1.0, 0.0], None).is_err());
     }
+
+    /// DeepSeek-V3 as published: 671B parameters, ~37B of them a token's, 58 MoE layers of
+    /// 256 experts; divided among 8 ranks each holds 32 experts per layer.
+    #[test]
+    fn published_v3_in_eight_and_sixteen() {
+        let v3 = crate::synth::config(&crate::synth::SynthOptions { preset: crate::synth::Preset::DeepseekV3, ..Default::default() }).unwrap();
+        let config = crate::config::ModelConfig::from_json(&v3).unwrap();
+        let one = published_traffic(&config, 1);
+        let params = one.weight_bytes() as f64; // ~1 byte per FP8 weight, 2 for bf16 ones
+        assert!((680e9..700e9).contains(&params), "{params:e}");
+        assert_eq!(one.moe_layers, 58);
+        let eight = published_traffic(&config, 8);
+        assert_eq!(eight.experts, 58 * 32);
+        assert!(eight.other_weight_bytes > 15 << 30 && eight.other_weight_bytes < 20 << 30, "{}", eight.describe());
+        assert!(eight.weight_bytes() < 100 << 30 && published_traffic(&config, 16).weight_bytes() < 60 << 30);
+        assert_eq!(eight.reduce_bytes(), 58 * 7168 * 4);
+        assert!(eight.read_per_token() < one.read_per_token());
+    }
+}
+
+/// What one rank of a divided model holds and moves per decoded token: from its plan
+/// (`Plan::rank_traffic`) or, for a model not at hand, from its config as published
+/// ([`published_traffic`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankTraffic {
+    pub rank: usize,
+    pub world: usize,
+    /// Routed experts this rank holds (over every MoE layer), of `total_experts`.
+    pub experts: u64,
+    pub total_experts: u64,
+    /// One routed expert's bytes (gate, up, down and their scales).
+    pub expert_bytes: u64,
+    /// Weights other than routed experts: every rank holds them all.
+    pub other_weight_bytes: u64,
+    /// The embedding table (a decoded token reads one row of it).
+    pub embed_bytes: u64,
+    pub embed_row_bytes: u64,
+    pub moe_layers: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+}
+
+impl RankTraffic {
+    /// Weight bytes on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.other_weight_bytes + self.experts * self.expert_bytes
+    }
+
+    /// Weight bytes a decoded token reads here: the weights other than routed experts (one
+    /// embedding row), and of each MoE layer's top-k experts the share this rank holds.
+    pub fn read_per_token(&self) -> f64 {
+        let held = self.experts as f64 / self.total_experts.max(1) as f64;
+        (self.other_weight_bytes - self.embed_bytes + self.embed_row_bytes) as f64 + self.moe_layers as f64 * self.top_k as f64 * held * self.expert_bytes as f64
+    }
+
+    /// Bytes of rank 0's router choice per token (ids and weights, every MoE layer).
+    pub fn choice_bytes(&self) -> u64 {
+        (self.moe_layers * self.top_k * 8) as u64
+    }
+
+    /// Bytes of partial sums each rank all-reduces per token (f32 hidden rows, every MoE layer).
+    pub fn reduce_bytes(&self) -> u64 {
+        (self.moe_layers * self.hidden * 4) as u64
+    }
+
+    /// What one rank sends (and receives) per token in a ring all-reduce (NCCL's): 2(N-1)/N of
+    /// the partial sums.
+    pub fn ring_bytes(&self) -> f64 {
+        2.0 * (self.world as f64 - 1.0) / self.world as f64 * self.reduce_bytes() as f64
+    }
+
+    pub fn describe(&self) -> String {
+        use crate::util::human_bytes;
+        format!(
+            "rank {} of {}: {} of {} routed experts ({}) + {} of other weights = {}; a decoded token reads {} here and exchanges {} of router choice + {} of partial sums \
+             ({} per rank each way in NCCL's ring)",
+            self.rank,
+            self.world,
+            self.experts,
+            self.total_experts,
+            human_bytes(self.experts * self.expert_bytes),
+            human_bytes(self.other_weight_bytes),
+            human_bytes(self.weight_bytes()),
+            human_bytes(self.read_per_token() as u64),
+            human_bytes(self.choice_bytes()),
+            human_bytes(self.reduce_bytes()),
+            human_bytes(self.ring_bytes() as u64),
+        )
+    }
+}
+
+/// `config`'s model as DeepSeek publishes its weights (FP8 e4m3 with a f32 scale per 128x128
+/// block for every linear layer but the embedding, head and router, which are bf16), divided
+/// evenly among `world` ranks: rank 0's share (the others differ by at most one expert per layer).
+pub fn published_traffic(config: &crate::config::ModelConfig, world: usize) -> RankTraffic {
+    let c = config;
+    let fp8 = |rows: usize, cols: usize| (rows * cols + rows.div_ceil(128) * cols.div_ceil(128) * 4) as u64;
+    let bf16 = |rows: usize, cols: usize| (rows * cols * 2) as u64;
+    let (h, heads) = (c.hidden_size, c.num_attention_heads);
+    let qk = c.qk_nope_head_dim + c.qk_rope_head_dim;
+    let q = match c.q_lora_rank {
+        Some(r) => fp8(r, h) + fp8(heads * qk, r),
+        None => fp8(heads * qk, h),
+    };
+    let attention = q + fp8(c.kv_lora_rank + c.qk_rope_head_dim, h) + fp8(heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank) + fp8(h, heads * c.v_head_dim);
+    let mlp = |width: usize| 2 * fp8(width, h) + fp8(h, width);
+    let moe_layers = (0..c.num_hidden_layers).filter(|&l| c.is_moe_layer(l)).count();
+    let dense = c.num_hidden_layers - moe_layers;
+    let shared = if c.n_shared_experts > 0 { mlp(c.n_shared_experts * c.moe_intermediate_size) } else { 0 };
+    let embed = bf16(c.vocab_size, h);
+    let other = embed + bf16(c.vocab_size, h) + c.num_hidden_layers as u64 * attention + dense as u64 * mlp(c.intermediate_size) + moe_layers as u64 * (shared + bf16(c.n_routed_experts, h));
+    let per_layer = c.n_routed_experts.div_ceil(world.max(1));
+    RankTraffic {
+        rank: 0,
+        world,
+        experts: (moe_layers * per_layer) as u64,
+        total_experts: (moe_layers * c.n_routed_experts) as u64,
+        expert_bytes: mlp(c.moe_intermediate_size),
+        other_weight_bytes: other,
+        embed_bytes: embed,
+        embed_row_bytes: (h * 2) as u64,
+        moe_layers,
+        top_k: c.num_experts_per_tok,
+        hidden: h,
+    }
 }

@@ -728,10 +728,26 @@ fn lower_body<B: Backend>(
     shard: &mut Option<ShardExperts>,
 ) -> Result<(Vec<B::Op>, Vec<(usize, Stop)>)> {
     let (mut body, mut stops) = (Vec::new(), Vec::new());
-    for op in ops {
-        if let Op::ShardExperts { .. } = op {
+    let mut i = 0;
+    while i < ops.len() {
+        let op = &ops[i];
+        i += 1;
+        if let Op::ShardExperts { listed, overlap, .. } = *op {
+            // The stop records the lowered ops of the `overlap` plan ops after it, of which a
+            // plan op may make several (one per pool) or none (no pools): it is told their count.
             let s = shard.as_mut().ok_or_else(|| crate::Error::Invalid("a plan divides experts among ranks the runtime does not have".into()))?;
-            stops.push((body.len(), Stop::Shard(s.lower(op)?)));
+            let stop = s.lower(op)?;
+            stops.push((body.len(), Stop::Shard(stop)));
+            let after = ops.get(i..i + overlap).ok_or_else(|| crate::Error::Invalid("a rank's stop without its experts' ops".into()))?;
+            let (start, mut listed_ops) = (body.len(), 0);
+            for (j, op) in after.iter().enumerate() {
+                b.lower(op, res, &mut body)?;
+                if j + 1 == listed {
+                    listed_ops = body.len() - start;
+                }
+            }
+            s.set_extent(stop, listed_ops, body.len() - start);
+            i += overlap;
             continue;
         }
         match (op, &mut *streaming, &mut *host) {

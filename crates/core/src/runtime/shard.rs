@@ -7,24 +7,46 @@
 //!
 //! Against one device the result differs only in the order of the routed sum's terms: each
 //! rank sums its own slots, then the ranks' sums are added in rank order.
+//!
+//! Combined with hybrid placement, a rank's experts that do not fit its budget (or that
+//! `--cpu-moe` / `--n-cpu-moe` put there) are computed by its host's CPU backend from host
+//! memory while its GPU computes the rest, and the two sums are added before the all-reduce.
 
 use super::comm::Communicator;
+use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Resources};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::plan::{BufferId, Op, Plan, PoolSpec, ShardPlan};
+use crate::plan::{BufferId, Op, Plan, PoolSpec, ShardPlan, NOT_HERE};
 use crate::util::Progress;
 use std::sync::Arc;
 use std::time::Instant;
 
 struct ShardLayer {
     moe: usize,
+    x: BufferId,
     ids: BufferId,
     weights: BufferId,
     local_weights: BufferId,
     routed: BufferId,
     listed: usize,
     overlap: usize,
+    /// The host's part of the layer (empty: none of its experts are on the host).
+    host_kernels: Vec<<CpuBackend as Backend>::Op>,
+}
+
+/// A rank's host side: its CPU backend, its copies of the buffers its ops use, which experts
+/// it computes.
+struct Host {
+    cpu: CpuBackend,
+    res: Resources<CpuBackend>,
+    /// [MoE layer][expert]: this rank computes it on the host.
+    on_host: Vec<Vec<bool>>,
+    /// Per stop, reused: this rank's rows, the host's ids and weights, its sum.
+    x: Vec<u8>,
+    ids: Vec<u32>,
+    weights: Vec<f32>,
+    sum: Vec<f32>,
 }
 
 /// What the stops did, for `--verbose` and `dsrun bench`.
@@ -38,9 +60,12 @@ pub struct ShardCounters {
     pub reduce_seconds: f64,
     /// Bytes of partial sums this rank put into all-reduces.
     pub reduced_bytes: u64,
-    /// Step slots this rank computed, and all slots.
+    /// Step slots this rank computed (on its GPU and on its host), and all slots.
     pub listed: u64,
+    pub host_listed: u64,
     pub slots: u64,
+    /// Time the host computed its experts.
+    pub host_seconds: f64,
 }
 
 impl ShardCounters {
@@ -53,8 +78,11 @@ impl ShardCounters {
             per_token(self.choice_seconds),
             per_token(self.reduce_seconds),
             crate::util::human_bytes(self.reduced_bytes / tokens.max(1)),
-            100.0 * self.listed as f64 / self.slots.max(1) as f64,
-        )
+            100.0 * (self.listed + self.host_listed) as f64 / self.slots.max(1) as f64,
+        ) + &match self.host_listed {
+            0 => String::new(),
+            n => format!(" ({:.0}% on its host's CPU, {:.2} ms per token)", 100.0 * n as f64 / self.slots.max(1) as f64, per_token(self.host_seconds)),
+        }
     }
 }
 
@@ -76,6 +104,7 @@ pub struct ShardExperts {
     lists: Vec<Vec<u32>>,
     sums: Vec<f32>,
     zeros: Vec<u8>,
+    host: Option<Host>,
     pub counters: ShardCounters,
 }
 
@@ -100,6 +129,25 @@ impl ShardExperts {
             slots[layer][expert as usize] = Some((p as u32, local as u32));
         }
         b.uploads_done()?;
+        let host = match &shard.host {
+            Some(h) => {
+                let mut cpu = CpuBackend::new().with_math(h.math);
+                let mut host_res = Resources::default();
+                for (i, spec) in plan.buffers.iter().enumerate() {
+                    let words = if h.buffers.contains(&BufferId(i)) { spec.words } else { 0 };
+                    host_res.buffers.push(cpu.alloc(&spec.name, words)?);
+                }
+                for spec in &h.weights {
+                    host_res.weights.push(super::upload_weight(&mut cpu, spec, plan.quant, progress)?);
+                }
+                let mut on_host: Vec<Vec<bool>> = routed.iter().map(|m| vec![false; m.experts.len()]).collect();
+                for &(layer, expert) in &shard.host_slots {
+                    on_host[layer][expert as usize] = true;
+                }
+                Some(Host { cpu, res: host_res, on_host, x: Vec::new(), ids: Vec::new(), weights: Vec::new(), sum: Vec::new() })
+            }
+            None => None,
+        };
         let config = &model.config;
         let pairs = plan.max_chunk * config.num_experts_per_tok;
         Ok(ShardExperts {
@@ -117,17 +165,29 @@ impl ShardExperts {
             lists: shard.pools.iter().map(|_| Vec::with_capacity(2 * pairs)).collect(),
             sums: Vec::with_capacity(plan.max_chunk * config.hidden_size),
             zeros: vec![0; plan.max_chunk * config.hidden_size * 4],
+            host,
             counters: ShardCounters::default(),
         })
     }
 
     /// Takes a `ShardExperts` op; returns its index among this rank's stops.
     pub fn lower(&mut self, op: &Op) -> Result<usize> {
-        let Op::ShardExperts { layer, ids, weights, local_weights, routed, listed, overlap } = *op else {
+        let Op::ShardExperts { layer, x, ids, weights, local_weights, routed, listed, overlap, ref host_ops } = *op else {
             return Err(Error::Invalid(format!("a rank's stop is a ShardExperts op, not `{}`", op.name())));
         };
-        self.layers.push(ShardLayer { moe: layer, ids, weights, local_weights, routed, listed, overlap });
+        let mut host_kernels = Vec::new();
+        if !host_ops.is_empty() {
+            let host = self.host.as_mut().ok_or_else(|| Error::Invalid("a rank's layer computes experts on a host the runtime does not have".into()))?;
+            host_ops.iter().try_for_each(|op| host.cpu.lower(op, &host.res, &mut host_kernels))?;
+        }
+        self.layers.push(ShardLayer { moe: layer, x, ids, weights, local_weights, routed, listed, overlap, host_kernels });
         Ok(self.layers.len() - 1)
+    }
+
+    /// Stop `stop`'s extents in lowered ops: its listed slots' ops, and all it records.
+    pub fn set_extent(&mut self, stop: usize, listed: usize, overlap: usize) {
+        let l = &mut self.layers[stop];
+        (l.listed, l.overlap) = (listed, overlap);
     }
 
     pub fn communicator(&self) -> &Arc<dyn Communicator> {
@@ -147,6 +207,12 @@ impl ShardExperts {
         let l = &self.layers[layer];
         let (rows, pairs) = (n as usize * self.hidden, n as usize * self.k);
         let started = Instant::now();
+        let on_host = self.host.as_mut().filter(|_| !l.host_kernels.is_empty());
+        if let Some(host) = on_host {
+            // This rank's own rows, for its host's experts.
+            host.x.clear();
+            host.x.extend_from_slice(b.read(&[(res.buf(l.x), rows * 4)])?);
+        }
         self.choice.clear();
         if self.comm.rank() == 0 {
             self.choice.extend_from_slice(b.read(&[(res.buf(l.ids), pairs * 4), (res.buf(l.weights), pairs * 4)])?);
@@ -171,6 +237,11 @@ impl ShardExperts {
         }
         self.local_weights.clear();
         self.lists.iter_mut().for_each(Vec::clear);
+        let mut host = self.host.as_mut().filter(|_| !l.host_kernels.is_empty());
+        if let Some(h) = host.as_mut() {
+            h.ids.clear();
+            h.weights.clear();
+        }
         for (s, (&e, &w)) in self.ids.iter().zip(&self.weights).enumerate() {
             match slots[e as usize] {
                 Some((pool, local)) => {
@@ -178,6 +249,11 @@ impl ShardExperts {
                     self.local_weights.push(w);
                 }
                 None => self.local_weights.push(0.0),
+            }
+            if let Some(h) = host.as_mut() {
+                let here = h.on_host[l.moe][e as usize];
+                h.ids.push(if here { e } else { NOT_HERE });
+                h.weights.push(if here { w } else { 0.0 });
             }
         }
         let listed = self.lists.iter().map(|l| l.len() / 2).sum::<usize>();
@@ -188,9 +264,31 @@ impl ShardExperts {
         }
         let started = Instant::now();
         b.record(&after[if listed > 0 { 0 } else { l.listed }..l.overlap], n)?;
+        // The host computes its experts while the GPU computes its own.
+        let mut host_listed = 0;
+        if let Some(h) = host {
+            host_listed = h.ids.iter().filter(|&&e| e != NOT_HERE).count();
+            if host_listed > 0 {
+                b.flush()?;
+                let computing = Instant::now();
+                let buf = |id: BufferId| &h.res.buffers[id.0];
+                h.cpu.write(buf(l.x), &h.x)?;
+                h.cpu.write(buf(l.ids), bytemuck::cast_slice(&h.ids))?;
+                h.cpu.write(buf(l.weights), bytemuck::cast_slice(&h.weights))?;
+                h.cpu.write(buf(l.routed), &self.zeros[..rows * 4])?;
+                h.cpu.record(&l.host_kernels, n)?;
+                let sum = h.cpu.read(&[(buf(l.routed), rows * 4)])?;
+                h.sum.clear();
+                h.sum.extend(sum.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
+                self.counters.host_seconds += computing.elapsed().as_secs_f64();
+            }
+        }
         let partial = b.read(&[(res.buf(l.routed), rows * 4)])?;
         self.sums.clear();
         self.sums.extend(partial.chunks_exact(4).map(|b| f32::from_le_bytes(word(b))));
+        if let (Some(h), true) = (self.host.as_ref(), host_listed > 0) {
+            super::comm::add_into(&mut self.sums, &h.sum);
+        }
         self.comm.all_reduce_sum(&mut self.sums)?;
         b.write(res.buf(l.routed), bytemuck::cast_slice(&self.sums))?;
         let c = &mut self.counters;
@@ -198,6 +296,7 @@ impl ShardExperts {
         c.layers += 1;
         c.reduced_bytes += rows as u64 * 4;
         c.listed += listed as u64;
+        c.host_listed += host_listed as u64;
         c.slots += pairs as u64;
         Ok(l.overlap)
     }

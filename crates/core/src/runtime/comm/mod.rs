@@ -22,7 +22,7 @@ mod tcp;
 
 pub use in_process::InProcess;
 #[cfg(feature = "cuda")]
-pub use nccl::Nccl;
+pub use nccl::{load_library as load_nccl, Nccl};
 pub use tcp::Tcp;
 
 use crate::error::{Error, Result};
@@ -80,7 +80,8 @@ pub struct Launch {
 impl Launch {
     /// The job from `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`: None when
     /// `WORLD_SIZE` is unset or 1 (one process), an error naming the variable when one is
-    /// missing or malformed.
+    /// missing or malformed. `WORLD_SIZE=1` with `DSRUN_COMM` set is a job of one rank through
+    /// that communicator (the whole distributed path on one device: NCCL's cost measured).
     pub fn from_env() -> Result<Option<Launch>> {
         Self::from_vars(|k| std::env::var(k).ok())
     }
@@ -93,6 +94,10 @@ impl Launch {
             }
         };
         let world = match number("WORLD_SIZE")? {
+            Some(1) if var("DSRUN_COMM").is_some() => {
+                let (addr, port) = (var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()), number("MASTER_PORT")?.unwrap_or(0));
+                return Ok(Some(Launch { rank: 0, world: 1, local_rank: number("LOCAL_RANK")?.unwrap_or(0), master: format!("{addr}:{port}") }));
+            }
             None | Some(1) => return Ok(None),
             Some(0) => return Err(Error::Invalid("WORLD_SIZE=0: a job has at least one rank".into())),
             Some(w) => w,
@@ -124,6 +129,8 @@ mod tests {
     fn launch_from_torchrun_variables() {
         assert_eq!(Launch::from_vars(vars(&[])).unwrap(), None);
         assert_eq!(Launch::from_vars(vars(&[("WORLD_SIZE", "1")])).unwrap(), None);
+        let one = Launch::from_vars(vars(&[("WORLD_SIZE", "1"), ("DSRUN_COMM", "nccl")])).unwrap().unwrap();
+        assert_eq!(one, Launch { rank: 0, world: 1, local_rank: 0, master: "127.0.0.1:0".into() });
         let l = Launch::from_vars(vars(&[("WORLD_SIZE", "4"), ("RANK", "3"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")])).unwrap().unwrap();
         assert_eq!(l, Launch { rank: 3, world: 4, local_rank: 1, master: "10.0.0.1:29500".into() });
         for (bad, says) in [

@@ -47,11 +47,11 @@ impl Nccl {
     pub fn connect(launch: &Launch) -> Result<Nccl> {
         let device = launch.local_rank;
         let fail = |what: &str, e: &dyn std::fmt::Display| Error::device(format!("NCCL rank {} (CUDA device {device})", launch.rank), what, e);
-        load_library()?;
+        let version = load_library()?;
         if !crate::backend::cuda::driver_present() {
-            return Err(Error::NoDevice(
-                "NCCL: the NVIDIA driver (libcuda) could not be loaded: NCCL needs NVIDIA GPUs (use --devices with wgpu adapters or the TCP transport, DSRUN_COMM=tcp)".into(),
-            ));
+            return Err(Error::NoDevice(format!(
+                "NCCL {version} loaded, but the NVIDIA driver (libcuda) could not be: NCCL needs NVIDIA GPUs (use --devices with wgpu adapters, or the TCP transport, DSRUN_COMM=tcp)"
+            )));
         }
         let context = CudaContext::new(device).map_err(|e| fail("opening the device", &e))?;
         let stream = context.default_stream();
@@ -103,10 +103,12 @@ impl Nccl {
     }
 }
 
-/// Loads libnccl (cudarc's names, else the versioned one by full name), or says how to get it.
-fn load_library() -> Result<()> {
+/// Loads libnccl (cudarc's names; where only the versioned file is installed, says how to make
+/// it visible) and returns its version ("2.21.5"), or says how to get it.
+pub fn load_library() -> Result<String> {
     if present() {
-        return Ok(());
+        let code = result::get_nccl_version().map_err(|e| Error::device("NCCL", "ncclGetVersion", format!("{e:?}")))?;
+        return Ok(format!("{}.{}.{}", code / 10000, code / 100 % 100, code % 100));
     }
     // SAFETY: loading a library runs its initialisers; libnccl's are benign.
     let versioned = VERSIONED.iter().any(|name| unsafe { libloading::Library::new(*name) }.is_ok());
