@@ -704,6 +704,11 @@ fn a_killed_rank_ends_the_job_and_the_server_answers_503() {
         assert!(down.starts_with("HTTP/1.1 503"), "{down}");
         assert!(down.contains("rank 1 of 2") && down.contains("engine_unavailable"), "{down}");
     }
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    write!(stream, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut health = String::new();
+    stream.read_to_string(&mut health).unwrap();
+    assert!(health.starts_with("HTTP/1.1 503") && health.contains("\"unavailable\"") && health.contains("rank 1 of 2"), "{health}");
     let status = Command::new("kill").args(["-TERM", &leader.id().to_string()]).status().unwrap();
     assert!(status.success());
     let mut rest = String::new();

@@ -217,3 +217,23 @@ fn the_published_estimate_matches_a_rank_plan() {
     assert!(near(got.read_per_token(), want.read_per_token()), "{got:?}\n{want:?}");
     assert_eq!((got.reduce_bytes(), got.choice_bytes()), (want.reduce_bytes(), want.choice_bytes()));
 }
+
+/// DeepSeek-V3 as published (`inspect` of its config.json alone): ~673 GB, 58 MoE layers of 256
+/// experts; divided among 8 ranks each holds 32 experts per layer and fits an H200, among 16 an
+/// H800.
+#[test]
+fn published_v3_in_eight_and_sixteen() {
+    use dsrun::plan::shard::published_traffic;
+    let v3 = dsrun::synth::config(&dsrun::synth::SynthOptions { preset: dsrun::synth::Preset::DeepseekV3, ..Default::default() }).unwrap();
+    let config = dsrun::config::ModelConfig::from_json(&v3).unwrap();
+    let one = published_traffic(&config, 1);
+    let bytes = one.weight_bytes() as f64; // ~1 byte per FP8 weight, 2 per bf16 one
+    assert!((660e9..690e9).contains(&bytes), "{bytes:e}");
+    assert_eq!(one.moe_layers, 58);
+    let eight = published_traffic(&config, 8);
+    assert_eq!(eight.experts, 58 * 32);
+    assert!(eight.other_weight_bytes > 15 << 30 && eight.other_weight_bytes < 20 << 30, "{}", eight.describe());
+    assert!(eight.weight_bytes() < 100 << 30 && published_traffic(&config, 16).weight_bytes() < 60 << 30);
+    assert_eq!(eight.reduce_bytes(), 58 * 7168 * 4);
+    assert!(eight.read_per_token() < one.read_per_token());
+}

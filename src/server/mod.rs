@@ -455,9 +455,15 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
     Json(json!({"object": "list", "data": [{"id": app.options.model_name, "object": "model", "created": app.started, "owned_by": "dsrun", "max_model_len": app.capacity}]}))
 }
 
-async fn health(State(app): State<Arc<App>>) -> Json<Value> {
+/// 200 with the load while the engine runs; 503 with why once it is down (a distributed
+/// engine that lost a rank), so a load balancer takes the server out.
+async fn health(State(app): State<Arc<App>>) -> Response {
     let load = &app.scheduler.load;
-    Json(json!({"status": "ok", "active": load.active.load(Ordering::SeqCst), "queued": load.queued.load(Ordering::SeqCst)}))
+    let (active, queued) = (load.active.load(Ordering::SeqCst), load.queued.load(Ordering::SeqCst));
+    match load.down.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        None => Json(json!({"status": "ok", "active": active, "queued": queued})).into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "error": why, "active": active, "queued": queued}))).into_response(),
+    }
 }
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {

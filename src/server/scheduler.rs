@@ -68,6 +68,8 @@ pub struct Scheduler {
 pub struct Load {
     pub queued: AtomicUsize,
     pub active: AtomicUsize,
+    /// Why the engine is down (a distributed engine lost a rank), once it is: /health says so.
+    pub down: std::sync::Mutex<Option<String>>,
 }
 
 /// Why a job was not taken.
@@ -439,6 +441,9 @@ impl Worker {
     }
 
     fn fail(&mut self, seq: usize, error: &crate::error::Error) {
+        if let crate::error::Error::Rank { .. } = error {
+            *self.load.down.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        }
         if let Some(active) = self.slots[seq].active.take() {
             let _ = active.events.send(Event::Failed(error.into()));
         }

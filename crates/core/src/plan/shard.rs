@@ -95,24 +95,6 @@ mod tests {
         assert_eq!(shards[1].owned[0], [2, 3]);
         assert!(shard_experts(&[4], &[1.0, 0.0], None).is_err());
     }
-
-    /// DeepSeek-V3 as published: 671B parameters, ~37B of them a token's, 58 MoE layers of
-    /// 256 experts; divided among 8 ranks each holds 32 experts per layer.
-    #[test]
-    fn published_v3_in_eight_and_sixteen() {
-        let v3 = crate::synth::config(&crate::synth::SynthOptions { preset: crate::synth::Preset::DeepseekV3, ..Default::default() }).unwrap();
-        let config = crate::config::ModelConfig::from_json(&v3).unwrap();
-        let one = published_traffic(&config, 1);
-        let params = one.weight_bytes() as f64; // ~1 byte per FP8 weight, 2 for bf16 ones
-        assert!((680e9..700e9).contains(&params), "{params:e}");
-        assert_eq!(one.moe_layers, 58);
-        let eight = published_traffic(&config, 8);
-        assert_eq!(eight.experts, 58 * 32);
-        assert!(eight.other_weight_bytes > 15 << 30 && eight.other_weight_bytes < 20 << 30, "{}", eight.describe());
-        assert!(eight.weight_bytes() < 100 << 30 && published_traffic(&config, 16).weight_bytes() < 60 << 30);
-        assert_eq!(eight.reduce_bytes(), 58 * 7168 * 4);
-        assert!(eight.read_per_token() < one.read_per_token());
-    }
 }
 
 /// What one rank of a divided model holds and moves per decoded token: from its plan

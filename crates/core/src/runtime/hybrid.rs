@@ -249,6 +249,13 @@ impl HostExperts {
         Ok(self.layers.len() - 1)
     }
 
+    /// Stop `stop`'s extents in lowered ops: the GPU's listed slots' ops, and all it sends to the
+    /// GPU before the host computes.
+    pub fn set_extent(&mut self, stop: usize, gpu_ops: usize, overlap: usize) {
+        let l = &mut self.layers[stop];
+        (l.gpu_ops, l.overlap) = (gpu_ops, overlap);
+    }
+
     /// Host layer `layer`'s stop in a step of `n` tokens, after the GPU's work up to its
     /// router was recorded: brings the layer's inputs to the host, lists a split layer's GPU
     /// slots, sends `after`'s first `overlap` ops (those and the shared expert) to the GPU,

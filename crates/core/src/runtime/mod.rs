@@ -732,21 +732,41 @@ fn lower_body<B: Backend>(
     while i < ops.len() {
         let op = &ops[i];
         i += 1;
-        if let Op::ShardExperts { listed, overlap, .. } = *op {
-            // The stop records the lowered ops of the `overlap` plan ops after it, of which a
-            // plan op may make several (one per pool) or none (no pools): it is told their count.
-            let s = shard.as_mut().ok_or_else(|| crate::Error::Invalid("a plan divides experts among ranks the runtime does not have".into()))?;
-            let stop = s.lower(op)?;
-            stops.push((body.len(), Stop::Shard(stop)));
-            let after = ops.get(i..i + overlap).ok_or_else(|| crate::Error::Invalid("a rank's stop without its experts' ops".into()))?;
+        // A shard or host stop records the lowered ops of the `overlap` plan ops after it (the
+        // first `listed` only where it lists slots), and a plan op may lower to several (one per
+        // pool) or none (no pools): the stop is told the lowered counts.
+        let extent = match *op {
+            Op::ShardExperts { listed, overlap, .. } => {
+                let s = shard.as_mut().ok_or_else(|| crate::Error::Invalid("a plan divides experts among ranks the runtime does not have".into()))?;
+                let stop = s.lower(op)?;
+                stops.push((body.len(), Stop::Shard(stop)));
+                Some((listed, overlap))
+            }
+            Op::HostExperts { gpu_ops, overlap, .. } => {
+                let h = host.as_mut().ok_or_else(|| crate::Error::Invalid("a plan computes experts on a host the runtime does not have".into()))?;
+                stops.push((body.len(), Stop::Host(h.lower(op)?)));
+                Some((gpu_ops, overlap))
+            }
+            _ => None,
+        };
+        if let Some((listed, overlap)) = extent {
+            let after = ops.get(i..i + overlap).ok_or_else(|| crate::Error::Invalid(format!("a `{}` stop without the ops after it", op.name())))?;
             let (start, mut listed_ops) = (body.len(), 0);
             for (j, op) in after.iter().enumerate() {
-                b.lower(op, res, &mut body)?;
-                if j + 1 == listed {
+                if j == listed {
                     listed_ops = body.len() - start;
                 }
+                b.lower(op, res, &mut body)?;
             }
-            s.set_extent(stop, listed_ops, body.len() - start);
+            if listed == overlap {
+                listed_ops = body.len() - start;
+            }
+            let lowered = body.len() - start;
+            match stops.last().expect("pushed above").1 {
+                Stop::Shard(stop) => shard.as_mut().expect("a shard stop").set_extent(stop, listed_ops, lowered),
+                Stop::Host(stop) => host.as_mut().expect("a host stop").set_extent(stop, listed_ops, lowered),
+                Stop::Stream(_) => unreachable!("extents are for shard and host stops"),
+            }
             i += overlap;
             continue;
         }
@@ -758,8 +778,6 @@ fn lower_body<B: Backend>(
                 s.layers.push(StreamedLayer { at: body.len(), predicts_next: *predicts_next, ops: lowered });
             }
             (Op::Streamed { .. }, None, _) => return Err(crate::Error::Invalid("a plan streams experts the runtime has no cache for".into())),
-            (Op::HostExperts { .. }, _, Some(h)) => stops.push((body.len(), Stop::Host(h.lower(op)?))),
-            (Op::HostExperts { .. }, _, None) => return Err(crate::Error::Invalid("a plan computes experts on a host the runtime does not have".into())),
             _ => b.lower(op, res, &mut body)?,
         }
     }
