@@ -867,21 +867,42 @@ fn shard_buffers<'m>(p: &mut Declare, model: &'m Model, options: &GpuOptions, ta
     memory.experts = slots.len() as u64;
     memory.resident += (target.max_chunk * (c.hidden_size + 1 + k) * 4) as u64;
     let total_experts = routed.iter().map(|m| m.experts.len() as u64).sum();
-    let plan =
-        ShardPlan { shard: shard.clone(), pools: Vec::new(), template, slots, host_slots: Vec::new(), host: None, max_pairs: target.max_chunk * k, total_experts, top_k: k, hidden: c.hidden_size };
+    let plan = ShardPlan {
+        shard: shard.clone(),
+        pools: Vec::new(),
+        template,
+        slots,
+        cache: None,
+        host_slots: Vec::new(),
+        host: None,
+        max_pairs: target.max_chunk * k,
+        total_experts,
+        top_k: k,
+        hidden: c.hidden_size,
+    };
     Ok((buffers, plan))
 }
 
 /// Divides a rank's experts between its GPU (slot pools, within `budget`) and its host's CPU
 /// (hybrid placement, where the target is a GPU beside a host): the MoE layers `--cpu-moe` /
 /// `--n-cpu-moe` name on the host; of the rest, under `ExpertPlacement::Auto`, the most picked
-/// (by the router's counts; without counts the last layers') that fit on the GPU. Returns the
-/// GPU's memory plan.
+/// (by the router's counts; without counts the last layers') that fit on the GPU; under
+/// `ExpertPlacement::Stream` all of them stream through the slots that fit. Returns the GPU's
+/// memory plan.
 fn divide_shard(buffers: &mut ShardBuffers, plan: &mut ShardPlan, memory: MemoryPlan, budget: u64, options: &GpuOptions, target: &Target) -> Result<MemoryPlan> {
     let layers = plan.shard.owned.len();
     let forced = if target.hybrid { options.forced_cpu_layers(layers) } else { 0 };
     let (mut gpu, mut host): (Vec<(usize, u32)>, Vec<(usize, u32)>) = plan.slots.iter().partition(|(l, _)| *l >= forced);
     let room = budget.saturating_sub(memory.resident) / memory.expert_bytes.max(1);
+    if gpu.len() as u64 > room && options.placement == ExpertPlacement::Stream && room > 0 {
+        // The rank's experts stream through the slots that fit (rounds where a step wants more).
+        buffers.host_layers = (0..layers).map(|l| host.iter().any(|s| s.0 == l)).collect();
+        plan.pools = slot_pools(&plan.template, room as usize, target)?;
+        plan.cache = Some((room as usize, options.eviction));
+        plan.slots = gpu;
+        plan.host_slots = host;
+        return Ok(MemoryPlan { experts: room, ..memory });
+    }
     if gpu.len() as u64 > room {
         if !target.hybrid || options.placement == ExpertPlacement::Stream || budget < memory.resident {
             return Err(Error::Invalid(format!(

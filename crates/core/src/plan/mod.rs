@@ -200,6 +200,10 @@ pub struct ShardPlan<'m> {
     pub template: Mlp,
     /// Global slot i holds expert `slots[i].1` of MoE layer `slots[i].0`.
     pub slots: Vec<(usize, u32)>,
+    /// Where the rank's GPU experts do not all fit its budget under `--expert-placement
+    /// stream`: `slots` are streamed through a cache of this many slots (the pools), with this
+    /// eviction, instead of filling the pools at load.
+    pub cache: Option<(usize, Eviction)>,
     /// The rank's experts its host computes, (MoE layer, expert), and what the host needs.
     pub host_slots: Vec<(usize, u32)>,
     pub host: Option<ShardHost<'m>>,

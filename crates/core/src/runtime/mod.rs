@@ -619,9 +619,8 @@ impl<B: Backend> Engine for Runtime<B> {
             lines += &h.counters.summary(c.tokens, c.step_seconds);
         }
         if let Some(s) = &self.shard {
-            let comm = s.communicator();
             lines += "\n";
-            lines += &s.counters.summary(c.tokens, comm.rank(), comm.world(), &comm.describe());
+            lines += &s.summary(c.tokens);
         }
         if let Some(profile) = self.backend.profile_report() {
             lines += "\n";

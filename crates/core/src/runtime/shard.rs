@@ -16,6 +16,8 @@ use super::comm::Communicator;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Resources};
 use crate::error::{Error, Result};
+use crate::expert_cache::{ExpertCache, StreamCounters};
+use crate::model::weights::Mlp;
 use crate::model::Model;
 use crate::plan::{BufferId, Op, Plan, PoolSpec, ShardPlan, NOT_HERE};
 use crate::util::Progress;
@@ -105,7 +107,71 @@ pub struct ShardExperts {
     sums: Vec<f32>,
     zeros: Vec<u8>,
     host: Option<Host>,
+    /// The rank's GPU experts streamed through its pools, where they do not all fit.
+    stream: Option<ShardStream>,
     pub counters: ShardCounters,
+}
+
+/// A rank's experts streamed through a slot cache (`--expert-placement stream` over a budget):
+/// host copies of its experts in the device format, the cache, and each stop's slots.
+struct ShardStream {
+    cache: ExpertCache,
+    pools: Vec<PoolSpec>,
+    /// [MoE layer][expert]: the host copy of an expert this rank streams.
+    copies: Vec<Vec<Option<Mlp>>>,
+    counters: StreamCounters,
+    /// Per stop, reused: the step slots of streamed experts, and their experts.
+    slots: Vec<u32>,
+    ids: Vec<u32>,
+}
+
+impl ShardStream {
+    /// The stop's streamed slots in rounds of what the cache holds: each round uploads its
+    /// missing experts, lists its slots, sets their weights (the others' zero: the combine
+    /// adds each round into the routed sum) and records `ops` (experts and combine).
+    #[allow(clippy::too_many_arguments)]
+    fn rounds<B: Backend>(
+        &mut self,
+        b: &mut B,
+        res: &Resources<B>,
+        first_pool: usize,
+        moe: usize,
+        weights: &[f32],
+        lists: &mut [Vec<u32>],
+        local_weights: &mut [f32],
+        weights_buffer: BufferId,
+        ops: &[B::Op],
+        n: u32,
+    ) -> Result<()> {
+        let rounds = self.cache.plan_rounds(moe as u32, &self.ids, &mut self.counters, &mut Default::default());
+        for (r, round) in rounds.iter().enumerate() {
+            if r > 0 {
+                // The next round may overwrite slots and weights this one reads.
+                b.flush()?;
+            }
+            b.uploads_begin()?;
+            for &(key, slot) in &round.uploads {
+                let (p, local) = PoolSpec::locate(&self.pools, slot);
+                let expert = self.copies[key.layer as usize][key.expert as usize].as_ref().expect("a streamed expert has a host copy");
+                self.counters.bytes_uploaded += b.write_expert(&res.pools[first_pool + p], local, expert)?;
+            }
+            lists.iter_mut().for_each(Vec::clear);
+            local_weights.iter_mut().for_each(|w| *w = 0.0);
+            for &(i, slot) in &round.pairs {
+                let s = self.slots[i as usize];
+                let (p, local) = PoolSpec::locate(&self.pools, slot);
+                lists[p].extend([s, local as u32]);
+                local_weights[s as usize] = weights[s as usize];
+            }
+            b.write(res.buf(weights_buffer), bytemuck::cast_slice(local_weights))?;
+            for (p, list) in lists.iter().enumerate() {
+                b.write_slot_list(&res.pools[first_pool + p], list)?;
+            }
+            b.uploads_done()?;
+            b.record(ops, n)?;
+        }
+        Ok(())
+    }
 }
 
 impl ShardExperts {
@@ -121,14 +187,36 @@ impl ShardExperts {
         for pool in &shard.pools {
             res.pools.push(b.pool(&shard.template, pool.slots, shard.max_pairs)?);
         }
-        b.uploads_begin()?;
-        for (slot, &(layer, expert)) in shard.slots.iter().enumerate() {
-            let (p, local) = PoolSpec::locate(&shard.pools, slot);
-            progress.advance(3);
-            b.write_expert(&res.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
-            slots[layer][expert as usize] = Some((p as u32, local as u32));
+        let mut stream = None;
+        match shard.cache {
+            // Streamed: host copies now, uploads as the router asks.
+            Some((cache_slots, eviction)) => {
+                let mut copies: Vec<Vec<Option<Mlp>>> = routed.iter().map(|m| vec![None; m.experts.len()]).collect();
+                for &(layer, expert) in &shard.slots {
+                    progress.advance(3);
+                    copies[layer][expert as usize] = Some(routed[layer].experts[expert as usize].quantized(plan.quant));
+                }
+                let pairs = plan.max_chunk * model.config.num_experts_per_tok;
+                stream = Some(ShardStream {
+                    cache: ExpertCache::new(cache_slots, eviction),
+                    pools: shard.pools.clone(),
+                    copies,
+                    counters: StreamCounters::default(),
+                    slots: Vec::with_capacity(pairs),
+                    ids: Vec::with_capacity(pairs),
+                });
+            }
+            None => {
+                b.uploads_begin()?;
+                for (slot, &(layer, expert)) in shard.slots.iter().enumerate() {
+                    let (p, local) = PoolSpec::locate(&shard.pools, slot);
+                    progress.advance(3);
+                    b.write_expert(&res.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
+                    slots[layer][expert as usize] = Some((p as u32, local as u32));
+                }
+                b.uploads_done()?;
+            }
         }
-        b.uploads_done()?;
         let host = match &shard.host {
             Some(h) => {
                 let mut cpu = CpuBackend::new().with_math(h.math);
@@ -166,6 +254,7 @@ impl ShardExperts {
             sums: Vec::with_capacity(plan.max_chunk * config.hidden_size),
             zeros: vec![0; plan.max_chunk * config.hidden_size * 4],
             host,
+            stream,
             counters: ShardCounters::default(),
         })
     }
@@ -192,6 +281,25 @@ impl ShardExperts {
 
     pub fn communicator(&self) -> &Arc<dyn Communicator> {
         &self.comm
+    }
+
+    /// The `--verbose` line: the stops, and the rank's expert cache where it streams.
+    pub fn summary(&self, tokens: u64) -> String {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let mut line = self.counters.summary(tokens, rank, world, &self.comm.describe());
+        if let Some(st) = &self.stream {
+            let c = &st.counters;
+            line += &format!(
+                "; its experts streamed through {} slots: hit rate {:.1}% ({} hits, {} misses, {} rounds), {} uploaded per token",
+                st.cache.slots(),
+                100.0 * c.hits as f64 / (c.hits + c.misses).max(1) as f64,
+                c.hits,
+                c.misses,
+                c.rounds,
+                crate::util::human_bytes(c.bytes_uploaded / tokens.max(1))
+            );
+        }
+        line
     }
 
     /// Experts this rank holds.
@@ -242,6 +350,10 @@ impl ShardExperts {
             h.ids.clear();
             h.weights.clear();
         }
+        if let Some(st) = self.stream.as_mut() {
+            st.slots.clear();
+            st.ids.clear();
+        }
         for (s, (&e, &w)) in self.ids.iter().zip(&self.weights).enumerate() {
             match slots[e as usize] {
                 Some((pool, local)) => {
@@ -250,20 +362,35 @@ impl ShardExperts {
                 }
                 None => self.local_weights.push(0.0),
             }
+            if let Some(st) = self.stream.as_mut().filter(|st| st.copies[l.moe][e as usize].is_some()) {
+                st.slots.push(s as u32);
+                st.ids.push(e);
+            }
             if let Some(h) = host.as_mut() {
                 let here = h.on_host[l.moe][e as usize];
                 h.ids.push(if here { e } else { NOT_HERE });
                 h.weights.push(if here { w } else { 0.0 });
             }
         }
-        let listed = self.lists.iter().map(|l| l.len() / 2).sum::<usize>();
-        b.write(res.buf(l.local_weights), bytemuck::cast_slice(&self.local_weights))?;
-        b.write(res.buf(l.routed), &self.zeros[..rows * 4])?;
-        for (p, list) in self.lists.iter().enumerate() {
-            b.write_slot_list(&res.pools[self.first_pool + p], list)?;
-        }
         let started = Instant::now();
-        b.record(&after[if listed > 0 { 0 } else { l.listed }..l.overlap], n)?;
+        b.write(res.buf(l.routed), &self.zeros[..rows * 4])?;
+        let listed = match self.stream.as_mut() {
+            Some(st) => {
+                let listed = st.slots.len();
+                st.rounds(b, res, self.first_pool, l.moe, &self.weights, &mut self.lists, &mut self.local_weights, l.local_weights, &after[..l.listed], n)?;
+                b.record(&after[l.listed..l.overlap], n)?;
+                listed
+            }
+            None => {
+                let listed = self.lists.iter().map(|l| l.len() / 2).sum::<usize>();
+                b.write(res.buf(l.local_weights), bytemuck::cast_slice(&self.local_weights))?;
+                for (p, list) in self.lists.iter().enumerate() {
+                    b.write_slot_list(&res.pools[self.first_pool + p], list)?;
+                }
+                b.record(&after[if listed > 0 { 0 } else { l.listed }..l.overlap], n)?;
+                listed
+            }
+        };
         // The host computes its experts while the GPU computes its own.
         let mut host_listed = 0;
         if let Some(h) = host {
