@@ -717,6 +717,22 @@ fn a_killed_rank_ends_the_job_and_the_server_answers_503() {
     assert!(!rest.contains("panicked"), "{rest}");
 }
 
+/// A rank that cannot load its share (here: no adapter 7) ends the job on every rank, naming
+/// itself and why, however long the others took to load.
+#[test]
+fn a_rank_that_fails_to_load_is_named_on_rank_0() {
+    let cwd = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let args = ["--gpu", "vulkan", "--devices", "0,7", "-n", "4"];
+    let follower = spawn_rank(&args, cwd.path(), 1, 2, &port);
+    let leader = spawn_rank(&args, cwd.path(), 0, 2, &port).wait_with_output().unwrap();
+    let follower = follower.wait_with_output().unwrap();
+    let (stderr, theirs) = (text(&leader.stderr), text(&follower.stderr));
+    assert!(!leader.status.success() && !follower.status.success(), "{stderr}\n{theirs}");
+    assert!(stderr.contains("rank 1 of 2") && stderr.contains("--devices 7"), "rank 0: {stderr}");
+    assert!(theirs.contains("--devices 7") && !theirs.contains("panicked"), "rank 1: {theirs}");
+}
+
 #[test]
 fn bad_parallel_settings_fail_cleanly() {
     assert_fails(&["--gpu", "vulkan", "--devices", "0,9", "-n", "2"], "--devices 9");

@@ -211,6 +211,9 @@ pub fn open_parallel(choice: GpuChoice, model: Model, capacity: usize, options: 
                     return Err(e);
                 }
             };
+            // Every rank has its share before the first step (the steps' collectives have a
+            // time limit; loading a big model may take minutes).
+            comm.ready()?;
             if launch.rank == 0 {
                 return Ok(Box::new(Leader::new(engine, comm)));
             }

@@ -161,6 +161,10 @@ impl Communicator for InProcess {
         Ok(())
     }
 
+    fn ready(&self) -> Result<()> {
+        self.meet(|_, _| {}, |_, _| {}, None).map(|_| ())
+    }
+
     fn abort(&self, reason: &str) {
         let mut state = self.lock();
         if state.gone.is_none() {

@@ -44,6 +44,9 @@ pub trait Communicator: Send + Sync {
     fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()>;
     /// Rank 0's `data` to every rank (replacing theirs); the others wait without a time limit.
     fn broadcast(&self, data: &mut Vec<u8>) -> Result<()>;
+    /// Waits until every rank is ready (has loaded its share: minutes for a big model, so
+    /// without a time limit); ends with an error where a rank failed or left instead.
+    fn ready(&self) -> Result<()>;
     /// Tells the others this rank is gone and why, so none waits for it.
     fn abort(&self, reason: &str);
     /// The transport, for stats lines.

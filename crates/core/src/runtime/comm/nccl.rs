@@ -157,6 +157,10 @@ impl Communicator for Nccl {
         self.tcp.broadcast(data)
     }
 
+    fn ready(&self) -> Result<()> {
+        self.tcp.ready()
+    }
+
     fn abort(&self, reason: &str) {
         self.tcp.abort(reason);
     }

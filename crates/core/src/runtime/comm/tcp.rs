@@ -189,6 +189,33 @@ impl Communicator for Tcp {
         }
     }
 
+    fn ready(&self) -> Result<()> {
+        let mut link = self.lock();
+        match &mut *link {
+            Link::Root { peers, .. } => {
+                for i in 0..peers.len() {
+                    let read = peers[i].set_read_timeout(None).map_err(FrameError::Io).and_then(|_| read_frame(&mut peers[i]));
+                    if let Err(e) = read {
+                        let error = self.peer_error(i + 1, e);
+                        if let Error::Rank { rank, reason, .. } = &error {
+                            Self::tell_all(peers, *rank, reason);
+                        }
+                        return Err(error);
+                    }
+                }
+                for (i, p) in peers.iter_mut().enumerate() {
+                    write_frame(p, DATA, &[]).map_err(|e| self.peer_error(i + 1, FrameError::Io(e)))?;
+                }
+                Ok(())
+            }
+            Link::Leaf { root } => {
+                write_frame(root, DATA, &[]).map_err(|e| self.peer_error(0, FrameError::Io(e)))?;
+                root.set_read_timeout(None).map_err(|e| self.peer_error(0, FrameError::Io(e)))?;
+                read_frame(root).map(|_| ()).map_err(|e| self.peer_error(0, e))
+            }
+        }
+    }
+
     fn abort(&self, reason: &str) {
         let mut link = self.lock();
         match &mut *link {
@@ -311,6 +338,7 @@ mod tests {
                 .map(|r| {
                     s.spawn(move || {
                         let c = Tcp::connect_with_timeout(&launch(r, 3, port), Duration::from_secs(20)).unwrap();
+                        c.ready().unwrap();
                         let mut v = vec![r as f32, 0.5];
                         for round in 0..20 {
                             let mut b = if r == 0 { vec![round as u8; 3] } else { Vec::new() };
@@ -340,7 +368,8 @@ mod tests {
                             c.abort("the device was lost");
                             return String::new();
                         }
-                        c.all_reduce_sum(&mut [1.0]).unwrap_err().to_string()
+                        // Loading takes as long as it takes: a rank that fails loading is named.
+                        c.ready().unwrap_err().to_string()
                     })
                 })
                 .collect();
