@@ -4,7 +4,9 @@
 # the device's own stream/copy kernels, and decode speed on a synthetic V3-shaped checkpoint of
 # several GB (with and without CUDA graphs, and streaming experts through a 25% cache); then the
 # wgpu backend on the same GPU through Vulkan (kernel tests, kernel bandwidth, prefill with the
-# GPU shapes and with the CPU adapter's, decode at depth), where the Vulkan loader was carried.
+# GPU shapes and with the CPU adapter's, decode at depth), where the Vulkan loader was carried;
+# expert parallelism on the one GPU (one rank through NCCL, where the system has libnccl, and
+# through TCP; two ranks in one process; two processes).
 # Usage (device tool): carry [".devbin", ".gl"], command `bash tools/cuda_device_check.sh`
 # (.gl: the loader packages, as the device tool's README says; without it the wgpu part is skipped).
 set -uo pipefail
