@@ -782,7 +782,6 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         shard: shard.as_ref().map(|(b, _)| b),
     };
     let body = forward.body(&mut p);
-    let forward_routed = shard.as_ref().map_or(a.tokens, |(b, _)| b.routed);
     let (head_last, head_all) = (forward.head(Rows::Last), forward.head(Rows::All));
     let mtp = match (&ids.mtp, &a.mtp) {
         (Some(m), Some(b)) => Some(MtpPlan {
@@ -833,11 +832,11 @@ pub fn build<'m>(model: &'m Model, capacity: usize, options: &GpuOptions, target
         streaming: streaming.map(|(s, _)| s),
         host,
         mtp,
-        shard: shard.map(|(_, mut plan)| {
+        shard: shard.map(|(buffers, mut plan)| {
             if !plan.host_slots.is_empty() {
                 let mb = a.moe.as_ref().expect("MoE buffers exist in a divided model");
                 plan.host =
-                    Some(ShardHost { weights: std::mem::take(&mut p.host_weights), buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, forward_routed], math: options.math });
+                    Some(ShardHost { weights: std::mem::take(&mut p.host_weights), buffers: vec![a.xn, mb.ids, mb.weights, a.ffn[0], a.ffn[1], mb.expert_out, buffers.routed], math: options.math });
             }
             plan
         }),

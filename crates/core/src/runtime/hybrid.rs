@@ -18,8 +18,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, Resources};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::plan::budget::Math;
 use crate::plan::placement::ExpertCounts;
-use crate::plan::{BufferId, HostPlan, Op, Plan, PoolSpec, NOT_HERE};
+use crate::plan::{BufferId, HostPlan, Op, Plan, PoolSpec, WeightSpec, NOT_HERE};
 use crate::util::Progress;
 use std::time::Instant;
 
@@ -138,20 +139,51 @@ pub struct HostExperts {
     pub counters: HostCounters,
 }
 
+/// A CPU backend for the host's part of a plan: its own copies of the plan buffers in `buffers`
+/// (the others take no room) and `weights` (expert stacks, memory-mapped or converted).
+pub(super) fn host_backend(plan: &Plan, buffers: &[BufferId], weights: &[WeightSpec], math: Math, progress: &dyn Progress) -> Result<(CpuBackend, Resources<CpuBackend>)> {
+    let mut cpu = CpuBackend::new().with_math(math);
+    let mut res = Resources::default();
+    for (i, spec) in plan.buffers.iter().enumerate() {
+        let words = if buffers.contains(&BufferId(i)) { spec.words } else { 0 };
+        res.buffers.push(cpu.alloc(&spec.name, words)?);
+    }
+    for spec in weights {
+        res.weights.push(super::upload_weight(&mut cpu, spec, plan.quant, progress)?);
+    }
+    Ok((cpu, res))
+}
+
+/// Fills `pools` (laid out as `specs`) at load: global slot i with expert `slots[i]` (MoE
+/// layer, expert) in the plan's format, noting in `map[layer][expert]` its (pool, slot in it).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fill_slots<B: Backend>(
+    b: &mut B,
+    pools: &[B::Pool],
+    specs: &[PoolSpec],
+    slots: &[(usize, u32)],
+    model: &Model,
+    plan: &Plan,
+    map: &mut [Vec<Option<(u32, u32)>>],
+    progress: &dyn Progress,
+) -> Result<()> {
+    let routed = model.weights.routed_layers(plan.mtp.is_some());
+    b.uploads_begin()?;
+    for (slot, &(layer, expert)) in slots.iter().enumerate() {
+        let (p, local) = PoolSpec::locate(specs, slot);
+        progress.advance(3);
+        b.write_expert(&pools[p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
+        map[layer][expert as usize] = Some((p as u32, local as u32));
+    }
+    b.uploads_done()
+}
+
 impl HostExperts {
     /// The host's buffers (only those its ops use take room) and expert stacks for `plan`;
     /// the GPU's pools for split layers, filled (added to `gpu.pools`).
     pub fn new<B: Backend>(b: &mut B, gpu: &mut Resources<B>, model: &Model, plan: &Plan, host: &HostPlan, progress: &dyn Progress) -> Result<HostExperts> {
         let config = &model.config;
-        let mut cpu = CpuBackend::new().with_math(host.math);
-        let mut res = Resources::default();
-        for (i, spec) in plan.buffers.iter().enumerate() {
-            let words = if host.buffers.contains(&BufferId(i)) { spec.words } else { 0 };
-            res.buffers.push(cpu.alloc(&spec.name, words)?);
-        }
-        for spec in &host.weights {
-            res.weights.push(super::upload_weight(&mut cpu, spec, plan.quant, progress)?);
-        }
+        let (cpu, res) = host_backend(plan, &host.buffers, &host.weights, host.math, progress)?;
         let routed = model.weights.routed_layers(plan.mtp.is_some());
         let experts: Vec<usize> = routed.iter().map(|m| m.experts.len()).collect();
         let mut gpu_slots: Vec<Vec<Option<(u32, u32)>>> = experts.iter().map(|&e| vec![None; e]).collect();
@@ -167,13 +199,7 @@ impl HostExperts {
                 let (p, local) = PoolSpec::locate(pools, slot);
                 (p as u32, local as u32)
             };
-            b.uploads_begin()?;
-            for (slot, &(layer, expert)) in split.slots.iter().enumerate() {
-                let (p, local) = locate(slot);
-                b.write_expert(&gpu.pools[first_pool + p as usize], local as usize, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
-                gpu_slots[layer][expert as usize] = Some((p, local));
-            }
-            b.uploads_done()?;
+            fill_slots(b, &gpu.pools[first_pool..], pools, &split.slots, model, plan, &mut gpu_slots, &crate::util::Silent)?;
             staging = (split.slots.len()..split.slots.len() + split.staging).map(locate).collect();
             if let (Some(&(p, local)), Some(false)) = (staging.first(), host.uploads) {
                 // The rates uploads are decided by: one expert's upload, timed to its end, and

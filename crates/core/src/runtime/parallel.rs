@@ -114,10 +114,7 @@ impl<E: Engine> Engine for Leader<E> {
         self.message.push(TRUNCATE);
         self.message.extend_from_slice(&(seq as u64).to_le_bytes());
         self.message.extend_from_slice(&(len as u64).to_le_bytes());
-        let mut message = std::mem::take(&mut self.message);
-        let sent = self.comm.broadcast(&mut message);
-        self.message = message;
-        match sent {
+        match self.comm.broadcast(&mut self.message) {
             Ok(()) => self.engine.truncate(seq, len),
             Err(e) => {
                 log::error!("{e}");
@@ -134,10 +131,7 @@ impl<E: Engine> Engine for Leader<E> {
             check_step(step, e.config(), e.sequences(), e.capacity(), e.max_step_rows(), |s| e.seq_len(s))?;
         }
         encode(step, &mut self.message);
-        let mut message = std::mem::take(&mut self.message);
-        let sent = self.comm.broadcast(&mut message);
-        self.message = message;
-        if let Err(e) = sent {
+        if let Err(e) = self.comm.broadcast(&mut self.message) {
             return Err(fail(&*self.comm, &mut self.ended, e));
         }
         self.engine.step(step).map_err(|e| fail(&*self.comm, &mut self.ended, e))

@@ -206,28 +206,11 @@ impl ShardExperts {
                     ids: Vec::with_capacity(pairs),
                 });
             }
-            None => {
-                b.uploads_begin()?;
-                for (slot, &(layer, expert)) in shard.slots.iter().enumerate() {
-                    let (p, local) = PoolSpec::locate(&shard.pools, slot);
-                    progress.advance(3);
-                    b.write_expert(&res.pools[first_pool + p], local, &routed[layer].experts[expert as usize].quantized(plan.quant))?;
-                    slots[layer][expert as usize] = Some((p as u32, local as u32));
-                }
-                b.uploads_done()?;
-            }
+            None => super::hybrid::fill_slots(b, &res.pools[first_pool..], &shard.pools, &shard.slots, model, plan, &mut slots, progress)?,
         }
         let host = match &shard.host {
             Some(h) => {
-                let mut cpu = CpuBackend::new().with_math(h.math);
-                let mut host_res = Resources::default();
-                for (i, spec) in plan.buffers.iter().enumerate() {
-                    let words = if h.buffers.contains(&BufferId(i)) { spec.words } else { 0 };
-                    host_res.buffers.push(cpu.alloc(&spec.name, words)?);
-                }
-                for spec in &h.weights {
-                    host_res.weights.push(super::upload_weight(&mut cpu, spec, plan.quant, progress)?);
-                }
+                let (cpu, host_res) = super::hybrid::host_backend(plan, &h.buffers, &h.weights, h.math, progress)?;
                 let mut on_host: Vec<Vec<bool>> = routed.iter().map(|m| vec![false; m.experts.len()]).collect();
                 for &(layer, expert) in &shard.host_slots {
                     on_host[layer][expert as usize] = true;
